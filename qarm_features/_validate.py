@@ -1,0 +1,101 @@
+"""Boundary checks shared by every module: embeddings, ids and tables.
+
+Each check returns a clean value (contiguous float32 / int64 arrays) or raises
+:class:`~qarm_features.errors.InputError` with a message that names the argument,
+the offending value and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from qarm_features.errors import InputError
+
+
+def check_embeddings(
+    x, *, name: str = "embeddings", dim: int | None = None, allow_empty: bool = False
+) -> np.ndarray:
+    """Validate a 2-d float embedding matrix and return it as C-contiguous float32.
+
+    Args:
+        x: array-like of shape ``(n, d)``.
+        name: argument name used in error messages.
+        dim: expected ``d``; ``None`` accepts any width.
+        allow_empty: accept ``n == 0``.
+
+    Raises:
+        InputError: not 2-d, wrong width, empty, or holding NaN/inf.
+    """
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}: cannot convert to a float32 array ({exc})") from None
+    if arr.ndim != 2:
+        raise InputError(f"{name}: expected a 2-d array (n, d), got shape {arr.shape}")
+    if arr.shape[0] == 0 and not allow_empty:
+        raise InputError(f"{name}: is empty (0 rows); pass at least one row")
+    if dim is not None and arr.shape[1] != dim:
+        raise InputError(
+            f"{name}: expected width {dim}, got {arr.shape[1]}; was it produced by "
+            "another encoder or bundle?"
+        )
+    if arr.size and not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+        raise InputError(
+            f"{name}: {bad.size} row(s) hold NaN or inf (first at row {int(bad[0])}); "
+            "drop or repair them first"
+        )
+    return np.ascontiguousarray(arr)
+
+
+def check_ids(ids, *, name: str = "ids", n: int | None = None, unique: bool = True) -> np.ndarray:
+    """Validate a 1-d integer id vector and return it as int64.
+
+    Raises:
+        InputError: not 1-d, non-integer, wrong length, or duplicated (when ``unique``).
+    """
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise InputError(f"{name}: expected a 1-d id vector, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(
+            arr == np.round(arr)
+        ):
+            arr = arr.astype(np.int64)
+        else:
+            raise InputError(f"{name}: ids must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if n is not None and arr.shape[0] != n:
+        raise InputError(f"{name}: expected {n} ids (one per row), got {arr.shape[0]}")
+    if unique and arr.size:
+        uniq, counts = np.unique(arr, return_counts=True)
+        if uniq.size != arr.size:
+            dups = uniq[counts > 1][:5].tolist()
+            raise InputError(f"{name}: duplicate ids {dups}; each id must appear once")
+    return np.ascontiguousarray(arr)
+
+
+def check_columns(df, required: Iterable[str], *, name: str = "table") -> None:
+    """Raise InputError naming every required column that ``df`` lacks."""
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"{name}: missing column(s) {missing}; it has {list(df.columns)}"
+        )
+
+
+def lookup_rows(ids, known: np.ndarray, *, name: str = "ids") -> np.ndarray:
+    """Map ids to row positions in ``known`` (unique int64). Unknown ids raise InputError."""
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(known, kind="stable")
+    sorted_known = known[order]
+    pos = np.searchsorted(sorted_known, ids)
+    pos = np.clip(pos, 0, max(len(known) - 1, 0))
+    ok = (sorted_known[pos] == ids) if len(known) else np.zeros(ids.shape, bool)
+    if not np.all(ok):
+        unknown = np.unique(ids[~ok])[:5].tolist()
+        raise InputError(f"{name}: unknown id(s) {unknown} (not in the catalog)")
+    return order[pos]
+

