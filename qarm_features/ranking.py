@@ -1,0 +1,485 @@
+"""Torch modules that turn QARM features into learned ranker inputs.
+
+What an existing ranker adds to use QARM (paper §3.3: item-side, user-side and cross
+features, code embedding dim 64):
+
+* :class:`RQCodeEmbedding` — RQ codes ``(..., L)`` to a learned vector ``(..., dim)``: one
+  table holding every level's unigram ids (``(c_l)`` at level ``l``, shifted by a per-level
+  offset so equal code values at different levels never share a row) and the prefix n-gram
+  ids ``(c1, c2)``, ``(c1, c2, c3)``, … of the semantic-id ranking literature (each prefix
+  length has its own id range; exact while ``K**l`` fits the bucket budget, hashed beyond).
+* :class:`VQCodeEmbedding` — the VQ code list ``(..., K)`` (top-K pool items) pooled into one
+  vector; ``-1`` marks padding.
+* :class:`QarmEmbedding` — both of the above, concatenated: the drop-in item-side module.
+* :class:`TargetAttention` — DIN target attention: the target item's vector queries the
+  user's recent items' vectors (user-side sequences of codes), padding masked.
+* :class:`DINRanker` — an example DIN-style ranker over user id, item id, optional dense
+  content embedding, optional QARM codes and the user's point-in-time history.
+
+Code ids are produced by :mod:`qarm_features.quantize`; VQ codes are pool *item ids*, which
+:class:`CodeVocab` maps to dense rows ``0..n-1`` (unknown ids to padding). torch is imported
+here only; nothing on the serving path imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qarm_features.errors import DependencyError, InputError
+
+try:
+    import torch
+    from torch import nn
+except ImportError as exc:  # pragma: no cover - torch is a core dependency
+    raise DependencyError(
+        "qarm_features.ranking needs torch; install it with `pip install torch==2.13.0`"
+    ) from exc
+
+__all__ = [
+    "CodeVocab",
+    "RQCodeEmbedding",
+    "VQCodeEmbedding",
+    "QarmEmbedding",
+    "TargetAttention",
+    "ItemFeatures",
+    "RankerConfig",
+    "DINRanker",
+]
+
+
+def _largest_prime_at_most(n: int) -> int:
+    """Largest prime <= n (n >= 2). Hashed prefixes use it as modulus (spreads ids evenly)."""
+    for p in range(n, 1, -1):
+        if all(p % q for q in range(2, math.isqrt(p) + 1)):
+            return p
+    raise ValueError(f"no prime <= {n}")
+
+
+class CodeVocab:
+    """Maps arbitrary int64 ids (VQ pool item ids) to dense rows ``0..n-1``.
+
+    Unknown ids and ``-1`` map to ``-1`` (padding), which :class:`VQCodeEmbedding` ignores.
+
+    Args:
+        ids: the vocabulary, 1-d unique int64 (e.g. the VQ pool ids).
+    """
+
+    def __init__(self, ids) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 1 or np.unique(ids).size != ids.size:
+            raise InputError(f"ids: expected 1-d unique ids, got shape {ids.shape}")
+        self.ids = ids
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+    def map(self, values) -> np.ndarray:
+        """Map an int array of any shape to rows; unknown / negative values give -1."""
+        values = np.asarray(values, dtype=np.int64)
+        if self._sorted.size == 0:
+            return np.full(values.shape, -1, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self._sorted, values), 0, self._sorted.size - 1)
+        hit = (self._sorted[pos] == values) & (values >= 0)
+        return np.where(hit, self._order[pos], -1).astype(np.int64)
+
+
+class RQCodeEmbedding(nn.Module):
+    """Embeds RQ codes: per-level unigram ids and prefix n-gram ids, one shared table.
+
+    Table layout (rows): ``[level 1: K][level 2: K]…[level L: K]`` then, for prefix lengths
+    ``l = 2..L``, a block of ``min(K**l, prefix_buckets')`` rows, where ``prefix_buckets'`` is
+    the largest prime <= ``prefix_buckets``. A prefix ``(c1..cl)`` is the mixed-radix number
+    ``sum_j c_j K**(l-j)``, taken modulo that prime when ``K**l`` exceeds it (computed
+    incrementally, so no int64 overflow for any ``L``); below the budget ids are exact, so
+    distinct prefixes never share a row. The prefix of length 1 *is* the level-1 unigram.
+
+    Args:
+        n_levels: L, the number of RQ levels.
+        n_codes: K, the codebook size per level.
+        dim: output dimension (paper: 64).
+        mode: ``"level"`` (unigrams only), ``"prefix"`` (prefix n-grams, with ``(c1)``) or
+            ``"both"`` (default; unigrams for every level plus prefixes of length >= 2).
+        prefix_buckets: row budget per prefix length before hashing kicks in. The default
+            (2**16) keeps ``K=64, L<=2`` exact and hashes deeper prefixes into 65 521 rows,
+            far more than the number of distinct prefixes a catalog of ~1e4 items uses.
+        pooling: ``"sum"`` (default) or ``"mean"`` over the slots, or ``"none"`` to return
+            every slot, shape ``(..., n_slots, dim)``.
+
+    Shapes:
+        forward: codes ``(..., L)`` int64 in ``[0, K)`` -> ``(..., dim)`` (or slots).
+    """
+
+    def __init__(
+        self,
+        n_levels: int,
+        n_codes: int,
+        dim: int = 64,
+        *,
+        mode: str = "both",
+        prefix_buckets: int = 1 << 16,
+        pooling: str = "sum",
+    ) -> None:
+        super().__init__()
+        if n_levels < 1 or n_codes < 2 or dim < 1:
+            raise InputError(
+                f"RQCodeEmbedding: need n_levels >= 1, n_codes >= 2, dim >= 1; got "
+                f"{n_levels}, {n_codes}, {dim}"
+            )
+        if mode not in ("level", "prefix", "both"):
+            raise InputError(f"mode: expected 'level', 'prefix' or 'both', got {mode!r}")
+        if pooling not in ("sum", "mean", "none"):
+            raise InputError(f"pooling: expected 'sum', 'mean' or 'none', got {pooling!r}")
+        if prefix_buckets < n_codes:
+            raise InputError(
+                f"prefix_buckets: must be >= n_codes ({n_codes}), got {prefix_buckets}"
+            )
+        self.n_levels, self.n_codes, self.dim = n_levels, n_codes, dim
+        self.mode, self.pooling = mode, pooling
+        self.prefix_modulus = _largest_prime_at_most(prefix_buckets)
+
+        # (kind, length/level, offset, size) for every slot, in output order.
+        slots: list[tuple[str, int, int, int]] = []
+        offset = 0
+        if mode in ("level", "both"):
+            for level in range(n_levels):
+                slots.append(("level", level, offset, n_codes))
+                offset += n_codes
+        first_prefix = 1 if mode == "prefix" else 2
+        if mode in ("prefix", "both"):
+            for length in range(first_prefix, n_levels + 1):
+                exact = n_codes**length
+                size = exact if exact <= self.prefix_modulus else self.prefix_modulus
+                slots.append(("prefix", length, offset, size))
+                offset += size
+        self.slots = tuple(slots)
+        self.n_rows = offset
+        self.table = nn.Embedding(offset, dim)
+        nn.init.normal_(self.table.weight, std=0.05)  # small init: slots are summed
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    def slot_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Row ids of every slot: ``(..., L)`` -> ``(..., n_slots)`` int64 (validated)."""
+        if codes.shape[-1] != self.n_levels:
+            raise InputError(
+                f"codes: expected last dimension {self.n_levels} (RQ levels), got shape "
+                f"{tuple(codes.shape)}"
+            )
+        codes = codes.long()
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.n_codes):
+            raise InputError(
+                f"codes: values must lie in [0, {self.n_codes}), got range "
+                f"[{int(codes.min())}, {int(codes.max())}]; was the bundle fitted with "
+                "another n_codes?"
+            )
+        out = []
+        running = torch.zeros_like(codes[..., 0])
+        prefixes = {}
+        for length in range(1, self.n_levels + 1):
+            running = (running * self.n_codes + codes[..., length - 1]) % self.prefix_modulus
+            prefixes[length] = running
+        for kind, pos, offset, _size in self.slots:
+            if kind == "level":
+                out.append(codes[..., pos] + offset)
+            else:
+                out.append(prefixes[pos] + offset)
+        return torch.stack(out, dim=-1)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        emb = self.table(self.slot_ids(codes))  # (..., n_slots, dim)
+        if self.pooling == "sum":
+            return emb.sum(dim=-2)
+        if self.pooling == "mean":
+            return emb.mean(dim=-2)
+        return emb
+
+
+class VQCodeEmbedding(nn.Module):
+    """Pools the embeddings of a VQ code list (top-K pool items) into one vector.
+
+    Args:
+        vocab_size: number of pool rows (codes must be mapped to ``[0, vocab_size)`` first,
+            e.g. with :class:`CodeVocab`); ``-1`` is padding.
+        dim: output dimension.
+        k: length of the code list; with ``rank_weights`` each position gets a learned
+            weight (the list is ordered by descending similarity), initialised uniform.
+        rank_weights: learn per-position pooling weights (default True).
+
+    Shapes:
+        forward: codes ``(..., k)`` int64 in ``[-1, vocab_size)`` -> ``(..., dim)``; a row of
+        only padding gives zeros.
+    """
+
+    def __init__(self, vocab_size: int, dim: int = 64, *, k: int, rank_weights: bool = True):
+        super().__init__()
+        if vocab_size < 1 or dim < 1 or k < 1:
+            raise InputError(
+                f"VQCodeEmbedding: need vocab_size, dim, k >= 1; got {vocab_size}, {dim}, {k}"
+            )
+        self.vocab_size, self.dim, self.k = vocab_size, dim, k
+        # Row 0 is padding (index -1 shifted by one), kept at zero by padding_idx.
+        self.table = nn.Embedding(vocab_size + 1, dim, padding_idx=0)
+        nn.init.normal_(self.table.weight, std=0.05)
+        with torch.no_grad():
+            self.table.weight[0].zero_()
+        self.rank_logits = nn.Parameter(torch.zeros(k)) if rank_weights else None
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.shape[-1] != self.k:
+            raise InputError(
+                f"codes: expected last dimension {self.k} (VQ top-K), got {tuple(codes.shape)}"
+            )
+        codes = codes.long()
+        if codes.numel() and (int(codes.min()) < -1 or int(codes.max()) >= self.vocab_size):
+            raise InputError(
+                f"codes: values must lie in [-1, {self.vocab_size}) (map pool ids with "
+                f"CodeVocab), got range [{int(codes.min())}, {int(codes.max())}]"
+            )
+        valid = (codes >= 0).to(self.table.weight.dtype)  # (..., k)
+        emb = self.table(codes + 1)  # (..., k, dim), padding rows are zero
+        if self.rank_logits is not None:
+            w = torch.softmax(self.rank_logits, dim=0) * valid
+        else:
+            w = valid
+        w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return (emb * w.unsqueeze(-1)).sum(dim=-2)
+
+
+class QarmEmbedding(nn.Module):
+    """Drop-in item-side module: RQ codes and/or VQ codes -> one learned vector.
+
+    Args:
+        dim: per-part dimension (paper: 64). Output is ``dim`` per enabled part, concatenated.
+        rq_levels, rq_codes: RQ shape (0 levels disables the RQ part).
+        vq_vocab, vq_k: VQ vocabulary size and list length (0 disables the VQ part).
+        rq_mode, prefix_buckets: passed to :class:`RQCodeEmbedding`.
+
+    Shapes:
+        forward(rq ``(..., L)``, vq ``(..., K)``) -> ``(..., out_dim)``.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        *,
+        rq_levels: int = 0,
+        rq_codes: int = 0,
+        vq_vocab: int = 0,
+        vq_k: int = 0,
+        rq_mode: str = "both",
+        prefix_buckets: int = 1 << 16,
+    ) -> None:
+        super().__init__()
+        self.rq = (
+            RQCodeEmbedding(rq_levels, rq_codes, dim, mode=rq_mode, prefix_buckets=prefix_buckets)
+            if rq_levels > 0
+            else None
+        )
+        self.vq = VQCodeEmbedding(vq_vocab, dim, k=vq_k) if vq_vocab > 0 else None
+        if self.rq is None and self.vq is None:
+            raise InputError("QarmEmbedding: enable RQ (rq_levels > 0) and/or VQ (vq_vocab > 0)")
+        self.out_dim = dim * ((self.rq is not None) + (self.vq is not None))
+
+    def forward(self, rq: torch.Tensor | None = None, vq: torch.Tensor | None = None):
+        parts = []
+        for name, module, x in (("rq", self.rq, rq), ("vq", self.vq, vq)):
+            if module is None:
+                continue
+            if x is None:
+                raise InputError(f"QarmEmbedding: {name} codes are required (part enabled)")
+            parts.append(module(x))
+        return torch.cat(parts, dim=-1)
+
+
+class TargetAttention(nn.Module):
+    """DIN target attention: a query (target item) pools a sequence (the user's history).
+
+    Score ``a(q, k_t) = MLP([q, k_t, q - k_t, q * k_t])``; weights are a softmax over the
+    unmasked positions; a sequence with no valid position pools to zeros.
+
+    Shapes:
+        forward(query ``(B, D)``, keys ``(B, T, D)``, mask ``(B, T)`` bool, True = valid)
+        -> ``(B, D)``.
+    """
+
+    def __init__(self, dim: int, hidden: tuple[int, ...] = (64, 32)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 4 * dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor):
+        if keys.dim() != 3 or query.shape != (keys.shape[0], keys.shape[2]):
+            raise InputError(
+                f"TargetAttention: query (B, D) and keys (B, T, D) expected, got "
+                f"{tuple(query.shape)} and {tuple(keys.shape)}"
+            )
+        if mask.shape != keys.shape[:2]:
+            raise InputError(f"mask: expected shape {tuple(keys.shape[:2])}, got {tuple(mask.shape)}")
+        q = query.unsqueeze(1).expand_as(keys)
+        scores = self.mlp(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        any_valid = mask.any(dim=1, keepdim=True)
+        # All-padding rows: softmax of all -inf is NaN; give them zero weights instead.
+        scores = torch.where(any_valid, scores, torch.zeros_like(scores))
+        w = torch.softmax(scores, dim=1) * mask.to(keys.dtype)
+        return (w.unsqueeze(-1) * keys).sum(dim=1)
+
+
+@dataclass
+class ItemFeatures:
+    """Per-item feature table the ranker reads rows from (one row per item it may see).
+
+    Attributes:
+        id_index: ``(n,)`` int64 row in the item-id embedding; 0 = out of vocabulary (items
+            never seen in training, e.g. cold items: their id embedding stays zero).
+        rq: ``(n, L)`` int64 RQ codes, or None.
+        vq: ``(n, K)`` int64 VQ codes mapped to ``[-1, vocab)``, or None.
+        dense: ``(n, d)`` float32 content embedding (frozen raw or aligned), or None.
+    """
+
+    id_index: torch.Tensor
+    rq: torch.Tensor | None = None
+    vq: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.id_index.shape[0])
+
+    @classmethod
+    def from_numpy(cls, id_index, rq=None, vq=None, dense=None) -> ItemFeatures:
+        t = lambda a, dt: None if a is None else torch.as_tensor(np.asarray(a), dtype=dt)  # noqa: E731
+        return cls(t(id_index, torch.long), t(rq, torch.long), t(vq, torch.long),
+                   t(dense, torch.float32))
+
+    def take(self, rows: torch.Tensor) -> ItemFeatures:
+        """Subset of rows (shape ``(m,)``)."""
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return ItemFeatures(self.id_index[rows], pick(self.rq), pick(self.vq), pick(self.dense))
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Hyperparameters of :class:`DINRanker` (same for every variant of an experiment).
+
+    ``n_users`` / ``n_item_ids`` count rows including the OOV row 0. A part is enabled when
+    its size is > 0: ``dense_dim`` (a content embedding), ``rq_levels`` (RQ codes),
+    ``vq_vocab`` (VQ codes).
+    """
+
+    n_users: int
+    n_item_ids: int
+    dim: int = 64  # paper's code embedding dimension
+    dense_dim: int = 0
+    rq_levels: int = 0
+    rq_codes: int = 0
+    vq_vocab: int = 0
+    vq_k: int = 0
+    rq_mode: str = "both"
+    prefix_buckets: int = 1 << 16
+    n_history_labels: int = 2  # history events carry their past label (0/1): PIT-safe
+    attention_hidden: tuple[int, ...] = (64, 32)
+    mlp_hidden: tuple[int, ...] = field(default=(128, 64))
+    dropout: float = 0.1
+
+
+class DINRanker(nn.Module):
+    """Example DIN-style ranker over user id, item features and the user's history.
+
+    The item tower maps a row of :class:`ItemFeatures` to the concatenation of its parts
+    (item-id embedding, QARM code embedding, projected dense embedding), each ``dim`` wide.
+    The same tower embeds the target item and every history item (so history items are
+    sequences of codes), history events add a learned vector for their past label, the
+    target attends over the history (:class:`TargetAttention`), and an MLP scores
+    ``[user, target, attended, mean history, target * attended]``.
+
+    The tower runs once per *distinct* item row in the batch (the table may be the whole
+    catalog): cost scales with items, not with ``B * T``.
+
+    Shapes:
+        forward(items: ItemFeatures with n rows, user ``(B,)``, target ``(B,)`` rows of items,
+        hist ``(B, T)`` rows of items (-1 = padding), hist_label ``(B, T)`` in
+        ``[0, n_history_labels)``) -> logits ``(B,)``.
+    """
+
+    def __init__(self, config: RankerConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.user_emb = nn.Embedding(c.n_users, c.dim, padding_idx=0)
+        self.item_emb = nn.Embedding(c.n_item_ids, c.dim, padding_idx=0)
+        for emb in (self.user_emb, self.item_emb):
+            nn.init.normal_(emb.weight, std=0.05)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+        n_parts = 1
+        self.qarm = None
+        if c.rq_levels > 0 or c.vq_vocab > 0:
+            self.qarm = QarmEmbedding(
+                c.dim, rq_levels=c.rq_levels, rq_codes=c.rq_codes, vq_vocab=c.vq_vocab,
+                vq_k=c.vq_k, rq_mode=c.rq_mode, prefix_buckets=c.prefix_buckets,
+            )
+            n_parts += self.qarm.out_dim // c.dim
+        self.dense = nn.Linear(c.dense_dim, c.dim) if c.dense_dim > 0 else None
+        n_parts += self.dense is not None
+        self.item_dim = n_parts * c.dim
+        self.label_emb = nn.Embedding(c.n_history_labels, self.item_dim)
+        nn.init.zeros_(self.label_emb.weight)
+        self.attention = TargetAttention(self.item_dim, c.attention_hidden)
+        layers: list[nn.Module] = []
+        width = c.dim + 4 * self.item_dim
+        for h in c.mlp_hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(c.dropout)]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def item_tower(self, items: ItemFeatures) -> torch.Tensor:
+        """``(n,)`` item rows -> ``(n, item_dim)``."""
+        parts = [self.item_emb(items.id_index)]
+        if self.qarm is not None:
+            parts.append(self.qarm(items.rq, items.vq))
+        if self.dense is not None:
+            if items.dense is None:
+                raise InputError("DINRanker: dense item features are required (dense_dim > 0)")
+            parts.append(self.dense(items.dense))
+        return torch.cat(parts, dim=-1)
+
+    def forward(
+        self,
+        items: ItemFeatures,
+        user: torch.Tensor,
+        target: torch.Tensor,
+        hist: torch.Tensor,
+        hist_label: torch.Tensor,
+    ) -> torch.Tensor:
+        if hist.shape != hist_label.shape or hist.shape[0] != target.shape[0]:
+            raise InputError(
+                f"DINRanker: hist {tuple(hist.shape)} and hist_label {tuple(hist_label.shape)} "
+                f"must be (B, T) with B = {target.shape[0]}"
+            )
+        mask = hist >= 0
+        # Embed each distinct item row once, then gather.
+        rows, inverse = torch.unique(
+            torch.cat([target, hist.clamp_min(0).reshape(-1)]), return_inverse=True
+        )
+        vecs = self.item_tower(items.take(rows))
+        tgt = vecs[inverse[: target.shape[0]]]
+        keys = vecs[inverse[target.shape[0]:]].reshape(*hist.shape, -1)
+        keys = (keys + self.label_emb(hist_label.clamp_min(0))) * mask.unsqueeze(-1)
+        att = self.attention(tgt, keys, mask)
+        n_valid = mask.sum(dim=1, keepdim=True).clamp_min(1)
+        mean_hist = keys.sum(dim=1) / n_valid
+        x = torch.cat([self.user_emb(user), tgt, att, mean_hist, tgt * att], dim=-1)
+        return self.mlp(x).squeeze(-1)

@@ -1,0 +1,130 @@
+"""Bundle round trip, atomic writes, and refusal of tampered or inconsistent bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from qarm_features.bundle import load_bundle, write_bundle
+from qarm_features.errors import BundleError
+from qarm_features.testing import make_random_bundle
+
+
+@pytest.fixture
+def bundle_copy(random_bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(random_bundle, dst)
+    return dst
+
+
+def test_round_trip_and_content_addressed_version(random_bundle, tmp_path):
+    b = load_bundle(random_bundle)
+    assert b.version.startswith("qarm-") and len(b.version) == 17
+    assert b.raw_dim == 32 and b.aligned_dim == 16 and b.n_levels == 3 and b.vq_k == 5
+    assert b.rq_codebooks.shape == (3, 16, 16) and b.rq_codebooks.dtype == np.float32
+    assert b.item_ids.dtype == np.int64 and b.raw_emb.shape == (200, 32)
+    with pytest.raises(ValueError):  # arrays are read-only
+        b.raw_emb[0, 0] = 1.0
+    # same inputs -> same bytes -> same version; another seed -> another version
+    again = load_bundle(make_random_bundle(tmp_path / "again"))
+    other = load_bundle(make_random_bundle(tmp_path / "other", seed=1))
+    assert again.version == b.version
+    assert other.version != b.version
+
+
+def test_no_pickle_in_bundle(random_bundle):
+    for f in random_bundle.iterdir():
+        if f.suffix == ".npy":
+            np.load(f, allow_pickle=False)  # would raise on object arrays
+
+
+@pytest.mark.parametrize("fname", ["rq_codebooks.npy", "aligner.safetensors", "raw_emb.npy"])
+def test_tampered_file_is_refused(bundle_copy, fname):
+    p = bundle_copy / fname
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0xFF  # same size, different bytes
+    p.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(bundle_copy)
+
+
+def test_truncated_file_is_refused(bundle_copy):
+    p = bundle_copy / "vq_pool_emb.npy"
+    p.write_bytes(p.read_bytes()[:-16])
+    with pytest.raises(BundleError, match="truncated"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_file_and_missing_manifest(bundle_copy):
+    (bundle_copy / "item_ids.npy").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(bundle_copy)
+    (bundle_copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="not a qarm bundle"):
+        load_bundle(bundle_copy)
+
+
+def test_edited_manifest_is_refused(bundle_copy):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["dims"]["n_levels"] = 4
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="disagree"):
+        load_bundle(bundle_copy)
+    m["format_version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format 99"):
+        load_bundle(bundle_copy)
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bundle_copy)
+
+
+def test_replaced_file_with_updated_hash_changes_version(bundle_copy):
+    """Re-hashing a swapped file is not enough: the version id covers every hash."""
+    import hashlib
+
+    p = bundle_copy / "raw_emb.npy"
+    arr = np.load(p)
+    arr[0, 0] += 1.0
+    np.save(p, arr)
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["files"]["raw_emb.npy"]["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="manifest was edited"):
+        load_bundle(bundle_copy)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(BundleError, match="not a directory"):
+        load_bundle(tmp_path / "nope")
+
+
+def test_write_refuses_inconsistent_arrays_and_leaves_nothing(random_bundle, tmp_path):
+    b = load_bundle(random_bundle)
+    kw = dict(
+        config=b.config,
+        aligner_weights=dict(b.aligner_weights),
+        rq_codebooks=b.rq_codebooks,
+        vq_pool_emb=b.vq_pool_emb,
+        vq_pool_ids=b.vq_pool_ids,
+        item_ids=b.item_ids,
+        raw_emb=b.raw_emb,
+        vq_k=b.vq_k,
+    )
+    bad = dict(kw, rq_codebooks=b.rq_codebooks[:, :, :8])
+    with pytest.raises(BundleError, match="rq_codebooks"):
+        write_bundle(tmp_path / "bad", **bad)
+    bad = dict(kw, vq_pool_ids=np.zeros_like(b.vq_pool_ids))
+    with pytest.raises(BundleError, match="duplicate"):
+        write_bundle(tmp_path / "bad", **bad)
+    assert not any(tmp_path.iterdir()), "a failed write must leave no directory behind"
+    # overwrite=False protects an existing bundle
+    write_bundle(tmp_path / "good", **kw)
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(tmp_path / "good", **kw)
+    write_bundle(tmp_path / "good", **kw, overwrite=True)
+    assert load_bundle(tmp_path / "good").version == b.version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]
