@@ -11,6 +11,7 @@ do not care about, so nearest neighbours in raw content space disagree with co-e
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import os
@@ -37,11 +38,12 @@ RECBOLE_SPEC = "recbole==1.2.1"
 _RECBOLE_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
 _DATASET_DIR = "movielens-100k"
 # u.genre order of the 19 genre flags in u.item (used when u.genre is absent).
-_GROUPLENS_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
-)  # fmt: skip
+_GROUPLENS_GENRES = tuple(
+    "unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
+    "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western".split()
+)
+# GroupLens files: no header, latin-1; every field is read as text, then typed.
+_GROUPLENS_CSV = {"header": None, "dtype": str, "encoding": "latin-1", "keep_default_na": False}
 # "Toy Story (1995)" and "Land Before Time III ... (1995) (V)" (a video release).
 _TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)(?:\s*\(V\))?\s*$")
 
@@ -61,7 +63,7 @@ def _is_complete(folder: Path) -> bool:
 
 
 def _download_grouplens_zip(timeout: float = 10.0) -> bytes:
-    with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout) as resp:  # noqa: S310
+    with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout) as resp:
         return resp.read()
 
 
@@ -79,10 +81,8 @@ def _fetch_grouplens(dest: Path) -> None:
 
 def _download_recbole_wheel(download_dir: Path) -> Path:
     """``pip download`` the recbole wheel (no install, no dependencies); return its path."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", RECBOLE_SPEC, "-d", str(download_dir),
-    ]  # fmt: skip
+    pip_args = "download --no-deps --only-binary=:all: --disable-pip-version-check --quiet"
+    cmd = [sys.executable, "-m", "pip", *pip_args.split(), RECBOLE_SPEC, "-d", str(download_dir)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -149,8 +149,10 @@ def fetch_movielens_100k(cache_dir: Path | None = None) -> Path:
         return target
     root.mkdir(parents=True, exist_ok=True)
     failures = []
-    sources = (("GroupLens", GROUPLENS_URL, _fetch_grouplens),
-               ("the recbole wheel", RECBOLE_SPEC, _fetch_recbole))  # fmt: skip
+    sources = (
+        ("GroupLens", GROUPLENS_URL, _fetch_grouplens),
+        ("the recbole wheel", RECBOLE_SPEC, _fetch_recbole),
+    )
     for label, origin, fetch in sources:
         tmp = Path(tempfile.mkdtemp(prefix=f".{_DATASET_DIR}-", dir=root))
         try:
@@ -211,13 +213,15 @@ def _items_frame(item_ids, raw_titles, fallback_years, genre_lists) -> pd.DataFr
         texts.append(f"{head}. Genres: {', '.join(genres)}." if genres else f"{head}.")
         titles.append(title)
         years.append(year)
-    items = pd.DataFrame({
-        "item_id": np.asarray(item_ids, dtype=np.int64),
-        "title": titles,
-        "year": pd.array(years, dtype="Int64"),
-        "genres": ["|".join(g) for g in genre_lists],
-        "text": texts,
-    })  # fmt: skip
+    items = pd.DataFrame(
+        {
+            "item_id": np.asarray(item_ids, dtype=np.int64),
+            "title": titles,
+            "year": pd.array(years, dtype="Int64"),
+            "genres": ["|".join(g) for g in genre_lists],
+            "text": texts,
+        }
+    )
     if items["item_id"].duplicated().any():
         dups = items.loc[items["item_id"].duplicated(), "item_id"].head(5).tolist()
         raise DatasetError(f"item file: duplicate item ids {dups}")
@@ -226,12 +230,14 @@ def _items_frame(item_ids, raw_titles, fallback_years, genre_lists) -> pd.DataFr
 
 def _interactions_frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
     try:
-        out = pd.DataFrame({
-            "user_id": df["user_id"].astype(np.int64),
-            "item_id": df["item_id"].astype(np.int64),
-            "rating": df["rating"].astype(np.float32),
-            "timestamp": df["timestamp"].astype(np.float64).round().astype(np.int64),
-        })  # fmt: skip
+        out = pd.DataFrame(
+            {
+                "user_id": df["user_id"].astype(np.int64),
+                "item_id": df["item_id"].astype(np.int64),
+                "rating": df["rating"].astype(np.float32),
+                "timestamp": df["timestamp"].astype(np.float64).round().astype(np.int64),
+            }
+        )
     except (ValueError, TypeError) as exc:
         raise DatasetError(f"{source}: non-numeric or missing values ({exc})") from None
     return out.sort_values("timestamp", kind="stable").reset_index(drop=True)
@@ -249,17 +255,15 @@ def _load_grouplens(opener, names: set[str], source: str) -> MovieLens:
     for required in ("u.data", "u.item"):
         if required not in names:
             raise DatasetError(f"{source}: missing {required}; is this the ml-100k folder?")
-    inter = _read(opener, "u.data", source, sep="\t", header=None, dtype=str,
-                  names=["user_id", "item_id", "rating", "timestamp"])  # fmt: skip
+    cols = ["user_id", "item_id", "rating", "timestamp"]
+    inter = _read(opener, "u.data", source, sep="\t", names=cols, **_GROUPLENS_CSV)
     genres = list(_GROUPLENS_GENRES)
     if "u.genre" in names:
-        g = _read(opener, "u.genre", source, sep="|", header=None, dtype=str,
-                  encoding="latin-1", keep_default_na=False)  # fmt: skip
+        g = _read(opener, "u.genre", source, sep="|", **_GROUPLENS_CSV)
         g = g[g[0].str.len() > 0]
         genres = [name for name, _ in sorted(zip(g[0], g[1].astype(int)), key=lambda t: t[1])]
     item_cols = ["item_id", "title", "release_date", "video_date", "url", *genres]
-    item = _read(opener, "u.item", source, sep="|", header=None, dtype=str, encoding="latin-1",
-                 keep_default_na=False)  # fmt: skip
+    item = _read(opener, "u.item", source, sep="|", **_GROUPLENS_CSV)
     if item.shape[1] != len(item_cols):
         raise DatasetError(
             f"{source}: u.item has {item.shape[1]} columns, expected {len(item_cols)} "
@@ -268,12 +272,13 @@ def _load_grouplens(opener, names: set[str], source: str) -> MovieLens:
     item.columns = item_cols
     flags = item[genres].to_numpy() == "1"
     genre_lists = [[genres[j] for j in np.flatnonzero(row)] for row in flags]
-    items = _items_frame(item["item_id"], item["title"],
-                         [_year_of(d) for d in item["release_date"]], genre_lists)  # fmt: skip
+    items = _items_frame(
+        item["item_id"], item["title"], [_year_of(d) for d in item["release_date"]], genre_lists
+    )
     users = None
     if "u.user" in names:
-        u = _read(opener, "u.user", source, sep="|", header=None, dtype=str, encoding="latin-1",
-                  names=["user_id", "age", "gender", "occupation", "zip_code"])  # fmt: skip
+        cols = ["user_id", "age", "gender", "occupation", "zip_code"]
+        u = _read(opener, "u.user", source, sep="|", names=cols, **_GROUPLENS_CSV)
         users = _users_frame(u, source)
     return MovieLens(items, _interactions_frame(inter, f"{source}/u.data"), users)
 
@@ -288,8 +293,8 @@ def _users_frame(u: pd.DataFrame, source: str) -> pd.DataFrame:
 
 def _recbole_table(folder: Path, stem: str, suffix: str, required: list[str]) -> pd.DataFrame:
     path = folder / f"{stem}.{suffix}"
-    df = _read(lambda p: open(p, encoding="utf-8"), path, str(folder), sep="\t", dtype=str,
-               keep_default_na=False)  # fmt: skip
+    utf8 = functools.partial(open, encoding="utf-8")
+    df = _read(utf8, path, str(folder), sep="\t", dtype=str, keep_default_na=False)
     df.columns = [c.split(":", 1)[0] for c in df.columns]  # "item_id:token" -> "item_id"
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -368,6 +373,11 @@ def load_movielens_100k(path: str | Path) -> MovieLens:
 # --------------------------------------------------------------------------- synthetic
 
 
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name}: expected a positive int, got {value!r}")
+
+
 class SyntheticWorld:
     """A seeded multi-modal world with ground truth, where alignment has a measurable job.
 
@@ -377,7 +387,7 @@ class SyntheticWorld:
     modality-nuisance factors independent of taste (visual style, wording). When
     ``nuisance`` is large, nearest neighbours in content space follow the nuisance, not
     co-engagement; an aligner has to learn to project it out (when
-    ``collab_dim + collab_dim <= content_dim``, ``A`` and ``B`` span orthogonal subspaces,
+    ``2 * collab_dim <= content_dim``, ``A`` and ``B`` span orthogonal subspaces,
     so a linear map can). Users prefer one taste cluster; engagement follows
     ``softmax(beta * user . collab + popularity)`` and ratings follow affinity plus a
     per-item quality, so ``rating >= 4`` means a positive.
@@ -403,13 +413,25 @@ class SyntheticWorld:
     _BETA = 4.0  # engagement sharpness: in-cluster items get ~e^4 more weight
     _POP_SCALE = 1.0  # std of the popularity logit (log-normal popularity)
 
-    def __init__(self, n_items: int, n_users: int, collab_dim: int = 16, content_dim: int = 64,
-                 nuisance: float = 1.0, seed: int = 0, *, n_clusters: int = 16):  # fmt: skip
-        for name, value in (("n_items", n_items), ("n_users", n_users),
-                            ("collab_dim", collab_dim), ("content_dim", content_dim),
-                            ("n_clusters", n_clusters)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name}: expected a positive int, got {value!r}")
+    def __init__(
+        self,
+        n_items: int,
+        n_users: int,
+        collab_dim: int = 16,
+        content_dim: int = 64,
+        nuisance: float = 1.0,
+        seed: int = 0,
+        *,
+        n_clusters: int = 16,
+    ):
+        for name, value in (
+            ("n_items", n_items),
+            ("n_users", n_users),
+            ("collab_dim", collab_dim),
+            ("content_dim", content_dim),
+            ("n_clusters", n_clusters),
+        ):
+            _check_positive_int(name, value)
         if not np.isfinite(nuisance) or nuisance < 0:
             raise InputError(f"nuisance: expected a finite value >= 0, got {nuisance!r}")
         self.n_items, self.n_users = int(n_items), int(n_users)
@@ -430,9 +452,11 @@ class SyntheticWorld:
         self._cache: dict[str, np.ndarray] = {}
 
     def __repr__(self) -> str:
-        return (f"SyntheticWorld(n_items={self.n_items}, n_users={self.n_users}, "
-                f"collab_dim={self.collab_dim}, content_dim={self.content_dim}, "
-                f"nuisance={self.nuisance}, seed={self.seed})")  # fmt: skip
+        return (
+            f"SyntheticWorld(n_items={self.n_items}, n_users={self.n_users}, "
+            f"collab_dim={self.collab_dim}, content_dim={self.content_dim}, "
+            f"nuisance={self.nuisance}, seed={self.seed})"
+        )
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=key))
@@ -447,17 +471,19 @@ class SyntheticWorld:
         d = self.collab_dim
         rng = self._rng(1, b)
         clusters = rng.choice(self.n_clusters, size=n, p=self._cluster_p)
-        noise = rng.standard_normal((n, d), dtype=np.float32) * np.float32(self._SPREAD / np.sqrt(d))
-        collab = self._centers[clusters] + noise
+        spread = np.float32(self._SPREAD / np.sqrt(d))
+        collab = self._centers[clusters] + spread * rng.standard_normal((n, d), dtype=np.float32)
         pop_z = rng.standard_normal(n)
         quality = 0.5 * pop_z + np.sqrt(0.75) * rng.standard_normal(n)  # popular ~ better
-        out = {"clusters": clusters.astype(np.int64), "collab": collab,
-               "popularity": (self._POP_SCALE * pop_z).astype(np.float32),
-               "quality": quality.astype(np.float32)}  # fmt: skip
+        out = {
+            "clusters": clusters.astype(np.int64),
+            "collab": collab,
+            "popularity": (self._POP_SCALE * pop_z).astype(np.float32),
+            "quality": quality.astype(np.float32),
+        }
         if content:
             nc = rng.integers(self.n_clusters, size=n)
-            nz = rng.standard_normal((n, d), dtype=np.float32) * np.float32(self._SPREAD / np.sqrt(d))
-            nz += self._nuis_centers[nc]
+            nz = self._nuis_centers[nc] + spread * rng.standard_normal((n, d), dtype=np.float32)
             eps = rng.standard_normal((n, self.content_dim), dtype=np.float32)
             eps *= np.float32(self._NOISE / np.sqrt(self.content_dim))
             eps += collab @ self._A
@@ -513,7 +539,8 @@ class SyntheticWorld:
         if "users" not in self._cache:
             rng, d = self._rng(2), self.collab_dim
             taste = rng.choice(self.n_clusters, size=self.n_users, p=self._cluster_p)
-            noise = rng.standard_normal((self.n_users, d), dtype=np.float32) * np.float32(0.5 / np.sqrt(d))
+            noise = rng.standard_normal((self.n_users, d), dtype=np.float32)
+            noise *= np.float32(0.5 / np.sqrt(d))  # users are less tight than item clusters
             self._cache["users"] = np.ascontiguousarray(self._centers[taste] + noise)
         return self._cache["users"]
 
@@ -523,8 +550,7 @@ class SyntheticWorld:
         The chunks concatenate to :attr:`content` exactly, for any ``chunk_size``; memory
         stays bounded by one generation block plus one chunk.
         """
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-            raise InputError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+        _check_positive_int("chunk_size", chunk_size)
         cached = self._cache.get("content")
         if cached is not None:
             for lo in range(0, self.n_items, chunk_size):
@@ -559,8 +585,7 @@ class SyntheticWorld:
             DataFrame ``user_id`` int64, ``item_id`` int64, ``rating`` float32,
             ``timestamp`` int64, sorted by timestamp (stable).
         """
-        if isinstance(n_per_user, bool) or not isinstance(n_per_user, (int, np.integer)) or n_per_user < 1:
-            raise InputError(f"n_per_user: expected a positive int, got {n_per_user!r}")
+        _check_positive_int("n_per_user", n_per_user)
         k = min(int(n_per_user), self.n_items)
         collab, users = self.collab, self.user_factors
         pop, quality = self.popularity, self._materialize("quality")
@@ -568,9 +593,10 @@ class SyntheticWorld:
         step = max(1, (1 << 22) // self.n_items)  # bound the (users x items) logit block
         items, affinity = [], []
         for lo in range(0, self.n_users, step):
-            u = users[lo:lo + step]
+            u = users[lo : lo + step]
             logits = np.float32(self._BETA) * (u @ collab.T) + pop
-            logits -= np.log(-np.log(rng.random(logits.shape, dtype=np.float32) + np.float32(1e-12)))
+            uniform = rng.random(logits.shape, dtype=np.float32) + np.float32(1e-12)
+            logits -= np.log(-np.log(uniform))  # + Gumbel noise: top-k = sampling w/o replacement
             top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
             order = np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1, kind="stable")
             top = np.take_along_axis(top, order, axis=1)  # most wanted first
@@ -581,10 +607,12 @@ class SyntheticWorld:
         rating = np.clip(np.rint(raw), 1, 5).astype(np.float32)
         start = 880_000_000 + rng.integers(0, 180 * 86_400, size=(self.n_users, 1))
         gaps = rng.exponential(86_400.0, size=top.shape).astype(np.int64) + 1
-        df = pd.DataFrame({
-            "user_id": np.repeat(self.user_ids, k),
-            "item_id": (top + 1).astype(np.int64).ravel(),
-            "rating": rating.ravel(),
-            "timestamp": (start + np.cumsum(gaps, axis=1)).astype(np.int64).ravel(),
-        })  # fmt: skip
+        df = pd.DataFrame(
+            {
+                "user_id": np.repeat(self.user_ids, k),
+                "item_id": (top + 1).astype(np.int64).ravel(),
+                "rating": rating.ravel(),
+                "timestamp": (start + np.cumsum(gaps, axis=1)).astype(np.int64).ravel(),
+            }
+        )
         return df.sort_values("timestamp", kind="stable").reset_index(drop=True)
