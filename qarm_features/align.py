@@ -1,0 +1,449 @@
+"""The aligner: a trainable head that bends the frozen content space towards behaviour.
+
+:class:`Aligner` maps a raw content embedding to a unit-norm aligned embedding with a
+bias-free linear skip (``proj``) plus an optional one-hidden-layer MLP (``mlp``). Its
+weights (:meth:`Aligner.export_weights`) follow the layout fixed in
+``docs/architecture.md``; ``encode.py`` recomputes the eval forward from them in numpy.
+:func:`train_aligner` fits it on mined ``<trigger, target>`` pairs with a symmetric
+in-batch InfoNCE loss, a raw-consistency term that keeps the aligned similarity structure
+close to the content space (so cold items keep what the encoder knows), and early
+stopping on the pair-AUC of items held out of training. Training only: torch lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+
+from qarm_features._validate import check_columns, check_embeddings, check_ids, lookup_rows
+from qarm_features.config import AlignerConfig
+from qarm_features.errors import ConfigError, DependencyError, InputError
+from qarm_features.metrics import pair_auc, pair_recall_at_k
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+except ImportError as exc:  # pragma: no cover - torch is a hard dependency today
+    raise DependencyError(
+        "qarm_features.align needs torch: pip install torch==2.13.0 (CPU build)"
+    ) from exc
+
+logger = logging.getLogger(__name__)
+
+# Rows pushed through the network at once when embedding a whole catalog.
+_EVAL_BATCH = 65_536
+# Scale of the MLP's last layer at init: the aligned space starts as the raw PCA space.
+_MLP_OUT_INIT_STD = 1e-3
+
+
+def weight_shapes(in_dim: int, cfg: AlignerConfig) -> dict[str, tuple[int, ...]]:
+    """The exported weight names and shapes for ``in_dim`` and ``cfg`` (the documented layout)."""
+    shapes = {"proj.weight": (cfg.out_dim, in_dim)}
+    if cfg.hidden > 0:
+        shapes.update(
+            {
+                "mlp.0.weight": (cfg.hidden, in_dim),
+                "mlp.0.bias": (cfg.hidden,),
+                "mlp.2.weight": (cfg.out_dim, cfg.hidden),
+                "mlp.2.bias": (cfg.out_dim,),
+            }
+        )
+    return shapes
+
+
+class Aligner(nn.Module):
+    """Raw content embedding ``(n, in_dim)`` -> unit-norm aligned embedding ``(n, out_dim)``.
+
+    Eval forward, exactly (nothing else may enter it)::
+
+        x = x / max(||x||, 1e-12)
+        y = x @ proj.T + (relu(x @ W0.T + b0) @ W2.T + b2)     # mlp term only if hidden > 0
+        out = y / max(||y||, 1e-12)
+
+    In training, dropout (``cfg.dropout``) acts on the MLP input only.
+
+    Args:
+        in_dim: width of the raw content embedding.
+        cfg: aligner settings (``out_dim``, ``hidden``, ``dropout`` are used here).
+    """
+
+    def __init__(self, in_dim: int, cfg: AlignerConfig | None = None):
+        super().__init__()
+        cfg = cfg if cfg is not None else AlignerConfig()
+        if int(in_dim) < 1:
+            raise InputError(f"in_dim: must be >= 1, got {in_dim}")
+        self.in_dim = int(in_dim)
+        self.out_dim = int(cfg.out_dim)
+        self.hidden = int(cfg.hidden)
+        self.proj = nn.Linear(self.in_dim, self.out_dim, bias=False)
+        if self.hidden > 0:
+            self.dropout = nn.Dropout(cfg.dropout)
+            self.mlp = nn.Sequential(
+                nn.Linear(self.in_dim, self.hidden),
+                nn.ReLU(),
+                nn.Linear(self.hidden, self.out_dim),
+            )
+        else:
+            self.dropout = None
+            self.mlp = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, in_dim)`` -> ``(n, out_dim)`` L2-normalised."""
+        x = F.normalize(x, dim=-1, eps=1e-12)
+        y = self.proj(x)
+        if self.mlp is not None:
+            y = y + self.mlp(self.dropout(x))
+        return F.normalize(y, dim=-1, eps=1e-12)
+
+    @torch.no_grad()
+    def init_from_raw(self, raw_emb: np.ndarray) -> Aligner:
+        """Start from what the content encoder knows: PCA of the (normalised) raw space.
+
+        ``proj`` rows become the top principal directions of the L2-normalised raw
+        embeddings (extra rows, when ``out_dim`` exceeds the rank, small random); the MLP's
+        last layer starts near zero with its bias set to ``-proj @ mean``, so the initial
+        aligned embedding is the normalised, *centred* PCA projection of the raw one
+        (centring removes the common direction that makes raw cosines uniformly high).
+        """
+        x = check_embeddings(raw_emb, name="raw_emb", dim=self.in_dim)
+        mean, cov = _normalized_moments(x)
+        evals, evecs = np.linalg.eigh(cov)  # ascending
+        order = np.argsort(-evals, kind="stable")
+        rank = int(min(self.out_dim, self.in_dim, max(x.shape[0] - 1, 1)))
+        comps = evecs[:, order[:rank]].T  # (rank, in_dim)
+        # Deterministic sign: the largest-magnitude coordinate of each direction is positive.
+        signs = np.sign(comps[np.arange(rank), np.abs(comps).argmax(axis=1)])
+        comps *= np.where(signs == 0, 1.0, signs)[:, None]
+        weight = self.proj.weight
+        weight.mul_(0.01)  # rows beyond the rank keep a small random init
+        weight[:rank] = torch.as_tensor(comps, dtype=weight.dtype, device=weight.device)
+        if self.mlp is not None:
+            last = self.mlp[2]
+            last.weight.normal_(0.0, _MLP_OUT_INIT_STD)
+            mean_t = torch.as_tensor(mean, dtype=weight.dtype, device=weight.device)
+            last.bias.copy_(-(weight @ mean_t))
+        return self
+
+    @torch.no_grad()
+    def transform(self, raw_emb, *, batch_size: int = _EVAL_BATCH) -> np.ndarray:
+        """Eval-mode forward of a numpy matrix: ``(n, in_dim)`` -> float32 ``(n, out_dim)``."""
+        x = check_embeddings(raw_emb, name="raw_emb", dim=self.in_dim)
+        was_training = self.training
+        self.eval()
+        device = self.proj.weight.device
+        try:
+            out = [
+                self(torch.from_numpy(x[a : a + batch_size]).to(device)).cpu().numpy()
+                for a in range(0, x.shape[0], batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return np.ascontiguousarray(np.concatenate(out).astype(np.float32, copy=False))
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        """The weights as float32 numpy arrays, with exactly the documented names and shapes."""
+        return {
+            k: np.ascontiguousarray(v.detach().cpu().numpy().astype(np.float32))
+            for k, v in self.state_dict().items()
+        }
+
+    @classmethod
+    def from_weights(
+        cls, weights: dict, in_dim: int, cfg: AlignerConfig | None = None
+    ) -> Aligner:
+        """Rebuild an aligner from :meth:`export_weights` output (keys and shapes checked)."""
+        cfg = cfg if cfg is not None else AlignerConfig()
+        expected = weight_shapes(int(in_dim), cfg)
+        if set(weights) != set(expected):
+            raise InputError(
+                f"weights: expected keys {sorted(expected)}, got {sorted(weights)}; "
+                "do in_dim/hidden match the config they were trained with?"
+            )
+        state = {}
+        for name, shape in expected.items():
+            arr = np.asarray(weights[name], dtype=np.float32)
+            if arr.shape != shape:
+                raise InputError(f"weights[{name!r}]: expected shape {shape}, got {arr.shape}")
+            if not np.isfinite(arr).all():
+                raise InputError(f"weights[{name!r}]: holds NaN or inf")
+            state[name] = torch.from_numpy(arr.copy())
+        model = cls(in_dim, cfg)
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _normalized_moments(x: np.ndarray, chunk: int = _EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the L2-normalised rows of ``x``, in float64, chunk by chunk."""
+    d = x.shape[1]
+    total, outer = np.zeros(d), np.zeros((d, d))
+    for a in range(0, x.shape[0], chunk):
+        u = _unit_rows(x[a : a + chunk])
+        total += u.sum(axis=0)
+        outer += u.T @ u
+    n = max(x.shape[0], 1)
+    mean = total / n
+    return mean, outer / n - np.outer(mean, mean)
+
+
+def _centred_reference(x: np.ndarray, mean: np.ndarray, chunk: int = _EVAL_BATCH) -> np.ndarray:
+    """float32 unit rows of ``normalise(x) - mean``: the raw geometry the aligner keeps close to."""
+    out = np.empty(x.shape, dtype=np.float32)
+    for a in range(0, x.shape[0], chunk):
+        u = _unit_rows(x[a : a + chunk]) - mean
+        out[a : a + chunk] = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+# --------------------------------------------------------------------------- training
+def _pair_rows(pairs, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(pairs, pd.DataFrame):
+        raise InputError(f"pairs: expected a DataFrame [trigger_id, target_id], got {type(pairs)}")
+    check_columns(pairs, ["trigger_id", "target_id"], name="pairs")
+    trig = check_ids(pairs["trigger_id"].to_numpy(), name="pairs.trigger_id", unique=False)
+    targ = check_ids(pairs["target_id"].to_numpy(), name="pairs.target_id", unique=False)
+    ti = lookup_rows(trig, item_ids, name="pairs.trigger_id")
+    gi = lookup_rows(targ, item_ids, name="pairs.target_id")
+    keep = ti != gi
+    if not keep.all():
+        logger.info("train_aligner: dropping %d self-pair(s)", int((~keep).sum()))
+    return ti[keep], gi[keep]
+
+
+def _masked_nce(logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of row i against column i, masking in-batch false negatives.
+
+    Column ``j != i`` is masked for row ``i`` when its key item ``k[j]`` is row i's
+    positive ``k[i]`` (the same target twice in a batch) or row i's query item ``q[i]``.
+    """
+    n = logits.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+    mask = ((k[None, :] == k[:, None]) | (k[None, :] == q[:, None])) & ~eye
+    labels = torch.arange(n, device=logits.device)
+    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), labels)
+
+
+def _resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"AlignerConfig.device: {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"AlignerConfig.device: {name!r} requested but CUDA is not available; use 'cpu'"
+        )
+    return device
+
+
+def train_aligner(
+    raw_emb,
+    item_ids,
+    pairs,
+    cfg: AlignerConfig | None = None,
+    *,
+    val_items=None,
+    popularity=None,
+    progress: bool = False,
+) -> tuple[Aligner, dict]:
+    """Fit an :class:`Aligner` on ``<trigger, target>`` pairs.
+
+    Loss per batch of pairs ``(a_i, b_i)`` with aligned embeddings ``za, zb``::
+
+        nce = (CE(za @ zb.T / T) + CE(zb @ za.T / T)) / 2          # in-batch, symmetric
+        raw = mean_{i != j} (S_aligned[i, j] - S_raw[i, j])^2        # over the 2B batch items
+        loss = nce + cfg.raw_consistency * raw
+
+    ``S_raw`` is the cosine matrix of the *centred* normalised raw embeddings (the space the
+    aligner starts from, see :meth:`Aligner.init_from_raw`). In-batch false negatives
+    (the same target, or the query item itself, in another column) are masked.
+
+    Validation: the items ``val_items`` (default: a random ``cfg.val_fraction`` of the
+    items in ``pairs``) are held out; every pair touching one of them leaves training and
+    forms the validation set, so validation measures generalisation to items never seen
+    in training. After each epoch the val pair-AUC (:func:`metrics.pair_auc`, negatives
+    matched on ``popularity``) is computed over the whole catalog; training stops after
+    ``cfg.patience`` epochs without improvement and the best weights (epoch 0 = the PCA
+    init included) are restored. ``val_items=[]`` disables validation: all pairs train for
+    ``cfg.max_epochs`` epochs (use it to refit on everything once the epoch count is known).
+
+    Args:
+        raw_emb: ``(n, in_dim)`` frozen content embeddings of the catalog.
+        item_ids: ``(n,)`` int64 ids of ``raw_emb`` rows.
+        pairs: DataFrame with ``trigger_id``, ``target_id`` (ids in ``item_ids``).
+        cfg: aligner settings (defaults when ``None``).
+        val_items: ids to hold out, ``None`` for a random split, empty for no validation.
+        popularity: interaction counts for popularity-matched negatives (Series keyed by
+            id, or array aligned with ``item_ids``); default: each item's degree in ``pairs``.
+        progress: log each epoch at INFO level (DEBUG otherwise).
+
+    Returns:
+        ``(aligner, history)``: the aligner in eval mode on ``cfg.device``; history with
+        per-epoch ``loss``, ``loss_nce``, ``loss_raw``, ``pairs_per_s`` (epochs 1..E) and
+        ``val_pair_auc``, ``val_recall_at_10`` (epochs 0..E, 0 = init), ``best_epoch``,
+        ``best_val_pair_auc``, ``raw_val_pair_auc`` and ``raw_val_recall_at_10`` (the raw
+        space on the same validation pairs and negatives), ``n_train_pairs``,
+        ``n_val_pairs``, ``n_val_items``, ``epochs_run``.
+
+    Raises:
+        InputError: bad shapes, NaN, unknown ids, or nothing left to train/validate on.
+        ConfigError: an unusable device.
+    """
+    cfg = cfg if cfg is not None else AlignerConfig()
+    if not isinstance(cfg, AlignerConfig):
+        raise ConfigError(f"cfg: expected an AlignerConfig, got {type(cfg).__name__}")
+    raw = check_embeddings(raw_emb, name="raw_emb")
+    ids = check_ids(item_ids, name="item_ids", n=raw.shape[0])
+    ti, gi = _pair_rows(pairs, ids)
+    if ti.size == 0:
+        raise InputError("pairs: no (non-self) pair to train on; mine pairs first")
+    device = _resolve_device(cfg.device)
+    n_items = ids.size
+
+    # ---- hold-out split over items
+    rng = np.random.default_rng(cfg.seed)
+    if val_items is None:
+        candidates = np.unique(np.concatenate([ti, gi]))
+        n_val = max(1, int(round(cfg.val_fraction * candidates.size)))
+        val_rows = np.sort(rng.choice(candidates, size=n_val, replace=False))
+    else:
+        val_ids = check_ids(np.asarray(val_items).reshape(-1), name="val_items", unique=False)
+        val_rows = np.unique(lookup_rows(val_ids, ids, name="val_items"))
+    is_val = np.zeros(n_items, dtype=bool)
+    is_val[val_rows] = True
+    touches = is_val[ti] | is_val[gi]
+    tr_a, tr_b = ti[~touches], gi[~touches]
+    validate = val_rows.size > 0
+    if tr_a.size == 0:
+        raise InputError(
+            f"train_aligner: every pair touches the {val_rows.size} validation items; "
+            "hold out fewer items (val_fraction / val_items)"
+        )
+    if validate and not touches.any():
+        raise InputError(
+            "train_aligner: no pair touches the validation items; pass val_items that "
+            "appear in pairs, or val_items=[] to train without validation"
+        )
+    val_pairs = None
+    if validate:
+        val_pairs = pd.DataFrame({"trigger_id": ids[ti[touches]], "target_id": ids[gi[touches]]})
+    if popularity is None:
+        popularity = np.bincount(np.concatenate([ti, gi]), minlength=n_items).astype(np.float64)
+
+    history: dict = {
+        "loss": [],
+        "loss_nce": [],
+        "loss_raw": [],
+        "pairs_per_s": [],
+        "val_pair_auc": [],
+        "val_recall_at_10": [],
+        "n_train_pairs": int(tr_a.size),
+        "n_val_pairs": int(touches.sum()),
+        "n_val_items": int(val_rows.size),
+    }
+
+    def evaluate(space: np.ndarray) -> tuple[float, float]:
+        auc_v = pair_auc(space, ids, val_pairs, popularity, seed=cfg.seed)
+        rec_v = pair_recall_at_k(space, ids, val_pairs, k=10)
+        return auc_v, rec_v
+
+    if validate:
+        history["raw_val_pair_auc"], history["raw_val_recall_at_10"] = evaluate(raw)
+
+    fork_devices = []
+    if device.type == "cuda":
+        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)
+        model = Aligner(raw.shape[1], cfg).init_from_raw(raw).to(device)
+        x_all = torch.from_numpy(raw).to(device)
+        ref_all = torch.from_numpy(_centred_reference(raw, _normalized_moments(raw)[0])).to(device)
+        a_all = torch.from_numpy(tr_a).to(device)
+        b_all = torch.from_numpy(tr_b).to(device)
+        gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        n_train = tr_a.size
+        bs = min(cfg.batch_size, n_train)
+
+        best_epoch, best_auc, best_state, since = 0, -np.inf, None, 0
+        if validate:
+            auc0, rec0 = evaluate(model.transform(raw))
+            history["val_pair_auc"].append(auc0)
+            history["val_recall_at_10"].append(rec0)
+            best_auc = auc0 if np.isfinite(auc0) else -np.inf  # NaN: any real AUC beats it
+            best_state = copy.deepcopy(model.state_dict())
+        log = logger.info if progress else logger.debug
+        epoch = 0
+        for epoch in range(1, cfg.max_epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            perm = torch.randperm(n_train, generator=gen).to(device)
+            tot, tot_nce, tot_raw, seen = 0.0, 0.0, 0.0, 0
+            for s in range(0, n_train, bs):
+                idx = perm[s : s + bs]
+                if idx.numel() < 2:  # a lone pair has no in-batch negative
+                    continue
+                a, b = a_all[idx], b_all[idx]
+                za, zb = model(x_all[a]), model(x_all[b])
+                logits = za @ zb.T / cfg.temperature
+                nce = 0.5 * (_masked_nce(logits, a, b) + _masked_nce(logits.T, b, a))
+                loss = nce
+                raw_term = torch.zeros((), device=device)
+                if cfg.raw_consistency > 0:
+                    z = torch.cat([za, zb])
+                    r = ref_all[torch.cat([a, b])]
+                    n2 = z.shape[0]
+                    # Both diagonals are 1 (unit rows), so the full sum is the off-diagonal sum.
+                    raw_term = ((z @ z.T - r @ r.T) ** 2).sum() / (n2 * (n2 - 1))
+                    loss = loss + cfg.raw_consistency * raw_term
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                m = idx.numel()
+                tot += float(loss.detach()) * m
+                tot_nce += float(nce.detach()) * m
+                tot_raw += float(raw_term.detach()) * m
+                seen += m
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            history["loss"].append(tot / max(seen, 1))
+            history["loss_nce"].append(tot_nce / max(seen, 1))
+            history["loss_raw"].append(tot_raw / max(seen, 1))
+            history["pairs_per_s"].append(seen / elapsed)
+            if not validate:
+                log("aligner epoch %d loss %.4f", epoch, history["loss"][-1])
+                continue
+            auc_e, rec_e = evaluate(model.transform(raw))
+            history["val_pair_auc"].append(auc_e)
+            history["val_recall_at_10"].append(rec_e)
+            log(
+                "aligner epoch %d loss %.4f val pair-AUC %.4f recall@10 %.4f",
+                epoch,
+                history["loss"][-1],
+                auc_e,
+                rec_e,
+            )
+            if auc_e > best_auc:
+                best_epoch, best_auc, since = epoch, auc_e, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since += 1
+                if since >= cfg.patience:
+                    break
+        history["epochs_run"] = epoch
+        if validate:
+            model.load_state_dict(best_state)
+            history["best_epoch"] = best_epoch
+            history["best_val_pair_auc"] = float(best_auc)
+        else:
+            history["best_epoch"] = epoch
+            history["best_val_pair_auc"] = float("nan")
+    model.eval()
+    return model, history

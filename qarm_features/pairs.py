@@ -1,0 +1,512 @@
+"""Mining ``<trigger, target>`` item pairs from collaborative signals (QARM item alignment).
+
+Two sources, as in the paper:
+
+* **U2I** (:func:`mine_u2i_pairs`): for each positive ``(user, target)``, the trigger is the
+  item most similar to the target, in a retrieval model's item space, among the user's
+  latest ``history`` earlier positives. The retrieval model defaults to a light BPR matrix
+  factorisation (:func:`train_mf`).
+* **Swing I2I** (:func:`mine_swing_pairs`): item pairs co-engaged by many user pairs that
+  have little else in common.
+
+:func:`mine_pairs` runs both from a :class:`~qarm_features.config.PairsConfig`, unions and
+deduplicates them and reports how popularity-skewed the result is. Interactions are a
+DataFrame ``[user_id, item_id, rating, timestamp]``; a positive is ``rating >= threshold``.
+The log order is the stable sort by timestamp (rows with equal timestamps keep their order).
+numpy/pandas/scipy only, except :func:`train_mf`, which imports torch when called.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from qarm_features._validate import check_columns, check_embeddings, check_ids, lookup_rows
+from qarm_features.config import PairsConfig
+from qarm_features.errors import ConfigError, DependencyError, InputError
+
+logger = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ["trigger_id", "target_id", "score", "source"]
+_INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
+# U2I similarity blocks hold at most this many target rows at once (bounded memory).
+_U2I_CHUNK = 1024
+
+
+# --------------------------------------------------------------------------- input
+def _sorted_log(interactions) -> pd.DataFrame:
+    """Validated copy of the log with int64 ids, float ratings, stably sorted by timestamp."""
+    if not isinstance(interactions, pd.DataFrame):
+        raise InputError(
+            f"interactions: expected a pandas DataFrame {_INTERACTION_COLUMNS}, "
+            f"got {type(interactions).__name__}"
+        )
+    check_columns(interactions, _INTERACTION_COLUMNS, name="interactions")
+    users = check_ids(interactions["user_id"].to_numpy(), name="interactions.user_id", unique=False)
+    items = check_ids(interactions["item_id"].to_numpy(), name="interactions.item_id", unique=False)
+    ts_col = interactions["timestamp"]
+    try:
+        rating = interactions["rating"].to_numpy(dtype=np.float64)
+        if pd.api.types.is_datetime64_any_dtype(ts_col):
+            ts_bad = ts_col.isna().to_numpy()
+        else:
+            ts_bad = ~np.isfinite(ts_col.to_numpy(dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"interactions: rating must be numeric and timestamp numeric or datetime ({exc})"
+        ) from None
+    for name, bad in (("rating", ~np.isfinite(rating)), ("timestamp", ts_bad)):
+        if bad.any():
+            raise InputError(
+                f"interactions.{name}: {int(bad.sum())} row(s) hold NaN/NaT or inf; drop them"
+            )
+    ts = ts_col.to_numpy()
+    order = np.argsort(ts, kind="stable")  # on the original values: int64 ns stay exact
+    return pd.DataFrame(
+        {
+            "user_id": users[order],
+            "item_id": items[order],
+            "rating": rating[order],
+            "timestamp": ts[order],
+        }
+    )
+
+
+def _positives(interactions, positive_threshold: float) -> pd.DataFrame:
+    """Positive rows of the sorted log, ``[user_id, item_id, timestamp]`` in log order."""
+    log = _sorted_log(interactions)
+    pos = log.loc[log["rating"] >= positive_threshold, ["user_id", "item_id", "timestamp"]]
+    if pos.empty:
+        raise InputError(
+            f"interactions: no positive rows (rating >= {positive_threshold}) among "
+            f"{len(log)} rows; lower positive_threshold or check the rating column"
+        )
+    return pos.reset_index(drop=True)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# --------------------------------------------------------------------------- retrieval model
+def train_mf(
+    interactions,
+    *,
+    dim: int = 32,
+    epochs: int = 30,
+    seed: int = 0,
+    positive_threshold: float = 4.0,
+    lr: float = 0.01,
+    batch_size: int = 1024,
+    reg: float = 1e-4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BPR matrix factorisation on positives: the light retrieval model behind U2I mining.
+
+    Score ``u . v_i + b_i``; each positive ``(u, i)`` is contrasted with one item drawn
+    uniformly among the items that ``u`` has no positive with (BPR loss, Adam). The item
+    bias absorbs popularity so that the item vectors carry taste, not just head-ness.
+    Seeded and single-process; ~55k positives x 30 epochs take a few seconds on one core.
+
+    Args:
+        interactions: DataFrame ``[user_id, item_id, rating, timestamp]``.
+        dim: embedding width.
+        epochs: passes over the positives.
+        seed: seeds initialisation, negative sampling and batch order.
+        positive_threshold: ``rating >= threshold`` is a positive.
+        lr: Adam learning rate.
+        batch_size: positives per step.
+        reg: L2 penalty on the embeddings touched by a batch.
+
+    Returns:
+        ``item_ids`` int64 ``(n,)`` (every item in ``interactions``, sorted) and
+        ``item_emb`` float32 ``(n, dim)``.
+    """
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError as exc:  # pragma: no cover - torch is a hard dependency today
+        raise DependencyError("train_mf needs torch: pip install torch==2.13.0") from exc
+    if dim < 1 or epochs < 1 or batch_size < 1:
+        raise InputError(
+            f"train_mf: dim, epochs and batch_size must be >= 1, got {dim}, {epochs}, {batch_size}"
+        )
+    log = _sorted_log(interactions)
+    pos = log.loc[log["rating"] >= positive_threshold].drop_duplicates(["user_id", "item_id"])
+    if pos.empty:
+        raise InputError(
+            f"interactions: no positive rows (rating >= {positive_threshold}); "
+            "train_mf needs positives"
+        )
+    item_ids = np.unique(log["item_id"].to_numpy())
+    user_ids = np.unique(pos["user_id"].to_numpy())
+    n_items, n_users = item_ids.size, user_ids.size
+    u = np.searchsorted(user_ids, pos["user_id"].to_numpy())
+    i = np.searchsorted(item_ids, pos["item_id"].to_numpy())
+    pos_keys = np.sort(u.astype(np.int64) * n_items + i)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    user_emb = torch.nn.Parameter(torch.randn(n_users, dim, generator=gen) * 0.1)
+    item_emb = torch.nn.Parameter(torch.randn(n_items, dim, generator=gen) * 0.1)
+    item_bias = torch.nn.Parameter(torch.zeros(n_items))
+    opt = torch.optim.Adam([user_emb, item_emb, item_bias], lr=lr)
+    u_t, i_t = torch.from_numpy(u), torch.from_numpy(i)
+    n = u.size
+    for epoch in range(epochs):
+        # Uniform negatives, resampled (a few rounds) where they hit one of the user's positives.
+        neg = rng.integers(0, n_items, size=n)
+        for _ in range(5):
+            keys = u.astype(np.int64) * n_items + neg
+            hit = pos_keys[np.minimum(np.searchsorted(pos_keys, keys), n - 1)] == keys
+            if not hit.any():
+                break
+            neg[hit] = rng.integers(0, n_items, size=int(hit.sum()))
+        j_t = torch.from_numpy(neg)
+        perm = torch.from_numpy(rng.permutation(n))
+        total = 0.0
+        for a in range(0, n, batch_size):
+            idx = perm[a : a + batch_size]
+            ub, ib, jb = u_t[idx], i_t[idx], j_t[idx]
+            pu, qi, qj = user_emb[ub], item_emb[ib], item_emb[jb]
+            diff = (pu * (qi - qj)).sum(1) + item_bias[ib] - item_bias[jb]
+            loss = -F.logsigmoid(diff).mean() + reg * (
+                pu.pow(2).sum() + qi.pow(2).sum() + qj.pow(2).sum()
+            ) / idx.numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * idx.numel()
+        logger.debug("train_mf epoch %d loss %.4f", epoch, total / n)
+    emb = item_emb.detach().numpy().astype(np.float32)
+    return item_ids.astype(np.int64), np.ascontiguousarray(emb)
+
+
+# --------------------------------------------------------------------------- U2I
+def mine_u2i_pairs(
+    interactions,
+    item_ids,
+    item_emb,
+    *,
+    history: int = 50,
+    positive_threshold: float = 4.0,
+) -> pd.DataFrame:
+    """U2I pairs: each positive's most similar item among the user's latest earlier positives.
+
+    Walking each user's positives in log order, the target at position ``t`` gets as
+    trigger the item with the highest cosine similarity (in ``item_emb``) among positions
+    ``t - history .. t - 1`` (earlier in the stably time-sorted log). Candidates that are
+    the target item itself (a repeated positive) are skipped; among equally similar
+    candidates the most recent wins. The first positive of a user has no trigger.
+
+    Args:
+        interactions: DataFrame ``[user_id, item_id, rating, timestamp]``.
+        item_ids: ``(n,)`` int64 ids of the rows of ``item_emb``; must cover every positive item.
+        item_emb: ``(n, d)`` retrieval-model item embeddings.
+        history: how many latest earlier positives are candidates (paper: 50).
+        positive_threshold: ``rating >= threshold`` is a positive.
+
+    Returns:
+        DataFrame ``[trigger_id, target_id, score, source]``, one row per positive event
+        that found a trigger, in log order; ``score`` is the cosine similarity, ``source``
+        is ``"u2i"``. The same pair may appear once per event that produced it.
+    """
+    if int(history) < 1:
+        raise InputError(f"history: must be >= 1, got {history}")
+    history = int(history)
+    emb = check_embeddings(item_emb, name="item_emb")
+    ids = check_ids(item_ids, name="item_ids", n=emb.shape[0])
+    pos = _positives(interactions, positive_threshold)
+    rows = lookup_rows(pos["item_id"].to_numpy(), ids, name="interactions.item_id")
+    e = _normalize(emb.astype(np.float64)).astype(np.float32)
+    users = pos["user_id"].to_numpy()
+    order = np.argsort(users, kind="stable")  # per user, in log order
+    _, starts, counts = np.unique(users[order], return_index=True, return_counts=True)
+    out_event, out_trig, out_score = [], [], []
+    for s0, m in zip(starts, counts):
+        if m < 2:
+            continue
+        ev = order[s0 : s0 + m]  # event positions (in the log) of this user's positives
+        r = rows[ev]
+        for a in range(1, m, _U2I_CHUNK):
+            b = min(a + _U2I_CHUNK, m)
+            c0 = max(0, a - history)
+            sims = e[r[a:b]] @ e[r[c0 : b - 1]].T  # (targets, candidate columns)
+            t = np.arange(a, b)[:, None]
+            j = np.arange(c0, b - 1)[None, :]
+            ok = (j < t) & (j >= t - history) & (r[c0 : b - 1][None, :] != r[a:b][:, None])
+            sims = np.where(ok, sims, -np.inf)
+            # argmax over reversed columns: the most recent candidate wins ties
+            best = sims.shape[1] - 1 - np.argmax(sims[:, ::-1], axis=1)
+            best_s = sims[np.arange(b - a), best]
+            found = np.isfinite(best_s)
+            out_event.append(ev[a:b][found])
+            out_trig.append(r[c0 + best[found]])
+            out_score.append(best_s[found])
+    if not out_event:
+        return pd.DataFrame(
+            {
+                "trigger_id": np.empty(0, np.int64),
+                "target_id": np.empty(0, np.int64),
+                "score": np.empty(0, np.float64),
+                "source": pd.Series([], dtype=object),
+            }
+        )
+    event = np.concatenate(out_event)
+    trig = np.concatenate(out_trig)
+    score = np.concatenate(out_score).astype(np.float64)
+    o = np.argsort(event, kind="stable")
+    return pd.DataFrame(
+        {
+            "trigger_id": ids[trig[o]],
+            "target_id": pos["item_id"].to_numpy()[event[o]],
+            "score": score[o],
+            "source": "u2i",
+        }
+    )
+
+
+# --------------------------------------------------------------------------- Swing
+def mine_swing_pairs(
+    interactions,
+    *,
+    alpha: float = 1.0,
+    top_k: int = 20,
+    positive_threshold: float = 4.0,
+    max_user_items: int = 500,
+    user_weight: bool = True,
+) -> pd.DataFrame:
+    """Swing I2I pairs: items co-engaged by many user pairs with little else in common.
+
+    ``score(i, j) = sum over user pairs u < v that both have positives with i and j of
+    w_u * w_v / (alpha + |I_u & I_v|)``, where ``I_u`` is the user's positive item set.
+    With ``user_weight`` (default, the common production variant) ``w_u = 1/sqrt(|I_u|)``
+    damps heavy users, who otherwise sit in most user pairs; without it ``w_u = 1`` (the
+    plain Swing formula). Each user keeps only their latest ``max_user_items`` positives.
+    Computed per trigger item with sparse user-item / user-user matrices.
+
+    Args:
+        interactions: DataFrame ``[user_id, item_id, rating, timestamp]``.
+        alpha: smoothing of the user-pair overlap penalty (> 0).
+        top_k: neighbours kept per trigger (highest score; ties by smaller item id).
+        positive_threshold: ``rating >= threshold`` is a positive.
+        max_user_items: cap on each user's positive list (latest kept).
+        user_weight: apply ``1/sqrt(|I_u|)`` user weights.
+
+    Returns:
+        DataFrame ``[trigger_id, target_id, score, source="swing"]`` sorted by trigger, then
+        descending score; both ``(i, j)`` and ``(j, i)`` appear when each is in the other's top-k.
+    """
+    if not alpha > 0:
+        raise InputError(f"alpha: must be > 0, got {alpha}")
+    if int(top_k) < 1 or int(max_user_items) < 2:
+        raise InputError(
+            f"top_k must be >= 1 and max_user_items >= 2, got {top_k}, {max_user_items}"
+        )
+    pos = _positives(interactions, positive_threshold)
+    # One row per (user, item) (latest kept), then each user's latest max_user_items.
+    pos = pos.drop_duplicates(["user_id", "item_id"], keep="last")
+    rank_from_end = pos.groupby("user_id", sort=False).cumcount(ascending=False)
+    pos = pos[rank_from_end.to_numpy() < int(max_user_items)]
+    user_ids, u = np.unique(pos["user_id"].to_numpy(), return_inverse=True)
+    item_ids, i = np.unique(pos["item_id"].to_numpy(), return_inverse=True)
+    n_u, n_i = user_ids.size, item_ids.size
+    R = sp.csr_matrix((np.ones(u.size), (u, i)), shape=(n_u, n_i))
+    deg = np.asarray(R.sum(axis=1)).ravel()
+    w = 1.0 / np.sqrt(deg) if user_weight else np.ones(n_u)
+    overlap = (R @ R.T).tocsr()  # |I_u & I_v|
+    Rc = R.tocsc()
+    trig_out, targ_out, score_out = [], [], []
+    for item in range(n_i):
+        users_i = Rc.indices[Rc.indptr[item] : Rc.indptr[item + 1]]
+        if users_i.size < 2:
+            continue
+        sub = R[users_i]  # (m, n_i) rows of the users who engaged item
+        cols = np.unique(sub.indices)
+        sub = sub[:, cols].tocsr()
+        ov = overlap[users_i][:, users_i].toarray()
+        W = np.outer(w[users_i], w[users_i]) / (alpha + ov)
+        np.fill_diagonal(W, 0.0)
+        # score[j] = 1/2 sum_{u != v} R_uj W_uv R_vj  (= sum over u < v)
+        t = sub.T @ W  # (c, m) dense
+        score = 0.5 * np.asarray(sub.T.multiply(t).sum(axis=1)).ravel()
+        keep = (cols != item) & (score > 0)
+        cols, score = cols[keep], score[keep]
+        if cols.size == 0:
+            continue
+        top = np.lexsort((cols, -score))[: int(top_k)]
+        trig_out.append(np.full(top.size, item))
+        targ_out.append(cols[top])
+        score_out.append(score[top])
+    if not trig_out:
+        return pd.DataFrame(
+            {
+                "trigger_id": np.empty(0, np.int64),
+                "target_id": np.empty(0, np.int64),
+                "score": np.empty(0, np.float64),
+                "source": pd.Series([], dtype=object),
+            }
+        )
+    return pd.DataFrame(
+        {
+            "trigger_id": item_ids[np.concatenate(trig_out)],
+            "target_id": item_ids[np.concatenate(targ_out)],
+            "score": np.concatenate(score_out),
+            "source": "swing",
+        }
+    )
+
+
+# --------------------------------------------------------------------------- both
+def _ranked(df: pd.DataFrame, keys: list[str], ascending: list[bool]) -> pd.DataFrame:
+    """Sort ``df`` and attach ``rank_pct`` in [0, 1): 0 is the source's best pair."""
+    df = df.sort_values(keys, ascending=ascending, kind="stable").reset_index(drop=True)
+    df["rank_pct"] = np.arange(len(df)) / max(len(df), 1)
+    return df
+
+
+def mine_pairs(
+    interactions,
+    cfg: PairsConfig | None = None,
+    *,
+    item_ids=None,
+    item_emb=None,
+) -> tuple[pd.DataFrame, dict]:
+    """Mine U2I and Swing pairs, union and deduplicate them, and describe the result.
+
+    U2I events are aggregated per directed pair (``count`` = events that produced it);
+    pairs seen fewer than ``cfg.min_pair_count`` times are dropped. Within each source
+    pairs are ranked (U2I by count then cosine, Swing by score); the union keeps each
+    unordered pair once, in the orientation and with the score/source of its best-ranked
+    occurrence (rank as a fraction of the source's list, so the sources compete fairly;
+    U2I wins exact ties). Self-pairs are dropped.
+
+    Args:
+        interactions: DataFrame ``[user_id, item_id, rating, timestamp]``.
+        cfg: mining settings (defaults when ``None``).
+        item_ids: ``(n,)`` ids of ``item_emb`` rows; required with ``item_emb``.
+        item_emb: retrieval item embeddings for U2I; a BPR-MF model is trained when ``None``.
+
+    Returns:
+        ``(pairs, stats)``: pairs ``[trigger_id, target_id, score, source]`` sorted best
+        first; stats with ``n_positives``, ``n_u2i_events``, ``n_u2i_pairs``,
+        ``n_swing_pairs``, ``n_pairs``, ``n_pairs_by_source`` (after deduplication),
+        ``n_items_covered``, ``item_coverage`` (covered / items with positives),
+        ``target_pop_share_mean`` / ``target_pop_share_max`` (the target's share of all
+        positives, over pairs), ``top_target_pair_share`` (fraction of pairs whose target
+        is the most frequent target), ``top10pct_items_pair_share`` (fraction of pairs whose
+        target is among the 10% most popular items) next to ``top10pct_items_positive_share``
+        (those items' share of positives: the baseline a popularity-neutral miner would hit).
+    """
+    cfg = cfg if cfg is not None else PairsConfig()
+    if not isinstance(cfg, PairsConfig):
+        raise ConfigError(f"cfg: expected a PairsConfig, got {type(cfg).__name__}")
+    if not (cfg.use_u2i or cfg.use_swing):
+        raise ConfigError("PairsConfig: use_u2i and use_swing are both False; enable one")
+    if (item_emb is None) != (item_ids is None):
+        raise InputError("mine_pairs: pass item_ids and item_emb together (or neither)")
+    pos = _positives(interactions, cfg.positive_threshold)
+    frames = []
+    stats: dict = {"n_positives": int(len(pos))}
+    if cfg.use_u2i:
+        if item_emb is None:
+            item_ids, item_emb = train_mf(
+                interactions,
+                dim=cfg.mf_dim,
+                epochs=cfg.mf_epochs,
+                seed=cfg.seed,
+                positive_threshold=cfg.positive_threshold,
+            )
+        ev = mine_u2i_pairs(
+            interactions,
+            item_ids,
+            item_emb,
+            history=cfg.history,
+            positive_threshold=cfg.positive_threshold,
+        )
+        stats["n_u2i_events"] = int(len(ev))
+        agg = (
+            ev.groupby(["trigger_id", "target_id"], sort=True)
+            .agg(score=("score", "max"), count=("score", "size"))
+            .reset_index()
+        )
+        agg = agg[agg["count"] >= cfg.min_pair_count]
+        agg["source"] = "u2i"
+        stats["n_u2i_pairs"] = int(len(agg))
+        frames.append(
+            _ranked(
+                agg,
+                ["count", "score", "trigger_id", "target_id"],
+                [False, False, True, True],
+            ).drop(columns="count")
+        )
+    if cfg.use_swing:
+        sw = mine_swing_pairs(
+            interactions,
+            alpha=cfg.swing_alpha,
+            top_k=cfg.swing_top_k,
+            positive_threshold=cfg.positive_threshold,
+            max_user_items=cfg.swing_max_user_items,
+        )
+        stats["n_swing_pairs"] = int(len(sw))
+        frames.append(
+            _ranked(sw, ["score", "trigger_id", "target_id"], [False, True, True])
+        )
+    allp = pd.concat(frames, ignore_index=True)
+    allp = allp[allp["trigger_id"] != allp["target_id"]]
+    a, b = allp["trigger_id"].to_numpy(), allp["target_id"].to_numpy()
+    allp = allp.assign(
+        _lo=np.minimum(a, b),
+        _hi=np.maximum(a, b),
+        _src=(allp["source"] != "u2i").astype(np.int8),
+    )
+    allp = allp.sort_values(
+        ["rank_pct", "_src", "trigger_id", "target_id"], kind="stable"
+    ).drop_duplicates(["_lo", "_hi"], keep="first")
+    pairs = allp[PAIR_COLUMNS].reset_index(drop=True)
+    pairs["trigger_id"] = pairs["trigger_id"].astype(np.int64)
+    pairs["target_id"] = pairs["target_id"].astype(np.int64)
+    pairs["score"] = pairs["score"].astype(np.float64)
+    stats.update(_pair_stats(pairs, pos))
+    logger.info(
+        "mined %d pairs (%s) covering %d items",
+        stats["n_pairs"],
+        stats["n_pairs_by_source"],
+        stats["n_items_covered"],
+    )
+    return pairs, stats
+
+
+def _pair_stats(pairs: pd.DataFrame, pos: pd.DataFrame) -> dict:
+    """Coverage and popularity skew of ``pairs`` relative to the positives."""
+    item_pos = pos["item_id"].value_counts()
+    share = item_pos / item_pos.sum()
+    n_pairs = len(pairs)
+    covered = np.union1d(pairs["trigger_id"].to_numpy(), pairs["target_id"].to_numpy())
+    n_top = max(1, int(np.ceil(0.1 * share.size)))
+    top_items = share.index.to_numpy()[:n_top]  # value_counts is sorted descending
+    out = {
+        "n_pairs": int(n_pairs),
+        "n_pairs_by_source": {str(k): int(v) for k, v in pairs["source"].value_counts().items()},
+        "n_items_covered": int(covered.size),
+        "item_coverage": float(covered.size / max(share.size, 1)),
+        "top10pct_items_positive_share": float(share.iloc[:n_top].sum()),
+    }
+    if n_pairs:
+        tshare = share.reindex(pairs["target_id"]).fillna(0.0).to_numpy()
+        tcounts = pairs["target_id"].value_counts()
+        out.update(
+            target_pop_share_mean=float(tshare.mean()),
+            target_pop_share_max=float(tshare.max()),
+            top_target_pair_share=float(tcounts.iloc[0] / n_pairs),
+            top10pct_items_pair_share=float(pairs["target_id"].isin(top_items).mean()),
+        )
+    else:
+        out.update(
+            target_pop_share_mean=float("nan"),
+            target_pop_share_max=float("nan"),
+            top_target_pair_share=float("nan"),
+            top10pct_items_pair_share=float("nan"),
+        )
+    return out

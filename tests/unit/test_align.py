@@ -1,0 +1,251 @@
+"""align: the documented weight layout and forward, generalisation to unseen items on a
+synthetic world where content = collaborative factors + strong nuisance, determinism,
+the raw-consistency term, in-batch masking and input validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qarm_features.align import Aligner, _masked_nce, train_aligner, weight_shapes
+from qarm_features.config import AlignerConfig
+from qarm_features.errors import ConfigError, InputError
+from qarm_features.metrics import pair_auc, pair_recall_at_k
+
+torch.set_num_threads(1)
+
+CFG = AlignerConfig(
+    out_dim=16, hidden=32, batch_size=64, lr=1e-2, max_epochs=30, patience=4, val_fraction=0.15
+)
+
+
+def make_world(n_items=400, collab_dim=8, nuis_dim=16, content_dim=32, nuisance=3.0, seed=0):
+    """Content = collab @ A + nuisance * N @ B + a common offset; pairs = collab neighbours.
+
+    A linear map can remove the nuisance (8 + 16 latent dims < 32), but raw cosine is
+    dominated by it, so raw-space pair-AUC is low and an aligner has a measurable job.
+    """
+    rng = np.random.default_rng(seed)
+    collab = rng.standard_normal((n_items, collab_dim))
+    nuis = rng.standard_normal((n_items, nuis_dim))
+    a = rng.standard_normal((collab_dim, content_dim)) / np.sqrt(collab_dim)
+    b = rng.standard_normal((nuis_dim, content_dim)) / np.sqrt(nuis_dim)
+    offset = rng.standard_normal(content_dim)
+    content = collab @ a + nuisance * nuis @ b + 2.0 * offset / np.linalg.norm(offset)
+    cn = collab / np.linalg.norm(collab, axis=1, keepdims=True)
+    sims = cn @ cn.T
+    np.fill_diagonal(sims, -np.inf)
+    nbrs = np.argsort(-sims, axis=1)[:, :5]
+    ids = np.arange(n_items, dtype=np.int64) + 1000
+    pairs = pd.DataFrame({"trigger_id": np.repeat(ids, 5), "target_id": ids[nbrs.ravel()]})
+    return ids, content.astype(np.float32), pairs
+
+
+def split_items(ids, pairs, fraction, seed):
+    """Hold out ``fraction`` of the items: every pair touching one is a test pair."""
+    test_items = np.random.default_rng(seed).choice(ids, int(fraction * ids.size), replace=False)
+    touch = pairs["trigger_id"].isin(test_items) | pairs["target_id"].isin(test_items)
+    return pairs[~touch].reset_index(drop=True), pairs[touch].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world()
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    ids, content, pairs = world
+    train_pairs, test_pairs = split_items(ids, pairs, 0.2, seed=1)
+    model, history = train_aligner(content, ids, train_pairs, CFG)
+    return model, history, test_pairs
+
+
+def numpy_forward(weights, x):
+    """The forward of docs/architecture.md, in float64, from exported weights only."""
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    x = x.astype(np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    y = x @ w["proj.weight"].T
+    if "mlp.0.weight" in w:
+        h = np.maximum(x @ w["mlp.0.weight"].T + w["mlp.0.bias"], 0.0)
+        y = y + h @ w["mlp.2.weight"].T + w["mlp.2.bias"]
+    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+
+# --------------------------------------------------------------------------- layout / forward
+@pytest.mark.parametrize("hidden", [0, 24])
+def test_exported_weights_have_documented_keys_and_shapes(hidden):
+    cfg = AlignerConfig(out_dim=8, hidden=hidden)
+    w = Aligner(20, cfg).export_weights()
+    expected = {"proj.weight": (8, 20)}
+    if hidden:
+        expected.update(
+            {
+                "mlp.0.weight": (24, 20),
+                "mlp.0.bias": (24,),
+                "mlp.2.weight": (8, 24),
+                "mlp.2.bias": (8,),
+            }
+        )
+    assert {k: v.shape for k, v in w.items()} == expected
+    assert weight_shapes(20, cfg) == expected
+    assert all(v.dtype == np.float32 for v in w.values())
+
+
+def test_numpy_forward_matches_torch_eval_forward(trained, world):
+    model, _, _ = trained
+    _, content, _ = world
+    x = content * np.linspace(0.1, 10.0, content.shape[0], dtype=np.float32)[:, None]
+    ours = model.transform(x)
+    ref = numpy_forward(model.export_weights(), x)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+    again = Aligner.from_weights(model.export_weights(), content.shape[1], CFG).transform(x)
+    np.testing.assert_array_equal(again, ours)
+
+
+def test_dropout_only_acts_in_training(world):
+    _, content, _ = world
+    model = Aligner(content.shape[1], AlignerConfig(out_dim=8, hidden=16, dropout=0.5))
+    with torch.no_grad():
+        model.mlp[2].weight.normal_()  # make the mlp matter
+        x = torch.from_numpy(content[:50])
+        model.train()
+        assert not torch.equal(model(x), model(x))
+        model.eval()
+        assert torch.equal(model(x), model(x))
+
+
+def test_pca_init_starts_from_the_centred_raw_space(world):
+    _, content, _ = world
+    model = Aligner(content.shape[1], AlignerConfig(out_dim=32, hidden=16)).init_from_raw(content)
+    x = content / np.linalg.norm(content, axis=1, keepdims=True)
+    xc = x - x.mean(axis=0)
+    xc /= np.linalg.norm(xc, axis=1, keepdims=True)
+    z = model.transform(content)  # full-rank PCA: only the tiny mlp weights differ
+    np.testing.assert_allclose(z @ z.T, xc @ xc.T, atol=0.05)
+
+
+# --------------------------------------------------------------------------- training
+def test_aligner_beats_raw_on_items_unseen_in_training(trained, world):
+    ids, content, pairs = world
+    model, history, test_pairs = trained
+    pop = np.bincount(
+        np.searchsorted(ids, np.r_[pairs["trigger_id"], pairs["target_id"]]), minlength=ids.size
+    )
+    aligned = model.transform(content)
+    raw_auc = pair_auc(content, ids, test_pairs, pop)
+    aligned_auc = pair_auc(aligned, ids, test_pairs, pop)
+    assert aligned_auc > raw_auc + 0.15, (raw_auc, aligned_auc)
+    raw_recall = pair_recall_at_k(content, ids, test_pairs)
+    assert pair_recall_at_k(aligned, ids, test_pairs) > 2 * raw_recall
+    # validation (other unseen items) tells the same story, and early stopping kept the best
+    assert history["best_val_pair_auc"] > history["raw_val_pair_auc"] + 0.15
+    assert history["best_val_pair_auc"] == max(history["val_pair_auc"])
+    assert history["val_pair_auc"][history["best_epoch"]] == history["best_val_pair_auc"]
+    assert len(history["val_pair_auc"]) == history["epochs_run"] + 1
+    assert len(history["loss"]) == history["epochs_run"] and history["pairs_per_s"][0] > 0
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_training_is_deterministic(world):
+    ids, content, pairs = world
+    cfg = CFG.model_copy(update={"max_epochs": 2})
+    m1, h1 = train_aligner(content, ids, pairs, cfg)
+    m2, h2 = train_aligner(content, ids, pairs, cfg)
+    for k, v in m1.export_weights().items():
+        np.testing.assert_array_equal(v, m2.export_weights()[k])
+    assert h1["loss"] == h2["loss"] and h1["val_pair_auc"] == h2["val_pair_auc"]
+    m3, _ = train_aligner(content, ids, pairs, cfg.model_copy(update={"seed": 1}))
+    w1, w3 = m1.export_weights()["proj.weight"], m3.export_weights()["proj.weight"]
+    assert not np.array_equal(w1, w3)
+
+
+def test_raw_consistency_keeps_raw_similarity_structure(world):
+    ids, content, pairs = world
+    x = content / np.linalg.norm(content, axis=1, keepdims=True)
+    xc = x - x.mean(axis=0)
+    xc /= np.linalg.norm(xc, axis=1, keepdims=True)
+    iu = np.triu_indices(ids.size, 1)
+    raw_sims = (xc @ xc.T)[iu]
+
+    def corr(rc):
+        cfg = CFG.model_copy(update={"raw_consistency": rc, "max_epochs": 6})
+        model, hist = train_aligner(content, ids, pairs, cfg, val_items=[])
+        assert hist["n_val_pairs"] == 0 and hist["epochs_run"] == 6
+        z = model.transform(content)
+        return np.corrcoef((z @ z.T)[iu], raw_sims)[0, 1]
+
+    assert corr(30.0) > corr(0.0) + 0.1
+
+
+def test_in_batch_duplicates_are_masked():
+    logits = torch.zeros(3, 3)
+    q = torch.tensor([0, 1, 2])
+    # rows 0 and 1 share their target: each other's column is a false negative
+    loss = _masked_nce(logits, q, torch.tensor([7, 7, 8]))
+    # row 0 keeps columns {0, 2}, row 1 keeps {1, 2}: log 2 each; row 2 keeps all three
+    expected = (np.log(2) + np.log(2) + np.log(3)) / 3
+    assert float(loss) == pytest.approx(expected)
+    # a column holding the query item itself is masked too
+    loss = _masked_nce(logits, q, torch.tensor([5, 0, 6]))
+    assert float(loss) == pytest.approx((np.log(2) + np.log(3) + np.log(3)) / 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_matches_cpu_quality(world):
+    ids, content, pairs = world
+    cfg = CFG.model_copy(update={"max_epochs": 5})
+    _, h_cpu = train_aligner(content, ids, pairs, cfg)
+    m_gpu, h_gpu = train_aligner(content, ids, pairs, cfg.model_copy(update={"device": "cuda"}))
+    assert abs(h_gpu["best_val_pair_auc"] - h_cpu["best_val_pair_auc"]) < 0.02
+    assert m_gpu.transform(content).shape == (ids.size, cfg.out_dim)
+
+
+# --------------------------------------------------------------------------- validation
+def test_bad_input_raises_input_error(world):
+    ids, content, pairs = world
+    with pytest.raises(InputError, match="2-d"):
+        train_aligner(content[0], ids, pairs, CFG)
+    with pytest.raises(InputError, match="expected 400 ids"):
+        train_aligner(content, ids[:-1], pairs, CFG)
+    bad = content.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        train_aligner(bad, ids, pairs, CFG)
+    unknown = pd.concat([pairs, pd.DataFrame({"trigger_id": [1000], "target_id": [5]})])
+    with pytest.raises(InputError, match="unknown id"):
+        train_aligner(content, ids, unknown, CFG)
+    with pytest.raises(InputError, match="missing column"):
+        train_aligner(content, ids, pairs.rename(columns={"target_id": "item"}), CFG)
+    with pytest.raises(InputError, match="no .*pair"):
+        train_aligner(content, ids, pairs.iloc[:0], CFG)
+    some = pairs.iloc[:50]
+    lonely = ids[~np.isin(ids, np.r_[some["trigger_id"], some["target_id"]])][:3]
+    with pytest.raises(InputError, match="no pair touches"):
+        train_aligner(content, ids, some, CFG, val_items=lonely)
+    with pytest.raises(InputError, match="unknown id"):
+        train_aligner(content, ids, pairs, CFG, val_items=[1])
+    with pytest.raises(InputError, match="width"):
+        Aligner(content.shape[1], CFG).transform(content[:, :5])
+
+
+def test_from_weights_rejects_mismatched_weights():
+    cfg = AlignerConfig(out_dim=8, hidden=16)
+    w = Aligner(20, cfg).export_weights()
+    with pytest.raises(InputError, match="keys"):
+        Aligner.from_weights({"proj.weight": w["proj.weight"]}, 20, cfg)
+    with pytest.raises(InputError, match="shape"):
+        Aligner.from_weights(w, 21, cfg)
+    w["mlp.2.bias"] = np.full(8, np.nan, np.float32)
+    with pytest.raises(InputError, match="NaN"):
+        Aligner.from_weights(w, 20, cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_unavailable_device_is_a_config_error(world):
+    ids, content, pairs = world
+    with pytest.raises(ConfigError, match="CUDA"):
+        train_aligner(content, ids, pairs, CFG.model_copy(update={"device": "cuda"}))
