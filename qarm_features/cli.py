@@ -199,15 +199,24 @@ def materialize(
     bundle: Annotated[Path, typer.Option(help="Bundle directory.")] = DEFAULT_BUNDLE,
     repo: Annotated[Path, typer.Option(help="Feast feature repo.")] = DEFAULT_REPO,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Data cache.")] = None,
+    promote: Annotated[
+        bool, typer.Option(help="Let this bundle replace another version the store serves.")
+    ] = False,
     verbose: bool = False,
 ) -> None:
-    """Encode every catalog item with the bundle, write offline sources, feast materialize."""
+    """Encode every catalog item with the bundle, write offline sources, feast materialize.
+
+    A store that already serves another bundle version is refused unless ``--promote``:
+    codes of two bundles are never mixed silently (docs/feast.md, "rollout").
+    """
     _setup_logging(verbose)
     from transformations.job import materialize as run_materialize
 
     try:
         with console.status("materializing"):
-            stats = run_materialize(bundle, repo, interactions_df=_movielens_interactions(cache_dir))
+            stats = run_materialize(
+                bundle, repo, interactions_df=_movielens_interactions(cache_dir), promote=promote
+            )
     except QarmError as exc:
         _fail(exc)
     console.print_json(data=stats)
@@ -229,11 +238,14 @@ def run(
     """The main job: fetch MovieLens-100k, build a bundle, populate Feast, read it back."""
     build(out=bundle, config=None, set_=[], cache_dir=cache_dir, verbose=verbose)
     from transformations.job import materialize as run_materialize
-    from transformations.job import sample_online
+    from transformations.serving import sample_online
 
     try:
         with console.status("materializing into the feature store"):
-            stats = run_materialize(bundle, repo, interactions_df=_movielens_interactions(cache_dir))
+            # the main job rebuilds the bundle, so it promotes the new version by design
+            stats = run_materialize(
+                bundle, repo, interactions_df=_movielens_interactions(cache_dir), promote=True
+            )
         console.print("[bold]materialized[/]: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
         from qarm_features.bundle import load_bundle
 
