@@ -257,7 +257,18 @@ def run(
     except QarmError as exc:
         _fail(exc)
     console.print("[bold]get_online_features[/] (3 catalog items, then one cold item via qarm_cold):")
-    console.print_json(data=sample)
+    console.print_json(data=_abbreviate(sample))
+
+
+def _abbreviate(obj, max_list: int = 6):
+    """Shorten long float lists (aligned_emb) for display; code lists stay whole."""
+    if isinstance(obj, dict):
+        return {k: _abbreviate(v, max_list) for k, v in obj.items()}
+    if isinstance(obj, list):
+        if len(obj) > max_list and all(isinstance(v, float) for v in obj):
+            return [round(v, 4) for v in obj[:4]] + [f"... {len(obj)} floats"]
+        return [_abbreviate(v, max_list) for v in obj]
+    return obj
 
 
 @app.command()
