@@ -114,6 +114,7 @@ def build_bundle(
     overwrite: bool = True,
     on_step: StepCallback | None = None,
     progress: bool = False,
+    extra_metrics: dict | None = None,
 ) -> BuildResult:
     """Run pair mining, aligner training and code fitting, and write a bundle.
 
@@ -125,6 +126,7 @@ def build_bundle(
         config: the build configuration (defaults: :class:`BuildConfig`).
         test_item_fraction: items held out of aligner training for the reported metrics.
         on_step: called with a short label as each stage starts (for CLI progress).
+        extra_metrics: merged into the manifest's metrics (e.g. the fine-tuned encoder).
 
     Raises:
         InputError: malformed catalog or interactions, or interactions naming items that
@@ -200,6 +202,7 @@ def build_bundle(
     except InputError as exc:  # too few items for K codes
         log.warning("skipping raw-space code report: %s", exc)
 
+    metrics.update(extra_metrics or {})
     step("writing bundle")
     path = write_bundle(
         out,
@@ -237,19 +240,72 @@ def build_movielens(
     ml = load_movielens_100k(fetch_movielens_100k(cache_dir))
     t0 = time.perf_counter()
     step("encoding item text")
-    raw = encode_catalog_text(ml.items["text"].tolist(), cfg, cache_dir=cache_dir, progress=progress)
+    texts = ml.items["text"].tolist()
+    item_ids = ml.items["item_id"].to_numpy()
+    raw = encode_catalog_text(texts, cfg, cache_dir=cache_dir, progress=progress)
+    encoder_info = None
+    if cfg.encoder.finetune_layers > 0:
+        step(f"fine-tuning the top {cfg.encoder.finetune_layers} encoder layers")
+        raw, encoder_info = finetune_encoder(
+            texts, item_ids, ml.interactions, cfg, Path(str(out) + "-encoder"), progress=progress
+        )
     encode_s = time.perf_counter() - t0
     result = build_bundle(
         out,
-        item_ids=ml.items["item_id"].to_numpy(),
+        item_ids=item_ids,
         raw_emb=raw,
         interactions=ml.interactions,
         config=cfg,
         on_step=on_step,
         progress=progress,
+        extra_metrics={"encoder": encoder_info} if encoder_info else None,
     )
     result.timings = {"encode_s": encode_s, **result.timings}
     return result
+
+
+def finetune_encoder(
+    texts: list[str],
+    item_ids: np.ndarray,
+    interactions: pd.DataFrame,
+    cfg: BuildConfig,
+    out: Path,
+    *,
+    test_item_fraction: float = 0.1,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """Fine-tune the text encoder's top layers on train pairs; return new raw_emb and info.
+
+    The held-out items are chosen exactly as :func:`build_bundle` chooses them (same pairs,
+    fraction and seed), so the encoder never trains on a pair the build reports on. The
+    encoder is saved (safetensors) at ``out``; its path and weight hash go in the manifest.
+    """
+    import hashlib
+
+    from qarm_features.finetune import finetune_text_encoder, load_encoder, save_encoder
+    from qarm_features.pairs import mine_pairs
+
+    pairs, _ = mine_pairs(interactions, cfg.pairs)
+    train_pairs, _, _ = split_test_items(item_ids, pairs, test_item_fraction, cfg.seed)
+    e = cfg.encoder
+    model, history = finetune_text_encoder(
+        texts, item_ids, train_pairs, n_layers=e.finetune_layers, epochs=e.finetune_epochs,
+        lr=e.finetune_lr, max_pairs_per_epoch=e.finetune_max_pairs, seed=cfg.seed,
+        model_path=e.model_path, progress=progress,
+    )
+    path = save_encoder(model, out, overwrite=True)
+    raw = np.asarray(load_encoder(path).encode(texts), dtype=np.float32)
+    weights = sorted(path.rglob("*.safetensors"))
+    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
+    info = {
+        "path": str(path),
+        "weights_sha256": digest,
+        "finetuned_layers": e.finetune_layers,
+        "train_loss_before": history.get("train_loss_before"),
+        "train_loss_after": history.get("train_loss_after"),
+        "steps": history.get("steps"),
+    }
+    return raw, info
 
 
 def encode_catalog_text(

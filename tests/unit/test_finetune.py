@@ -325,3 +325,31 @@ def test_real_minilm_top_layer():
     assert hist["train_loss_after"] < hist["train_loss_before"]
     assert hist["dim"] == 384 == model.encode(texts[:2]).shape[1]
     assert hist["steps"] == 5
+
+
+def test_build_finetune_stage_holds_out_test_items_and_records_encoder(tiny_model, tmp_path):
+    """`qarm build` with encoder.finetune_layers: new raw_emb, saved encoder, manifest info."""
+    import pandas as pd
+
+    from qarm_features.build import finetune_encoder
+    from qarm_features.config import BuildConfig, EncoderConfig, PairsConfig
+
+    texts, ids, _ = make_catalog(n_items=40)
+    rng = np.random.default_rng(0)
+    inter = pd.DataFrame(
+        {
+            "user_id": np.repeat(np.arange(30), 6),
+            "item_id": rng.choice(ids, size=180),
+            "rating": np.full(180, 5.0, np.float32),
+            "timestamp": np.arange(180),
+        }
+    ).drop_duplicates(["user_id", "item_id"])
+    cfg = BuildConfig(
+        encoder=EncoderConfig(model_path=tiny_model, finetune_layers=1, finetune_max_pairs=64),
+        pairs=PairsConfig(mf_epochs=2, mf_dim=4),
+    )
+    raw, info = finetune_encoder(texts, ids, inter, cfg, tmp_path / "enc")
+    assert raw.shape == (40, 32) and raw.dtype == np.float32
+    assert info["finetuned_layers"] == 1 and len(info["weights_sha256"]) == 64
+    assert (tmp_path / "enc").is_dir()
+    assert not list((tmp_path / "enc").rglob("*.bin")) and not list((tmp_path / "enc").rglob("*.pkl"))
