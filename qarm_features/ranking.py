@@ -40,13 +40,13 @@ except ImportError as exc:  # pragma: no cover - torch is a core dependency
 
 __all__ = [
     "CodeVocab",
-    "RQCodeEmbedding",
-    "VQCodeEmbedding",
-    "QarmEmbedding",
-    "TargetAttention",
-    "ItemFeatures",
-    "RankerConfig",
     "DINRanker",
+    "ItemFeatures",
+    "QarmEmbedding",
+    "RQCodeEmbedding",
+    "RankerConfig",
+    "TargetAttention",
+    "VQCodeEmbedding",
 ]
 
 
@@ -109,6 +109,10 @@ class RQCodeEmbedding(nn.Module):
             far more than the number of distinct prefixes a catalog of ~1e4 items uses.
         pooling: ``"sum"`` (default) or ``"mean"`` over the slots, or ``"none"`` to return
             every slot, shape ``(..., n_slots, dim)``.
+        init_std: std of the normal init. The default 0 makes a code never seen in
+            training contribute nothing (a cold item whose fine-level prefix no warm item
+            shares falls back on its coarser levels instead of on random noise); the
+            gradient of a row does not depend on its value, so zero rows still learn.
 
     Shapes:
         forward: codes ``(..., L)`` int64 in ``[0, K)`` -> ``(..., dim)`` (or slots).
@@ -123,6 +127,7 @@ class RQCodeEmbedding(nn.Module):
         mode: str = "both",
         prefix_buckets: int = 1 << 16,
         pooling: str = "sum",
+        init_std: float = 0.0,
     ) -> None:
         super().__init__()
         if n_levels < 1 or n_codes < 2 or dim < 1:
@@ -153,13 +158,15 @@ class RQCodeEmbedding(nn.Module):
         if mode in ("prefix", "both"):
             for length in range(first_prefix, n_levels + 1):
                 exact = n_codes**length
-                size = exact if exact <= self.prefix_modulus else self.prefix_modulus
+                size = min(exact, self.prefix_modulus)
                 slots.append(("prefix", length, offset, size))
                 offset += size
         self.slots = tuple(slots)
         self.n_rows = offset
         self.table = nn.Embedding(offset, dim)
-        nn.init.normal_(self.table.weight, std=0.05)  # small init: slots are summed
+        nn.init.normal_(self.table.weight, std=init_std) if init_std > 0 else nn.init.zeros_(
+            self.table.weight
+        )
 
     @property
     def n_slots(self) -> int:
@@ -211,22 +218,47 @@ class VQCodeEmbedding(nn.Module):
         k: length of the code list; with ``rank_weights`` each position gets a learned
             weight (the list is ordered by descending similarity), initialised uniform.
         rank_weights: learn per-position pooling weights (default True).
+        init_std: std of the normal init (0 = zeros, see :class:`RQCodeEmbedding`).
+        table: share an existing ``nn.Embedding`` of ``vocab_size + 1`` rows whose row 0 is
+            padding, e.g. the ranker's item-id table: the pool items *are* items, so a code
+            list then pools the id embeddings of the item's nearest pool items (code ``c``
+            reads row ``c + 1``). ``init_std`` is ignored.
 
     Shapes:
         forward: codes ``(..., k)`` int64 in ``[-1, vocab_size)`` -> ``(..., dim)``; a row of
         only padding gives zeros.
     """
 
-    def __init__(self, vocab_size: int, dim: int = 64, *, k: int, rank_weights: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 64,
+        *,
+        k: int,
+        rank_weights: bool = True,
+        init_std: float = 0.0,
+        table: nn.Embedding | None = None,
+    ):
         super().__init__()
         if vocab_size < 1 or dim < 1 or k < 1:
             raise InputError(
                 f"VQCodeEmbedding: need vocab_size, dim, k >= 1; got {vocab_size}, {dim}, {k}"
             )
         self.vocab_size, self.dim, self.k = vocab_size, dim, k
-        # Row 0 is padding (index -1 shifted by one), kept at zero by padding_idx.
-        self.table = nn.Embedding(vocab_size + 1, dim, padding_idx=0)
-        nn.init.normal_(self.table.weight, std=0.05)
+        if table is not None:
+            if tuple(table.weight.shape) != (vocab_size + 1, dim) or table.padding_idx != 0:
+                raise InputError(
+                    f"table: expected an nn.Embedding({vocab_size + 1}, {dim}, padding_idx=0), "
+                    f"got shape {tuple(table.weight.shape)}, padding_idx {table.padding_idx}"
+                )
+            self.table = table
+        else:
+            # Row 0 is padding (index -1 shifted by one), kept at zero by padding_idx.
+            self.table = nn.Embedding(vocab_size + 1, dim, padding_idx=0)
+            if init_std > 0:
+                nn.init.normal_(self.table.weight, std=init_std)
+            else:
+                nn.init.zeros_(self.table.weight)
         with torch.no_grad():
             self.table.weight[0].zero_()
         self.rank_logits = nn.Parameter(torch.zeros(k)) if rank_weights else None
@@ -260,6 +292,8 @@ class QarmEmbedding(nn.Module):
         rq_levels, rq_codes: RQ shape (0 levels disables the RQ part).
         vq_vocab, vq_k: VQ vocabulary size and list length (0 disables the VQ part).
         rq_mode, prefix_buckets: passed to :class:`RQCodeEmbedding`.
+        init_std: code-table init (0 = zeros: unseen codes contribute nothing).
+        vq_table: share this table for VQ codes (see :class:`VQCodeEmbedding`).
 
     Shapes:
         forward(rq ``(..., L)``, vq ``(..., K)``) -> ``(..., out_dim)``.
@@ -275,14 +309,27 @@ class QarmEmbedding(nn.Module):
         vq_k: int = 0,
         rq_mode: str = "both",
         prefix_buckets: int = 1 << 16,
+        init_std: float = 0.0,
+        vq_table: nn.Embedding | None = None,
     ) -> None:
         super().__init__()
         self.rq = (
-            RQCodeEmbedding(rq_levels, rq_codes, dim, mode=rq_mode, prefix_buckets=prefix_buckets)
+            RQCodeEmbedding(
+                rq_levels,
+                rq_codes,
+                dim,
+                mode=rq_mode,
+                prefix_buckets=prefix_buckets,
+                init_std=init_std,
+            )
             if rq_levels > 0
             else None
         )
-        self.vq = VQCodeEmbedding(vq_vocab, dim, k=vq_k) if vq_vocab > 0 else None
+        self.vq = (
+            VQCodeEmbedding(vq_vocab, dim, k=vq_k, init_std=init_std, table=vq_table)
+            if vq_vocab > 0
+            else None
+        )
         if self.rq is None and self.vq is None:
             raise InputError("QarmEmbedding: enable RQ (rq_levels > 0) and/or VQ (vq_vocab > 0)")
         self.out_dim = dim * ((self.rq is not None) + (self.vq is not None))
@@ -302,39 +349,55 @@ class TargetAttention(nn.Module):
     """DIN target attention: a query (target item) pools a sequence (the user's history).
 
     Score ``a(q, k_t) = MLP([q, k_t, q - k_t, q * k_t])``; weights are a softmax over the
-    unmasked positions; a sequence with no valid position pools to zeros.
+    unmasked positions; a sequence with no valid position pools to zeros. The first MLP
+    layer is applied in its factored form ``W_q q + W_k k_t + W_x (q * k_t)`` (the same
+    function class: ``q - k`` folds into ``W_q`` and ``W_k``), so the query part is computed
+    once per row instead of once per history position.
 
     Shapes:
-        forward(query ``(B, D)``, keys ``(B, T, D)``, mask ``(B, T)`` bool, True = valid)
-        -> ``(B, D)``.
+        forward(query ``(B, D)``, keys ``(B, T, D)``, mask ``(B, T)`` bool, True = valid,
+        values ``(B, T, D_v)`` or None = keys) -> ``(B, D_v)``.
     """
 
     def __init__(self, dim: int, hidden: tuple[int, ...] = (64, 32)) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = 4 * dim
-        for h in hidden:
+        if not hidden:
+            raise InputError("TargetAttention: hidden needs at least one layer width")
+        h0 = hidden[0]
+        self.w_q = nn.Linear(dim, h0)
+        self.w_k = nn.Linear(dim, h0, bias=False)
+        self.w_x = nn.Linear(dim, h0, bias=False)
+        layers: list[nn.Module] = [nn.ReLU()]
+        width = h0
+        for h in hidden[1:]:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor):
+    def forward(self, query, keys, mask, values=None):
         if keys.dim() != 3 or query.shape != (keys.shape[0], keys.shape[2]):
             raise InputError(
                 f"TargetAttention: query (B, D) and keys (B, T, D) expected, got "
                 f"{tuple(query.shape)} and {tuple(keys.shape)}"
             )
         if mask.shape != keys.shape[:2]:
-            raise InputError(f"mask: expected shape {tuple(keys.shape[:2])}, got {tuple(mask.shape)}")
-        q = query.unsqueeze(1).expand_as(keys)
-        scores = self.mlp(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
+            raise InputError(
+                f"mask: expected shape {tuple(keys.shape[:2])}, got {tuple(mask.shape)}"
+            )
+        values = keys if values is None else values
+        if values.shape[:2] != keys.shape[:2]:
+            raise InputError(
+                f"values: expected shape {tuple(keys.shape[:2])} + (D_v,), got {tuple(values.shape)}"
+            )
+        h = self.w_q(query).unsqueeze(1) + self.w_k(keys) + self.w_x(query.unsqueeze(1) * keys)
+        scores = self.mlp(h).squeeze(-1)
         scores = scores.masked_fill(~mask, float("-inf"))
         any_valid = mask.any(dim=1, keepdim=True)
         # All-padding rows: softmax of all -inf is NaN; give them zero weights instead.
         scores = torch.where(any_valid, scores, torch.zeros_like(scores))
-        w = torch.softmax(scores, dim=1) * mask.to(keys.dtype)
-        return (w.unsqueeze(-1) * keys).sum(dim=1)
+        w = torch.softmax(scores, dim=1) * mask.to(values.dtype)
+        return (w.unsqueeze(-1) * values).sum(dim=1)
 
 
 @dataclass
@@ -359,13 +422,14 @@ class ItemFeatures:
 
     @classmethod
     def from_numpy(cls, id_index, rq=None, vq=None, dense=None) -> ItemFeatures:
-        t = lambda a, dt: None if a is None else torch.as_tensor(np.asarray(a), dtype=dt)  # noqa: E731
-        return cls(t(id_index, torch.long), t(rq, torch.long), t(vq, torch.long),
-                   t(dense, torch.float32))
+        t = lambda a, dt: None if a is None else torch.as_tensor(np.asarray(a), dtype=dt)
+        return cls(
+            t(id_index, torch.long), t(rq, torch.long), t(vq, torch.long), t(dense, torch.float32)
+        )
 
     def take(self, rows: torch.Tensor) -> ItemFeatures:
         """Subset of rows (shape ``(m,)``)."""
-        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        pick = lambda a: None if a is None else a[rows]
         return ItemFeatures(self.id_index[rows], pick(self.rq), pick(self.vq), pick(self.dense))
 
 
@@ -388,7 +452,19 @@ class RankerConfig:
     vq_k: int = 0
     rq_mode: str = "both"
     prefix_buckets: int = 1 << 16
+    code_init_std: float = 0.0  # 0: a code no training row used adds nothing (cold items)
+    # Training only: each distinct item of a batch loses its id embedding with this
+    # probability (DropoutNet-style), so content/code parts learn to score items alone,
+    # as they must for cold items (whose id row is the zero OOV row).
+    id_dropout: float = 0.0
+    # VQ codes read the item-id table (codes = id row - 1): a code list pools the id
+    # embeddings of the item's nearest pool items. Needs vq_vocab == n_item_ids - 1.
+    vq_tied: bool = False
     n_history_labels: int = 2  # history events carry their past label (0/1): PIT-safe
+    # Attention scores are computed on a projection of the item vectors to this width
+    # (per distinct item, before the gather), so their cost does not grow with the number
+    # of enabled parts; values stay full item vectors. 0 = the item width itself.
+    attention_dim: int = 32
     attention_hidden: tuple[int, ...] = (64, 32)
     mlp_hidden: tuple[int, ...] = field(default=(128, 64))
     dropout: float = 0.1
@@ -401,7 +477,9 @@ class DINRanker(nn.Module):
     (item-id embedding, QARM code embedding, projected dense embedding), each ``dim`` wide.
     The same tower embeds the target item and every history item (so history items are
     sequences of codes), history events add a learned vector for their past label, the
-    target attends over the history (:class:`TargetAttention`), and an MLP scores
+    target attends over the history (:class:`TargetAttention`, scored on an
+    ``attention_dim`` projection of the item vectors, pooling the full vectors), and an
+    MLP scores
     ``[user, target, attended, mean history, target * attended]``.
 
     The tower runs once per *distinct* item row in the batch (the table may be the whole
@@ -418,6 +496,11 @@ class DINRanker(nn.Module):
         c = config
         self.config = c
         self.user_emb = nn.Embedding(c.n_users, c.dim, padding_idx=0)
+        if c.vq_tied and c.vq_vocab not in (0, c.n_item_ids - 1):
+            raise InputError(
+                f"RankerConfig: vq_tied needs vq_vocab == n_item_ids - 1 ({c.n_item_ids - 1}), "
+                f"got {c.vq_vocab}; map VQ pool ids to item-id rows minus one"
+            )
         self.item_emb = nn.Embedding(c.n_item_ids, c.dim, padding_idx=0)
         for emb in (self.user_emb, self.item_emb):
             nn.init.normal_(emb.weight, std=0.05)
@@ -427,8 +510,15 @@ class DINRanker(nn.Module):
         self.qarm = None
         if c.rq_levels > 0 or c.vq_vocab > 0:
             self.qarm = QarmEmbedding(
-                c.dim, rq_levels=c.rq_levels, rq_codes=c.rq_codes, vq_vocab=c.vq_vocab,
-                vq_k=c.vq_k, rq_mode=c.rq_mode, prefix_buckets=c.prefix_buckets,
+                c.dim,
+                rq_levels=c.rq_levels,
+                rq_codes=c.rq_codes,
+                vq_vocab=c.vq_vocab,
+                vq_k=c.vq_k,
+                rq_mode=c.rq_mode,
+                prefix_buckets=c.prefix_buckets,
+                init_std=c.code_init_std,
+                vq_table=self.item_emb if c.vq_tied else None,
             )
             n_parts += self.qarm.out_dim // c.dim
         self.dense = nn.Linear(c.dense_dim, c.dim) if c.dense_dim > 0 else None
@@ -436,7 +526,11 @@ class DINRanker(nn.Module):
         self.item_dim = n_parts * c.dim
         self.label_emb = nn.Embedding(c.n_history_labels, self.item_dim)
         nn.init.zeros_(self.label_emb.weight)
-        self.attention = TargetAttention(self.item_dim, c.attention_hidden)
+        att_dim = c.attention_dim or self.item_dim
+        self.att_proj = nn.Linear(self.item_dim, att_dim)
+        self.att_label = nn.Embedding(c.n_history_labels, att_dim)
+        nn.init.zeros_(self.att_label.weight)
+        self.attention = TargetAttention(att_dim, c.attention_hidden)
         layers: list[nn.Module] = []
         width = c.dim + 4 * self.item_dim
         for h in c.mlp_hidden:
@@ -447,7 +541,11 @@ class DINRanker(nn.Module):
 
     def item_tower(self, items: ItemFeatures) -> torch.Tensor:
         """``(n,)`` item rows -> ``(n, item_dim)``."""
-        parts = [self.item_emb(items.id_index)]
+        id_index = items.id_index
+        if self.training and self.config.id_dropout > 0:
+            drop = torch.rand(id_index.shape) < self.config.id_dropout
+            id_index = torch.where(drop, torch.zeros_like(id_index), id_index)
+        parts = [self.item_emb(id_index)]
         if self.qarm is not None:
             parts.append(self.qarm(items.rq, items.vq))
         if self.dense is not None:
@@ -475,11 +573,15 @@ class DINRanker(nn.Module):
             torch.cat([target, hist.clamp_min(0).reshape(-1)]), return_inverse=True
         )
         vecs = self.item_tower(items.take(rows))
-        tgt = vecs[inverse[: target.shape[0]]]
-        keys = vecs[inverse[target.shape[0]:]].reshape(*hist.shape, -1)
-        keys = (keys + self.label_emb(hist_label.clamp_min(0))) * mask.unsqueeze(-1)
-        att = self.attention(tgt, keys, mask)
+        proj = self.att_proj(vecs)
+        b = target.shape[0]
+        tgt, tgt_p = vecs[inverse[:b]], proj[inverse[:b]]
+        labels = hist_label.clamp_min(0)
+        m = mask.unsqueeze(-1)
+        values = (vecs[inverse[b:]].reshape(*hist.shape, -1) + self.label_emb(labels)) * m
+        keys = (proj[inverse[b:]].reshape(*hist.shape, -1) + self.att_label(labels)) * m
+        att = self.attention(tgt_p, keys, mask, values)
         n_valid = mask.sum(dim=1, keepdim=True).clamp_min(1)
-        mean_hist = keys.sum(dim=1) / n_valid
+        mean_hist = values.sum(dim=1) / n_valid
         x = torch.cat([self.user_emb(user), tgt, att, mean_hist, tgt * att], dim=-1)
         return self.mlp(x).squeeze(-1)

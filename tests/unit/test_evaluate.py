@@ -1,0 +1,281 @@
+"""Unit tests for qarm_features.evaluate on tiny hand-made and synthetic data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qarm_features.errors import InputError
+from qarm_features.evaluate import (
+    METRICS,
+    SUBSETS,
+    VARIANTS,
+    EvalConfig,
+    ItemSpaces,
+    choose_cold_items,
+    make_split,
+    point_in_time_history,
+    score_subsets,
+    temporal_split,
+    train_ranker,
+    variant_items,
+    write_report,
+)
+
+
+def _events():
+    return pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 1, 3],
+            "item_id": [11, 12, 13, 14, 11],
+            "label": [1, 0, 1, 1, 0],
+            "timestamp": [10, 20, 20, 30, 15],
+        }
+    )
+
+
+# --------------------------------------------------------------------------- split
+def test_point_in_time_history_strictly_earlier_latest_first():
+    q = pd.DataFrame({"user_id": [1, 1, 1, 1, 2, 3], "timestamp": [5, 20, 25, 31, 100, 15]})
+    items, labels = point_in_time_history(_events(), q, 3)
+    assert items.tolist() == [
+        [-1, -1, -1],  # nothing before ts 5
+        [11, -1, -1],  # ts 20 excludes both events of the same second
+        [13, 12, 11],  # ties keep input order; most recent first
+        [14, 13, 12],  # truncated to the latest 3
+        [-1, -1, -1],  # unknown user
+        [-1, -1, -1],  # user 3's only event is at the query second
+    ]
+    assert labels.tolist()[2] == [1, 0, 1]
+    assert labels[items < 0].sum() == 0
+
+
+def test_point_in_time_history_matches_slow_reference():
+    rng = np.random.default_rng(0)
+    ev = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 7, 300),
+            "item_id": rng.integers(0, 50, 300),
+            "label": rng.integers(0, 2, 300),
+            "timestamp": rng.integers(0, 40, 300),
+        }
+    )
+    q = pd.DataFrame({"user_id": rng.integers(0, 8, 60), "timestamp": rng.integers(0, 45, 60)})
+    items, _labels = point_in_time_history(ev, q, 5)
+    srt = ev.sort_values(["user_id", "timestamp"], kind="stable")
+    for r, (u, t) in enumerate(zip(q["user_id"], q["timestamp"])):
+        past = srt[(srt["user_id"] == u) & (srt["timestamp"] < t)]["item_id"].to_numpy()[::-1][:5]
+        expect = np.full(5, -1)
+        expect[: past.size] = past
+        assert items[r].tolist() == expect.tolist()
+
+
+def test_temporal_split_keeps_seconds_whole():
+    df = pd.DataFrame(
+        {
+            "user_id": [1] * 10,
+            "item_id": range(10),
+            "rating": [5.0] * 10,
+            "timestamp": [1, 2, 3, 4, 5, 6, 7, 8, 8, 9],
+        }
+    )
+    train, test, cut = temporal_split(df, 0.25)  # 80% -> row 8 (ts 8): both ts-8 rows to test
+    assert cut == 8 and train["timestamp"].max() < 8 and len(test) == 3
+    with pytest.raises(InputError):
+        temporal_split(df.iloc[:1], 0.2)
+
+
+def test_choose_cold_items_fraction_and_seeded():
+    ids = np.arange(100, 200)
+    a = choose_cold_items(ids, 0.2, 0)
+    assert (
+        a.size == 20 and np.isin(a, ids).all() and np.array_equal(a, choose_cold_items(ids, 0.2, 0))
+    )
+    assert not np.array_equal(a, choose_cold_items(ids, 0.2, 1))
+
+
+def _world(n_items=60, n_users=40, n_rows=1500, seed=0):
+    rng = np.random.default_rng(seed)
+    item_ids = np.arange(1, n_items + 1, dtype=np.int64)
+    quality = rng.normal(size=n_items)
+    users = rng.integers(1, n_users + 1, n_rows)
+    items = rng.integers(0, n_items, n_rows)
+    rating = np.where(quality[items] + 0.5 * rng.normal(size=n_rows) > 0, 5.0, 2.0)
+    df = pd.DataFrame(
+        {
+            "user_id": users,
+            "item_id": item_ids[items],
+            "rating": rating,
+            "timestamp": np.sort(rng.integers(0, 10_000, n_rows)),
+        }
+    )
+    # content that knows item quality: the frozen embedding carries the label signal
+    raw = np.c_[quality, rng.normal(size=(n_items, 7))].astype(np.float32)
+    return item_ids, raw, df
+
+
+def test_make_split_protocol_invariants():
+    item_ids, _raw, df = _world()
+    cfg = EvalConfig(history_len=4)
+    sp = make_split(item_ids, df, cfg, seed=0)
+    # cold items have no train row; train and test are disjoint in time
+    assert not sp.train["item_id"].isin(sp.cold_items).any()
+    assert sp.train["timestamp"].max() < sp.test["timestamp"].min()
+    assert sp.cold_items.size == 12
+    # cold items never appear in train-row histories, but may in test-row histories
+    cold_rows = np.flatnonzero(np.isin(item_ids, sp.cold_items))
+    for rows in (sp.fit, sp.val):
+        assert not np.isin(rows.hist, cold_rows).any()
+    assert np.isin(sp.test_rows.hist, cold_rows).any()
+    # cold items use the OOV id row; warm items have distinct id rows
+    assert (sp.item_id_index[cold_rows] == 0).all()
+    warm_idx = sp.item_id_index[np.isin(item_ids, sp.warm_items)]
+    assert (warm_idx > 0).all() and np.unique(warm_idx).size == warm_idx.size
+    assert len(sp.fit) + len(sp.val) == len(sp.train)
+    assert sp.val.user.max() < sp.n_users
+
+
+# --------------------------------------------------------------------------- rankers
+def _fake_spaces(item_ids, raw, sp, seed=0):
+    rng = np.random.default_rng(seed)
+    n = item_ids.size
+    codes = lambda: rng.integers(0, 8, (n, 2))
+    vq = lambda: rng.choice(sp.warm_items, (n, 3))
+    return ItemSpaces(raw, raw[:, :4].copy(), codes(), vq(), codes(), vq(), sp.warm_items, 8, {})
+
+
+def test_every_variant_builds_and_trains():
+    item_ids, raw, df = _world()
+    cfg = EvalConfig(history_len=4, dim=4, epochs=1, batch_size=256)
+    sp = make_split(item_ids, df, cfg, seed=0)
+    spaces = _fake_spaces(item_ids, raw, sp)
+    for v in VARIANTS:
+        kw, items = variant_items(v, spaces, sp)
+        scores, info = train_ranker(kw, items, sp, cfg, seed=0)
+        assert scores.shape == (len(sp.test_rows),) and np.isfinite(scores).all()
+        assert info["best_epoch"] == 1
+    with pytest.raises(InputError, match="unknown"):
+        variant_items("Z", spaces, sp)
+
+
+def test_dense_content_helps_cold_items():
+    """Relative check: with content that carries item quality, B beats A on cold rows."""
+    item_ids, raw, df = _world(n_items=80, n_users=60, n_rows=4000, seed=1)
+    cfg = EvalConfig(history_len=4, dim=8, epochs=4, batch_size=256, lr=5e-3)
+    sp = make_split(item_ids, df, cfg, seed=0)
+    spaces = _fake_spaces(item_ids, raw, sp)
+    cold = {}
+    for v in ("A", "B"):
+        kw, items = variant_items(v, spaces, sp)
+        scores, _ = train_ranker(kw, items, sp, cfg, seed=0)
+        cold[v] = score_subsets(sp, scores, item_ids)["cold"]["auc"]
+    assert cold["B"] > cold["A"] + 0.05
+
+
+def test_score_subsets_masks():
+    item_ids, _raw, df = _world()
+    sp = make_split(item_ids, df, EvalConfig(history_len=2), seed=0)
+    y = sp.test_rows.y
+    out = score_subsets(sp, y.astype(np.float64), item_ids)  # perfect scores
+    for s in SUBSETS:
+        assert out[s]["auc"] == pytest.approx(1.0)
+    tid = item_ids[sp.test_rows.item]
+    assert out["cold"]["n_rows"] == int(np.isin(tid, sp.cold_items).sum())
+    assert out["warm"]["n_rows"] + out["cold"]["n_rows"] <= out["all"]["n_rows"]
+
+
+# --------------------------------------------------------------------------- report
+def _fake_out(variants=("A", "B", "C", "D", "E", "D_vq", "D_rq", "B+D")):
+    ms = lambda m: {"mean": m, "std": 0.01, "n": 3}
+    res = {
+        v: {s: {m: ms(0.7 + 0.01 * i) for m in METRICS} for s in SUBSETS}
+        for i, v in enumerate(variants)
+    }
+    space = {"recall@10": ms(0.03), "pair_auc": ms(0.7)}
+    q = {
+        "utilization": [ms(1.0)] * 3,
+        "entropy": [ms(0.9)] * 3,
+        "collision_rate": ms(0.05),
+        "reconstruction_error": ms(0.1),
+        "n_unique_tuples": ms(1000),
+        "n_items": ms(1300),
+    }
+    return {
+        "results": res,
+        "deltas_vs_A": {
+            v: {s: {m: ms(0.01 * i) for m in METRICS} for s in SUBSETS}
+            for i, v in enumerate(variants)
+        },
+        "per_seed": [],
+        "seeds": [0, 1, 2],
+        "variants": {v: VARIANTS[v][1] for v in variants},
+        "alignment": {
+            k: {"n_pairs": ms(100), "raw": space, "aligned": space} for k in ("heldout", "unseen")
+        },
+        "codes": {"raw": q, "aligned": q},
+        "rankers": {v: {"best_epoch": [1, 2, 1], "n_params": 1000} for v in variants},
+        "counts": {s: ms(100) for s in SUBSETS},
+        "config": EvalConfig().model_dump(mode="json"),
+        "seconds": {"total": 60.0},
+        "aims": {
+            "warm_D_minus_A_auc": 0.03,
+            "warm_D_beats_A_by_0.003": True,
+            "cold_best_raw_variant": "C",
+            "cold_D_minus_best_raw_auc": 0.01,
+            "cold_D_at_least_best_raw": True,
+        },
+    }
+
+
+def test_write_report_files_and_json_layout(tmp_path):
+    paths = write_report(_fake_out(), tmp_path)
+    data = json.loads(paths["json"].read_text())
+    for v in ("A", "B", "C", "D", "E", "D_vq", "D_rq"):
+        for s in SUBSETS:
+            for m in METRICS:
+                leaf = data["results"][v][s][m]
+                assert set(leaf) >= {"mean", "std"}
+    assert data["command"] == "qarm evaluate"
+    md = paths["md"].read_text()
+    assert "`qarm evaluate`" in md and "| D |" in md and "**met**" in md
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp file
+
+
+def test_run_protocol_end_to_end_tiny(tmp_path):
+    """The whole protocol (pairs, aligner, codes, rankers, ablation, report) on tiny data."""
+    from qarm_features.config import AlignerConfig, PairsConfig, RQConfig, VQConfig
+    from qarm_features.evaluate import Ablation, run_protocol
+
+    item_ids, raw, df = _world(n_items=80, n_users=60, n_rows=3000, seed=2)
+    cfg = EvalConfig(
+        history_len=3,
+        dim=4,
+        epochs=1,
+        batch_size=512,
+        pairs=PairsConfig(mf_dim=4, mf_epochs=2),
+        aligner=AlignerConfig(out_dim=4, hidden=0, max_epochs=2, patience=1, batch_size=64),
+        rq=RQConfig(n_levels=2, n_codes=4, n_iter=5),
+        vq=VQConfig(k=3),
+        variants=("A", "D"),
+        ablations={
+            "mlp": Ablation(description="mlp", aligner={"hidden": 8}),
+            "levels": Ablation(description="levels", ranker={"rq_mode": "level"}),
+        },
+    )
+    out = run_protocol(item_ids, raw, df, cfg, seeds=(0, 1))
+    for v in ("A", "D"):
+        for s in SUBSETS:
+            assert out["results"][v][s]["auc"]["n"] == 2
+    assert set(out["ablations"]) == {"mlp", "levels"}
+    assert out["ablations"]["mlp"]["alignment"] is not None
+    assert out["ablations"]["levels"]["alignment"] is None  # ranker-only: same spaces
+    assert "D" in out["ablations"]["levels"]["delta_vs_main"]
+    assert 0 <= out["codes"]["aligned"]["collision_rate"]["mean"] <= 1
+    paths = write_report(out, tmp_path)
+    assert "## Ablations" in paths["md"].read_text()
+    with pytest.raises(InputError, match="baseline"):
+        run_protocol(item_ids, raw, df, cfg.model_copy(update={"variants": ("D",)}), seeds=(0,))
