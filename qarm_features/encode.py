@@ -32,7 +32,7 @@ from qarm_features.errors import InputError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 65_536  # rows per chunk: bounds memory (~100 MB at 384-d float64)
+DEFAULT_CHUNK = 16_384  # rows per chunk: peak RSS ~290 MiB over floor at 384-d (65k: ~1 GiB), no slower (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,9 @@ def pin_threads(n: int = 1) -> None:
     """Limit BLAS and faiss OpenMP threads in this process (serving path).
 
     A server that runs many small requests loses ~1000x to thread contention with the
-    default thread pools (DESIGN.md); one thread per worker is the right default.
+    default thread pools (DESIGN.md); one thread per worker is the right default. BLAS
+    limits are process-wide, but faiss's OpenMP setting holds for the calling thread only:
+    call this again on each thread that encodes (transformations.on_demand does).
     """
     try:
         from threadpoolctl import threadpool_limits

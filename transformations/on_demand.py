@@ -103,17 +103,33 @@ def configure(
 
 
 def pin_threads() -> None:
-    """Pin BLAS and faiss threads if this process asked for it (configure / env), once."""
+    """Pin BLAS and faiss threads if this process asked for it (configure / env).
+
+    BLAS limits are process-wide and set once. OpenMP's thread count (faiss) belongs to the
+    calling thread, and `feast serve` answers requests on worker threads: each new thread
+    is pinned on its first request (a thread-local check, nanoseconds). Pinning only the
+    loading thread left request threads on the default pool, 5x slower cold reads.
+    """
     n = _state["threads"]
     if n is None and os.environ.get(ENV_THREADS):
         n = int(os.environ[ENV_THREADS])
-    if n is None or _state["pinned"] == n:
+    if n is None:
         return
-    from qarm_features.encode import pin_threads as _pin
+    if _state["pinned"] != n:
+        from qarm_features.encode import pin_threads as _pin
 
-    _pin(n)
-    _state["pinned"] = n
-    log.info("thread pools pinned to %d thread(s) for request-time encoding", n)
+        _pin(n)
+        _state["pinned"] = n
+        _thread_state.pinned = n
+        log.info("thread pools pinned to %d thread(s) for request-time encoding", n)
+    elif getattr(_thread_state, "pinned", None) != n:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+        _thread_state.pinned = n
+
+
+_thread_state = threading.local()
 
 
 def _pointer(repos) -> BundleRef | None:
