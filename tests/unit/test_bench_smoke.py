@@ -1,0 +1,139 @@
+"""Smoke run of the benchmark suite's functions at minuscule sizes.
+
+Checks that every section's code runs and returns the fields the summary reads. Nothing
+here asserts a timing or a speed-up (benchmarks are never timed tests); the Feast section
+is exercised by ``qarm bench --quick`` in CI, as it needs a materialized repo.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss")
+
+
+@pytest.fixture(scope="module")
+def tiny_x():
+    from benchmarks.bench_rq import world_vectors
+
+    return world_vectors(1_500, dim=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_codebooks(tiny_x):
+    from qarm_features.quantize import ResidualQuantizer
+
+    return ResidualQuantizer(n_levels=2, n_codes=16, n_iter=3, seed=0).fit(tiny_x).codebooks_
+
+
+def test_timing_helpers():
+    from benchmarks.timing import interleave, latencies, machine, ratio, sgemm_case
+
+    calls = []
+    stats = interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                       repeats=3, warmup=1)  # fmt: skip
+    assert [len(s.times) for s in stats.values()] == [3, 3]
+    assert calls[2:] == ["a", "b", "b", "a", "a", "b"]  # A B, B A, A B: interleaved
+    lat = latencies({"x": lambda: None, "y": lambda: None}, n_calls=20, block=5, warmup=1)
+    assert len(lat["x"].times) == len(lat["y"].times) == 20
+    fn, flops = sgemm_case(8, 8, 8)
+    fn()
+    assert flops == 2 * 8**3
+    assert np.isnan(ratio(1.0, 0.0))
+    info = machine()
+    assert info["logical_cpus"] >= 1 and "numpy" in info["versions"]
+
+
+def test_rq_encode_and_fit_sections(tiny_x, tiny_codebooks):
+    from benchmarks import bench_rq
+    from benchmarks.suite import closing_rows, summarize
+
+    enc = bench_rq.bench_encode(tiny_x, tiny_codebooks, repeats=1, n_threads=2,
+                                broadcast_rows=64, gemm_size=64)  # fmt: skip
+    assert {"qarm", "qarm_blocks", "faiss_flat", "numpy_gemm_argmin"} <= set(enc["contenders"])
+    for name, row in enc["configs"].items():
+        if "code_agreement" in row:  # every contender finds the same nearest centroids
+            assert row["code_agreement"] > 0.99, name
+    fit = bench_rq.bench_fit(tiny_x, levels=2, k=16, n_iter=2, repeats=1, thread_counts=(1,),
+                             semid_rows=500)  # fmt: skip
+    assert fit["contenders"]["qarm"]["seconds"] > 0
+    results = {"rq": {"encode": enc, "fit": fit}}
+    md = summarize(results, {"mode": "smoke", "versions": {}, "blas": []})
+    assert "| figure | ours | baseline | ratio | target | met? |" in md
+    assert len(closing_rows(results)) >= 4
+
+
+def test_rq_baselines_agree(tiny_x, tiny_codebooks):
+    from benchmarks import bench_rq
+
+    ref = bench_rq.encode_numpy(tiny_x, tiny_codebooks)
+    assert (bench_rq.encode_torch(tiny_x, tiny_codebooks) == ref).all(axis=1).mean() > 0.99
+    assert (bench_rq.FaissFlatRQ(tiny_codebooks).encode(tiny_x) == ref).all(axis=1).mean() > 0.99
+    part = bench_rq.encode_numpy_broadcast(tiny_x[:100], tiny_codebooks)
+    assert (part == ref[:100]).all(axis=1).mean() > 0.99
+
+
+def test_batch_stream_job(tmp_path):
+    import pyarrow.parquet as pq
+
+    from benchmarks import bench_batch
+    from benchmarks.timing import run_child
+
+    bundle = bench_batch.make_world_bundle(tmp_path / "b", pool=300, raw_dim=32, out_dim=8,
+                                           hidden=16, codes=16, vq_k=5)  # fmt: skip
+    src = bench_batch.write_catalog(tmp_path / "cat.parquet", 700, raw_dim=32, row_group=256)
+    outs = {}
+    for mode in ("arrays", "frame"):
+        dst = tmp_path / f"out-{mode}.parquet"
+        res = bench_batch.stream_encode(str(bundle), str(src), str(dst), 200, mode, 1)
+        assert res["n"] == 700
+        outs[mode] = pq.read_table(dst).to_pandas().sort_values("item_id").reset_index(drop=True)
+    a, f = outs["arrays"], outs["frame"]
+    for col in ("rq_code_l1", "rq_code_l2", "rq_code_l3"):
+        assert (a[col].to_numpy() == f[col].to_numpy()).all()  # both drivers: same codes
+    assert (np.stack(a["vq_codes"]) == np.stack(f["vq_codes"])).all()
+    floor = run_child("benchmarks.bench_batch:idle", {"bundle": str(bundle), "n_threads": 1})
+    assert floor["peak_rss_mib"] >= floor["rss_after_import_mib"] > 0
+    stages = bench_batch.stage_compare(str(bundle), rows=200, repeats=1)
+    assert "all: encode_items" in stages["stages"]
+
+
+def test_align_section_pieces():
+    from benchmarks import bench_align
+    from qarm_features.config import AlignerConfig
+
+    raw, ids, pairs = bench_align.make_pairs(300, raw_dim=32)
+    assert len(pairs) > 0 and raw.shape == (300, 32)
+    bench_align.bare_loop(raw, ids, pairs, AlignerConfig(batch_size=64, hidden=16, out_dim=8), 1)
+
+
+def test_loadgen_against_a_local_server():
+    from benchmarks import loadgen
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"ok": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        res = loadgen.run(server.server_address[1], b"{}", concurrency=2, duration=0.3)
+    finally:
+        server.shutdown()
+    assert res["requests"] > 0 and res["errors"] == 0 and res["p99_ms"] >= res["p50_ms"]
