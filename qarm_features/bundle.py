@@ -26,8 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from qarm_features._atomic import atomic_dir
 from qarm_features.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -60,17 +59,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _version_id(files: dict[str, dict[str, Any]]) -> str:
@@ -181,9 +169,7 @@ def write_bundle(
     weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in aligner_weights.items()}
     dims = _infer_dims(weights, arrays, vq_k)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         files: dict[str, dict[str, Any]] = {}
         save_file(weights, str(tmp / ALIGNER_FILE), metadata={"format": FORMAT})
         files[ALIGNER_FILE] = {
@@ -215,24 +201,6 @@ def write_bundle(
         }
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        for fname in files:
-            with open(tmp / fname, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-
-        backup = None
-        if path.exists():
-            backup = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.rename(path, backup)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote bundle %s (%s)", path, manifest["version"])
     return path
 

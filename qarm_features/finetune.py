@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from qarm_features._atomic import atomic_dir
 from qarm_features._validate import check_columns, check_ids, lookup_rows
 from qarm_features.align import _masked_nce
 from qarm_features.encoders import TextEncoder, _check_texts, _import, _offline
@@ -392,19 +390,6 @@ def finetune_text_encoder(
 
 
 # --------------------------------------------------------------------------- persistence
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_encoder(model, path, *, overwrite: bool = False) -> Path:
     """Write a (fine-tuned) SentenceTransformer as a sentence-transformers folder, atomically.
 
@@ -428,9 +413,7 @@ def save_encoder(model, path, *, overwrite: bool = False) -> Path:
     path = Path(path).expanduser()
     if path.exists() and not overwrite:
         raise InputError(f"path: {path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save(str(tmp), create_model_card=False, safe_serialization=True)
         files = [f for f in tmp.rglob("*") if f.is_file()]
         pickled = [str(f.relative_to(tmp)) for f in files if f.suffix in _PICKLE_SUFFIXES]
@@ -438,22 +421,6 @@ def save_encoder(model, path, *, overwrite: bool = False) -> Path:
             raise InputError(f"model: saving produced pickle file(s) {pickled}; refusing to write")
         if not any(f.suffix == ".safetensors" for f in files):
             raise InputError(f"model: saving produced no safetensors weights in {path}")
-        for f in files:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        for d in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
-            _fsync_dir(d)
-        backup = None
-        if path.exists():
-            backup = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.rename(path, backup)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote fine-tuned encoder %s", path)
     return path
 

@@ -511,7 +511,7 @@ class VQCoder:
         return np.where(found, self._order[pos], -1)
 
     def _encode_block(self, x, exclude_ids, index, *, guarded: bool) -> np.ndarray:
-        k, n_pool, d = int(self.k), self.pool_emb_.shape[0], self.dim_
+        k, n_pool = int(self.k), self.pool_emb_.shape[0]
         ex = self._positions(exclude_ids)
         c = min(n_pool, k + 1 + _VQ_MARGIN)
         dist, cand = index.search(x, c)  # float32 candidates, descending
