@@ -1,8 +1,10 @@
 """A DIN ranker that trains on QARM features from Feast and scores from the online store.
 
-    python examples/feast_ranker.py [--bundle DIR] [--epochs 3] [--max-train-rows 20000]
+    python examples/feast_ranker.py [--bundle DIR] [--epochs 2] [--max-train-rows 20000]
 
-What an existing ranker adds to use QARM, end to end on MovieLens-100k (~3 min on 2 cores):
+What an existing ranker adds to use QARM, end to end on MovieLens-100k (~2 min on 2 cores).
+The AUC it prints is a smoke check of the serving path (the online user history is frozen
+at the end of train); `qarm evaluate` is the evaluation.
 
 1. Global temporal split (first 80% of events = train). 10% of the catalog is held out of
    the catalog altogether: the cold items a ranker meets at serving time.
@@ -130,6 +132,11 @@ def train(store, train_df: pd.DataFrame, args):
     t0 = time.perf_counter()
     df = store.get_historical_features(entity_df=entity_df, features=service).to_df()
     log.info("get_historical_features: %d rows in %.1f s", len(df), time.perf_counter() - t0)
+    if len(df) != len(entity_df):
+        # Feast 0.67's file offline store drops an entity row that precedes the first
+        # user_history row of its user (a user's very first events) instead of returning
+        # nulls; reported, see the project notes.
+        log.warning("Feast returned %d of %d entity rows", len(df), len(entity_df))
     # The item table: every catalog item's codes and embedding, for history items too.
     catalog = pd.read_parquet(
         Path(store.repo_path) / "data" / "qarm_codes.parquet", columns=["item_id"]
@@ -270,7 +277,7 @@ def serve(store, model, vocabs, test_rows: pd.DataFrame, raw_by_id: dict, args) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, help="a bundle to serve (default: build one)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument(
         "--max-train-rows",
         type=int,
