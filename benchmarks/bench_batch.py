@@ -46,37 +46,15 @@ def make_world_bundle(
     seed: int = 0,
 ) -> Path:
     """A valid bundle whose catalog (and VQ pool) is the world's first ``pool`` items."""
-    from qarm_features.bundle import write_bundle
-    from qarm_features.config import AlignerConfig, BuildConfig, RQConfig, VQConfig
     from qarm_features.data import SyntheticWorld
-    from qarm_features.encode import align_with_weights
-    from qarm_features.quantize import ResidualQuantizer
+    from qarm_features.testing import make_random_bundle
 
     world = SyntheticWorld(n_items=pool, n_users=1, content_dim=raw_dim, seed=seed)
     raw = np.concatenate([c for _, c in world.iter_content(65_536)])
-    ids = np.arange(1, pool + 1, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    weights = {
-        "proj.weight": (rng.standard_normal((out_dim, raw_dim)) / np.sqrt(raw_dim)).astype(np.float32),
-        "mlp.0.weight": (rng.standard_normal((hidden, raw_dim)) / np.sqrt(raw_dim)).astype(np.float32),
-        "mlp.0.bias": (0.1 * rng.standard_normal(hidden)).astype(np.float32),
-        "mlp.2.weight": (rng.standard_normal((out_dim, hidden)) / np.sqrt(hidden)).astype(np.float32),
-        "mlp.2.bias": (0.1 * rng.standard_normal(out_dim)).astype(np.float32),
-    }
-    aligned = align_with_weights(weights, raw)
-    rq = ResidualQuantizer(n_levels=levels, n_codes=codes, n_iter=10, seed=seed).fit(aligned)
-    cfg = BuildConfig(
-        dataset="synthetic-bench",
-        aligner=AlignerConfig(out_dim=out_dim, hidden=hidden),
-        rq=RQConfig(n_levels=levels, n_codes=codes, n_iter=10, seed=seed),
-        vq=VQConfig(k=vq_k, seed=seed),
-        seed=seed,
+    return make_random_bundle(
+        path, raw_emb=raw, out_dim=out_dim, hidden=hidden, n_levels=levels, n_codes=codes,
+        vq_k=vq_k, seed=seed, dataset="synthetic-bench",
     )
-    return write_bundle(
-        path, config=cfg.model_dump(mode="json"), aligner_weights=weights,
-        rq_codebooks=rq.codebooks_, vq_pool_emb=aligned, vq_pool_ids=ids, item_ids=ids,
-        raw_emb=raw, vq_k=vq_k, metrics={"note": "benchmark bundle"}, overwrite=True,
-    )  # fmt: skip
 
 
 def write_catalog(

@@ -24,9 +24,15 @@ def make_random_bundle(
     vq_k: int = 5,
     seed: int = 0,
     first_item_id: int = 1,
+    raw_emb: np.ndarray | None = None,
+    dataset: str = "random",
     overwrite: bool = True,
 ) -> Path:
     """Write a seeded random bundle over items ``first_item_id .. first_item_id + n - 1``.
+
+    Args:
+        raw_emb: the catalog's raw embeddings (e.g. a SyntheticWorld's content); ``None``
+            draws Gaussian ones of ``(n_items, raw_dim)``. When given, it sets both sizes.
 
     Returns the bundle path. Same arguments, same bytes, same version id.
     """
@@ -36,9 +42,17 @@ def make_random_bundle(
     from qarm_features.quantize import ResidualQuantizer
 
     rng = np.random.default_rng(seed)
+    if raw_emb is None:
+        raw = rng.standard_normal((n_items, raw_dim)).astype(np.float32)
+    else:
+        raw = np.ascontiguousarray(raw_emb, dtype=np.float32)
+        n_items, raw_dim = raw.shape
     item_ids = np.arange(first_item_id, first_item_id + n_items, dtype=np.int64)
-    raw = rng.standard_normal((n_items, raw_dim)).astype(np.float32)
-    weights = {"proj.weight": rng.standard_normal((out_dim, raw_dim)).astype(np.float32)}
+    weights = {
+        "proj.weight": (rng.standard_normal((out_dim, raw_dim)) / np.sqrt(raw_dim)).astype(
+            np.float32
+        )
+    }
     if hidden:
         weights.update(
             {
@@ -55,7 +69,7 @@ def make_random_bundle(
     aligned = align_with_weights(weights, raw)
     rq = ResidualQuantizer(n_levels=n_levels, n_codes=n_codes, n_iter=10, seed=seed).fit(aligned)
     cfg = BuildConfig(
-        dataset="random",
+        dataset=dataset,
         aligner=AlignerConfig(out_dim=out_dim, hidden=hidden),
         rq=RQConfig(n_levels=n_levels, n_codes=n_codes, n_iter=10, seed=seed),
         vq=VQConfig(k=vq_k, seed=seed),
@@ -71,6 +85,6 @@ def make_random_bundle(
         item_ids=item_ids,
         raw_emb=raw,
         vq_k=vq_k,
-        metrics={"note": "random test bundle"},
+        metrics={"note": f"random {dataset} bundle"},
         overwrite=overwrite,
     )
