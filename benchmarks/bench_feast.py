@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.timing import interleave, latencies, ratio
+from transformations.job import _env  # the job's env helper (restores unset variables too)
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +99,6 @@ def _quiet():
     """Feast prints materialization progress to stdout/stderr; keep the bench output clean."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
-
-
-@contextlib.contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
