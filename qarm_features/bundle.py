@@ -12,8 +12,9 @@ be unpickled::
     item_ids.npy           int64 (n,) catalog the bundle was built on
     raw_emb.npy            float32 (n, d_raw) frozen content embeddings of that catalog
 
-The version id is content-addressed (a hash of every file's sha256), so two bundles with
-the same bytes share an id and any change yields a new one. Every row produced with a
+The version id is content-addressed (a hash of every file's sha256, the build config and
+the dims: everything that decides a served code), so two bundles with the same content
+share an id and any change yields a new one. Every row produced with a
 bundle carries that id (``qarm_version``), so codes from different bundles are never
 mixed silently. Writes go to a temporary sibling directory and are renamed into place;
 loading verifies hashes, sizes, dtypes and shapes and refuses anything else with a
@@ -28,18 +29,24 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qarm_features._atomic import atomic_dir
+from qarm_features.config import BuildConfig
 from qarm_features.errors import BundleError
+from qarm_features.schema import CodeSchema
 
 log = logging.getLogger(__name__)
 
 FORMAT = "qarm-bundle"
-FORMAT_VERSION = 1
+# 2: the version id also covers the config and dims (format 1 hashed the files only, so
+# an edited config.vq changed every VQ code under the same id).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ALIGNER_FILE = "aligner.safetensors"
 ARRAY_FILES = {
@@ -53,6 +60,48 @@ ALIGNER_KEYS_LINEAR = ("proj.weight",)
 ALIGNER_KEYS_MLP = ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 
 
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class FileEntry(_Strict):
+    """One file of the bundle: what it holds and how to verify it."""
+
+    kind: Literal["npy", "safetensors"]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+    dtype: str | None = None
+    shape: list[int] | None = None
+    tensors: dict[str, list[Any]] | None = None
+
+
+class Dims(_Strict):
+    """Sizes of a bundle; checked against its arrays on every load."""
+
+    raw_dim: int = Field(ge=1)
+    aligned_dim: int = Field(ge=1)
+    hidden: int = Field(ge=0)
+    n_levels: int = Field(ge=1)
+    n_codes: int = Field(ge=1)
+    vq_k: int = Field(ge=1)
+    pool_size: int = Field(ge=1)
+    n_items: int = Field(ge=1)
+
+
+class Manifest(_Strict):
+    """The parsed ``manifest.json``: the only parser of it in the code base."""
+
+    format: Literal["qarm-bundle"]
+    format_version: int
+    version: str = Field(pattern=r"^qarm-[0-9a-f]{12}$")
+    created_at: str
+    qarm_features_version: str
+    config: BuildConfig
+    dims: Dims
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, FileEntry]
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,22 +110,69 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _version_id(files: dict[str, dict[str, Any]]) -> str:
+def _version_id(files: dict[str, dict[str, Any]], config: dict, dims: dict) -> str:
+    """Content address of everything that decides a served code: files, config, dims."""
     h = hashlib.sha256()
     for name in sorted(files):
         h.update(name.encode())
-        h.update(files[name]["sha256"].encode())
+        h.update(str(files[name]["sha256"]).encode())
+    h.update(json.dumps({"config": config, "dims": dims}, sort_keys=True).encode())
     return "qarm-" + h.hexdigest()[:12]
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[Manifest, dict]:
+    """Parse ``<path>/manifest.json`` (no file hashing, no arrays).
+
+    Returns:
+        ``(manifest, raw)``: the typed manifest and the JSON object it was parsed from.
+
+    Raises:
+        BundleError: no directory, no manifest, invalid JSON, another format version, or
+            any field that fails the manifest schema (named in the message).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"no bundle at {path}: not a directory (build one with `qarm build`)")
+    mpath = path / MANIFEST
+    try:
+        raw = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path} has no {MANIFEST}; it is not a qarm bundle") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(
+            f"{mpath} is not valid JSON ({exc!r:.200}); the bundle is corrupt"
+        ) from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{mpath} is not a {FORMAT} manifest")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has bundle format {raw.get('format_version')}, this qarm-features "
+            f"reads format {FORMAT_VERSION}; rebuild it with `qarm build`"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BundleError(
+            f"{mpath}: '{where}' {first['msg']} (value {first.get('input')!r}); "
+            f"{exc.error_count()} problem(s) in all: the manifest is corrupt or was edited"
+        ) from None
+    return manifest, raw
 
 
 @dataclass(frozen=True, eq=False)
 class Bundle:
-    """A loaded, verified bundle. Arrays are read-only.
+    """A loaded, verified bundle: THE face of it for every other module.
+
+    It parses its manifest into the typed build config, hands out the fitted coders and
+    owns the code-row schema (:class:`~qarm_features.schema.CodeSchema`). Arrays are
+    read-only.
 
     Attributes:
         path: directory the bundle was loaded from.
         version: content-addressed id, e.g. ``"qarm-1a2b3c4d5e6f"``.
-        manifest: the parsed manifest.
+        manifest: the typed manifest.
         aligner_weights: float32 arrays keyed as in docs/architecture.md.
         rq_codebooks: ``(L, K, d_out)`` float32.
         vq_pool_emb: ``(P, d_out)`` float32; vq_pool_ids ``(P,)`` int64.
@@ -85,7 +181,7 @@ class Bundle:
 
     path: Path
     version: str
-    manifest: dict
+    manifest: Manifest
     aligner_weights: dict[str, np.ndarray]
     rq_codebooks: np.ndarray
     vq_pool_emb: np.ndarray
@@ -95,36 +191,74 @@ class Bundle:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
-    def dims(self) -> dict:
-        return self.manifest["dims"]
+    def dims(self) -> Dims:
+        return self.manifest.dims
 
     @property
     def raw_dim(self) -> int:
-        return int(self.dims["raw_dim"])
+        return self.dims.raw_dim
 
     @property
     def aligned_dim(self) -> int:
-        return int(self.dims["aligned_dim"])
+        return self.dims.aligned_dim
 
     @property
     def n_levels(self) -> int:
-        return int(self.dims["n_levels"])
+        return self.dims.n_levels
 
     @property
     def n_codes(self) -> int:
-        return int(self.dims["n_codes"])
+        return self.dims.n_codes
 
     @property
     def vq_k(self) -> int:
-        return int(self.dims["vq_k"])
+        return self.dims.vq_k
 
     @property
-    def config(self) -> dict:
-        return self.manifest["config"]
+    def config(self) -> BuildConfig:
+        return self.manifest.config
 
     @property
     def metrics(self) -> dict:
-        return self.manifest.get("metrics", {})
+        return self.manifest.metrics
+
+    @cached_property
+    def schema(self) -> CodeSchema:
+        """The columns of the rows this bundle produces."""
+        return CodeSchema(self.n_levels)
+
+    @cached_property
+    def aligner64(self) -> dict[str, np.ndarray]:
+        """The aligner weights in float64 (the serving forward's precision)."""
+        return {k: v.astype(np.float64) for k, v in self.aligner_weights.items()}
+
+    @cached_property
+    def rq(self):
+        """The fitted :class:`~qarm_features.quantize.ResidualQuantizer`."""
+        from qarm_features.quantize import ResidualQuantizer
+
+        return ResidualQuantizer.from_codebooks(self.rq_codebooks)
+
+    @cached_property
+    def vq(self):
+        """The fitted VQ coder over the bundle's pool (search settings from ``config.vq``)."""
+        from qarm_features.quantize import VQCoder
+
+        cfg = self.config.vq
+        return VQCoder.from_pool(
+            self.vq_pool_emb,
+            self.vq_pool_ids,
+            k=self.vq_k,
+            exact_max_pool=cfg.exact_max_pool,
+            ann_index=cfg.ann_index,
+            ann_ef_search=cfg.ann_ef_search,
+            seed=cfg.seed,
+        )
+
+    def warm(self) -> "Bundle":
+        """Build the coders and float64 weights now (servers: before the first request)."""
+        _ = self.aligner64, self.rq, self.vq
+        return self
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, verify: bool = True) -> "Bundle":
@@ -134,7 +268,7 @@ class Bundle:
 def write_bundle(
     path: str | os.PathLike,
     *,
-    config: dict,
+    config: BuildConfig | dict,
     aligner_weights: dict[str, np.ndarray],
     rq_codebooks: np.ndarray,
     vq_pool_emb: np.ndarray,
@@ -159,6 +293,12 @@ def write_bundle(
     path = Path(path)
     if path.exists() and not overwrite:
         raise BundleError(f"{path} already exists; pass overwrite=True to replace it")
+    if not isinstance(config, BuildConfig):
+        try:
+            config = BuildConfig.model_validate(config)
+        except ValidationError as exc:
+            raise BundleError(f"config is not a valid BuildConfig: {exc}") from None
+    config_json = config.model_dump(mode="json")
     arrays = {
         "rq_codebooks": np.ascontiguousarray(rq_codebooks, dtype=np.float32),
         "vq_pool_emb": np.ascontiguousarray(vq_pool_emb, dtype=np.float32),
@@ -186,15 +326,15 @@ def write_bundle(
         for fname, meta in files.items():
             meta["sha256"] = _sha256(tmp / fname)
             meta["bytes"] = (tmp / fname).stat().st_size
-        from qarm_features import __version__
+        from qarm_features._version import __version__
 
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "version": _version_id(files),
+            "version": _version_id(files, config_json, dims),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "qarm_features_version": __version__,
-            "config": config,
+            "config": config_json,
             "dims": dims,
             "metrics": _jsonable(metrics or {}),
             "files": files,
@@ -273,54 +413,37 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         verify: check every file's sha256 (sizes, dtypes and shapes are always checked).
 
     Raises:
-        BundleError: missing/extra/truncated/tampered files, an unknown format version,
-            or arrays inconsistent with the manifest.
+        BundleError: missing/extra/truncated/tampered/symlinked files, an unknown format
+            version, a manifest that fails its schema, arrays inconsistent with the
+            manifest, or a version id that does not cover the files, config and dims.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(path)
-    if not path.is_dir():
-        raise BundleError(f"no bundle at {path}: not a directory (build one with `qarm build`)")
-    mpath = path / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path} has no {MANIFEST}; it is not a qarm bundle") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mpath} is not valid JSON ({exc}); the bundle is corrupt") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{mpath} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{path} has bundle format {manifest.get('format_version')}, this qarm-features "
-            f"reads format {FORMAT_VERSION}; rebuild it with `qarm build`"
-        )
-    for key in ("version", "config", "dims", "files"):
-        if key not in manifest:
-            raise BundleError(f"{mpath} lacks '{key}'; the bundle is corrupt")
-    files = manifest["files"]
+    manifest, raw = read_manifest(path)
+    files = manifest.files
     expected_files = {ALIGNER_FILE} | {f for f, _, _ in ARRAY_FILES.values()}
     if set(files) != expected_files:
         raise BundleError(
-            f"{mpath} lists files {sorted(files)}, expected {sorted(expected_files)}"
-        )
-    if _version_id(files) != manifest["version"]:
-        raise BundleError(
-            f"{path}: version id {manifest['version']} does not match the file hashes; "
-            "the manifest was edited"
+            f"{path / MANIFEST} lists files {sorted(files)}, expected {sorted(expected_files)}"
         )
     for fname, meta in files.items():
         fpath = path / fname
+        if fpath.is_symlink():
+            raise BundleError(
+                f"{path}: {fname} is a symbolic link; a bundle holds its own files "
+                "(copy the target in, or rebuild)"
+            )
         if not fpath.is_file():
             raise BundleError(f"{path}: {fname} is missing")
         size = fpath.stat().st_size
-        if size != meta.get("bytes"):
+        if size != meta.bytes:
             raise BundleError(
-                f"{path}: {fname} is {size} bytes, manifest says {meta.get('bytes')} "
+                f"{path}: {fname} is {size} bytes, manifest says {meta.bytes} "
                 "(truncated or replaced)"
             )
-        if verify and _sha256(fpath) != meta.get("sha256"):
+        if verify and _sha256(fpath) != meta.sha256:
             raise BundleError(f"{path}: {fname} fails its sha256 check (tampered or corrupt)")
 
     try:
@@ -334,25 +457,30 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         except (ValueError, OSError, EOFError) as exc:
             raise BundleError(f"{path}: cannot read {fname} ({exc})") from None
         meta = files[fname]
-        if arr.dtype != dtype or arr.ndim != ndim or list(arr.shape) != meta.get("shape"):
+        if arr.dtype != dtype or arr.ndim != ndim or list(arr.shape) != meta.shape:
             raise BundleError(
                 f"{path}: {fname} is {arr.dtype}{list(arr.shape)}, manifest says "
-                f"{meta.get('dtype')}{meta.get('shape')}"
+                f"{meta.dtype}{meta.shape}"
             )
         arr.setflags(write=False)
         arrays[key] = arr
     for arr in weights.values():
         arr.setflags(write=False)
-    dims = manifest["dims"]
+    dims = manifest.dims.model_dump()
     try:
-        inferred = _infer_dims(weights, arrays, int(dims.get("vq_k", -1)))
+        inferred = _infer_dims(weights, arrays, manifest.dims.vq_k)
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from None
-    if any(dims.get(k) != v for k, v in inferred.items()):
+    if dims != inferred:
         raise BundleError(f"{path}: manifest dims {dims} disagree with the arrays {inferred}")
+    if _version_id(raw["files"], raw["config"], raw["dims"]) != manifest.version:
+        raise BundleError(
+            f"{path}: version id {manifest.version} does not match the file hashes, config "
+            "and dims; the manifest was edited"
+        )
     return Bundle(
         path=path,
-        version=manifest["version"],
+        version=manifest.version,
         manifest=manifest,
         aligner_weights=weights,
         **arrays,
