@@ -60,7 +60,7 @@ def load_data(cache_dir=None, cold_fraction=0.1, seed=0):
 
 def materialize_repo(bundle_path: Path, workdir: Path, train: pd.DataFrame) -> Path:
     """Copy the declarations of feature_repo/ to ``workdir`` and materialize the bundle."""
-    from transformations.job import materialize
+    from qarm_features.feast.job import materialize
 
     repo = workdir / "feature_repo"
     repo.mkdir(parents=True)
@@ -296,7 +296,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from qarm_features.build import build_bundle
     from qarm_features.metrics import auc
-    from transformations import on_demand
 
     ids, raw, train_df, test_df, cold = load_data(args.cache_dir)
     warm_rows = ~np.isin(ids, cold)
@@ -315,8 +314,7 @@ def main(argv=None) -> int:
 
         args.n_codes = load_bundle(bundle).n_codes
         repo = materialize_repo(Path(bundle), workdir, train_df)
-        on_demand.configure(repo_path=repo)
-        from transformations.job import open_store
+        from qarm_features.feast.job import open_store
 
         store = open_store(repo)
         model, vocabs = train(store, train_df, args)

@@ -1,21 +1,17 @@
 # QARM feature definitions: entities, sources, views and a service for rankers.
 #
-# Declarations only: `feast apply` imports this file, so it reads one small JSON file
-# (the bundle's version and RQ levels, see transformations/bundle_ref.py) and computes
-# nothing. The work happens in transformations/ (installed with qarm-features):
-#   transformations.batch      catalog -> codes (the `qarm` rows and the `qarm_batch` UDF)
-#   transformations.on_demand  request-time codes for cold items (`qarm_cold`)
-#   transformations.job        `qarm materialize`: write the sources below, apply, materialize
-# The parquet files under data/ are written by that job; see docs/feast.md. Re-apply with
-# `qarm materialize` (SDK): Feast 0.67's CLI re-apply crashes on `qarm_batch` once it has
-# been materialized.
+# Declarations only: `feast apply` imports this file, so it reads one small JSON file (the
+# bundle this repo serves, data/qarm_bundle.json, written by `qarm materialize`) and
+# computes nothing. Column names and types come from the package's one code schema; the
+# work happens in the installed package:
+#   qarm_features.feast     the library: views, serving context, `qarm materialize`
+#   transformations/        the UDF bodies (batch and on-demand), thin
+# The parquet files under data/ are written by `qarm materialize`; see docs/feast.md.
 
 from datetime import timedelta
-from inspect import getsource
 from pathlib import Path
 
 from feast import (
-    BatchFeatureView,
     Entity,
     FeatureService,
     FeatureView,
@@ -25,23 +21,19 @@ from feast import (
     RequestSource,
     ValueType,
 )
-from feast.on_demand_feature_view import on_demand_feature_view
-from feast.types import Array, Float32, Int64, String
+from feast.types import Array, Float32, String
 
-from transformations.bundle_ref import resolve_bundle_ref
+from qarm_features.feast.context import ServingContext
+from qarm_features.feast.views import batch_view, cold_view, feast_fields, version_tags
 
-# The bundle this repo serves: version id and number of RQ levels L (QARM_BUNDLE, else the
-# data/qarm_bundle.json pointer written by `qarm materialize`, else QARM_RQ_LEVELS or 3).
-BUNDLE = resolve_bundle_ref(Path(__file__).resolve().parent)
-RQ_LEVELS = BUNDLE.n_levels
+# The bundle this repo serves (its pointer, else "unset" with the default number of RQ
+# levels). Baked into the UDFs below: they serve this bundle from any working directory.
+CONTEXT = ServingContext.of_repo(Path(__file__).resolve().parent)
+SCHEMA = CONTEXT.schema
 
 # Stamped on every code-bearing view, so a registry says which bundle its rows come from;
-# `transformations.job` compares it with the bundle it is given (BundleVersionMismatch).
-QARM_TAGS = {
-    "qarm_version": BUNDLE.version,
-    "qarm_n_levels": str(RQ_LEVELS),
-    "qarm_bundle": BUNDLE.path or "",
-}
+# `qarm materialize` compares it with the bundle it is given (BundleVersionMismatch).
+QARM_TAGS = version_tags(CONTEXT)
 
 # An item of the catalog (a movie, a product, an ad). The join key every item view uses.
 item = Entity(
@@ -67,11 +59,11 @@ qarm_codes_source = FileSource(
     path="data/qarm_codes.parquet",
     timestamp_field="event_timestamp",
     created_timestamp_column="created",
-    description="Output of transformations.batch.encode_catalog for the whole catalog.",
+    description="Output of the batch transformation for the whole catalog.",
 )
 
-# New items get their codes online without a batch rerun: transformations.job.push_items
-# encodes their content with the same batch function and pushes the rows here.
+# New items get their codes online without a batch rerun: `qarm_features.feast.job.
+# push_items` encodes their content with the same batch function and pushes the rows here.
 qarm_push = PushSource(
     name="qarm_push",
     batch_source=qarm_codes_source,
@@ -94,7 +86,7 @@ item_content_push = PushSource(
     description="Content embeddings of items added after the last materialization.",
 )
 
-# The users' behaviour sequences, point in time (written by transformations.batch).
+# The users' behaviour sequences, point in time (written by `qarm materialize`).
 user_history_source = FileSource(
     name="user_history_source",
     path="data/user_history.parquet",
@@ -102,33 +94,13 @@ user_history_source = FileSource(
     description="Per user and interaction time: latest positive items and their RQ codes.",
 )
 
-# Fields of a QARM code row; the `qarm`, `qarm_batch` and `qarm_cold` views share them.
-# (Feast 0.67 compares an on-demand view's declared fields, descriptions included, with
-# the fields it infers from a dummy call, so `qarm_cold` declares them undescribed.)
-def qarm_fields(describe=True):
-    def d(text):
-        return text if describe else ""
-
-    return (
-        [Field(name="aligned_emb", dtype=Array(Float32), description=d("Aligned embedding."))]
-        + [
-            Field(name=f"rq_code_l{i}", dtype=Int64, description=d(f"RQ code of level {i}."))
-            for i in range(1, RQ_LEVELS + 1)
-        ]
-        + [
-            Field(name="vq_codes", dtype=Array(Int64), description=d("Top-K pool item ids.")),
-            Field(name="qarm_version", dtype=String, description=d("Bundle version of the row.")),
-        ]
-    )
-
-
 # THE feature view rankers read: aligned embedding and trainable code ids per item.
 # ttl 0: codes never expire (they are a function of the content, not of time).
 qarm = FeatureView(
     name="qarm",
     entities=[item],
     ttl=timedelta(0),
-    schema=qarm_fields(),
+    schema=feast_fields(SCHEMA.features),
     source=qarm_push,
     online=True,
     tags=QARM_TAGS,
@@ -152,74 +124,56 @@ user_history = FeatureView(
     name="user_history",
     entities=[user],
     ttl=timedelta(0),
-    schema=[Field(name="hist_item_ids", dtype=Array(Int64), description="Latest positives.")]
-    + [
-        Field(name=f"hist_rq_code_l{i}", dtype=Array(Int64), description=f"Their level-{i} codes.")
-        for i in range(1, RQ_LEVELS + 1)
-    ]
-    + [
-        Field(name="hist_len", dtype=Int64, description="Number of items in the history."),
-        Field(name="hist_qarm_version", dtype=String, description="Bundle version of the codes."),
-    ],
+    schema=feast_fields(SCHEMA.history_features),
     source=user_history_source,
     online=True,
     tags=QARM_TAGS,
     description="User behaviour sequence as item ids and QARM codes, point in time.",
 )
 
-
 # The same batch transformation, run by Feast's compute engine (local here; Ray or Spark
-# at scale) over the raw content during `feast materialize`. Feast re-executes this source
-# text with only pd/np in scope: the body imports what it needs. Online only: the file
-# offline store would not apply the UDF in get_historical_features (train on `qarm`).
-def qarm_batch_udf(df):
-    from transformations.batch import qarm_batch_udf as run
-
-    return run(df)
-
-
-# The `qarm` rows computed by Feast itself from `item_content`; equal to `qarm` online.
-qarm_batch = BatchFeatureView(
+# at scale) over the raw content during `feast materialize`; equal to `qarm` online.
+qarm_batch = batch_view(
+    CONTEXT,
     name="qarm_batch",
-    mode="pandas",
     entities=[item],
-    ttl=timedelta(0),
-    schema=qarm_fields(),
     source=item_content_source,
-    udf=qarm_batch_udf,
-    udf_string=getsource(qarm_batch_udf),
-    online=True,
-    offline=False,
-    tags=QARM_TAGS,
     description="QARM codes computed by the compute engine from item_content at materialize.",
 )
 
-# What a cold item's request carries: its raw content embedding (same encoder as the catalog).
+# What a cold item's request carries: its raw content embedding (same encoder as the
+# catalog), as a list of numbers, or a float32 array in-process.
 qarm_cold_request = RequestSource(
     name="qarm_cold_request",
     schema=[Field(name="raw_emb", dtype=Array(Float32))],
     description="Raw content embedding of an item that has no materialized row yet.",
 )
 
-
 # Codes at request time for items with no `qarm` row (new, not yet pushed): equal, bit for
 # bit, to what the batch path stores for the same embedding. A bad row gets codes -1 and a
-# message in qarm_error; the other rows are unaffected. Python mode, not singleton (Feast
-# 0.67 would return only the first row of a batch). Read it on its own request with
-# full_feature_names=False: its names collide with `qarm`'s, and Feast 0.67 drops
-# python-mode outputs under full names. Send `item_id` too for an item that may be in the
-# VQ pool (it is then excluded from its own VQ codes, as in the batch path).
-@on_demand_feature_view(
-    sources=[qarm_cold_request],
-    schema=qarm_fields(describe=False) + [Field(name="qarm_error", dtype=String)],
-    mode="python",
+# message in qarm_error; the other rows are unaffected. Read it on its own request.
+qarm_cold = cold_view(
+    CONTEXT,
+    name="qarm_cold",
+    request_source=qarm_cold_request,
     description="Request-time QARM codes of cold items from their raw content embedding.",
 )
-def qarm_cold(inputs: dict) -> dict:
-    from transformations.on_demand import qarm_cold_python
 
-    return qarm_cold_python(inputs)
+# The compact form for HTTP clients: base64 of the embedding's little-endian float32 bytes
+# (one string instead of hundreds of JSON numbers Feast would type one by one).
+qarm_cold_b64_request = RequestSource(
+    name="qarm_cold_b64_request",
+    schema=[Field(name="raw_emb_b64", dtype=String)],
+    description="Raw content embedding as base64 of little-endian float32 bytes.",
+)
 
+# The same outputs as `qarm_cold`, from the compact request field.
+qarm_cold_b64 = cold_view(
+    CONTEXT,
+    name="qarm_cold_b64",
+    request_source=qarm_cold_b64_request,
+    description="Request-time QARM codes of cold items from base64 float32 bytes.",
+)
 
 # What a ranker reads per (user, item): QARM codes, the frozen embedding (B+D deployment:
 # QARM on top of a model that already has the frozen embedding) and the user's history.

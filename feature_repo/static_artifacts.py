@@ -1,11 +1,9 @@
 # Warm-up hook of `feast serve`: Feast 0.67's feature server imports this file from the
 # repo directory and calls load_artifacts(app) once in every worker, before the worker
-# takes requests. It makes the cold-item path follow this repo's bundle pointer (a rollout
-# needs no restart; a QARM_BUNDLE naming another version is reported per row), pins
-# thread pools (QARM_SERVING_THREADS, default 1) and loads the bundle, so no request pays
-# the load. Failures are logged and the worker still starts (each cold row
-# then reports the problem in qarm_error). `feast apply` imports this file too: it
-# defines a function and nothing else.
+# takes requests. It pins thread pools (QARM_SERVING_THREADS, default 1) and loads the
+# bundle this repo serves, so no request pays the load. Failures are logged and the
+# worker still starts (each cold row then reports the problem in qarm_error). `feast
+# apply` imports this file too: it defines a function and nothing else.
 
 import logging
 from pathlib import Path
@@ -14,7 +12,7 @@ REPO = Path(__file__).resolve().parent
 
 
 def load_artifacts(app):
-    from transformations.serving import serving_setup
+    from qarm_features.feast.serving import serving_setup
 
     log = logging.getLogger("qarm.static_artifacts")
     try:

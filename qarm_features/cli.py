@@ -6,7 +6,9 @@
     qarm materialize                       bundle -> offline sources -> feast materialize
     qarm run                               the main job end to end (build + serve + sample)
     qarm evaluate                          the MovieLens-100k ranking evaluation report
-    qarm bench                             the benchmark suite
+
+The benchmark suite is not part of the installed package: ``python -m benchmarks`` from a
+source checkout (``make bench``).
 
 Heavy imports happen inside each command so ``qarm --help`` is instant.
 """
@@ -187,10 +189,10 @@ def inspect(
     except QarmError as exc:
         _fail(exc)
     if as_json:
-        sys.stdout.write(json.dumps(b.manifest, indent=2) + "\n")
+        sys.stdout.write(json.dumps(b.manifest.model_dump(mode="json"), indent=2) + "\n")
         return
     console.print(f"[green]ok[/] {bundle}: version [bold]{b.version}[/], files verified")
-    console.print("dims: " + ", ".join(f"{k}={v}" for k, v in b.dims.items()))
+    console.print("dims: " + ", ".join(f"{k}={v}" for k, v in b.dims.model_dump().items()))
     print_metrics(b.metrics)
 
 
@@ -210,7 +212,7 @@ def materialize(
     codes of two bundles are never mixed silently (docs/feast.md, "rollout").
     """
     _setup_logging(verbose)
-    from transformations.job import materialize as run_materialize
+    from qarm_features.feast.job import materialize as run_materialize
 
     try:
         with console.status("materializing"):
@@ -237,8 +239,8 @@ def run(
 ) -> None:
     """The main job: fetch MovieLens-100k, build a bundle, populate Feast, read it back."""
     build(out=bundle, config=None, set_=[], cache_dir=cache_dir, verbose=verbose)
-    from transformations.job import materialize as run_materialize
-    from transformations.serving import sample_online
+    from qarm_features.feast.job import materialize as run_materialize
+    from qarm_features.feast.serving import sample_online
 
     try:
         with console.status("materializing into the feature store"):
@@ -292,18 +294,6 @@ def evaluate(
     console.print(f"report written to {out_dir}")
     if isinstance(result, dict) and "markdown" in result:
         console.print(result["markdown"])
-
-
-@app.command()
-def bench(
-    quick: Annotated[bool, typer.Option(help="~2 minute mode (CI).")] = False,
-    out_dir: Annotated[Path, typer.Option(help="Results directory.")] = Path("benchmarks/results"),
-) -> None:
-    """Run the benchmark suite; every figure next to a baseline measured in the same run."""
-    from benchmarks.suite import run_suite
-
-    summary = run_suite(out_dir=out_dir, quick=quick)
-    console.print(summary)
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -32,7 +32,8 @@ from qarm_features.errors import InputError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 16_384  # rows per chunk: peak RSS ~290 MiB over floor at 384-d (65k: ~1 GiB), no slower (benchmarks)
+# rows per chunk: peak RSS ~290 MiB over floor at 384-d (65k: ~1 GiB), no slower (benchmarks)
+DEFAULT_CHUNK = 16_384
 
 
 @dataclass(frozen=True)
@@ -55,39 +56,9 @@ class EncodedItems:
         return int(self.aligned.shape[0])
 
 
-def _aligner64(bundle: Bundle) -> dict[str, np.ndarray]:
-    cached = bundle._cache.get("aligner64")
-    if cached is None:
-        cached = {k: v.astype(np.float64) for k, v in bundle.aligner_weights.items()}
-        bundle._cache["aligner64"] = cached
-    return cached
-
-
-def _quantizers(bundle: Bundle):
-    cached = bundle._cache.get("quantizers")
-    if cached is None:
-        from qarm_features.quantize import ResidualQuantizer, VQCoder
-
-        vq_cfg = bundle.config.get("vq", {})
-        rq = ResidualQuantizer.from_codebooks(bundle.rq_codebooks)
-        vq = VQCoder.from_pool(
-            bundle.vq_pool_emb,
-            bundle.vq_pool_ids,
-            k=bundle.vq_k,
-            **{
-                key: vq_cfg[key]
-                for key in ("exact_max_pool", "ann_index", "ann_ef_search", "seed")
-                if key in vq_cfg
-            },
-        )
-        cached = (rq, vq)
-        bundle._cache["quantizers"] = cached
-    return cached
-
-
 def align(bundle: Bundle, raw_emb: np.ndarray) -> np.ndarray:
     """Apply the bundle's aligner to validated raw embeddings: ``(n, d_raw) -> (n, d_out)``."""
-    return align_with_weights(_aligner64(bundle), raw_emb)
+    return align_with_weights(bundle.aligner64, raw_emb)
 
 
 def align_with_weights(weights: dict[str, np.ndarray], raw_emb: np.ndarray) -> np.ndarray:
@@ -134,7 +105,7 @@ def encode_items(
     raw = check_embeddings(raw_emb, name="raw_emb", dim=bundle.raw_dim)
     n = raw.shape[0]
     ids = None if item_ids is None else check_ids(item_ids, name="item_ids", n=n, unique=False)
-    rq, vq = _quantizers(bundle)
+    rq, vq = bundle.rq, bundle.vq
     aligned = np.empty((n, bundle.aligned_dim), np.float32)
     rq_codes = np.empty((n, bundle.n_levels), np.int64)
     vq_codes = np.empty((n, bundle.vq_k), np.int64)
@@ -194,17 +165,18 @@ def _row_error(row, dim: int) -> str | None:
     return None
 
 
+
 def encode_frame(bundle: Bundle, df, *, chunk_size: int = DEFAULT_CHUNK):
     """The batch transformation: ``item_id, raw_emb`` rows -> Feast ``qarm`` feature rows.
 
     Args:
-        df: DataFrame with ``item_id`` (int) and ``raw_emb`` (a sequence of d_raw floats per
+        df: DataFrame with ``item_id`` and ``raw_emb`` (a sequence of d_raw floats per
             row); other columns (e.g. ``event_timestamp``) are passed through.
 
     Returns:
-        A DataFrame with the passthrough columns plus ``aligned_emb`` (list of float32),
-        ``rq_code_l1`` … ``rq_code_l{L}`` (int64), ``vq_codes`` (list of int64) and
-        ``qarm_version`` (str).
+        A DataFrame with the passthrough columns plus the bundle's feature columns
+        (``bundle.schema.features``: the aligned embedding as float32 lists, one int64
+        column per RQ level, the VQ codes as int64 lists and the version).
 
     Raises:
         InputError: missing columns, or any bad row (the batch path is strict: fix the
@@ -213,52 +185,43 @@ def encode_frame(bundle: Bundle, df, *, chunk_size: int = DEFAULT_CHUNK):
     import pandas as pd
 
     from qarm_features._validate import check_columns
+    from qarm_features.schema import ALIGNED_EMB, ITEM_ID, RAW_EMB, VERSION, VQ_CODES
 
-    check_columns(df, ["item_id", "raw_emb"], name="catalog frame")
-    out = df.drop(columns=["raw_emb"]).reset_index(drop=True)
+    schema = bundle.schema
+    check_columns(df, [ITEM_ID, RAW_EMB], name="catalog frame")
+    out = df.drop(columns=[RAW_EMB]).reset_index(drop=True)
     if len(df) == 0:
-        for col in feature_columns(bundle.n_levels):
-            out[col] = pd.Series([], dtype=object if col in ("aligned_emb", "vq_codes") else None)
+        for col in schema.features:
+            out[col.name] = pd.Series([], dtype=object if col.dtype.endswith("list") else None)
         return out
     try:
-        raw = np.stack([np.asarray(v, dtype=np.float32) for v in df["raw_emb"]])
+        raw = np.stack([np.asarray(v, dtype=np.float32) for v in df[RAW_EMB]])
     except (TypeError, ValueError) as exc:
         raise InputError(
             f"raw_emb: rows are not equal-length numeric vectors ({exc}); "
             f"each must hold {bundle.raw_dim} floats"
         ) from None
-    enc = encode_items(bundle, raw, df["item_id"].to_numpy(), chunk_size=chunk_size)
-    out["aligned_emb"] = list(enc.aligned)
-    for level in range(bundle.n_levels):
-        out[f"rq_code_l{level + 1}"] = enc.rq_codes[:, level]
-    out["vq_codes"] = list(enc.vq_codes)
-    out["qarm_version"] = enc.version
+    enc = encode_items(bundle, raw, df[ITEM_ID].to_numpy(), chunk_size=chunk_size)
+    out[ALIGNED_EMB] = list(enc.aligned)
+    for level, name in enumerate(schema.rq_columns):
+        out[name] = enc.rq_codes[:, level]
+    out[VQ_CODES] = list(enc.vq_codes)
+    out[VERSION] = enc.version
     return out
 
 
-def feature_columns(n_levels: int) -> list[str]:
-    """Names of the ``qarm`` feature view's features, in order."""
-    return (
-        ["aligned_emb"]
-        + [f"rq_code_l{i + 1}" for i in range(n_levels)]
-        + ["vq_codes", "qarm_version"]
-    )
-
-
+_MAX_CACHED = 2  # bundles kept per process: the served one and the one rolling out
 _BUNDLES: dict[tuple, Bundle] = {}
 _LOCK = threading.Lock()
 
 
-def get_bundle(path: str | os.PathLike | None = None) -> Bundle:
+def get_bundle(path: str | os.PathLike) -> Bundle:
     """Load a bundle once per process (keyed by path and manifest mtime) and reuse it.
 
-    ``path`` defaults to the ``QARM_BUNDLE`` environment variable. A rebuilt bundle at the
-    same path (new manifest mtime) is reloaded on the next call.
+    A rebuilt bundle at the same path (new manifest mtime) is reloaded on the next call.
+    The last two bundles stay loaded, so a server that serves one version while the next
+    rolls out does not reload on every request.
     """
-    if path is None:
-        path = os.environ.get("QARM_BUNDLE")
-        if not path:
-            raise InputError("no bundle path given and QARM_BUNDLE is not set")
     p = Path(path).resolve()
     try:
         mtime = (p / "manifest.json").stat().st_mtime_ns
@@ -268,11 +231,10 @@ def get_bundle(path: str | os.PathLike | None = None) -> Bundle:
     with _LOCK:
         bundle = _BUNDLES.get(key)
         if bundle is None:
-            bundle = load_bundle(p)
-            _BUNDLES.clear()  # one bundle per process: drop stale versions
+            bundle = load_bundle(p).warm()
             _BUNDLES[key] = bundle
-            _quantizers(bundle)
-            _aligner64(bundle)
+            while len(_BUNDLES) > _MAX_CACHED:
+                _BUNDLES.pop(next(iter(_BUNDLES)))
     return bundle
 
 

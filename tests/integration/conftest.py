@@ -73,14 +73,11 @@ def make_repo(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _clean_qarm_env(monkeypatch):
-    """No test sees a bundle or repo it did not choose; the cold path starts unconfigured."""
-    monkeypatch.delenv("QARM_BUNDLE", raising=False)
-    monkeypatch.delenv("FEATURE_REPO_DIR_ENV_VAR", raising=False)
-    from transformations import on_demand
-
-    on_demand.configure(None)
+    """No test leans on the environment: a stray QARM_BUNDLE or FEATURE_REPO_DIR_ENV_VAR
+    must change nothing (the views carry their serving context), so both are set to junk."""
+    monkeypatch.setenv("QARM_BUNDLE", "/nonexistent/qarm-bundle")
+    monkeypatch.setenv("FEATURE_REPO_DIR_ENV_VAR", "/nonexistent/feature-repo")
     yield
-    on_demand.configure(None)
 
 
 # --------------------------------------------------------------------------- servers

@@ -110,8 +110,8 @@ def subprocess_env(home: Path, **extra: str) -> dict:
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths + [str(ROOT)])
     env["HOME"] = str(home)  # gunicorn keeps a control socket under $HOME
-    env.pop("QARM_BUNDLE", None)
-    env.pop("FEATURE_REPO_DIR_ENV_VAR", None)
+    env["QARM_BUNDLE"] = "/nonexistent/qarm-bundle"  # must change nothing
+    env.pop("FEATURE_REPO_DIR_ENV_VAR", None)  # `feast` reads it as the repo: not ours to set
     env.setdefault("QARM_SERVING_THREADS", "1")
     env["PYTHONWARNINGS"] = "ignore"
     env.update(extra)
@@ -257,8 +257,8 @@ def check_rollout(repo, fs_yaml_file, bundle_path, other_bundle_path, interactio
     """Push, then promote another bundle (4 RQ levels): every online/offline row moves."""
     from qarm_features.encode import get_bundle
     from qarm_features.errors import BundleVersionMismatch
-    from transformations.job import materialize, open_store, push_items
-    from transformations.serving import check_versions
+    from qarm_features.feast.job import materialize, open_store, push_items
+    from qarm_features.feast.serving import check_versions
 
     old, new = get_bundle(bundle_path), get_bundle(other_bundle_path)
     pushed = np.random.default_rng(5).standard_normal((1, old.raw_dim)).astype(np.float32)

@@ -40,7 +40,7 @@ COLD_NAMES = NAMES + ["qarm_error"]
 
 @pytest.fixture(scope="module")
 def cli_repo(make_repo, bundle_path, interactions):
-    from transformations.job import prepare_sources
+    from qarm_features.feast.job import prepare_sources
 
     repo = make_repo("cli")
     prepare_sources(bundle_path, repo, interactions_df=interactions)
@@ -157,11 +157,14 @@ def test_historical_codes_cover_old_logs_and_history_is_point_in_time(
         ]
 
 
-def test_cold_items_on_demand_equal_the_batch_path(store, cli_repo, bundle_path, monkeypatch):
+def test_cold_items_on_demand_equal_the_batch_path(
+    store, cli_repo, bundle_path, monkeypatch, tmp_path
+):
     from qarm_features.bundle import load_bundle
 
-    # the UDF finds the bundle through the repo pointer, as `feast -c REPO` users do
-    monkeypatch.setenv("FEATURE_REPO_DIR_ENV_VAR", str(cli_repo))
+    # from another working directory, with no environment variable and no configure():
+    # the view's UDF carries the repo's bundle (its serving context)
+    monkeypatch.chdir(tmp_path)
     b = load_bundle(bundle_path)
     rng = np.random.default_rng(42)
     new = rng.standard_normal((3, b.raw_dim)).astype(np.float32)
@@ -227,8 +230,7 @@ def test_feast_serve_http(cli_repo, bundle_path):
 
 
 def test_push_gives_new_items_codes_online(store, cli_repo, bundle_path):
-    from transformations import on_demand
-    from transformations.job import push_items
+    from qarm_features.feast.job import push_items
 
     b_dim = 32
     new = np.random.default_rng(11).standard_normal((2, b_dim)).astype(np.float32)
@@ -241,7 +243,6 @@ def test_push_gives_new_items_codes_online(store, cli_repo, bundle_path):
     values, statuses = online(store, refs("qarm", NAMES), [{"item_id": i} for i in ids])
     assert statuses["rq_code_l1"] == [PRESENT, PRESENT]
     want = expected_rows(bundle_path, ids, new)
-    on_demand.configure(bundle_path)
     cold, _ = online(store, refs("qarm_cold", COLD_NAMES), [{"raw_emb": r.tolist()} for r in new])
     for i, item in enumerate(ids):
         assert_row_equal(row(values, i, NAMES), want[item], NAMES, f"pushed {item}")
@@ -262,9 +263,10 @@ def test_push_gives_new_items_codes_online(store, cli_repo, bundle_path):
 def test_version_mismatch_is_detected(store, cli_repo, bundle_path, other_bundle_path):
     from qarm_features.bundle import load_bundle
     from qarm_features.errors import BundleVersionMismatch
+    from qarm_features.feast.context import ServingContext
+    from qarm_features.feast.job import apply, materialize, push_items
+    from qarm_features.feast.serving import check_versions
     from transformations import on_demand
-    from transformations.job import apply, materialize, push_items
-    from transformations.serving import check_versions
 
     registered = load_bundle(bundle_path).version
     other = load_bundle(other_bundle_path)
@@ -283,19 +285,19 @@ def test_version_mismatch_is_detected(store, cli_repo, bundle_path, other_bundle
     # nothing was changed by the refused calls
     assert check_versions(cli_repo)["ok"]
 
-    # a server pointed at another bundle reports it on every cold row
-    on_demand.configure(other_bundle_path, expected_version=registered)
-    values, _ = online(
-        store, refs("qarm_cold", ["rq_code_l1", "qarm_error"]), [{"raw_emb": [0.0] * 32}]
-    )
+    # a bundle directory that now holds another version than the registry's is reported
+    # on every cold row (an operator copied another bundle over the served one)
+    stale = ServingContext.of_repo(cli_repo)
+    swapped = ServingContext(**{**stale.to_json(), "bundle": str(other_bundle_path)})
+    values = on_demand.encode_request(swapped, [[0.0] * 32])
     assert "BundleVersionMismatch" in values["qarm_error"][0]
-    assert values["rq_code_l1"][0] == -1
+    assert values["rq_code_l1"][0] == -1 and values["qarm_version"] == [""]
 
 
 def test_sdk_reapply_after_materialize(cli_repo):
     """`feast apply` twice crashes once the BatchFeatureView is materialized (Feast 0.67);
-    the SDK path (`transformations.job.apply`, what `qarm materialize` uses) works."""
-    from transformations.job import apply
+    the SDK path (`qarm_features.feast.job.apply`, what `qarm materialize` uses) works."""
+    from qarm_features.feast.job import apply
 
     names = apply(cli_repo)
     assert {"qarm", "qarm_batch", "qarm_cold", "qarm_ranker"} <= set(names)

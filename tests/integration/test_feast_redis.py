@@ -31,7 +31,7 @@ YAML = "feature_store.redis.yaml"
 
 @pytest.fixture(scope="module")
 def redis_repo(make_repo, redis_server, bundle_path, interactions):
-    from transformations.job import prepare_sources
+    from qarm_features.feast.job import prepare_sources
 
     repo = make_repo("redis")
     mp = pytest.MonkeyPatch()
@@ -45,11 +45,10 @@ def redis_repo(make_repo, redis_server, bundle_path, interactions):
     mp.undo()
 
 
-def test_redis_read_path(redis_repo, bundle_path, monkeypatch):
-    from transformations.job import open_store
-
-    monkeypatch.setenv("QARM_BUNDLE", str(bundle_path))
+def test_redis_read_path(redis_repo, bundle_path):
     from feast.infra.online_stores.redis import RedisOnlineStore
+
+    from qarm_features.feast.job import open_store
 
     store = open_store(redis_repo, YAML)
     assert isinstance(store._get_provider().online_store, RedisOnlineStore)

@@ -15,7 +15,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def sdk_repo(make_repo, bundle_path, interactions):
-    from transformations.job import materialize
+    from qarm_features.feast.job import materialize
 
     repo = make_repo("sdk")
     stats = materialize(bundle_path, repo, interactions_df=interactions)
@@ -24,11 +24,10 @@ def sdk_repo(make_repo, bundle_path, interactions):
     return repo
 
 
-def test_sdk_materialize_read_path(sdk_repo, bundle_path, monkeypatch):
-    from transformations.job import open_store
-    from transformations.serving import sample_online
+def test_sdk_materialize_read_path(sdk_repo, bundle_path):
+    from qarm_features.feast.job import open_store
+    from qarm_features.feast.serving import sample_online
 
-    monkeypatch.setenv("QARM_BUNDLE", str(bundle_path))  # in-process cold path
     check_read_path(open_store(sdk_repo), bundle_path)
     sample = sample_online(sdk_repo, [1, 999_999], [0.1] * 32)  # one flat embedding
     assert [r["status"] for r in sample["warm"]] == ["PRESENT", "NOT_FOUND"]
@@ -39,25 +38,32 @@ def test_sdk_push_and_rollout(sdk_repo, bundle_path, other_bundle_path, interact
     check_rollout(sdk_repo, None, bundle_path, other_bundle_path, interactions)
 
 
-def test_cold_path_follows_the_repo_pointer(tmp_path, bundle_path, other_bundle_path):
-    """A server follows its repo: a rollout moves the cold path without a restart, and a
-    QARM_BUNDLE naming another bundle than the pointer is reported on every row."""
+def test_cold_path_follows_the_registry(make_repo, bundle_path, other_bundle_path, tmp_path,
+                                        monkeypatch):
+    """A rollout moves the cold path with the registry: a store opened from another working
+    directory serves the old bundle's codes, then the promoted one's, with no restart,
+    environment variable or configure() call; a base64 request equals the list request."""
     from qarm_features.bundle import load_bundle
-    from transformations import on_demand
-    from transformations.bundle_ref import read_manifest_ref, write_pointer
+    from qarm_features.feast.job import materialize, open_store
+    from tests.integration.helpers import online, refs
+    from transformations.on_demand import encode_b64
 
     a, b = load_bundle(bundle_path), load_bundle(other_bundle_path)
-    write_pointer(tmp_path, read_manifest_ref(bundle_path))
-    on_demand.configure(repo_path=tmp_path)
-    out = on_demand.encode_request([a.raw_emb[0].tolist()])
-    assert out["qarm_version"] == [a.version] and out["qarm_error"] == [""]
+    repo = make_repo("follow")
+    materialize(bundle_path, repo)
+    monkeypatch.chdir(tmp_path)
 
-    write_pointer(tmp_path, read_manifest_ref(other_bundle_path))  # what a rollout does
-    out = on_demand.encode_request([b.raw_emb[0].tolist()])
-    assert out["qarm_version"] == [b.version] and "rq_code_l4" in out
+    def cold(view, field, value, levels):
+        names = [f"rq_code_l{levels}", "qarm_version", "qarm_error"]
+        values, _ = online(open_store(repo), refs(view, names), [{field: value}])
+        return values
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QARM_BUNDLE", str(bundle_path))  # an operator pinned the old bundle
-        on_demand.configure(repo_path=tmp_path)
-        out = on_demand.encode_request([a.raw_emb[0].tolist()])
-    assert out["rq_code_l1"] == [-1] and "BundleVersionMismatch" in out["qarm_error"][0]
+    got = cold("qarm_cold", "raw_emb", a.raw_emb[0].tolist(), 3)
+    assert got["qarm_version"] == [a.version] and got["qarm_error"] == [""]
+    as_b64 = cold("qarm_cold_b64", "raw_emb_b64", encode_b64(a.raw_emb[0]), 3)
+    assert as_b64 == got
+
+    materialize(other_bundle_path, repo, promote=True)
+    got = cold("qarm_cold", "raw_emb", b.raw_emb[0].tolist(), 4)
+    assert got["qarm_version"] == [b.version] and got["qarm_error"] == [""]
+    assert got["rq_code_l4"][0] >= 0

@@ -22,7 +22,7 @@ YAML = "feature_store.sqlregistry.yaml"
 
 @pytest.fixture(scope="module")
 def sql_repo(make_repo, postgres_server, bundle_path, interactions):
-    from transformations.job import prepare_sources
+    from qarm_features.feast.job import prepare_sources
 
     repo = make_repo("sqlreg")
     mp = pytest.MonkeyPatch()
@@ -48,11 +48,10 @@ def test_registry_lives_in_postgres(sql_repo, postgres_server):
     assert "qarm_cold" in odfvs
 
 
-def test_sqlregistry_read_path(sql_repo, bundle_path, monkeypatch):
-    from transformations.job import open_store
-    from transformations.serving import check_versions
+def test_sqlregistry_read_path(sql_repo, bundle_path):
+    from qarm_features.feast.job import open_store
+    from qarm_features.feast.serving import check_versions
 
-    monkeypatch.setenv("QARM_BUNDLE", str(bundle_path))
     store = open_store(sql_repo, YAML)
     assert store.config.registry.registry_type == "sql"
     check_read_path(store, bundle_path)

@@ -97,10 +97,11 @@ def test_encode_frame_schema(bundle):
 
 
 def test_get_bundle_caches_per_process(random_bundle, monkeypatch):
-    monkeypatch.setenv("QARM_BUNDLE", str(random_bundle))
-    a = get_bundle()
-    b = get_bundle(random_bundle)
+    a = get_bundle(random_bundle)
+    b = get_bundle(str(random_bundle))
     assert a is b
-    monkeypatch.delenv("QARM_BUNDLE")
-    with pytest.raises(InputError, match="QARM_BUNDLE"):
+    # the bundle is named by its caller (a serving context), never by the environment
+    monkeypatch.setenv("QARM_BUNDLE", "/nonexistent")
+    assert get_bundle(random_bundle) is a
+    with pytest.raises(TypeError):
         get_bundle()

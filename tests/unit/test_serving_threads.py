@@ -7,26 +7,26 @@ import threading
 import faiss
 import pytest
 
-from transformations import on_demand
+from qarm_features.feast import context
 
 
 @pytest.fixture
 def pinned(monkeypatch):
-    monkeypatch.setitem(on_demand._state, "threads", 1)
-    monkeypatch.setitem(on_demand._state, "pinned", None)
+    monkeypatch.setitem(context._threads, "n", 1)
+    monkeypatch.setitem(context._threads, "pinned", None)
     before = faiss.omp_get_max_threads()
     yield
     faiss.omp_set_num_threads(before)
 
 
 def test_each_request_thread_is_pinned(pinned):
-    on_demand.pin_threads()  # the loading thread
+    context.pin_request_thread()  # the loading thread
     assert faiss.omp_get_max_threads() == 1
     seen = []
 
     def request_thread():
         faiss.omp_set_num_threads(2)  # a fresh worker thread with the default pool
-        on_demand.pin_threads()
+        context.pin_request_thread()
         seen.append(faiss.omp_get_max_threads())
 
     t = threading.Thread(target=request_thread)

@@ -1,12 +1,11 @@
-"""Serving-side helpers: version checks, `feast serve` warm-up, a ranker-style sample read.
+"""Serving-side helpers: version checks, ``feast serve`` warm-up, a ranker-style sample read.
 
 - :func:`check_versions` compares a bundle with everything a feature repo holds: the
   registry's ``qarm_version`` tags, the repo pointer, the offline rows and a sample of
   online rows; any disagreement raises :class:`~qarm_features.errors.BundleVersionMismatch`
   with the list of problems.
 - :func:`serving_setup` is what ``feature_repo/static_artifacts.py`` runs in every
-  ``feast serve`` worker: point the cold-item path at the repo's bundle, pin threads,
-  load and warm it.
+  ``feast serve`` worker: pin threads and load the repo's bundle before the first request.
 - :func:`sample_online` reads warm items and encodes cold ones the way a ranker would.
 """
 
@@ -20,8 +19,16 @@ import numpy as np
 import pandas as pd
 
 from qarm_features.errors import BundleVersionMismatch
-from transformations.bundle_ref import read_manifest_ref, read_pointer, resolve_bundle_ref
-from transformations.job import CODES_FILE, open_store
+from qarm_features.feast.context import (
+    ENV_THREADS,
+    ServingContext,
+    pin_request_thread,
+    read_pointer,
+    set_serving_threads,
+)
+from qarm_features.feast.job import open_store
+from qarm_features.feast.sources import CODES_FILE
+from qarm_features.schema import ITEM_ID, RAW_EMB, VERSION
 
 
 def check_versions(
@@ -36,7 +43,7 @@ def check_versions(
 
     Args:
         repo_path: the feature repo.
-        bundle_path: the bundle to check against (default: ``QARM_BUNDLE`` or the pointer).
+        bundle_path: the bundle to check against (default: the repo pointer's).
         fs_yaml_file: another config of the repo.
         sample_ids: item ids whose online ``qarm_version`` is read (default: up to 32
             items of the offline source).
@@ -49,29 +56,29 @@ def check_versions(
         BundleVersionMismatch: any disagreement (when ``raise_on_mismatch``).
     """
     repo = Path(repo_path).resolve()
-    ref = read_manifest_ref(bundle_path) if bundle_path else resolve_bundle_ref(repo)
+    context = ServingContext.of_repo(repo, bundle_path)
     pointer = read_pointer(repo)
     store = open_store(repo, fs_yaml_file)
     registry = {}
     for name in ("qarm", "qarm_batch", "user_history"):
         with contextlib.suppress(Exception):
             fv = store.registry.get_any_feature_view(name, store.project, allow_cache=False)
-            registry[name] = fv.tags.get("qarm_version")
+            registry[name] = fv.tags.get(VERSION)
     offline = []
     codes_path = repo / CODES_FILE
     if codes_path.exists():
-        col = pd.read_parquet(codes_path, columns=["item_id", "qarm_version"])
-        offline = sorted(col["qarm_version"].unique().tolist())
+        col = pd.read_parquet(codes_path, columns=[ITEM_ID, VERSION])
+        offline = sorted(col[VERSION].unique().tolist())
         if sample_ids is None:
-            sample_ids = col["item_id"].head(32).tolist()
+            sample_ids = col[ITEM_ID].head(32).tolist()
     online: list[str] = []
     if sample_ids and "qarm" in registry:
         resp = store.get_online_features(
-            features=["qarm:qarm_version"], entity_rows=[{"item_id": int(i)} for i in sample_ids]
+            features=[f"qarm:{VERSION}"], entity_rows=[{ITEM_ID: int(i)} for i in sample_ids]
         ).to_dict()
-        online = sorted({v for v in resp["qarm_version"] if v})
+        online = sorted({v for v in resp[VERSION] if v})
     problems = []
-    want = ref.version
+    want = context.version
     for name, v in registry.items():
         if v != want:
             problems.append(f"registry view {name} is tagged {v}")
@@ -84,7 +91,7 @@ def check_versions(
     report = {
         "ok": not problems,
         "bundle": want,
-        "bundle_source": ref.source,
+        "bundle_source": "argument" if bundle_path is not None else "pointer",
         "registry": registry,
         "pointer": None if pointer is None else pointer.version,
         "offline": offline,
@@ -93,7 +100,7 @@ def check_versions(
     }
     if problems and raise_on_mismatch:
         raise BundleVersionMismatch(
-            f"bundle {want} ({ref.source}) disagrees with the feature repo {repo}: "
+            f"bundle {want} disagrees with the feature repo {repo}: "
             + "; ".join(problems)
             + ". Re-run `qarm materialize` (with --promote to roll the bundle out)."
         )
@@ -101,28 +108,21 @@ def check_versions(
 
 
 def serving_setup(repo_path: str | os.PathLike) -> dict:
-    """Make this process's cold-item path follow the repo's bundle, and warm it up.
+    """Pin this server process's thread pools and load the repo's bundle now.
 
     Called by ``feature_repo/static_artifacts.py`` in every ``feast serve`` worker. Thread
-    pools are pinned to ``QARM_SERVING_THREADS`` (default 1). The bundle is
-    ``QARM_BUNDLE`` or the repo pointer, re-read when it changes (a rollout needs no
-    restart); the version expected is the pointer's (what ``qarm materialize``
-    registered), so a ``QARM_BUNDLE`` naming another bundle is reported on every cold row
-    instead of serving codes of another version.
+    pools are pinned to ``QARM_SERVING_THREADS`` (default 1) on every request thread. The
+    bundle is the one the repo's pointer names (the one its registered views carry); a
+    rollout re-applies the views, and the worker loads the new bundle at its first cold
+    request after its registry refresh.
     """
-    from transformations import on_demand
-
     repo = Path(repo_path).resolve()
-    pointer = read_pointer(repo)
-    threads = int(os.environ.get(on_demand.ENV_THREADS) or 1)
-    on_demand.configure(repo_path=repo, threads=threads)
-    version = on_demand.warm_up()
-    return {
-        "bundle": os.environ.get("QARM_BUNDLE") or (pointer.path if pointer else None),
-        "version": version,
-        "expected_version": pointer.version if pointer else None,
-        "threads": threads,
-    }
+    threads = int(os.environ.get(ENV_THREADS) or 1)
+    set_serving_threads(threads)
+    pin_request_thread()
+    context = ServingContext.of_repo(repo)
+    version = context.load().version if context.is_set else None
+    return {"bundle": context.bundle, "version": version, "threads": threads}
 
 
 def sample_online(
@@ -145,19 +145,16 @@ def sample_online(
         ``{"warm": [{"item_id", "status", <features>}], "cold": [{<features>}], "version"}``
         with JSON-friendly values.
     """
-    from transformations import on_demand
-
     repo = Path(repo_path).resolve()
-    ref = resolve_bundle_ref(repo)
-    on_demand.configure(repo_path=repo)
+    context = ServingContext.of_repo(repo)
     store = open_store(repo, fs_yaml_file)
     fv = store.get_feature_view("qarm")
     refs = [f"qarm:{f.name}" for f in fv.features]
     ids = [int(i) for i in item_ids]
     warm = []
     if ids:
-        resp = store.get_online_features(features=refs, entity_rows=[{"item_id": i} for i in ids])
-        warm = _rows_with_status(resp, "item_id")
+        resp = store.get_online_features(features=refs, entity_rows=[{ITEM_ID: i} for i in ids])
+        warm = _rows_with_status(resp, ITEM_ID)
     cold = []
     rows = [] if cold_raw_emb is None else list(cold_raw_emb)
     if rows and np.isscalar(rows[0]):
@@ -165,11 +162,11 @@ def sample_online(
     if rows:
         odfv = store.get_on_demand_feature_view("qarm_cold")
         cold_refs = [f"qarm_cold:{f.name}" for f in odfv.features]
-        rows = [{"raw_emb": None if r is None else [float(x) for x in r]} for r in rows]
+        rows = [{RAW_EMB: None if r is None else [float(x) for x in r]} for r in rows]
         cold = store.get_online_features(features=cold_refs, entity_rows=rows).to_dict()
-        cold.pop("raw_emb", None)
+        cold.pop(RAW_EMB, None)
         cold = [dict(zip(cold, vals)) for vals in zip(*cold.values())]
-    return {"version": ref.version, "warm": warm, "cold": cold}
+    return {"version": context.version, "warm": warm, "cold": cold}
 
 
 def _rows_with_status(resp, key: str) -> list[dict]:

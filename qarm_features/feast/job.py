@@ -1,0 +1,429 @@
+"""``qarm materialize`` and the push path: a bundle's codes into a Feast repo.
+
+:func:`materialize` encodes every catalog item with a bundle, writes the repo's offline
+sources atomically (:mod:`qarm_features.feast.sources`) and its pointer
+(:mod:`qarm_features.feast.context`), registers the definitions (SDK ``store.apply``: the
+views then carry the new serving context) and runs Feast's materialization into the online
+store. A bundle other than the registered one raises
+:class:`~qarm_features.errors.BundleVersionMismatch` unless ``promote=True``; a version
+change clears the online rows of the code-bearing views first, so the store never mixes
+two versions. :func:`prepare_sources` is its first half (no Feast call), for ``feast
+apply`` / ``feast materialize`` users; :func:`apply` is the SDK apply (Feast 0.67's CLI
+re-apply crashes on the BatchFeatureView once materialized); :func:`push_items` gives new
+items their codes online without a batch rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import itertools
+import logging
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qarm_features._validate import check_columns
+from qarm_features.errors import BundleVersionMismatch, InputError, QarmError
+from qarm_features.feast.context import UNSET, ServingContext, read_pointer, write_pointer
+from qarm_features.feast.sources import (
+    CODES_FILE,
+    CONTENT_FILE,
+    DATA,
+    DEFAULT_HISTORY,
+    EPOCH,
+    HISTORY_FILE,
+    build_user_history,
+    encode_catalog,
+    recode_history,
+    row_stamp,
+    write_parquet,
+)
+from qarm_features.schema import CREATED, EVENT_TIMESTAMP, ITEM_ID, RAW_EMB
+
+log = logging.getLogger(__name__)
+
+# Views whose rows carry codes of one bundle (cleared online on a version change).
+CODE_VIEWS = ("qarm", "qarm_batch", "user_history")
+_module_counter = itertools.count()
+
+
+def open_store(repo_path: str | os.PathLike, fs_yaml_file: str | os.PathLike | None = None):
+    """A FeatureStore on ``repo_path``; ``fs_yaml_file`` relative paths are taken in the repo."""
+    from feast import FeatureStore
+
+    repo = Path(repo_path).resolve()
+    if not repo.is_dir():
+        raise InputError(f"feature repo {repo} is not a directory")
+    if fs_yaml_file is None:
+        return FeatureStore(repo_path=str(repo))
+    yaml = Path(fs_yaml_file)
+    if not yaml.is_absolute():
+        yaml = repo / yaml
+    if not yaml.is_file():
+        raise InputError(f"fs_yaml_file: {yaml} does not exist")
+    return FeatureStore(repo_path=str(repo), fs_yaml_file=yaml)
+
+
+def load_definitions(repo_path: str | os.PathLike) -> list:
+    """Import the repo's definition files afresh and return their Feast objects.
+
+    Each file is loaded under a new module name, so a process can apply a repo twice
+    (e.g. after a bundle with another number of RQ levels) without stale imports; the
+    definitions read the repo's pointer as it is now.
+    """
+    from feast import Entity, FeatureService
+    from feast.data_source import DataSource, PushSource
+    from feast.feature_view import FeatureView
+    from feast.on_demand_feature_view import OnDemandFeatureView
+    from feast.repo_operations import get_repo_files
+
+    repo = Path(repo_path).resolve()
+    kinds = (DataSource, Entity, FeatureView, OnDemandFeatureView, FeatureService)
+    found: dict[tuple[str, str], object] = {}
+
+    def add(obj) -> None:
+        # one object per (kind, name): a file that imports another's objects adds nothing
+        kind = next(k.__name__ for k in kinds if isinstance(obj, k))
+        found.setdefault((kind, obj.name), obj)
+
+    for path in get_repo_files(repo):
+        if path.name == "static_artifacts.py":
+            continue
+        name = f"_qarm_feature_repo_{next(_module_counter)}_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for attr in dir(module):
+            obj = getattr(module, attr)
+            if isinstance(obj, kinds):
+                add(obj)
+                if isinstance(obj, PushSource) and obj.batch_source is not None:
+                    add(obj.batch_source)
+    return list(found.values())
+
+
+def registered_version(store) -> str | None:
+    """The ``qarm_version`` tag of the registry's ``qarm`` view (None: not applied yet)."""
+    from feast.errors import FeatureViewNotFoundException
+
+    try:
+        fv = store.registry.get_feature_view("qarm", store.project, allow_cache=False)
+    except FeatureViewNotFoundException:
+        return None
+    version = fv.tags.get("qarm_version")
+    return None if version in (None, "", UNSET) else version
+
+
+def _catalog_frame(bundle, catalog_df, repo: Path) -> tuple[pd.DataFrame, int]:
+    """The items to encode: ``catalog_df`` (or the bundle's catalog) plus pushed items."""
+    if catalog_df is None:
+        catalog = pd.DataFrame({ITEM_ID: bundle.item_ids, RAW_EMB: list(bundle.raw_emb)})
+    else:
+        check_columns(catalog_df, [ITEM_ID, RAW_EMB], name="catalog_df")
+        catalog = catalog_df[[ITEM_ID, RAW_EMB]].copy()
+    catalog[ITEM_ID] = catalog[ITEM_ID].astype(np.int64)
+    n_pushed = 0
+    content_path = repo / CONTENT_FILE
+    if content_path.exists():
+        # Items pushed since the last run are part of the catalog: keep their latest content.
+        old = pd.read_parquet(content_path, columns=[ITEM_ID, RAW_EMB, EVENT_TIMESTAMP])
+        old = old.sort_values(EVENT_TIMESTAMP, kind="stable")
+        old = old.drop_duplicates(ITEM_ID, keep="last")
+        extra = old[~old[ITEM_ID].isin(catalog[ITEM_ID])]
+        if len(extra):
+            n_pushed = len(extra)
+            catalog = pd.concat([catalog, extra[[ITEM_ID, RAW_EMB]]], ignore_index=True)
+    return catalog.reset_index(drop=True), n_pushed
+
+
+def prepare_sources(
+    bundle_path: str | os.PathLike,
+    repo_path: str | os.PathLike,
+    catalog_df: pd.DataFrame | None = None,
+    interactions_df: pd.DataFrame | None = None,
+    *,
+    history: int = DEFAULT_HISTORY,
+    positive_threshold: float | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """Encode the catalog and write the repo's offline sources and bundle pointer.
+
+    No Feast call: after this, ``feast apply`` and ``feast materialize`` (the CLI) or
+    :func:`materialize` (the SDK) take over. Every file is written atomically.
+
+    Args:
+        bundle_path: the bundle directory (verified on load).
+        repo_path: the feature repo; files go to ``<repo>/data/``.
+        catalog_df: ``item_id``, ``raw_emb``; None = the bundle's own catalog. Items
+            pushed since the last run (in ``data/item_content.parquet``) are kept.
+        interactions_df: ``user_id``, ``item_id``, ``timestamp`` (+ ``rating``) for the
+            user-side view; None re-codes the existing history with this bundle (or
+            writes an empty one).
+        history: items per user-history row.
+        positive_threshold: ``rating`` threshold of a positive; None = the bundle's own
+            (``config.pairs.positive_threshold``).
+        now: wall-clock time of the write (tests); defaults to now.
+
+    Returns:
+        Stats: ``version``, ``n_items``, ``n_pushed_items_kept``, ``n_history_rows``,
+        ``stamp``, ``seconds``.
+
+    Raises:
+        BundleError: the bundle fails verification. InputError: a bad catalog row.
+    """
+    from qarm_features.encode import get_bundle
+
+    t0 = time.perf_counter()
+    repo = Path(repo_path).resolve()
+    bundle = get_bundle(bundle_path)
+    schema = bundle.schema
+    if positive_threshold is None:
+        positive_threshold = bundle.config.pairs.positive_threshold
+    now = now or datetime.now(timezone.utc)
+    stamp = row_stamp(now)
+    catalog, n_pushed = _catalog_frame(bundle, catalog_df, repo)
+    catalog[EVENT_TIMESTAMP] = stamp
+    catalog[CREATED] = pd.Timestamp(now)
+
+    codes = encode_catalog(bundle, catalog)
+    t_encode = time.perf_counter() - t0
+    write_parquet(codes, repo / CODES_FILE, schema.arrow("codes"))
+    write_parquet(catalog, repo / CONTENT_FILE, schema.arrow("content"))
+
+    history_schema = schema.arrow("history")
+    if interactions_df is not None:
+        hist = build_user_history(
+            interactions_df,
+            codes,
+            schema,
+            history=history,
+            positive_threshold=positive_threshold,
+            version=bundle.version,
+        )
+    elif (repo / HISTORY_FILE).exists():
+        hist = recode_history(pd.read_parquet(repo / HISTORY_FILE), codes, schema, bundle.version)
+    else:
+        hist = pd.DataFrame({name: [] for name in history_schema.names})
+    write_parquet(hist, repo / HISTORY_FILE, history_schema)
+
+    write_pointer(repo, ServingContext.of_bundle(bundle.path))
+    stats = {
+        "version": bundle.version,
+        "bundle": str(bundle.path),
+        "n_levels": bundle.n_levels,
+        "n_items": int(len(codes)),
+        "n_pushed_items_kept": int(n_pushed),
+        "n_history_rows": int(len(hist)),
+        "stamp": stamp.isoformat(),
+        "encode_seconds": round(t_encode, 3),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    log.info("prepared offline sources in %s: %s", repo / DATA, stats)
+    return stats
+
+
+def clear_online(store, names) -> list[str]:
+    """Delete the online rows of the named views (their tables are re-created empty)."""
+    from feast.errors import FeatureViewNotFoundException
+
+    views = []
+    for name in names:
+        with contextlib.suppress(FeatureViewNotFoundException):
+            views.append(
+                store.registry.get_any_feature_view(name, store.project, allow_cache=False)
+            )
+    if not views:
+        return []
+    provider = store._get_provider()
+    args = dict(entities_to_delete=[], entities_to_keep=[], partial=True)
+    provider.update_infra(store.project, tables_to_delete=views, tables_to_keep=[], **args)
+    provider.update_infra(store.project, tables_to_delete=[], tables_to_keep=views, **args)
+    return [v.name for v in views]
+
+
+def _refuse_other_version(store, repo: Path, version: str, what: str) -> str | None:
+    registered = registered_version(store)
+    if registered is not None and version != UNSET and registered != version:
+        raise BundleVersionMismatch(
+            f"the registry of {repo} serves bundle {registered}, the bundle given is "
+            f"{version}: {what}. Roll it out with `qarm materialize --promote` "
+            "(materialize(..., promote=True)), or give the registered bundle."
+        )
+    return registered
+
+
+def apply(
+    repo_path: str | os.PathLike,
+    bundle_path: str | os.PathLike | None = None,
+    *,
+    fs_yaml_file: str | os.PathLike | None = None,
+) -> list[str]:
+    """Register the repo's definitions with the SDK (``store.apply``); returns their names.
+
+    With ``bundle_path``, the repo's pointer is set to that bundle first (same version as
+    the registry's only). The workaround for Feast 0.67's CLI: once the ``qarm_batch``
+    BatchFeatureView has been materialized, a second ``feast apply`` crashes in the
+    registry diff (``FeatureViewSpec has no "user_defined_function" field``); the SDK path
+    does not diff.
+
+    Raises:
+        BundleVersionMismatch: the registry serves another version (nothing is written).
+    """
+    repo = Path(repo_path).resolve()
+    context = ServingContext.of_repo(repo, bundle_path)
+    store = open_store(repo, fs_yaml_file)
+    _refuse_other_version(store, repo, context.version, "applying would relabel its rows")
+    if bundle_path is not None and read_pointer(repo) != context:
+        write_pointer(repo, context)
+    objects = load_definitions(repo)
+    store.apply(objects)
+    return [o.name for o in objects]
+
+
+def materialize(
+    bundle_path: str | os.PathLike,
+    repo_path: str | os.PathLike,
+    catalog_df: pd.DataFrame | None = None,
+    interactions_df: pd.DataFrame | None = None,
+    *,
+    promote: bool = False,
+    fs_yaml_file: str | os.PathLike | None = None,
+    history: int = DEFAULT_HISTORY,
+    positive_threshold: float | None = None,
+) -> dict:
+    """Encode the catalog with a bundle, write the offline sources, apply, materialize.
+
+    Args:
+        bundle_path: the bundle directory.
+        repo_path: the feature repo (``feature_repo/`` or a copy).
+        catalog_df, interactions_df, history, positive_threshold: see
+            :func:`prepare_sources`.
+        promote: allow a bundle version other than the one the registry serves. The
+            online rows of ``qarm``, ``qarm_batch`` and ``user_history`` are cleared first,
+            so between the clear and the end of the run a read finds no row (NOT_FOUND,
+            the cold path) rather than a row of the other version.
+        fs_yaml_file: another config of the repo (``feature_store.redis.yaml`` ...).
+
+    Returns:
+        Stats of :func:`prepare_sources` plus ``previous_version``, ``promoted``,
+        ``cleared_views``, ``materialized_views``, ``apply_seconds``,
+        ``materialize_seconds``.
+
+    Raises:
+        BundleVersionMismatch: the registry serves another bundle version and
+            ``promote`` is false (nothing is written).
+    """
+    from qarm_features.encode import get_bundle
+
+    repo = Path(repo_path).resolve()
+    bundle = get_bundle(bundle_path)
+    store = open_store(repo, fs_yaml_file)
+    if promote:
+        previous = registered_version(store)
+    else:
+        previous = _refuse_other_version(
+            store, repo, bundle.version, "rolling it out replaces every code online and offline"
+        )
+    changed = previous is not None and previous != bundle.version
+    stats = prepare_sources(
+        bundle.path,
+        repo,
+        catalog_df,
+        interactions_df,
+        history=history,
+        positive_threshold=positive_threshold,
+    )
+    # The definitions now read the new pointer: the views' UDFs carry the new bundle.
+    t0 = time.perf_counter()
+    objects = load_definitions(repo)
+    store.apply(objects)
+    stats["apply_seconds"] = round(time.perf_counter() - t0, 3)
+    cleared = clear_online(store, CODE_VIEWS) if changed else []
+
+    t0 = time.perf_counter()
+    kinds = ("FeatureView", "BatchFeatureView")
+    views = [o.name for o in objects if type(o).__name__ in kinds]
+    end = datetime.now(timezone.utc) + timedelta(seconds=1)
+    last = pd.read_parquet(repo / HISTORY_FILE, columns=[EVENT_TIMESTAMP])[EVENT_TIMESTAMP].max()
+    if pd.notna(last):  # user histories carry real times, possibly in the future
+        end = max(end, last.to_pydatetime() + timedelta(seconds=1))
+    store.materialize(start_date=EPOCH, end_date=end, feature_views=views)
+    stats.update(
+        previous_version=previous,
+        promoted=changed,
+        cleared_views=cleared,
+        materialized_views=views,
+        materialize_seconds=round(time.perf_counter() - t0, 3),
+        repo=str(repo),
+        fs_yaml_file=None if fs_yaml_file is None else str(fs_yaml_file),
+    )
+    log.info("materialized %s into %s: %s", bundle.version, repo, stats)
+    return stats
+
+
+def push_items(
+    repo_path: str | os.PathLike,
+    items_df: pd.DataFrame,
+    *,
+    bundle_path: str | os.PathLike | None = None,
+    fs_yaml_file: str | os.PathLike | None = None,
+    offline: bool = True,
+) -> dict:
+    """Give new (or edited) items their codes online now, without a batch rerun.
+
+    The items' content is encoded with the batch function and pushed to ``qarm_push``
+    (codes) and ``item_content_push`` (raw embedding), online and, with ``offline``, into
+    the offline sources too (so training and the next rollout see them).
+
+    Args:
+        repo_path: the feature repo.
+        items_df: ``item_id``, ``raw_emb``.
+        bundle_path: defaults to the repo's bundle (its pointer).
+        fs_yaml_file: another config of the repo.
+        offline: also append the rows to the offline parquet sources.
+
+    Raises:
+        BundleVersionMismatch: the bundle is not the version the registry serves.
+        InputError: a bad row (the push is all or nothing).
+    """
+    from feast.data_source import PushMode
+
+    t0 = time.perf_counter()
+    repo = Path(repo_path).resolve()
+    context = ServingContext.of_repo(repo, bundle_path)
+    if not context.is_set:
+        raise QarmError(f"no bundle for {repo}: run `qarm materialize` first or pass bundle_path")
+    from qarm_features.encode import get_bundle
+
+    bundle = get_bundle(context.bundle)
+    store = open_store(repo, fs_yaml_file)
+    registered = registered_version(store)
+    if registered != bundle.version:
+        raise BundleVersionMismatch(
+            f"cannot push codes of {bundle.version}: the registry of {repo} serves "
+            f"{registered}; push with the registered bundle (or materialize --promote first)"
+        )
+    check_columns(items_df, [ITEM_ID, RAW_EMB], name="items_df")
+    now = datetime.now(timezone.utc)
+    items = items_df[[ITEM_ID, RAW_EMB]].copy()
+    items[ITEM_ID] = items[ITEM_ID].astype(np.int64)
+    items[RAW_EMB] = [np.asarray(v, np.float32) for v in items[RAW_EMB]]
+    items[EVENT_TIMESTAMP] = row_stamp(now)
+    items[CREATED] = pd.Timestamp(now)
+    codes = encode_catalog(bundle, items)
+    codes_schema, content_schema = bundle.schema.arrow("codes"), bundle.schema.arrow("content")
+    to = PushMode.ONLINE_AND_OFFLINE if offline else PushMode.ONLINE
+    store.push("item_content_push", items[content_schema.names], to=to)
+    store.push("qarm_push", codes[codes_schema.names], to=to)
+    return {
+        "version": bundle.version,
+        "n_items": int(len(codes)),
+        "item_ids": codes[ITEM_ID].tolist(),
+        "offline": offline,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
