@@ -26,10 +26,10 @@ evaluate: setup
 	$(VENV)/qarm evaluate
 
 bench: setup
-	$(VENV)/qarm bench --quick
+	$(VENV)/python -m benchmarks --quick
 
 bench-full: setup
-	$(VENV)/qarm bench
+	$(VENV)/python -m benchmarks
 
 clean:
 	rm -rf artifacts .pytest_cache

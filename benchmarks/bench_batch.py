@@ -7,7 +7,7 @@ two chunk sizes and two catalog sizes show that memory follows the chunk, not ``
 
 Two drivers over the same files:
 
-- ``frame``: the real batch function, :func:`transformations.batch.encode_catalog`, on a
+- ``frame``: the real batch function, :func:`qarm_features.feast.sources.encode_catalog`, on a
   pandas frame per chunk (what the materialization job runs), output via pandas/arrow;
 - ``arrays``: the same encode (:func:`qarm_features.encode.encode_items` stages) fed from
   arrow buffers as numpy without pandas, with a time split per stage (align / RQ / VQ /
@@ -110,12 +110,12 @@ def stream_encode(
     with threads(n_threads):
         from qarm_features.bundle import load_bundle
 
-        # encode_items' own stages (private _quantizers: the cached coders it uses)
-        from qarm_features.encode import _quantizers, align
+        # encode_items' own stages (the bundle's cached coders)
+        from qarm_features.encode import align
 
         t0 = time.perf_counter()
         b = load_bundle(bundle)
-        rq, vq = _quantizers(b)  # builds the VQ index (ANN for a large pool): once per process
+        rq, vq = b.rq, b.vq  # builds the VQ index (ANN for a large pool): once per process
         timings["load_s"] = time.perf_counter() - t0
         vq_mode = getattr(vq, "mode_", None)
         # pre_buffer=False: with the default (True) pyarrow 26 keeps every pre-buffered
@@ -136,7 +136,7 @@ def stream_encode(
                 timings["read_s"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if mode == "frame":
-                    from transformations.batch import encode_catalog
+                    from qarm_features.feast.sources import encode_catalog
 
                     out = encode_catalog(b, df)
                     timings["encode_s"] += time.perf_counter() - t0
@@ -198,15 +198,14 @@ def idle(bundle: str, n_threads: int = 2) -> dict:
     import pandas  # noqa: F401 - the job's imports count in the floor
     import pyarrow.parquet  # noqa: F401
 
-    import transformations.batch  # noqa: F401
+    import qarm_features.feast.sources  # noqa: F401
     from benchmarks.timing import threads
 
     with threads(n_threads):
         from qarm_features.bundle import load_bundle
-        from qarm_features.encode import _quantizers
 
         t0 = time.perf_counter()
-        _quantizers(load_bundle(bundle))
+        load_bundle(bundle).warm()
         return {"load_s": time.perf_counter() - t0}
 
 
@@ -232,7 +231,7 @@ def vq_index_options(bundle: str, *, queries: int, n_threads: int = 1) -> dict:
                            content_dim=b.raw_dim, seed=0)  # fmt: skip
     raw = np.concatenate([x for _, x in world.iter_content(65_536)])[-queries:]
     q = align(b, raw)
-    vq_cfg = b.config.get("vq", {})
+    vq_cfg = b.config.vq.model_dump()
     out = {"pool": int(pool.shape[0]), "queries": queries, "k": k, "threads": n_threads}
     with threads(n_threads):
         flat = faiss.IndexFlatIP(pool.shape[1])
@@ -302,12 +301,12 @@ def stage_compare(bundle: str, *, rows: int, repeats: int, n_threads: int = 1) -
     from benchmarks.timing import interleave, threads
     from qarm_features.bundle import load_bundle
     from qarm_features.data import SyntheticWorld
-    from qarm_features.encode import _quantizers, align, encode_items
-    from transformations.batch import encode_catalog
+    from qarm_features.encode import align, encode_items
+    from qarm_features.feast.sources import encode_catalog
 
     with threads(n_threads):
         b = load_bundle(bundle)
-        rq, vq = _quantizers(b)
+        rq, vq = b.rq, b.vq
     world = SyntheticWorld(n_items=rows, n_users=1, content_dim=b.raw_dim, seed=3)
     raw = np.concatenate([c for _, c in world.iter_content(65_536)])
     ids = np.arange(1, rows + 1, dtype=np.int64)  # ids 1..pool are pool items: self-exclusion runs

@@ -6,12 +6,14 @@ This module adds the baseline the figures are divided by: ``item_plain_int``, a 
 with as many Int64 features as the ``qarm`` view has features (``L + 3``), same items.
 
 - in process: ``get_online_features`` of all ``qarm`` features vs all ``item_plain_int``
-  features, 1 and 32 items; ``qarm_cold`` (on-demand, request carries 384 floats per
-  item) vs the plain read; and our share of the cold path
+  features, 1 and 32 items; the cold path (on-demand views) vs the plain read in its three
+  request forms: ``qarm_cold`` with 384 floats per item as a list (``cold``) or as a float32
+  array (``cold_array``, in-process callers), and ``qarm_cold_b64`` with base64 float32
+  bytes (``cold_b64``, what an HTTP client sends); and our share of the cold path
   (:func:`transformations.on_demand.encode_request` alone). Thread pools pinned to 1.
 - HTTP: ``feast serve`` (1 worker, ``--max-requests 0``, threads pinned), closed-loop load
   at a few concurrencies (:mod:`benchmarks.loadgen`, its own process), plain / warm qarm /
-  cold qarm; requests/s and p99.
+  cold qarm (JSON list) / cold qarm_cold_b64 (base64 string); requests/s and p99.
 A second baseline, ``item_plain_arrays``, has exactly the ``qarm`` view's payload (a 64-float
 array, L Int64, a 25-int array, a string) with no QARM machinery: what Feast itself costs
 for features of that size.
@@ -41,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.timing import env_vars as _env
 from benchmarks.timing import interleave, latencies, ratio
-from transformations.job import _env  # the job's env helper (restores unset variables too)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ def setup(work: Path, *, n_items: int) -> dict:
     from feast import FeatureStore
 
     from benchmarks.online_latency import build_repo
-    from transformations.job import apply
+    from qarm_features.feast.job import apply
 
     with _quiet():
         repo, bundle = build_repo(work, n_items=n_items, raw_dim=384, out_dim=64, n_levels=3,
@@ -151,6 +153,7 @@ def setup(work: Path, *, n_items: int) -> dict:
                          ["emb", *[f"code{i}" for i in range(1, levels + 1)], "ids", "tag"]],
         "qarm": [f"qarm:{n}" for n in qarm_names],
         "cold": [f"qarm_cold:{n}" for n in qarm_names + ["qarm_error"]],
+        "cold_b64": [f"qarm_cold_b64:{n}" for n in qarm_names + ["qarm_error"]],
     }
     return {"repo": repo, "bundle": bundle, "refs": refs, "ids": ids, "n_features": n_plain}
 
@@ -161,10 +164,13 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
     from feast import FeatureStore
 
     from qarm_features.encode import pin_threads
+    from qarm_features.feast.context import ServingContext, set_serving_threads
     from transformations import on_demand
 
     pin_threads(1)
-    on_demand.configure(env["bundle"], threads=1, warm=True)
+    set_serving_threads(1)
+    context = ServingContext.of_bundle(env["bundle"])
+    context.load()  # warm, like a server's start-up
     store = FeatureStore(repo_path=str(env["repo"]))
     refs = env["refs"]
     rng = np.random.default_rng(1)
@@ -174,12 +180,16 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
     for n in (1, 32):
         rows = [{"item_id": int(i)} for i in ids[:n]]
         cold_rows = [{"raw_emb": r.tolist()} for r in cold[:n]]
+        array_rows = [{"raw_emb": r} for r in cold[:n]]
+        b64_rows = [{"raw_emb_b64": on_demand.encode_b64(r)} for r in cold[:n]]
         cases[f"plain/{n}"] = lambda r=rows: store.get_online_features(refs["plain"], r)
         cases[f"qarm/{n}"] = lambda r=rows: store.get_online_features(refs["qarm"], r)
         cases[f"plain_arrays/{n}"] = lambda r=rows: store.get_online_features(refs["plain_arrays"], r)
         cases[f"cold/{n}"] = lambda r=cold_rows: store.get_online_features(refs["cold"], r)
+        cases[f"cold_array/{n}"] = lambda r=array_rows: store.get_online_features(refs["cold"], r)
+        cases[f"cold_b64/{n}"] = lambda r=b64_rows: store.get_online_features(refs["cold_b64"], r)
         raw_lists = [r.tolist() for r in cold[:n]]
-        cases[f"cold_encode_only/{n}"] = lambda r=raw_lists: on_demand.encode_request(r)
+        cases[f"cold_encode_only/{n}"] = lambda r=raw_lists: on_demand.encode_request(context, r)
     stats = latencies(cases, n_calls=n_calls, block=10, warmup=10, budget_s=budget_s)
     out = {}
     for case, st in stats.items():
@@ -201,13 +211,15 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
 # ----------------------------------------------------------------------------- HTTP
 def bench_http(env: dict, work: Path, *, concurrencies: tuple[int, ...], duration: float,
                repeats: int, sizes: tuple[int, ...] = (1, 32),
-               server_env: dict | None = None, kinds: tuple[str, ...] = ("plain", "qarm", "cold"),
+               server_env: dict | None = None,
+               kinds: tuple[str, ...] = ("plain", "qarm", "cold", "cold_b64"),
                ) -> dict:  # fmt: skip
     """Closed-loop load on ``feast serve`` at each concurrency; plain vs warm vs cold.
 
     ``server_env``: extra environment of the server process (e.g. ``OMP_NUM_THREADS=1``).
     """
     from benchmarks.online_latency import _server
+    from transformations import on_demand
 
     refs = env["refs"]
     rng = np.random.default_rng(2)
@@ -220,6 +232,9 @@ def bench_http(env: dict, work: Path, *, concurrencies: tuple[int, ...], duratio
         bodies[f"qarm/{n}"] = {"features": refs["qarm"], "entities": ent}
         bodies[f"cold/{n}"] = {"features": refs["cold"],
                                "entities": {"raw_emb": [r.tolist() for r in cold[:n]]}}  # fmt: skip
+        bodies[f"cold_b64/{n}"] = {"features": refs["cold_b64"],
+                                   "entities": {"raw_emb_b64": [on_demand.encode_b64(r)
+                                                                for r in cold[:n]]}}  # fmt: skip
     bodies = {k: v for k, v in bodies.items() if k.split("/")[0] in kinds}
     files = {}
     for name, body in bodies.items():
@@ -279,7 +294,7 @@ def bench_materialize(env: dict, *, repeats: int, redis: bool = True) -> dict:
     """rows/s of ``store.materialize`` per view, interleaved; SQLite, and Redis if present."""
     from feast import FeatureStore
 
-    from transformations.job import apply, open_store
+    from qarm_features.feast.job import apply, open_store
 
     repo, n = env["repo"], len(env["ids"])
     views = ["item_plain_int", "item_plain_arrays", "qarm", "qarm_batch"]
@@ -296,8 +311,8 @@ def bench_materialize(env: dict, *, repeats: int, redis: bool = True) -> dict:
 
         return {v: mat(v) for v in views}
 
-    # the qarm_batch UDF finds its bundle through QARM_BUNDLE (or the repo as cwd)
-    with _on_path(repo), _env(QARM_BUNDLE=str(env["bundle"])):
+    # the qarm_batch UDF's source carries its bundle (the repo's serving context)
+    with _on_path(repo):
         stats = interleave(cases_for(FeatureStore(repo_path=str(repo))), repeats=repeats, warmup=0)
     out["sqlite"] = _mat_rows(stats, n)
     server = shutil.which("redis-server")
@@ -306,7 +321,7 @@ def bench_materialize(env: dict, *, repeats: int, redis: bool = True) -> dict:
     elif server is None:
         out["redis"] = {"skipped": "redis-server not on PATH"}
     else:
-        with _redis(server) as conn, _on_path(repo), _env(QARM_REDIS=conn, QARM_BUNDLE=str(env["bundle"])):
+        with _redis(server) as conn, _on_path(repo), _env(QARM_REDIS=conn):
             try:
                 with _quiet():
                     apply(repo, env["bundle"], fs_yaml_file="feature_store.redis.yaml")
@@ -381,7 +396,7 @@ def run(quick: bool, work: Path) -> dict:
     result["http_omp1"] = bench_http(
         env, work, concurrencies=(1, 4) if quick else (1, 2, 4), duration=1.0 if quick else 5.0,
         repeats=1 if quick else 2, sizes=(1,), server_env={"OMP_NUM_THREADS": "1"},
-        kinds=("qarm", "cold"),
+        kinds=("qarm", "cold", "cold_b64"),
     )  # fmt: skip
     result["materialize"] = bench_materialize(env, repeats=1 if quick else 3)
     return result

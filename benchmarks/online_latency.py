@@ -3,7 +3,7 @@
 A temporary copy of ``feature_repo/`` gets a realistic random bundle (1,682 items as in
 MovieLens-100k, 384-d raw embeddings as MiniLM gives, 64-d aligned, 3 x 64 RQ codes, VQ
 k=25) and one extra *plain* view, ``item_plain`` (four scalar features per item: the
-baseline any ranker already reads). ``transformations.job.materialize`` fills the SQLite
+baseline any ranker already reads). ``qarm_features.feast.job.materialize`` fills the SQLite
 online store. Then, for 1 and 32 items per request, interleaved (``benchmarks.timing``):
 
 - ``plain``: ``item_plain:*``;
@@ -83,8 +83,8 @@ def _free_port() -> int:
 def build_repo(workdir: Path, *, n_items: int, raw_dim: int, out_dim: int, n_levels: int,
                n_codes: int, vq_k: int) -> tuple[Path, Path]:
     """A materialized temp repo (with ``item_plain``) and its bundle."""
+    from qarm_features.feast.job import materialize
     from qarm_features.testing import make_random_bundle
-    from transformations.job import materialize
 
     bundle = make_random_bundle(
         workdir / "bundle", n_items=n_items, raw_dim=raw_dim, out_dim=out_dim,
@@ -106,7 +106,7 @@ def build_repo(workdir: Path, *, n_items: int, raw_dim: int, out_dim: int, n_lev
         "n_ratings": rng.integers(0, 500, n_items),
     }).to_parquet(repo / "data" / "item_plain.parquet")
     # the plain file imports `feature_definitions` by name: feast apply puts the repo on
-    # sys.path; transformations.job.load_definitions does not, so add it here
+    # sys.path; qarm_features.feast.job.load_definitions does not, so add it here
     sys.path.insert(0, str(repo))
     try:
         materialize(bundle, repo)
@@ -161,7 +161,6 @@ def _server(repo: Path, home: Path):
         [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(ROOT)]
     )
     env.update(HOME=str(home), QARM_SERVING_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("QARM_BUNDLE", None)
     logf = open(home / "serve.log", "w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "feast"), "serve", "-h", "127.0.0.1", "-p", str(port),
@@ -210,7 +209,7 @@ def run(*, n_calls: int = 300, http: bool = True, n_items: int = 1682, raw_dim: 
     """Build the repo, time every case in process and (optionally) over HTTP."""
     from feast import FeatureStore
 
-    from transformations import on_demand
+    from qarm_features.feast.context import ServingContext, set_serving_threads
 
     workdir = Path(tempfile.mkdtemp(prefix="qarm-bench-online-"))
     try:
@@ -228,7 +227,8 @@ def run(*, n_calls: int = 300, http: bool = True, n_items: int = 1682, raw_dim: 
         rng = np.random.default_rng(1)
         ids = rng.choice(np.arange(1, n_items + 1), size=32, replace=False)
         cold = rng.standard_normal((32, raw_dim)).astype(np.float32)
-        on_demand.configure(bundle, threads=1, warm=True)  # load the bundle, pin like a server
+        set_serving_threads(1)  # pin like a server
+        ServingContext.of_bundle(bundle).load()  # load the bundle before timing
 
         result: dict = {
             "setup": {"n_items": n_items, "raw_dim": raw_dim, "aligned_dim": out_dim,

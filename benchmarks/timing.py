@@ -143,6 +143,25 @@ def threads(n: int) -> Iterator[None]:
                 faiss_mod.omp_set_num_threads(old_faiss)
 
 
+@contextlib.contextmanager
+def env_vars(**values: str | None) -> Iterator[None]:
+    """Set (or, with None, unset) environment variables for a block; restore them after."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def sgemm_case(m: int, n: int, k: int, seed: int = 0) -> tuple[Callable[[], object], float]:
     """A float32 GEMM ``(m, k) @ (k, n)`` as a timed case, and its FLOP count ``2mnk``."""
     rng = np.random.default_rng(seed)
