@@ -66,7 +66,8 @@ def _aligner64(bundle: Bundle) -> dict[str, np.ndarray]:
 def _quantizers(bundle: Bundle):
     cached = bundle._cache.get("quantizers")
     if cached is None:
-        from qarm_features.quantize import ResidualQuantizer, VQCoder
+        from qarm_features.quantize import ResidualQuantizer
+        from qarm_features.vq import VQCoder
 
         vq_cfg = bundle.config.get("vq", {})
         rq = ResidualQuantizer.from_codebooks(bundle.rq_codebooks)
