@@ -26,7 +26,7 @@ def make_pairs(n_items: int, raw_dim: int = 384, seed: int = 0):
     import faiss
     import pandas as pd
 
-    from qarm_features.data import SyntheticWorld
+    from qarm_features.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_items=n_items, n_users=1, content_dim=raw_dim, seed=seed)
     raw = np.concatenate([c for _, c in world.iter_content(65_536)])

@@ -46,7 +46,7 @@ def make_world_bundle(
     seed: int = 0,
 ) -> Path:
     """A valid bundle whose catalog (and VQ pool) is the world's first ``pool`` items."""
-    from qarm_features.data import SyntheticWorld
+    from qarm_features.synthetic import SyntheticWorld
     from qarm_features.testing import make_random_bundle
 
     world = SyntheticWorld(n_items=pool, n_users=1, content_dim=raw_dim, seed=seed)
@@ -68,7 +68,7 @@ def write_catalog(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qarm_features.data import SyntheticWorld
+    from qarm_features.synthetic import SyntheticWorld
 
     path = Path(path)
     world = SyntheticWorld(n_items=n, n_users=1, content_dim=raw_dim, seed=seed)
@@ -220,7 +220,7 @@ def vq_index_options(bundle: str, *, queries: int, n_threads: int = 1) -> dict:
 
     from benchmarks.timing import interleave, threads
     from qarm_features.bundle import load_bundle
-    from qarm_features.data import SyntheticWorld
+    from qarm_features.synthetic import SyntheticWorld
     from qarm_features.encode import align
 
     b = load_bundle(bundle)
@@ -300,9 +300,9 @@ def stage_compare(bundle: str, *, rows: int, repeats: int, n_threads: int = 1) -
     from benchmarks.bench_rq import encode_numpy
     from benchmarks.timing import interleave, threads
     from qarm_features.bundle import load_bundle
-    from qarm_features.data import SyntheticWorld
     from qarm_features.encode import align, encode_items
     from qarm_features.feast.sources import encode_catalog
+    from qarm_features.synthetic import SyntheticWorld
 
     with threads(n_threads):
         b = load_bundle(bundle)

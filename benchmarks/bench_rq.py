@@ -57,7 +57,7 @@ def load_semantic_id():
 
 def world_vectors(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
     """``n`` unit-norm float32 rows from the synthetic world's content space."""
-    from qarm_features.data import SyntheticWorld
+    from qarm_features.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_items=n, n_users=1, content_dim=dim, seed=seed)
     out = np.empty((n, dim), np.float32)

@@ -2,7 +2,8 @@
 
 Each check returns a clean value (contiguous float32 / int64 arrays) or raises
 :class:`~qarm_features.errors.InputError` with a message that names the argument,
-the offending value and the fix.
+the offending value and the fix (:func:`check_hyper`, for an estimator's hyperparameters,
+raises :class:`~qarm_features.errors.ConfigError`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from qarm_features.errors import InputError
+from qarm_features.errors import ConfigError, InputError
 
 
 def check_embeddings(
@@ -99,3 +100,14 @@ def lookup_rows(ids, known: np.ndarray, *, name: str = "ids") -> np.ndarray:
         raise InputError(f"{name}: unknown id(s) {unknown} (not in the catalog)")
     return order[pos]
 
+
+
+def check_hyper(name: str, value, minimum: int) -> int:
+    """Validate an integer hyperparameter at fit time (sklearn style) and return it as int.
+
+    Raises:
+        ConfigError: not an integer (``bool`` included) or below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)

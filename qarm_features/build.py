@@ -78,7 +78,8 @@ def item_popularity(interactions: pd.DataFrame, item_ids: np.ndarray) -> np.ndar
 
 def fit_codes(aligned: np.ndarray, item_ids: np.ndarray, cfg: BuildConfig):
     """Fit the RQ codebooks and the VQ pool on aligned embeddings; return fitted coders."""
-    from qarm_features.quantize import ResidualQuantizer, VQCoder
+    from qarm_features.quantize import ResidualQuantizer
+    from qarm_features.vq import VQCoder
 
     rq = ResidualQuantizer(
         n_levels=cfg.rq.n_levels, n_codes=cfg.rq.n_codes, n_iter=cfg.rq.n_iter, seed=cfg.rq.seed

@@ -242,7 +242,7 @@ class Bundle:
     @cached_property
     def vq(self):
         """The fitted VQ coder over the bundle's pool (search settings from ``config.vq``)."""
-        from qarm_features.quantize import VQCoder
+        from qarm_features.vq import VQCoder
 
         cfg = self.config.vq
         return VQCoder.from_pool(

@@ -341,7 +341,8 @@ def _fit_codes(
     vq_x: np.ndarray | None = None,
 ):
     """RQ codebooks and VQ pool fitted on ``pool_rows`` only, codes for every item."""
-    from qarm_features.quantize import ResidualQuantizer, VQCoder
+    from qarm_features.quantize import ResidualQuantizer
+    from qarm_features.vq import VQCoder
 
     rq = ResidualQuantizer(
         n_levels=rq_cfg.n_levels, n_codes=rq_cfg.n_codes, n_iter=rq_cfg.n_iter, seed=rq_cfg.seed

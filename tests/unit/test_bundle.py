@@ -35,10 +35,35 @@ def test_round_trip_and_content_addressed_version(random_bundle, tmp_path):
     assert other.version != b.version
 
 
-def test_no_pickle_in_bundle(random_bundle):
-    for f in random_bundle.iterdir():
-        if f.suffix == ".npy":
-            np.load(f, allow_pickle=False)  # would raise on object arrays
+def test_pickled_npy_is_refused_even_when_everything_else_checks_out(bundle_copy):
+    """A pickle is refused for being a pickle: the planted file is the real ``item_ids``,
+    pickled under an object-dtype header (unpickling yields the original int64 array),
+    with its sha256, size and the version id resealed; only ``allow_pickle=False`` in the
+    loader stands between it and a successful load."""
+    import hashlib
+    import pickle
+
+    p = bundle_copy / "item_ids.npy"
+    ids = np.load(p)
+    with open(p, "wb") as fh:  # what np.save(..., allow_pickle=True) writes for dtype=object
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "|O", "fortran_order": False, "shape": ids.shape}
+        )
+        pickle.dump(ids, fh, protocol=3)
+    planted = np.load(p, allow_pickle=True)  # the payload is harmless and well-formed
+    assert planted.dtype == np.int64 and np.array_equal(planted, ids)
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    meta = m["files"]["item_ids.npy"]
+    assert (meta["dtype"], meta["shape"]) == ("int64", list(ids.shape))  # still true
+    meta["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    meta["bytes"] = p.stat().st_size
+    version = hashlib.sha256()  # the content-addressed id: every (name, sha256), sorted
+    for name in sorted(m["files"]):
+        version.update(name.encode() + m["files"][name]["sha256"].encode())
+    m["version"] = "qarm-" + version.hexdigest()[:12]
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"cannot read item_ids\.npy .*allow_pickle"):
+        load_bundle(bundle_copy)
 
 
 @pytest.mark.parametrize("fname", ["rq_codebooks.npy", "aligner.safetensors", "raw_emb.npy"])

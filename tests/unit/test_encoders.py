@@ -28,7 +28,7 @@ def _cos(a, b):
 
 def test_module_import_does_not_pull_torch():
     code = (
-        "import sys, qarm_features.encoders, qarm_features.data\n"
+        "import sys, qarm_features.encoders, qarm_features.data, qarm_features.synthetic\n"
         "heavy = {'torch', 'transformers', 'sentence_transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy"
     )

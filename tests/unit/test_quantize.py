@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from qarm_features import quantize
+from qarm_features import vq as vq_module
 from qarm_features.errors import ConfigError, InputError, NotFittedError
-from qarm_features.quantize import ResidualQuantizer, VQCoder
+from qarm_features.quantize import ResidualQuantizer
+from qarm_features.vq import VQCoder
 
 
 def clustered(n: int, d: int = 16, n_clusters: int = 24, seed: int = 0, spread: float = 0.3):
@@ -168,8 +170,8 @@ def test_rq_row_independence_bit_for_bit(rq_ties, monkeypatch):
 def test_rq_near_ties_take_the_float64_path_and_match_the_reference(rq_ties, monkeypatch):
     rq, x, batch = rq_ties
     seen = []
-    real = quantize._dot64
-    monkeypatch.setattr(quantize, "_dot64", lambda a, b: seen.append(len(a)) or real(a, b))
+    real = quantize.dot64
+    monkeypatch.setattr(quantize, "dot64", lambda a, b: seen.append(len(a)) or real(a, b))
     np.testing.assert_array_equal(rq.encode(x), batch)
     assert sum(seen) >= 300  # every crafted tie is re-scored, few others are
     assert sum(seen) < 0.2 * len(x) * 2
@@ -178,7 +180,7 @@ def test_rq_near_ties_take_the_float64_path_and_match_the_reference(rq_ties, mon
 
 def test_rq_fast_path_equals_the_all_float64_path(rq_ties, monkeypatch):
     rq, x, batch = rq_ties
-    monkeypatch.setattr(quantize, "_GUARD", 1e30)  # every row doubtful at every level
+    monkeypatch.setattr(quantize, "GUARD", 1e30)  # every row doubtful at every level
     slow = ResidualQuantizer.from_codebooks(rq.codebooks_)
     np.testing.assert_array_equal(slow.encode(x[:600]), batch[:600])
 
@@ -265,7 +267,7 @@ def test_vq_row_independence_bit_for_bit(vq_pool, monkeypatch):
     ex = np.concatenate([ids, np.full(1000, -1)])
     batch = vq.encode(x, exclude_ids=ex)
     np.testing.assert_array_equal(rowwise(vq.encode, x, ex), batch)
-    monkeypatch.setattr(quantize, "_VQ_CHUNK", 300)  # several query blocks, a ragged last one
+    monkeypatch.setattr(vq_module, "_VQ_CHUNK", 300)  # several query blocks, a ragged last one
     np.testing.assert_array_equal(vq.encode(x, exclude_ids=ex), batch)
 
 
@@ -291,7 +293,7 @@ def test_vq_fast_path_equals_the_full_float64_path(vq_pool, monkeypatch):
     pool, ids = vq_pool
     x, ex = pool[::10], ids[::10]
     fast = VQCoder(k=10).fit(pool, ids).encode(x, exclude_ids=ex)
-    monkeypatch.setattr(quantize, "_GUARD", 1e30)  # every row through the whole-pool path
+    monkeypatch.setattr(vq_module, "GUARD", 1e30)  # every row through the whole-pool path
     np.testing.assert_array_equal(VQCoder(k=10).fit(pool, ids).encode(x, exclude_ids=ex), fast)
 
 
