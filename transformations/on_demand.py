@@ -48,10 +48,12 @@ from qarm_features.schema import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 10.0  # a bundle that failed to load is retried at most this often
+RECHECK_S = 1.0  # a loaded bundle's directory is re-checked (path, manifest mtime) this often
 
 _lock = threading.Lock()
 _contexts: dict[tuple, ServingContext] = {}
 _failures: dict[ServingContext, tuple[float, str]] = {}
+_loaded: dict[ServingContext, tuple[float, object]] = {}
 
 
 def _context(ctx: dict) -> ServingContext:
@@ -64,6 +66,9 @@ def _context(ctx: dict) -> ServingContext:
 
 def _bundle(context: ServingContext):
     """(bundle, None) or (None, error message); failures are cached for RETRY_AFTER_S."""
+    loaded = _loaded.get(context)
+    if loaded is not None and time.monotonic() - loaded[0] < RECHECK_S:
+        return loaded[1], None
     failure = _failures.get(context)
     if failure is not None and time.monotonic() - failure[0] < RETRY_AFTER_S:
         return None, failure[1]
@@ -78,6 +83,7 @@ def _bundle(context: ServingContext):
         )
         return None, msg
     _failures.pop(context, None)
+    _loaded[context] = (time.monotonic(), bundle)
     return bundle, None
 
 
