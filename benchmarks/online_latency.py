@@ -94,6 +94,10 @@ def build_repo(workdir: Path, *, n_items: int, raw_dim: int, out_dim: int, n_lev
     shutil.copytree(ROOT / "feature_repo", repo,
                     ignore=shutil.ignore_patterns("data", "__pycache__"))
     (repo / "bench_plain_view.py").write_text(PLAIN_VIEW)
+    from qarm_features.feast.views import BATCH_VIEW_FILE
+
+    batch = BATCH_VIEW_FILE.format(definitions="feature_definitions", item="item")
+    (repo / "qarm_batch_view.py").write_text(batch)  # materialization bench times qarm_batch
     rng = np.random.default_rng(0)
     ids = np.arange(1, n_items + 1, dtype=np.int64)
     (repo / "data").mkdir(exist_ok=True)

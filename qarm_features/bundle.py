@@ -56,6 +56,9 @@ ARRAY_FILES = {
     "item_ids": ("item_ids.npy", np.int64, 1),
     "raw_emb": ("raw_emb.npy", np.float32, 2),
 }
+# A catalog with string ids also stores them: item_ids are then the row indices 0..n-1
+# (the pipeline's int64 ids, and the VQ codes), item_keys the team's ids in the same order.
+KEYS_FILE = "item_keys.npy"
 ALIGNER_KEYS_LINEAR = ("proj.weight",)
 ALIGNER_KEYS_MLP = ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 
@@ -86,6 +89,7 @@ class Dims(_Strict):
     vq_k: int = Field(ge=1)
     pool_size: int = Field(ge=1)
     n_items: int = Field(ge=1)
+    id_type: Literal["int64", "string"] = "int64"  # the catalog's ids (string: item_keys)
 
 
 class Manifest(_Strict):
@@ -100,6 +104,17 @@ class Manifest(_Strict):
     dims: Dims
     metrics: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, FileEntry]
+
+
+def _int_or_missing(key) -> int:
+    """An int catalog's id from a request value; -1 for None, bools and non-integers."""
+    if key is None or isinstance(key, bool):
+        return -1
+    try:
+        value = int(key)
+    except (TypeError, ValueError):
+        return -1
+    return value if value == key or str(value) == str(key) else -1
 
 
 def _sha256(path: Path) -> str:
@@ -188,6 +203,7 @@ class Bundle:
     vq_pool_ids: np.ndarray
     item_ids: np.ndarray
     raw_emb: np.ndarray
+    item_keys: np.ndarray | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -221,6 +237,30 @@ class Bundle:
     @property
     def metrics(self) -> dict:
         return self.manifest.metrics
+
+    @property
+    def id_type(self) -> str:
+        """``"int64"`` or ``"string"``: the type of the catalog's ids (the join key's)."""
+        return self.dims.id_type
+
+    def ids_of(self, keys) -> np.ndarray:
+        """The pipeline's int64 ids of catalog keys; -1 for a missing (None) or, in a
+        string catalog, an unknown key. Int catalogs: the keys are the ids. String
+        catalogs: the keys' row indices."""
+        if self.item_keys is None:
+            if isinstance(keys, np.ndarray) and keys.dtype.kind in "iu":
+                return keys.astype(np.int64)
+            return np.asarray([_int_or_missing(k) for k in keys], dtype=np.int64)
+        index = self._key_index
+        return np.fromiter((index.get(str(k), -1) for k in keys), np.int64, count=len(keys))
+
+    def keys_of(self, ids: np.ndarray) -> np.ndarray:
+        """The catalog keys of int64 ids (ids themselves for an int catalog)."""
+        return ids if self.item_keys is None else self.item_keys[ids]
+
+    @cached_property
+    def _key_index(self) -> dict[str, int]:
+        return {str(k): int(i) for k, i in zip(self.item_keys, self.item_ids)}
 
     @cached_property
     def schema(self) -> CodeSchema:
@@ -276,6 +316,7 @@ def write_bundle(
     item_ids: np.ndarray,
     raw_emb: np.ndarray,
     vq_k: int,
+    item_keys: np.ndarray | None = None,
     metrics: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -284,6 +325,10 @@ def write_bundle(
     The bundle is assembled in a temporary sibling directory, fsynced, then renamed over
     ``path``; a reader never sees a half-written bundle. With ``overwrite`` an existing
     bundle is replaced (moved aside first, deleted after the rename succeeds).
+
+    Args:
+        item_keys: a string catalog's ids, in ``item_ids`` order; ``item_ids`` must then
+            be ``0 .. n-1``. None for an int catalog (its ids are ``item_ids``).
 
     Raises:
         BundleError: ``path`` exists and ``overwrite`` is false, or arrays are inconsistent.
@@ -308,6 +353,11 @@ def write_bundle(
     }
     weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in aligner_weights.items()}
     dims = _infer_dims(weights, arrays, vq_k)
+    keys = None
+    if item_keys is not None:
+        keys = np.asarray([str(k) for k in item_keys], dtype=str)
+        _check_keys(keys, arrays["item_ids"])
+        dims["id_type"] = "string"
 
     with atomic_dir(path) as tmp:
         files: dict[str, dict[str, Any]] = {}
@@ -323,6 +373,9 @@ def write_bundle(
                 "dtype": np.dtype(dtype).name,
                 "shape": list(arrays[key].shape),
             }
+        if keys is not None:
+            np.save(tmp / KEYS_FILE, keys, allow_pickle=False)
+            files[KEYS_FILE] = {"kind": "npy", "dtype": keys.dtype.str, "shape": [len(keys)]}
         for fname, meta in files.items():
             meta["sha256"] = _sha256(tmp / fname)
             meta["bytes"] = (tmp / fname).stat().st_size
@@ -366,9 +419,19 @@ def _infer_dims(weights: dict[str, np.ndarray], arrays: dict[str, np.ndarray], v
         "vq_k": int(vq_k),
         "pool_size": int(arrays["vq_pool_ids"].shape[0]),
         "n_items": int(arrays["item_ids"].shape[0]),
+        "id_type": "int64",
     }
     _check_consistency(weights, arrays, dims)
     return dims
+
+
+def _check_keys(keys: np.ndarray, item_ids: np.ndarray) -> None:
+    if keys.ndim != 1 or keys.shape[0] != item_ids.shape[0]:
+        raise BundleError(f"item_keys has shape {keys.shape}, item_ids {item_ids.shape}")
+    if not np.array_equal(item_ids, np.arange(item_ids.shape[0])):
+        raise BundleError("a catalog with item_keys must have item_ids 0 .. n-1 (row indices)")
+    if np.unique(keys).size != keys.size:
+        raise BundleError("item_keys holds duplicate keys")
 
 
 def _check_consistency(weights: dict, arrays: dict, dims: dict) -> None:
@@ -424,6 +487,8 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
     manifest, raw = read_manifest(path)
     files = manifest.files
     expected_files = {ALIGNER_FILE} | {f for f, _, _ in ARRAY_FILES.values()}
+    if manifest.dims.id_type == "string":
+        expected_files.add(KEYS_FILE)
     if set(files) != expected_files:
         raise BundleError(
             f"{path / MANIFEST} lists files {sorted(files)}, expected {sorted(expected_files)}"
@@ -466,9 +531,21 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         arrays[key] = arr
     for arr in weights.values():
         arr.setflags(write=False)
+    keys = None
+    if KEYS_FILE in files:
+        try:
+            keys = np.load(path / KEYS_FILE, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise BundleError(f"{path}: cannot read {KEYS_FILE} ({exc})") from None
+        if keys.dtype.kind != "U":
+            raise BundleError(f"{path}: {KEYS_FILE} is {keys.dtype}, expected unicode strings")
+        keys.setflags(write=False)
     dims = manifest.dims.model_dump()
     try:
         inferred = _infer_dims(weights, arrays, manifest.dims.vq_k)
+        if keys is not None:
+            _check_keys(keys, arrays["item_ids"])
+            inferred["id_type"] = "string"
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from None
     if dims != inferred:
@@ -483,6 +560,7 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         version=manifest.version,
         manifest=manifest,
         aligner_weights=weights,
+        item_keys=keys,
         **arrays,
     )
 

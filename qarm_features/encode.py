@@ -145,7 +145,7 @@ def encode_rows(bundle: Bundle, rows, item_ids=None) -> tuple[EncodedItems, list
     if ok.any():
         ids = None
         if item_ids is not None:
-            ids = np.asarray([(-1 if v is None else v) for v in item_ids], dtype=np.int64)[ok]
+            ids = bundle.ids_of(list(item_ids))[ok]  # keys -> ids; unknown/missing: -1
         enc = encode_items(bundle, good[ok], ids)
         aligned[ok], rq_codes[ok], vq_codes[ok] = enc.aligned, enc.rq_codes, enc.vq_codes
     return EncodedItems(aligned, rq_codes, vq_codes, bundle.version), errors
@@ -201,7 +201,8 @@ def encode_frame(bundle: Bundle, df, *, chunk_size: int = DEFAULT_CHUNK):
             f"raw_emb: rows are not equal-length numeric vectors ({exc}); "
             f"each must hold {bundle.raw_dim} floats"
         ) from None
-    enc = encode_items(bundle, raw, df[ITEM_ID].to_numpy(), chunk_size=chunk_size)
+    ids = bundle.ids_of(df[ITEM_ID].to_numpy())  # a new item (not in the pool): -1
+    enc = encode_items(bundle, raw, ids, chunk_size=chunk_size)
     out[ALIGNED_EMB] = list(enc.aligned)
     for level, name in enumerate(schema.rq_columns):
         out[name] = enc.rq_codes[:, level]

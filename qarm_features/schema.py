@@ -126,25 +126,30 @@ class CodeSchema:
         return tuple(HISTORY_PREFIX + name for name in self.rq_columns)
 
     # ------------------------------------------------------------------ offline tables
-    def table(self, which: str) -> tuple[Column, ...]:
-        """Columns of an offline source: ``"codes"``, ``"content"`` or ``"history"``."""
+    def table(self, which: str, *, id_column: str = ITEM_ID) -> tuple[Column, ...]:
+        """Columns of an offline source: ``"codes"``, ``"content"`` or ``"history"``.
+
+        ``id_column``: the item entity's join key (``item_id`` unless the repo's entity
+        says otherwise).
+        """
         stamps = (Column(EVENT_TIMESTAMP, TIMESTAMP), Column(CREATED, TIMESTAMP))
         if which == "codes":
-            return (Column(ITEM_ID, ID),) + stamps + self.features
+            return (Column(id_column, ID),) + stamps + self.features
         if which == "content":
-            return (Column(ITEM_ID, ID),) + stamps + (Column(RAW_EMB, FLOAT_LIST),)
+            return (Column(id_column, ID),) + stamps + (Column(RAW_EMB, FLOAT_LIST),)
         if which == "history":
             return (Column(USER_ID, ID), Column(EVENT_TIMESTAMP, TIMESTAMP)) + (
                 self.history_features
             )
         raise ValueError(f"unknown table {which!r}; expected codes, content or history")
 
-    def arrow(self, which: str, *, id_type: str = INT64):
+    def arrow(self, which: str, *, id_type: str = INT64, id_column: str = ITEM_ID):
         """The pyarrow schema of an offline source (see :meth:`table`).
 
         Args:
             which: ``"codes"``, ``"content"`` or ``"history"``.
             id_type: dtype of the join key column, :data:`INT64` or :data:`STRING`.
+            id_column: name of the item join key column.
         """
         import pyarrow as pa
 
@@ -156,4 +161,4 @@ class CodeSchema:
             TIMESTAMP: pa.timestamp("us", tz="UTC"),
         }
         types[ID] = types[id_type]
-        return pa.schema([(c.name, types[c.dtype]) for c in self.table(which)])
+        return pa.schema([(c.name, types[c.dtype]) for c in self.table(which, id_column=id_column)])

@@ -121,9 +121,7 @@ def encode_request(
 
     decode_errors = [r if isinstance(r, str) else None for r in raw_rows]
     rows = [None if isinstance(r, str) else r for r in raw_rows]
-    ids = None
-    if item_ids is not None and len(item_ids) == n:
-        ids = [None if v is None else int(v) for v in item_ids]
+    ids = item_ids if item_ids is not None and len(item_ids) == n else None
     enc, errors = encode_rows(bundle, rows, ids)
     errors = [d or e for d, e in zip(decode_errors, errors)]
     out = {ALIGNED_EMB: enc.aligned.tolist()}

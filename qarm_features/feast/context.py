@@ -58,6 +58,7 @@ class ServingContext:
         version: the bundle's version id (``"qarm-…"``), or ``"unset"``.
         n_levels: RQ levels ``L`` (one ``rq_code_l*`` feature each).
         raw_dim, aligned_dim, vq_k: dims from the manifest; None without a bundle.
+        id_type: the catalog's ids, ``"int64"`` or ``"string"``.
     """
 
     bundle: str | None
@@ -66,6 +67,7 @@ class ServingContext:
     raw_dim: int | None = None
     aligned_dim: int | None = None
     vq_k: int | None = None
+    id_type: str = "int64"
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -85,6 +87,7 @@ class ServingContext:
             raw_dim=d.raw_dim,
             aligned_dim=d.aligned_dim,
             vq_k=d.vq_k,
+            id_type=d.id_type,
         )
 
     @classmethod
@@ -103,11 +106,11 @@ class ServingContext:
 
     @classmethod
     def from_json(cls, data: dict) -> "ServingContext":
-        fields = ("bundle", "version", "n_levels", "raw_dim", "aligned_dim", "vq_k")
+        fields = ("bundle", "version", "n_levels", "raw_dim", "aligned_dim", "vq_k", "id_type")
         unknown = sorted(set(data) - set(fields))
         if unknown or "version" not in data or "n_levels" not in data:
             raise BundleError(f"not a serving context: {data!r}")
-        return cls(**{k: data.get(k) for k in fields})
+        return cls(**{k: data[k] for k in fields if k in data})
 
     # ----------------------------------------------------------------- use
     def to_json(self) -> dict:

@@ -20,6 +20,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -91,13 +92,25 @@ def load_definitions(repo_path: str | os.PathLike) -> list:
         kind = next(k.__name__ for k in kinds if isinstance(obj, k))
         found.setdefault((kind, obj.name), obj)
 
-    for path in get_repo_files(repo):
-        if path.name == "static_artifacts.py":
-            continue
-        name = f"_qarm_feature_repo_{next(_module_counter)}_{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    # as `feast apply` does: the repo's files import each other by module name
+    sys.path.insert(0, str(repo))
+    try:
+        modules = []
+        for path in get_repo_files(repo):
+            if path.name == "static_artifacts.py":
+                continue
+            name = f"_qarm_feature_repo_{next(_module_counter)}_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            modules.append(module)
+    finally:
+        sys.path.remove(str(repo))
+        for stem in {p.stem for p in get_repo_files(repo)}:
+            loaded = sys.modules.get(stem)
+            if loaded is not None and str(getattr(loaded, "__file__", "")).startswith(str(repo)):
+                del sys.modules[stem]  # a later load re-imports the repo's files afresh
+    for module in modules:
         for attr in dir(module):
             obj = getattr(module, attr)
             if isinstance(obj, kinds):
@@ -119,19 +132,32 @@ def registered_version(store) -> str | None:
     return None if version in (None, "", UNSET) else version
 
 
-def _catalog_frame(bundle, catalog_df, repo: Path) -> tuple[pd.DataFrame, int]:
+def _id_dtype(bundle):
+    return np.int64 if bundle.id_type == "int64" else str
+
+
+def _items(df: pd.DataFrame, join_key: str, *, name: str) -> pd.DataFrame:
+    """``item_id, raw_emb`` of a frame keyed by ``item_id`` or by the repo's join key."""
+    if join_key != ITEM_ID and join_key in df.columns:
+        df = df.rename(columns={join_key: ITEM_ID})
+    check_columns(df, [ITEM_ID, RAW_EMB], name=name)
+    return df[[ITEM_ID, RAW_EMB]].copy()
+
+
+def _catalog_frame(bundle, catalog_df, repo: Path, join_key: str) -> tuple[pd.DataFrame, int]:
     """The items to encode: ``catalog_df`` (or the bundle's catalog) plus pushed items."""
     if catalog_df is None:
-        catalog = pd.DataFrame({ITEM_ID: bundle.item_ids, RAW_EMB: list(bundle.raw_emb)})
+        keys = bundle.keys_of(bundle.item_ids)
+        catalog = pd.DataFrame({ITEM_ID: keys, RAW_EMB: list(bundle.raw_emb)})
     else:
-        check_columns(catalog_df, [ITEM_ID, RAW_EMB], name="catalog_df")
-        catalog = catalog_df[[ITEM_ID, RAW_EMB]].copy()
-    catalog[ITEM_ID] = catalog[ITEM_ID].astype(np.int64)
+        catalog = _items(catalog_df, join_key, name="catalog_df")
+    catalog[ITEM_ID] = catalog[ITEM_ID].astype(_id_dtype(bundle))
     n_pushed = 0
     content_path = repo / CONTENT_FILE
     if content_path.exists():
         # Items pushed since the last run are part of the catalog: keep their latest content.
-        old = pd.read_parquet(content_path, columns=[ITEM_ID, RAW_EMB, EVENT_TIMESTAMP])
+        old = pd.read_parquet(content_path, columns=[join_key, RAW_EMB, EVENT_TIMESTAMP])
+        old = old.rename(columns={join_key: ITEM_ID})
         old = old.sort_values(EVENT_TIMESTAMP, kind="stable")
         old = old.drop_duplicates(ITEM_ID, keep="last")
         extra = old[~old[ITEM_ID].isin(catalog[ITEM_ID])]
@@ -150,6 +176,7 @@ def prepare_sources(
     history: int = DEFAULT_HISTORY,
     positive_threshold: float | None = None,
     now: datetime | None = None,
+    join_key: str = ITEM_ID,
 ) -> dict:
     """Encode the catalog and write the repo's offline sources and bundle pointer.
 
@@ -168,6 +195,7 @@ def prepare_sources(
         positive_threshold: ``rating`` threshold of a positive; None = the bundle's own
             (``config.pairs.positive_threshold``).
         now: wall-clock time of the write (tests); defaults to now.
+        join_key: the repo's item join key (the id column of the sources it writes).
 
     Returns:
         Stats: ``version``, ``n_items``, ``n_pushed_items_kept``, ``n_history_rows``,
@@ -186,14 +214,18 @@ def prepare_sources(
         positive_threshold = bundle.config.pairs.positive_threshold
     now = now or datetime.now(timezone.utc)
     stamp = row_stamp(now)
-    catalog, n_pushed = _catalog_frame(bundle, catalog_df, repo)
+    catalog, n_pushed = _catalog_frame(bundle, catalog_df, repo, join_key)
     catalog[EVENT_TIMESTAMP] = stamp
     catalog[CREATED] = pd.Timestamp(now)
 
     codes = encode_catalog(bundle, catalog)
     t_encode = time.perf_counter() - t0
-    write_parquet(codes, repo / CODES_FILE, schema.arrow("codes"))
-    write_parquet(catalog, repo / CONTENT_FILE, schema.arrow("content"))
+    keyed = {"id_type": bundle.id_type, "id_column": join_key}
+    rename = {ITEM_ID: join_key}
+    write_parquet(codes.rename(columns=rename), repo / CODES_FILE, schema.arrow("codes", **keyed))
+    write_parquet(
+        catalog.rename(columns=rename), repo / CONTENT_FILE, schema.arrow("content", **keyed)
+    )
 
     history_schema = schema.arrow("history")
     if interactions_df is not None:
@@ -295,13 +327,14 @@ def materialize(
     fs_yaml_file: str | os.PathLike | None = None,
     history: int = DEFAULT_HISTORY,
     positive_threshold: float | None = None,
+    join_key: str = ITEM_ID,
 ) -> dict:
     """Encode the catalog with a bundle, write the offline sources, apply, materialize.
 
     Args:
         bundle_path: the bundle directory.
         repo_path: the feature repo (``feature_repo/`` or a copy).
-        catalog_df, interactions_df, history, positive_threshold: see
+        catalog_df, interactions_df, history, positive_threshold, join_key: see
             :func:`prepare_sources`.
         promote: allow a bundle version other than the one the registry serves. The
             online rows of ``qarm``, ``qarm_batch`` and ``user_history`` are cleared first,
@@ -337,6 +370,7 @@ def materialize(
         interactions_df,
         history=history,
         positive_threshold=positive_threshold,
+        join_key=join_key,
     )
     # The definitions now read the new pointer: the views' UDFs carry the new bundle.
     t0 = time.perf_counter()
@@ -373,6 +407,7 @@ def push_items(
     bundle_path: str | os.PathLike | None = None,
     fs_yaml_file: str | os.PathLike | None = None,
     offline: bool = True,
+    join_key: str = ITEM_ID,
 ) -> dict:
     """Give new (or edited) items their codes online now, without a batch rerun.
 
@@ -382,10 +417,11 @@ def push_items(
 
     Args:
         repo_path: the feature repo.
-        items_df: ``item_id``, ``raw_emb``.
+        items_df: ``item_id`` (or the repo's join key), ``raw_emb``.
         bundle_path: defaults to the repo's bundle (its pointer).
         fs_yaml_file: another config of the repo.
         offline: also append the rows to the offline parquet sources.
+        join_key: the repo's item join key.
 
     Raises:
         BundleVersionMismatch: the bundle is not the version the registry serves.
@@ -408,18 +444,20 @@ def push_items(
             f"cannot push codes of {bundle.version}: the registry of {repo} serves "
             f"{registered}; push with the registered bundle (or materialize --promote first)"
         )
-    check_columns(items_df, [ITEM_ID, RAW_EMB], name="items_df")
     now = datetime.now(timezone.utc)
-    items = items_df[[ITEM_ID, RAW_EMB]].copy()
-    items[ITEM_ID] = items[ITEM_ID].astype(np.int64)
+    items = _items(items_df, join_key, name="items_df")
+    items[ITEM_ID] = items[ITEM_ID].astype(_id_dtype(bundle))
     items[RAW_EMB] = [np.asarray(v, np.float32) for v in items[RAW_EMB]]
     items[EVENT_TIMESTAMP] = row_stamp(now)
     items[CREATED] = pd.Timestamp(now)
     codes = encode_catalog(bundle, items)
-    codes_schema, content_schema = bundle.schema.arrow("codes"), bundle.schema.arrow("content")
+    keyed = {"id_type": bundle.id_type, "id_column": join_key}
+    codes_schema = bundle.schema.arrow("codes", **keyed)
+    content_schema = bundle.schema.arrow("content", **keyed)
+    rename = {ITEM_ID: join_key}
     to = PushMode.ONLINE_AND_OFFLINE if offline else PushMode.ONLINE
-    store.push("item_content_push", items[content_schema.names], to=to)
-    store.push("qarm_push", codes[codes_schema.names], to=to)
+    store.push("item_content_push", items.rename(columns=rename)[content_schema.names], to=to)
+    store.push("qarm_push", codes.rename(columns=rename)[codes_schema.names], to=to)
     return {
         "version": bundle.version,
         "n_items": int(len(codes)),

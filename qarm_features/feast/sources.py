@@ -79,7 +79,7 @@ def encode_catalog(bundle, catalog: pd.DataFrame) -> pd.DataFrame:
         )
     out = encode_frame(bundle, catalog)
     if len(out):
-        out[ITEM_ID] = out[ITEM_ID].astype(np.int64)
+        out[ITEM_ID] = out[ITEM_ID].astype(np.int64 if bundle.id_type == "int64" else str)
     return out
 
 

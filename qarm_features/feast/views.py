@@ -133,3 +133,154 @@ def batch_view(
         tags=version_tags(context),
         description=description,
     )
+
+
+# A definitions file that adds `qarm_batch` to a repo whose item entity and content source
+# come from `definitions` (write it as e.g. qarm_batch_view.py; see batch_view's caveat).
+BATCH_VIEW_FILE = """\
+# qarm_batch: the QARM batch transformation run by Feast's compute engine at
+# `feast materialize` (local here; Ray or Spark at scale). Feast 0.67's CLI `feast apply`
+# crashes in its registry diff once this view is materialized: re-apply with the SDK
+# (`qarm materialize`), or leave this file out.
+from pathlib import Path
+
+from {definitions} import item_content_source, {item}
+from qarm_features.feast.context import ServingContext
+from qarm_features.feast.views import batch_view
+
+qarm_batch = batch_view(
+    ServingContext.of_repo(Path(__file__).resolve().parent),
+    name="qarm_batch",
+    entities=[{item}],
+    source=item_content_source,
+    description="QARM codes computed by the compute engine from item_content.",
+)
+"""
+
+
+def qarm_views(*, item, repo, batch_view_too: bool = False) -> dict:
+    """Every Feast object QARM adds to a repo, keyed by the name to give it.
+
+    Put them in a definitions file of the repo (``qarm init --into`` writes it)::
+
+        from qarm_features.feast.views import qarm_views
+        from my_features import product              # the repo's own item entity
+        globals().update(qarm_views(item=product, repo=__file__))
+
+    Args:
+        item: the repo's item ``Entity``; its join key names the id column of every QARM
+            source and its value type (INT64 or STRING) must match the bundle's ids.
+        repo: the repo directory (or a file in it): its pointer names the bundle served.
+        batch_view_too: also declare ``qarm_batch`` (the batch transformation run by
+            Feast's compute engine at ``feast materialize``). Off by default: Feast 0.67's
+            CLI ``feast apply`` crashes in its registry diff on a materialized
+            BatchFeatureView with a UDF (docs/feast.md).
+
+    Returns:
+        ``qarm_codes_source``, ``qarm_push``, ``item_content_source``,
+        ``item_content_push``, ``qarm`` (the codes rankers read), ``item_content`` (the
+        frozen embedding), ``qarm_cold_request``, ``qarm_cold``, ``qarm_cold_b64_request``,
+        ``qarm_cold_b64`` (and ``qarm_batch``).
+
+    Raises:
+        ConfigError: the entity's join key type is not INT64/STRING or not the bundle's.
+    """
+    from pathlib import Path
+
+    from feast import Field, FeatureView, FileSource, PushSource, RequestSource, ValueType
+    from feast.types import Array, Float32, String
+
+    from qarm_features.errors import ConfigError
+
+    repo = Path(repo).resolve()
+    if repo.is_file():
+        repo = repo.parent
+    context = ServingContext.of_repo(repo)
+    kinds = {ValueType.INT64: "int64", ValueType.STRING: "string"}
+    kind = kinds.get(item.value_type)
+    if kind is None:
+        raise ConfigError(
+            f"entity {item.name!r}: join key type {item.value_type.name} is not supported; "
+            "QARM keys items by INT64 or STRING ids"
+        )
+    if context.is_set and context.id_type != kind:
+        raise ConfigError(
+            f"entity {item.name!r} has {kind} ids but the bundle {context.version} was built "
+            f"on a catalog of {context.id_type} ids; rebuild it from this repo's catalog"
+        )
+    tags = version_tags(context)
+    out: dict = {}
+    out["qarm_codes_source"] = FileSource(
+        name="qarm_codes_source",
+        path="data/qarm_codes.parquet",
+        timestamp_field="event_timestamp",
+        created_timestamp_column="created",
+        description="QARM rows of the whole catalog, written by `qarm materialize`.",
+    )
+    out["qarm_push"] = PushSource(
+        name="qarm_push",
+        batch_source=out["qarm_codes_source"],
+        description="Codes of items added after the last materialization (`qarm push`).",
+    )
+    out["item_content_source"] = FileSource(
+        name="item_content_source",
+        path="data/item_content.parquet",
+        timestamp_field="event_timestamp",
+        created_timestamp_column="created",
+        description="The frozen content embedding of every item.",
+    )
+    out["item_content_push"] = PushSource(
+        name="item_content_push",
+        batch_source=out["item_content_source"],
+        description="Content embeddings of items added after the last materialization.",
+    )
+    out["qarm"] = FeatureView(
+        name="qarm",
+        entities=[item],
+        ttl=timedelta(0),
+        schema=feast_fields(context.schema.features),
+        source=out["qarm_push"],
+        online=True,
+        tags=tags,
+        description="QARM aligned embedding, RQ codes per level and VQ codes of each item.",
+    )
+    out["item_content"] = FeatureView(
+        name="item_content",
+        entities=[item],
+        ttl=timedelta(0),
+        schema=[Field(name=RAW_EMB, dtype=Array(Float32), description="Frozen content embedding.")],
+        source=out["item_content_push"],
+        online=True,
+        description="Frozen multi-modal content embedding (the baseline's dense input).",
+    )
+    if batch_view_too:
+        out["qarm_batch"] = batch_view(
+            context,
+            name="qarm_batch",
+            entities=[item],
+            source=out["item_content_source"],
+            description="QARM codes computed by the compute engine from item_content.",
+        )
+    out["qarm_cold_request"] = RequestSource(
+        name="qarm_cold_request",
+        schema=[Field(name=RAW_EMB, dtype=Array(Float32))],
+        description="Raw content embedding of an item that has no materialized row yet.",
+    )
+    out["qarm_cold"] = cold_view(
+        context,
+        name="qarm_cold",
+        request_source=out["qarm_cold_request"],
+        description="Request-time QARM codes of cold items from their raw content embedding.",
+    )
+    out["qarm_cold_b64_request"] = RequestSource(
+        name="qarm_cold_b64_request",
+        schema=[Field(name=RAW_EMB_B64, dtype=String)],
+        description="Raw content embedding as base64 of little-endian float32 bytes.",
+    )
+    out["qarm_cold_b64"] = cold_view(
+        context,
+        name="qarm_cold_b64",
+        request_source=out["qarm_cold_b64_request"],
+        description="Request-time QARM codes of cold items from base64 float32 bytes.",
+    )
+    return out

@@ -6,7 +6,8 @@
   ``QARM_REQUIRE_SERVERS=1`` is set, which turns the skip into a failure.
   PostgreSQL refuses to run as root: as root, the cluster is created and run as
   ``nobody`` (any uid works; only the data directory must belong to it).
-- ``make_repo`` copies ``feature_repo/`` (without its data) into a temporary directory.
+- ``make_repo`` copies ``feature_repo/`` (without its data) into a temporary directory,
+  with the optional ``qarm_batch`` BatchFeatureView file unless ``batch_view=False``.
 - ``run_feast`` runs the unmodified ``feast`` CLI in a subprocess; ``feast_server`` runs
   ``feast serve`` on a free loopback port and stops its whole process group.
 """
@@ -61,11 +62,16 @@ def interactions(bundle_path) -> pd.DataFrame:
 def make_repo(tmp_path_factory):
     """Factory: a fresh copy of feature_repo/ (no data/, no caches) in a temp directory."""
 
-    def make(name: str = "repo") -> Path:
+    def make(name: str = "repo", *, batch_view: bool = True) -> Path:
+        from qarm_features.feast.views import BATCH_VIEW_FILE
+
         dest = tmp_path_factory.mktemp("qarm-repo") / name
         shutil.copytree(
             FEATURE_REPO, dest, ignore=shutil.ignore_patterns("data", "__pycache__", "*.pyc")
         )
+        if batch_view:  # the optional BatchFeatureView, so its equality with `qarm` is tested
+            text = BATCH_VIEW_FILE.format(definitions="feature_definitions", item="item")
+            (dest / "qarm_batch_view.py").write_text(text)
         return dest
 
     return make

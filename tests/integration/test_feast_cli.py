@@ -301,3 +301,20 @@ def test_sdk_reapply_after_materialize(cli_repo):
 
     names = apply(cli_repo)
     assert {"qarm", "qarm_batch", "qarm_cold", "qarm_ranker"} <= set(names)
+
+
+def test_default_repo_survives_feast_apply_twice(make_repo, bundle_path, interactions):
+    """`cd feature_repo && feast apply` is the first command a Feast user types: the default
+    declarations (no BatchFeatureView) pass it twice in a row, then `feast materialize`,
+    and the cold view serves the repo's bundle with `feast` run from the repo."""
+    from qarm_features.feast.job import prepare_sources
+
+    repo = make_repo("default", batch_view=False)
+    prepare_sources(bundle_path, repo, interactions_df=interactions)
+    run_feast(["apply"], repo)
+    run_feast(["apply"], repo)
+    end = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    run_feast(["materialize", "1970-01-01T00:00:00", end], repo)
+    run_feast(["apply"], repo)  # and again after materializing
+    listed = run_feast(["feature-views", "list"], repo).stdout
+    assert "qarm" in listed and "qarm_batch" not in listed

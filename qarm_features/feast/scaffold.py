@@ -1,0 +1,211 @@
+"""``qarm init``: a new QARM feature repo, or QARM added to a team's existing repo.
+
+- :func:`init_repo` writes a working repo: ``feature_store.yaml`` (embedded defaults:
+  SQLite online store, file offline store, local registry), ``qarm.yaml`` (to fill in) and
+  ``qarm_definitions.py`` (an item entity and the QARM views).
+- :func:`init_into` adds QARM to an *existing* repo: ``qarm.yaml`` and one definitions file
+  that imports the repo's own item entity (its join key and value type are reused) and
+  declares the QARM views with :func:`qarm_features.feast.views.qarm_views`. None of the
+  repo's files is touched; a file that already exists is never overwritten.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+from pathlib import Path
+
+from qarm_features.errors import ConfigError
+
+DEFINITIONS_FILE = "qarm_definitions.py"
+
+FEATURE_STORE_YAML = """\
+# Feast repo with QARM features, embedded defaults: one machine, no servers.
+#   registry       a local file (data/registry.db)
+#   online store   SQLite (data/online_store.db)
+#   offline store  parquet files under data/, written by `qarm materialize`
+project: {project}
+provider: local
+registry:
+    path: data/registry.db
+    cache_ttl_seconds: 60
+online_store:
+    type: sqlite
+    path: data/online_store.db
+offline_store:
+    type: file
+entity_key_serialization_version: 3
+auth:
+    type: no_auth
+"""
+
+QARM_YAML = """\
+# QARM configuration of this feature repo (`qarm build/materialize/push --repo .`).
+# Relative paths are taken from this directory. Every key: qarm_features/project.py.
+catalog:                          # the items to encode, one row each
+  path: data/items.parquet        # parquet or CSV, a file or a glob
+  id: {join_key}                  # int or string ids (the entity's join key values)
+  text: "{{title}}. {{description}}"  # a template over catalog columns (frozen text encoder)
+  # embedding: emb                # ... or the team's own content embeddings instead
+events:                           # the interaction log
+  path: data/events.parquet
+  user: user_id
+  item: {join_key}
+  timestamp: ts                   # unix seconds or datetimes
+  # label: clicked                # a 0/1 column; or rating: {{column: rating, threshold: 4}};
+                                  # neither: every row is a positive (implicit feedback)
+  unknown_items: error            # or drop: events naming items not in the catalog
+# pairs:                          # optional: signals the retrieval stack already has
+#   i2i: data/swing.parquet       # trigger, target[, score]
+#   item_embeddings: data/u2i_item_emb.parquet   # id, emb
+entity:                           # the repo's item entity the QARM views key on
+  name: {entity}
+  join_key: {join_key}
+build: {{}}                         # BuildConfig sections: encoder, pairs, aligner, rq, vq
+bundles: artifacts/bundles        # where `qarm build` writes bundles
+"""
+
+NEW_REPO_DEFINITIONS = """\
+# QARM features (written by `qarm init`). Declarations only: `feast apply` imports this
+# file; the bundle it serves comes from data/qarm_bundle.json (`qarm materialize`).
+from pathlib import Path
+
+from feast import Entity, ValueType
+
+from qarm_features.feast.views import qarm_views
+
+# An item of the catalog: the join key every item view uses.
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.{value_type})
+
+# qarm (codes rankers read), item_content (frozen embedding), qarm_cold / qarm_cold_b64
+# (codes at request time for items with no row yet) and their sources.
+globals().update(qarm_views(item=item, repo=Path(__file__).resolve().parent))
+"""
+
+INTO_DEFINITIONS = """\
+# QARM features for this repo (written by `qarm init --into`), keyed on its own item
+# entity `{entity}` (join key {join_key}, {value_type}). Declarations only; the bundle
+# served comes from data/qarm_bundle.json (`qarm materialize --repo .`).
+from pathlib import Path
+
+from {module} import {variable}
+from qarm_features.feast.views import qarm_views
+
+# qarm (codes rankers read), item_content (frozen embedding), qarm_cold / qarm_cold_b64
+# (codes at request time for items with no row yet) and their sources.
+globals().update(qarm_views(item={variable}, repo=Path(__file__).resolve().parent))
+"""
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create ``path``; refuse to overwrite anything."""
+    try:
+        with open(path, "x") as f:
+            f.write(text)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; qarm init never overwrites a file") from None
+
+
+def init_repo(directory: str | os.PathLike, *, id_type: str = "int64") -> list[Path]:
+    """Write a new feature repo with QARM views; returns the files written.
+
+    Args:
+        directory: created if missing; must not hold a feature_store.yaml yet.
+        id_type: ``"int64"`` or ``"string"``: the catalog's item ids.
+    """
+    if id_type not in ("int64", "string"):
+        raise ConfigError(f"id_type {id_type!r}: expected int64 or string")
+    repo = Path(directory).expanduser().resolve()
+    if (repo / "feature_store.yaml").exists():
+        raise ConfigError(
+            f"{repo} already holds a feature repo; add QARM to it with "
+            f"`qarm init --into {repo} --item-entity NAME`"
+        )
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "data").mkdir(exist_ok=True)
+    project = re.sub(r"[^a-zA-Z0-9_]", "_", repo.name) or "qarm"
+    files = {
+        "feature_store.yaml": FEATURE_STORE_YAML.format(project=project),
+        "qarm.yaml": QARM_YAML.format(entity="item", join_key="item_id"),
+        DEFINITIONS_FILE: NEW_REPO_DEFINITIONS.format(
+            value_type="INT64" if id_type == "int64" else "STRING"
+        ),
+    }
+    for name in files:  # check everything first: all or nothing
+        if (repo / name).exists():
+            raise ConfigError(f"{repo / name} already exists; qarm init never overwrites a file")
+    for name, text in files.items():
+        _write_new(repo / name, text)
+    return [repo / name for name in files]
+
+
+def _find_entity(repo: Path, name: str) -> tuple[str, str, object]:
+    """(module name, variable name, Entity) of the repo's entity called ``name``."""
+    from feast import Entity
+    from feast.repo_operations import get_repo_files
+
+    from qarm_features.feast.job import load_definitions
+
+    found = [o for o in load_definitions(repo) if isinstance(o, Entity) and o.name == name]
+    if not found:
+        names = sorted(o.name for o in load_definitions(repo) if isinstance(o, Entity))
+        raise ConfigError(f"{repo} declares no entity named {name!r}; its entities: {names}")
+    entity = found[0]
+    # the file and variable that declare it: `var = Entity(name="<name>", ...)` at top level
+    for path in get_repo_files(repo):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)):
+                continue
+            call = node.value
+            if getattr(call.func, "id", getattr(call.func, "attr", None)) != "Entity":
+                continue
+            kw = {k.arg: k.value for k in call.keywords}
+            if isinstance(kw.get("name"), ast.Constant) and kw["name"].value == name:
+                target = node.targets[0]
+                if isinstance(target, ast.Name):
+                    return path.stem, target.id, entity
+    raise ConfigError(
+        f"{repo}: entity {name!r} is not assigned to a module-level variable "
+        "(`item = Entity(name=...)`), so it cannot be imported; import it by hand in "
+        f"{DEFINITIONS_FILE} (see qarm_features.feast.views.qarm_views)"
+    )
+
+
+def init_into(repo_path: str | os.PathLike, *, item_entity: str) -> list[Path]:
+    """Add QARM to an existing feature repo, reusing its item entity; returns the files.
+
+    Raises:
+        ConfigError: no feature repo there, no such entity, an unsupported join key type,
+            or a QARM file already present.
+    """
+    from feast import ValueType
+
+    repo = Path(repo_path).expanduser().resolve()
+    if not (repo / "feature_store.yaml").exists():
+        raise ConfigError(f"{repo} is not a feature repo (no feature_store.yaml)")
+    for name in ("qarm.yaml", DEFINITIONS_FILE):
+        if (repo / name).exists():
+            raise ConfigError(f"{repo / name} already exists; qarm init never overwrites a file")
+    module, variable, entity = _find_entity(repo, item_entity)
+    if entity.value_type not in (ValueType.INT64, ValueType.STRING):
+        raise ConfigError(
+            f"entity {item_entity!r} is {entity.value_type.name}; QARM keys items by INT64 "
+            "or STRING ids"
+        )
+    join_key = entity.join_key
+    (repo / "data").mkdir(exist_ok=True)
+    files = {
+        "qarm.yaml": QARM_YAML.format(entity=item_entity, join_key=join_key),
+        DEFINITIONS_FILE: INTO_DEFINITIONS.format(
+            entity=item_entity,
+            join_key=join_key,
+            value_type=entity.value_type.name,
+            module=module,
+            variable=variable,
+        ),
+    }
+    for name, text in files.items():
+        _write_new(repo / name, text)
+    return [repo / name for name in files]
