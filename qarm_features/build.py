@@ -132,7 +132,7 @@ def build_bundle(
         InputError: malformed catalog or interactions, or interactions naming items that
             are not in the catalog.
     """
-    from qarm_features.align import train_aligner
+    from qarm_features.align import ItemAligner
     from qarm_features.bundle import write_bundle
     from qarm_features.pairs import mine_pairs
 
@@ -161,9 +161,9 @@ def build_bundle(
 
     t0 = time.perf_counter()
     step("training aligner")
-    aligner, history = train_aligner(raw, ids, train_pairs, cfg.aligner, progress=progress)
+    aligner = ItemAligner(cfg.aligner).fit(raw, ids, train_pairs, progress=progress)
     timings["aligner_s"] = time.perf_counter() - t0
-    weights = aligner.export_weights()
+    weights, history = aligner.weights_, aligner.history_
 
     # The aligned space served later is the numpy forward of the exported weights.
     from qarm_features.encode import align_with_weights

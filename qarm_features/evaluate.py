@@ -380,7 +380,7 @@ def build_item_spaces(item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: in
     """Mine pairs on train, train the aligner, fit codes (warm items only), measure them."""
     from sklearn.decomposition import PCA
 
-    from qarm_features.align import train_aligner
+    from qarm_features.align import ItemAligner
     from qarm_features.encode import align_with_weights
     from qarm_features.pairs import mine_pairs
 
@@ -397,8 +397,9 @@ def build_item_spaces(item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: in
         rng.choice(paired, size=round(cfg.aligner_val_fraction * paired.size), replace=False)
     )
     acfg = cfg.aligner.model_copy(update={"seed": seed})
-    aligner, history = train_aligner(raw, item_ids, pairs, acfg, val_items=val_items)
-    aligned = align_with_weights(aligner.export_weights(), raw)
+    aligner = ItemAligner(acfg).fit(raw, item_ids, pairs, val_items=val_items)
+    history = aligner.history_
+    aligned = align_with_weights(aligner.weights_, raw)
     t_align = time.perf_counter() - t0
 
     warm_rows = lookup_rows(split.warm_items, item_ids, name="warm items")
