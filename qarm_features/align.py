@@ -423,7 +423,8 @@ class ItemAligner:
             history["raw_val_pair_auc"], history["raw_val_recall_at_10"] = score(raw)
         fork_devices = []
         if device.type == "cuda":
-            fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+            index = device.index
+            fork_devices = [index if index is not None else torch.cuda.current_device()]
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(cfg.seed)
             scorer = score if validate else None

@@ -282,25 +282,21 @@ def finetune_encoder(
     """
     import hashlib
 
-    from qarm_features.finetune import finetune_text_encoder, load_encoder, save_encoder
+    from qarm_features.finetune import EncoderFineTuner, load_encoder
     from qarm_features.pairs import mine_pairs
 
     pairs, _ = mine_pairs(interactions, cfg.pairs)
     train_pairs, _, _ = split_test_items(item_ids, pairs, test_item_fraction, cfg.seed)
-    e = cfg.encoder
-    model, history = finetune_text_encoder(
-        texts, item_ids, train_pairs, n_layers=e.finetune_layers, epochs=e.finetune_epochs,
-        lr=e.finetune_lr, max_pairs_per_epoch=e.finetune_max_pairs, seed=cfg.seed,
-        model_path=e.model_path, progress=progress,
-    )
-    path = save_encoder(model, out, overwrite=True)
+    tuner = EncoderFineTuner(cfg.encoder, seed=cfg.seed)
+    history = tuner.fit(texts, item_ids, train_pairs, progress=progress).history_
+    path = tuner.save(out, overwrite=True)
     raw = np.asarray(load_encoder(path).encode(texts), dtype=np.float32)
     weights = sorted(path.rglob("*.safetensors"))
     digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
     info = {
         "path": str(path),
         "weights_sha256": digest,
-        "finetuned_layers": e.finetune_layers,
+        "finetuned_layers": cfg.encoder.finetune_layers,
         "train_loss_before": history.get("train_loss_before"),
         "train_loss_after": history.get("train_loss_after"),
         "steps": history.get("steps"),
