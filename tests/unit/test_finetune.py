@@ -186,9 +186,11 @@ def test_seeded_and_validation_history(tiny_model):
         minlength=ids.size,
     )
     frozen = TextEncoder(model_path=tiny_model).encode(texts)
-    assert h1["val_pair_auc"][0] == pytest.approx(pair_auc(frozen, ids, val, pop, seed=0), abs=1e-3)
+    want0 = pair_auc(frozen, ids, val, pop, seed=0)
+    assert h1["val_pair_auc"][0] == pytest.approx(want0, abs=1e-3)
     fitted = m1.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
-    assert h1["val_pair_auc"][-1] == pytest.approx(pair_auc(fitted, ids, val, pop, seed=0), abs=1e-3)
+    want = pair_auc(fitted, ids, val, pop, seed=0)
+    assert h1["val_pair_auc"][-1] == pytest.approx(want, abs=1e-3)
     m3, _ = finetune(
         texts, ids, train, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1, "seed": 1}
     )
@@ -213,7 +215,8 @@ def _reference_loss(z, a, b, temperature, *, masked=True):
         logits = q_emb @ k_emb.T / temperature
         n = logits.shape[0]
         if masked:  # another column holding row i's positive item or row i's query item
-            mask = ((k[None, :] == k[:, None]) | (k[None, :] == q[:, None])) & ~np.eye(n, dtype=bool)
+            same = (k[None, :] == k[:, None]) | (k[None, :] == q[:, None])
+            mask = same & ~np.eye(n, dtype=bool)
             logits = np.where(mask, -np.inf, logits)
         logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
         return float(np.mean(logz - np.diag(logits)))
