@@ -106,7 +106,15 @@ class BuildConfig(_Config):
     aligner: AlignerConfig = AlignerConfig()
     rq: RQConfig = RQConfig()
     vq: VQConfig = VQConfig()
-    seed: int = 0
+    seed: int = 0  # the held-out item draw of the build's metrics
+
+    def with_seed(self, seed: int) -> BuildConfig:
+        """A copy whose every seed (the build's, pairs, aligner, RQ, VQ) is ``seed``."""
+        sections = {
+            name: getattr(self, name).model_copy(update={"seed": int(seed)})
+            for name in ("pairs", "aligner", "rq", "vq")
+        }
+        return self.model_copy(update={**sections, "seed": int(seed)})
 
 
 def parse_config(model: type[_Config], data: dict | None):
