@@ -69,7 +69,7 @@ def build_bundle(
             are not in the catalog.
     """
     from qarm_features.bundle import write_bundle
-    from qarm_features.pipeline import code_report, fit_item_space, make_rq
+    from qarm_features.pipeline import code_report, fit_item_space, l2_normalize, make_rq
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)
@@ -84,7 +84,7 @@ def build_bundle(
     )
     ids, raw, aligned, metrics = space.item_ids, space.raw, space.aligned, space.metrics
     try:  # raw-space codes at the same L x K, the "cascading" baseline for code quality
-        raw_norm = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+        raw_norm = l2_normalize(raw)
         metrics["codes"]["raw"] = code_report(make_rq(cfg.rq).fit(raw_norm), raw_norm)
     except InputError as exc:  # too few items for K codes
         log.warning("skipping raw-space code report: %s", exc)

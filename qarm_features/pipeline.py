@@ -90,6 +90,11 @@ class ItemSpace:
 
 
 # --------------------------------------------------------------------------- pieces
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by ``max(||row||, 1e-12)``, in ``x``'s dtype."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def split_test_items(item_ids: np.ndarray, pairs: pd.DataFrame, fraction: float, seed: int):
     """Pick ``fraction`` of the items that appear in pairs as held-out test items.
 
@@ -99,7 +104,9 @@ def split_test_items(item_ids: np.ndarray, pairs: pd.DataFrame, fraction: float,
     rng = np.random.default_rng(seed)
     in_pairs = np.unique(np.concatenate([pairs["trigger_id"], pairs["target_id"]]))
     n_test = int(round(fraction * in_pairs.size))
-    test_items = np.sort(rng.choice(in_pairs, size=n_test, replace=False)) if n_test else in_pairs[:0]
+    test_items = in_pairs[:0]
+    if n_test:
+        test_items = np.sort(rng.choice(in_pairs, size=n_test, replace=False))
     touches = pairs["trigger_id"].isin(test_items) | pairs["target_id"].isin(test_items)
     return pairs[~touches].reset_index(drop=True), pairs[touches].reset_index(drop=True), test_items
 
@@ -278,7 +285,7 @@ def fit_item_space(
 
     step("evaluating")
     pop = item_popularity(interactions, ids)
-    raw_norm = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+    raw_norm = l2_normalize(raw)
     history = aligner.history_
     metrics = {
         "pairs": pair_stats,

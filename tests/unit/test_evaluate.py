@@ -1,4 +1,5 @@
-"""Unit tests for qarm_features.evaluate on tiny hand-made and synthetic data."""
+"""Unit tests for the evaluation (qarm_features.app: protocol, item spaces, variants,
+evaluate, report) on tiny hand-made and synthetic data."""
 
 from __future__ import annotations
 
@@ -8,22 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qarm_features.errors import InputError
-from qarm_features.evaluate import (
-    METRICS,
-    SUBSETS,
+from qarm_features.app.item_spaces import ItemSpaces
+from qarm_features.app.protocol import (
     VARIANTS,
     EvalConfig,
-    ItemSpaces,
     choose_cold_items,
     make_split,
     point_in_time_history,
-    score_subsets,
     temporal_split,
-    train_ranker,
-    variant_items,
-    write_report,
 )
+from qarm_features.app.report import METRICS, SUBSETS, write_report
+from qarm_features.app.variants import score_subsets, train_ranker, variant_items
+from qarm_features.errors import InputError
 
 
 def _events():
@@ -248,7 +245,8 @@ def test_write_report_files_and_json_layout(tmp_path):
 def test_run_protocol_end_to_end_tiny(tmp_path):
     """The whole protocol (pairs, aligner, codes, rankers, ablation, report) on tiny data."""
     from qarm_features.config import AlignerConfig, PairsConfig, RQConfig, VQConfig
-    from qarm_features.evaluate import Ablation, run_protocol
+    from qarm_features.app.evaluate import run_protocol
+    from qarm_features.app.protocol import Ablation
 
     item_ids, raw, df = _world(n_items=80, n_users=60, n_rows=3000, seed=2)
     cfg = EvalConfig(
