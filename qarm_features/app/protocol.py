@@ -85,21 +85,19 @@ class EvalConfig(BaseModel):
     rq_mode: Literal["level", "prefix", "both"] = "prefix"
     vq_tied: bool = False  # VQ codes read the item-id table (see RankerConfig.vq_tied)
     id_dropout: float = Field(0.0, ge=0, lt=1)  # see RankerConfig.id_dropout
-    # Item spaces: BuildConfig's sections (the run's seed replaces their seeds). The
-    # aligner's early stopping holds out aligner.val_fraction of the paired (warm) items.
-    pairs: PairsConfig = PairsConfig()
-    # A linear aligner (hidden=0, the PCA-initialised skip only): on this ~1.3k-item train
-    # catalog the MLP head overfits the warm items and loses what cold items need (see the
-    # mlp_aligner ablation). The library default (AlignerConfig.hidden=256) is left as is.
-    aligner: AlignerConfig = AlignerConfig(hidden=0)
-    rq: RQConfig = RQConfig()
-    vq: VQConfig = VQConfig()
+    # Item spaces: BuildConfig's sections with BuildConfig's defaults, the preset `qarm
+    # build` uses too (the run's seed replaces their seeds). The aligner's early stopping
+    # holds out aligner.val_fraction of the paired (warm) items.
+    pairs: PairsConfig = BuildConfig().pairs
+    aligner: AlignerConfig = BuildConfig().aligner
+    rq: RQConfig = BuildConfig().rq
+    vq: VQConfig = BuildConfig().vq
     variants: tuple[str, ...] = tuple(VARIANTS)
     # What helped / what did not, regenerated with the report (same seeds and splits).
     ablations: dict[str, Ablation] = {
         "mlp_aligner": Ablation(
             description="aligner with a 256-unit MLP next to the linear skip "
-            "(AlignerConfig's default) instead of a linear aligner",
+            "instead of a linear aligner (the shared default)",
             aligner={"hidden": 256},
         ),
         "rq_levels_only": Ablation(
