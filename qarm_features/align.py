@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from qarm_features._validate import check_columns, check_embeddings, check_ids, lookup_rows
+from qarm_features._contrastive import pair_rows, symmetric_nce
+from qarm_features._validate import check_embeddings, check_ids, lookup_rows
 from qarm_features.config import AlignerConfig
 from qarm_features.errors import ConfigError, DependencyError, InputError, NotFittedError
 from qarm_features.metrics import pair_auc, pair_recall_at_k
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 _EVAL_BATCH = 65_536
 # Scale of the MLP's last layer at init: the aligned space starts as the raw PCA space.
 _MLP_OUT_INIT_STD = 1e-3
+# Per-epoch training statistics, in the order _train_epoch returns them.
+_EPOCH_KEYS = ("loss", "loss_nce", "loss_raw", "pairs_per_s")
 
 
 def weight_shapes(in_dim: int, cfg: AlignerConfig) -> dict[str, tuple[int, ...]]:
@@ -208,33 +211,6 @@ def _centred_reference(x: np.ndarray, mean: np.ndarray, chunk: int = _EVAL_BATCH
 
 
 # --------------------------------------------------------------------------- training
-def _pair_rows(pairs, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(pairs, pd.DataFrame):
-        raise InputError(f"pairs: expected a DataFrame [trigger_id, target_id], got {type(pairs)}")
-    check_columns(pairs, ["trigger_id", "target_id"], name="pairs")
-    trig = check_ids(pairs["trigger_id"].to_numpy(), name="pairs.trigger_id", unique=False)
-    targ = check_ids(pairs["target_id"].to_numpy(), name="pairs.target_id", unique=False)
-    ti = lookup_rows(trig, item_ids, name="pairs.trigger_id")
-    gi = lookup_rows(targ, item_ids, name="pairs.target_id")
-    keep = ti != gi
-    if not keep.all():
-        logger.info("ItemAligner: dropping %d self-pair(s)", int((~keep).sum()))
-    return ti[keep], gi[keep]
-
-
-def _masked_nce(logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of row i against column i, masking in-batch false negatives.
-
-    Column ``j != i`` is masked for row ``i`` when its key item ``k[j]`` is row i's
-    positive ``k[i]`` (the same target twice in a batch) or row i's query item ``q[i]``.
-    """
-    n = logits.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
-    mask = ((k[None, :] == k[:, None]) | (k[None, :] == q[:, None])) & ~eye
-    labels = torch.arange(n, device=logits.device)
-    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), labels)
-
-
 def _resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -300,10 +276,9 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
 def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig):
     """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``)."""
     za, zb = model(x_all[a]), model(x_all[b])
-    logits = za @ zb.T / cfg.temperature
-    nce = 0.5 * (_masked_nce(logits, a, b) + _masked_nce(logits.T, b, a))
+    nce = symmetric_nce(za, zb, a, b, cfg.temperature)
     loss = nce
-    raw_term = torch.zeros((), device=logits.device)
+    raw_term = torch.zeros((), device=nce.device)
     if cfg.raw_consistency > 0:
         z = torch.cat([za, zb])
         r = ref_all[torch.cat([a, b])]
@@ -371,7 +346,7 @@ class ItemAligner:
         popularity=None,
         progress: bool = False,
     ) -> ItemAligner:
-        """Train on ``pairs`` over the catalog ``(item_ids, raw_emb)``.
+        """Train on ``pairs`` over the catalog ``(item_ids, raw_emb)``; returns ``self``.
 
         Args:
             raw_emb: ``(n, in_dim)`` frozen content embeddings of the catalog.
@@ -379,12 +354,8 @@ class ItemAligner:
             pairs: DataFrame with ``trigger_id``, ``target_id`` (ids in ``item_ids``).
             val_items: ids to hold out, ``None`` for a random split, empty for no validation.
             popularity: interaction counts for popularity-matched negatives (Series keyed
-                by id, or array aligned with ``item_ids``); default: each item's degree in
-                ``pairs``.
+                by id, or array aligned with ``item_ids``); default: item degree in ``pairs``.
             progress: log each epoch at INFO level (DEBUG otherwise).
-
-        Returns:
-            ``self``, fitted.
 
         Raises:
             InputError: bad shapes, NaN, unknown ids, or nothing left to train/validate on.
@@ -393,25 +364,18 @@ class ItemAligner:
         cfg = self._config()
         raw = check_embeddings(raw_emb, name="raw_emb")
         ids = check_ids(item_ids, name="item_ids", n=raw.shape[0])
-        ti, gi = _pair_rows(pairs, ids)
-        if ti.size == 0:
-            raise InputError("pairs: no (non-self) pair to train on; mine pairs first")
+        ti, gi = pair_rows(pairs, ids)
         device = _resolve_device(cfg.device)
         hold = _hold_out_items(ids, ti, gi, val_items, cfg)
         if popularity is None:
             popularity = np.bincount(np.concatenate([ti, gi]), minlength=ids.size)
             popularity = popularity.astype(np.float64)
-        history: dict = {
-            "loss": [],
-            "loss_nce": [],
-            "loss_raw": [],
-            "pairs_per_s": [],
-            "val_pair_auc": [],
-            "val_recall_at_10": [],
-            "n_train_pairs": int(hold.train_a.size),
-            "n_val_pairs": hold.n_val_pairs,
-            "n_val_items": hold.n_val_items,
-        }
+        history: dict = {k: [] for k in (*_EPOCH_KEYS, "val_pair_auc", "val_recall_at_10")}
+        history.update(
+            n_train_pairs=int(hold.train_a.size),
+            n_val_pairs=hold.n_val_pairs,
+            n_val_items=hold.n_val_items,
+        )
 
         def score(space: np.ndarray) -> tuple[float, float]:
             """Validation pair-AUC and recall@10 of an embedding of the catalog."""
@@ -460,7 +424,7 @@ class ItemAligner:
         for epoch in range(1, cfg.max_epochs + 1):
             perm = torch.randperm(n_train, generator=gen).to(device)
             stats = _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg)
-            for key, value in zip(("loss", "loss_nce", "loss_raw", "pairs_per_s"), stats):
+            for key, value in zip(_EPOCH_KEYS, stats):
                 history[key].append(value)
             if score is None:
                 log("aligner epoch %d loss %.4f", epoch, history["loss"][-1])
@@ -468,13 +432,8 @@ class ItemAligner:
             auc_e, rec_e = score(model.transform(raw))
             history["val_pair_auc"].append(auc_e)
             history["val_recall_at_10"].append(rec_e)
-            log(
-                "aligner epoch %d loss %.4f val pair-AUC %.4f recall@10 %.4f",
-                epoch,
-                history["loss"][-1],
-                auc_e,
-                rec_e,
-            )
+            msg = "aligner epoch %d loss %.4f val pair-AUC %.4f recall@10 %.4f"
+            log(msg, epoch, history["loss"][-1], auc_e, rec_e)
             if auc_e > best_auc:
                 best_epoch, best_auc, since = epoch, auc_e, 0
                 best_state = copy.deepcopy(model.state_dict())

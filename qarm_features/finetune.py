@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from qarm_features._atomic import atomic_dir
-from qarm_features._validate import check_columns, check_ids, lookup_rows
-from qarm_features.align import _masked_nce
+from qarm_features._validate import check_ids
+from qarm_features._contrastive import pair_rows, symmetric_nce
 from qarm_features.encoders import TextEncoder, _check_texts, _import, _offline
 from qarm_features.config import EncoderConfig
 from qarm_features.errors import InputError, NotFittedError
@@ -65,29 +65,6 @@ def _resolve_device(name) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device: {name!r} requested but CUDA is not available; use 'cpu'")
     return device
-
-
-def _pair_rows(pairs, item_ids: np.ndarray, *, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions of (trigger, target); unknown ids raise, self-pairs are dropped."""
-    if not isinstance(pairs, pd.DataFrame):
-        raise InputError(
-            f"{name}: expected a DataFrame [trigger_id, target_id], got {type(pairs).__name__}"
-        )
-    check_columns(pairs, ["trigger_id", "target_id"], name=name)
-    trig = check_ids(pairs["trigger_id"].to_numpy(), name=f"{name}.trigger_id", unique=False)
-    targ = check_ids(pairs["target_id"].to_numpy(), name=f"{name}.target_id", unique=False)
-    ti = lookup_rows(trig, item_ids, name=f"{name}.trigger_id")
-    gi = lookup_rows(targ, item_ids, name=f"{name}.target_id")
-    keep = ti != gi
-    if not keep.all():
-        logger.info("finetune: dropping %d self-pair(s) from %s", int((~keep).sum()), name)
-    ti, gi = ti[keep], gi[keep]
-    if ti.size == 0:
-        raise InputError(
-            f"{name}: no (non-self) pair among {len(pairs)} rows; mine pairs first "
-            "(qarm_features.pairs.mine_pairs)"
-        )
-    return ti, gi
 
 
 def _check_positive(name: str, value, *, minimum: float = 0.0, integer: bool = False) -> None:
@@ -182,7 +159,7 @@ def _embed(model, texts: list[str], device: torch.device) -> torch.Tensor:
 def _batch_loss(model, texts: list[str], a: np.ndarray, b: np.ndarray, temperature, device):
     """Symmetric in-batch InfoNCE of pairs ``(a_i, b_i)`` (item rows); each distinct item
     in the batch is encoded once, duplicates share its embedding and are masked as
-    negatives (see :func:`qarm_features.align._masked_nce`)."""
+    negatives (see :func:`qarm_features._contrastive.masked_nce`)."""
     m = a.size
     uniq, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
     z = _embed(model, [texts[i] for i in uniq], device)
@@ -190,8 +167,7 @@ def _batch_loss(model, texts: list[str], a: np.ndarray, b: np.ndarray, temperatu
     za, zb = z[inv_t[:m]], z[inv_t[m:]]
     a_t = torch.from_numpy(a).to(device)
     b_t = torch.from_numpy(b).to(device)
-    logits = za @ zb.T / temperature
-    return 0.5 * (_masked_nce(logits, a_t, b_t) + _masked_nce(logits.T, b_t, a_t))
+    return symmetric_nce(za, zb, a_t, b_t, temperature)
 
 
 @torch.no_grad()
@@ -318,10 +294,10 @@ class EncoderFineTuner:
         if not texts:
             raise InputError("texts: is empty; pass one text per item")
         ids = check_ids(item_ids, name="item_ids", n=len(texts))
-        ti, gi = _pair_rows(pairs, ids, name="pairs")
+        ti, gi = pair_rows(pairs, ids, name="pairs")
         vi = vg = None
         if val_pairs is not None:
-            vi, vg = _pair_rows(val_pairs, ids, name="val_pairs")
+            vi, vg = pair_rows(val_pairs, ids, name="val_pairs")
         cfg = self._config()
         device = _resolve_device(self.device)
         n_train = int(ti.size)

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from qarm_features.align import Aligner, ItemAligner, _masked_nce, weight_shapes
+from qarm_features._contrastive import masked_nce
+from qarm_features.align import Aligner, ItemAligner, weight_shapes
 from qarm_features.config import AlignerConfig
 from qarm_features.errors import ConfigError, InputError, NotFittedError
 from qarm_features.metrics import pair_auc, pair_recall_at_k
@@ -189,12 +190,12 @@ def test_in_batch_duplicates_are_masked():
     logits = torch.zeros(3, 3)
     q = torch.tensor([0, 1, 2])
     # rows 0 and 1 share their target: each other's column is a false negative
-    loss = _masked_nce(logits, q, torch.tensor([7, 7, 8]))
+    loss = masked_nce(logits, q, torch.tensor([7, 7, 8]))
     # row 0 keeps columns {0, 2}, row 1 keeps {1, 2}: log 2 each; row 2 keeps all three
     expected = (np.log(2) + np.log(2) + np.log(3)) / 3
     assert float(loss) == pytest.approx(expected)
     # a column holding the query item itself is masked too
-    loss = _masked_nce(logits, q, torch.tensor([5, 0, 6]))
+    loss = masked_nce(logits, q, torch.tensor([5, 0, 6]))
     assert float(loss) == pytest.approx((np.log(2) + np.log(3) + np.log(3)) / 3)
 
 
