@@ -4,7 +4,7 @@ Data: the synthetic world's 384-d content for ``n_items`` items; pairs are each 
 its nearest neighbour in the world's ground-truth collaborative space (what pair mining
 approximates). Contenders, same epochs, batch size, model and threads, interleaved:
 
-- ``train_aligner``: :func:`qarm_features.align.train_aligner` without validation
+- ``train_aligner``: :class:`qarm_features.align.ItemAligner` fitted without validation
   (``val_items=[]``), i.e. the training loop with its masked InfoNCE and the
   raw-consistency term, plus its set-up (PCA init, index building);
 - ``train_aligner (raw_consistency=0)``: the same without the raw-consistency term;
@@ -71,7 +71,7 @@ def bare_loop(raw: np.ndarray, ids: np.ndarray, pairs, cfg, epochs: int) -> None
 
 
 def run(quick: bool, n_threads: int = 2) -> dict:
-    from qarm_features.align import train_aligner
+    from qarm_features.align import ItemAligner
     from qarm_features.config import AlignerConfig
 
     n_items = 10_000 if quick else 50_000
@@ -84,8 +84,7 @@ def run(quick: bool, n_threads: int = 2) -> dict:
 
     def ours(c, key):
         def run_():
-            _, h = train_aligner(raw, ids, pairs, c, val_items=[])
-            history[key] = h
+            history[key] = ItemAligner(c).fit(raw, ids, pairs, val_items=[]).history_
 
         return run_
 

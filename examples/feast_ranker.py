@@ -15,7 +15,7 @@ at the end of train); `qarm evaluate` is the evaluation.
    features=store.get_feature_service("qarm_ranker"))`` gives every row the target's codes
    and frozen embedding and the user's history as of that event; one more retrieval gives
    the item table (codes of the history items).
-5. :class:`qarm_features.ranking.DINRanker` on item id + RQ codes + VQ codes + frozen
+5. :class:`qarm_features.app.ranker.DINRanker` on item id + RQ codes + VQ codes + frozen
    embedding (the "B+D" deployment: QARM on top of a model that has the embedding), the
    target attending over the history's codes.
 6. **Serving**: ``get_online_features(features=<the service>, entity_rows=[{user_id,
@@ -44,10 +44,10 @@ SERVICE = "qarm_ranker"
 
 
 def load_data(cache_dir=None, cold_fraction=0.1, seed=0):
+    from qarm_features.app.protocol import choose_cold_items, temporal_split
     from qarm_features.build import encode_catalog_text
     from qarm_features.config import BuildConfig
     from qarm_features.data import fetch_movielens_100k, load_movielens_100k
-    from qarm_features.evaluate import choose_cold_items, temporal_split
 
     ml = load_movielens_100k(fetch_movielens_100k(cache_dir))
     raw = encode_catalog_text(ml.items["text"].tolist(), BuildConfig(), cache_dir=cache_dir)
@@ -116,7 +116,8 @@ def train(store, train_df: pd.DataFrame, args):
     """Fit a DINRanker on rows from get_historical_features; return (model, vocabularies)."""
     import torch
 
-    from qarm_features.ranking import CodeVocab, DINRanker, RankerConfig
+    from qarm_features.app.ranker import DINRanker, RankerConfig
+    from qarm_features.ranking import CodeVocab
 
     n_levels = _levels(store)
     service = store.get_feature_service(SERVICE)

@@ -1,6 +1,7 @@
 """Boundary checks shared by every module: embeddings, ids and tables.
 
-Each check returns a clean value (contiguous float32 / int64 arrays) or raises
+Each check returns a clean value (contiguous float32 / int64 arrays, a sorted interaction
+log) or raises
 :class:`~qarm_features.errors.InputError` with a message that names the argument,
 the offending value and the fix (:func:`check_hyper`, for an estimator's hyperparameters,
 raises :class:`~qarm_features.errors.ConfigError`).
@@ -11,8 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+import pandas as pd
 
 from qarm_features.errors import ConfigError, InputError
+
+INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 
 
 def check_embeddings(
@@ -111,3 +115,50 @@ def check_hyper(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_interactions(interactions) -> pd.DataFrame:
+    """Validate an interaction log; return a copy stably sorted by timestamp.
+
+    The copy holds ``user_id`` / ``item_id`` int64, ``rating`` float64 and ``timestamp``
+    as given (numeric or datetime; sorted on the original values, so int64 ns stay exact).
+    Rows with equal timestamps keep their order.
+
+    Raises:
+        InputError: not a DataFrame, a missing column, non-integer ids, a non-numeric
+            rating or timestamp, or NaN/NaT/inf in either.
+    """
+    if not isinstance(interactions, pd.DataFrame):
+        raise InputError(
+            f"interactions: expected a pandas DataFrame {INTERACTION_COLUMNS}, "
+            f"got {type(interactions).__name__}"
+        )
+    check_columns(interactions, INTERACTION_COLUMNS, name="interactions")
+    users = check_ids(interactions["user_id"].to_numpy(), name="interactions.user_id", unique=False)
+    items = check_ids(interactions["item_id"].to_numpy(), name="interactions.item_id", unique=False)
+    ts_col = interactions["timestamp"]
+    try:
+        rating = interactions["rating"].to_numpy(dtype=np.float64)
+        if pd.api.types.is_datetime64_any_dtype(ts_col):
+            ts_bad = ts_col.isna().to_numpy()
+        else:
+            ts_bad = ~np.isfinite(ts_col.to_numpy(dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"interactions: rating must be numeric and timestamp numeric or datetime ({exc})"
+        ) from None
+    for name, bad in (("rating", ~np.isfinite(rating)), ("timestamp", ts_bad)):
+        if bad.any():
+            raise InputError(
+                f"interactions.{name}: {int(bad.sum())} row(s) hold NaN/NaT or inf; drop them"
+            )
+    ts = ts_col.to_numpy()
+    order = np.argsort(ts, kind="stable")  # on the original values: int64 ns stay exact
+    return pd.DataFrame(
+        {
+            "user_id": users[order],
+            "item_id": items[order],
+            "rating": rating[order],
+            "timestamp": ts[order],
+        }
+    )

@@ -4,10 +4,12 @@
 bias-free linear skip (``proj``) plus an optional one-hidden-layer MLP (``mlp``). Its
 weights (:meth:`Aligner.export_weights`) follow the layout fixed in
 ``docs/architecture.md``; ``encode.py`` recomputes the eval forward from them in numpy.
-:func:`train_aligner` fits it on mined ``<trigger, target>`` pairs with a symmetric
-in-batch InfoNCE loss, a raw-consistency term that keeps the aligned similarity structure
-close to the content space (so cold items keep what the encoder knows), and early
-stopping on the pair-AUC of items held out of training. Training only: torch lives here.
+:class:`ItemAligner`, an estimator (``ItemAligner(config).fit(raw_emb, item_ids, pairs)``
+-> itself with ``module_``, ``weights_``, ``history_``), fits it on mined ``<trigger,
+target>`` pairs with a symmetric in-batch InfoNCE loss, a raw-consistency term that keeps
+the aligned similarity structure close to the content space (so cold items keep what the
+encoder knows), and early stopping on the pair-AUC of items held out of training.
+Training only: torch lives here.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from qarm_features._validate import check_columns, check_embeddings, check_ids, lookup_rows
+from qarm_features._contrastive import pair_rows, symmetric_nce
+from qarm_features._validate import check_embeddings, check_ids, lookup_rows
 from qarm_features.config import AlignerConfig
-from qarm_features.errors import ConfigError, DependencyError, InputError
+from qarm_features.errors import ConfigError, DependencyError, InputError, NotFittedError
 from qarm_features.metrics import pair_auc, pair_recall_at_k
 
 try:
@@ -39,6 +43,8 @@ logger = logging.getLogger(__name__)
 _EVAL_BATCH = 65_536
 # Scale of the MLP's last layer at init: the aligned space starts as the raw PCA space.
 _MLP_OUT_INIT_STD = 1e-3
+# Per-epoch training statistics, in the order _train_epoch returns them.
+_EPOCH_KEYS = ("loss", "loss_nce", "loss_raw", "pairs_per_s")
 
 
 def weight_shapes(in_dim: int, cfg: AlignerConfig) -> dict[str, tuple[int, ...]]:
@@ -205,33 +211,6 @@ def _centred_reference(x: np.ndarray, mean: np.ndarray, chunk: int = _EVAL_BATCH
 
 
 # --------------------------------------------------------------------------- training
-def _pair_rows(pairs, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(pairs, pd.DataFrame):
-        raise InputError(f"pairs: expected a DataFrame [trigger_id, target_id], got {type(pairs)}")
-    check_columns(pairs, ["trigger_id", "target_id"], name="pairs")
-    trig = check_ids(pairs["trigger_id"].to_numpy(), name="pairs.trigger_id", unique=False)
-    targ = check_ids(pairs["target_id"].to_numpy(), name="pairs.target_id", unique=False)
-    ti = lookup_rows(trig, item_ids, name="pairs.trigger_id")
-    gi = lookup_rows(targ, item_ids, name="pairs.target_id")
-    keep = ti != gi
-    if not keep.all():
-        logger.info("train_aligner: dropping %d self-pair(s)", int((~keep).sum()))
-    return ti[keep], gi[keep]
-
-
-def _masked_nce(logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of row i against column i, masking in-batch false negatives.
-
-    Column ``j != i`` is masked for row ``i`` when its key item ``k[j]`` is row i's
-    positive ``k[i]`` (the same target twice in a batch) or row i's query item ``q[i]``.
-    """
-    n = logits.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
-    mask = ((k[None, :] == k[:, None]) | (k[None, :] == q[:, None])) & ~eye
-    labels = torch.arange(n, device=logits.device)
-    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), labels)
-
-
 def _resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -244,138 +223,198 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def train_aligner(
-    raw_emb,
-    item_ids,
-    pairs,
-    cfg: AlignerConfig | None = None,
-    *,
-    val_items=None,
-    popularity=None,
-    progress: bool = False,
-) -> tuple[Aligner, dict]:
-    """Fit an :class:`Aligner` on ``<trigger, target>`` pairs.
+@dataclass
+class _Holdout:
+    """Train pairs (catalog rows) and the validation pairs of held-out items."""
 
-    Loss per batch of pairs ``(a_i, b_i)`` with aligned embeddings ``za, zb``::
+    train_a: np.ndarray
+    train_b: np.ndarray
+    val_pairs: pd.DataFrame | None  # ids; None = no validation
+    n_val_items: int
+    n_val_pairs: int
 
-        nce = (CE(za @ zb.T / T) + CE(zb @ za.T / T)) / 2          # in-batch, symmetric
-        raw = mean_{i != j} (S_aligned[i, j] - S_raw[i, j])^2        # over the 2B batch items
-        loss = nce + cfg.raw_consistency * raw
 
-    ``S_raw`` is the cosine matrix of the *centred* normalised raw embeddings (the space the
-    aligner starts from, see :meth:`Aligner.init_from_raw`). In-batch false negatives
-    (the same target, or the query item itself, in another column) are masked.
+def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
+    """Every pair touching a validation item leaves training and becomes a validation pair.
 
-    Validation: the items ``val_items`` (default: a random ``cfg.val_fraction`` of the
-    items in ``pairs``) are held out; every pair touching one of them leaves training and
-    forms the validation set, so validation measures generalisation to items never seen
-    in training. After each epoch the val pair-AUC (:func:`metrics.pair_auc`, negatives
-    matched on ``popularity``) is computed over the whole catalog; training stops after
-    ``cfg.patience`` epochs without improvement and the best weights (epoch 0 = the PCA
-    init included) are restored. ``val_items=[]`` disables validation: all pairs train for
-    ``cfg.max_epochs`` epochs (use it to refit on everything once the epoch count is known).
-
-    Args:
-        raw_emb: ``(n, in_dim)`` frozen content embeddings of the catalog.
-        item_ids: ``(n,)`` int64 ids of ``raw_emb`` rows.
-        pairs: DataFrame with ``trigger_id``, ``target_id`` (ids in ``item_ids``).
-        cfg: aligner settings (defaults when ``None``).
-        val_items: ids to hold out, ``None`` for a random split, empty for no validation.
-        popularity: interaction counts for popularity-matched negatives (Series keyed by
-            id, or array aligned with ``item_ids``); default: each item's degree in ``pairs``.
-        progress: log each epoch at INFO level (DEBUG otherwise).
-
-    Returns:
-        ``(aligner, history)``: the aligner in eval mode on ``cfg.device``; history with
-        per-epoch ``loss``, ``loss_nce``, ``loss_raw``, ``pairs_per_s`` (epochs 1..E) and
-        ``val_pair_auc``, ``val_recall_at_10`` (epochs 0..E, 0 = init), ``best_epoch``,
-        ``best_val_pair_auc``, ``raw_val_pair_auc`` and ``raw_val_recall_at_10`` (the raw
-        space on the same validation pairs and negatives), ``n_train_pairs``,
-        ``n_val_pairs``, ``n_val_items``, ``epochs_run``.
-
-    Raises:
-        InputError: bad shapes, NaN, unknown ids, or nothing left to train/validate on.
-        ConfigError: an unusable device.
+    ``val_items=None`` draws ``cfg.val_fraction`` of the paired items (``cfg.seed``).
     """
-    cfg = cfg if cfg is not None else AlignerConfig()
-    if not isinstance(cfg, AlignerConfig):
-        raise ConfigError(f"cfg: expected an AlignerConfig, got {type(cfg).__name__}")
-    raw = check_embeddings(raw_emb, name="raw_emb")
-    ids = check_ids(item_ids, name="item_ids", n=raw.shape[0])
-    ti, gi = _pair_rows(pairs, ids)
-    if ti.size == 0:
-        raise InputError("pairs: no (non-self) pair to train on; mine pairs first")
-    device = _resolve_device(cfg.device)
-    n_items = ids.size
-
-    # ---- hold-out split over items
-    rng = np.random.default_rng(cfg.seed)
     if val_items is None:
+        rng = np.random.default_rng(cfg.seed)
         candidates = np.unique(np.concatenate([ti, gi]))
         n_val = max(1, int(round(cfg.val_fraction * candidates.size)))
         val_rows = np.sort(rng.choice(candidates, size=n_val, replace=False))
     else:
         val_ids = check_ids(np.asarray(val_items).reshape(-1), name="val_items", unique=False)
         val_rows = np.unique(lookup_rows(val_ids, ids, name="val_items"))
-    is_val = np.zeros(n_items, dtype=bool)
+    is_val = np.zeros(ids.size, dtype=bool)
     is_val[val_rows] = True
     touches = is_val[ti] | is_val[gi]
-    tr_a, tr_b = ti[~touches], gi[~touches]
     validate = val_rows.size > 0
-    if tr_a.size == 0:
+    if not (~touches).any():
         raise InputError(
-            f"train_aligner: every pair touches the {val_rows.size} validation items; "
+            f"ItemAligner: every pair touches the {val_rows.size} validation items; "
             "hold out fewer items (val_fraction / val_items)"
         )
     if validate and not touches.any():
         raise InputError(
-            "train_aligner: no pair touches the validation items; pass val_items that "
+            "ItemAligner: no pair touches the validation items; pass val_items that "
             "appear in pairs, or val_items=[] to train without validation"
         )
     val_pairs = None
     if validate:
         val_pairs = pd.DataFrame({"trigger_id": ids[ti[touches]], "target_id": ids[gi[touches]]})
-    if popularity is None:
-        popularity = np.bincount(np.concatenate([ti, gi]), minlength=n_items).astype(np.float64)
+    return _Holdout(
+        train_a=ti[~touches],
+        train_b=gi[~touches],
+        val_pairs=val_pairs,
+        n_val_items=int(val_rows.size),
+        n_val_pairs=int(touches.sum()),
+    )
 
-    history: dict = {
-        "loss": [],
-        "loss_nce": [],
-        "loss_raw": [],
-        "pairs_per_s": [],
-        "val_pair_auc": [],
-        "val_recall_at_10": [],
-        "n_train_pairs": int(tr_a.size),
-        "n_val_pairs": int(touches.sum()),
-        "n_val_items": int(val_rows.size),
-    }
 
-    def evaluate(space: np.ndarray) -> tuple[float, float]:
-        auc_v = pair_auc(space, ids, val_pairs, popularity, seed=cfg.seed)
-        rec_v = pair_recall_at_k(space, ids, val_pairs, k=10)
-        return auc_v, rec_v
+def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig):
+    """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``)."""
+    za, zb = model(x_all[a]), model(x_all[b])
+    nce = symmetric_nce(za, zb, a, b, cfg.temperature)
+    loss = nce
+    raw_term = torch.zeros((), device=nce.device)
+    if cfg.raw_consistency > 0:
+        z = torch.cat([za, zb])
+        r = ref_all[torch.cat([a, b])]
+        n2 = z.shape[0]
+        # Both diagonals are 1 (unit rows), so the full sum is the off-diagonal sum: no
+        # boolean off-diagonal mask (and its gather) is needed.
+        raw_term = ((z @ z.T - r @ r.T) ** 2).sum() / (n2 * (n2 - 1))
+        loss = loss + cfg.raw_consistency * raw_term
+    return loss, nce, raw_term
 
-    if validate:
-        history["raw_val_pair_auc"], history["raw_val_recall_at_10"] = evaluate(raw)
 
-    fork_devices = []
-    if device.type == "cuda":
-        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(cfg.seed)
+class ItemAligner:
+    """Fits an :class:`Aligner` on ``<trigger, target>`` pairs (an estimator).
+
+    Loss per batch of pairs ``(a_i, b_i)`` with aligned embeddings ``za, zb``::
+
+        nce = (CE(za @ zb.T / T) + CE(zb @ za.T / T)) / 2          # in-batch, symmetric
+        raw = mean_{i != j} (S_aligned[i, j] - S_raw[i, j])^2        # over the 2B batch items
+        loss = nce + config.raw_consistency * raw
+
+    ``S_raw`` is the cosine matrix of the *centred* normalised raw embeddings (the space the
+    aligner starts from, see :meth:`Aligner.init_from_raw`). In-batch false negatives
+    (the same target, or the query item itself, in another column) are masked.
+
+    Validation: the items ``val_items`` (default: a random ``config.val_fraction`` of the
+    items in ``pairs``) are held out; every pair touching one of them leaves training and
+    forms the validation set, so validation measures generalisation to items never seen
+    in training. After each epoch the val pair-AUC (:func:`metrics.pair_auc`, negatives
+    matched on ``popularity``) is computed over the whole catalog; training stops after
+    ``config.patience`` epochs without improvement and the best weights (epoch 0 = the PCA
+    init included) are restored. ``val_items=[]`` disables validation: all pairs train for
+    ``config.max_epochs`` epochs (use it to refit on everything once the epoch count is known).
+
+    Args:
+        config: aligner settings (defaults when ``None``); ``config.seed`` seeds the
+            hold-out draw, the initialisation, dropout and the batch order.
+
+    Attributes:
+        module_: the fitted :class:`Aligner`, eval mode, on ``config.device``.
+        weights_: :meth:`Aligner.export_weights` of ``module_`` (the bundle's weights).
+        in_dim_: width of the raw embedding it was fitted on.
+        history_: per-epoch ``loss``, ``loss_nce``, ``loss_raw``, ``pairs_per_s`` (epochs
+            1..E) and ``val_pair_auc``, ``val_recall_at_10`` (epochs 0..E, 0 = init),
+            ``best_epoch``, ``best_val_pair_auc``, ``raw_val_pair_auc`` and
+            ``raw_val_recall_at_10`` (the raw space on the same validation pairs and
+            negatives), ``n_train_pairs``, ``n_val_pairs``, ``n_val_items``, ``epochs_run``.
+    """
+
+    def __init__(self, config: AlignerConfig | None = None) -> None:
+        self.config = config
+
+    def _config(self) -> AlignerConfig:
+        cfg = self.config if self.config is not None else AlignerConfig()
+        if not isinstance(cfg, AlignerConfig):
+            raise ConfigError(f"config: expected an AlignerConfig, got {type(cfg).__name__}")
+        return cfg
+
+    def fit(
+        self,
+        raw_emb,
+        item_ids,
+        pairs,
+        *,
+        val_items=None,
+        popularity=None,
+        progress: bool = False,
+    ) -> ItemAligner:
+        """Train on ``pairs`` over the catalog ``(item_ids, raw_emb)``; returns ``self``.
+
+        Args:
+            raw_emb: ``(n, in_dim)`` frozen content embeddings of the catalog.
+            item_ids: ``(n,)`` int64 ids of ``raw_emb`` rows.
+            pairs: DataFrame with ``trigger_id``, ``target_id`` (ids in ``item_ids``).
+            val_items: ids to hold out, ``None`` for a random split, empty for no validation.
+            popularity: interaction counts for popularity-matched negatives (Series keyed
+                by id, or array aligned with ``item_ids``); default: item degree in ``pairs``.
+            progress: log each epoch at INFO level (DEBUG otherwise).
+
+        Raises:
+            InputError: bad shapes, NaN, unknown ids, or nothing left to train/validate on.
+            ConfigError: a config of the wrong type or an unusable device.
+        """
+        cfg = self._config()
+        raw = check_embeddings(raw_emb, name="raw_emb")
+        ids = check_ids(item_ids, name="item_ids", n=raw.shape[0])
+        ti, gi = pair_rows(pairs, ids)
+        device = _resolve_device(cfg.device)
+        hold = _hold_out_items(ids, ti, gi, val_items, cfg)
+        if popularity is None:
+            popularity = np.bincount(np.concatenate([ti, gi]), minlength=ids.size)
+            popularity = popularity.astype(np.float64)
+        history: dict = {k: [] for k in (*_EPOCH_KEYS, "val_pair_auc", "val_recall_at_10")}
+        history.update(
+            n_train_pairs=int(hold.train_a.size),
+            n_val_pairs=hold.n_val_pairs,
+            n_val_items=hold.n_val_items,
+        )
+
+        def score(space: np.ndarray) -> tuple[float, float]:
+            """Validation pair-AUC and recall@10 of an embedding of the catalog."""
+            auc_v = pair_auc(space, ids, hold.val_pairs, popularity, seed=cfg.seed)
+            return auc_v, pair_recall_at_k(space, ids, hold.val_pairs, k=10)
+
+        validate = hold.val_pairs is not None
+        if validate:
+            history["raw_val_pair_auc"], history["raw_val_recall_at_10"] = score(raw)
+        fork_devices = []
+        if device.type == "cuda":
+            index = device.index
+            fork_devices = [index if index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(cfg.seed)
+            scorer = score if validate else None
+            model = self._train(raw, hold, cfg, device, history, scorer, progress)
+        model.eval()
+        self.module_ = model
+        self.weights_ = model.export_weights()
+        self.in_dim_ = int(raw.shape[1])
+        self.history_ = history
+        return self
+
+    def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress) -> Aligner:
+        """Epoch loop with early stopping on ``score`` (None: no validation)."""
         model = Aligner(raw.shape[1], cfg).init_from_raw(raw).to(device)
         x_all = torch.from_numpy(raw).to(device)
         ref_all = torch.from_numpy(_centred_reference(raw, _normalized_moments(raw)[0])).to(device)
-        a_all = torch.from_numpy(tr_a).to(device)
-        b_all = torch.from_numpy(tr_b).to(device)
+        a_all = torch.from_numpy(hold.train_a).to(device)
+        b_all = torch.from_numpy(hold.train_b).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n_train = tr_a.size
+        n_train = hold.train_a.size
         bs = min(cfg.batch_size, n_train)
 
         best_epoch, best_auc, best_state, since = 0, -np.inf, None, 0
-        if validate:
-            auc0, rec0 = evaluate(model.transform(raw))
+        if score is not None:
+            auc0, rec0 = score(model.transform(raw))
             history["val_pair_auc"].append(auc0)
             history["val_recall_at_10"].append(rec0)
             best_auc = auc0 if np.isfinite(auc0) else -np.inf  # NaN: any real AUC beats it
@@ -383,53 +422,18 @@ def train_aligner(
         log = logger.info if progress else logger.debug
         epoch = 0
         for epoch in range(1, cfg.max_epochs + 1):
-            model.train()
-            t0 = time.perf_counter()
             perm = torch.randperm(n_train, generator=gen).to(device)
-            tot, tot_nce, tot_raw, seen = 0.0, 0.0, 0.0, 0
-            for s in range(0, n_train, bs):
-                idx = perm[s : s + bs]
-                if idx.numel() < 2:  # a lone pair has no in-batch negative
-                    continue
-                a, b = a_all[idx], b_all[idx]
-                za, zb = model(x_all[a]), model(x_all[b])
-                logits = za @ zb.T / cfg.temperature
-                nce = 0.5 * (_masked_nce(logits, a, b) + _masked_nce(logits.T, b, a))
-                loss = nce
-                raw_term = torch.zeros((), device=device)
-                if cfg.raw_consistency > 0:
-                    z = torch.cat([za, zb])
-                    r = ref_all[torch.cat([a, b])]
-                    n2 = z.shape[0]
-                    # Both diagonals are 1 (unit rows), so the full sum is the off-diagonal sum.
-                    raw_term = ((z @ z.T - r @ r.T) ** 2).sum() / (n2 * (n2 - 1))
-                    loss = loss + cfg.raw_consistency * raw_term
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                m = idx.numel()
-                tot += float(loss.detach()) * m
-                tot_nce += float(nce.detach()) * m
-                tot_raw += float(raw_term.detach()) * m
-                seen += m
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            history["loss"].append(tot / max(seen, 1))
-            history["loss_nce"].append(tot_nce / max(seen, 1))
-            history["loss_raw"].append(tot_raw / max(seen, 1))
-            history["pairs_per_s"].append(seen / elapsed)
-            if not validate:
+            stats = _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg)
+            for key, value in zip(_EPOCH_KEYS, stats):
+                history[key].append(value)
+            if score is None:
                 log("aligner epoch %d loss %.4f", epoch, history["loss"][-1])
                 continue
-            auc_e, rec_e = evaluate(model.transform(raw))
+            auc_e, rec_e = score(model.transform(raw))
             history["val_pair_auc"].append(auc_e)
             history["val_recall_at_10"].append(rec_e)
-            log(
-                "aligner epoch %d loss %.4f val pair-AUC %.4f recall@10 %.4f",
-                epoch,
-                history["loss"][-1],
-                auc_e,
-                rec_e,
-            )
+            msg = "aligner epoch %d loss %.4f val pair-AUC %.4f recall@10 %.4f"
+            log(msg, epoch, history["loss"][-1], auc_e, rec_e)
             if auc_e > best_auc:
                 best_epoch, best_auc, since = epoch, auc_e, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -438,12 +442,50 @@ def train_aligner(
                 if since >= cfg.patience:
                     break
         history["epochs_run"] = epoch
-        if validate:
+        if score is not None:
             model.load_state_dict(best_state)
             history["best_epoch"] = best_epoch
             history["best_val_pair_auc"] = float(best_auc)
         else:
             history["best_epoch"] = epoch
             history["best_val_pair_auc"] = float("nan")
-    model.eval()
-    return model, history
+        return model
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "module_"):
+            raise NotFittedError("ItemAligner is not fitted; call fit(raw_emb, item_ids, pairs)")
+
+    def transform(self, raw_emb) -> np.ndarray:
+        """Eval-mode torch forward: ``(n, in_dim)`` -> float32 ``(n, out_dim)``.
+
+        The served aligned space is :func:`qarm_features.encode.align_with_weights` of
+        :attr:`weights_` (numpy float64); the two agree to float32 rounding.
+
+        Raises:
+            NotFittedError: before :meth:`fit`.
+        """
+        self._check_fitted()
+        return self.module_.transform(raw_emb)
+
+
+def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg):
+    """One pass over the train pairs in ``perm`` order; returns mean losses and pairs/s."""
+    model.train()
+    t0 = time.perf_counter()
+    tot, tot_nce, tot_raw, seen = 0.0, 0.0, 0.0, 0
+    for s in range(0, perm.numel(), bs):
+        idx = perm[s : s + bs]
+        if idx.numel() < 2:  # a lone pair has no in-batch negative
+            continue
+        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a_all[idx], b_all[idx], cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        m = idx.numel()
+        tot += float(loss.detach()) * m
+        tot_nce += float(nce.detach()) * m
+        tot_raw += float(raw_term.detach()) * m
+        seen += m
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    n = max(seen, 1)
+    return tot / n, tot_nce / n, tot_raw / n, seen / elapsed

@@ -1,9 +1,8 @@
-"""The offline pipeline that produces a bundle.
+"""``qarm build``: the offline pipeline written out as a bundle.
 
-    catalog -> frozen content encoder -> raw_emb
-    interactions -> <trigger, target> pairs (U2I + Swing)
-    raw_emb + pairs -> aligner (in-batch InfoNCE, early stopping on unseen items)
-    aligned_emb -> RQ codebooks (residual k-means) + VQ pool (all catalog items)
+    catalog -> frozen content encoder (optionally fine-tuned) -> raw_emb
+    raw_emb + interactions -> pipeline.fit_item_space: pairs (U2I + Swing), held-out items,
+        aligner, RQ codebooks + VQ pool (all catalog items), metrics
     -> bundle (manifest with config, dims, metrics; verified on load)
 
 Held-out evaluation: a fraction of items (``test_item_fraction``) is removed from pair
@@ -17,20 +16,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from qarm_features._validate import check_columns, check_embeddings, check_ids
 from qarm_features.config import BuildConfig
 from qarm_features.errors import InputError
+from qarm_features.pipeline import StepCallback
 
 log = logging.getLogger(__name__)
-
-StepCallback = Callable[[str], None]
 
 
 @dataclass
@@ -41,67 +37,6 @@ class BuildResult:
     version: str
     metrics: dict
     timings: dict = field(default_factory=dict)
-
-
-def split_test_items(item_ids: np.ndarray, pairs: pd.DataFrame, fraction: float, seed: int):
-    """Pick ``fraction`` of the items that appear in pairs as held-out test items.
-
-    Returns ``(train_pairs, test_pairs, test_items)``: every pair touching a test item is
-    a test pair, so the aligner never sees a test item in training.
-    """
-    rng = np.random.default_rng(seed)
-    in_pairs = np.unique(np.concatenate([pairs["trigger_id"], pairs["target_id"]]))
-    n_test = int(round(fraction * in_pairs.size))
-    test_items = np.sort(rng.choice(in_pairs, size=n_test, replace=False)) if n_test else in_pairs[:0]
-    touches = pairs["trigger_id"].isin(test_items) | pairs["target_id"].isin(test_items)
-    return pairs[~touches].reset_index(drop=True), pairs[touches].reset_index(drop=True), test_items
-
-
-def space_metrics(emb, item_ids, pairs, popularity, *, seed: int = 0) -> dict:
-    """Pair recall@10 and popularity-matched pair-AUC of ``pairs`` in an embedding space."""
-    from qarm_features.metrics import pair_auc, pair_recall_at_k
-
-    if len(pairs) == 0:
-        return {"recall@10": float("nan"), "pair_auc": float("nan"), "n_pairs": 0}
-    return {
-        "recall@10": float(pair_recall_at_k(emb, item_ids, pairs, k=10)),
-        "pair_auc": float(pair_auc(emb, item_ids, pairs, popularity, seed=seed)),
-        "n_pairs": int(len(pairs)),
-    }
-
-
-def item_popularity(interactions: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
-    """Interaction count per item, aligned with ``item_ids``."""
-    counts = interactions["item_id"].value_counts()
-    return counts.reindex(item_ids, fill_value=0).to_numpy(np.int64)
-
-
-def fit_codes(aligned: np.ndarray, item_ids: np.ndarray, cfg: BuildConfig):
-    """Fit the RQ codebooks and the VQ pool on aligned embeddings; return fitted coders."""
-    from qarm_features.quantize import ResidualQuantizer
-    from qarm_features.vq import VQCoder
-
-    rq = ResidualQuantizer(
-        n_levels=cfg.rq.n_levels, n_codes=cfg.rq.n_codes, n_iter=cfg.rq.n_iter, seed=cfg.rq.seed
-    ).fit(aligned)
-    vq = VQCoder(
-        k=cfg.vq.k,
-        exact_max_pool=cfg.vq.exact_max_pool,
-        ann_index=cfg.vq.ann_index,
-        ann_ef_search=cfg.vq.ann_ef_search,
-        seed=cfg.vq.seed,
-    ).fit(aligned, item_ids)
-    return rq, vq
-
-
-def code_report(rq, x: np.ndarray, n_codes: int) -> dict:
-    """Code quality of an RQ coder on ``x``: utilization, entropy, collisions, residual."""
-    from qarm_features.metrics import code_quality
-
-    codes = rq.encode(x)
-    out = dict(code_quality(codes, n_codes))
-    out["reconstruction_error"] = float(rq.reconstruction_error(x))
-    return out
 
 
 def build_bundle(
@@ -133,73 +68,24 @@ def build_bundle(
         InputError: malformed catalog or interactions, or interactions naming items that
             are not in the catalog.
     """
-    from qarm_features.align import train_aligner
     from qarm_features.bundle import write_bundle
-    from qarm_features.pairs import mine_pairs
+    from qarm_features.pipeline import code_report, fit_item_space, l2_normalize, make_rq
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)
-    ids = check_ids(item_ids, name="item_ids")
-    raw = check_embeddings(raw_emb, name="raw_emb")
-    if raw.shape[0] != ids.shape[0]:
-        raise InputError(f"raw_emb has {raw.shape[0]} rows but item_ids has {ids.shape[0]}")
-    check_columns(interactions, ["user_id", "item_id", "rating", "timestamp"], name="interactions")
-    unknown = ~interactions["item_id"].isin(ids)
-    if unknown.any():
-        bad = interactions.loc[unknown, "item_id"].unique()[:5].tolist()
-        raise InputError(f"interactions name item ids {bad} that are not in the catalog")
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    step("mining pairs")
-    pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
-    timings["pairs_s"] = time.perf_counter() - t0
-    if len(pairs) == 0:
-        raise InputError("pair mining found no pairs; are there positives (rating >= threshold)?")
-    train_pairs, test_pairs, test_items = split_test_items(
-        ids, pairs, test_item_fraction, cfg.seed
+    space = fit_item_space(
+        raw_emb,
+        item_ids,
+        interactions,
+        cfg,
+        heldout_fraction=test_item_fraction,
+        on_step=step,
+        progress=progress,
     )
-
-    t0 = time.perf_counter()
-    step("training aligner")
-    aligner, history = train_aligner(raw, ids, train_pairs, cfg.aligner, progress=progress)
-    timings["aligner_s"] = time.perf_counter() - t0
-    weights = aligner.export_weights()
-
-    # The aligned space served later is the numpy forward of the exported weights.
-    from qarm_features.encode import align_with_weights
-
-    aligned = align_with_weights(weights, raw)
-
-    t0 = time.perf_counter()
-    step("fitting codes")
-    rq, vq = fit_codes(aligned, ids, cfg)
-    timings["codes_s"] = time.perf_counter() - t0
-
-    step("evaluating")
-    pop = item_popularity(interactions, ids)
-    raw_norm = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
-    metrics = {
-        "pairs": pair_stats,
-        "heldout_items": int(test_items.size),
-        "heldout": {
-            "raw": space_metrics(raw_norm, ids, test_pairs, pop, seed=cfg.seed),
-            "aligned": space_metrics(aligned, ids, test_pairs, pop, seed=cfg.seed),
-        },
-        "aligner": {
-            k: v for k, v in history.items() if not isinstance(v, (list, np.ndarray))
-        },
-        "codes": {"aligned": code_report(rq, aligned, cfg.rq.n_codes)},
-        "vq_ann_recall": getattr(vq, "ann_recall_", None),
-    }
+    ids, raw, aligned, metrics = space.item_ids, space.raw, space.aligned, space.metrics
     try:  # raw-space codes at the same L x K, the "cascading" baseline for code quality
-        from qarm_features.quantize import ResidualQuantizer
-
-        rq_raw = ResidualQuantizer(
-            n_levels=cfg.rq.n_levels, n_codes=cfg.rq.n_codes, n_iter=cfg.rq.n_iter,
-            seed=cfg.rq.seed,
-        ).fit(raw_norm)
-        metrics["codes"]["raw"] = code_report(rq_raw, raw_norm, cfg.rq.n_codes)
+        raw_norm = l2_normalize(raw)
+        metrics["codes"]["raw"] = code_report(make_rq(cfg.rq).fit(raw_norm), raw_norm)
     except InputError as exc:  # too few items for K codes
         log.warning("skipping raw-space code report: %s", exc)
 
@@ -208,8 +94,8 @@ def build_bundle(
     path = write_bundle(
         out,
         config=cfg.model_dump(mode="json"),
-        aligner_weights=weights,
-        rq_codebooks=rq.codebooks_,
+        aligner_weights=space.weights,
+        rq_codebooks=space.rq.codebooks_,
         vq_pool_emb=aligned,
         vq_pool_ids=ids,
         item_ids=ids,
@@ -221,7 +107,7 @@ def build_bundle(
     from qarm_features.bundle import load_bundle
 
     version = load_bundle(path).version
-    return BuildResult(path=Path(path), version=version, metrics=metrics, timings=timings)
+    return BuildResult(path=Path(path), version=version, metrics=metrics, timings=space.timings)
 
 
 def build_movielens(
@@ -283,25 +169,22 @@ def finetune_encoder(
     """
     import hashlib
 
-    from qarm_features.finetune import finetune_text_encoder, load_encoder, save_encoder
+    from qarm_features.finetune import EncoderFineTuner, load_encoder
     from qarm_features.pairs import mine_pairs
+    from qarm_features.pipeline import split_test_items
 
     pairs, _ = mine_pairs(interactions, cfg.pairs)
     train_pairs, _, _ = split_test_items(item_ids, pairs, test_item_fraction, cfg.seed)
-    e = cfg.encoder
-    model, history = finetune_text_encoder(
-        texts, item_ids, train_pairs, n_layers=e.finetune_layers, epochs=e.finetune_epochs,
-        lr=e.finetune_lr, max_pairs_per_epoch=e.finetune_max_pairs, seed=cfg.seed,
-        model_path=e.model_path, progress=progress,
-    )
-    path = save_encoder(model, out, overwrite=True)
+    tuner = EncoderFineTuner(cfg.encoder, seed=cfg.seed)
+    history = tuner.fit(texts, item_ids, train_pairs, progress=progress).history_
+    path = tuner.save(out, overwrite=True)
     raw = np.asarray(load_encoder(path).encode(texts), dtype=np.float32)
     weights = sorted(path.rglob("*.safetensors"))
     digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
     info = {
         "path": str(path),
         "weights_sha256": digest,
-        "finetuned_layers": e.finetune_layers,
+        "finetuned_layers": cfg.encoder.finetune_layers,
         "train_loss_before": history.get("train_loss_before"),
         "train_loss_after": history.get("train_loss_after"),
         "steps": history.get("steps"),

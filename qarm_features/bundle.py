@@ -11,11 +11,13 @@ be unpickled::
     vq_pool_ids.npy        int64 (P,) item ids of the VQ pool
     item_ids.npy           int64 (n,) catalog the bundle was built on
     raw_emb.npy            float32 (n, d_raw) frozen content embeddings of that catalog
+    item_keys.npy          str (n,) the catalog's string ids, when they are strings
+                           (item_ids are then the row indices 0 .. n-1)
 
 The version id is content-addressed (a hash of every file's sha256, the build config and
 the dims: everything that decides a served code), so two bundles with the same content
-share an id and any change yields a new one. Every row produced with a
-bundle carries that id (``qarm_version``), so codes from different bundles are never
+share an id and any change yields a new one (the manifest: :mod:`qarm_features.manifest`).
+Every row produced with a bundle carries that id (``qarm_version``), so codes from different bundles are never
 mixed silently. Writes go to a temporary sibling directory and are renamed into place;
 loading verifies hashes, sizes, dtypes and shapes and refuses anything else with a
 :class:`~qarm_features.errors.BundleError`.
@@ -23,7 +25,6 @@ loading verifies hashes, sizes, dtypes and shapes and refuses anything else with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,23 +32,28 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from qarm_features._atomic import atomic_dir
 from qarm_features.config import BuildConfig
 from qarm_features.errors import BundleError
+from qarm_features.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    Dims,
+    Manifest,
+    sha256_file,
+    version_id,
+    read_manifest,
+)
 from qarm_features.schema import CodeSchema
 
 log = logging.getLogger(__name__)
 
-FORMAT = "qarm-bundle"
-# 2: the version id also covers the config and dims (format 1 hashed the files only, so
-# an edited config.vq changed every VQ code under the same id).
-FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
 ALIGNER_FILE = "aligner.safetensors"
 ARRAY_FILES = {
     "rq_codebooks": ("rq_codebooks.npy", np.float32, 3),
@@ -63,49 +69,6 @@ ALIGNER_KEYS_LINEAR = ("proj.weight",)
 ALIGNER_KEYS_MLP = ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class FileEntry(_Strict):
-    """One file of the bundle: what it holds and how to verify it."""
-
-    kind: Literal["npy", "safetensors"]
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    bytes: int = Field(ge=0)
-    dtype: str | None = None
-    shape: list[int] | None = None
-    tensors: dict[str, list[Any]] | None = None
-
-
-class Dims(_Strict):
-    """Sizes of a bundle; checked against its arrays on every load."""
-
-    raw_dim: int = Field(ge=1)
-    aligned_dim: int = Field(ge=1)
-    hidden: int = Field(ge=0)
-    n_levels: int = Field(ge=1)
-    n_codes: int = Field(ge=1)
-    vq_k: int = Field(ge=1)
-    pool_size: int = Field(ge=1)
-    n_items: int = Field(ge=1)
-    id_type: Literal["int64", "string"] = "int64"  # the catalog's ids (string: item_keys)
-
-
-class Manifest(_Strict):
-    """The parsed ``manifest.json``: the only parser of it in the code base."""
-
-    format: Literal["qarm-bundle"]
-    format_version: int
-    version: str = Field(pattern=r"^qarm-[0-9a-f]{12}$")
-    created_at: str
-    qarm_features_version: str
-    config: BuildConfig
-    dims: Dims
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    files: dict[str, FileEntry]
-
-
 def _int_or_missing(key) -> int:
     """An int catalog's id from a request value; -1 for None, bools and non-integers."""
     if key is None or isinstance(key, bool):
@@ -115,65 +78,6 @@ def _int_or_missing(key) -> int:
     except (TypeError, ValueError):
         return -1
     return value if value == key or str(value) == str(key) else -1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _version_id(files: dict[str, dict[str, Any]], config: dict, dims: dict) -> str:
-    """Content address of everything that decides a served code: files, config, dims."""
-    h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(name.encode())
-        h.update(str(files[name]["sha256"]).encode())
-    h.update(json.dumps({"config": config, "dims": dims}, sort_keys=True).encode())
-    return "qarm-" + h.hexdigest()[:12]
-
-
-def read_manifest(path: str | os.PathLike) -> tuple[Manifest, dict]:
-    """Parse ``<path>/manifest.json`` (no file hashing, no arrays).
-
-    Returns:
-        ``(manifest, raw)``: the typed manifest and the JSON object it was parsed from.
-
-    Raises:
-        BundleError: no directory, no manifest, invalid JSON, another format version, or
-            any field that fails the manifest schema (named in the message).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise BundleError(f"no bundle at {path}: not a directory (build one with `qarm build`)")
-    mpath = path / MANIFEST
-    try:
-        raw = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path} has no {MANIFEST}; it is not a qarm bundle") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise BundleError(
-            f"{mpath} is not valid JSON ({exc!r:.200}); the bundle is corrupt"
-        ) from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise BundleError(f"{mpath} is not a {FORMAT} manifest")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{path} has bundle format {raw.get('format_version')}, this qarm-features "
-            f"reads format {FORMAT_VERSION}; rebuild it with `qarm build`"
-        )
-    try:
-        manifest = Manifest.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BundleError(
-            f"{mpath}: '{where}' {first['msg']} (value {first.get('input')!r}); "
-            f"{exc.error_count()} problem(s) in all: the manifest is corrupt or was edited"
-        ) from None
-    return manifest, raw
 
 
 @dataclass(frozen=True, eq=False)
@@ -377,14 +281,14 @@ def write_bundle(
             np.save(tmp / KEYS_FILE, keys, allow_pickle=False)
             files[KEYS_FILE] = {"kind": "npy", "dtype": keys.dtype.str, "shape": [len(keys)]}
         for fname, meta in files.items():
-            meta["sha256"] = _sha256(tmp / fname)
+            meta["sha256"] = sha256_file(tmp / fname)
             meta["bytes"] = (tmp / fname).stat().st_size
         from qarm_features._version import __version__
 
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "version": _version_id(files, config_json, dims),
+            "version": version_id(files, config_json, dims),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "qarm_features_version": __version__,
             "config": config_json,
@@ -508,7 +412,7 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
                 f"{path}: {fname} is {size} bytes, manifest says {meta.bytes} "
                 "(truncated or replaced)"
             )
-        if verify and _sha256(fpath) != meta.sha256:
+        if verify and sha256_file(fpath) != meta.sha256:
             raise BundleError(f"{path}: {fname} fails its sha256 check (tampered or corrupt)")
 
     try:
@@ -550,7 +454,7 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         raise BundleError(f"{path}: {exc}") from None
     if dims != inferred:
         raise BundleError(f"{path}: manifest dims {dims} disagree with the arrays {inferred}")
-    if _version_id(raw["files"], raw["config"], raw["dims"]) != manifest.version:
+    if version_id(raw["files"], raw["config"], raw["dims"]) != manifest.version:
         raise BundleError(
             f"{path}: version id {manifest.version} does not match the file hashes, config "
             "and dims; the manifest was edited"

@@ -283,7 +283,7 @@ def evaluate(
 ) -> None:
     """Run the MovieLens-100k ranking evaluation; write reports/movielens-100k.{md,json,png}."""
     _setup_logging(verbose)
-    from qarm_features.evaluate import run_evaluation
+    from qarm_features.app.evaluate import run_evaluation
 
     try:
         result = run_evaluation(

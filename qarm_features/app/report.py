@@ -1,8 +1,10 @@
 """The evaluation report: ``movielens-100k.{json,md,png}``, written atomically.
 
-Renders the results tree of :func:`qarm_features.evaluate.run_protocol` (plain dicts of
-``{"mean", "std", "n"}`` leaves) as JSON, a markdown report and a bar plot (AUC by
-variant, warm vs cold items). numpy and matplotlib only; nothing here trains or reads data.
+Renders the results tree of :func:`qarm_features.app.evaluate.run_protocol` (plain dicts
+of ``{"mean", "std", "n"}`` leaves) as JSON, a markdown report and a bar plot (AUC by
+variant, warm vs cold items), plus the development notes kept in
+``development_notes.md`` next to this module (:func:`development_notes`). numpy and
+matplotlib only; nothing here trains or reads data.
 """
 
 from __future__ import annotations
@@ -18,6 +20,19 @@ REPORT_NAME = "movielens-100k"
 COMMAND = "qarm evaluate"
 SUBSETS = ("all", "warm", "cold")
 METRICS = ("auc", "uauc", "gauc")
+NOTES_FILE = Path(__file__).with_name("development_notes.md")
+
+
+def development_notes(path: Path = NOTES_FILE) -> list[str]:
+    """The notes of ``development_notes.md``: one string per ``- `` paragraph (its indented
+    continuation lines joined with single spaces); the file's preamble is skipped."""
+    notes: list[str] = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("- "):
+            notes.append(line[2:].strip())
+        elif notes and line.startswith("  ") and line.strip():
+            notes[-1] += " " + line.strip()
+    return notes
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -277,8 +292,8 @@ def _setup_lines(out: dict) -> list[str]:
         ),
         (
             f"- Aligner: {json.dumps(cfg['aligner'])}; pairs: {json.dumps(cfg['pairs'])}; "
-            f"early stopping on pairs of {cfg['aligner_val_fraction']:.0%} of paired items held "
-            "out of training."
+            f"early stopping on pairs of {cfg['aligner']['val_fraction']:.0%} of paired items "
+            "held out of training."
         ),
         "- Best epochs per seed: " + "; ".join(f"{v} {i['best_epoch']}" for v, i in rk.items()),
         "- Parameters: " + ", ".join(f"{v} {i['n_params']:,}" for v, i in rk.items()),

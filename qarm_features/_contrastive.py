@@ -1,0 +1,71 @@
+"""Symmetric in-batch InfoNCE over ``<trigger, target>`` pairs: the pieces the aligner
+(:mod:`qarm_features.align`) and the encoder fine-tuner (:mod:`qarm_features.finetune`)
+share: pair rows from ids (:func:`pair_rows`) and the loss with in-batch false negatives
+masked (:func:`masked_nce`, :func:`symmetric_nce`). Training only: imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from qarm_features._validate import check_columns, check_ids, lookup_rows
+from qarm_features.errors import DependencyError, InputError
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError as exc:  # pragma: no cover - torch is a hard dependency today
+    raise DependencyError("contrastive training needs torch: pip install torch==2.13.0") from exc
+
+logger = logging.getLogger(__name__)
+
+
+def pair_rows(pairs, item_ids: np.ndarray, *, name: str = "pairs"):
+    """Row positions ``(trigger rows, target rows)`` of ``pairs`` in ``item_ids``.
+
+    Unknown ids raise, self-pairs are dropped (logged); no pair left raises.
+    """
+    if not isinstance(pairs, pd.DataFrame):
+        raise InputError(
+            f"{name}: expected a DataFrame [trigger_id, target_id], got {type(pairs).__name__}"
+        )
+    check_columns(pairs, ["trigger_id", "target_id"], name=name)
+    trig = check_ids(pairs["trigger_id"].to_numpy(), name=f"{name}.trigger_id", unique=False)
+    targ = check_ids(pairs["target_id"].to_numpy(), name=f"{name}.target_id", unique=False)
+    ti = lookup_rows(trig, item_ids, name=f"{name}.trigger_id")
+    gi = lookup_rows(targ, item_ids, name=f"{name}.target_id")
+    keep = ti != gi
+    if not keep.all():
+        logger.info("dropping %d self-pair(s) from %s", int((~keep).sum()), name)
+    if not keep.any():
+        raise InputError(
+            f"{name}: no (non-self) pair among {len(pairs)} rows; mine pairs first "
+            "(qarm_features.pairs.mine_pairs)"
+        )
+    return ti[keep], gi[keep]
+
+
+def masked_nce(logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of row i against column i, masking in-batch false negatives.
+
+    Column ``j != i`` is masked for row ``i`` when its key item ``k[j]`` is row i's
+    positive ``k[i]`` (the same target twice in a batch) or row i's query item ``q[i]``.
+    """
+    n = logits.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+    mask = ((k[None, :] == k[:, None]) | (k[None, :] == q[:, None])) & ~eye
+    labels = torch.arange(n, device=logits.device)
+    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), labels)
+
+
+def symmetric_nce(za, zb, a, b, temperature: float):
+    """``(CE(za @ zb.T / T) + CE(zb @ za.T / T)) / 2`` with :func:`masked_nce` masking.
+
+    ``za``, ``zb``: ``(B, d)`` unit-norm embeddings of the pairs' items; ``a``, ``b``:
+    ``(B,)`` their item rows (equal rows are the same item).
+    """
+    logits = za @ zb.T / temperature
+    return 0.5 * (masked_nce(logits, a, b) + masked_nce(logits.T, b, a))

@@ -1,0 +1,124 @@
+"""The protocol's item spaces: the QARM pipeline on one seed's train rows, plus raw codes.
+
+Per seed, on train-visible rows only: :func:`qarm_features.pipeline.fit_item_space` (the
+pipeline ``qarm build`` runs) mines pairs, trains the aligner (early stopping on the pairs
+of ``aligner.val_fraction`` of the paired items, drawn with seed ``seed + 1000``) and fits
+RQ codebooks and the VQ pool on *warm* items (items with a train row). The raw baseline
+(variant C) gets codes at the same L x K: RQ on a PCA of the L2-normalised raw space to
+the aligned width (re-normalised), VQ on the full raw space, same warm pool.
+Alignment quality is measured on pairs mined from the *test* period
+(:func:`alignment_metrics`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from qarm_features._validate import check_embeddings, check_ids, lookup_rows
+from qarm_features.app.protocol import EvalConfig, Split
+from qarm_features.pipeline import (
+    code_report,
+    fit_item_space,
+    fit_quantizers,
+    l2_normalize,
+    space_metrics,
+)
+
+# Offset of the aligner's validation-item draw from the run's seed, so that it is
+# independent of the cold-item draw, which uses the seed itself.
+VAL_SEED_OFFSET = 1000
+
+
+@dataclass
+class ItemSpaces:
+    """Per-seed item representations for every catalog row."""
+
+    raw: np.ndarray  # (n, d_raw) L2-normalised frozen embedding
+    aligned: np.ndarray  # (n, d_out)
+    raw_rq: np.ndarray
+    raw_vq: np.ndarray
+    aligned_rq: np.ndarray
+    aligned_vq: np.ndarray
+    vq_pool_ids: np.ndarray
+    n_codes: int
+    report: dict
+
+
+def build_item_spaces(item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: int) -> ItemSpaces:
+    """Mine pairs on train, train the aligner, fit codes (warm items only), measure them."""
+    from sklearn.decomposition import PCA
+
+    item_ids = check_ids(item_ids, name="item_ids")
+    raw = l2_normalize(check_embeddings(raw_emb, name="raw_emb", dim=None))
+    bcfg = cfg.build_config(seed)
+    space = fit_item_space(
+        raw,
+        item_ids,
+        split.train,
+        bcfg,
+        heldout_fraction=0.0,  # held-out pairs come from the test period instead
+        val_seed=seed + VAL_SEED_OFFSET,
+        pool_items=split.warm_items,
+    )
+    aligned = space.aligned
+    warm_rows = lookup_rows(split.warm_items, item_ids, name="warm items")
+    pca = PCA(n_components=aligned.shape[1], random_state=seed).fit(raw[warm_rows])
+    raw_low = l2_normalize(pca.transform(raw).astype(np.float32))
+    rq_r, vq_r = fit_quantizers(
+        raw_low, item_ids, bcfg.rq, bcfg.vq, pool_rows=warm_rows, vq_x=raw
+    )
+    raw_rq = rq_r.encode(raw_low)
+    raw_vq = vq_r.encode(raw, exclude_ids=item_ids)
+    history = space.aligner.history_
+    report = {
+        "pairs": {k: v for k, v in space.pair_stats.items() if not isinstance(v, dict)},
+        "aligner": {k: v for k, v in history.items() if np.isscalar(v)},
+        "alignment": alignment_metrics(
+            item_ids, raw, aligned, space.pairs, split, bcfg.pairs, seed
+        ),
+        "codes": {
+            "raw": code_report(rq_r, raw_low, codes=raw_rq, pool_rows=warm_rows),
+            "aligned": space.metrics["codes"]["aligned"],
+        },
+        "seconds": {"pairs_aligner": space.timings["pairs_s"] + space.timings["aligner_s"]},
+    }
+    return ItemSpaces(
+        raw=raw,
+        aligned=aligned,
+        raw_rq=raw_rq,
+        raw_vq=raw_vq,
+        aligned_rq=space.rq_codes,
+        aligned_vq=space.vq_codes(),
+        vq_pool_ids=space.pool_ids,
+        n_codes=bcfg.rq.n_codes,
+        report=report,
+    )
+
+
+def alignment_metrics(item_ids, raw, aligned, train_pairs, split: Split, pcfg, seed) -> dict:
+    """Held-out pair recall@10 / pair-AUC, raw vs aligned.
+
+    Held-out pairs are mined from the *test* period with the same miner, minus any
+    unordered pair also mined from train. ``unseen`` keeps the pairs touching an item that
+    appears in no train pair (cold items mostly): the aligner never saw it.
+    """
+    from qarm_features.pairs import mine_pairs
+
+    test_pairs, _ = mine_pairs(split.test, pcfg)
+    key = lambda a, b: np.minimum(a, b) * (1 << 32) + np.maximum(a, b)
+    tr_key = key(train_pairs["trigger_id"].to_numpy(), train_pairs["target_id"].to_numpy())
+    te_key = key(test_pairs["trigger_id"].to_numpy(), test_pairs["target_id"].to_numpy())
+    held = test_pairs[~np.isin(te_key, tr_key)]
+    seen = np.union1d(train_pairs["trigger_id"], train_pairs["target_id"])
+    unseen = held[~(held["trigger_id"].isin(seen) & held["target_id"].isin(seen))]
+    pop = pd.concat([split.train, split.test])["item_id"].value_counts()
+    out: dict = {}
+    for name, pairs in (("heldout", held), ("unseen", unseen)):
+        out[name] = {"n_pairs": len(pairs)}
+        for space, emb in (("raw", raw), ("aligned", aligned)):
+            m = space_metrics(emb, item_ids, pairs, pop, seed=seed)
+            out[name][space] = {"recall@10": m["recall@10"], "pair_auc": m["pair_auc"]}
+    return out

@@ -1,0 +1,277 @@
+"""The MovieLens-100k evaluation protocol (DESIGN.md): configuration, variants, splits.
+
+1. **Split.** Label ``rating >= 4``. Global temporal split: events before the timestamp at
+   the 80% quantile are train, the rest test. Item-cold split: 20% of the catalog (random,
+   per seed) loses every train interaction. Pairs, aligner, codebooks and rankers see the
+   remaining train rows only; the last 10% of them (by time) are the rankers' validation
+   rows (early stopping).
+2. **History.** Every row carries the user's latest ``history_len`` events strictly before
+   it and their past labels — Feast's point-in-time join with a strict inequality, so an
+   event never sees itself. Train rows see train-visible events only (no cold item), test
+   rows see everything earlier (a cold item's codes come from its content, as ``qarm_cold``
+   serves them).
+3. **Variants**: one ranker architecture and budget; only the item tower's inputs change
+   (:data:`VARIANTS`).
+
+:class:`EvalConfig` holds the protocol, the ranker budget and the item-space sections,
+which are :class:`~qarm_features.config.BuildConfig`'s (same classes, same defaults: one
+preset for ``qarm build`` and ``qarm evaluate``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from qarm_features._validate import check_columns, check_ids, lookup_rows
+from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig, VQConfig
+from qarm_features.errors import InputError
+
+
+# variant -> (item-tower inputs, description). Every variant also has user id, item id and
+# the user's history (history items go through the same item tower).
+VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "A": ((), "item id only"),
+    "B": (("raw_dense",), "+ frozen raw embedding (dense)"),
+    "C": (("raw_rq", "raw_vq"), "+ RQ/VQ codes of the raw embedding"),
+    "D": (("aligned_rq", "aligned_vq"), "+ QARM codes (RQ + VQ of the aligned embedding)"),
+    "E": (("aligned_dense",), "+ aligned embedding (dense)"),
+    "D_vq": (("aligned_vq",), "+ QARM VQ codes only"),
+    "D_rq": (("aligned_rq",), "+ QARM RQ codes only"),
+    "B+D": (("raw_dense", "aligned_rq", "aligned_vq"), "+ frozen raw embedding and QARM codes"),
+}
+
+
+class Ablation(BaseModel):
+    """One "what if": other aligner settings and/or ranker settings for a few variants."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str
+    aligner: dict = {}  # AlignerConfig overrides (a new aligner and codes per seed)
+    ranker: dict = {}  # EvalConfig overrides of ranker fields (rq_mode, vq_tied, ...)
+    variants: tuple[str, ...] = ("D",)
+
+
+class EvalConfig(BaseModel):
+    """Protocol and budget. Unknown keys are rejected; defaults fit 3 seeds in < 20 min."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    positive_threshold: float = 4.0  # label = rating >= 4
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # global temporal split
+    cold_item_fraction: float = Field(0.2, ge=0, lt=1)  # items removed from train
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # last train rows: ranker early stopping
+    history_len: int = Field(30, ge=1)  # latest events per row (DIN sequence length)
+    # Ranker budget, identical for every variant.
+    dim: int = Field(32, ge=2)  # per-part embedding width (paper: 64; 32 fits the CPU budget)
+    epochs: int = Field(6, ge=1)  # max epochs; the best validation epoch is kept
+    patience: int = Field(2, ge=1)
+    batch_size: int = Field(1024, ge=8)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    # Rows per prefix-n-gram length before hashing: K=64 keeps (c1, c2) exact (4096 rows) and
+    # hashes (c1, c2, c3) into 8191 rows, plenty for ~1.3k warm items' distinct prefixes
+    # (the module default, 2**16, would make Adam update 65k rows per step for nothing).
+    prefix_buckets: int = Field(1 << 13, ge=2)
+    code_init_std: float = Field(0.0, ge=0)  # 0: codes unseen in training add nothing
+    # RQ codes as prefix n-grams (c1), (c1, c2), (c1, c2, c3), as in the semantic-id ranking
+    # literature (see RQCodeEmbedding and the rq_* ablations).
+    rq_mode: Literal["level", "prefix", "both"] = "prefix"
+    vq_tied: bool = False  # VQ codes read the item-id table (see RankerConfig.vq_tied)
+    id_dropout: float = Field(0.0, ge=0, lt=1)  # see RankerConfig.id_dropout
+    # Item spaces: BuildConfig's sections with BuildConfig's defaults, the preset `qarm
+    # build` uses too (the run's seed replaces their seeds). The aligner's early stopping
+    # holds out aligner.val_fraction of the paired (warm) items.
+    pairs: PairsConfig = BuildConfig().pairs
+    aligner: AlignerConfig = BuildConfig().aligner
+    rq: RQConfig = BuildConfig().rq
+    vq: VQConfig = BuildConfig().vq
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    # What helped / what did not, regenerated with the report (same seeds and splits).
+    ablations: dict[str, Ablation] = {
+        "mlp_aligner": Ablation(
+            description="aligner with a 256-unit MLP next to the linear skip "
+            "instead of a linear aligner (the shared default)",
+            aligner={"hidden": 256},
+        ),
+        "rq_levels_only": Ablation(
+            description="RQ codes as per-level ids (c1), (c2), (c3), no prefix n-grams",
+            ranker={"rq_mode": "level"},
+            variants=("C", "D"),
+        ),
+        "rq_levels_and_prefixes": Ablation(
+            description="RQ codes as per-level ids and prefix n-grams together",
+            ranker={"rq_mode": "both"},
+        ),
+    }
+    threads: int = Field(1, ge=1)  # torch threads (the budget assumes a shared 2-core box)
+
+    def build_config(self, seed: int) -> BuildConfig:
+        """The item-space sections as a :class:`BuildConfig`, every seed set to ``seed``."""
+        sections = {"pairs": self.pairs, "aligner": self.aligner, "rq": self.rq, "vq": self.vq}
+        return BuildConfig(**sections).with_seed(seed)
+
+
+QUICK = {"epochs": 1, "history_len": 10, "dim": 16, "ablations": {}}
+
+
+# --------------------------------------------------------------------------- split
+def label_of(interactions: pd.DataFrame, threshold: float) -> np.ndarray:
+    return (interactions["rating"].to_numpy() >= threshold).astype(np.int8)
+
+
+def temporal_split(interactions: pd.DataFrame, test_fraction: float = 0.2):
+    """Global temporal split: rows before the ``1 - test_fraction`` timestamp quantile are train.
+
+    Rows sharing the boundary timestamp all go to test, so no second is split in two.
+
+    Returns:
+        ``(train, test, cut_ts)`` with ``train.timestamp < cut_ts <= test.timestamp``.
+    """
+    check_columns(interactions, ["user_id", "item_id", "rating", "timestamp"], name="interactions")
+    if len(interactions) < 2:
+        raise InputError("interactions: need at least 2 rows to split")
+    df = interactions.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    cut = min(max(round((1 - test_fraction) * len(df)), 1), len(df) - 1)
+    cut_ts = int(df["timestamp"].iloc[cut])
+    train = df[df["timestamp"] < cut_ts].reset_index(drop=True)
+    test = df[df["timestamp"] >= cut_ts].reset_index(drop=True)
+    return train, test, cut_ts
+
+
+def choose_cold_items(item_ids, fraction: float, seed: int) -> np.ndarray:
+    """``round(fraction * n)`` catalog items drawn uniformly at random (sorted int64)."""
+    ids = check_ids(item_ids, name="item_ids")
+    n = round(fraction * ids.size)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(ids, size=n, replace=False)) if n else ids[:0]
+
+
+def point_in_time_history(events: pd.DataFrame, queries: pd.DataFrame, n: int):
+    """The latest ``n`` events of each query's user strictly before the query's timestamp.
+
+    The offline equivalent of Feast's point-in-time join of a user-history view (with a
+    strict inequality: an event never sees itself or events of the same second).
+
+    Args:
+        events: ``user_id, item_id, label, timestamp``.
+        queries: ``user_id, timestamp``.
+        n: history length.
+
+    Returns:
+        ``(items, labels)``, both ``(len(queries), n)`` int64, most recent first, padded
+        with ``-1`` (items) and ``0`` (labels).
+    """
+    check_columns(events, ["user_id", "item_id", "label", "timestamp"], name="events")
+    check_columns(queries, ["user_id", "timestamp"], name="queries")
+    ev = events.sort_values(["user_id", "timestamp"], kind="stable")
+    eu = ev["user_id"].to_numpy(np.int64)
+    et = ev["timestamp"].to_numpy(np.int64)
+    ei = ev["item_id"].to_numpy(np.int64)
+    el = ev["label"].to_numpy(np.int64)
+    qu = queries["user_id"].to_numpy(np.int64)
+    qt = queries["timestamp"].to_numpy(np.int64)
+    # One sortable int64 key per (user, timestamp): dense ranks, so no overflow.
+    user_vals = np.unique(np.r_[eu, qu])
+    ts_vals = np.unique(np.r_[et, qt])
+    span = np.int64(ts_vals.size)
+    key_e = np.searchsorted(user_vals, eu) * span + np.searchsorted(ts_vals, et)
+    key_q = np.searchsorted(user_vals, qu) * span + np.searchsorted(ts_vals, qt)
+    ustart = np.searchsorted(key_e, np.searchsorted(user_vals, qu) * span, side="left")
+    end = np.searchsorted(key_e, key_q, side="left")  # events strictly before the query
+    items = np.full((qu.size, n), -1, np.int64)
+    labels = np.zeros((qu.size, n), np.int64)
+    for j in range(n):
+        idx = end - 1 - j
+        ok = idx >= ustart
+        items[ok, j] = ei[idx[ok]]
+        labels[ok, j] = el[idx[ok]]
+    return items, labels
+
+
+@dataclass
+class Rows:
+    """Ranker rows: catalog row of the target, user index, history rows, label."""
+
+    user: np.ndarray  # (m,) int64 user index (0 = unknown)
+    user_id: np.ndarray  # (m,) raw user ids, for UAUC/GAUC
+    item: np.ndarray  # (m,) int64 catalog row
+    hist: np.ndarray  # (m, T) int64 catalog rows, -1 padding
+    hist_label: np.ndarray  # (m, T) int64
+    y: np.ndarray  # (m,) float32
+
+    def __len__(self) -> int:
+        return int(self.item.shape[0])
+
+
+@dataclass
+class Split:
+    """One seed's split: rows for the ranker and the item sets of the protocol."""
+
+    train: pd.DataFrame  # train-visible interactions (cold items removed): all fitting sees
+    test: pd.DataFrame
+    cold_items: np.ndarray
+    warm_items: np.ndarray  # items with >= 1 train-visible interaction
+    fit: Rows
+    val: Rows
+    test_rows: Rows
+    n_users: int
+    item_ids: np.ndarray  # (n_catalog,) the catalog; rows index it
+    item_id_index: np.ndarray  # (n_catalog,) row in the item-id table, 0 = OOV
+
+
+def make_split(item_ids, interactions, cfg: EvalConfig, seed: int) -> Split:
+    """Apply the protocol's splits and attach point-in-time histories to every row."""
+    item_ids = check_ids(item_ids, name="item_ids")
+    train, test, _ = temporal_split(interactions, cfg.test_fraction)
+    cold = choose_cold_items(item_ids, cfg.cold_item_fraction, seed)
+    train = train[~train["item_id"].isin(cold)].reset_index(drop=True)
+    warm = np.unique(train["item_id"].to_numpy(np.int64))
+    thr = cfg.positive_threshold
+    train = train.assign(label=label_of(train, thr))
+    test = test.assign(label=label_of(test, thr))
+
+    n_val = max(1, round(cfg.val_fraction * len(train)))
+    fit_df, val_df = train.iloc[:-n_val], train.iloc[-n_val:]
+    users = np.unique(fit_df["user_id"].to_numpy(np.int64))
+    id_index = np.zeros(item_ids.size, np.int64)
+    warm_rows = lookup_rows(warm, item_ids, name="train.item_id")
+    id_index[warm_rows] = np.arange(1, warm.size + 1)
+    all_events = pd.concat([train, test], ignore_index=True)
+
+    def rows(df: pd.DataFrame, events: pd.DataFrame) -> Rows:
+        h_items, h_labels = point_in_time_history(events, df, cfg.history_len)
+        hist = np.full(h_items.shape, -1, np.int64)
+        ok = h_items >= 0
+        hist[ok] = lookup_rows(h_items[ok], item_ids, name="history item_id")
+        uid = df["user_id"].to_numpy(np.int64)
+        pos = np.searchsorted(users, uid)
+        hit = (pos < users.size) & (users[np.minimum(pos, max(users.size - 1, 0))] == uid)
+        return Rows(
+            user=np.where(hit, pos + 1, 0).astype(np.int64),
+            user_id=uid,
+            item=lookup_rows(df["item_id"].to_numpy(np.int64), item_ids, name="item_id"),
+            hist=hist,
+            hist_label=h_labels,
+            y=df["label"].to_numpy(np.float32),
+        )
+
+    return Split(
+        train=train,
+        test=test,
+        cold_items=cold,
+        warm_items=warm,
+        fit=rows(fit_df, train),
+        val=rows(val_df, train),
+        test_rows=rows(test, all_events),
+        n_users=users.size + 1,
+        item_ids=item_ids,
+        item_id_index=id_index,
+    )
+

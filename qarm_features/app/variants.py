@@ -1,0 +1,150 @@
+"""The rankers of the protocol: one variant's item features, its training loop, its scores.
+
+Every variant trains the same :class:`~qarm_features.app.ranker.DINRanker` with the same
+budget (:class:`~qarm_features.app.protocol.EvalConfig`); only the item tower's inputs
+change (:data:`~qarm_features.app.protocol.VARIANTS`). The best validation epoch is kept,
+and test rows are scored with AUC / UAUC / GAUC on all, warm-item and cold-item rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qarm_features._validate import lookup_rows
+from qarm_features.app.item_spaces import ItemSpaces
+from qarm_features.app.protocol import VARIANTS, EvalConfig, Rows, Split
+from qarm_features.errors import InputError
+
+
+# --------------------------------------------------------------------------- item features
+def variant_items(variant: str, spaces: ItemSpaces, split: Split, *, vq_tied: bool = False):
+    """(RankerConfig keyword arguments, ItemFeatures) for one variant."""
+    from qarm_features.ranking import CodeVocab, ItemFeatures
+
+    if variant not in VARIANTS:
+        raise InputError(f"variant: unknown {variant!r}; choose from {list(VARIANTS)}")
+    parts = VARIANTS[variant][0]
+    kw: dict = {}
+    rq = vq = dense = None
+    vocab = CodeVocab(spaces.vq_pool_ids)
+    for p in parts:
+        if p.endswith("_dense"):
+            dense = spaces.raw if p == "raw_dense" else spaces.aligned
+            if dense is not None and "dense_dim" in kw:
+                raise InputError(f"variant {variant}: two dense inputs are not supported")
+            kw["dense_dim"] = dense.shape[1]
+        elif p.endswith("_rq"):
+            rq = spaces.raw_rq if p == "raw_rq" else spaces.aligned_rq
+            kw.update(rq_levels=rq.shape[1], rq_codes=spaces.n_codes)
+        elif p.endswith("_vq"):
+            vq = vocab.map(spaces.raw_vq if p == "raw_vq" else spaces.aligned_vq)
+            if vq_tied:  # pool rows -> item-id rows minus one (pool items are warm items)
+                pool_rows = lookup_rows(spaces.vq_pool_ids, split.item_ids, name="VQ pool")
+                id_rows = split.item_id_index[pool_rows] - 1
+                vq = np.where(vq >= 0, id_rows[np.maximum(vq, 0)], -1)
+                kw.update(vq_vocab=int(split.item_id_index.max()), vq_tied=True)
+            else:
+                kw["vq_vocab"] = len(vocab)
+            kw["vq_k"] = vq.shape[1]
+    return kw, ItemFeatures.from_numpy(split.item_id_index, rq=rq, vq=vq, dense=dense)
+
+
+# --------------------------------------------------------------------------- rankers
+def _tensors(rows: Rows, sel=None):
+    import torch
+
+    sl = slice(None) if sel is None else sel
+    return (
+        torch.from_numpy(rows.user[sl]),
+        torch.from_numpy(rows.item[sl]),
+        torch.from_numpy(rows.hist[sl]),
+        torch.from_numpy(rows.hist_label[sl]),
+    )
+
+
+def _predict(model, items, rows: Rows, batch_size: int = 8192) -> np.ndarray:
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(rows), batch_size):
+            u, i, h, hl = _tensors(rows, slice(a, a + batch_size))
+            out.append(model(items, u, i, h, hl).numpy())
+    return np.concatenate(out) if out else np.empty(0, np.float32)
+
+
+def train_ranker(ranker_kw: dict, items, split: Split, cfg: EvalConfig, seed: int):
+    """Train one DINRanker (budget from ``cfg``), keep the best validation epoch.
+
+    Returns:
+        ``(test_scores, info)`` with ``info`` = best epoch, validation AUC per epoch, params.
+    """
+    import torch
+
+    from qarm_features.metrics import auc
+    from qarm_features.app.ranker import DINRanker, RankerConfig
+
+    torch.manual_seed(seed)
+    rcfg = RankerConfig(
+        n_users=split.n_users,
+        n_item_ids=int(split.item_id_index.max()) + 1,
+        dim=cfg.dim,
+        dropout=cfg.dropout,
+        **ranker_kw,
+    )
+    model = DINRanker(rcfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(seed)
+    fit = split.fit
+    y_fit = torch.from_numpy(fit.y)
+    best, best_state, val_aucs, bad = -np.inf, None, [], 0
+    for _epoch in range(cfg.epochs):
+        model.train()
+        perm = rng.permutation(len(fit))
+        for a in range(0, len(fit), cfg.batch_size):
+            sel = perm[a : a + cfg.batch_size]
+            logits = model(items, *_tensors(fit, sel))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y_fit[sel])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        v = auc(split.val.y, _predict(model, items, split.val))
+        val_aucs.append(float(v))
+        if v > best:
+            best, bad = v, 0
+            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    info = {
+        "best_epoch": int(np.argmax(val_aucs)) + 1,
+        "val_auc": val_aucs,
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+    }
+    return _predict(model, items, split.test_rows), info
+
+
+def score_subsets(split: Split, scores: np.ndarray, item_ids) -> dict:
+    """AUC / UAUC / GAUC on all, warm-item and cold-item test rows."""
+    from qarm_features.metrics import auc, gauc, uauc
+
+    rows = split.test_rows
+    tid = np.asarray(item_ids)[rows.item]
+    masks = {
+        "all": np.ones(len(rows), bool),
+        "warm": np.isin(tid, split.warm_items),
+        "cold": np.isin(tid, split.cold_items),
+    }
+    out = {}
+    for name, m in masks.items():
+        y, s, u = rows.y[m].astype(np.int8), scores[m], rows.user_id[m]
+        out[name] = {
+            "auc": auc(y, s),
+            "uauc": uauc(u, y, s),
+            "gauc": gauc(u, y, s),
+            "n_rows": int(m.sum()),
+        }
+    return out

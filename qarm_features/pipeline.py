@@ -1,0 +1,317 @@
+"""One offline pipeline from a catalog and its interactions to a fitted QARM item space.
+
+:func:`fit_item_space` is what ``qarm build`` (:mod:`qarm_features.build`) and
+``qarm evaluate`` (:mod:`qarm_features.app.evaluate`) both run::
+
+    interactions -> <trigger, target> pairs (U2I + Swing)             pairs.mine_pairs
+    pairs -> held-out items (every pair touching one leaves training)  split_test_items
+    raw_emb + train pairs -> aligner (InfoNCE, early stopping)        align.ItemAligner
+    weights -> aligned embeddings, numpy float64 forward               encode.align_with_weights
+    aligned (pool items) -> RQ codebooks + VQ pool                    quantize
+    -> metrics: pair stats, held-out pair recall@10 / pair-AUC (raw vs aligned), aligner
+       history, code quality
+
+The aligned embeddings come from :func:`qarm_features.encode.align_with_weights`, the
+forward the serving path runs, so codes computed here are bit-identical with served ones.
+Everything is seeded by the :class:`~qarm_features.config.BuildConfig` sections
+(:meth:`~qarm_features.config.BuildConfig.with_seed` sets them all at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from qarm_features._validate import check_columns, check_embeddings, check_ids, lookup_rows
+from qarm_features.config import BuildConfig, RQConfig, VQConfig
+from qarm_features.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[str], None]
+
+
+@dataclass
+class ItemSpace:
+    """A fitted item space: what :func:`fit_item_space` returns.
+
+    Attributes:
+        item_ids: ``(n,)`` int64 catalog ids; rows of every array below.
+        raw: ``(n, d_raw)`` float32 raw embeddings, as given.
+        aligned: ``(n, d_out)`` float32 aligned embeddings (the served forward).
+        aligner: the fitted :class:`~qarm_features.align.ItemAligner` (``weights_``,
+            ``history_``).
+        rq: fitted :class:`~qarm_features.quantize.ResidualQuantizer` (pool items).
+        vq: fitted :class:`~qarm_features.quantize.VQCoder` (pool: the pool items).
+        rq_codes: ``(n, L)`` int64 RQ codes of every catalog item.
+        pool_ids: ``(m,)`` int64 ids the codebooks and the VQ pool were fitted on.
+        pairs: every mined pair ``[trigger_id, target_id, score, source]``.
+        train_pairs: the pairs the aligner saw.
+        heldout_pairs: pairs touching a held-out item (never seen by the aligner).
+        heldout_items: ``(h,)`` int64 held-out item ids.
+        pair_stats: :func:`~qarm_features.pairs.mine_pairs` stats.
+        metrics: ``pairs``, ``heldout_items``, ``heldout`` (``raw``/``aligned``:
+            ``recall@10``, ``pair_auc``, ``n_pairs``), ``aligner`` (scalar history),
+            ``codes`` (``aligned``: :func:`code_report`), ``vq_ann_recall``.
+        timings: seconds per stage (``pairs_s``, ``aligner_s``, ``codes_s``).
+    """
+
+    item_ids: np.ndarray
+    raw: np.ndarray
+    aligned: np.ndarray
+    aligner: object
+    rq: object
+    vq: object
+    rq_codes: np.ndarray
+    pool_ids: np.ndarray
+    pairs: pd.DataFrame
+    train_pairs: pd.DataFrame
+    heldout_pairs: pd.DataFrame
+    heldout_items: np.ndarray
+    pair_stats: dict
+    metrics: dict
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        """The aligner's exported weights (the bundle's ``aligner.safetensors``)."""
+        return self.aligner.weights_
+
+    def vq_codes(self, x: np.ndarray | None = None) -> np.ndarray:
+        """``(n, K)`` int64 VQ codes of ``x`` (default: every catalog item, itself excluded)."""
+        if x is None:
+            return self.vq.encode(self.aligned, exclude_ids=self.item_ids)
+        return self.vq.encode(x)
+
+
+# --------------------------------------------------------------------------- pieces
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by ``max(||row||, 1e-12)``, in ``x``'s dtype."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def split_test_items(item_ids: np.ndarray, pairs: pd.DataFrame, fraction: float, seed: int):
+    """Pick ``fraction`` of the items that appear in pairs as held-out test items.
+
+    Returns ``(train_pairs, test_pairs, test_items)``: every pair touching a test item is
+    a test pair, so the aligner never sees a test item in training.
+    """
+    rng = np.random.default_rng(seed)
+    in_pairs = np.unique(np.concatenate([pairs["trigger_id"], pairs["target_id"]]))
+    n_test = int(round(fraction * in_pairs.size))
+    test_items = in_pairs[:0]
+    if n_test:
+        test_items = np.sort(rng.choice(in_pairs, size=n_test, replace=False))
+    touches = pairs["trigger_id"].isin(test_items) | pairs["target_id"].isin(test_items)
+    return pairs[~touches].reset_index(drop=True), pairs[touches].reset_index(drop=True), test_items
+
+
+def choose_val_items(pairs: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
+    """``round(fraction * n)`` of the ``n`` items in ``pairs``, drawn with ``default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    paired = np.unique(np.r_[pairs["trigger_id"].to_numpy(), pairs["target_id"].to_numpy()])
+    return np.sort(rng.choice(paired, size=round(fraction * paired.size), replace=False))
+
+
+def item_popularity(interactions: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
+    """Interaction count per item, aligned with ``item_ids``."""
+    counts = interactions["item_id"].value_counts()
+    return counts.reindex(item_ids, fill_value=0).to_numpy(np.int64)
+
+
+def space_metrics(emb, item_ids, pairs, popularity, *, seed: int = 0) -> dict:
+    """Pair recall@10 and popularity-matched pair-AUC of ``pairs`` in an embedding space."""
+    from qarm_features.metrics import pair_auc, pair_recall_at_k
+
+    if len(pairs) == 0:
+        return {"recall@10": float("nan"), "pair_auc": float("nan"), "n_pairs": 0}
+    return {
+        "recall@10": float(pair_recall_at_k(emb, item_ids, pairs, k=10)),
+        "pair_auc": float(pair_auc(emb, item_ids, pairs, popularity, seed=seed)),
+        "n_pairs": int(len(pairs)),
+    }
+
+
+def make_rq(cfg: RQConfig):
+    """An unfitted :class:`~qarm_features.quantize.ResidualQuantizer` for ``cfg``."""
+    from qarm_features.quantize import ResidualQuantizer
+
+    return ResidualQuantizer(
+        n_levels=cfg.n_levels, n_codes=cfg.n_codes, n_iter=cfg.n_iter, seed=cfg.seed
+    )
+
+
+def make_vq(cfg: VQConfig):
+    """An unfitted :class:`~qarm_features.quantize.VQCoder` for ``cfg``."""
+    from qarm_features.vq import VQCoder
+
+    return VQCoder(
+        k=cfg.k,
+        exact_max_pool=cfg.exact_max_pool,
+        ann_index=cfg.ann_index,
+        ann_ef_search=cfg.ann_ef_search,
+        seed=cfg.seed,
+    )
+
+
+def fit_quantizers(
+    x: np.ndarray,
+    item_ids: np.ndarray,
+    rq_cfg: RQConfig,
+    vq_cfg: VQConfig,
+    *,
+    pool_rows: np.ndarray | None = None,
+    vq_x: np.ndarray | None = None,
+):
+    """RQ codebooks on ``x[pool_rows]`` and a VQ pool of ``vq_x[pool_rows]`` (default ``x``).
+
+    Returns:
+        ``(rq, vq)``: a fitted :class:`~qarm_features.quantize.ResidualQuantizer` and
+        :class:`~qarm_features.quantize.VQCoder`.
+    """
+    rows = slice(None) if pool_rows is None else pool_rows
+    rq = make_rq(rq_cfg).fit(x[rows])
+    vx = x if vq_x is None else vq_x
+    vq = make_vq(vq_cfg).fit(vx[rows], item_ids[rows])
+    return rq, vq
+
+
+def code_report(rq, x: np.ndarray, *, codes=None, pool_rows=None) -> dict:
+    """Code quality of an RQ coder: utilization, entropy, collisions of the codes of every
+    row of ``x`` (``codes`` when already computed), residual energy on the pool rows."""
+    from qarm_features.metrics import code_quality
+
+    codes = rq.encode(x) if codes is None else codes
+    out = dict(code_quality(codes, rq.n_codes))
+    pool = x if pool_rows is None else x[pool_rows]
+    out["reconstruction_error"] = float(rq.reconstruction_error(pool))
+    return out
+
+
+def _check_inputs(item_ids, raw_emb, interactions):
+    ids = check_ids(item_ids, name="item_ids")
+    raw = check_embeddings(raw_emb, name="raw_emb")
+    if raw.shape[0] != ids.shape[0]:
+        raise InputError(f"raw_emb has {raw.shape[0]} rows but item_ids has {ids.shape[0]}")
+    check_columns(interactions, ["user_id", "item_id", "rating", "timestamp"], name="interactions")
+    unknown = ~interactions["item_id"].isin(ids)
+    if unknown.any():
+        bad = interactions.loc[unknown, "item_id"].unique()[:5].tolist()
+        raise InputError(f"interactions name item ids {bad} that are not in the catalog")
+    return ids, raw
+
+
+# --------------------------------------------------------------------------- pipeline
+def fit_item_space(
+    raw_emb,
+    item_ids,
+    interactions: pd.DataFrame,
+    config: BuildConfig | None = None,
+    *,
+    heldout_fraction: float = 0.1,
+    val_seed: int | None = None,
+    pool_items=None,
+    on_step: StepCallback | None = None,
+    progress: bool = False,
+) -> ItemSpace:
+    """Mine pairs, hold items out, train the aligner, fit RQ/VQ codes and measure them.
+
+    Args:
+        raw_emb: ``(n, d_raw)`` frozen content embeddings of the catalog.
+        item_ids: ``(n,)`` catalog ids.
+        interactions: ``user_id, item_id, rating, timestamp`` rows (items in the catalog);
+            the only behaviour the pipeline sees.
+        config: the build configuration (defaults: :class:`BuildConfig`); ``config.seed``
+            seeds the held-out item draw, each section seeds its own stage.
+        heldout_fraction: items (among those in pairs) whose pairs the aligner never sees;
+            the ``heldout`` metrics are measured on their pairs. 0 holds nothing out.
+        val_seed: ``None``: the aligner draws its early-stopping items itself
+            (``config.aligner.val_fraction``, ``config.aligner.seed``); an int: they are
+            drawn by :func:`choose_val_items` with this seed (the evaluation protocol's draw).
+        pool_items: ids whose aligned embeddings fit the RQ codebooks and form the VQ pool
+            (default: the whole catalog; the evaluation passes its warm items).
+        on_step: called with a short label as each stage starts (CLI progress).
+        progress: log each aligner epoch at INFO level.
+
+    Returns:
+        The fitted :class:`ItemSpace`.
+
+    Raises:
+        InputError: malformed catalog or interactions, interactions naming items that are
+            not in the catalog, or no pair mined.
+    """
+    from qarm_features.align import ItemAligner
+    from qarm_features.encode import align_with_weights
+    from qarm_features.pairs import mine_pairs
+
+    cfg = config or BuildConfig()
+    step = on_step or (lambda _label: None)
+    ids, raw = _check_inputs(item_ids, raw_emb, interactions)
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    step("mining pairs")
+    pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
+    timings["pairs_s"] = time.perf_counter() - t0
+    if len(pairs) == 0:
+        raise InputError("pair mining found no pairs; are there positives (rating >= threshold)?")
+    train_pairs, test_pairs, test_items = split_test_items(ids, pairs, heldout_fraction, cfg.seed)
+    val_items = None
+    if val_seed is not None:
+        val_items = choose_val_items(train_pairs, cfg.aligner.val_fraction, val_seed)
+
+    t0 = time.perf_counter()
+    step("training aligner")
+    aligner = ItemAligner(cfg.aligner).fit(
+        raw, ids, train_pairs, val_items=val_items, progress=progress
+    )
+    timings["aligner_s"] = time.perf_counter() - t0
+    # The aligned space served later is the numpy forward of the exported weights.
+    aligned = align_with_weights(aligner.weights_, raw)
+
+    t0 = time.perf_counter()
+    step("fitting codes")
+    pool_rows = None
+    if pool_items is not None:
+        pool_rows = lookup_rows(check_ids(pool_items, name="pool_items"), ids, name="pool_items")
+    rq, vq = fit_quantizers(aligned, ids, cfg.rq, cfg.vq, pool_rows=pool_rows)
+    rq_codes = rq.encode(aligned)
+    timings["codes_s"] = time.perf_counter() - t0
+
+    step("evaluating")
+    pop = item_popularity(interactions, ids)
+    raw_norm = l2_normalize(raw)
+    history = aligner.history_
+    metrics = {
+        "pairs": pair_stats,
+        "heldout_items": int(test_items.size),
+        "heldout": {
+            "raw": space_metrics(raw_norm, ids, test_pairs, pop, seed=cfg.seed),
+            "aligned": space_metrics(aligned, ids, test_pairs, pop, seed=cfg.seed),
+        },
+        "aligner": {k: v for k, v in history.items() if not isinstance(v, (list, np.ndarray))},
+        "codes": {"aligned": code_report(rq, aligned, codes=rq_codes, pool_rows=pool_rows)},
+        "vq_ann_recall": getattr(vq, "ann_recall_", None),
+    }
+    return ItemSpace(
+        item_ids=ids,
+        raw=raw,
+        aligned=aligned,
+        aligner=aligner,
+        rq=rq,
+        vq=vq,
+        rq_codes=rq_codes,
+        pool_ids=ids if pool_rows is None else ids[pool_rows],
+        pairs=pairs,
+        train_pairs=train_pairs,
+        heldout_pairs=test_pairs,
+        heldout_items=test_items,
+        pair_stats=pair_stats,
+        metrics=metrics,
+        timings=timings,
+    )
