@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def build_bundle(
     on_step: StepCallback | None = None,
     progress: bool = False,
     extra_metrics: dict | None = None,
+    mined: tuple[pd.DataFrame, dict] | None = None,
+    item_keys=None,
 ) -> BuildResult:
     """Run pair mining, aligner training and code fitting, and write a bundle.
 
@@ -63,6 +66,9 @@ def build_bundle(
         test_item_fraction: items held out of aligner training for the reported metrics.
         on_step: called with a short label as each stage starts (for CLI progress).
         extra_metrics: merged into the manifest's metrics (e.g. the fine-tuned encoder).
+        mined: pairs already mined (see :func:`qarm_features.pipeline.fit_item_space`).
+        item_keys: a string catalog's ids in ``item_ids`` order (``item_ids`` are then
+            ``0 .. n-1``); stored in the bundle.
 
     Raises:
         InputError: malformed catalog or interactions, or interactions naming items that
@@ -79,6 +85,7 @@ def build_bundle(
         interactions,
         cfg,
         heldout_fraction=test_item_fraction,
+        mined=mined,
         on_step=step,
         progress=progress,
     )
@@ -101,6 +108,7 @@ def build_bundle(
         item_ids=ids,
         raw_emb=raw,
         vq_k=cfg.vq.k,
+        item_keys=item_keys,
         metrics=metrics,
         overwrite=overwrite,
     )
@@ -108,6 +116,60 @@ def build_bundle(
 
     version = load_bundle(path).version
     return BuildResult(path=Path(path), version=version, metrics=metrics, timings=space.timings)
+
+
+LATEST = "LATEST"  # names the newest bundle of a bundles directory
+
+
+def build_versioned(root: str | Path, build: Callable[[Path], BuildResult]) -> BuildResult:
+    """Build into ``root/<version>/``: immutable, version-named, nothing ever deleted.
+
+    ``build(out)`` writes a bundle at ``out``, a temporary directory under ``root``; it is
+    then renamed to ``root/<version>`` (a rebuild with identical content keeps the existing
+    directory: same version, same bytes) and ``root/LATEST`` is pointed at it, atomically.
+    A crash at any point leaves every existing bundle as it was (at worst a ``.building-*``
+    directory to remove).
+    """
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"bundles directory {root} is a file; give a directory")
+    if (root / "manifest.json").exists():
+        raise InputError(
+            f"{root} is a bundle, not a directory of bundles; bundles are written to "
+            "<dir>/<version>/, e.g. --out artifacts/bundles"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        result = build(tmp / "bundle")
+        final = root / result.version
+        if not final.exists():
+            os.replace(tmp / "bundle", final)
+        marker = tmp / LATEST
+        marker.write_text(result.version + "\n")
+        os.replace(marker, root / LATEST)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.path = final
+    return result
+
+
+def latest_bundle(root: str | Path) -> Path:
+    """The bundle ``root/LATEST`` names (the newest :func:`build_versioned` build).
+
+    Raises:
+        InputError: no build in ``root`` yet.
+    """
+    root = Path(root)
+    try:
+        version = (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        raise InputError(f"no bundle built in {root} yet: run `qarm build`") from None
+    return root / version
 
 
 def build_movielens(

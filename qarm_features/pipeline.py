@@ -216,6 +216,7 @@ def fit_item_space(
     heldout_fraction: float = 0.1,
     val_seed: int | None = None,
     pool_items=None,
+    mined: tuple[pd.DataFrame, dict] | None = None,
     on_step: StepCallback | None = None,
     progress: bool = False,
 ) -> ItemSpace:
@@ -235,6 +236,9 @@ def fit_item_space(
             drawn by :func:`choose_val_items` with this seed (the evaluation protocol's draw).
         pool_items: ids whose aligned embeddings fit the RQ codebooks and form the VQ pool
             (default: the whole catalog; the evaluation passes its warm items).
+        mined: ``(pairs, stats)`` already mined (e.g. with a team's own I2I table and
+            retrieval embeddings, :func:`qarm_features.pairs.mine_pairs`); None mines them
+            from ``interactions`` with ``config.pairs``.
         on_step: called with a short label as each stage starts (CLI progress).
         progress: log each aligner epoch at INFO level.
 
@@ -256,7 +260,7 @@ def fit_item_space(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     step("mining pairs")
-    pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
+    pairs, pair_stats = mined if mined is not None else mine_pairs(interactions, cfg.pairs)
     timings["pairs_s"] = time.perf_counter() - t0
     if len(pairs) == 0:
         raise InputError("pair mining found no pairs; are there positives (rating >= threshold)?")

@@ -49,10 +49,20 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CsvSpec(_Spec):
+    """How to read a CSV/delimited file (parquet needs none of it)."""
+
+    sep: str = ","  # "\t" for TSV, "|" for MovieLens' u.item
+    header: bool = True  # False: columns are named by `names` (or 0, 1, 2 ...)
+    names: list[str] | None = None
+    encoding: str = "utf-8"  # "latin-1" for MovieLens-100k
+
+
 class CatalogSpec(_Spec):
     """The items: one row per item, its id and its content."""
 
     path: str | None = None  # parquet or CSV file, or a glob of them (relative to the repo)
+    csv: CsvSpec = CsvSpec()  # reading options of a CSV path
     source: str | None = None  # or: a Feast data source of the repo, read offline
     id: str = "item_id"  # the id column (int or string values)
     text: str | None = None  # a str.format template over columns, e.g. "{title}. {desc}"
@@ -85,6 +95,7 @@ class EventsSpec(_Spec):
 
     path: str | None = None
     source: str | None = None
+    csv: CsvSpec = CsvSpec()
     user: str = "user_id"
     item: str = "item_id"
     timestamp: str = "timestamp"

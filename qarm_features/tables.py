@@ -36,8 +36,11 @@ class Table:
     name: str
 
 
-def read_table(path: str | Path, *, what: str) -> Table:
+def read_table(path: str | Path, *, what: str, csv=None) -> Table:
     """Read a parquet or CSV file, or every file a glob matches (concatenated in order).
+
+    ``csv``: a :class:`~qarm_features.project.CsvSpec` for delimited files (any suffix
+    other than parquet is read as delimited text when it is given).
 
     Raises:
         InputError: nothing matches, an unknown suffix, or a file that cannot be read.
@@ -52,10 +55,20 @@ def read_table(path: str | Path, *, what: str) -> Table:
         try:
             if suffix in (".parquet", ".pq"):
                 frames.append(pd.read_parquet(f))
-            elif suffix in (".csv", ".tsv"):
-                frames.append(pd.read_csv(f, sep="\t" if suffix == ".tsv" else ","))
-            else:
+            elif csv is None and suffix not in (".csv", ".tsv"):
                 raise InputError(f"{what}: {f}: unknown file type {suffix!r}; use parquet or CSV")
+            else:
+                sep = getattr(csv, "sep", ",")
+                sep = "\t" if suffix == ".tsv" and sep == "," else sep
+                frames.append(
+                    pd.read_csv(
+                        f,
+                        sep=sep,
+                        header=0 if getattr(csv, "header", True) else None,
+                        names=getattr(csv, "names", None),
+                        encoding=getattr(csv, "encoding", "utf-8"),
+                    )
+                )
         except FileNotFoundError:
             raise InputError(f"{what}: {f} does not exist") from None
         except (OSError, ValueError) as exc:
@@ -71,9 +84,14 @@ def require_columns(table: Table, columns, *, what: str) -> None:
     missing = [c for c in columns if c not in table.frame.columns]
     if missing:
         raise InputError(
-            f"{what} {table.name}: missing column(s) {missing}; it has "
-            f"{list(table.frame.columns)}"
+            f"{what} {table.name}: missing column(s) {missing}; it has {list(table.frame.columns)}"
         )
+
+
+def _show(value) -> str:
+    """A value as a user wrote it (numpy scalars as plain Python), for messages."""
+    value = value.item() if isinstance(value, np.generic) else value
+    return f"{value!r:.80}"
 
 
 def _rows(mask: np.ndarray) -> list[int]:
@@ -106,7 +124,7 @@ class Keys:
                 if bad.any():
                     rows = _rows(bad.to_numpy())
                     raise InputError(
-                        f"{what}: column {column!r} row {rows[0]}: {values.iloc[rows[0]]!r} "
+                        f"{what}: column {column!r} row {rows[0]}: {_show(values.iloc[rows[0]])} "
                         "is not an integer id, as the catalog's ids are"
                     )
                 values = coerced.astype(np.int64)
@@ -132,14 +150,14 @@ def catalog_keys(frame: pd.DataFrame, column: str, *, name: str) -> Keys:
         frac = (col != col.round()).to_numpy()
         if frac.any():
             r = _rows(frac)[0]
-            raise InputError(f"{what} row {r}: {col.iloc[r]!r} is not an integer or string id")
+            raise InputError(f"{what} row {r}: {_show(col.iloc[r])} is not an integer or string id")
         keys, kind = col.to_numpy(np.int64), "int64"
     else:
         not_str = ~col.map(lambda v: isinstance(v, str)).to_numpy()
         if not_str.any():
             r = _rows(not_str)[0]
             raise InputError(
-                f"{what} row {r}: {col.iloc[r]!r} ({type(col.iloc[r]).__name__}) mixes with "
+                f"{what} row {r}: {_show(col.iloc[r])} ({type(col.iloc[r]).__name__}) mixes with "
                 "string ids; give every id as a string"
             )
         keys, kind = col.to_numpy(object), "string"
@@ -147,7 +165,7 @@ def catalog_keys(frame: pd.DataFrame, column: str, *, name: str) -> Keys:
     if dup.any():
         rows = _rows(dup)
         raise InputError(
-            f"{what}: duplicate id {keys[rows[0]]!r} (rows {rows}); keep one row per item"
+            f"{what}: duplicate id {_show(keys[rows[0]])} (rows {rows}); keep one row per item"
         )
     ids = keys if kind == "int64" else np.arange(len(keys), dtype=np.int64)
     return Keys(keys=keys, ids=np.asarray(ids, np.int64), kind=kind)
@@ -177,7 +195,7 @@ def embedding_column(frame: pd.DataFrame, column: str, *, name: str, what: str) 
             arr = np.asarray(v, dtype=np.float32)
         except (TypeError, ValueError):
             raise InputError(
-                f"{what} {name}: column {column!r} row {i}: {v!r:.60} is not a list of numbers"
+                f"{what} {name}: column {column!r} row {i}: {_show(v)} is not a list of numbers"
             ) from None
         if arr.ndim != 1 or arr.size == 0:
             raise InputError(
@@ -263,7 +281,7 @@ def events_frame(table: Table, spec, keys: Keys) -> tuple[pd.DataFrame, float, d
             r = _rows(bad)[0]
             raise InputError(
                 f"{what}: column {spec.rating.column!r} row {r}: "
-                f"{df[spec.rating.column].iloc[r]!r} is not a number"
+                f"{_show(df[spec.rating.column].iloc[r])} is not a number"
             )
         threshold = float(spec.rating.threshold)
     elif spec.label:
@@ -272,7 +290,7 @@ def events_frame(table: Table, spec, keys: Keys) -> tuple[pd.DataFrame, float, d
         if not ok.all():
             r = _rows(~ok)[0]
             raise InputError(
-                f"{what}: column {spec.label!r} row {r}: {label.iloc[r]!r} is not a 0/1 label"
+                f"{what}: column {spec.label!r} row {r}: {_show(label.iloc[r])} is not a 0/1 label"
             )
         rating, threshold = label.astype(np.float32), 1.0
     else:
@@ -287,7 +305,7 @@ def events_frame(table: Table, spec, keys: Keys) -> tuple[pd.DataFrame, float, d
         if bad.any():
             r = _rows(bad)[0]
             raise InputError(
-                f"{what}: column {spec.timestamp!r} row {r}: {ts.iloc[r]!r} is not a time"
+                f"{what}: column {spec.timestamp!r} row {r}: {_show(ts.iloc[r])} is not a time"
             )
         seconds = (parsed - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)
     users = df[spec.user]

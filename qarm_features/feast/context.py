@@ -36,9 +36,9 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qarm_features.manifest import read_manifest
 from qarm_features.config import RQConfig
 from qarm_features.errors import BundleError, BundleVersionMismatch, QarmError
+from qarm_features.manifest import read_manifest
 from qarm_features.schema import CodeSchema
 
 log = logging.getLogger(__name__)

@@ -187,7 +187,7 @@ def qarm_views(*, item, repo, batch_view_too: bool = False) -> dict:
     """
     from pathlib import Path
 
-    from feast import Field, FeatureView, FileSource, PushSource, RequestSource, ValueType
+    from feast import FeatureView, Field, FileSource, PushSource, RequestSource, ValueType
     from feast.types import Array, Float32, String
 
     from qarm_features.errors import ConfigError

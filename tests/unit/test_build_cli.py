@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from qarm_features.build import build_bundle
 from qarm_features.bundle import load_bundle
-from qarm_features.cli import app, load_build_config
+from qarm_features.app.cli import app, load_build_config
 from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig, VQConfig
 from qarm_features.synthetic import SyntheticWorld
 from qarm_features.errors import ConfigError, InputError

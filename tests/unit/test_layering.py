@@ -32,9 +32,10 @@ FLOORS: list[set[str]] = [
     },
     {"qarm_features.manifest", "qarm_features.bundle", "qarm_features.encode"},  # 2: bundle
     {"qarm_features.pipeline", "qarm_features.build", "qarm_features.testing"},  # 3: offline
-    {"qarm_features.feast.*"},  # 4: the Feast library layer (the package and its modules)
+    # 4: the Feast library layer, and a repo's build (its qarm.yaml, sources, push)
+    {"qarm_features.feast.*", "qarm_features.build_repo"},
     {"transformations.*"},  # 5: the UDF bodies Feast runs
-    {"qarm_features.app.*", "qarm_features.cli", "qarm_features"},  # 6: applications, the API
+    {"qarm_features.app.*", "qarm_features"},  # 6: applications (cli, evaluation), the API
 ]  # fmt: skip
 # A name is one module; "pkg.*" is a package and every module in it.
 

@@ -1,10 +1,12 @@
 """The ``qarm`` command line.
 
-    qarm datasets fetch movielens-100k     put the data set in the cache
-    qarm build                             encode -> pairs -> aligner -> codes -> bundle
+    qarm init DIR | --into REPO --item-entity NAME   a QARM repo, or QARM in an existing one
+    qarm build [--repo R]                  encode -> pairs -> aligner -> codes -> bundle
+    qarm materialize [--repo R]            bundle -> offline sources -> feast materialize
+    qarm push --repo R ITEMS               new items' codes online, no batch rerun
     qarm inspect BUNDLE                    verify a bundle, print its metrics (exit 1 if bad)
-    qarm materialize                       bundle -> offline sources -> feast materialize
-    qarm run                               the main job end to end (build + serve + sample)
+    qarm datasets fetch movielens-100k     put the data set in the cache
+    qarm run                               the MovieLens demo end to end (build + serve + sample)
     qarm evaluate                          the MovieLens-100k ranking evaluation report
 
 The benchmark suite is not part of the installed package: ``python -m benchmarks`` from a
@@ -26,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qarm_features.errors import QarmError
+from qarm_features.errors import ConfigError, QarmError
 
 app = typer.Typer(
     add_completion=False,
@@ -37,7 +39,7 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Fetch data sets into the 
 app.add_typer(datasets_app, name="datasets")
 console = Console()
 
-DEFAULT_BUNDLE = Path("artifacts/bundle")
+DEFAULT_BUNDLES = Path("artifacts/bundles")  # the demo's bundles: <dir>/<version>/, LATEST
 DEFAULT_REPO = Path("feature_repo")
 
 
@@ -64,6 +66,11 @@ def load_build_config(config_file: Optional[Path], overrides: list[str]):
             data = json.loads(Path(config_file).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {config_file}: expected a JSON object of BuildConfig sections, "
+                f"got {type(data).__name__} {data!r:.60}"
+            )
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -100,28 +107,53 @@ def datasets_fetch(
 
 @app.command()
 def build(
-    out: Annotated[Path, typer.Option(help="Bundle directory to write.")] = DEFAULT_BUNDLE,
-    config: Annotated[Optional[Path], typer.Option(help="BuildConfig as JSON.")] = None,
+    repo: Annotated[
+        Optional[Path], typer.Option(help="A feature repo with a qarm.yaml: build from its data.")
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Bundles directory (bundles go to OUT/<version>/; default: the "
+                     "repo's `bundles`, or artifacts/bundles for the demo)."),
+    ] = None,
+    config: Annotated[Optional[Path], typer.Option(help="BuildConfig as JSON (demo).")] = None,
     set_: Annotated[
         list[str], typer.Option("--set", help="Override a config key, e.g. rq.n_levels=4.")
     ] = [],  # noqa: B006 - typer needs a literal default
     cache_dir: Annotated[Optional[Path], typer.Option(help="Data/embedding cache.")] = None,
     verbose: bool = False,
 ) -> None:
-    """Build a QARM bundle from MovieLens-100k (encode, mine pairs, align, fit codes)."""
+    """Build a QARM bundle (encode, mine pairs, align, fit codes).
+
+    With --repo: from the catalog and events its qarm.yaml names. Without: the MovieLens-100k
+    demo. Bundles are immutable and version-named: nothing that exists is ever deleted.
+    """
     _setup_logging(verbose)
-    from qarm_features.build import build_movielens
+    from qarm_features.build import build_movielens, build_versioned
 
     try:
-        cfg = load_build_config(config, set_)
         with console.status("starting") as status:
-            result = build_movielens(
-                out,
-                config=cfg,
-                cache_dir=cache_dir,
-                on_step=lambda label: status.update(f"[bold]{label}[/]"),
-                progress=False,
-            )
+            def on_step(label):
+                status.update(f"[bold]{label}[/]")
+
+            if repo is not None:
+                if config is not None or set_:
+                    raise ConfigError("with --repo, the build config is qarm.yaml's `build:`")
+                from qarm_features.build_repo import build_from_repo
+
+                result = build_from_repo(repo, cache_dir=cache_dir, on_step=on_step, out=out)
+            else:
+                cfg = load_build_config(config, set_)
+                if cfg.dataset != "movielens-100k":
+                    raise ConfigError(
+                        f"dataset={cfg.dataset!r}: without --repo qarm builds the "
+                        "movielens-100k demo; build your own data with --repo (qarm.yaml)"
+                    )
+                result = build_versioned(
+                    out or DEFAULT_BUNDLES,
+                    lambda path: build_movielens(
+                        path, config=cfg, cache_dir=cache_dir, on_step=on_step, progress=False
+                    ),
+                )
     except QarmError as exc:
         _fail(exc)
     console.print(f"bundle [bold]{result.version}[/] written to {result.path}")
@@ -178,28 +210,50 @@ def _fmt(v) -> str:
 
 @app.command()
 def inspect(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")] = DEFAULT_BUNDLE,
+    bundle: Annotated[
+        Optional[Path], typer.Argument(help="Bundle directory (default: the newest demo build).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Verify a bundle (hashes, shapes, dtypes) and print its metrics; exit 1 if it is bad."""
+    from qarm_features.build import latest_bundle
     from qarm_features.bundle import load_bundle
 
     try:
-        b = load_bundle(bundle)
+        path = bundle if bundle is not None else latest_bundle(DEFAULT_BUNDLES)
+        b = load_bundle(path)
     except QarmError as exc:
         _fail(exc)
     if as_json:
         sys.stdout.write(json.dumps(b.manifest.model_dump(mode="json"), indent=2) + "\n")
         return
-    console.print(f"[green]ok[/] {bundle}: version [bold]{b.version}[/], files verified")
+    console.print(f"[green]ok[/] {path}: version [bold]{b.version}[/], files verified")
     console.print("dims: " + ", ".join(f"{k}={v}" for k, v in b.dims.model_dump().items()))
     print_metrics(b.metrics)
 
 
+def _materialize(repo: Path, bundle: Optional[Path], *, promote: bool, cache_dir) -> dict:
+    """A repo with a qarm.yaml serves its own builds; the demo repo the MovieLens builds."""
+    from qarm_features.build import latest_bundle
+    from qarm_features.feast.job import materialize as run_materialize
+    from qarm_features.project import FILE_NAME, load_project
+
+    if (Path(repo) / FILE_NAME).exists():
+        project = load_project(repo)
+        bundle = bundle or latest_bundle(project.bundles_dir)
+        return run_materialize(bundle, repo, promote=promote, join_key=project.entity.join_key)
+    bundle = bundle or latest_bundle(DEFAULT_BUNDLES)
+    return run_materialize(
+        bundle, repo, interactions_df=_movielens_interactions(cache_dir), promote=promote
+    )
+
+
 @app.command()
 def materialize(
-    bundle: Annotated[Path, typer.Option(help="Bundle directory.")] = DEFAULT_BUNDLE,
     repo: Annotated[Path, typer.Option(help="Feast feature repo.")] = DEFAULT_REPO,
+    bundle: Annotated[
+        Optional[Path], typer.Option(help="Bundle directory (default: the newest build).")
+    ] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Data cache.")] = None,
     promote: Annotated[
         bool, typer.Option(help="Let this bundle replace another version the store serves.")
@@ -212,16 +266,62 @@ def materialize(
     codes of two bundles are never mixed silently (docs/feast.md, "rollout").
     """
     _setup_logging(verbose)
-    from qarm_features.feast.job import materialize as run_materialize
-
     try:
         with console.status("materializing"):
-            stats = run_materialize(
-                bundle, repo, interactions_df=_movielens_interactions(cache_dir), promote=promote
-            )
+            stats = _materialize(repo, bundle, promote=promote, cache_dir=cache_dir)
     except QarmError as exc:
         _fail(exc)
     console.print_json(data=stats)
+
+
+@app.command()
+def push(
+    items: Annotated[Path, typer.Argument(help="New items: a table in the catalog's format.")],
+    repo: Annotated[Path, typer.Option(help="Feast feature repo with a qarm.yaml.")] = Path("."),
+    verbose: bool = False,
+) -> None:
+    """Give new items their codes online now, with the served bundle (no batch rerun)."""
+    _setup_logging(verbose)
+    from qarm_features.build_repo import push_from_file
+
+    try:
+        with console.status("encoding and pushing"):
+            stats = push_from_file(repo, items)
+    except QarmError as exc:
+        _fail(exc)
+    console.print_json(data=stats)
+
+
+@app.command()
+def init(
+    directory: Annotated[
+        Optional[Path], typer.Argument(help="A new feature repo to create.")
+    ] = None,
+    into: Annotated[
+        Optional[Path], typer.Option(help="An existing feature repo to add QARM to.")
+    ] = None,
+    item_entity: Annotated[
+        Optional[str], typer.Option(help="With --into: the repo's item entity to key on.")
+    ] = None,
+    string_ids: Annotated[bool, typer.Option(help="New repo: string item ids.")] = False,
+) -> None:
+    """Write a new repo with QARM views, or add QARM to an existing repo (--into)."""
+    from qarm_features.feast.scaffold import init_into, init_repo
+
+    try:
+        if (directory is None) == (into is None):
+            raise ConfigError("give a new repo DIRECTORY, or --into REPO --item-entity NAME")
+        if into is not None:
+            if not item_entity:
+                raise ConfigError("--into needs --item-entity NAME (the repo's item entity)")
+            files = init_into(into, item_entity=item_entity)
+        else:
+            files = init_repo(directory, id_type="string" if string_ids else "int64")
+    except QarmError as exc:
+        _fail(exc)
+    for f in files:
+        console.print(f"wrote {f}")
+    console.print("next: edit qarm.yaml, then `qarm build --repo R` and `qarm materialize --repo R`")
 
 
 def _movielens_interactions(cache_dir):
@@ -232,26 +332,22 @@ def _movielens_interactions(cache_dir):
 
 @app.command()
 def run(
-    bundle: Annotated[Path, typer.Option(help="Bundle directory to write.")] = DEFAULT_BUNDLE,
     repo: Annotated[Path, typer.Option(help="Feast feature repo.")] = DEFAULT_REPO,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Data/embedding cache.")] = None,
     verbose: bool = False,
 ) -> None:
     """The main job: fetch MovieLens-100k, build a bundle, populate Feast, read it back."""
-    build(out=bundle, config=None, set_=[], cache_dir=cache_dir, verbose=verbose)
-    from qarm_features.feast.job import materialize as run_materialize
+    build(repo=None, out=None, config=None, set_=[], cache_dir=cache_dir, verbose=verbose)
     from qarm_features.feast.serving import sample_online
 
     try:
         with console.status("materializing into the feature store"):
             # the main job rebuilds the bundle, so it promotes the new version by design
-            stats = run_materialize(
-                bundle, repo, interactions_df=_movielens_interactions(cache_dir), promote=True
-            )
+            stats = _materialize(repo, None, promote=True, cache_dir=cache_dir)
         console.print("[bold]materialized[/]: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
-        from qarm_features.bundle import load_bundle
+        from qarm_features.encode import get_bundle
 
-        b = load_bundle(bundle)
+        b = get_bundle(stats["bundle"])  # loaded (and verified) once in this process
         # an unseen item: a catalog embedding with noise stands in for a brand-new title
         rng = __import__("numpy").random.default_rng(0)
         cold = b.raw_emb[0] + 0.05 * rng.standard_normal(b.raw_dim).astype("float32")

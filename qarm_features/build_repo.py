@@ -1,0 +1,225 @@
+"""``qarm build --repo R``: a bundle from a team's own tables, as its ``qarm.yaml`` says.
+
+catalog -> content embeddings (the frozen text encoder over a template, a CLIP encoder
+over images, or the team's own embedding column) -> events -> pairs (mined from the
+events, or the team's own I2I table and retrieval embeddings) -> :func:`build_bundle`.
+Every table is read and checked before anything is trained (:mod:`qarm_features.tables`).
+
+Bundles are immutable and version-named (:func:`qarm_features.build.build_versioned`):
+``<repo>/<bundles>/<version>/``, with ``<bundles>/LATEST`` naming the newest build, which
+``qarm materialize --repo R`` serves unless told another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qarm_features.build import BuildResult, build_bundle, build_versioned, encode_catalog_text
+from qarm_features.errors import ConfigError, InputError
+from qarm_features.project import Project, load_project
+from qarm_features.tables import (
+    Keys,
+    Table,
+    catalog_keys,
+    check_images,
+    embedding_column,
+    events_frame,
+    read_table,
+    render_texts,
+    require_columns,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _table(project: Project, spec, *, what: str) -> Table:
+    """The section's table: its file(s), or the Feast data source of the repo it names."""
+    if spec.path is not None:
+        return read_table(project.resolve(spec.path), what=what, csv=spec.csv)
+    from feast import FileSource
+
+    from qarm_features.feast.job import open_store
+
+    store = open_store(project.repo)
+    try:
+        source = store.get_data_source(spec.source)
+    except Exception as exc:  # noqa: BLE001 - Feast raises several kinds
+        raise ConfigError(
+            f"{what}.source: {spec.source!r} is not a data source of the repo ({exc})"
+        ) from None
+    if not isinstance(source, FileSource):
+        raise ConfigError(
+            f"{what}.source: {spec.source!r} is a {type(source).__name__}; qarm reads "
+            "FileSources (give the table's path instead)"
+        )
+    return read_table(project.resolve(source.path), what=what)
+
+
+def catalog_content(project: Project, table: Table, keys: Keys, *, cache_dir=None, progress=False):
+    """``(n, d)`` float32 content embeddings of the catalog rows, per the config."""
+    spec, cfg, frame = project.catalog, project.build, table.frame
+    if spec.embedding:
+        require_columns(table, [spec.embedding], what="catalog")
+        return embedding_column(frame, spec.embedding, name=table.name, what="catalog")
+    if spec.image:
+        require_columns(table, [spec.image], what="catalog")
+        base = Path(table.name).parent if Path(table.name).exists() else project.repo
+        images = check_images(frame, spec.image, base, name=table.name)
+        if cfg.encoder.kind != "clip":
+            raise ConfigError(
+                "catalog.image: images need a CLIP encoder; set build.encoder.kind: clip and "
+                "build.encoder.model_path to a local CLIP folder"
+            )
+        from qarm_features.encoders import make_encoder
+
+        texts = render_texts(frame, spec.text, name=table.name) if spec.text else None
+        encoder = make_encoder(cfg.encoder)
+        return np.asarray(encoder.encode(texts, images=images, show_progress=progress), np.float32)
+    texts = render_texts(frame, spec.text, name=table.name)
+    return encode_catalog_text(texts, cfg, cache_dir=cache_dir, progress=progress)
+
+
+def _item_embeddings(project: Project, keys: Keys) -> tuple[np.ndarray, np.ndarray] | None:
+    spec = project.pairs
+    if not spec.item_embeddings:
+        return None
+    table = read_table(project.resolve(spec.item_embeddings), what="pairs.item_embeddings")
+    id_col, emb_col = spec.item_embeddings_columns
+    require_columns(table, [id_col, emb_col], what="pairs.item_embeddings")
+    ids, known = keys.lookup(
+        table.frame[id_col], what=f"item embeddings {table.name}", column=id_col
+    )
+    if not known.all():
+        log.warning(
+            "%s: ignoring %d rows of items not in the catalog", table.name, int((~known).sum())
+        )
+    emb = embedding_column(table.frame[known], emb_col, name=table.name, what="item embeddings")
+    return ids[known], emb
+
+
+def _i2i_pairs(project: Project, keys: Keys) -> pd.DataFrame | None:
+    spec = project.pairs
+    if not spec.i2i:
+        return None
+    table = read_table(project.resolve(spec.i2i), what="pairs.i2i")
+    trig, targ = spec.i2i_columns
+    require_columns(table, [trig, targ], what="pairs.i2i")
+    what = f"i2i pairs {table.name}"
+    t_ids, t_ok = keys.lookup(table.frame[trig], what=what, column=trig)
+    g_ids, g_ok = keys.lookup(table.frame[targ], what=what, column=targ)
+    ok = t_ok & g_ok & (t_ids != g_ids)
+    if not ok.any():
+        raise InputError(f"{what}: no pair of two distinct catalog items")
+    score = (
+        table.frame["score"].to_numpy(np.float64) if "score" in table.frame else np.ones(len(ok))
+    )
+    return pd.DataFrame(
+        {"trigger_id": t_ids[ok], "target_id": g_ids[ok], "score": score[ok], "source": "i2i"}
+    )
+
+
+def mine(project: Project, interactions: pd.DataFrame, keys: Keys, cfg):
+    """``(pairs, stats)``: mined from the events, with the team's I2I pairs and retrieval
+    embeddings where ``qarm.yaml`` gives them (the team's I2I replaces Swing)."""
+    from qarm_features.pairs import mine_pairs
+
+    i2i = _i2i_pairs(project, keys)
+    emb = _item_embeddings(project, keys)
+    pcfg = cfg.pairs.model_copy(update={"use_swing": cfg.pairs.use_swing and i2i is None})
+    if not (pcfg.use_u2i or pcfg.use_swing):
+        pairs, stats = pd.DataFrame(columns=["trigger_id", "target_id", "score", "source"]), {}
+    else:
+        kw = {} if emb is None else {"item_ids": emb[0], "item_emb": emb[1]}
+        pairs, stats = mine_pairs(interactions, pcfg, **kw)
+    if i2i is not None:
+        lo = np.minimum(i2i["trigger_id"], i2i["target_id"])
+        hi = np.maximum(i2i["trigger_id"], i2i["target_id"])
+        i2i = i2i.assign(_a=lo, _b=hi).drop_duplicates(["_a", "_b"]).drop(columns=["_a", "_b"])
+        both = pd.concat([pairs, i2i], ignore_index=True)
+        lo = np.minimum(both["trigger_id"], both["target_id"])
+        hi = np.maximum(both["trigger_id"], both["target_id"])
+        keep = ~pd.DataFrame({"a": lo, "b": hi}).duplicated().to_numpy()  # mined pairs first
+        pairs = both[keep].reset_index(drop=True)
+        stats = {**stats, "n_i2i_pairs": int(len(i2i)), "n_pairs": int(len(pairs))}
+    return pairs, stats
+
+
+def build_from_repo(
+    repo_path: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    cache_dir=None,
+    on_step=None,
+    progress: bool = False,
+) -> BuildResult:
+    """Read the repo's ``qarm.yaml``, check every table, build a version-named bundle.
+
+    Args:
+        repo_path: the feature repo.
+        out: the bundles directory (default: ``qarm.yaml``'s ``bundles``).
+
+    Raises:
+        ConfigError: a bad ``qarm.yaml``. InputError: a bad table (file, column, row named).
+    """
+    project = load_project(repo_path)
+    step = on_step or (lambda _label: None)
+    step("reading the catalog")
+    table = _table(project, project.catalog, what="catalog")
+    require_columns(table, [project.catalog.id], what="catalog")
+    keys = catalog_keys(table.frame, project.catalog.id, name=table.name)
+    if project.catalog.text:  # a template naming a missing column fails before any work
+        render_texts(table.frame.head(0), project.catalog.text, name=table.name)
+    step("reading the events")
+    events = _table(project, project.events, what="events")
+    interactions, threshold, event_stats = events_frame(events, project.events, keys)
+    cfg = project.build.model_copy(
+        update={"pairs": project.build.pairs.model_copy(update={"positive_threshold": threshold})}
+    )
+    step("encoding item content")
+    raw = catalog_content(project, table, keys, cache_dir=cache_dir, progress=progress)
+    step("mining pairs")
+    mined = mine(project, interactions, keys, cfg)
+
+    return build_versioned(
+        Path(out) if out is not None else project.bundles_dir,
+        lambda out: build_bundle(
+            out,
+            item_ids=keys.ids,
+            raw_emb=raw,
+            interactions=interactions,
+            config=cfg,
+            mined=mined,
+            item_keys=None if keys.kind == "int64" else keys.keys,
+            on_step=step,
+            progress=progress,
+            extra_metrics={"events": event_stats},
+        ),
+    )
+
+
+def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) -> dict:
+    """``qarm push``: new items, in the catalog's format, encoded and pushed online.
+
+    The table has the catalog's id column and content columns (``qarm.yaml``'s
+    ``catalog``); the items' codes come from the bundle the repo serves, so a ranker reads
+    them at once (and training sees them: the offline sources get the rows too).
+
+    Raises:
+        InputError: a bad table (file, column, row named). BundleVersionMismatch: the repo
+            serves no bundle, or another version than its pointer.
+    """
+    from qarm_features.feast.job import push_items
+
+    project = load_project(repo_path)
+    table = read_table(Path(items_path), what="items")
+    require_columns(table, [project.catalog.id], what="items")
+    keys = catalog_keys(table.frame, project.catalog.id, name=table.name)
+    raw = catalog_content(project, table, keys)
+    join_key = project.entity.join_key
+    items = pd.DataFrame({join_key: keys.keys, "raw_emb": list(raw)})
+    return push_items(project.repo, items, join_key=join_key)
