@@ -1,0 +1,320 @@
+"""A team's own data and its own Feast repo, through the CLI as a user types it.
+
+A synthetic shop: string SKUs with titles and descriptions and small image files,
+implicit clicks (no ratings), parquet; an existing Feast repo with its own ``product``
+entity and a ``product_price`` view. `qarm init --into`, `qarm build --repo`, `qarm
+materialize --repo`, `qarm push` run as subprocesses from another working directory; one
+``get_online_features`` call returns the shop's price and the QARM codes of the same
+products; a cold product gets its codes through the on-demand view, equal to the batch.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.integration.helpers import online, run_feast, subprocess_env
+
+pytestmark = [pytest.mark.slow]
+
+QARM = Path(sys.executable).parent / "qarm"
+WORDS = ("red blue green black white wool cotton linen silk denim leather canvas shirt "
+         "dress coat scarf boot sneaker bag belt hat sock jacket skirt").split()  # fmt: skip
+
+SHOP_DEFINITIONS = """\
+# The shop's own feature repo: its product entity and a price view (no QARM in it).
+from datetime import timedelta
+
+from feast import Entity, FeatureView, Field, FileSource, ValueType
+from feast.types import Float32
+
+product = Entity(name="product", join_keys=["sku"], value_type=ValueType.STRING)
+
+price_source = FileSource(name="price_source", path="data/price.parquet",
+                          timestamp_field="event_timestamp")
+
+product_price = FeatureView(name="product_price", entities=[product], ttl=timedelta(0),
+                            schema=[Field(name="price", dtype=Float32)], source=price_source)
+"""
+
+FEATURE_STORE = """\
+project: shop
+provider: local
+registry: data/registry.db
+online_store: {type: sqlite, path: data/online_store.db}
+offline_store: {type: file}
+entity_key_serialization_version: 3
+"""
+
+QARM_YAML = """\
+catalog:
+  path: data/items.parquet
+  id: sku
+  text: "{title}. {description}"
+events:
+  path: data/clicks.parquet
+  user: visitor
+  item: sku
+  timestamp: ts
+  unknown_items: drop
+entity: {name: product, join_key: sku}
+build:
+  pairs: {mf_epochs: 3, swing_top_k: 10}
+  aligner: {out_dim: 32, max_epochs: 3, batch_size: 128}
+  rq: {n_levels: 2, n_codes: 16}
+  vq: {k: 5}
+"""
+
+
+def qarm(*args: str, cwd: Path, home: Path) -> str:
+    proc = subprocess.run(
+        [str(QARM), *args], cwd=cwd, env=subprocess_env(home), capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"qarm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc.stdout
+
+
+def _shop(root: Path) -> Path:
+    """The shop's data (a catalog with two groups of co-clicked products) and its repo."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    repo = root / "shop"
+    (repo / "data" / "img").mkdir(parents=True)
+    (repo / "feature_store.yaml").write_text(FEATURE_STORE)
+    (repo / "shop_features.py").write_text(SHOP_DEFINITIONS)
+    n = 240
+    skus = [f"SKU-{i:05d}" for i in range(n)]
+    titles = [" ".join(rng.choice(WORDS, 3)) for _ in range(n)]
+    for i in range(n):
+        Image.new("RGB", (8, 8), tuple(int(c) for c in rng.integers(0, 255, 3))).save(
+            repo / "data" / "img" / f"{i}.png"
+        )
+    pd.DataFrame(
+        {"sku": skus, "title": titles, "description": [f"a {t} for every day" for t in titles],
+         "image_path": [f"img/{i}.png" for i in range(n)]}
+    ).to_parquet(repo / "data" / "items.parquet")  # fmt: skip
+    group = rng.integers(0, 8, n)  # visitors click within a taste group
+    rows = []
+    for v in range(400):
+        g = rng.integers(0, 8)
+        items = rng.choice(np.flatnonzero(group == g), size=8)
+        t0 = datetime(2025, 3, 1, tzinfo=timezone.utc) + timedelta(hours=int(rng.integers(0, 900)))
+        rows += [(f"visitor-{v}", skus[i], t0 + timedelta(minutes=k)) for k, i in enumerate(items)]
+    rows.append(("visitor-0", "SKU-GONE", t0))  # a product no longer in the catalog
+    pd.DataFrame(rows, columns=["visitor", "sku", "ts"]).to_parquet(
+        repo / "data" / "clicks.parquet"
+    )
+    pd.DataFrame(
+        {"sku": skus, "price": rng.uniform(5, 200, n).astype(np.float32),
+         "event_timestamp": pd.Timestamp("2025-01-01", tz="UTC")}
+    ).to_parquet(repo / "data" / "price.parquet")  # fmt: skip
+    return repo
+
+
+def _walkthrough() -> tuple[list[str], str]:
+    """The README's "Your own data" walkthrough: its shell commands and its Python block."""
+    from tests.integration.helpers import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    blocks = []
+    for part in text.split("<!-- walkthrough")[1:]:
+        fence = part.index("```")
+        body = part[fence:].split("\n", 1)[1]
+        blocks.append(body[: body.index("```")])
+    commands = [line.split("#")[0].strip() for line in blocks[0].splitlines()]
+    return [c for c in commands if c], blocks[1]
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    """The shop after the README's walkthrough, run as written from the shop's parent."""
+    root = tmp_path_factory.mktemp("shop")
+    repo = _shop(root)
+    commands, _ = _walkthrough()
+    assert [c.split()[:2] for c in commands] == [
+        ["qarm", "init"], ["$EDITOR", "shop/qarm.yaml"], ["qarm", "build"],
+        ["qarm", "materialize"],
+    ]  # fmt: skip
+    for command in commands:
+        if command.startswith("$EDITOR"):
+            assert "from shop_features import product" in (repo / "qarm_definitions.py").read_text()
+            (repo / "qarm.yaml").write_text(QARM_YAML)  # the team fills in its config
+            continue
+        qarm(*command.split()[1:], cwd=root, home=root)
+    end = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    run_feast(["materialize", "1970-01-01T00:00:00", end], repo)  # the shop's own price view
+    return repo
+
+
+def test_the_readme_python_snippet_runs_as_written(shop, monkeypatch):
+    from qarm_features.build import encode_catalog_text
+    from qarm_features.project import load_project
+
+    _, snippet = _walkthrough()
+    monkeypatch.chdir(shop.parent)
+    emb = encode_catalog_text(["green silk scarf"], load_project(shop).build)[0]
+    namespace = {"emb": emb}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # as written: no error
+    store = namespace["store"]  # the store the snippet opened from the shop's parent
+    warm = store.get_online_features(
+        features=["product_price:price", "qarm:rq_code_l1"], entity_rows=[{"sku": "SKU-00003"}]
+    ).to_dict()
+    assert warm["price"][0] is not None and warm["rq_code_l1"][0] is not None
+
+
+def _expected(repo: Path, skus: list[str], texts: list[str]) -> pd.DataFrame:
+    from qarm_features.build import encode_catalog_text, latest_bundle
+    from qarm_features.encode import encode_frame, get_bundle
+    from qarm_features.project import load_project
+
+    project = load_project(repo)
+    bundle = get_bundle(latest_bundle(project.bundles_dir))
+    raw = encode_catalog_text(texts, project.build)
+    return encode_frame(bundle, pd.DataFrame({"item_id": skus, "raw_emb": list(raw)}))
+
+
+def test_price_and_qarm_codes_in_one_call(shop, tmp_path, monkeypatch):
+    from feast import FeatureStore
+
+    monkeypatch.chdir(tmp_path)
+    store = FeatureStore(repo_path=str(shop))
+    skus = ["SKU-00003", "SKU-00117", "NO-SUCH-SKU"]
+    values, statuses = online(
+        store,
+        ["product_price:price", "qarm:rq_code_l1", "qarm:rq_code_l2", "qarm:vq_codes",
+         "qarm:qarm_version"],
+        [{"sku": s} for s in skus],
+    )  # fmt: skip
+    items = pd.read_parquet(shop / "data" / "items.parquet").set_index("sku")
+    texts = [f"{items.loc[s, 'title']}. {items.loc[s, 'description']}" for s in skus[:2]]
+    want = _expected(shop, skus[:2], texts)
+    price = pd.read_parquet(shop / "data" / "price.parquet").set_index("sku")["price"]
+    for i, sku in enumerate(skus[:2]):
+        assert values["price"][i] == pytest.approx(float(price[sku]))
+        assert values["rq_code_l1"][i] == int(want["rq_code_l1"][i])
+        assert values["rq_code_l2"][i] == int(want["rq_code_l2"][i])
+        assert list(values["vq_codes"][i]) == want["vq_codes"][i].tolist()
+        assert values["qarm_version"][i] == want["qarm_version"][i]
+    # VQ codes of a string catalog are pool row indices (0 .. n-1), never the product itself
+    assert all(0 <= c < len(items) for c in values["vq_codes"][0])
+    assert items.index.get_loc("SKU-00003") not in list(values["vq_codes"][0])
+    assert statuses["qarm_version"][2] == "NOT_FOUND"
+
+
+def test_cold_product_from_another_directory_equals_batch(shop, tmp_path, monkeypatch):
+    from feast import FeatureStore
+
+    from qarm_features.build import encode_catalog_text
+    from qarm_features.project import load_project
+
+    monkeypatch.chdir(tmp_path)
+    text = "green silk scarf. a green silk scarf for every day"
+    raw = encode_catalog_text([text], load_project(shop).build)[0]
+    names = ["rq_code_l1", "rq_code_l2", "vq_codes", "qarm_version", "qarm_error"]
+    store = FeatureStore(repo_path=str(shop))
+    values, _ = online(store, [f"qarm_cold:{n}" for n in names], [{"raw_emb": raw}])
+    want = _expected(shop, ["NEW-1"], [text])
+    assert values["qarm_error"] == [""]
+    assert values["rq_code_l1"][0] == int(want["rq_code_l1"][0])
+    assert list(values["vq_codes"][0]) == want["vq_codes"][0].tolist()
+
+
+def test_push_new_products_then_read_them(shop, tmp_path):
+    from feast import FeatureStore
+
+    new = pd.DataFrame({"sku": ["NEW-7"], "title": ["black wool coat"],
+                        "description": ["a black wool coat for every day"]})  # fmt: skip
+    new.to_parquet(tmp_path / "new.parquet")
+    out = qarm("push", "--repo", str(shop), str(tmp_path / "new.parquet"), cwd=tmp_path,
+               home=tmp_path)  # fmt: skip
+    assert '"n_items": 1' in out
+    values, statuses = online(
+        FeatureStore(repo_path=str(shop)), ["qarm:rq_code_l1"], [{"sku": "NEW-7"}]
+    )
+    want = _expected(shop, ["NEW-7"], ["black wool coat. a black wool coat for every day"])
+    assert statuses["rq_code_l1"] == ["PRESENT"] and values["rq_code_l1"][0] == int(
+        want["rq_code_l1"][0]
+    )
+
+
+def test_the_shop_repo_survives_feast_apply_twice(shop):
+    run_feast(["apply"], shop)
+    run_feast(["apply"], shop)
+    end = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    run_feast(["materialize", "1970-01-01T00:00:00", end], shop)
+
+
+def test_a_bad_catalog_is_refused_before_anything_is_written(shop, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("feature_store.yaml", "shop_features.py", "qarm_definitions.py"):
+        (bad / f).write_text((shop / f).read_text())
+    (bad / "qarm.yaml").write_text(QARM_YAML)
+    (bad / "data").mkdir()
+    items = pd.read_parquet(shop / "data" / "items.parquet")
+    items.loc[5, "sku"] = items.loc[2, "sku"]
+    items.to_parquet(bad / "data" / "items.parquet")
+    proc = subprocess.run([str(QARM), "build", "--repo", str(bad)], cwd=tmp_path,
+                          env=subprocess_env(tmp_path), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1
+    assert "column 'sku': duplicate id 'SKU-00002' (rows [2, 5])" in proc.stdout.replace("\n", " ")
+    assert not (bad / "artifacts").exists()
+
+
+def _grouplens(dest: Path) -> Path:
+    """MovieLens-100k written back in its GroupLens layout (u.item, u.data) from the cache."""
+    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
+
+    ml = load_movielens_100k(fetch_movielens_100k())
+    dest.mkdir(parents=True)
+    items = ml.items
+    flags = "|".join(["0"] * 19)
+    lines = [
+        f"{i}|{t} ({y})|01-Jan-{y}||http://x|{flags}" if pd.notna(y) else f"{i}|{t}||||{flags}"
+        for i, t, y in zip(items["item_id"], items["title"], items["year"])
+    ]
+    (dest / "u.item").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    ml.interactions[["user_id", "item_id", "rating", "timestamp"]].astype({"rating": int}).to_csv(
+        dest / "u.data", sep="\t", header=False, index=False
+    )
+    return dest
+
+
+def test_movielens_grouplens_layout_builds_from_a_qarm_yaml(tmp_path, monkeypatch):
+    """`qarm init` makes a repo that passes `feast apply` twice; MovieLens in GroupLens
+    layout then builds from the shipped example qarm.yaml with no code."""
+    from feast import FeatureStore
+
+    from tests.integration.helpers import ROOT
+
+    repo = tmp_path / "ml_repo"
+    qarm("init", str(repo), cwd=tmp_path, home=tmp_path)
+    run_feast(["apply"], repo)
+    run_feast(["apply"], repo)
+    _grouplens(repo / "ml-100k")
+    config = (ROOT / "examples" / "movielens" / "qarm.yaml").read_text()
+    quick = "build:\n  pairs: {mf_epochs: 3}\n  aligner: {max_epochs: 2}\n"  # test budget
+    (repo / "qarm.yaml").write_text(config.replace("build: {}", quick))
+    qarm("build", "--repo", str(repo), cwd=tmp_path, home=tmp_path)
+    qarm("materialize", "--repo", str(repo), cwd=tmp_path, home=tmp_path)
+    run_feast(["apply"], repo)
+    end = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    run_feast(["materialize", "1970-01-01T00:00:00", end], repo)
+    monkeypatch.chdir(tmp_path)
+    values, statuses = online(
+        FeatureStore(repo_path=str(repo)), ["qarm:rq_code_l1", "qarm:vq_codes"],
+        [{"item_id": 50}, {"item_id": 1683}],
+    )  # fmt: skip
+    assert statuses["rq_code_l1"] == ["PRESENT", "NOT_FOUND"]
+    assert len(values["vq_codes"][0]) == 25 and 50 not in values["vq_codes"][0]
