@@ -154,6 +154,7 @@ def setup(work: Path, *, n_items: int) -> dict:
         "qarm": [f"qarm:{n}" for n in qarm_names],
         "cold": [f"qarm_cold:{n}" for n in qarm_names + ["qarm_error"]],
         "cold_b64": [f"qarm_cold_b64:{n}" for n in qarm_names + ["qarm_error"]],
+        "cold_text": [f"qarm_cold_text:{n}" for n in qarm_names + ["qarm_error"]],
     }
     return {"repo": repo, "bundle": bundle, "refs": refs, "ids": ids, "n_features": n_plain}
 
@@ -182,12 +183,14 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
         cold_rows = [{"raw_emb": r.tolist()} for r in cold[:n]]
         array_rows = [{"raw_emb": r} for r in cold[:n]]
         b64_rows = [{"raw_emb_b64": on_demand.encode_b64(r)} for r in cold[:n]]
+        text_rows = [{"text": f"A brand-new film number {i} (1998)"} for i in range(n)]
         cases[f"plain/{n}"] = lambda r=rows: store.get_online_features(refs["plain"], r)
         cases[f"qarm/{n}"] = lambda r=rows: store.get_online_features(refs["qarm"], r)
         cases[f"plain_arrays/{n}"] = lambda r=rows: store.get_online_features(refs["plain_arrays"], r)
         cases[f"cold/{n}"] = lambda r=cold_rows: store.get_online_features(refs["cold"], r)
         cases[f"cold_array/{n}"] = lambda r=array_rows: store.get_online_features(refs["cold"], r)
         cases[f"cold_b64/{n}"] = lambda r=b64_rows: store.get_online_features(refs["cold_b64"], r)
+        cases[f"cold_text/{n}"] = lambda r=text_rows: store.get_online_features(refs["cold_text"], r)
         raw_lists = [r.tolist() for r in cold[:n]]
         cases[f"cold_encode_only/{n}"] = lambda r=raw_lists: on_demand.encode_request(context, r)
     stats = latencies(cases, n_calls=n_calls, block=10, warmup=10, budget_s=budget_s)

@@ -80,6 +80,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TEXT_VIEW = """\
+# Benchmark only: the content-in cold view (codes from an item's text at request time).
+from pathlib import Path
+
+from feature_definitions import item
+from qarm_features.feast.views import qarm_views
+
+_views = qarm_views(item=item, repo=Path(__file__).resolve().parent, text_view=True)
+qarm_cold_text_request = _views["qarm_cold_text_request"]
+qarm_cold_text = _views["qarm_cold_text"]
+"""
+
+
 def build_repo(workdir: Path, *, n_items: int, raw_dim: int, out_dim: int, n_levels: int,
                n_codes: int, vq_k: int) -> tuple[Path, Path]:
     """A materialized temp repo (with ``item_plain``) and its bundle."""
@@ -98,6 +111,7 @@ def build_repo(workdir: Path, *, n_items: int, raw_dim: int, out_dim: int, n_lev
 
     batch = BATCH_VIEW_FILE.format(definitions="feature_definitions", item="item")
     (repo / "qarm_batch_view.py").write_text(batch)  # materialization bench times qarm_batch
+    (repo / "qarm_text_view.py").write_text(TEXT_VIEW)  # the content-in cold view
     rng = np.random.default_rng(0)
     ids = np.arange(1, n_items + 1, dtype=np.int64)
     (repo / "data").mkdir(exist_ok=True)

@@ -269,7 +269,8 @@ def closing_rows(results: dict) -> list[tuple]:
         c1 = online["cold/1"]
         e1 = online["cold_encode_only/1"]
         labels = {"cold": "qarm_cold, raw_emb as a list", "cold_array": "qarm_cold, raw_emb "
-                  "as a float32 array", "cold_b64": "qarm_cold_b64, base64 float32 bytes"}
+                  "as a float32 array", "cold_b64": "qarm_cold_b64, base64 float32 bytes",
+                  "cold_text": "qarm_cold_text, the text (MiniLM at request time)"}
         for kind, label in labels.items():
             c = online.get(f"{kind}/1")
             if c is None:

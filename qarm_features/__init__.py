@@ -1,3 +1,67 @@
-"""qarm-features: QARM aligned embeddings and trainable code ids, served through Feast."""
+"""qarm-features: QARM aligned embeddings and trainable code ids, served through Feast.
 
-__version__ = "0.1.0"
+The public API at a glance (imported lazily: ``import qarm_features`` loads nothing heavy)::
+
+    # a team's repo, from its qarm.yaml
+    build_from_repo(repo)                          -> BuildResult (bundle under <bundles>/<version>/)
+    load_project(repo)                             -> Project (the parsed qarm.yaml)
+    # the offline pipeline on arrays
+    build_bundle(out, item_ids=, raw_emb=, interactions=, config=)   -> BuildResult
+    fit_item_space(raw_emb, item_ids, interactions, config)          -> ItemSpace
+    BuildConfig, AlignerConfig, PairsConfig, RQConfig, VQConfig, EncoderConfig
+    ItemAligner, BPRMF, EncoderFineTuner, ResidualQuantizer, VQCoder  (estimators)
+    mine_pairs(interactions, cfg)                  -> (pairs, stats)
+    # the bundle and its encoder (batch and request paths alike)
+    load_bundle(path) -> Bundle;  get_bundle(path) (cached per process)
+    encode_items(bundle, raw_emb, item_ids)        -> EncodedItems (aligned, rq/vq codes)
+    CodeSchema                                     THE row schema (column names and dtypes)
+    # Feast (qarm_features.feast): materialize, push_items, apply, sample_online,
+    # check_versions, qarm_views (the views a repo declares), ServingContext
+    QarmError and its family (qarm_features.errors)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from qarm_features._version import __version__
+
+_API = {
+    "build_from_repo": "qarm_features.build_repo",
+    "load_project": "qarm_features.project",
+    "build_bundle": "qarm_features.build",
+    "BuildResult": "qarm_features.build",
+    "fit_item_space": "qarm_features.pipeline",
+    "ItemSpace": "qarm_features.pipeline",
+    "BuildConfig": "qarm_features.config",
+    "AlignerConfig": "qarm_features.config",
+    "PairsConfig": "qarm_features.config",
+    "RQConfig": "qarm_features.config",
+    "VQConfig": "qarm_features.config",
+    "EncoderConfig": "qarm_features.config",
+    "ItemAligner": "qarm_features.align",
+    "BPRMF": "qarm_features.retrieval",
+    "EncoderFineTuner": "qarm_features.finetune",
+    "ResidualQuantizer": "qarm_features.quantize",
+    "VQCoder": "qarm_features.vq",
+    "mine_pairs": "qarm_features.pairs",
+    "Bundle": "qarm_features.bundle",
+    "load_bundle": "qarm_features.bundle",
+    "get_bundle": "qarm_features.encode",
+    "encode_items": "qarm_features.encode",
+    "EncodedItems": "qarm_features.encode",
+    "CodeSchema": "qarm_features.schema",
+    "QarmError": "qarm_features.errors",
+    "InputError": "qarm_features.errors",
+    "ConfigError": "qarm_features.errors",
+    "BundleError": "qarm_features.errors",
+    "BundleVersionMismatch": "qarm_features.errors",
+}
+
+__all__ = ["__version__", *sorted(_API)]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'qarm_features' has no attribute {name!r}")

@@ -34,6 +34,7 @@ ITEM_ID = "item_id"
 USER_ID = "user_id"
 RAW_EMB = "raw_emb"
 RAW_EMB_B64 = "raw_emb_b64"  # compact request form: base64 of little-endian float32 bytes
+TEXT = "text"  # content-in request form: the item's text, encoded at request time
 EVENT_TIMESTAMP = "event_timestamp"
 CREATED = "created"
 ALIGNED_EMB = "aligned_emb"

@@ -41,6 +41,7 @@ from qarm_features.schema import (
     MISSING_CODE,
     RAW_EMB,
     RAW_EMB_B64,
+    TEXT,
     VERSION,
     VQ_CODES,
 )
@@ -178,5 +179,58 @@ def qarm_cold_b64_python(inputs: dict, context: dict) -> dict:
     """Body of the python-mode ``qarm_cold_b64`` view: rows carry ``raw_emb_b64``."""
     ctx = _context(context)
     rows = [decode_b64(v, ctx.raw_dim) for v in _as_list(inputs.get(RAW_EMB_B64))]
+    ids = inputs.get(ITEM_ID)
+    return encode_request(ctx, rows, None if ids is None else _as_list(ids))
+
+
+_encoders: dict = {}
+
+
+def _text_encoder(bundle):
+    """The bundle's frozen text encoder, loaded once per process (and pinned like a server)."""
+    cfg = bundle.config.encoder
+    key = cfg.model_dump_json()
+    encoder = _encoders.get(key)
+    if encoder is None:
+        from qarm_features.encoders import make_encoder
+        from qarm_features.feast.context import serving_threads
+
+        n = serving_threads()
+        if n is not None:  # a server: torch's intra-op pool too
+            import torch
+
+            torch.set_num_threads(n)
+        encoder = _encoders[key] = make_encoder(cfg)
+    return encoder
+
+
+def qarm_cold_text_python(inputs: dict, context: dict) -> dict:
+    """Body of the python-mode ``qarm_cold_text`` view: rows carry the item's ``text``.
+
+    The bundle's frozen text encoder (``config.encoder``) turns each text into the raw
+    embedding, which is then encoded exactly as :func:`qarm_cold_python` encodes it. The
+    text must be what the catalog's template renders for the item (the build encoded
+    that); a request's embedding can differ from a batched one in its last bits.
+    """
+    ctx = _context(context)
+    texts = _as_list(inputs.get(TEXT))
+    rows: list = [None if not isinstance(t, str) or not t else t for t in texts]
+    good = [i for i, t in enumerate(rows) if t is not None]
+    bundle, _ = _bundle(ctx)
+    if good and bundle is not None:
+        if bundle.config.encoder.kind != "text":
+            rows = [
+                f"{TEXT}: this bundle's content is {bundle.config.encoder.kind}, not text"
+            ] * len(rows)
+        else:
+            try:
+                emb = _text_encoder(bundle).encode([rows[i] for i in good])
+            except Exception as exc:  # noqa: BLE001 - per-row errors, never a 500
+                emb, msg = None, f"{TEXT}: the encoder failed ({type(exc).__name__}: {exc})"
+                rows = [msg] * len(rows)
+            if emb is not None:
+                for i, e in zip(good, emb):
+                    rows[i] = e
+    rows = [f"{TEXT} is missing or empty" if r is None else r for r in rows]
     ids = inputs.get(ITEM_ID)
     return encode_request(ctx, rows, None if ids is None else _as_list(ids))

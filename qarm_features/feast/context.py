@@ -197,6 +197,14 @@ def set_serving_threads(n: int | None) -> None:
     _threads["n"] = None if n is None else int(n)
 
 
+def serving_threads() -> int | None:
+    """The thread count this process serves with (None: not a server)."""
+    n = _threads["n"]
+    if n is None and os.environ.get(ENV_THREADS):
+        n = int(os.environ[ENV_THREADS])
+    return n
+
+
 def pin_request_thread() -> None:
     """Pin BLAS and faiss threads if this process is a server (set above, or by env).
 
@@ -205,9 +213,7 @@ def pin_request_thread() -> None:
     is pinned on its first request (a thread-local check, nanoseconds). Pinning only the
     loading thread left request threads on the default pool: 5x slower cold reads.
     """
-    n = _threads["n"]
-    if n is None and os.environ.get(ENV_THREADS):
-        n = int(os.environ[ENV_THREADS])
+    n = serving_threads()
     if n is None:
         return
     if _threads["pinned"] != n:

@@ -18,12 +18,22 @@ from datetime import timedelta
 from typing import Sequence
 
 from qarm_features.feast.context import ServingContext
-from qarm_features.schema import FLOAT_LIST, INT64, INT64_LIST, RAW_EMB, RAW_EMB_B64, STRING, Column
+from qarm_features.schema import (
+    FLOAT_LIST,
+    INT64,
+    INT64_LIST,
+    RAW_EMB,
+    RAW_EMB_B64,
+    STRING,
+    TEXT,
+    Column,
+)
 
 # the UDF bodies (transformations/), by request form
 _COLD_TARGETS = {
     RAW_EMB: "transformations.on_demand:qarm_cold_python",
     RAW_EMB_B64: "transformations.on_demand:qarm_cold_b64_python",
+    TEXT: "transformations.on_demand:qarm_cold_text_python",
 }
 _BATCH_TARGET = "transformations.batch:qarm_batch_udf"
 
@@ -80,8 +90,9 @@ def cold_view(context: ServingContext, *, name: str, request_source, description
     Args:
         context: the repo's serving context (baked into the UDF's source).
         name: the view's name (``qarm_cold``, ``qarm_cold_b64``).
-        request_source: a ``RequestSource`` with one field, ``raw_emb`` (Array(Float32))
-            or ``raw_emb_b64`` (String).
+        request_source: a ``RequestSource`` with one field: ``raw_emb`` (Array(Float32)),
+            ``raw_emb_b64`` (String) or ``text`` (String: the bundle's frozen text encoder
+            runs at request time).
 
     Not singleton (Feast 0.67 would return only a batch's first row in python mode); read
     it on its own request with ``full_feature_names=False`` (its names collide with
@@ -93,8 +104,8 @@ def cold_view(context: ServingContext, *, name: str, request_source, description
     target = _COLD_TARGETS.get(fields[0]) if len(fields) == 1 else None
     if target is None:
         raise ValueError(
-            f"{name}: the request source must have exactly one field, raw_emb or "
-            f"{RAW_EMB_B64}; got {fields}"
+            f"{name}: the request source must have exactly one field, {sorted(_COLD_TARGETS)}; "
+            f"got {fields}"
         )
     fn, source = _udf(name, target, context)
     return OnDemandFeatureView(
@@ -158,7 +169,7 @@ qarm_batch = batch_view(
 """
 
 
-def qarm_views(*, item, repo, batch_view_too: bool = False) -> dict:
+def qarm_views(*, item, repo, batch_view_too: bool = False, text_view: bool = False) -> dict:
     """Every Feast object QARM adds to a repo, keyed by the name to give it.
 
     Put them in a definitions file of the repo (``qarm init --into`` writes it)::
@@ -175,12 +186,16 @@ def qarm_views(*, item, repo, batch_view_too: bool = False) -> dict:
             Feast's compute engine at ``feast materialize``). Off by default: Feast 0.67's
             CLI ``feast apply`` crashes in its registry diff on a materialized
             BatchFeatureView with a UDF (docs/feast.md).
+        text_view: also declare ``qarm_cold_text``: a cold item's codes from its *text*,
+            the bundle's frozen text encoder running at request time (for teams without an
+            embedding service; loads the encoder into the serving process).
 
     Returns:
         ``qarm_codes_source``, ``qarm_push``, ``item_content_source``,
         ``item_content_push``, ``qarm`` (the codes rankers read), ``item_content`` (the
         frozen embedding), ``qarm_cold_request``, ``qarm_cold``, ``qarm_cold_b64_request``,
-        ``qarm_cold_b64`` (and ``qarm_batch``).
+        ``qarm_cold_b64`` (and ``qarm_batch``, ``qarm_cold_text_request``,
+        ``qarm_cold_text``).
 
     Raises:
         ConfigError: the entity's join key type is not INT64/STRING or not the bundle's.
@@ -283,4 +298,16 @@ def qarm_views(*, item, repo, batch_view_too: bool = False) -> dict:
         request_source=out["qarm_cold_b64_request"],
         description="Request-time QARM codes of cold items from base64 float32 bytes.",
     )
+    if text_view:
+        out["qarm_cold_text_request"] = RequestSource(
+            name="qarm_cold_text_request",
+            schema=[Field(name=TEXT, dtype=String)],
+            description="The text of an item with no row yet (as the catalog renders it).",
+        )
+        out["qarm_cold_text"] = cold_view(
+            context,
+            name="qarm_cold_text",
+            request_source=out["qarm_cold_text_request"],
+            description="Request-time QARM codes of cold items from their text.",
+        )
     return out

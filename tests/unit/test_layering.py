@@ -138,3 +138,13 @@ def test_the_installed_package_does_not_ship(pkg):
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     include = cfg["tool"]["setuptools"]["packages"]["find"]["include"]
     assert not any(p.split("*")[0] == pkg for p in include)
+
+
+def test_the_public_api_resolves_and_imports_nothing_heavy():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, qarm_features as q; print('torch' in sys.modules);"
+         "[getattr(q, n) for n in q.__all__]; print('ok')"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "ok"]

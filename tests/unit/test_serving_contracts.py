@@ -203,3 +203,20 @@ def test_materialize_push_and_apply_refuse_another_version(serving_other_version
     with pytest.raises(BundleVersionMismatch, match="relabel"):
         apply(repo, random_bundle)
     assert list(repo.iterdir()) == [], "a refused call wrote files"
+
+
+def test_text_view_encodes_the_text_with_the_bundles_encoder(tmp_path):
+    """Content in: the frozen text encoder runs at request time, then the usual encode."""
+    from qarm_features.encoders import TextEncoder
+    from qarm_features.testing import make_random_bundle
+
+    path = make_random_bundle(tmp_path / "b384", n_items=64, raw_dim=384, out_dim=16, n_codes=8)
+    ctx = ServingContext.of_bundle(path)
+    texts = ["Toy Story (1995)", "", "GoldenEye (1995)"]
+    out = on_demand.qarm_cold_text_python({"text": texts}, ctx.to_json())
+    emb = TextEncoder().encode([texts[0], texts[2]])
+    want = on_demand.encode_request(ctx, list(emb))
+    assert out["qarm_error"] == ["", "text is missing or empty", ""]
+    assert [out["rq_code_l1"][0], out["rq_code_l1"][2]] == want["rq_code_l1"]
+    assert [out["vq_codes"][0], out["vq_codes"][2]] == want["vq_codes"]
+    assert out["rq_code_l1"][1] == -1
