@@ -213,14 +213,23 @@ def inspect(
     bundle: Annotated[
         Optional[Path], typer.Argument(help="Bundle directory (default: the newest demo build).")
     ] = None,
+    repo: Annotated[
+        Optional[Path], typer.Option(help="Inspect this repo's newest build (its qarm.yaml).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Verify a bundle (hashes, shapes, dtypes) and print its metrics; exit 1 if it is bad."""
     from qarm_features.build import latest_bundle
     from qarm_features.bundle import load_bundle
+    from qarm_features.project import load_project
 
     try:
-        path = bundle if bundle is not None else latest_bundle(DEFAULT_BUNDLES)
+        if bundle is not None:
+            path = bundle
+        elif repo is not None:
+            path = latest_bundle(load_project(repo).bundles_dir)
+        else:
+            path = latest_bundle(DEFAULT_BUNDLES)
         b = load_bundle(path)
     except QarmError as exc:
         _fail(exc)

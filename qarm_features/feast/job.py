@@ -38,6 +38,7 @@ from qarm_features.feast.sources import (
     DEFAULT_HISTORY,
     EPOCH,
     HISTORY_FILE,
+    PUSHED_FILE,
     build_user_history,
     encode_catalog,
     recode_history,
@@ -144,27 +145,45 @@ def _items(df: pd.DataFrame, join_key: str, *, name: str) -> pd.DataFrame:
     return df[[ITEM_ID, RAW_EMB]].copy()
 
 
+def _pushed(repo: Path, join_key: str) -> pd.DataFrame:
+    """Items pushed and not yet part of a built catalog (the latest content of each)."""
+    path = repo / PUSHED_FILE
+    if not path.exists():
+        return pd.DataFrame({ITEM_ID: [], RAW_EMB: [], "pushed_at": []})
+    pushed = pd.read_parquet(path).rename(columns={join_key: ITEM_ID})
+    pushed = pushed.sort_values("pushed_at", kind="stable")
+    return pushed.drop_duplicates(ITEM_ID, keep="last").reset_index(drop=True)
+
+
+def _record_pushed(repo: Path, items: pd.DataFrame, join_key: str, *, keep=None) -> None:
+    """Rewrite the pushed-items file: ``keep`` of the old rows (all: None) plus ``items``."""
+    old = _pushed(repo, join_key)
+    if keep is not None:
+        old = old[keep(old)]
+    rows = pd.concat([old, items[[ITEM_ID, RAW_EMB, "pushed_at"]]], ignore_index=True)
+    write_parquet(rows.rename(columns={ITEM_ID: join_key}), repo / PUSHED_FILE)
+
+
 def _catalog_frame(bundle, catalog_df, repo: Path, join_key: str) -> tuple[pd.DataFrame, int]:
-    """The items to encode: ``catalog_df`` (or the bundle's catalog) plus pushed items."""
+    """The items to encode: ``catalog_df`` (or the bundle's catalog) plus items pushed since
+    their last build (never the previous bundle's catalog: a promotion serves the new
+    catalog, and items pushed earlier)."""
     if catalog_df is None:
         keys = bundle.keys_of(bundle.item_ids)
         catalog = pd.DataFrame({ITEM_ID: keys, RAW_EMB: list(bundle.raw_emb)})
     else:
         catalog = _items(catalog_df, join_key, name="catalog_df")
     catalog[ITEM_ID] = catalog[ITEM_ID].astype(_id_dtype(bundle))
-    n_pushed = 0
-    content_path = repo / CONTENT_FILE
-    if content_path.exists():
-        # Items pushed since the last run are part of the catalog: keep their latest content.
-        old = pd.read_parquet(content_path, columns=[join_key, RAW_EMB, EVENT_TIMESTAMP])
-        old = old.rename(columns={join_key: ITEM_ID})
-        old = old.sort_values(EVENT_TIMESTAMP, kind="stable")
-        old = old.drop_duplicates(ITEM_ID, keep="last")
-        extra = old[~old[ITEM_ID].isin(catalog[ITEM_ID])]
-        if len(extra):
-            n_pushed = len(extra)
-            catalog = pd.concat([catalog, extra[[ITEM_ID, RAW_EMB]]], ignore_index=True)
-    return catalog.reset_index(drop=True), n_pushed
+    pushed = _pushed(repo, join_key)
+    if len(pushed):
+        pushed[ITEM_ID] = pushed[ITEM_ID].astype(_id_dtype(bundle))
+        extra = pushed[~pushed[ITEM_ID].isin(catalog[ITEM_ID])]
+        catalog = pd.concat([catalog, extra[[ITEM_ID, RAW_EMB]]], ignore_index=True)
+        if len(extra) < len(pushed):  # a built catalog now holds some: forget them
+            built = set(catalog[ITEM_ID].iloc[: len(catalog) - len(extra)])
+            _record_pushed(repo, extra.iloc[:0], join_key, keep=lambda d: ~d[ITEM_ID].isin(built))
+        return catalog.reset_index(drop=True), len(extra)
+    return catalog.reset_index(drop=True), 0
 
 
 def prepare_sources(
@@ -458,6 +477,8 @@ def push_items(
     to = PushMode.ONLINE_AND_OFFLINE if offline else PushMode.ONLINE
     store.push("item_content_push", items.rename(columns=rename)[content_schema.names], to=to)
     store.push("qarm_push", codes.rename(columns=rename)[codes_schema.names], to=to)
+    if offline:  # the next materialize keeps them until a built catalog holds them
+        _record_pushed(repo, items.assign(pushed_at=pd.Timestamp(now)), join_key)
     return {
         "version": bundle.version,
         "n_items": int(len(codes)),

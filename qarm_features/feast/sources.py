@@ -47,6 +47,10 @@ DATA = Path("data")
 CODES_FILE = DATA / "qarm_codes.parquet"
 CONTENT_FILE = DATA / "item_content.parquet"
 HISTORY_FILE = DATA / "user_history.parquet"
+# Items pushed since they were last part of a built catalog: item_id (or the repo's join
+# key), raw_emb, pushed_at. `qarm materialize` keeps them (they are in no bundle's catalog
+# yet) and forgets each one once a bundle's catalog holds it.
+PUSHED_FILE = DATA / "qarm_pushed.parquet"
 DEFAULT_HISTORY = 20  # latest positives per user in the user-side view (paper mines 50)
 
 _last_stamp: list[pd.Timestamp] = []  # last stamp this process wrote (kept increasing)

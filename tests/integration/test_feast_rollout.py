@@ -67,3 +67,25 @@ def test_cold_path_follows_the_registry(make_repo, bundle_path, other_bundle_pat
     got = cold("qarm_cold", "raw_emb", b.raw_emb[0].tolist(), 4)
     assert got["qarm_version"] == [b.version] and got["qarm_error"] == [""]
     assert got["rq_code_l4"][0] >= 0
+
+
+def test_promotion_does_not_resurrect_the_previous_catalog(make_repo, bundle_path, tmp_path):
+    """Promoting a bundle built on 50 items into a repo that served 200 (+1 pushed) serves
+    51 items: the pushed one is kept, the 150 others of the old catalog are gone."""
+    import numpy as np
+    import pandas as pd
+
+    from qarm_features.feast.job import materialize, open_store, push_items
+    from qarm_features.testing import make_random_bundle
+    from tests.integration.helpers import online
+
+    repo = make_repo("shrink", batch_view=False)
+    materialize(bundle_path, repo)
+    pushed = np.random.default_rng(1).standard_normal((1, 32)).astype(np.float32)
+    push_items(repo, pd.DataFrame({"item_id": [9_999], "raw_emb": list(pushed)}))
+    small = make_random_bundle(tmp_path / "small", n_items=50, seed=3)
+    stats = materialize(small, repo, promote=True)
+    assert stats["n_items"] == 51 and stats["n_pushed_items_kept"] == 1
+    _, statuses = online(open_store(repo), ["qarm:rq_code_l1"],
+                         [{"item_id": 10}, {"item_id": 150}, {"item_id": 9_999}])  # fmt: skip
+    assert statuses["rq_code_l1"] == ["PRESENT", "NOT_FOUND", "PRESENT"]

@@ -248,6 +248,11 @@ def test_push_new_products_then_read_them(shop, tmp_path):
     )
 
 
+def test_inspect_the_repos_newest_build(shop, tmp_path):
+    out = qarm("inspect", "--repo", str(shop), cwd=tmp_path, home=tmp_path)
+    assert "files verified" in out and "id_type=string" in out
+
+
 def test_the_shop_repo_survives_feast_apply_twice(shop):
     run_feast(["apply"], shop)
     run_feast(["apply"], shop)
