@@ -4,6 +4,7 @@
     qarm build [--repo R]                  encode -> pairs -> aligner -> codes -> bundle
     qarm materialize [--repo R]            bundle -> offline sources -> feast materialize
     qarm push --repo R ITEMS               new items' codes online, no batch rerun
+    qarm status [--repo R] [--repair]      what a repo serves; repair what a crash left
     qarm inspect BUNDLE                    verify a bundle, print its metrics (exit 1 if bad)
     qarm datasets fetch movielens-100k     put the data set in the cache
     qarm run                               the MovieLens demo end to end (build + serve + sample)
@@ -281,6 +282,28 @@ def materialize(
     except QarmError as exc:
         _fail(exc)
     console.print_json(data=stats)
+
+
+@app.command()
+def status(
+    repo: Annotated[Path, typer.Option(help="Feast feature repo.")] = DEFAULT_REPO,
+    repair: Annotated[
+        bool, typer.Option(help="Fix what a crash left: stuck views, stale tags, temp files.")
+    ] = False,
+) -> None:
+    """What the repo serves, view states, versions, anything half-done; exit 1 on a problem."""
+    from qarm_features.feast.serving import status as repo_status
+
+    import contextlib
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Feast prints progress on stdout
+            report = repo_status(repo, repair=repair)
+    except QarmError as exc:
+        _fail(exc)
+    console.print_json(data=report)
+    if not report["ok"]:
+        raise typer.Exit(code=1)
 
 
 @app.command()

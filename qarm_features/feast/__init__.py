@@ -15,6 +15,19 @@ above it and the core (bundle, encode, schema) below. Names are imported lazily,
 from __future__ import annotations
 
 import importlib
+import logging
+
+
+class _FileRegistryFlagNote(logging.Filter):
+    """Drop Feast 0.67's warning that ``serve_features_while_materializing`` "typically has
+    no effect" on a file registry: it does (reads of a view left MATERIALIZING by a killed
+    run are served), and every QARM repo sets it (docs/upstream-feast-issues.md)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`serve_features_while_materializing` is enabled but" not in str(record.msg)
+
+
+logging.getLogger("feast.repo_config").addFilter(_FileRegistryFlagNote())
 
 _API = {
     "ServingContext": "qarm_features.feast.context",

@@ -30,6 +30,8 @@ provider: local
 registry:
     path: data/registry.db
     cache_ttl_seconds: 60
+    # keep serving a view's last rows while `feast materialize` runs (or after a killed run)
+    serve_features_while_materializing: true
 online_store:
     type: sqlite
     path: data/online_store.db

@@ -187,3 +187,71 @@ def _rows_with_status(resp, key: str) -> list[dict]:
         row["status"] = status_col[i] if status_col else "PRESENT"
         rows.append(row)
     return rows
+
+
+def status(
+    repo_path: str | os.PathLike,
+    *,
+    fs_yaml_file: str | os.PathLike | None = None,
+    repair: bool = False,
+) -> dict:
+    """What a repo serves, and anything a crash left half-done; with ``repair``, fix it.
+
+    Reports the bundle the pointer names, the registry's version tags, every QARM view's
+    lifecycle state, the offline/online versions (:func:`check_versions`) and leftovers
+    (temporary files of an interrupted write). Repairs: views left ``MATERIALIZING`` (or
+    any non-servable state) by a killed run are materialized again; registry tags that
+    disagree with the pointer are re-applied from the definitions; leftovers are removed.
+
+    Returns:
+        ``{"ok", "version", "views": {name: state}, "versions": check_versions report,
+        "leftovers", "problems", "repaired"}``.
+    """
+    from datetime import datetime, timedelta, timezone
+
+    from feast.feature_view import FeatureViewState
+
+    from qarm_features.feast.job import apply
+    from qarm_features.feast.sources import DATA, EPOCH
+
+    repo = Path(repo_path).resolve()
+    store = open_store(repo, fs_yaml_file)
+    servable = {FeatureViewState.STATE_UNSPECIFIED, FeatureViewState.AVAILABLE_ONLINE}
+    views, stuck = {}, []
+    for fv in store.registry.list_feature_views(store.project, allow_cache=False):
+        state = getattr(fv, "state", FeatureViewState.STATE_UNSPECIFIED)
+        views[fv.name] = state.name
+        if state not in servable:
+            stuck.append(fv.name)
+    versions = check_versions(repo, fs_yaml_file=fs_yaml_file, raise_on_mismatch=False)
+    leftovers = sorted(str(p) for p in (repo / DATA).glob(".*.tmp")) + sorted(
+        str(p) for p in (repo / DATA).glob(".qarm_bundle.*.json")
+    )
+    problems = [f"view {n} is {views[n]} (reads refused unless serve_features_while_"
+                "materializing; a killed materialize leaves it so)" for n in stuck]  # fmt: skip
+    problems += versions["problems"] + [f"leftover {p}" for p in leftovers]
+    repaired = []
+    if repair and problems:
+        if any(p.startswith("registry view") for p in versions["problems"]):
+            apply(repo, fs_yaml_file=fs_yaml_file)
+            repaired.append("re-applied the definitions (registry tags = pointer)")
+        if stuck:
+            end = datetime.now(timezone.utc) + timedelta(seconds=1)
+            store.materialize(start_date=EPOCH, end_date=end, feature_views=stuck)
+            repaired.append(f"materialized {stuck} again")
+        for p in leftovers:
+            Path(p).unlink(missing_ok=True)
+        if leftovers:
+            repaired.append(f"removed {len(leftovers)} leftover file(s)")
+        report = status(repo, fs_yaml_file=fs_yaml_file)
+        report["repaired"] = repaired
+        return report
+    return {
+        "ok": not problems,
+        "version": versions["pointer"],
+        "views": views,
+        "versions": versions,
+        "leftovers": leftovers,
+        "problems": problems,
+        "repaired": repaired,
+    }

@@ -89,3 +89,38 @@ def test_promotion_does_not_resurrect_the_previous_catalog(make_repo, bundle_pat
     _, statuses = online(open_store(repo), ["qarm:rq_code_l1"],
                          [{"item_id": 10}, {"item_id": 150}, {"item_id": 9_999}])  # fmt: skip
     assert statuses["rq_code_l1"] == ["PRESENT", "NOT_FOUND", "PRESENT"]
+
+
+def test_a_view_left_materializing_is_served_and_repaired(make_repo, bundle_path, tmp_path):
+    """A killed `qarm materialize` leaves views MATERIALIZING (fault injected here): reads
+    go on serving the last rows, `qarm status` says so, `qarm status --repair` fixes it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from feast.feature_view import FeatureViewState
+
+    from qarm_features.feast.job import materialize, open_store
+    from tests.integration.helpers import online, subprocess_env
+
+    repo = make_repo("stuck", batch_view=False)
+    materialize(bundle_path, repo)
+    store = open_store(repo)
+    for name in ("qarm", "user_history"):
+        fv = store.registry.get_feature_view(name, store.project)
+        fv.state = FeatureViewState.MATERIALIZING  # what a kill -9 mid-materialize leaves
+        store.registry.apply_feature_view(fv, store.project, commit=True)
+    values, statuses = online(open_store(repo), ["qarm:rq_code_l1"], [{"item_id": 3}])
+    assert statuses["rq_code_l1"] == ["PRESENT"]  # still served
+
+    qarm = str(Path(sys.executable).parent / "qarm")
+    env = subprocess_env(tmp_path)
+    proc = subprocess.run([qarm, "status", "--repo", str(repo)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "view qarm is MATERIALIZING" in proc.stdout
+    proc = subprocess.run([qarm, "status", "--repo", str(repo), "--repair"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["views"]["qarm"] == "AVAILABLE_ONLINE" and report["repaired"]
