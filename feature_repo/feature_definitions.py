@@ -1,7 +1,7 @@
 # QARM feature definitions: entities, sources, views and a service for rankers.
 #
 # Declarations only: `feast apply` imports this file, so it reads one small JSON file (the
-# bundle this repo serves, data/qarm_bundle.json, written by `qarm materialize`) and
+# bundle this repo serves, data/current/qarm_bundle.json, written by `qarm materialize`) and
 # computes nothing. The QARM objects come from the package's factory (the same one a team
 # calls in its own repo: `qarm init --into`); column names and types come from its one
 # code schema. The parquet files under data/ are written by `qarm materialize`.
@@ -35,7 +35,7 @@ user = Entity(
 
 # The QARM objects, keyed on `item`:
 #   qarm            THE view rankers read: aligned_emb, rq_code_l1..lL, vq_codes,
-#                   qarm_version (source: data/qarm_codes.parquet, pushes: qarm_push)
+#                   qarm_version (source: data/current/qarm_codes.parquet; pushes: qarm_push)
 #   item_content    the frozen content embedding (the baseline's dense input)
 #   qarm_cold       codes at request time from a cold item's raw_emb (list or float32 array)
 #   qarm_cold_b64   the same from raw_emb_b64 (base64 float32 bytes: the HTTP form)
@@ -45,7 +45,7 @@ globals().update(qarm_views(item=item, repo=REPO))
 # The users' behaviour sequences, point in time (written by `qarm materialize`).
 user_history_source = FileSource(
     name="user_history_source",
-    path="data/user_history.parquet",
+    path="data/current/user_history.parquet",
     timestamp_field="event_timestamp",
     description="Per user and interaction time: latest positive items and their RQ codes.",
 )

@@ -1,7 +1,7 @@
 """Which bundle a feature repo serves: the serving context, resolved one way.
 
 A feature repo serves one bundle at a time. ``qarm materialize`` records it in the repo's
-pointer, ``<repo>/data/qarm_bundle.json`` (a :class:`ServingContext` as JSON: the bundle's
+pointer, ``<repo>/data/current/qarm_bundle.json`` (a :class:`ServingContext` as JSON: the bundle's
 absolute path, version id and dims). When Feast imports the repo's definitions, they read
 that pointer and bake the context into the *source text* of the UDFs (``qarm_cold``,
 ``qarm_cold_b64``, ``qarm_batch``; see :mod:`qarm_features.feast.views`). Feast keeps that
@@ -43,7 +43,7 @@ from qarm_features.schema import CodeSchema
 
 log = logging.getLogger(__name__)
 
-POINTER = Path("data") / "qarm_bundle.json"
+POINTER = Path("data") / "current" / "qarm_bundle.json"  # switched with the sources
 UNSET = "unset"
 DEFAULT_LEVELS = RQConfig.model_fields["n_levels"].default
 ENV_THREADS = "QARM_SERVING_THREADS"  # set in a server's environment to pin its pools
@@ -150,7 +150,7 @@ class ServingContext:
 
 # --------------------------------------------------------------------- the pointer
 def read_pointer(repo_path: str | os.PathLike) -> ServingContext | None:
-    """The context recorded in ``<repo>/data/qarm_bundle.json``; None if there is none.
+    """The context recorded in the repo's pointer; None if there is none.
 
     Raises:
         BundleError: the pointer exists but cannot be read.
@@ -170,9 +170,15 @@ def read_pointer(repo_path: str | os.PathLike) -> ServingContext | None:
         raise BundleError(f"{pointer}: {exc}; re-run `qarm materialize`") from None
 
 
-def write_pointer(repo_path: str | os.PathLike, context: ServingContext) -> Path:
-    """Atomically write ``<repo>/data/qarm_bundle.json`` (temp file, fsync, rename)."""
-    pointer = Path(repo_path) / POINTER
+def write_pointer(
+    repo_path: str | os.PathLike, context: ServingContext, *, into: Path | None = None
+) -> Path:
+    """Atomically write the repo's pointer (temp file, fsync, rename).
+
+    ``into``: a sources directory not yet served (the pointer is then switched in with
+    it); default: the served one.
+    """
+    pointer = (into / POINTER.name) if into is not None else Path(repo_path) / POINTER
     pointer.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".qarm_bundle.", suffix=".json", dir=pointer.parent)
     try:

@@ -34,6 +34,7 @@ from qarm_features.feast.context import UNSET, ServingContext, read_pointer, wri
 from qarm_features.feast.sources import (
     CODES_FILE,
     CONTENT_FILE,
+    CURRENT,
     DATA,
     DEFAULT_HISTORY,
     EPOCH,
@@ -41,8 +42,10 @@ from qarm_features.feast.sources import (
     PUSHED_FILE,
     build_user_history,
     encode_catalog,
+    new_version_dir,
     recode_history,
     row_stamp,
+    switch_current,
     write_parquet,
 )
 from qarm_features.schema import CREATED, EVENT_TIMESTAMP, ITEM_ID, RAW_EMB
@@ -160,7 +163,12 @@ def _record_pushed(repo: Path, items: pd.DataFrame, join_key: str, *, keep=None)
     old = _pushed(repo, join_key)
     if keep is not None:
         old = old[keep(old)]
-    rows = pd.concat([old, items[[ITEM_ID, RAW_EMB, "pushed_at"]]], ignore_index=True)
+    new = items[[ITEM_ID, RAW_EMB, "pushed_at"]]
+    rows = (
+        pd.concat([old, new], ignore_index=True)
+        if len(old) and len(new)
+        else (new if len(new) else old)
+    )
     write_parquet(rows.rename(columns={ITEM_ID: join_key}), repo / PUSHED_FILE)
 
 
@@ -204,9 +212,10 @@ def prepare_sources(
 
     Args:
         bundle_path: the bundle directory (verified on load).
-        repo_path: the feature repo; files go to ``<repo>/data/``.
+        repo_path: the feature repo; files go to a new ``<repo>/data/versions/<run>/``,
+            then ``data/current`` is switched to it (with the pointer) in one rename.
         catalog_df: ``item_id``, ``raw_emb``; None = the bundle's own catalog. Items
-            pushed since the last run (in ``data/item_content.parquet``) are kept.
+            pushed since their last build (``data/qarm_pushed.parquet``) are kept.
         interactions_df: ``user_id``, ``item_id``, ``timestamp`` (+ ``rating``) for the
             user-side view; None re-codes the existing history with this bundle (or
             writes an empty one).
@@ -239,11 +248,15 @@ def prepare_sources(
 
     codes = encode_catalog(bundle, catalog)
     t_encode = time.perf_counter() - t0
+    # Everything is written beside the served set, then switched in at once (sources.py).
+    out = new_version_dir(repo, f"{int(now.timestamp() * 1000)}-{bundle.version}")
     keyed = {"id_type": bundle.id_type, "id_column": join_key}
     rename = {ITEM_ID: join_key}
-    write_parquet(codes.rename(columns=rename), repo / CODES_FILE, schema.arrow("codes", **keyed))
     write_parquet(
-        catalog.rename(columns=rename), repo / CONTENT_FILE, schema.arrow("content", **keyed)
+        codes.rename(columns=rename), out / CODES_FILE.name, schema.arrow("codes", **keyed)
+    )
+    write_parquet(
+        catalog.rename(columns=rename), out / CONTENT_FILE.name, schema.arrow("content", **keyed)
     )
 
     history_schema = schema.arrow("history")
@@ -260,9 +273,9 @@ def prepare_sources(
         hist = recode_history(pd.read_parquet(repo / HISTORY_FILE), codes, schema, bundle.version)
     else:
         hist = pd.DataFrame({name: [] for name in history_schema.names})
-    write_parquet(hist, repo / HISTORY_FILE, history_schema)
-
-    write_pointer(repo, ServingContext.of_bundle(bundle.path))
+    write_parquet(hist, out / HISTORY_FILE.name, history_schema)
+    write_pointer(repo, ServingContext.of_bundle(bundle.path), into=out)
+    switch_current(repo, out)  # the one atomic step: sources and pointer together
     stats = {
         "version": bundle.version,
         "bundle": str(bundle.path),
@@ -330,7 +343,12 @@ def apply(
     store = open_store(repo, fs_yaml_file)
     _refuse_other_version(store, repo, context.version, "applying would relabel its rows")
     if bundle_path is not None and read_pointer(repo) != context:
-        write_pointer(repo, context)
+        if (repo / CURRENT).is_symlink():
+            write_pointer(repo, context)
+        else:  # nothing served yet: a sources set holding just the pointer
+            out = new_version_dir(repo, f"apply-{context.version}")
+            write_pointer(repo, context, into=out)
+            switch_current(repo, out)
     objects = load_definitions(repo)
     store.apply(objects)
     return [o.name for o in objects]

@@ -70,7 +70,7 @@ bundles: artifacts/bundles        # where `qarm build` writes bundles
 
 NEW_REPO_DEFINITIONS = """\
 # QARM features (written by `qarm init`). Declarations only: `feast apply` imports this
-# file; the bundle it serves comes from data/qarm_bundle.json (`qarm materialize`).
+# file; the bundle it serves comes from data/current/qarm_bundle.json (`qarm materialize`).
 from pathlib import Path
 
 from feast import Entity, ValueType
@@ -88,7 +88,7 @@ globals().update(qarm_views(item=item, repo=Path(__file__).resolve().parent))
 INTO_DEFINITIONS = """\
 # QARM features for this repo (written by `qarm init --into`), keyed on its own item
 # entity `{entity}` (join key {join_key}, {value_type}). Declarations only; the bundle
-# served comes from data/qarm_bundle.json (`qarm materialize --repo .`).
+# served comes from data/current/qarm_bundle.json (`qarm materialize --repo .`).
 from pathlib import Path
 
 from {module} import {variable}

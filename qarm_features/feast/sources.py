@@ -20,6 +20,7 @@ Every column name and dtype comes from :class:`qarm_features.schema.CodeSchema`.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -44,9 +45,16 @@ from qarm_features.schema import (
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 DATA = Path("data")
-CODES_FILE = DATA / "qarm_codes.parquet"
-CONTENT_FILE = DATA / "item_content.parquet"
-HISTORY_FILE = DATA / "user_history.parquet"
+# The offline sources of one bundle version live together in data/versions/<run>/, and
+# data/current is a symlink to the served one: a run writes its files beside the served
+# ones and switches all of them (with the repo pointer) in one atomic rename. A crash
+# before the switch leaves the previous set served, whole.
+CURRENT = DATA / "current"
+VERSIONS = DATA / "versions"
+KEEP_VERSIONS = 2  # the served set and the one before it; older sets are deleted
+CODES_FILE = CURRENT / "qarm_codes.parquet"
+CONTENT_FILE = CURRENT / "item_content.parquet"
+HISTORY_FILE = CURRENT / "user_history.parquet"
 # Items pushed since they were last part of a built catalog: item_id (or the repo's join
 # key), raw_emb, pushed_at. `qarm materialize` keeps them (they are in no bundle's catalog
 # yet) and forgets each one once a bundle's catalog holds it.
@@ -100,6 +108,31 @@ def row_stamp(now: datetime | None = None) -> pd.Timestamp:
         stamp = _last_stamp[0] + pd.Timedelta(microseconds=1)
     _last_stamp[:] = [stamp]
     return stamp
+
+
+def new_version_dir(repo: Path, label: str) -> Path:
+    """A fresh directory for one run's offline sources, beside the served ones."""
+    root = repo / VERSIONS
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=root))
+
+
+def switch_current(repo: Path, version_dir: Path) -> None:
+    """Serve ``version_dir``: atomically repoint ``data/current`` at it, then prune."""
+    current = repo / CURRENT
+    if current.exists() and not current.is_symlink():
+        raise InputError(
+            f"{current} is a directory, not the symlink qarm maintains; move it away "
+            "(an older layout) and re-run `qarm materialize`"
+        )
+    tmp = current.parent / f".current.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(Path("versions") / version_dir.name, tmp)  # relative: the repo can move
+    os.replace(tmp, current)
+    sets = sorted((repo / VERSIONS).iterdir(), key=lambda p: p.stat().st_mtime)
+    for old in sets[: max(0, len(sets) - KEEP_VERSIONS)]:
+        if old.resolve() != version_dir.resolve():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_parquet(df: pd.DataFrame, path: Path, schema=None) -> None:

@@ -227,7 +227,7 @@ def qarm_views(*, item, repo, batch_view_too: bool = False, text_view: bool = Fa
     out: dict = {}
     out["qarm_codes_source"] = FileSource(
         name="qarm_codes_source",
-        path="data/qarm_codes.parquet",
+        path="data/current/qarm_codes.parquet",
         timestamp_field="event_timestamp",
         created_timestamp_column="created",
         description="QARM rows of the whole catalog, written by `qarm materialize`.",
@@ -239,7 +239,7 @@ def qarm_views(*, item, repo, batch_view_too: bool = False, text_view: bool = Fa
     )
     out["item_content_source"] = FileSource(
         name="item_content_source",
-        path="data/item_content.parquet",
+        path="data/current/item_content.parquet",
         timestamp_field="event_timestamp",
         created_timestamp_column="created",
         description="The frozen content embedding of every item.",

@@ -2,7 +2,7 @@
 
 Checks that every section's code runs and returns the fields the summary reads. Nothing
 here asserts a timing or a speed-up (benchmarks are never timed tests); the Feast section
-is exercised by ``qarm bench --quick`` in CI, as it needs a materialized repo.
+is exercised by ``python -m benchmarks --quick`` in CI, as it needs a materialized repo.
 """
 
 from __future__ import annotations
