@@ -114,6 +114,12 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
+def _a(value: Any) -> str:
+    """``"a string"``, ``"an array"``: the JSON type of a value with its article."""
+    t = _json_type(value)
+    return f"an {t}" if t in ("array", "object") else f"a {t}"
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -132,7 +138,7 @@ def int_id_error(value: Any, value_type: str = "INT64") -> str | None:
         return "is a boolean, not an id"
     if isinstance(value, float):
         return "is a number with a fraction or exponent; send the integer id"
-    return f"is a {_json_type(value)} that is not an integer id"
+    return f"is {_a(value)} that is not an integer id"
 
 
 def float_row(value: Any, name: str) -> tuple[Any, str | None]:
@@ -145,7 +151,7 @@ def float_row(value: Any, name: str) -> tuple[Any, str | None]:
     if value is None:
         return None, None
     if not isinstance(value, list):
-        return None, f"{name} must be a list of numbers, got a {_json_type(value)}"
+        return None, f"{name} must be a list of numbers, got {_a(value)}"
     if not value:
         return None, f"{name} is an empty list"
     types = set(map(type, value))
@@ -158,7 +164,7 @@ def float_row(value: Any, name: str) -> tuple[Any, str | None]:
             return None, f"{name} holds an integer too large for a float"
     for i, x in enumerate(value):
         if type(x) not in (float, int):
-            return None, f"{name}[{i}] is a {_json_type(x)}, not a number"
+            return None, f"{name}[{i}] is {_a(x)}, not a number"
     return None, f"{name} is not a list of numbers"  # pragma: no cover - int/float subclasses
 
 
@@ -206,7 +212,7 @@ def check_online_request(
                 if not isinstance(v, str):
                     n_bad += 1
                     if len(problems) < MAX_REPORTED:
-                        why = f"is a {_json_type(v)}; {name} ids are strings"
+                        why = f"is {_a(v)}; {name} ids are strings"
                         problems.append({"key": name, "row": row, "value": v, "error": why})
         elif kind == FLOAT_LIST:
             for row, v in enumerate(values):

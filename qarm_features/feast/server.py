@@ -438,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--registry-ttl-sec", type=int, default=60)
     p.add_argument("--access-log", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     serve(
         a.repo,
         host=a.host,
