@@ -12,6 +12,7 @@ tests send small requests.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.client
 import json
@@ -405,4 +406,7 @@ def test_mixed_soak_on_keep_alive_connections(request, server, bundle_path):
     print(f"\n{server[0]}: {n_requests} requests in {elapsed:.1f}s; {good_failed} of {good} "
           f"good failed; {len(failures) - good_failed} of {n_requests - good} bad ones got "
           "another answer than their error")
+    if failures:  # by kind and cause (HTTP status or exception), for the record
+        causes = collections.Counter(f.split(" {")[0].split("(")[0][:40] for f in failures)
+        print("   ", dict(causes.most_common(8)))
     assert not failures, f"{len(failures)} of {n_requests} failed, e.g. {failures[:5]}"
