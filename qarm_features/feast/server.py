@@ -132,22 +132,23 @@ class ServingGuard:
             return await self.app(scope, self._on_startup(receive), send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        out = _Responder(send)
+        base = _Responder(send)
         try:
             if scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
                 report = await self._run(self.health)
-                return await out.reply(200 if report["status"] == "ok" else 503, report)
+                return await base.reply(200 if report["status"] == "ok" else 503, report)
+            out = base
             if scope["method"] in _BODY_METHODS:
-                scope, receive, out = await self._guard_body(scope, receive, out)
+                scope, receive, out = await self._guard_body(scope, receive, base)
                 if scope is None:
                     return
             await self.app(scope, receive, out)
         except Exception as exc:  # noqa: BLE001 - the connection must outlive any error
-            if out.started:  # Starlette re-raises after its 500 (already logged by Feast)
+            if base.started:  # Starlette re-raises after its 500 (already logged by Feast)
                 log.debug("error after the response was sent: %r", exc)
                 return
             log.exception("request failed before a response")
-            await out.reply(500, {"error": type(exc).__name__, "message": str(exc)})
+            await base.reply(500, {"error": type(exc).__name__, "message": str(exc)})
 
     # ------------------------------------------------------------------ request bodies
     async def _guard_body(self, scope, receive, out):
@@ -246,10 +247,6 @@ class _RowErrorWriter:
         self._errors = row_errors
         self._start: dict | None = None
         self._chunks: list[bytes] = []
-
-    @property
-    def started(self) -> bool:
-        return self._send.started
 
     async def __call__(self, message: dict) -> None:
         if message["type"] == "http.response.start":

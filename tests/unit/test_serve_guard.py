@@ -249,3 +249,15 @@ def test_limits_are_checked():
 
     with pytest.raises(ConfigError):
         ServeLimits(max_entity_rows=0)
+
+
+def test_guard_answers_500_when_the_app_fails_before_responding():
+    async def broken(scope, receive, send):
+        await receive()
+        raise RuntimeError("no response")
+
+    for entities in ({"item_id": [1]}, {"raw_emb": [[1, 2], "x"]}):  # plain, and row errors
+        body = json.dumps({"entities": entities}).encode()
+        status, headers, out = call(make_guard(broken), body)
+        assert status == 500 and headers["connection"] == "close"
+        assert json.loads(out) == {"error": "RuntimeError", "message": "no response"}
