@@ -175,7 +175,7 @@ class ServingGuard:
                 return None, None, None
             if row_errors:
                 out = _RowErrorWriter(out, row_errors)
-        return _with_length(scope, len(body)), _replay(body), out
+        return _with_length(scope, len(body)), _replay(body, receive), out
 
     async def _check_online(self, body: bytes) -> tuple[bytes, dict[int, str]]:
         try:
@@ -317,17 +317,19 @@ async def _read_body(receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _replay(body: bytes):
+def _replay(body: bytes, receive):
+    """``receive`` that gives the (checked) body once, then waits on the real connection
+    (a later call means "tell me when the client disconnects")."""
     sent = False
 
-    async def receive():
+    async def replay():
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await receive()
 
-    return receive
+    return replay
 
 
 def _with_length(scope, n: int):
