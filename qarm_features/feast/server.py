@@ -1,0 +1,457 @@
+"""The production feature server: Feast's own app behind a QARM guard (``qarm serve``).
+
+``feast serve`` is Feast 0.67's FastAPI app under gunicorn + uvicorn workers. This module
+serves the *same app* (``feast.feature_server.get_app``: every endpoint, auth, the repo's
+``static_artifacts.py`` warm-up), wrapped in one ASGI middleware, :class:`ServingGuard`,
+that fixes what Feast gets wrong for clients on the wire (measured on Feast 0.67):
+
+- **request size**: a body over ``max_body_bytes`` is refused with 413 before it is read
+  (by ``Content-Length``, or as soon as a chunked body passes the limit); a
+  ``/get-online-features`` request over ``max_entity_rows`` rows gets 413. Feast reads any
+  size (6.5M ids in 55 MB drove a worker to 8.7 GB).
+- **entity ids**: checked against the join keys' registered types
+  (:mod:`qarm_features.feast.request_check`): a float or boolean id is a 400 naming the key,
+  row and value, not another item (Feast reads ``50.7`` as item 50, ``true`` as item 1).
+- **cold requests**: ``raw_emb`` rows with any mix of integer and float literals are
+  accepted; a row that is not a list of numbers gets its own error in ``qarm_error`` while
+  the other rows are encoded (Feast fails the whole batch with a 500).
+- **errors and keep-alive**: every 4xx/5xx carries ``Connection: close``, and an exception
+  that Starlette re-raises after its 500 was sent stops here (uvicorn would drop the
+  keep-alive connection without saying so and fail the client's next request).
+- **health**: ``GET /health`` answers 503 with the reason while the registry is unreadable
+  or the repo's cold path cannot load its bundle, 200 with the served version otherwise.
+- **workers**: thread pools pinned (``QARM_SERVING_THREADS``, default 1) and the bundle
+  loaded before the first request; workers are never recycled (``max_requests=0``).
+
+Run: ``python -m qarm_features.feast.server --repo feature_repo`` (``qarm serve``), or
+:func:`serve` / :func:`build_app` from Python. A warm read pays one JSON parse of the body
+more than through ``feast serve`` (docs/feast.md, "Serving").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qarm_features.feast.request_check import (
+    RequestRejected,
+    check_online_request,
+    field_kinds,
+)
+from qarm_features.schema import ERROR
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # ~2,000 cold rows of 384 JSON floats
+DEFAULT_MAX_ENTITY_ROWS = 10_000  # 10x a large ranking request's candidates
+KINDS_TTL_S = 5.0  # the registry's declared types are re-read this often (cached reads)
+ONLINE_PATH = "/get-online-features"
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Bounds on one request.
+
+    Attributes:
+        max_body_bytes: largest request body (any endpoint); 413 beyond.
+        max_entity_rows: most entity rows in one ``/get-online-features`` request; 413
+            beyond.
+    """
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_entity_rows: int = DEFAULT_MAX_ENTITY_ROWS
+
+    def __post_init__(self):
+        from qarm_features.errors import ConfigError
+
+        if self.max_body_bytes < 1024 or self.max_entity_rows < 1:
+            raise ConfigError(
+                f"limits must be max_body_bytes >= 1024 and max_entity_rows >= 1; got {self}"
+            )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _json_reply(status: int, payload: dict) -> tuple[dict, dict]:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    start = {"type": "http.response.start", "status": status, "headers": headers}
+    return start, {"type": "http.response.body", "body": body}
+
+
+class _Responder:
+    """The ``send`` callable handed to the app: adds ``Connection: close`` to 4xx/5xx and
+    remembers whether a response has started."""
+
+    def __init__(self, send):
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            if message["status"] >= 400:
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                message = {**message, "headers": headers + [(b"connection", b"close")]}
+        await self._send(message)
+
+    async def reply(self, status: int, payload: dict) -> None:
+        start, body = _json_reply(status, payload)
+        await self(start)
+        await self(body)
+
+
+class ServingGuard:
+    """ASGI middleware around Feast's feature server app (see the module docstring).
+
+    Args:
+        app: the ASGI app to guard (``feast.feature_server.get_app(store)``).
+        store: the app's ``FeatureStore`` (declared types, registry health).
+        repo_path: the feature repo (its bundle pointer: the cold path's bundle).
+        limits: request bounds.
+    """
+
+    def __init__(self, app, *, store, repo_path, limits: ServeLimits | None = None):
+        self.app = app
+        self.store = store
+        self.repo = Path(repo_path).resolve()
+        self.limits = limits or ServeLimits()
+        self._kinds: tuple[float, dict] = (float("-inf"), {})
+
+    # ------------------------------------------------------------------ ASGI entry
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.app(scope, self._on_startup(receive), send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        base = _Responder(send)
+        try:
+            if scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
+                report = await self._run(self.health)
+                return await base.reply(200 if report["status"] == "ok" else 503, report)
+            out = base
+            if scope["method"] in _BODY_METHODS:
+                scope, receive, out = await self._guard_body(scope, receive, base)
+                if scope is None:
+                    return
+            await self.app(scope, receive, out)
+        except Exception as exc:  # noqa: BLE001 - the connection must outlive any error
+            if base.started:  # Starlette re-raises after its 500 (already logged by Feast)
+                log.debug("error after the response was sent: %r", exc)
+                return
+            log.exception("request failed before a response")
+            await base.reply(500, {"error": type(exc).__name__, "message": str(exc)})
+
+    # ------------------------------------------------------------------ request bodies
+    async def _guard_body(self, scope, receive, out):
+        """Read the body within the limit; check ``/get-online-features`` bodies.
+
+        Returns ``(scope, receive, send)`` to call the app with, or ``(None, None, None)``
+        when a response was already sent.
+        """
+        limit = self.limits.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await out.reply(413, _too_large(declared, limit))
+            return None, None, None
+        try:
+            body = await _read_body(receive, limit)
+        except _TooLarge:
+            await out.reply(413, _too_large(None, limit))
+            return None, None, None
+        if scope["path"] == ONLINE_PATH:
+            try:
+                body, row_errors = await self._check_online(body)
+            except RequestRejected as exc:
+                await out.reply(exc.status, exc.to_json())
+                return None, None, None
+            if row_errors:
+                out = _RowErrorWriter(out, row_errors)
+        return _with_length(scope, len(body)), _replay(body, receive), out
+
+    async def _check_online(self, body: bytes) -> tuple[bytes, dict[int, str]]:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return body, {}  # Feast answers 422 with the decoder's message
+        kinds = await self._field_kinds()
+        checked = check_online_request(parsed, kinds, max_rows=self.limits.max_entity_rows)
+        if checked.changed:
+            body = json.dumps(checked.body).encode()
+        return body, checked.row_errors
+
+    async def _field_kinds(self) -> dict:
+        at, kinds = self._kinds
+        if time.monotonic() - at > KINDS_TTL_S:
+            kinds = await self._run(field_kinds, self.store)
+            self._kinds = (time.monotonic(), kinds)
+        return kinds
+
+    # ------------------------------------------------------------------ health, startup
+    def health(self) -> dict:
+        """``{"status": "ok", "qarm_version", ...}`` or ``{"status": "unavailable", "reason"}``."""
+        from qarm_features.feast.context import ServingContext
+
+        try:
+            self.store.registry.list_projects(allow_cache=True)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return {"status": "unavailable", "reason": f"registry: {type(exc).__name__}: {exc}"}
+        try:
+            context = ServingContext.of_repo(self.repo)
+            bundle = context.load()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return {
+                "status": "unavailable",
+                "reason": f"cold path: {type(exc).__name__}: {exc}",
+            }
+        return {"status": "ok", "qarm_version": bundle.version, "bundle": context.bundle}
+
+    def _on_startup(self, receive):
+        """Wrap lifespan ``receive``: pin threads and load the bundle at startup."""
+
+        async def wrapped():
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                from qarm_features.feast.serving import serving_setup
+
+                try:
+                    info = await self._run(serving_setup, self.repo)
+                    log.info("QARM server worker %d ready: %s", os.getpid(), info)
+                except Exception as exc:  # noqa: BLE001 - /health reports it
+                    log.error("QARM warm-up failed (the cold path is down): %s", exc)
+            return message
+
+        return wrapped
+
+    @staticmethod
+    async def _run(fn, *args):
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(fn, *args)
+
+
+class _RowErrorWriter:
+    """``send`` that writes the guard's per-row reasons into a 200 response's ``qarm_error``
+    column (rows whose request value was replaced by ``null``)."""
+
+    def __init__(self, send: _Responder, row_errors: dict[int, str]):
+        self._send = send
+        self._errors = row_errors
+        self._start: dict | None = None
+        self._chunks: list[bytes] = []
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            if message["status"] != 200:
+                self._errors = {}
+                return await self._send(message)
+            self._start = message
+            return None
+        if self._start is None or message["type"] != "http.response.body":
+            return await self._send(message)
+        self._chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return None
+        body = _patch_errors(b"".join(self._chunks), self._errors)
+        headers = [h for h in self._start["headers"] if h[0].lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self._send({**self._start, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
+
+
+def _patch_errors(body: bytes, errors: dict[int, str]) -> bytes:
+    try:
+        resp = json.loads(body)
+        names = resp["metadata"]["feature_names"]
+    except (ValueError, KeyError, TypeError):
+        return body
+    for j, name in enumerate(names):
+        if name == ERROR or name.endswith(f"__{ERROR}"):
+            values = resp["results"][j]["values"]
+            for row, why in errors.items():
+                if row < len(values):
+                    values[row] = why
+    return json.dumps(resp).encode()
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(declared: int | None, limit: int) -> dict:
+    size = f"{declared} bytes" if declared is not None else "a body"
+    return {
+        "error": "RequestTooLarge",
+        "message": f"{size} over this server's limit of {limit} bytes; split the request, "
+        "send cold embeddings as raw_emb_b64, or raise --max-body-bytes",
+    }
+
+
+async def _read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """``receive`` that gives the (checked) body once, then waits on the real connection
+    (a later call means "tell me when the client disconnects")."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _with_length(scope, n: int):
+    headers = [h for h in scope["headers"] if h[0] not in (b"content-length", b"transfer-encoding")]
+    return {**scope, "headers": headers + [(b"content-length", str(n).encode())]}
+
+
+# ---------------------------------------------------------------------- app and server
+def build_app(
+    repo_path: str | os.PathLike,
+    *,
+    fs_yaml_file: str | os.PathLike | None = None,
+    registry_ttl_sec: int = 60,
+    limits: ServeLimits | None = None,
+):
+    """Feast's feature server app for a repo, wrapped in :class:`ServingGuard`.
+
+    Returns ``(asgi_app, store)``. Initialises Feast's auth managers as ``feast serve`` does.
+    """
+    from feast import FeatureStore
+    from feast.feature_server import get_app
+    from feast.permissions.server.utils import (
+        ServerType,
+        init_auth_manager,
+        init_security_manager,
+        str_to_auth_manager_type,
+    )
+
+    repo = Path(repo_path).resolve()
+    kwargs = {} if fs_yaml_file is None else {"fs_yaml_file": Path(fs_yaml_file).resolve()}
+    store = FeatureStore(repo_path=str(repo), **kwargs)
+    auth_type = str_to_auth_manager_type(store.config.auth_config.type)
+    init_security_manager(auth_type=auth_type, fs=store)
+    init_auth_manager(
+        auth_type=auth_type, server_type=ServerType.REST, auth_config=store.config.auth_config
+    )
+    app = get_app(store, registry_ttl_sec)
+    return ServingGuard(app, store=store, repo_path=repo, limits=limits), store
+
+
+def serve(
+    repo_path: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 6566,
+    workers: int = 1,
+    fs_yaml_file: str | os.PathLike | None = None,
+    limits: ServeLimits | None = None,
+    keep_alive_timeout: int = 30,
+    registry_ttl_sec: int = 60,
+    access_log: bool = False,
+) -> None:
+    """Serve a feature repo (blocks): gunicorn, uvicorn workers, workers never recycled.
+
+    Args:
+        repo_path: the feature repo.
+        host, port: where to listen (loopback by default, as ``feast serve``).
+        workers: worker processes; each loads the bundle and answers requests on a thread
+            pool (scale with workers).
+        fs_yaml_file: another config of the repo (``feature_store.redis.yaml`` ...).
+        limits: request bounds (:class:`ServeLimits`).
+        keep_alive_timeout: seconds an idle keep-alive connection stays open.
+        registry_ttl_sec: how often a worker re-reads the registry (a rollout reaches the
+            cold path at the next refresh).
+        access_log: log every request (off: one line per request costs more than a read).
+    """
+    import gunicorn.app.base
+
+    app, _ = build_app(
+        repo_path, fs_yaml_file=fs_yaml_file, registry_ttl_sec=registry_ttl_sec, limits=limits
+    )
+    options = {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "worker_class": "uvicorn_worker.UvicornWorker",
+        "max_requests": 0,  # never recycle: a new worker reloads the bundle, drops connections
+        "keepalive": keep_alive_timeout,
+        "accesslog": "-" if access_log else None,
+    }
+
+    class _Application(gunicorn.app.base.BaseApplication):
+        def load_config(self):
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return app
+
+    _Application().run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m qarm_features.feast.server --repo R`` (the lead wires it to ``qarm serve``)."""
+    p = argparse.ArgumentParser(
+        prog="qarm serve", description="Serve a QARM feature repo (Feast's app, guarded)."
+    )
+    p.add_argument("--repo", default=".", help="feature repo directory (default: .)")
+    p.add_argument("-f", "--feature-store-yaml", default=None, help="another repo config")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("-p", "--port", type=int, default=6566)
+    p.add_argument("-w", "--workers", type=int, default=1)
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--max-entity-rows", type=int, default=DEFAULT_MAX_ENTITY_ROWS)
+    p.add_argument("--keep-alive-timeout", type=int, default=30)
+    p.add_argument("--registry-ttl-sec", type=int, default=60)
+    p.add_argument("--access-log", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve(
+        a.repo,
+        host=a.host,
+        port=a.port,
+        workers=a.workers,
+        fs_yaml_file=a.feature_store_yaml,
+        limits=ServeLimits(max_body_bytes=a.max_body_bytes, max_entity_rows=a.max_entity_rows),
+        keep_alive_timeout=a.keep_alive_timeout,
+        registry_ttl_sec=a.registry_ttl_sec,
+        access_log=a.access_log,
+    )
+
+
+if __name__ == "__main__":
+    main()
