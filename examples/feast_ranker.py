@@ -315,7 +315,7 @@ def main(argv=None) -> int:
 
         args.n_codes = load_bundle(bundle).n_codes
         repo = materialize_repo(Path(bundle), workdir, train_df)
-        from qarm_features.feast.job import open_store
+        from qarm_features.feast.store import open_store
 
         store = open_store(repo)
         model, vocabs = train(store, train_df, args)

@@ -43,7 +43,7 @@ def _table(project: Project, spec, *, what: str) -> Table:
         return read_table(project.resolve(spec.path), what=what, csv=spec.csv)
     from feast import FileSource
 
-    from qarm_features.feast.job import open_store
+    from qarm_features.feast.store import open_store
 
     store = open_store(project.repo)
     try:

@@ -5,6 +5,7 @@
     qarm materialize [--repo R]            bundle -> offline sources -> feast materialize
     qarm push --repo R ITEMS               new items' codes online, no batch rerun
     qarm status [--repo R] [--repair]      what a repo serves; repair what a crash left
+    qarm serve --repo R [-p PORT]          HTTP serving: Feast's app, checked and bounded
     qarm inspect BUNDLE                    verify a bundle, print its metrics (exit 1 if bad)
     qarm datasets fetch movielens-100k     put the data set in the cache
     qarm run                               the MovieLens demo end to end (build + serve + sample)
@@ -304,6 +305,21 @@ def status(
     console.print_json(data=report)
     if not report["ok"]:
         raise typer.Exit(code=1)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve a feature repo over HTTP: Feast's app behind request checks, limits, /health.
+
+    Options (``qarm serve --help``): --repo R, -f YAML, --host, -p PORT, -w WORKERS,
+    --max-body-bytes, --max-entity-rows, --keep-alive-timeout, --registry-ttl-sec.
+    """
+    from qarm_features.feast.server import main as serve_main
+
+    serve_main(list(ctx.args))
 
 
 @app.command()

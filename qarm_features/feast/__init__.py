@@ -4,6 +4,8 @@
     views        Feast fields and the cold/batch views, derived from the code schema
     sources      the offline sources: encode the catalog, user histories, atomic parquet
     job          ``qarm materialize``: sources -> apply -> materialize; push; SDK apply
+    store        the repo's Feast objects: store, definitions, registry facts
+    server       ``qarm serve``: Feast's app behind request checks, limits, health
     serving      version checks, ``feast serve`` warm-up, a ranker-style sample read
     redis_store  Feast's Redis online store, unknown entities read as NOT_FOUND
 

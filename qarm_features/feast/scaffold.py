@@ -147,7 +147,7 @@ def _find_entity(repo: Path, name: str) -> tuple[str, str, object]:
     from feast import Entity
     from feast.repo_operations import get_repo_files
 
-    from qarm_features.feast.job import load_definitions
+    from qarm_features.feast.store import load_definitions
 
     found = [o for o in load_definitions(repo) if isinstance(o, Entity) and o.name == name]
     if not found:

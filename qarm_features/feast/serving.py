@@ -26,7 +26,7 @@ from qarm_features.feast.context import (
     read_pointer,
     set_serving_threads,
 )
-from qarm_features.feast.job import open_store
+from qarm_features.feast.store import open_store
 from qarm_features.feast.sources import CODES_FILE
 from qarm_features.schema import ITEM_ID, RAW_EMB, VERSION
 

@@ -48,7 +48,7 @@ def redis_repo(make_repo, redis_server, bundle_path, interactions):
 def test_redis_read_path(redis_repo, bundle_path):
     from feast.infra.online_stores.redis import RedisOnlineStore
 
-    from qarm_features.feast.job import open_store
+    from qarm_features.feast.store import open_store
 
     store = open_store(redis_repo, YAML)
     assert isinstance(store._get_provider().online_store, RedisOnlineStore)

@@ -25,7 +25,7 @@ def sdk_repo(make_repo, bundle_path, interactions):
 
 
 def test_sdk_materialize_read_path(sdk_repo, bundle_path):
-    from qarm_features.feast.job import open_store
+    from qarm_features.feast.store import open_store
     from qarm_features.feast.serving import sample_online
 
     check_read_path(open_store(sdk_repo), bundle_path)

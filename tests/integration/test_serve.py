@@ -1,4 +1,4 @@
-"""`python -m qarm_features.feast.server` (`qarm serve`) against what real clients send.
+"""`qarm serve` (`python -m qarm_features.feast.server`) against what real clients send.
 
 Each finding of issue 13 on Feast 0.67's `feast serve` is one test, run against our server
 (started by the test on a free loopback port, over a repo built by
@@ -67,7 +67,7 @@ def qarm_server(repo: Path, *, startup_s: float = 120):
     log_path = repo.parent / f"qarm-serve-{port}.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qarm_features.feast.server", "--repo", str(repo),
+        [str(Path(sys.executable).parent / "qarm"), "serve", "--repo", str(repo),
          "--port", str(port), "--max-body-bytes", str(MAX_BODY),
          "--max-entity-rows", str(MAX_ROWS)],
         cwd=repo.parent,  # not the repo: the server must find everything from --repo
