@@ -15,6 +15,28 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read it (the only way), put it back at once
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and everything under it) the modes a plain write would have had.
+
+    ``tempfile`` creates files 0600 and directories 0700 whatever the umask, so an
+    artifact written through a temporary name would be unreadable by another service
+    account that the umask lets read it (a feature server's user, say).
+    """
+    mask = _umask()
+    path = Path(path)
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory entry (a no-op where directories cannot be opened)."""
     try:
@@ -47,6 +69,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                     os.fsync(fh.fileno())
         for d in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
             fsync_dir(d)
+        honour_umask(tmp)
         backup = None
         if path.exists():
             backup = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"

@@ -79,6 +79,7 @@ def build_bundle(
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)
+    check_catalog_size(item_ids, cfg)
     space = fit_item_space(
         raw_emb,
         item_ids,
@@ -119,6 +120,31 @@ def build_bundle(
 
 
 LATEST = "LATEST"  # names the newest bundle of a bundles directory
+
+
+def check_catalog_size(item_ids, cfg: BuildConfig) -> None:
+    """Refuse, before any training, a catalog the configured codes cannot fit.
+
+    Raises:
+        InputError: negative ids (a code of -1 means "missing"), fewer items than RQ codes
+            per level, or a VQ top-K not smaller than the catalog.
+    """
+    ids = np.asarray(item_ids)
+    n = int(ids.shape[0])
+    if ids.dtype.kind in "iu" and n and int(ids.min()) < 0:
+        raise InputError(
+            f"item ids must be >= 0: {int(ids.min())} would be confused with the code -1 "
+            "that marks a missing code; shift or re-key the catalog"
+        )
+    if cfg.rq.n_codes > n:
+        raise InputError(
+            f"rq.n_codes={cfg.rq.n_codes} codes per level need at least as many items; the "
+            f"catalog has {n}: lower rq.n_codes"
+        )
+    if cfg.vq.k >= n:
+        raise InputError(
+            f"vq.k={cfg.vq.k} nearest items need a catalog larger than k; it has {n}: lower vq.k"
+        )
 
 
 def build_versioned(root: str | Path, build: Callable[[Path], BuildResult]) -> BuildResult:

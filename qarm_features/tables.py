@@ -161,6 +161,12 @@ def catalog_keys(frame: pd.DataFrame, column: str, *, name: str) -> Keys:
                 "string ids; give every id as a string"
             )
         keys, kind = col.to_numpy(object), "string"
+    if kind == "int64" and (keys < 0).any():
+        r = _rows(keys < 0)[0]
+        raise InputError(
+            f"{what} row {r}: id {int(keys[r])} is negative; int ids must be >= 0 (a code of "
+            "-1 marks a missing code): re-key them or give them as strings"
+        )
     dup = pd.Series(keys).duplicated(keep=False).to_numpy()
     if dup.any():
         rows = _rows(dup)

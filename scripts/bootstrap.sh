@@ -16,7 +16,10 @@ if [[ "${1:-}" == "--system" ]]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
   fi
   if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-    echo "bootstrap: PostgreSQL binaries not found; the PostgreSQL registry test will be skipped" >&2
+    echo "bootstrap: installing postgresql (apt)"
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
   fi
 fi
 

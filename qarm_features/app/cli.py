@@ -35,6 +35,7 @@ from qarm_features.errors import ConfigError, QarmError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,  # main() turns environment faults into one line
     help="QARM aligned embeddings and trainable code ids, served through Feast.",
 )
 datasets_app = typer.Typer(no_args_is_help=True, help="Fetch data sets into the cache.")
@@ -441,8 +442,29 @@ def evaluate(
 
 
 def main() -> None:  # pragma: no cover - console-script shim
+    """The console script: library errors are handled per command; faults of the
+    environment (a read-only or full disk, a missing path, a corrupt SQLite or registry
+    file, a bad feature_store.yaml) end in one line naming them, not a 60-line traceback."""
+    import sqlite3
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    app()
+    try:
+        from feast.errors import FeastError
+    except ImportError:  # pragma: no cover
+        FeastError = QarmError  # noqa: N806
+    from google.protobuf.message import DecodeError
+
+    try:
+        app()
+    except DecodeError as exc:
+        console.print(
+            f"[bold red]error:[/] the repo's registry file is corrupt ({exc}); restore it, or "
+            "delete it and re-run `qarm materialize`"
+        )
+        sys.exit(2)
+    except (OSError, sqlite3.Error, FeastError) as exc:
+        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

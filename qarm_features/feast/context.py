@@ -36,6 +36,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qarm_features._atomic import honour_umask
 from qarm_features.config import RQConfig
 from qarm_features.errors import BundleError, BundleVersionMismatch, QarmError
 from qarm_features.manifest import read_manifest
@@ -186,6 +187,7 @@ def write_pointer(
             json.dump(context.to_json(), f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        honour_umask(tmp)
         os.replace(tmp, pointer)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from qarm_features._atomic import honour_umask
 from qarm_features._validate import check_columns
 from qarm_features.errors import InputError
 from qarm_features.schema import (
@@ -114,7 +115,9 @@ def new_version_dir(repo: Path, label: str) -> Path:
     """A fresh directory for one run's offline sources, beside the served ones."""
     root = repo / VERSIONS
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=root))
+    out = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=root))
+    honour_umask(out)
+    return out
 
 
 def switch_current(repo: Path, version_dir: Path) -> None:
@@ -150,6 +153,7 @@ def write_parquet(df: pd.DataFrame, path: Path, schema=None) -> None:
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -199,7 +199,7 @@ def test_in_batch_duplicates_are_masked():
     assert float(loss) == pytest.approx((np.log(2) + np.log(3) + np.log(3)) / 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_training_matches_cpu_quality(world):
     ids, content, pairs = world
     cfg = CFG.model_copy(update={"max_epochs": 5})

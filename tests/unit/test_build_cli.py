@@ -105,3 +105,51 @@ def test_config_file_and_overrides(tmp_path):
         load_build_config(None, ["rq.n_levels=0"])
     res = runner.invoke(app, ["build", "--set", "rq.nlevels=3", "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "nlevels" in res.output
+
+
+@pytest.mark.parametrize(
+    "ids, cfg, match",
+    [
+        (np.arange(-1, 299), BuildConfig(), "must be >= 0: -1 would be confused"),
+        (np.arange(40), BuildConfig(rq=RQConfig(n_codes=64)), "rq.n_codes=64 .* the catalog has 40"),
+        (np.arange(40), BuildConfig(rq=RQConfig(n_codes=8), vq=VQConfig(k=40)), "vq.k=40"),
+    ],
+)
+def test_catalog_size_and_ids_are_checked_before_training(world, tmp_path, ids, cfg, match):
+    raw = np.random.default_rng(0).standard_normal((len(ids), 8)).astype(np.float32)
+    events = world.interactions(n_per_user=2).head(0)
+    with pytest.raises(InputError, match=match):
+        build_bundle(tmp_path / "b", item_ids=ids, raw_emb=raw, interactions=events, config=cfg)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_config_file_that_is_not_an_object_is_refused(tmp_path):
+    (tmp_path / "c.json").write_text("[]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        load_build_config(tmp_path / "c.json", [])
+    result = runner.invoke(app, ["build", "--set", "dataset=anything"])
+    assert result.exit_code == 1 and "movielens-100k demo" in result.output
+
+
+def test_environment_faults_end_in_one_line(tmp_path):
+    """A missing repo or a corrupt registry: one line naming it, not a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    qarm = str(Path(sys.executable).parent / "qarm")
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "feature_store.yaml").write_text(
+        "project: p\nprovider: local\nregistry: data/registry.db\n"
+        "online_store: {type: sqlite, path: data/online.db}\nentity_key_serialization_version: 3\n"
+    )
+    (repo / "data" / "registry.db").write_bytes(b"garbage")
+    for args, match in [
+        (["status", "--repo", str(tmp_path / "missing")], "is not a directory"),
+        (["status", "--repo", str(repo)], "registry file is corrupt"),
+    ]:
+        proc = subprocess.run([qarm, *args], capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode in (1, 2) and match in " ".join(out.split()), out
+        assert "Traceback" not in out

