@@ -58,7 +58,7 @@ SERVERS = ["qarm"] + (["feast"] if os.environ.get("QARM_COMPARE_FEAST") else [])
 
 
 @contextlib.contextmanager
-def qarm_server(repo: Path, *, startup_s: float = 120):
+def qarm_server(repo: Path, *, startup_s: float = 120, extra_args: tuple[str, ...] = ()):
     """Our server on a free loopback port (one worker); yields its base URL."""
     port = free_port()
     env = subprocess_env(repo.parent)
@@ -69,7 +69,7 @@ def qarm_server(repo: Path, *, startup_s: float = 120):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "qarm"), "serve", "--repo", str(repo),
          "--port", str(port), "--max-body-bytes", str(MAX_BODY),
-         "--max-entity-rows", str(MAX_ROWS)],
+         "--max-entity-rows", str(MAX_ROWS), *extra_args],
         cwd=repo.parent,  # not the repo: the server must find everything from --repo
         env=env,
         stdout=log,
