@@ -54,6 +54,7 @@ def build_bundle(
     extra_metrics: dict | None = None,
     mined: tuple[pd.DataFrame, dict] | None = None,
     item_keys=None,
+    warm_start: str | Path | None = None,
 ) -> BuildResult:
     """Run pair mining, aligner training and code fitting, and write a bundle.
 
@@ -69,6 +70,9 @@ def build_bundle(
         mined: pairs already mined (see :func:`qarm_features.pipeline.fit_item_space`).
         item_keys: a string catalog's ids in ``item_ids`` order (``item_ids`` are then
             ``0 .. n-1``); stored in the bundle.
+        warm_start: the previous bundle: the new RQ code ids are matched to its ids
+            (:func:`qarm_features.stable.match_codebooks`) and the churn against it is
+            recorded in the metrics (``churn``).
 
     Raises:
         InputError: malformed catalog or interactions, or interactions naming items that
@@ -91,6 +95,10 @@ def build_bundle(
         progress=progress,
     )
     ids, raw, aligned, metrics = space.item_ids, space.raw, space.aligned, space.metrics
+    rq = space.rq
+    if warm_start is not None:
+        step("matching code ids to the previous bundle")
+        rq, metrics["churn"] = _match_previous(warm_start, space, item_keys)
     try:  # raw-space codes at the same L x K, the "cascading" baseline for code quality
         raw_norm = l2_normalize(raw)
         metrics["codes"]["raw"] = code_report(make_rq(cfg.rq).fit(raw_norm), raw_norm)
@@ -103,7 +111,7 @@ def build_bundle(
         out,
         config=cfg.model_dump(mode="json"),
         aligner_weights=space.weights,
-        rq_codebooks=space.rq.codebooks_,
+        rq_codebooks=rq.codebooks_,
         vq_pool_emb=aligned,
         vq_pool_ids=ids,
         item_ids=ids,
@@ -198,6 +206,33 @@ def latest_bundle(root: str | Path) -> Path:
     return root / version
 
 
+def _match_previous(previous: str | Path, space, item_keys):
+    """Relabel the new RQ codebooks to the previous bundle's ids; measure the churn."""
+    from qarm_features.encode import align, encode_items, get_bundle
+    from qarm_features.quantize import ResidualQuantizer
+    from qarm_features.stable import churn_codes, common_rows, match_codebooks
+
+    prev = get_bundle(previous)
+    keys = space.item_ids if item_keys is None else np.asarray(item_keys)
+    a, b = common_rows(keys, prev)
+    old_aligned = align(prev, prev.raw_emb[b])
+    codebooks, _ = match_codebooks(
+        space.rq.codebooks_, space.aligned[a], old_aligned, prev.rq_codebooks
+    )
+    rq = ResidualQuantizer.from_codebooks(codebooks)
+    new_vq = space.vq.encode(space.aligned[a], exclude_ids=space.item_ids[a])
+    new_vq_keys = new_vq if item_keys is None else keys[new_vq.clip(min=0)]
+    old = encode_items(prev, prev.raw_emb[b], prev.item_ids[b])
+    report = churn_codes(
+        rq.encode(space.aligned[a]),
+        new_vq_keys,
+        old.rq_codes,
+        prev.keys_of(old.vq_codes.clip(min=0)),
+    )
+    report["against"] = prev.version
+    return rq, report
+
+
 def build_movielens(
     out: str | Path,
     *,
@@ -205,6 +240,7 @@ def build_movielens(
     cache_dir: str | Path | None = None,
     on_step: StepCallback | None = None,
     progress: bool = False,
+    warm_start: str | Path | None = None,
 ) -> BuildResult:
     """Fetch MovieLens-100k, encode its titles with the frozen text encoder, build a bundle."""
     from qarm_features.data import fetch_movielens_100k, load_movielens_100k
@@ -234,6 +270,7 @@ def build_movielens(
         on_step=on_step,
         progress=progress,
         extra_metrics={"encoder": encoder_info} if encoder_info else None,
+        warm_start=warm_start,
     )
     result.timings = {"encode_s": encode_s, **result.timings}
     return result

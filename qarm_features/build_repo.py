@@ -156,12 +156,15 @@ def build_from_repo(
     cache_dir=None,
     on_step=None,
     progress: bool = False,
+    warm_start: str | os.PathLike | None = None,
 ) -> BuildResult:
     """Read the repo's ``qarm.yaml``, check every table, build a version-named bundle.
 
     Args:
         repo_path: the feature repo.
         out: the bundles directory (default: ``qarm.yaml``'s ``bundles``).
+        warm_start: the previous bundle whose code ids the new one keeps (see
+            :func:`qarm_features.build.build_bundle`).
 
     Raises:
         ConfigError: a bad ``qarm.yaml``. InputError: a bad table (file, column, row named).
@@ -198,6 +201,7 @@ def build_from_repo(
             on_step=step,
             progress=progress,
             extra_metrics={"events": event_stats},
+            warm_start=warm_start,
         ),
     )
 

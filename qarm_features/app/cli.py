@@ -123,6 +123,10 @@ def build(
         list[str], typer.Option("--set", help="Override a config key, e.g. rq.n_levels=4.")
     ] = [],  # noqa: B006 - typer needs a literal default
     cache_dir: Annotated[Optional[Path], typer.Option(help="Data/embedding cache.")] = None,
+    warm_start: Annotated[
+        Optional[Path],
+        typer.Option(help="The previous bundle: keep its code ids, record the churn."),
+    ] = None,
     verbose: bool = False,
 ) -> None:
     """Build a QARM bundle (encode, mine pairs, align, fit codes).
@@ -143,7 +147,9 @@ def build(
                     raise ConfigError("with --repo, the build config is qarm.yaml's `build:`")
                 from qarm_features.build_repo import build_from_repo
 
-                result = build_from_repo(repo, cache_dir=cache_dir, on_step=on_step, out=out)
+                result = build_from_repo(
+                    repo, cache_dir=cache_dir, on_step=on_step, out=out, warm_start=warm_start
+                )
             else:
                 cfg = load_build_config(config, set_)
                 if cfg.dataset != "movielens-100k":
@@ -154,7 +160,12 @@ def build(
                 result = build_versioned(
                     out or DEFAULT_BUNDLES,
                     lambda path: build_movielens(
-                        path, config=cfg, cache_dir=cache_dir, on_step=on_step, progress=False
+                        path,
+                        config=cfg,
+                        cache_dir=cache_dir,
+                        on_step=on_step,
+                        progress=False,
+                        warm_start=warm_start,
                     ),
                 )
     except QarmError as exc:
@@ -219,6 +230,9 @@ def inspect(
     repo: Annotated[
         Optional[Path], typer.Option(help="Inspect this repo's newest build (its qarm.yaml).")
     ] = None,
+    against: Annotated[
+        Optional[Path], typer.Option(help="An older bundle: print the churn of codes from it.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Verify a bundle (hashes, shapes, dtypes) and print its metrics; exit 1 if it is bad."""
@@ -234,14 +248,26 @@ def inspect(
         else:
             path = latest_bundle(DEFAULT_BUNDLES)
         b = load_bundle(path)
+        report = None
+        if against is not None:
+            from qarm_features.stable import churn
+
+            report = {"against": str(against), **churn(b, load_bundle(against))}
     except QarmError as exc:
         _fail(exc)
     if as_json:
-        sys.stdout.write(json.dumps(b.manifest.model_dump(mode="json"), indent=2) + "\n")
+        out = b.manifest.model_dump(mode="json")
+        if report is not None:
+            out["churn"] = report
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
         return
     console.print(f"[green]ok[/] {path}: version [bold]{b.version}[/], files verified")
     console.print("dims: " + ", ".join(f"{k}={v}" for k, v in b.dims.model_dump().items()))
     print_metrics(b.metrics)
+    if report is not None:
+        console.print("churn from " + str(against) + ": " + ", ".join(
+            f"{k}={_fmt(v)}" for k, v in report.items() if k != "against"
+        ))  # fmt: skip
 
 
 def _materialize(repo: Path, bundle: Optional[Path], *, promote: bool, cache_dir) -> dict:
@@ -386,7 +412,10 @@ def run(
     verbose: bool = False,
 ) -> None:
     """The main job: fetch MovieLens-100k, build a bundle, populate Feast, read it back."""
-    build(repo=None, out=None, config=None, set_=[], cache_dir=cache_dir, verbose=verbose)
+    build(
+        repo=None, out=None, config=None, set_=[], cache_dir=cache_dir, warm_start=None,
+        verbose=verbose,
+    )
     from qarm_features.feast.serving import sample_online
 
     try:

@@ -1,0 +1,121 @@
+"""Stable codes across retrains: code ids matched to the previous bundle, churn measured.
+
+Codes are ids that rankers learn embeddings for; a retrain must not renumber them. k-means
+cluster numbers are an arbitrary permutation, and a retrained aligner moves (rotates) the
+whole aligned space, so a new bundle's level-l code k means nothing to a ranker trained on
+the old one. Two tools:
+
+- :func:`match_codebooks`: relabel a new RQ codebook so that code k of level l keeps
+  meaning the same region as in the previous bundle. The new aligned space is first mapped
+  onto the old one by orthogonal Procrustes on the items both bundles hold; then, per
+  level, the new centroids (mapped) are assigned to the old centroids by minimum total
+  distance (``scipy.optimize.linear_sum_assignment``) and the codebook rows are permuted.
+  A permutation of a level's rows changes no quantisation, only the ids.
+- :func:`churn`: for the items in both bundles, the fraction whose level-l code changed
+  (per level and for the full tuple) and the mean overlap of their VQ top-K lists.
+
+Both only read arrays; ``qarm build --warm-start PREV`` calls the first, ``qarm inspect
+NEW --against OLD`` the second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qarm_features.errors import InputError
+
+
+def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The orthogonal ``R`` minimising ``||source @ R - target||`` (rows are the same items)."""
+    if source.shape[1] != target.shape[1]:
+        raise InputError(
+            f"aligned dims differ ({source.shape[1]} vs {target.shape[1]}): codes of spaces "
+            "of different sizes cannot be matched"
+        )
+    u, _, vt = np.linalg.svd(source.astype(np.float64).T @ target.astype(np.float64))
+    return u @ vt
+
+
+def match_codebooks(codebooks: np.ndarray, new_aligned, old_aligned, old_codebooks: np.ndarray):
+    """Permute each level of ``codebooks`` so its ids match ``old_codebooks``'.
+
+    Args:
+        codebooks: ``(L, K, d)`` the new RQ codebooks.
+        new_aligned, old_aligned: ``(m, d)`` the same m items in the new and old spaces.
+        old_codebooks: ``(L', K', d)`` the previous bundle's; levels and codes beyond the
+            common ``min(L, L')`` / ``K == K'`` are left as they are.
+
+    Returns:
+        ``(codebooks, perms)``: the relabelled codebooks and, per matched level, the
+        permutation applied (``new_row = perm[old_id]``).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    rot = procrustes(np.asarray(new_aligned), np.asarray(old_aligned))
+    out = np.array(codebooks, dtype=np.float32, copy=True)
+    perms = []
+    for level in range(min(out.shape[0], old_codebooks.shape[0])):
+        if out.shape[1] != old_codebooks.shape[1]:
+            break  # another K: ids cannot keep their meaning one to one
+        mapped = out[level].astype(np.float64) @ rot
+        old = old_codebooks[level].astype(np.float64)
+        cost = ((old[:, None, :] - mapped[None, :, :]) ** 2).sum(-1)  # (K_old, K_new), K<=~4k
+        rows, cols = linear_sum_assignment(cost)
+        perm = cols[np.argsort(rows)]
+        out[level] = out[level][perm]
+        perms.append(perm)
+    return out, perms
+
+
+def churn_codes(new_rq, new_vq, old_rq, old_vq) -> dict:
+    """Churn of the same items' codes: ``(n, L)`` RQ codes and ``(n, K)`` VQ lists of keys.
+
+    Returns:
+        ``{"n_items", "level_1" .. "level_L", "tuple", "vq_overlap"}`` (see :func:`churn`).
+    """
+    levels = min(new_rq.shape[1], old_rq.shape[1])
+    changed = np.asarray(new_rq)[:, :levels] != np.asarray(old_rq)[:, :levels]
+    out = {"n_items": int(changed.shape[0])}
+    for level in range(levels):
+        out[f"level_{level + 1}"] = float(changed[:, level].mean())
+    out["tuple"] = float(changed.any(axis=1).mean())
+    overlap = [
+        len(set(map(str, x)) & set(map(str, y))) / max(len(y), 1) for x, y in zip(new_vq, old_vq)
+    ]
+    out["vq_overlap"] = float(np.mean(overlap)) if overlap else 1.0
+    return out
+
+
+def common_rows(new_keys, old) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the items in both catalogs: positions in ``new_keys`` and in ``old``."""
+    old_pos = {str(k): i for i, k in enumerate(old.keys_of(old.item_ids))}
+    pairs = [(i, old_pos[str(k)]) for i, k in enumerate(new_keys) if str(k) in old_pos]
+    if not pairs:
+        raise InputError("the two catalogs hold no item in common: nothing to compare")
+    a, b = np.asarray(pairs, np.int64).T
+    return a, b
+
+
+def churn(new, old) -> dict:
+    """How much the codes of the items in both bundles moved from ``old`` to ``new``.
+
+    Each bundle encodes each common item's *own* content (its ``raw_emb`` row there), as
+    the batch path does.
+
+    Returns:
+        ``{"n_items", "level_1" .. "level_L", "tuple", "vq_overlap"}``: fractions in [0, 1]
+        of the common items whose code of that level (or whose tuple over the common
+        levels) changed, and the mean fraction of an item's VQ top-K found in its old
+        top-K (pool ids compared as catalog keys).
+    """
+    from qarm_features.encode import encode_items
+
+    a, b = common_rows(new.keys_of(new.item_ids), old)
+    enc_new = encode_items(new, new.raw_emb[a], new.item_ids[a])
+    enc_old = encode_items(old, old.raw_emb[b], old.item_ids[b])
+    return churn_codes(
+        enc_new.rq_codes,
+        new.keys_of(enc_new.vq_codes.clip(min=0)),
+        enc_old.rq_codes,
+        old.keys_of(enc_old.vq_codes.clip(min=0)),
+    )
