@@ -270,7 +270,9 @@ def inspect(
         ))  # fmt: skip
 
 
-def _materialize(repo: Path, bundle: Optional[Path], *, promote: bool, cache_dir) -> dict:
+def _materialize(
+    repo: Path, bundle: Optional[Path], *, promote: bool, cache_dir, keep_previous: bool = False
+) -> dict:
     """A repo with a qarm.yaml serves its own builds; the demo repo the MovieLens builds."""
     from qarm_features.build import latest_bundle
     from qarm_features.feast.job import materialize as run_materialize
@@ -279,10 +281,20 @@ def _materialize(repo: Path, bundle: Optional[Path], *, promote: bool, cache_dir
     if (Path(repo) / FILE_NAME).exists():
         project = load_project(repo)
         bundle = bundle or latest_bundle(project.bundles_dir)
-        return run_materialize(bundle, repo, promote=promote, join_key=project.entity.join_key)
+        return run_materialize(
+            bundle,
+            repo,
+            promote=promote,
+            join_key=project.entity.join_key,
+            keep_previous=keep_previous,
+        )
     bundle = bundle or latest_bundle(DEFAULT_BUNDLES)
     return run_materialize(
-        bundle, repo, interactions_df=_movielens_interactions(cache_dir), promote=promote
+        bundle,
+        repo,
+        interactions_df=_movielens_interactions(cache_dir),
+        promote=promote,
+        keep_previous=keep_previous,
     )
 
 
@@ -296,6 +308,10 @@ def materialize(
     promote: Annotated[
         bool, typer.Option(help="Let this bundle replace another version the store serves.")
     ] = False,
+    keep_previous: Annotated[
+        bool,
+        typer.Option(help="With --promote: keep serving the previous version as `qarm_prev`."),
+    ] = False,
     verbose: bool = False,
 ) -> None:
     """Encode every catalog item with the bundle, write offline sources, feast materialize.
@@ -306,7 +322,9 @@ def materialize(
     _setup_logging(verbose)
     try:
         with console.status("materializing"):
-            stats = _materialize(repo, bundle, promote=promote, cache_dir=cache_dir)
+            stats = _materialize(
+                repo, bundle, promote=promote, cache_dir=cache_dir, keep_previous=keep_previous
+            )
     except QarmError as exc:
         _fail(exc)
     console.print_json(data=stats)

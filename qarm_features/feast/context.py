@@ -195,6 +195,20 @@ def write_pointer(
     return pointer
 
 
+PREVIOUS = Path("data") / "current" / "qarm_prev.json"  # the version kept beside the new one
+
+
+def read_previous(repo_path: str | os.PathLike) -> ServingContext | None:
+    """The previous version a repo keeps serving beside its pointer's (``qarm_prev``)."""
+    path = Path(repo_path) / PREVIOUS
+    try:
+        return ServingContext.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, BundleError) as exc:
+        raise BundleError(f"cannot read {path}: {exc!r}; re-run `qarm materialize`") from None
+
+
 # --------------------------------------------------------------------- threads
 _threads: dict = {"n": None, "pinned": None}
 _local = threading.local()

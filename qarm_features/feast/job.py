@@ -15,6 +15,7 @@ items their codes online without a batch rerun.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -24,9 +25,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from qarm_features._atomic import honour_umask
 from qarm_features._validate import check_columns
 from qarm_features.errors import BundleVersionMismatch, QarmError
-from qarm_features.feast.context import UNSET, ServingContext, read_pointer, write_pointer
+from qarm_features.feast.context import (
+    PREVIOUS,
+    UNSET,
+    ServingContext,
+    read_pointer,
+    read_previous,
+    write_pointer,
+)
 from qarm_features.feast.sources import (
     CODES_FILE,
     CONTENT_FILE,
@@ -35,6 +44,7 @@ from qarm_features.feast.sources import (
     DEFAULT_HISTORY,
     EPOCH,
     HISTORY_FILE,
+    PREV_CODES_FILE,
     PUSHED_FILE,
     build_user_history,
     encode_catalog,
@@ -111,6 +121,26 @@ def _catalog_frame(bundle, catalog_df, repo: Path, join_key: str) -> tuple[pd.Da
     return catalog.reset_index(drop=True), 0
 
 
+def _keep_previous(repo: Path, out: Path, version: str) -> str | None:
+    """Copy the served version's rows into ``out`` as the ``qarm_prev`` source."""
+    import shutil
+
+    served = read_pointer(repo)
+    if served is None:
+        return None
+    if served.version != version:  # a switch: the served version becomes the previous one
+        src, prev = repo / CODES_FILE, served
+    else:  # the same version again: carry the previous one already kept, if any
+        prev = read_previous(repo)
+        src = repo / PREV_CODES_FILE
+        if prev is None or not src.exists():
+            return None
+    shutil.copyfile(src, out / PREV_CODES_FILE.name)
+    (out / PREVIOUS.name).write_text(json.dumps(prev.to_json(), indent=2, sort_keys=True))
+    honour_umask(out)
+    return prev.version
+
+
 def prepare_sources(
     bundle_path: str | os.PathLike,
     repo_path: str | os.PathLike,
@@ -121,6 +151,7 @@ def prepare_sources(
     positive_threshold: float | None = None,
     now: datetime | None = None,
     join_key: str = ITEM_ID,
+    keep_previous: bool = False,
 ) -> dict:
     """Encode the catalog and write the repo's offline sources and bundle pointer.
 
@@ -141,6 +172,8 @@ def prepare_sources(
             (``config.pairs.positive_threshold``).
         now: wall-clock time of the write (tests); defaults to now.
         join_key: the repo's item join key (the id column of the sources it writes).
+        keep_previous: keep the served version's rows as the ``qarm_prev`` source (when
+            this bundle is another version; the one already kept, when it is the same).
 
     Returns:
         Stats: ``version``, ``n_items``, ``n_pushed_items_kept``, ``n_history_rows``,
@@ -191,6 +224,7 @@ def prepare_sources(
     else:
         hist = pd.DataFrame({name: [] for name in history_schema.names})
     write_parquet(hist, out / HISTORY_FILE.name, history_schema)
+    kept = _keep_previous(repo, out, bundle.version) if keep_previous else None
     write_pointer(repo, ServingContext.of_bundle(bundle.path), into=out)
     switch_current(repo, out)  # the one atomic step: sources and pointer together
     stats = {
@@ -200,6 +234,7 @@ def prepare_sources(
         "n_items": int(len(codes)),
         "n_pushed_items_kept": int(n_pushed),
         "n_history_rows": int(len(hist)),
+        "kept_previous": kept,
         "stamp": stamp.isoformat(),
         "encode_seconds": round(t_encode, 3),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -263,6 +298,7 @@ def materialize(
     history: int = DEFAULT_HISTORY,
     positive_threshold: float | None = None,
     join_key: str = ITEM_ID,
+    keep_previous: bool = False,
 ) -> dict:
     """Encode the catalog with a bundle, write the offline sources, apply, materialize.
 
@@ -276,6 +312,10 @@ def materialize(
             so between the clear and the end of the run a read finds no row (NOT_FOUND,
             the cold path) rather than a row of the other version.
         fs_yaml_file: another config of the repo (``feature_store.redis.yaml`` ...).
+        keep_previous: with a switch of version, keep serving the previous version's rows
+            in the ``qarm_prev`` view beside ``qarm`` (a ranker trained on the old codes
+            reads them until its successor takes over); the next run without it drops
+            ``qarm_prev``. No view ever mixes two versions.
 
     Returns:
         Stats of :func:`prepare_sources` plus ``previous_version``, ``promoted``,
@@ -306,13 +346,22 @@ def materialize(
         history=history,
         positive_threshold=positive_threshold,
         join_key=join_key,
+        keep_previous=keep_previous,
     )
     # The definitions now read the new pointer: the views' UDFs carry the new bundle.
     t0 = time.perf_counter()
     objects = load_definitions(repo)
     store.apply(objects)
+    declared = {o.name for o in objects}
+    dropped = []
+    for name in ("qarm_prev",):  # a previous version no longer kept: stop serving it
+        if name not in declared and name in {v.name for v in store.list_feature_views()}:
+            clear_online(store, [name])
+            store.delete_feature_view(name)
+            dropped.append(name)
     stats["apply_seconds"] = round(time.perf_counter() - t0, 3)
-    cleared = clear_online(store, CODE_VIEWS) if changed else []
+    cleared = clear_online(store, (*CODE_VIEWS, "qarm_prev")) if changed else []
+    stats["dropped_views"] = dropped
 
     t0 = time.perf_counter()
     kinds = ("FeatureView", "BatchFeatureView")

@@ -56,6 +56,9 @@ KEEP_VERSIONS = 2  # the served set and the one before it; older sets are delete
 CODES_FILE = CURRENT / "qarm_codes.parquet"
 CONTENT_FILE = CURRENT / "item_content.parquet"
 HISTORY_FILE = CURRENT / "user_history.parquet"
+# During a switch (`qarm materialize --promote --keep-previous`): the previous version's
+# rows and context, served by the `qarm_prev` view beside `qarm` until the next run.
+PREV_CODES_FILE = CURRENT / "qarm_prev_codes.parquet"
 # Items pushed since they were last part of a built catalog: item_id (or the repo's join
 # key), raw_emb, pushed_at. `qarm materialize` keeps them (they are in no bundle's catalog
 # yet) and forgets each one once a bundle's catalog holds it.

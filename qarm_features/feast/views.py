@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Sequence
 
-from qarm_features.feast.context import ServingContext
+from qarm_features.feast.context import ServingContext, read_previous
 from qarm_features.schema import (
     FLOAT_LIST,
     INT64,
@@ -156,7 +156,7 @@ BATCH_VIEW_FILE = """\
 from pathlib import Path
 
 from {definitions} import item_content_source, {item}
-from qarm_features.feast.context import ServingContext
+from qarm_features.feast.context import ServingContext, read_previous
 from qarm_features.feast.views import batch_view
 
 qarm_batch = batch_view(
@@ -195,7 +195,8 @@ def qarm_views(*, item, repo, batch_view_too: bool = False, text_view: bool = Fa
         ``item_content_push``, ``qarm`` (the codes rankers read), ``item_content`` (the
         frozen embedding), ``qarm_cold_request``, ``qarm_cold``, ``qarm_cold_b64_request``,
         ``qarm_cold_b64`` (and ``qarm_batch``, ``qarm_cold_text_request``,
-        ``qarm_cold_text``).
+        ``qarm_cold_text``; and ``qarm_prev`` with its source while a switch keeps the
+        previous version: ``qarm materialize --promote --keep-previous``).
 
     Raises:
         ConfigError: the entity's join key type is not INT64/STRING or not the bundle's.
@@ -259,6 +260,25 @@ def qarm_views(*, item, repo, batch_view_too: bool = False, text_view: bool = Fa
         tags=tags,
         description="QARM aligned embedding, RQ codes per level and VQ codes of each item.",
     )
+    previous = read_previous(repo)
+    if previous is not None:  # a switch kept the previous version: serve it beside `qarm`
+        out["qarm_prev_source"] = FileSource(
+            name="qarm_prev_source",
+            path="data/current/qarm_prev_codes.parquet",
+            timestamp_field="event_timestamp",
+            created_timestamp_column="created",
+            description=f"Rows of the previous version {previous.version}, kept for a switch.",
+        )
+        out["qarm_prev"] = FeatureView(
+            name="qarm_prev",
+            entities=[item],
+            ttl=timedelta(0),
+            schema=feast_fields(previous.schema.features),
+            source=out["qarm_prev_source"],
+            online=True,
+            tags=version_tags(previous),
+            description="The previous version's QARM rows, served during a switch.",
+        )
     out["item_content"] = FeatureView(
         name="item_content",
         entities=[item],

@@ -124,3 +124,32 @@ def test_a_view_left_materializing_is_served_and_repaired(make_repo, bundle_path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["views"]["qarm"] == "AVAILABLE_ONLINE" and report["repaired"]
+
+
+def test_two_versions_served_during_a_switch(make_repo, bundle_path, other_bundle_path):
+    """--keep-previous: after promoting B, one request reads B's codes from `qarm` and A's
+    from `qarm_prev` for the same item; the next run without it drops `qarm_prev`."""
+    from qarm_features.bundle import load_bundle
+    from qarm_features.feast.job import materialize, open_store
+    from tests.integration.helpers import catalog_expectations, online
+
+    a, b = load_bundle(bundle_path), load_bundle(other_bundle_path)
+    repo = make_repo("two", batch_view=False)
+    materialize(bundle_path, repo)
+    stats = materialize(other_bundle_path, repo, promote=True, keep_previous=True)
+    assert stats["kept_previous"] == a.version
+    store = open_store(repo)
+    values, statuses = online(
+        store,
+        ["qarm:qarm_version", "qarm:rq_code_l4", "qarm_prev:qarm_version", "qarm_prev:rq_code_l1"],
+        [{"item_id": 7}],
+        full_feature_names=True,
+    )  # fmt: skip
+    assert values["qarm__qarm_version"] == [b.version]
+    assert values["qarm_prev__qarm_version"] == [a.version]
+    assert values["qarm_prev__rq_code_l1"] == [catalog_expectations(bundle_path)[7]["rq_code_l1"]]
+    assert values["qarm__rq_code_l4"] == [catalog_expectations(other_bundle_path)[7]["rq_code_l4"]]
+
+    stats = materialize(other_bundle_path, repo)  # the successor ranker took over
+    assert stats["dropped_views"] == ["qarm_prev"]
+    assert "qarm_prev" not in {v.name for v in open_store(repo).list_feature_views()}
