@@ -28,8 +28,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from qarm_features.app.render import abbreviate, fmt, print_metrics
 from qarm_features.errors import ConfigError, QarmError
 
 app = typer.Typer(
@@ -115,8 +115,10 @@ def build(
     ] = None,
     out: Annotated[
         Optional[Path],
-        typer.Option(help="Bundles directory (bundles go to OUT/<version>/; default: the "
-                     "repo's `bundles`, or artifacts/bundles for the demo)."),
+        typer.Option(
+            help="Bundles directory (bundles go to OUT/<version>/; default: the "
+            "repo's `bundles`, or artifacts/bundles for the demo)."
+        ),
     ] = None,
     config: Annotated[Optional[Path], typer.Option(help="BuildConfig as JSON (demo).")] = None,
     set_: Annotated[
@@ -139,6 +141,7 @@ def build(
 
     try:
         with console.status("starting") as status:
+
             def on_step(label):
                 status.update(f"[bold]{label}[/]")
 
@@ -172,54 +175,6 @@ def build(
         _fail(exc)
     console.print(f"bundle [bold]{result.version}[/] written to {result.path}")
     print_metrics(result.metrics, timings=result.timings)
-
-
-def print_metrics(metrics: dict, *, timings: dict | None = None) -> None:
-    """Render a bundle's metrics as tables: pairs, raw-vs-aligned, code quality."""
-    pairs = metrics.get("pairs", {})
-    if pairs:
-        t = Table(title="pair mining", show_header=True)
-        t.add_column("statistic")
-        t.add_column("value", justify="right")
-        for k, v in pairs.items():
-            t.add_row(str(k), _fmt(v))
-        console.print(t)
-    held = metrics.get("heldout", {})
-    if held:
-        t = Table(
-            title=f"held-out pairs ({metrics.get('heldout_items', '?')} items unseen by the aligner)"
-        )
-        t.add_column("space")
-        for col in ("recall@10", "pair_auc", "n_pairs"):
-            t.add_column(col, justify="right")
-        for space, m in held.items():
-            t.add_row(space, *(_fmt(m.get(c)) for c in ("recall@10", "pair_auc", "n_pairs")))
-        console.print(t)
-    codes = metrics.get("codes", {})
-    if codes:
-        t = Table(title="RQ code quality (per-level lists are levels 1..L)")
-        t.add_column("metric")
-        spaces = list(codes)
-        for space in spaces:
-            t.add_column(space, justify="right")
-        for key in codes[spaces[0]]:
-            t.add_row(key, *(_fmt(codes[sp].get(key)) for sp in spaces))
-        console.print(t)
-    aligner = metrics.get("aligner", {})
-    if aligner:
-        console.print(
-            "aligner: " + ", ".join(f"{k}={_fmt(v)}" for k, v in aligner.items())
-        )
-    if timings:
-        console.print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    if isinstance(v, list):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    return str(v)
 
 
 @app.command()
@@ -266,7 +221,7 @@ def inspect(
     print_metrics(b.metrics)
     if report is not None:
         console.print("churn from " + str(against) + ": " + ", ".join(
-            f"{k}={_fmt(v)}" for k, v in report.items() if k != "against"
+            f"{k}={fmt(v)}" for k, v in report.items() if k != "against"
         ))  # fmt: skip
 
 
@@ -338,9 +293,9 @@ def status(
     ] = False,
 ) -> None:
     """What the repo serves, view states, versions, anything half-done; exit 1 on a problem."""
-    from qarm_features.feast.serving import status as repo_status
-
     import contextlib
+
+    from qarm_features.feast.serving import status as repo_status
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # Feast prints progress on stdout
@@ -414,7 +369,9 @@ def init(
         _fail(exc)
     for f in files:
         console.print(f"wrote {f}")
-    console.print("next: edit qarm.yaml, then `qarm build --repo R` and `qarm materialize --repo R`")
+    console.print(
+        "next: edit qarm.yaml, then `qarm build --repo R` and `qarm materialize --repo R`"
+    )
 
 
 def _movielens_interactions(cache_dir):
@@ -431,7 +388,12 @@ def run(
 ) -> None:
     """The main job: fetch MovieLens-100k, build a bundle, populate Feast, read it back."""
     build(
-        repo=None, out=None, config=None, set_=[], cache_dir=cache_dir, warm_start=None,
+        repo=None,
+        out=None,
+        config=None,
+        set_=[],
+        cache_dir=cache_dir,
+        warm_start=None,
         verbose=verbose,
     )
     from qarm_features.feast.serving import sample_online
@@ -450,19 +412,10 @@ def run(
         sample = sample_online(repo, [int(i) for i in b.item_ids[:3]], cold.tolist())
     except QarmError as exc:
         _fail(exc)
-    console.print("[bold]get_online_features[/] (3 catalog items, then one cold item via qarm_cold):")
-    console.print_json(data=_abbreviate(sample))
-
-
-def _abbreviate(obj, max_list: int = 6):
-    """Shorten long float lists (aligned_emb) for display; code lists stay whole."""
-    if isinstance(obj, dict):
-        return {k: _abbreviate(v, max_list) for k, v in obj.items()}
-    if isinstance(obj, list):
-        if len(obj) > max_list and all(isinstance(v, float) for v in obj):
-            return [round(v, 4) for v in obj[:4]] + [f"... {len(obj)} floats"]
-        return [_abbreviate(v, max_list) for v in obj]
-    return obj
+    console.print(
+        "[bold]get_online_features[/] (3 catalog items, then one cold item via qarm_cold):"
+    )
+    console.print_json(data=abbreviate(sample))
 
 
 @app.command()

@@ -1,0 +1,65 @@
+"""Rendering of bundle metrics and sample reads for the ``qarm`` command (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def print_metrics(metrics: dict, *, timings: dict | None = None) -> None:
+    """Render a bundle's metrics as tables: pairs, raw-vs-aligned, code quality."""
+    pairs = metrics.get("pairs", {})
+    if pairs:
+        t = Table(title="pair mining", show_header=True)
+        t.add_column("statistic")
+        t.add_column("value", justify="right")
+        for k, v in pairs.items():
+            t.add_row(str(k), fmt(v))
+        console.print(t)
+    held = metrics.get("heldout", {})
+    if held:
+        t = Table(
+            title=f"held-out pairs ({metrics.get('heldout_items', '?')} items unseen by the aligner)"
+        )
+        t.add_column("space")
+        for col in ("recall@10", "pair_auc", "n_pairs"):
+            t.add_column(col, justify="right")
+        for space, m in held.items():
+            t.add_row(space, *(fmt(m.get(c)) for c in ("recall@10", "pair_auc", "n_pairs")))
+        console.print(t)
+    codes = metrics.get("codes", {})
+    if codes:
+        t = Table(title="RQ code quality (per-level lists are levels 1..L)")
+        t.add_column("metric")
+        spaces = list(codes)
+        for space in spaces:
+            t.add_column(space, justify="right")
+        for key in codes[spaces[0]]:
+            t.add_row(key, *(fmt(codes[sp].get(key)) for sp in spaces))
+        console.print(t)
+    aligner = metrics.get("aligner", {})
+    if aligner:
+        console.print("aligner: " + ", ".join(f"{k}={fmt(v)}" for k, v in aligner.items()))
+    if timings:
+        console.print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def abbreviate(obj, max_list: int = 6):
+    """Shorten long float lists (aligned_emb) for display; code lists stay whole."""
+    if isinstance(obj, dict):
+        return {k: abbreviate(v, max_list) for k, v in obj.items()}
+    if isinstance(obj, list):
+        if len(obj) > max_list and all(isinstance(v, float) for v in obj):
+            return [round(v, 4) for v in obj[:4]] + [f"... {len(obj)} floats"]
+        return [abbreviate(v, max_list) for v in obj]
+    return obj
