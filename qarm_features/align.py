@@ -45,11 +45,8 @@ _EVAL_BATCH = 65_536
 _MLP_OUT_INIT_STD = 1e-3
 # Per-epoch training statistics, in the order _train_epoch returns them.
 _EPOCH_KEYS = ("loss", "loss_nce", "loss_raw", "pairs_per_s")
-# Validation runs every epoch on a seeded sample of the validation pairs, so its cost does
-# not grow with them: pair-AUC (linear in pairs; std ~0.003 at 20k) on up to 20k pairs,
-# recall@10 (one catalog-wide similarity row per trigger) on the first 1k of those.
-_VAL_AUC_PAIRS = 20_000
-_VAL_RECALL_PAIRS = 1_000
+# Per-epoch validation, flat with scale: pair-AUC on <= 20k sampled val pairs, recall@10 on 1k.
+_VAL_AUC_PAIRS, _VAL_RECALL_PAIRS = 20_000, 1_000
 
 
 def weight_shapes(in_dim: int, cfg: AlignerConfig) -> dict[str, tuple[int, ...]]:
@@ -312,11 +309,9 @@ class ItemAligner:
     items in ``pairs``) are held out; every pair touching one of them leaves training and
     forms the validation set, so validation measures generalisation to items never seen
     in training. After each epoch the val pair-AUC (:func:`metrics.pair_auc`, negatives
-    matched on ``popularity``, drawn from the whole catalog) is computed on a seeded
-    sample of at most 20k validation pairs (recall@10 on 1k of them), so validation costs
-    the same at any catalog size; training stops after
-    ``config.patience`` epochs without improvement and the best weights (epoch 0 = the PCA
-    init included) are restored. ``val_items=[]`` disables validation: all pairs train for
+    matched on ``popularity``) is computed on a seeded sample of <= 20k validation pairs
+    (recall@10 on 1k); training stops after ``config.patience`` epochs without
+    improvement and the best weights (epoch 0 = the PCA init included) are restored. ``val_items=[]`` disables validation: all pairs train for
     ``config.max_epochs`` epochs (use it to refit on everything once the epoch count is known).
 
     Args:
@@ -331,8 +326,8 @@ class ItemAligner:
             1..E) and ``val_pair_auc``, ``val_recall_at_10`` (epochs 0..E, 0 = init),
             ``best_epoch``, ``best_val_pair_auc``, ``raw_val_pair_auc`` and
             ``raw_val_recall_at_10`` (the raw space on the same validation pairs and
-            negatives), ``n_train_pairs``, ``n_val_pairs``, ``n_val_pairs_scored`` (the
-            sample), ``n_val_items``, ``epochs_run``.
+            negatives), ``n_train_pairs``, ``n_val_pairs``, ``n_val_pairs_scored``,
+            ``n_val_items``, ``epochs_run``.
     """
 
     def __init__(self, config: AlignerConfig | None = None) -> None:
@@ -384,12 +379,12 @@ class ItemAligner:
             n_val_pairs=hold.n_val_pairs,
             n_val_items=hold.n_val_items,
         )
-
         validate = hold.val_pairs is not None
         if validate:
             perm = np.random.default_rng(cfg.seed).permutation(len(hold.val_pairs))
-            auc_pairs = hold.val_pairs.iloc[np.sort(perm[:_VAL_AUC_PAIRS])]
-            recall_pairs = hold.val_pairs.iloc[np.sort(perm[:_VAL_RECALL_PAIRS])]
+            auc_pairs, recall_pairs = (
+                hold.val_pairs.iloc[np.sort(perm[:m])] for m in (_VAL_AUC_PAIRS, _VAL_RECALL_PAIRS)
+            )
             history["n_val_pairs_scored"] = int(len(auc_pairs))
 
         def score(space: np.ndarray) -> tuple[float, float]:

@@ -308,13 +308,46 @@ def test_vq_minus_one_never_excludes(vq_pool):
 def test_vq_ann_mode_measures_recall():
     pool = unit(clustered(3000, d=16, n_clusters=40, seed=21, spread=0.5))
     ids = np.arange(3000, dtype=np.int64) * 7
-    vq = VQCoder(k=10, exact_max_pool=1000, ann_ef_search=64, seed=0).fit(pool, ids)
+    vq = VQCoder(k=10, exact_max_pool=1000, ann_index="HNSW32", ann_ef_search=64, seed=0)
+    vq.fit(pool, ids)
     assert vq.mode_ == "ann"
     assert vq.ann_recall_ is not None and 0.9 < vq.ann_recall_ <= 1.0
     x, ex = pool[:300], ids[:300]
     batch = vq.encode(x, exclude_ids=ex)
     assert not (batch == ex[:, None]).any()
     np.testing.assert_array_equal(rowwise(vq.encode, x, ex), batch)  # HNSW: per query
+
+
+def _ivf_fixture():
+    pool = unit(clustered(3000, d=16, n_clusters=40, seed=21, spread=0.5))
+    return pool, np.arange(3000, dtype=np.int64) * 7
+
+
+def test_vq_ivf_mode_is_row_independent_and_measures_recall():
+    pool, ids = _ivf_fixture()
+    vq = VQCoder(k=10, exact_max_pool=1000, ann_index="IVF32,Flat", ann_nprobe=4).fit(pool, ids)
+    assert vq.mode_ == "ann" and 0.9 < vq.ann_recall_ <= 1.0
+    x, ex = pool[:300], ids[:300]
+    batch = vq.encode(x, exclude_ids=ex)
+    assert not (batch == ex[:, None]).any()
+    np.testing.assert_array_equal(rowwise(vq.encode, x, ex), batch)  # canonical lists
+    # more lists probed: recall does not drop; all lists: the exact codes
+    full = VQCoder(k=10, exact_max_pool=1000, ann_index="IVF32,Flat", ann_nprobe=32)
+    full.fit(pool, ids)
+    assert full.ann_recall_ == 1.0
+    exact = VQCoder(k=10).fit(pool, ids)
+    np.testing.assert_array_equal(full.encode(x, exclude_ids=ex), exact.encode(x, exclude_ids=ex))
+
+
+def test_vq_ivf_probe_guard_takes_the_float64_lists(monkeypatch):
+    # With the guard forced (every row doubtful), the float64 list choice gives the same
+    # codes: the float32 proposal only ever keeps what float64 would choose.
+    pool, ids = _ivf_fixture()
+    kw = dict(k=10, exact_max_pool=1000, ann_index="IVF32,Flat", ann_nprobe=4)
+    x, ex = pool[:200], ids[:200]
+    fast = VQCoder(**kw).fit(pool, ids).encode(x, exclude_ids=ex)
+    monkeypatch.setattr(vq_module, "GUARD", 1e30)
+    np.testing.assert_array_equal(VQCoder(**kw).fit(pool, ids).encode(x, exclude_ids=ex), fast)
 
 
 def test_vq_from_pool_round_trip(vq_pool):
