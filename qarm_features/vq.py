@@ -26,7 +26,7 @@ import logging
 import faiss
 import numpy as np
 
-from qarm_features._rescore import GUARD, U, dot64
+from qarm_features._rescore import GUARD, U, dot64, in_worker, map_row_blocks
 from qarm_features._validate import check_embeddings, check_hyper, check_ids
 from qarm_features.errors import ConfigError, InputError, NotFittedError
 
@@ -150,7 +150,7 @@ class VQCoder:
         """Build and fit a coder on a saved pool: ``VQCoder(**kw).fit(pool_emb, pool_ids)``."""
         return cls(**kw).fit(pool_emb, pool_ids)
 
-    def encode(self, x, exclude_ids=None) -> np.ndarray:
+    def encode(self, x, exclude_ids=None, *, n_workers: int | None = None) -> np.ndarray:
         """Top-``k`` pool ids of ``x`` ``(n, d)`` by descending inner product -> ``(n, k)`` int64.
 
         Args:
@@ -161,7 +161,9 @@ class VQCoder:
         Ties order by the lowest pool id. Exact mode is row-independent bit for bit; ANN
         (HNSW) mode is row-independent too, as HNSW searches each query on its own, but
         may miss true neighbours (see ``ann_recall_``). Rows an ANN index returns fewer
-        than ``k`` candidates for are padded with ``-1``.
+        than ``k`` candidates for are padded with ``-1``. Large batches run on
+        ``n_workers`` row-block threads (default: the usable cores), one BLAS/OpenMP
+        thread each (:func:`~qarm_features._rescore.map_row_blocks`).
         """
         if not hasattr(self, "index_"):
             raise NotFittedError("VQCoder is not fitted; call fit(pool_emb, pool_ids) or from_pool")
@@ -171,11 +173,17 @@ class VQCoder:
         else:
             ex = check_ids(exclude_ids, name="exclude_ids", n=x.shape[0], unique=False)
         out = np.empty((x.shape[0], int(self.k)), np.int64)
-        for start in range(0, x.shape[0], _VQ_CHUNK):
-            stop = min(start + _VQ_CHUNK, x.shape[0])
-            out[start:stop] = self._encode_block(
-                x[start:stop], ex[start:stop], self.index_, guarded=self.mode_ == "exact"
-            )
+
+        def run(lo: int, hi: int) -> None:
+            if in_worker():
+                faiss.omp_set_num_threads(1)  # per thread; the caller's pool is untouched
+            for start in range(lo, hi, _VQ_CHUNK):
+                stop = min(start + _VQ_CHUNK, hi)
+                out[start:stop] = self._encode_block(
+                    x[start:stop], ex[start:stop], self.index_, guarded=self.mode_ == "exact"
+                )
+
+        map_row_blocks(run, x.shape[0], n_workers=n_workers)
         return out
 
     def _positions(self, ids: np.ndarray) -> np.ndarray:

@@ -379,3 +379,23 @@ def test_vq_errors(vq_pool):
         VQCoder(k=0).fit(pool, ids)
     with pytest.raises(ConfigError):
         VQCoder(k=3, exact_max_pool=10, ann_index="NotAnIndex").fit(pool, ids)
+
+
+def test_row_block_workers_give_the_same_codes_and_restore_threads(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from qarm_features import _rescore
+
+    monkeypatch.setattr(_rescore, "PARALLEL_MIN_ROWS", 100)  # 1000 rows: 10 blocks
+    x = unit(clustered(1000, d=16, n_clusters=20, seed=5, spread=0.3))
+    ids = np.arange(1000, dtype=np.int64)
+    rq = ResidualQuantizer(n_levels=3, n_codes=16, seed=0).fit(x)
+    vq = VQCoder(k=5).fit(x[:400], ids[:400])
+    before = [(i["internal_api"], i["num_threads"]) for i in threadpool_info()]
+    np.testing.assert_array_equal(rq.encode(x, n_workers=3), rq.encode(x, n_workers=1))
+    np.testing.assert_array_equal(
+        vq.encode(x, exclude_ids=ids, n_workers=3), vq.encode(x, exclude_ids=ids, n_workers=1)
+    )
+    assert [(i["internal_api"], i["num_threads"]) for i in threadpool_info()] == before
+    with pytest.raises(InputError):  # a worker's error reaches the caller
+        vq.encode(x, exclude_ids=ids[:10], n_workers=3)
