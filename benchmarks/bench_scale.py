@@ -17,7 +17,8 @@ in ``O(events)`` (:class:`~qarm_features.synthetic.SyntheticWorld.interactions` 
 measurement instead: ``build_bundle`` on :class:`SyntheticWorld` itself.
 
 Results: ``benchmarks/results/scale.json``, one record per run with ``n_items``,
-``n_events`` and per stage ``seconds`` and ``peak_rss_mib``, plus a least-squares fit of
+``n_events`` and per stage ``seconds``, ``cpu_seconds`` (all threads; steadier than wall
+time on a shared machine) and ``peak_rss_mib``, plus a least-squares fit of
 seconds per event (pairs) and per item (aligner, codes). Sizes by environment:
 ``QARM_SCALE_RUNS="20000:400000,100000:2000000"`` (items:events).
 """
@@ -137,9 +138,10 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
 
     def stage(name, fn):
         _reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = fn()
-        out[name] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_mib()}
+        out[name] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_mib(),
+                     "cpu_seconds": time.process_time() - c0}
         return res
 
     ids, content, log = stage("generate", lambda: scale_world(n_items, n_events, seed=seed))
@@ -149,10 +151,7 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
         "mining", lambda: mine_pairs(log, pcfg, item_ids=mf_ids, item_emb=mf_emb)
     )
     out["n_pairs"] = int(len(pairs))
-    out["pairs"] = {
-        "seconds": out["retrieval"]["seconds"] + out["mining"]["seconds"],
-        "peak_rss_mib": max(out["retrieval"]["peak_rss_mib"], out["mining"]["peak_rss_mib"]),
-    }
+    out["pairs"] = _combine(out, ("retrieval", "mining"))
     del log
     acfg = AlignerConfig(max_epochs=max_epochs)
     aligner = stage("aligner", lambda: ItemAligner(acfg).fit(content, ids, pairs))
@@ -168,11 +167,16 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
     vq, _, _ = stage("codes", codes)
     out["vq_mode"] = vq.mode_
     out["vq_ann_recall"] = vq.ann_recall_
-    out["total"] = {
-        "seconds": sum(out[s]["seconds"] for s in ("pairs", "aligner", "codes")),
-        "peak_rss_mib": max(out[s]["peak_rss_mib"] for s in ("pairs", "aligner", "codes")),
-    }
+    out["total"] = _combine(out, ("pairs", "aligner", "codes"))
     return out
+
+
+def _combine(out: dict, names) -> dict:
+    return {
+        "seconds": sum(out[s]["seconds"] for s in names),
+        "cpu_seconds": sum(out[s]["cpu_seconds"] for s in names),
+        "peak_rss_mib": max(out[s]["peak_rss_mib"] for s in names),
+    }
 
 
 def reproduce(n_items: int, n_users: int, max_epochs: int = 3, n_threads: int = 2) -> dict:
@@ -242,6 +246,33 @@ def _summary(records: list[dict]) -> dict:
     for r in ok:
         r["pairs_events_per_s"] = r["n_events"] / r["pairs"]["seconds"]
     return {"records": records, "fits": fits}
+
+
+STAGES = ("retrieval", "mining", "pairs", "aligner", "codes", "total")
+
+
+def markdown(summary: dict) -> list[str]:
+    """The scaling table: per run and stage, wall seconds / CPU seconds / peak RSS MiB."""
+    lines = ["Scaling, one child process per run (wall s / CPU s / peak RSS MiB per stage):", ""]
+    lines.append("| items | events | " + " | ".join(STAGES) + " | pairs events/s |")
+    lines.append("|---|---|" + "---|" * (len(STAGES) + 1))
+    for r in summary["records"]:
+        if "error" in r:
+            lines.append(f"| {r['n_items']:,} | {r['n_events']:,} | failed: {r['error'][-80:]} |")
+            continue
+        cells = [f"{r[s]['seconds']:.1f} / {r[s].get('cpu_seconds', float('nan')):.1f} / "
+                 f"{r[s]['peak_rss_mib']:.0f}" for s in STAGES]
+        lines.append(f"| {r['n_items']:,} | {r['n_events']:,} | " + " | ".join(cells)
+                     + f" | {r.get('pairs_events_per_s', float('nan')):,.0f} |")
+    lines.append("")
+    fits = {k: v for k, v in summary.get("fits", {}).items() if v}
+    if fits:
+        lines.append("Least-squares fits, wall seconds = a + b x: "
+                     + "; ".join(f"{k}: b = {v['us_per_unit']:.2f} us per {v['per'][2:-1]}, "
+                                 f"a = {v['intercept_s']:.1f} s, R^2 = {v['r2']:.3f}"
+                                 for k, v in fits.items()))
+        lines.append("")
+    return lines
 
 
 def _write(path, records) -> None:
