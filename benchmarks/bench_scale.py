@@ -36,6 +36,9 @@ import numpy as np
 DEFAULT_RUNS = ((10_000, 100_000), (50_000, 1_000_000), (200_000, 4_000_000),
                 (1_000_000, 20_000_000))
 QUICK_RUNS = ((10_000, 100_000), (20_000, 400_000))
+# The aligner trains on a seeded sample of at most this many pairs (it is O(pairs x epochs)
+# at ~10-20k pairs/s here; all 20M+ pairs of the 1M-item world would take hours).
+ALIGNER_MAX_PAIRS = 300_000
 EVENTS_PER_USER = 20  # the synthetic world's default sequence length
 ZIPF_EXPONENT = 0.9  # head item ~0.4% of events at 1M items (10^5 users at 20M events)
 IN_CLUSTER = 0.8  # share of a user's events in their taste cluster
@@ -116,13 +119,21 @@ def _peak_mib() -> float:
 
 
 def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | None = None,
-           seed: int = 0, n_threads: int = 2) -> dict:
-    """Child: generate the world, run every stage; ``{stage: {seconds, peak_rss_mib}}``."""
+           seed: int = 0, n_threads: int = 2, aligner_max_pairs: int | None = ALIGNER_MAX_PAIRS,
+           torch_threads: int = 1) -> dict:
+    """Child: generate the world, run every stage; ``{stage: {seconds, peak_rss_mib}}``.
+
+    BLAS runs at ``n_threads`` (the coders pin their own workers to one BLAS thread);
+    torch at ``torch_threads`` (1: the aligner's best setting here, bench_align measured 2
+    threads at 0.17x of 1 on this shared machine). The aligner trains on at most
+    ``aligner_max_pairs`` pairs (a seeded sample; ``None``: all): its cost is linear in
+    pairs and the fit below gives it per pair.
+    """
     from threadpoolctl import threadpool_limits
 
     import torch
 
-    torch.set_num_threads(n_threads)
+    torch.set_num_threads(torch_threads)
     threadpool_limits(n_threads)
     from qarm_features.align import ItemAligner
     from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig
@@ -154,6 +165,10 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
     out["pairs"] = _combine(out, ("retrieval", "mining"))
     del log
     acfg = AlignerConfig(max_epochs=max_epochs)
+    if aligner_max_pairs is not None and len(pairs) > aligner_max_pairs:
+        take = np.random.default_rng(seed).choice(len(pairs), aligner_max_pairs, replace=False)
+        pairs = pairs.iloc[np.sort(take)]
+    out["aligner_pairs"] = int(len(pairs))
     aligner = stage("aligner", lambda: ItemAligner(acfg).fit(content, ids, pairs))
     out["aligner_epochs_run"] = int(aligner.history_["epochs_run"])
 

@@ -112,12 +112,12 @@ def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> p
     e = _normalize(emb.astype(np.float64)).astype(np.float32)
     users = pos["user_id"].to_numpy()
     order = np.argsort(users, kind="stable")  # user-major, log order within a user
-    del users
+    users = users[order]
     r = rows[order]  # item row of each event, user-major
     n = r.size
-    first = np.r_[True, pos["user_id"].to_numpy()[order[1:]] != pos["user_id"].to_numpy()[order[:-1]]]
-    t = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0))
-    del first
+    first = np.r_[True, users[1:] != users[:-1]]
+    t = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0))  # in-user position
+    del users, first
     # Events per block: the (events, history) scores and one (events, d) shifted copy.
     chunk = max(256, _U2I_BLOCK_FLOATS // (history + e.shape[1]))
     out_event, out_trig, out_score = [], [], []
@@ -127,20 +127,22 @@ def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> p
         width = int(min(history, tb.max(initial=0)))
         if width == 0:
             continue
+        # Rows [a - width, b) (zero rows before the log's start): row width + k is event
+        # a + k, and row width + k - h its candidate h positions back, a contiguous slice.
+        er = np.zeros((b - a + width, e.shape[1]), np.float32)
         lo = max(0, a - width)
-        er = e[r[lo:b]]  # (halo + events, d): row a - lo + k is event a + k
-        q = er[a - lo :]
-        sims = np.full((b - a, width), -np.inf, np.float32)
-        for h in range(1, width + 1):  # column h - 1: the candidate h positions back
-            ok = np.flatnonzero(tb >= h)
-            if ok.size == 0:
-                break
-            s = np.einsum("ij,ij->i", q[ok], er[a - lo + ok - h])
-            same = r[a + ok - h] == r[a + ok]  # a repeat of the target is no candidate
-            s[same] = -np.inf
-            sims[ok, h - 1] = s
-        best = np.argmax(sims, axis=1)  # the first maximum: the most recent candidate
-        best_s = sims[np.arange(b - a), best]
+        er[width - (a - lo) :] = e[r[lo:b]]
+        rr = np.full(b - a + width, -1, r.dtype)
+        rr[width - (a - lo) :] = r[lo:b]
+        q, rq = er[width:], rr[width:]
+        sims = np.empty((width, b - a), np.float32)
+        for h in range(1, width + 1):  # row h - 1: the candidates h positions back
+            s = sims[h - 1]
+            np.einsum("ij,ij->i", q, er[width - h : b - a + width - h], out=s)
+            # earlier than the user's first positive, or a repeat of the target: no candidate
+            s[(tb < h) | (rr[width - h : b - a + width - h] == rq)] = -np.inf
+        best = np.argmax(sims, axis=0)  # the first maximum: the most recent candidate
+        best_s = sims[best, np.arange(b - a)]
         found = np.flatnonzero(np.isfinite(best_s))
         out_event.append(order[a + found])
         out_trig.append(r[a + found - best[found] - 1])

@@ -31,7 +31,8 @@ FLOORS: list[set[str]] = [
         "qarm_features.tables",
     },
     {"qarm_features.manifest", "qarm_features.bundle", "qarm_features.encode"},  # 2: bundle
-    {"qarm_features.pipeline", "qarm_features.build", "qarm_features.testing"},  # 3: offline
+    {"qarm_features.pipeline", "qarm_features.build", "qarm_features.testing",
+     "qarm_features.distributed"},  # 3: offline
     {"qarm_features.feast.*"},  # 4: the Feast library layer (the package and its modules)
     {"transformations.*"},  # 5: the UDF bodies Feast runs
     {"qarm_features.app.*", "qarm_features.cli", "qarm_features"},  # 6: applications, the API
