@@ -7,13 +7,18 @@ Two sources, as in the paper:
   latest ``history`` earlier positives. The retrieval model defaults to a light BPR matrix
   factorisation (:class:`~qarm_features.retrieval.BPRMF`).
 * **Swing I2I** (:func:`mine_swing_pairs`): item pairs co-engaged by many user pairs that
-  have little else in common.
+  have little else in common, with production Swing's caps (each user's latest items, a
+  seeded sample of each trigger's users).
+
+Both stream over blocks (of events, of triggers) with bounded memory and cost linear in
+the log for fixed caps; where no cap bites they equal the pre-issue-9 implementations
+(kept as slow references in ``tests/unit/_pairs_reference.py``).
 
 :func:`mine_pairs` runs both from a :class:`~qarm_features.config.PairsConfig`, unions and
 deduplicates them and reports how popularity-skewed the result is. Interactions are a
 DataFrame ``[user_id, item_id, rating, timestamp]``; a positive is ``rating >= threshold``.
 The log order is the stable sort by timestamp (rows with equal timestamps keep their order).
-numpy/pandas/scipy only (the default retrieval model imports torch when it is fitted).
+numpy/pandas/scipy only (the default retrieval model imports implicit when it is fitted).
 """
 
 from __future__ import annotations
