@@ -66,11 +66,19 @@ _IN_WORKER = threading.local()
 
 
 def default_workers() -> int:
-    """Cores this process may run on (the batch path's worker count)."""
+    """The batch path's worker count: the BLAS thread budget, at most the usable cores.
+
+    The process's BLAS thread setting is the budget the caller granted (``pin_threads(1)``
+    on a server: 1, so no workers); row-block workers spend it better than BLAS does.
+    """
+    from threadpoolctl import threadpool_info
+
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    blas = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(1, min(cores, max(blas, default=cores)))
 
 
 def in_worker() -> bool:
@@ -82,7 +90,7 @@ def map_row_blocks(fn, n: int, *, block: int | None = None, n_workers: int | Non
     """Call ``fn(lo, hi)`` over row blocks of ``[0, n)``, on worker threads when it pays.
 
     Row-independent coders give the same rows whatever the split, so the batch path runs
-    blocks on ``n_workers`` threads (default: the usable cores) with BLAS pinned to one
+    blocks on ``n_workers`` threads (default: :func:`default_workers`) with BLAS pinned to one
     thread inside them: BLAS at 2 threads ran RQ encode at 0.23x of 1 thread on a shared
     2-core machine, row-block workers at 0.96x of the best configuration. Calls smaller
     than two blocks (request time), ``n_workers=1`` and calls from inside a worker run
@@ -91,8 +99,11 @@ def map_row_blocks(fn, n: int, *, block: int | None = None, n_workers: int | Non
     (faiss) itself.
     """
     block = PARALLEL_MIN_ROWS if block is None else max(1, int(block))
+    if n < 2 * block or in_worker():
+        fn(0, n)
+        return
     workers = default_workers() if n_workers is None else max(1, int(n_workers))
-    if workers == 1 or n < 2 * block or getattr(_IN_WORKER, "active", False):
+    if workers == 1:
         fn(0, n)
         return
     from concurrent.futures import ThreadPoolExecutor

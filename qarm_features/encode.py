@@ -95,7 +95,7 @@ def encode_items(
     """Encode raw content embeddings into aligned embeddings, RQ codes and VQ codes.
 
     Batches of two chunks or more run their chunks on ``n_workers`` threads (default: the
-    usable cores) with BLAS at one thread each (:func:`qarm_features._rescore.map_row_blocks`);
+    BLAS thread budget) with BLAS at one thread each (:func:`qarm_features._rescore.map_row_blocks`);
     rows come out the same either way.
 
     Args:

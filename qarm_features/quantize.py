@@ -173,8 +173,8 @@ class ResidualQuantizer:
         """Greedy residual codes of ``x`` ``(n, d)`` -> ``(n, L)`` int64.
 
         Row-independent: ``encode(x)[i] == encode(x[i:i+1])[0]`` bit for bit. Large
-        batches run on ``n_workers`` row-block threads (default: the usable cores) with
-        BLAS at one thread (:func:`~qarm_features._rescore.map_row_blocks`).
+        batches run on ``n_workers`` row-block threads (default: the BLAS thread budget)
+        with BLAS at one thread (:func:`~qarm_features._rescore.map_row_blocks`).
         """
         self._check_fitted()
         x = check_embeddings(x, name="x", dim=self.dim_)

@@ -162,7 +162,7 @@ class VQCoder:
         (HNSW) mode is row-independent too, as HNSW searches each query on its own, but
         may miss true neighbours (see ``ann_recall_``). Rows an ANN index returns fewer
         than ``k`` candidates for are padded with ``-1``. Large batches run on
-        ``n_workers`` row-block threads (default: the usable cores), one BLAS/OpenMP
+        ``n_workers`` row-block threads (default: the BLAS thread budget), one BLAS/OpenMP
         thread each (:func:`~qarm_features._rescore.map_row_blocks`).
         """
         if not hasattr(self, "index_"):

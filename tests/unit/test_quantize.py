@@ -399,3 +399,14 @@ def test_row_block_workers_give_the_same_codes_and_restore_threads(monkeypatch):
     assert [(i["internal_api"], i["num_threads"]) for i in threadpool_info()] == before
     with pytest.raises(InputError):  # a worker's error reaches the caller
         vq.encode(x, exclude_ids=ids[:10], n_workers=3)
+
+
+def test_default_workers_spend_the_blas_thread_budget():
+    from threadpoolctl import threadpool_limits
+
+    from qarm_features._rescore import default_workers
+
+    with threadpool_limits(1):  # a server's pin_threads(1): no workers
+        assert default_workers() == 1
+    with threadpool_limits(2):
+        assert 1 <= default_workers() <= 2
