@@ -42,6 +42,9 @@ _U2I_BLOCK_FLOATS = 1 << 24
 # Swing blocks of triggers expand to about this many (trigger, user, item) rows; the
 # co-occurrence triples of a block are a small multiple of it on real logs.
 _SWING_BLOCK_ROWS = 1 << 21
+# A block whose co-occurrence triples exceed this is split in two (by triggers), so memory
+# stays bounded on dense logs (a single trigger holds at most cap^2 x max_user_items).
+_SWING_MAX_TRIPLES = 1 << 22
 
 
 # --------------------------------------------------------------------------- input
@@ -261,8 +264,7 @@ def _swing(pos, alpha, top_k, max_user_items, max_item_users, user_weight, seed)
     e_item, e_user = e_item[keep], e_user[keep]
     trig_out, targ_out, score_out = [], [], []
     for ea, eb in _swing_blocks(e_item, deg[e_user]):
-        res = _swing_block(e_item[ea:eb], e_user[ea:eb], R, w, alpha, top_k, n_i)
-        if res is not None:
+        for res in _swing_block(e_item[ea:eb], e_user[ea:eb], R, w, alpha, top_k, n_i):
             trig_out.append(res[0])
             targ_out.append(res[1])
             score_out.append(res[2])
@@ -294,7 +296,8 @@ def _swing_blocks(e_item: np.ndarray, e_len: np.ndarray):
 
 
 def _swing_block(trig, users, R, w, alpha, top_k, n_i):
-    """Swing top-k of the triggers in one block of (trigger, user) rows (sorted by trigger).
+    """Yield Swing top-k of the triggers in a block of (trigger, user) rows (sorted by
+    trigger), halving the block while its triples exceed ``_SWING_MAX_TRIPLES``.
 
     Every row expands to its user's items ``j != trigger``; rows of one trigger that share
     an item form co-occurrence triples ``(row, row', j)``. A user pair's overlap is 1 (the
@@ -315,7 +318,15 @@ def _swing_block(trig, users, R, w, alpha, top_k, n_i):
     multi = size >= 2
     starts, size = starts[multi], size[multi]
     if starts.size == 0:
-        return None
+        return
+    n_triples = int((size * (size - 1) // 2).sum())
+    cut = np.flatnonzero(trig[1:] != trig[:-1])  # trigger boundaries
+    if n_triples > _SWING_MAX_TRIPLES and cut.size:
+        del row, gkey, starts, size, multi
+        mid = int(cut[cut.size // 2]) + 1  # halve the block at a trigger boundary
+        yield from _swing_block(trig[:mid], users[:mid], R, w, alpha, top_k, n_i)
+        yield from _swing_block(trig[mid:], users[mid:], R, w, alpha, top_k, n_i)
+        return
     group_key = gkey[starts]
     # Pairs (p, q), p < q, of positions inside each group: position p pairs with the
     # (size - 1 - offset) positions after it.
@@ -339,7 +350,7 @@ def _swing_block(trig, users, R, w, alpha, top_k, n_i):
     tstart = np.flatnonzero(np.r_[True, g_trig[1:] != g_trig[:-1]])
     rank = np.arange(g_trig.size) - np.repeat(tstart, np.diff(np.r_[tstart, g_trig.size]))
     top = rank < top_k
-    return g_trig[top], g_targ[top], score[top]
+    yield g_trig[top], g_targ[top], score[top]
 
 
 # --------------------------------------------------------------------------- both

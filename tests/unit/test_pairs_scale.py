@@ -124,3 +124,9 @@ def test_swing_item_cap_is_the_formula_over_the_documented_sample():
 def test_swing_item_cap_validation():
     with pytest.raises(InputError, match="max_item_users"):
         mine_swing_pairs(_random_log(0), max_item_users=1)
+
+
+def test_swing_equals_reference_when_blocks_split_on_triples(monkeypatch):
+    monkeypatch.setattr(pairs_mod, "_SWING_MAX_TRIPLES", 3)  # halve down to single triggers
+    log = _random_log(7)
+    _same_pairs(mine_swing_pairs(log, top_k=9), reference_swing_pairs(log, top_k=9))
