@@ -14,6 +14,9 @@ section               what
 ``feast``             in-process online reads, ``qarm_cold``, HTTP under bounded load,
                       materialization rows/s (SQLite, Redis when present)
 ``align``             aligner training pairs/s
+``scale``             every offline stage from 10k items / 100k events up: seconds, CPU
+                      seconds and peak RSS per stage, per-event / per-item cost fits
+                      (``QARM_SCALE_RUNS="items:events,..."`` picks the sizes)
 ====================  ===================================================================
 
 Environment knobs for runs by hand: ``QARM_BENCH_SECTIONS=rq,batch`` (a subset),
@@ -38,7 +41,7 @@ from benchmarks.timing import machine
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("rq", "batch", "feast", "align")
+SECTIONS = ("rq", "batch", "feast", "align", "scale")
 N_THREADS = 2  # the machine's cores, for batch work (serving paths pin 1)
 
 
@@ -132,6 +135,10 @@ def _run_section(name: str, quick: bool, work: Path, large_n: int | None) -> dic
         from benchmarks import bench_align
 
         return bench_align.run(quick, n_threads=N_THREADS)
+    if name == "scale":
+        from benchmarks import bench_scale
+
+        return bench_scale.run(quick)
     raise ValueError(name)  # pragma: no cover
 
 
@@ -455,4 +462,8 @@ def summarize(results: dict, info: dict) -> str:
                 cells.append(f"{_f(lv['rps'])} ({_f(lv['p99_ms'], 1)})" if lv else "–")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    if results.get("scale", {}).get("records"):
+        from benchmarks.bench_scale import markdown
+
+        lines += markdown(results["scale"])
     return "\n".join(lines)

@@ -8,10 +8,16 @@ re-scores the rows it cannot vouch for with :func:`dot64`, whose summation order
 per row. The canonical choices built on it are stated in :mod:`qarm_features.quantize`
 (RQ) and :mod:`qarm_features.vq` (VQ).
 
-Serving-path module: imports numpy only.
+Also the batch path's row-block workers (:func:`map_row_blocks`), which the same contract
+makes safe: a row's codes do not depend on the block it is computed in.
+
+Serving-path module: imports numpy only (threadpoolctl when a batch call starts workers).
 """
 
 from __future__ import annotations
+
+import os
+import threading
 
 import numpy as np
 
@@ -51,3 +57,68 @@ def dot64(x64: np.ndarray, cand_t: np.ndarray) -> np.ndarray:
     for t in range(1, cand_t.shape[0]):
         acc += np.multiply(xt[t], cand_t[t], out=tmp, dtype=np.float64)
     return acc
+
+
+# ---------------------------------------------------------------------- row-block workers
+# Batch calls of at least this many rows per worker are split over worker threads.
+PARALLEL_MIN_ROWS = 16_384
+_IN_WORKER = threading.local()
+
+
+def default_workers() -> int:
+    """The batch path's worker count: the BLAS thread budget, at most the usable cores.
+
+    The process's BLAS thread setting is the budget the caller granted (``pin_threads(1)``
+    on a server: 1, so no workers); row-block workers spend it better than BLAS does.
+    """
+    from threadpoolctl import threadpool_info
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    blas = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(1, min(cores, max(blas, default=cores)))
+
+
+def in_worker() -> bool:
+    """Whether the calling thread is one of :func:`map_row_blocks`' workers."""
+    return bool(getattr(_IN_WORKER, "active", False))
+
+
+def map_row_blocks(fn, n: int, *, block: int | None = None, n_workers: int | None = None):
+    """Call ``fn(lo, hi)`` over row blocks of ``[0, n)``, on worker threads when it pays.
+
+    Row-independent coders give the same rows whatever the split, so the batch path runs
+    blocks on ``n_workers`` threads (default: :func:`default_workers`) with BLAS pinned to one
+    thread inside them: BLAS at 2 threads ran RQ encode at 0.23x of 1 thread on a shared
+    2-core machine, row-block workers at 0.96x of the best configuration. Calls smaller
+    than two blocks (request time), ``n_workers=1`` and calls from inside a worker run
+    ``fn(0, n)`` in the caller's thread, touching no thread setting. The BLAS limit is
+    process-wide while workers run (threadpoolctl); ``fn`` sets per-thread OpenMP pools
+    (faiss) itself.
+    """
+    block = PARALLEL_MIN_ROWS if block is None else max(1, int(block))
+    if n < 2 * block or in_worker():
+        fn(0, n)
+        return
+    workers = default_workers() if n_workers is None else max(1, int(n_workers))
+    if workers == 1:
+        fn(0, n)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    bounds = [(lo, min(lo + block, n)) for lo in range(0, n, block)]
+
+    def run(bound):
+        _IN_WORKER.active = True
+        try:
+            fn(*bound)
+        finally:
+            _IN_WORKER.active = False
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(min(workers, len(bounds))) as ex:
+        for _ in ex.map(run, bounds):  # re-raises a worker's exception
+            pass

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qarm_features._rescore import map_row_blocks
 from qarm_features._validate import check_embeddings, check_ids
 from qarm_features.bundle import Bundle, load_bundle
 from qarm_features.errors import InputError
@@ -89,15 +90,22 @@ def encode_items(
     item_ids=None,
     *,
     chunk_size: int = DEFAULT_CHUNK,
+    n_workers: int | None = None,
 ) -> EncodedItems:
     """Encode raw content embeddings into aligned embeddings, RQ codes and VQ codes.
+
+    Batches of two chunks or more run their chunks on ``n_workers`` threads (default: the
+    BLAS thread budget) with BLAS at one thread each (:func:`qarm_features._rescore.map_row_blocks`);
+    rows come out the same either way.
 
     Args:
         bundle: a loaded bundle.
         raw_emb: ``(n, d_raw)`` frozen content embeddings.
         item_ids: optional ``(n,)`` ids; an item that is in the VQ pool is excluded from its
             own VQ codes. ``None`` excludes nothing (cold items).
-        chunk_size: rows per chunk; memory is bounded by it, results do not depend on it.
+        chunk_size: rows per chunk; memory is bounded by it (times the workers), results
+            do not depend on it.
+        n_workers: worker threads for large batches; 1 runs in the calling thread.
 
     Raises:
         InputError: wrong width, NaN/inf, empty input, or ids of the wrong length.
@@ -109,12 +117,16 @@ def encode_items(
     aligned = np.empty((n, bundle.aligned_dim), np.float32)
     rq_codes = np.empty((n, bundle.n_levels), np.int64)
     vq_codes = np.empty((n, bundle.vq_k), np.int64)
-    for start in range(0, n, chunk_size):
-        sl = slice(start, min(start + chunk_size, n))
-        a = align(bundle, raw[sl])
-        aligned[sl] = a
-        rq_codes[sl] = rq.encode(a)
-        vq_codes[sl] = vq.encode(a, exclude_ids=None if ids is None else ids[sl])
+
+    def run(lo: int, hi: int) -> None:
+        for start in range(lo, hi, chunk_size):
+            sl = slice(start, min(start + chunk_size, hi))
+            a = align(bundle, raw[sl])
+            aligned[sl] = a
+            rq_codes[sl] = rq.encode(a)
+            vq_codes[sl] = vq.encode(a, exclude_ids=None if ids is None else ids[sl])
+
+    map_row_blocks(run, n, block=chunk_size, n_workers=n_workers)
     return EncodedItems(aligned, rq_codes, vq_codes, bundle.version)
 
 

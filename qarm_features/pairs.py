@@ -7,13 +7,18 @@ Two sources, as in the paper:
   latest ``history`` earlier positives. The retrieval model defaults to a light BPR matrix
   factorisation (:class:`~qarm_features.retrieval.BPRMF`).
 * **Swing I2I** (:func:`mine_swing_pairs`): item pairs co-engaged by many user pairs that
-  have little else in common.
+  have little else in common, with production Swing's caps (each user's latest items, a
+  seeded sample of each trigger's users).
+
+Both stream over blocks (of events, of triggers) with bounded memory and cost linear in
+the log for fixed caps; where no cap bites they equal the pre-issue-9 implementations
+(kept as slow references in ``tests/unit/_pairs_reference.py``).
 
 :func:`mine_pairs` runs both from a :class:`~qarm_features.config.PairsConfig`, unions and
 deduplicates them and reports how popularity-skewed the result is. Interactions are a
 DataFrame ``[user_id, item_id, rating, timestamp]``; a positive is ``rating >= threshold``.
 The log order is the stable sort by timestamp (rows with equal timestamps keep their order).
-numpy/pandas/scipy only (the default retrieval model imports torch when it is fitted).
+numpy/pandas/scipy only (the default retrieval model imports implicit when it is fitted).
 """
 
 from __future__ import annotations
@@ -32,8 +37,14 @@ from qarm_features.retrieval import BPRMF
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ["trigger_id", "target_id", "score", "source"]
-# U2I similarity blocks hold at most this many target rows at once (bounded memory).
-_U2I_CHUNK = 1024
+# U2I blocks of events hold about this many float32 scores and embedding values (64 MiB).
+_U2I_BLOCK_FLOATS = 1 << 24
+# Swing blocks of triggers expand to about this many (trigger, user, item) rows; the
+# co-occurrence triples of a block are a small multiple of it on real logs.
+_SWING_BLOCK_ROWS = 1 << 21
+# A block whose co-occurrence triples exceed this is split in two (by triggers), so memory
+# stays bounded on dense logs (a single trigger holds at most cap^2 x max_user_items).
+_SWING_MAX_TRIPLES = 1 << 22
 
 
 # --------------------------------------------------------------------------- input
@@ -70,6 +81,9 @@ def mine_u2i_pairs(
     the target item itself (a repeated positive) are skipped; among equally similar
     candidates the most recent wins. The first positive of a user has no trigger.
 
+    Cost ``O(events x history x d)``, memory bounded by blocks of events: every user at
+    once, each shift ``h = 1..history`` one row-wise float32 dot product over the block.
+
     Args:
         interactions: DataFrame ``[user_id, item_id, rating, timestamp]``.
         item_ids: ``(n,)`` int64 ids of the rows of ``item_emb``; must cover every positive item.
@@ -84,45 +98,65 @@ def mine_u2i_pairs(
     """
     if int(history) < 1:
         raise InputError(f"history: must be >= 1, got {history}")
-    history = int(history)
     emb = check_embeddings(item_emb, name="item_emb")
     ids = check_ids(item_ids, name="item_ids", n=emb.shape[0])
-    pos = _positives(interactions, positive_threshold)
+    return _u2i(_positives(interactions, positive_threshold), ids, emb, int(history))
+
+
+def _empty_pairs() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "trigger_id": np.empty(0, np.int64),
+            "target_id": np.empty(0, np.int64),
+            "score": np.empty(0, np.float64),
+            "source": pd.Series([], dtype=object),
+        }
+    )
+
+
+def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> pd.DataFrame:
+    """:func:`mine_u2i_pairs` on validated positives (log order)."""
     rows = lookup_rows(pos["item_id"].to_numpy(), ids, name="interactions.item_id")
     e = _normalize(emb.astype(np.float64)).astype(np.float32)
     users = pos["user_id"].to_numpy()
-    order = np.argsort(users, kind="stable")  # per user, in log order
-    _, starts, counts = np.unique(users[order], return_index=True, return_counts=True)
+    order = np.argsort(users, kind="stable")  # user-major, log order within a user
+    users = users[order]
+    r = rows[order]  # item row of each event, user-major
+    n = r.size
+    first = np.r_[True, users[1:] != users[:-1]]
+    t = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0))  # in-user position
+    del users, first
+    # Events per block: the (events, history) scores and one (events, d) shifted copy.
+    chunk = max(256, _U2I_BLOCK_FLOATS // (history + e.shape[1]))
     out_event, out_trig, out_score = [], [], []
-    for s0, m in zip(starts, counts):
-        if m < 2:
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        tb = t[a:b]
+        width = int(min(history, tb.max(initial=0)))
+        if width == 0:
             continue
-        ev = order[s0 : s0 + m]  # event positions (in the log) of this user's positives
-        r = rows[ev]
-        for a in range(1, m, _U2I_CHUNK):
-            b = min(a + _U2I_CHUNK, m)
-            c0 = max(0, a - history)
-            sims = e[r[a:b]] @ e[r[c0 : b - 1]].T  # (targets, candidate columns)
-            t = np.arange(a, b)[:, None]
-            j = np.arange(c0, b - 1)[None, :]
-            ok = (j < t) & (j >= t - history) & (r[c0 : b - 1][None, :] != r[a:b][:, None])
-            sims = np.where(ok, sims, -np.inf)
-            # argmax over reversed columns: the most recent candidate wins ties
-            best = sims.shape[1] - 1 - np.argmax(sims[:, ::-1], axis=1)
-            best_s = sims[np.arange(b - a), best]
-            found = np.isfinite(best_s)
-            out_event.append(ev[a:b][found])
-            out_trig.append(r[c0 + best[found]])
-            out_score.append(best_s[found])
+        # Rows [a - width, b) (zero rows before the log's start): row width + k is event
+        # a + k, and row width + k - h its candidate h positions back, a contiguous slice.
+        er = np.zeros((b - a + width, e.shape[1]), np.float32)
+        lo = max(0, a - width)
+        er[width - (a - lo) :] = e[r[lo:b]]
+        rr = np.full(b - a + width, -1, r.dtype)
+        rr[width - (a - lo) :] = r[lo:b]
+        q, rq = er[width:], rr[width:]
+        sims = np.empty((width, b - a), np.float32)
+        for h in range(1, width + 1):  # row h - 1: the candidates h positions back
+            s = sims[h - 1]
+            np.einsum("ij,ij->i", q, er[width - h : b - a + width - h], out=s)
+            # earlier than the user's first positive, or a repeat of the target: no candidate
+            s[(tb < h) | (rr[width - h : b - a + width - h] == rq)] = -np.inf
+        best = np.argmax(sims, axis=0)  # the first maximum: the most recent candidate
+        best_s = sims[best, np.arange(b - a)]
+        found = np.flatnonzero(np.isfinite(best_s))
+        out_event.append(order[a + found])
+        out_trig.append(r[a + found - best[found] - 1])
+        out_score.append(best_s[found])
     if not out_event:
-        return pd.DataFrame(
-            {
-                "trigger_id": np.empty(0, np.int64),
-                "target_id": np.empty(0, np.int64),
-                "score": np.empty(0, np.float64),
-                "source": pd.Series([], dtype=object),
-            }
-        )
+        return _empty_pairs()
     event = np.concatenate(out_event)
     trig = np.concatenate(out_trig)
     score = np.concatenate(out_score).astype(np.float64)
@@ -145,16 +179,29 @@ def mine_swing_pairs(
     top_k: int = 20,
     positive_threshold: float = 4.0,
     max_user_items: int = 500,
+    max_item_users: int | None = None,
     user_weight: bool = True,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Swing I2I pairs: items co-engaged by many user pairs with little else in common.
 
-    ``score(i, j) = sum over user pairs u < v that both have positives with i and j of
-    w_u * w_v / (alpha + |I_u & I_v|)``, where ``I_u`` is the user's positive item set.
-    With ``user_weight`` (default, the common production variant) ``w_u = 1/sqrt(|I_u|)``
-    damps heavy users, who otherwise sit in most user pairs; without it ``w_u = 1`` (the
-    plain Swing formula). Each user keeps only their latest ``max_user_items`` positives.
-    Computed per trigger item with sparse user-item / user-user matrices.
+    ``score(i, j) = sum over user pairs u < v in U_i that both have positives with j of
+    w_u * w_v / (alpha + |I_u & I_v|)``, where ``I_u`` is the user's positive item set and
+    ``U_i`` the users with a positive on ``i``. With ``user_weight`` (default, the common
+    production variant) ``w_u = 1/sqrt(|I_u|)`` damps heavy users, who otherwise sit in most
+    user pairs; without it ``w_u = 1`` (the plain Swing formula).
+
+    Caps, as production Swing has them: each user keeps only their latest
+    ``max_user_items`` positives (``I_u`` is that list), and each trigger ``i`` keeps
+    ``max_item_users`` of its users, drawn uniformly without replacement (seeded by
+    ``seed``; ``None`` keeps all). Under the item cap the score of ``(i, j)`` sums over the
+    user pairs of ``i``'s sample only, so ``score(i, j)`` and ``score(j, i)`` may differ.
+    Where no cap bites the scores are the plain formula's.
+
+    Cost: only user pairs that share an item besides the trigger do any work, each once
+    per shared item (``O(sum over i of pairs in U_i that overlap beyond i)``, at most
+    ``max_item_users^2 * max_user_items`` per trigger); memory is bounded by blocks of
+    triggers.
 
     Args:
         interactions: DataFrame ``[user_id, item_id, rating, timestamp]``.
@@ -162,7 +209,10 @@ def mine_swing_pairs(
         top_k: neighbours kept per trigger (highest score; ties by smaller item id).
         positive_threshold: ``rating >= threshold`` is a positive.
         max_user_items: cap on each user's positive list (latest kept).
+        max_item_users: cap on each trigger's users (a seeded uniform sample); ``None``:
+            no cap.
         user_weight: apply ``1/sqrt(|I_u|)`` user weights.
+        seed: seed of the per-item user sample.
 
     Returns:
         DataFrame ``[trigger_id, target_id, score, source="swing"]`` sorted by trigger, then
@@ -174,50 +224,52 @@ def mine_swing_pairs(
         raise InputError(
             f"top_k must be >= 1 and max_user_items >= 2, got {top_k}, {max_user_items}"
         )
+    if max_item_users is not None and int(max_item_users) < 2:
+        raise InputError(f"max_item_users: must be >= 2 or None, got {max_item_users}")
     pos = _positives(interactions, positive_threshold)
+    return _swing(
+        pos, float(alpha), int(top_k), int(max_user_items),
+        None if max_item_users is None else int(max_item_users), bool(user_weight), int(seed),
+    )
+
+
+def _swing(pos, alpha, top_k, max_user_items, max_item_users, user_weight, seed):
+    """:func:`mine_swing_pairs` on validated positives (log order)."""
     # One row per (user, item) (latest kept), then each user's latest max_user_items.
-    pos = pos.drop_duplicates(["user_id", "item_id"], keep="last")
+    pos = pos[["user_id", "item_id"]].drop_duplicates(keep="last")
     rank_from_end = pos.groupby("user_id", sort=False).cumcount(ascending=False)
-    pos = pos[rank_from_end.to_numpy() < int(max_user_items)]
+    pos = pos[rank_from_end.to_numpy() < max_user_items]
     user_ids, u = np.unique(pos["user_id"].to_numpy(), return_inverse=True)
     item_ids, i = np.unique(pos["item_id"].to_numpy(), return_inverse=True)
+    del pos, rank_from_end
     n_u, n_i = user_ids.size, item_ids.size
-    R = sp.csr_matrix((np.ones(u.size), (u, i)), shape=(n_u, n_i))
-    deg = np.asarray(R.sum(axis=1)).ravel()
+    # Each user's items, sorted (CSR by user).
+    R = sp.csr_matrix((np.ones(u.size, np.int8), (u, i)), shape=(n_u, n_i))
+    R.sort_indices()
+    deg = np.diff(R.indptr)
     w = 1.0 / np.sqrt(deg) if user_weight else np.ones(n_u)
-    overlap = (R @ R.T).tocsr()  # |I_u & I_v|
-    Rc = R.tocsc()
+    # Each trigger's users (by item, then user), sampled down to max_item_users.
+    by_item = np.lexsort((u, i))
+    e_item, e_user = i[by_item], u[by_item]
+    del u, i, by_item
+    counts = np.bincount(e_item, minlength=n_i)
+    if max_item_users is not None and counts.max(initial=0) > max_item_users:
+        key = np.random.default_rng(seed).random(e_item.size)  # canonical (item, user) order
+        o = np.lexsort((key, e_item))
+        starts = np.r_[0, np.cumsum(counts)[:-1]]
+        keep = np.sort(o[np.arange(o.size) - starts[e_item[o]] < max_item_users])
+        e_item, e_user = e_item[keep], e_user[keep]
+        counts = np.minimum(counts, max_item_users)
+    keep = counts[e_item] >= 2  # a trigger needs a user pair
+    e_item, e_user = e_item[keep], e_user[keep]
     trig_out, targ_out, score_out = [], [], []
-    for item in range(n_i):
-        users_i = Rc.indices[Rc.indptr[item] : Rc.indptr[item + 1]]
-        if users_i.size < 2:
-            continue
-        sub = R[users_i]  # (m, n_i) rows of the users who engaged item
-        cols = np.unique(sub.indices)
-        sub = sub[:, cols].tocsr()
-        ov = overlap[users_i][:, users_i].toarray()
-        W = np.outer(w[users_i], w[users_i]) / (alpha + ov)
-        np.fill_diagonal(W, 0.0)
-        # score[j] = 1/2 sum_{u != v} R_uj W_uv R_vj  (= sum over u < v)
-        t = sub.T @ W  # (c, m) dense
-        score = 0.5 * np.asarray(sub.T.multiply(t).sum(axis=1)).ravel()
-        keep = (cols != item) & (score > 0)
-        cols, score = cols[keep], score[keep]
-        if cols.size == 0:
-            continue
-        top = np.lexsort((cols, -score))[: int(top_k)]
-        trig_out.append(np.full(top.size, item))
-        targ_out.append(cols[top])
-        score_out.append(score[top])
+    for ea, eb in _swing_blocks(e_item, deg[e_user]):
+        for res in _swing_block(e_item[ea:eb], e_user[ea:eb], R, w, alpha, top_k, n_i):
+            trig_out.append(res[0])
+            targ_out.append(res[1])
+            score_out.append(res[2])
     if not trig_out:
-        return pd.DataFrame(
-            {
-                "trigger_id": np.empty(0, np.int64),
-                "target_id": np.empty(0, np.int64),
-                "score": np.empty(0, np.float64),
-                "source": pd.Series([], dtype=object),
-            }
-        )
+        return _empty_pairs()
     return pd.DataFrame(
         {
             "trigger_id": item_ids[np.concatenate(trig_out)],
@@ -226,6 +278,79 @@ def mine_swing_pairs(
             "source": "swing",
         }
     )
+
+
+def _swing_blocks(e_item: np.ndarray, e_len: np.ndarray):
+    """``(start, stop)`` row ranges of whole triggers, each expanding to at most
+    ``_SWING_BLOCK_ROWS`` (trigger, user, item) rows (a single trigger may exceed it)."""
+    bounds = np.r_[np.flatnonzero(np.r_[True, e_item[1:] != e_item[:-1]]), e_item.size]
+    if e_item.size == 0:
+        return
+    cb = np.r_[0, np.cumsum(e_len)][bounds]  # expanded rows before each trigger
+    k = 0
+    while k < bounds.size - 1:
+        k2 = int(np.searchsorted(cb, cb[k] + _SWING_BLOCK_ROWS, side="right")) - 1
+        k2 = min(max(k2, k + 1), bounds.size - 1)
+        yield int(bounds[k]), int(bounds[k2])
+        k = k2
+
+
+def _swing_block(trig, users, R, w, alpha, top_k, n_i):
+    """Yield Swing top-k of the triggers in a block of (trigger, user) rows (sorted by
+    trigger), halving the block while its triples exceed ``_SWING_MAX_TRIPLES``.
+
+    Every row expands to its user's items ``j != trigger``; rows of one trigger that share
+    an item form co-occurrence triples ``(row, row', j)``. A user pair's overlap is 1 (the
+    trigger) plus its number of triples, so pairs sharing only the trigger cost nothing.
+    """
+    lens = np.diff(R.indptr)[users]
+    row = np.repeat(np.arange(trig.size), lens)
+    pos_in = np.arange(row.size) - np.repeat(np.cumsum(lens) - lens, lens)
+    item = R.indices[np.repeat(R.indptr[users], lens) + pos_in]
+    keep = item != trig[row]
+    row, item = row[keep], item[keep]
+    gkey = trig[row].astype(np.int64) * n_i + item  # (trigger, j) group
+    o = np.argsort(gkey, kind="stable")  # rows stay ascending within a group
+    row, gkey = row[o], gkey[o]
+    del o, item, keep, pos_in
+    starts = np.flatnonzero(np.r_[True, gkey[1:] != gkey[:-1]])
+    size = np.diff(np.r_[starts, gkey.size])
+    multi = size >= 2
+    starts, size = starts[multi], size[multi]
+    if starts.size == 0:
+        return
+    n_triples = int((size * (size - 1) // 2).sum())
+    cut = np.flatnonzero(trig[1:] != trig[:-1])  # trigger boundaries
+    if n_triples > _SWING_MAX_TRIPLES and cut.size:
+        del row, gkey, starts, size, multi
+        mid = int(cut[cut.size // 2]) + 1  # halve the block at a trigger boundary
+        yield from _swing_block(trig[:mid], users[:mid], R, w, alpha, top_k, n_i)
+        yield from _swing_block(trig[mid:], users[mid:], R, w, alpha, top_k, n_i)
+        return
+    group_key = gkey[starts]
+    # Pairs (p, q), p < q, of positions inside each group: position p pairs with the
+    # (size - 1 - offset) positions after it.
+    member = np.repeat(np.arange(starts.size), size)
+    offset = np.arange(member.size) - np.repeat(np.cumsum(size) - size, size)
+    n_after = size[member] - 1 - offset
+    first = np.repeat(starts[member] + offset, n_after)
+    step = np.arange(first.size) - np.repeat(np.cumsum(n_after) - n_after, n_after) + 1
+    second = first + step
+    pair_group = np.repeat(member, n_after)
+    del member, offset, n_after, step
+    r1, r2 = row[first], row[second]
+    pair_key = r1.astype(np.int64) * trig.size + r2
+    uniq, inv, shared = np.unique(pair_key, return_inverse=True, return_counts=True)
+    u1, u2 = users[uniq // trig.size], users[uniq % trig.size]
+    pw = w[u1] * w[u2] / (alpha + 1.0 + shared)  # overlap = trigger + shared others
+    score = np.bincount(pair_group, weights=pw[inv], minlength=starts.size)
+    g_trig, g_targ = group_key // n_i, group_key % n_i
+    order = np.lexsort((g_targ, -score, g_trig))
+    g_trig, g_targ, score = g_trig[order], g_targ[order], score[order]
+    tstart = np.flatnonzero(np.r_[True, g_trig[1:] != g_trig[:-1]])
+    rank = np.arange(g_trig.size) - np.repeat(tstart, np.diff(np.r_[tstart, g_trig.size]))
+    top = rank < top_k
+    yield g_trig[top], g_targ[top], score[top]
 
 
 # --------------------------------------------------------------------------- both
@@ -283,13 +408,8 @@ def mine_pairs(
     if cfg.use_u2i:
         if item_emb is None:
             item_ids, item_emb = BPRMF.from_config(cfg).fit(interactions).item_embeddings()
-        ev = mine_u2i_pairs(
-            interactions,
-            item_ids,
-            item_emb,
-            history=cfg.history,
-            positive_threshold=cfg.positive_threshold,
-        )
+        emb = check_embeddings(item_emb, name="item_emb")
+        ev = _u2i(pos, check_ids(item_ids, name="item_ids", n=emb.shape[0]), emb, cfg.history)
         stats["n_u2i_events"] = int(len(ev))
         agg = (
             ev.groupby(["trigger_id", "target_id"], sort=True)
@@ -307,12 +427,14 @@ def mine_pairs(
             ).drop(columns="count")
         )
     if cfg.use_swing:
-        sw = mine_swing_pairs(
-            interactions,
-            alpha=cfg.swing_alpha,
-            top_k=cfg.swing_top_k,
-            positive_threshold=cfg.positive_threshold,
-            max_user_items=cfg.swing_max_user_items,
+        sw = _swing(
+            pos,
+            cfg.swing_alpha,
+            cfg.swing_top_k,
+            cfg.swing_max_user_items,
+            cfg.swing_max_item_users,
+            True,
+            cfg.seed,
         )
         stats["n_swing_pairs"] = int(len(sw))
         frames.append(

@@ -26,7 +26,7 @@ import logging
 import faiss
 import numpy as np
 
-from qarm_features._rescore import GUARD, U, dot64
+from qarm_features._rescore import GUARD, U, dot64, map_row_blocks
 from qarm_features._validate import check_embeddings, check_hyper
 from qarm_features.errors import InputError, NotFittedError
 
@@ -169,14 +169,22 @@ class ResidualQuantizer:
 
     # ---- encode / decode -------------------------------------------------------------
 
-    def encode(self, x) -> np.ndarray:
+    def encode(self, x, *, n_workers: int | None = None) -> np.ndarray:
         """Greedy residual codes of ``x`` ``(n, d)`` -> ``(n, L)`` int64.
 
-        Row-independent: ``encode(x)[i] == encode(x[i:i+1])[0]`` bit for bit.
+        Row-independent: ``encode(x)[i] == encode(x[i:i+1])[0]`` bit for bit. Large
+        batches run on ``n_workers`` row-block threads (default: the BLAS thread budget)
+        with BLAS at one thread (:func:`~qarm_features._rescore.map_row_blocks`).
         """
         self._check_fitted()
         x = check_embeddings(x, name="x", dim=self.dim_)
-        return _encode_levels(x, self._levels)
+        out = np.empty((x.shape[0], len(self._levels)), np.int64)
+
+        def run(lo: int, hi: int) -> None:
+            out[lo:hi] = _encode_levels(x[lo:hi], self._levels)
+
+        map_row_blocks(run, x.shape[0], n_workers=n_workers)
+        return out
 
     def decode(self, codes) -> np.ndarray:
         """Sum of the coded centroids, ``(n, L)`` codes -> ``(n, d)`` float32.

@@ -10,6 +10,11 @@ pool. Canonical choice, for reference implementations:
 
 * VQ (exact mode): the ``k`` non-excluded pool items with the largest float64 inner
   product (summed in ``t`` order), ties to the lowest pool id.
+* VQ (IVF mode, large pools): the same choice among the items of the ``nprobe`` inverted
+  lists whose centroids have the largest float64 inner product with the row (ties to the
+  lowest list id; the float32 pass proposes, a guard vouches, doubtful rows are re-scored
+  in float64), so IVF codes are row-independent too. They may miss true neighbours
+  outside those lists: ``ann_recall_`` measures how often.
 
 Serving-path module: imports numpy and faiss only, never torch.
 """
@@ -21,7 +26,7 @@ import logging
 import faiss
 import numpy as np
 
-from qarm_features._rescore import GUARD, U, dot64
+from qarm_features._rescore import GUARD, U, dot64, in_worker, map_row_blocks
 from qarm_features._validate import check_embeddings, check_hyper, check_ids
 from qarm_features.errors import ConfigError, InputError, NotFittedError
 
@@ -46,7 +51,11 @@ class VQCoder:
         exact_max_pool: pools up to this size use exact search (row-independent, bit
             exact); larger pools use the faiss ANN index ``ann_index``.
         ann_index: faiss ``index_factory`` string for large pools (inner-product metric).
+            ``"IVF<nlist>,Flat"`` is searched row-independently (see the module docstring);
+            IVF1024,Flat at nprobe 16 measured recall@25 0.99998 at 3.5x HNSW32's
+            throughput on a 100k pool (benchmarks/bench_batch.py).
         ann_ef_search: HNSW ``efSearch`` (ignored by index types without it).
+        ann_nprobe: inverted lists searched per row by IVF indexes.
         seed: seed of the recall-measurement sample.
 
     Fitted attributes:
@@ -60,21 +69,24 @@ class VQCoder:
         self,
         k: int = 25,
         exact_max_pool: int = 50_000,
-        ann_index: str = "HNSW32",
+        ann_index: str = "IVF1024,Flat",
         ann_ef_search: int = 128,
         seed: int = 0,
+        ann_nprobe: int = 16,
     ):
         self.k = k
         self.exact_max_pool = exact_max_pool
         self.ann_index = ann_index
         self.ann_ef_search = ann_ef_search
         self.seed = seed
+        self.ann_nprobe = ann_nprobe
 
     def fit(self, pool_emb, pool_ids) -> VQCoder:
         """Index the pool ``(N, d)`` with unique int64 ids ``(N,)``; returns ``self``."""
         k = check_hyper("k", self.k, 1)
         exact_max = check_hyper("exact_max_pool", self.exact_max_pool, 1)
         ef = check_hyper("ann_ef_search", self.ann_ef_search, 1)
+        nprobe = check_hyper("ann_nprobe", self.ann_nprobe, 1)
         pool = check_embeddings(pool_emb, name="pool_emb")
         ids = check_ids(pool_ids, name="pool_ids", n=pool.shape[0])
         n, d = pool.shape
@@ -84,6 +96,7 @@ class VQCoder:
                 f"excluded; pass at least {k + 1} items or lower k"
             )
         self.pool_emb_, self.pool_ids_, self.dim_ = pool, ids, d
+        self._ivf = None  # the IVF index searched by canonical lists (IVF mode only)
         self._pool_t = np.ascontiguousarray(pool.T)  # (d, N): coordinate-first gathers
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
@@ -111,6 +124,15 @@ class VQCoder:
             faiss.omp_set_num_threads(threads)
         if "HNSW" in self.ann_index.upper():
             faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
+        if isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+            ivf = faiss.downcast_index(index)
+            ivf.nprobe = min(nprobe, ivf.nlist)
+            coarse = faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist)
+            self._ivf = ivf
+            self._coarse = np.ascontiguousarray(coarse, dtype=np.float32)  # (nlist, d)
+            self._coarse_t = np.ascontiguousarray(self._coarse.T)
+            c64 = self._coarse.astype(np.float64)
+            self._coarse_norm_max = float(np.sqrt(np.einsum("ij,ij->i", c64, c64).max()))
         self.mode_, self.index_ = "ann", index
         # Recall@k of the ANN path against the exact path on a seeded sample of the pool.
         rng = np.random.default_rng(int(self.seed))
@@ -128,7 +150,7 @@ class VQCoder:
         """Build and fit a coder on a saved pool: ``VQCoder(**kw).fit(pool_emb, pool_ids)``."""
         return cls(**kw).fit(pool_emb, pool_ids)
 
-    def encode(self, x, exclude_ids=None) -> np.ndarray:
+    def encode(self, x, exclude_ids=None, *, n_workers: int | None = None) -> np.ndarray:
         """Top-``k`` pool ids of ``x`` ``(n, d)`` by descending inner product -> ``(n, k)`` int64.
 
         Args:
@@ -139,7 +161,9 @@ class VQCoder:
         Ties order by the lowest pool id. Exact mode is row-independent bit for bit; ANN
         (HNSW) mode is row-independent too, as HNSW searches each query on its own, but
         may miss true neighbours (see ``ann_recall_``). Rows an ANN index returns fewer
-        than ``k`` candidates for are padded with ``-1``.
+        than ``k`` candidates for are padded with ``-1``. Large batches run on
+        ``n_workers`` row-block threads (default: the BLAS thread budget), one BLAS/OpenMP
+        thread each (:func:`~qarm_features._rescore.map_row_blocks`).
         """
         if not hasattr(self, "index_"):
             raise NotFittedError("VQCoder is not fitted; call fit(pool_emb, pool_ids) or from_pool")
@@ -149,11 +173,17 @@ class VQCoder:
         else:
             ex = check_ids(exclude_ids, name="exclude_ids", n=x.shape[0], unique=False)
         out = np.empty((x.shape[0], int(self.k)), np.int64)
-        for start in range(0, x.shape[0], _VQ_CHUNK):
-            stop = min(start + _VQ_CHUNK, x.shape[0])
-            out[start:stop] = self._encode_block(
-                x[start:stop], ex[start:stop], self.index_, guarded=self.mode_ == "exact"
-            )
+
+        def run(lo: int, hi: int) -> None:
+            if in_worker():
+                faiss.omp_set_num_threads(1)  # per thread; the caller's pool is untouched
+            for start in range(lo, hi, _VQ_CHUNK):
+                stop = min(start + _VQ_CHUNK, hi)
+                out[start:stop] = self._encode_block(
+                    x[start:stop], ex[start:stop], self.index_, guarded=self.mode_ == "exact"
+                )
+
+        map_row_blocks(run, x.shape[0], n_workers=n_workers)
         return out
 
     def _positions(self, ids: np.ndarray) -> np.ndarray:
@@ -167,8 +197,14 @@ class VQCoder:
         k, n_pool = int(self.k), self.pool_emb_.shape[0]
         ex = self._positions(exclude_ids)
         c = min(n_pool, k + 1 + _VQ_MARGIN)
-        dist, cand = index.search(x, c)  # float32 candidates, descending
         x64 = x.astype(np.float64)
+        if index is not self.index_ or self._ivf is None:
+            dist, cand = index.search(x, c)  # float32 candidates, descending
+        else:  # IVF: the canonical lists of each row, then faiss scans only those
+            lists = self._probe(x, x64)
+            dist, cand = self._ivf.search_preassigned(
+                x, c, lists, np.zeros(lists.shape, np.float32)
+            )
         doubtful = np.empty(0, np.int64)
         if guarded and c < n_pool:
             # t: the k-th largest float32 score among non-excluded candidates; every item
@@ -185,6 +221,29 @@ class VQCoder:
         for i in doubtful:
             out[i] = self._top_k_full(x[i], x64[i], ex[i])
         return out
+
+    def _probe(self, x: np.ndarray, x64: np.ndarray) -> np.ndarray:
+        """The ``nprobe`` lists of each row (canonical set, ascending ids), ``(n, nprobe)``."""
+        nlist, nprobe = self._coarse.shape[0], int(self._ivf.nprobe)
+        if nprobe >= nlist:
+            return np.broadcast_to(np.arange(nlist, dtype=np.int64), (x.shape[0], nlist)).copy()
+        s = x @ self._coarse_t  # float32 proposal, (n, nlist)
+        part = np.argpartition(-s, nprobe, axis=1)
+        top = part[:, :nprobe]
+        inside = np.take_along_axis(s, top, axis=1).min(axis=1).astype(np.float64)
+        outside = np.take_along_axis(s, part[:, nprobe : nprobe + 1], axis=1)[:, 0]
+        # Every list outside scores <= outside (the partition's pivot); a gap beyond twice
+        # the float32 error bound means the float64 top set is the float32 one.
+        d = self.dim_
+        tol = GUARD * (d + 2) * U * np.sqrt(np.einsum("ij,ij->i", x64, x64)) * (
+            self._coarse_norm_max
+        )
+        lists = np.sort(top, axis=1).astype(np.int64)
+        for i in np.flatnonzero(~(inside - outside > tol)):
+            s64 = dot64(x64[i : i + 1], self._coarse_t[:, None, :])[0]
+            best = np.lexsort((np.arange(nlist), -s64))[:nprobe]
+            lists[i] = np.sort(best)
+        return lists
 
     def _tol(self, x64: np.ndarray) -> np.ndarray:
         d = self.dim_

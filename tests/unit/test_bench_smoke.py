@@ -137,3 +137,17 @@ def test_loadgen_against_a_local_server():
     finally:
         server.shutdown()
     assert res["requests"] > 0 and res["errors"] == 0 and res["p99_ms"] >= res["p50_ms"]
+
+
+def test_scale_section_at_a_tiny_size():
+    from benchmarks.bench_scale import _summary, markdown, scale_world, stages
+
+    ids, content, log = scale_world(300, 3000, content_dim=16, seed=1)
+    assert content.shape == (300, 16) and len(log) == 3000
+    assert log.groupby("user_id")["timestamp"].apply(lambda t: t.is_monotonic_increasing).all()
+    rec = stages(2000, 20_000, max_epochs=1, mf_epochs=2, n_threads=1)
+    for stage in ("retrieval", "mining", "pairs", "aligner", "codes", "total"):
+        assert rec[stage]["seconds"] > 0 and rec[stage]["peak_rss_mib"] > 0
+    summary = _summary([rec, dict(rec, n_items=4000, n_events=40_000)])
+    assert summary["fits"]["pairs"]["per"] == "n_events"
+    assert any("2,000" in line for line in markdown(summary))

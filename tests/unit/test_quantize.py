@@ -308,13 +308,46 @@ def test_vq_minus_one_never_excludes(vq_pool):
 def test_vq_ann_mode_measures_recall():
     pool = unit(clustered(3000, d=16, n_clusters=40, seed=21, spread=0.5))
     ids = np.arange(3000, dtype=np.int64) * 7
-    vq = VQCoder(k=10, exact_max_pool=1000, ann_ef_search=64, seed=0).fit(pool, ids)
+    vq = VQCoder(k=10, exact_max_pool=1000, ann_index="HNSW32", ann_ef_search=64, seed=0)
+    vq.fit(pool, ids)
     assert vq.mode_ == "ann"
     assert vq.ann_recall_ is not None and 0.9 < vq.ann_recall_ <= 1.0
     x, ex = pool[:300], ids[:300]
     batch = vq.encode(x, exclude_ids=ex)
     assert not (batch == ex[:, None]).any()
     np.testing.assert_array_equal(rowwise(vq.encode, x, ex), batch)  # HNSW: per query
+
+
+def _ivf_fixture():
+    pool = unit(clustered(3000, d=16, n_clusters=40, seed=21, spread=0.5))
+    return pool, np.arange(3000, dtype=np.int64) * 7
+
+
+def test_vq_ivf_mode_is_row_independent_and_measures_recall():
+    pool, ids = _ivf_fixture()
+    vq = VQCoder(k=10, exact_max_pool=1000, ann_index="IVF32,Flat", ann_nprobe=4).fit(pool, ids)
+    assert vq.mode_ == "ann" and 0.9 < vq.ann_recall_ <= 1.0
+    x, ex = pool[:300], ids[:300]
+    batch = vq.encode(x, exclude_ids=ex)
+    assert not (batch == ex[:, None]).any()
+    np.testing.assert_array_equal(rowwise(vq.encode, x, ex), batch)  # canonical lists
+    # more lists probed: recall does not drop; all lists: the exact codes
+    full = VQCoder(k=10, exact_max_pool=1000, ann_index="IVF32,Flat", ann_nprobe=32)
+    full.fit(pool, ids)
+    assert full.ann_recall_ == 1.0
+    exact = VQCoder(k=10).fit(pool, ids)
+    np.testing.assert_array_equal(full.encode(x, exclude_ids=ex), exact.encode(x, exclude_ids=ex))
+
+
+def test_vq_ivf_probe_guard_takes_the_float64_lists(monkeypatch):
+    # With the guard forced (every row doubtful), the float64 list choice gives the same
+    # codes: the float32 proposal only ever keeps what float64 would choose.
+    pool, ids = _ivf_fixture()
+    kw = dict(k=10, exact_max_pool=1000, ann_index="IVF32,Flat", ann_nprobe=4)
+    x, ex = pool[:200], ids[:200]
+    fast = VQCoder(**kw).fit(pool, ids).encode(x, exclude_ids=ex)
+    monkeypatch.setattr(vq_module, "GUARD", 1e30)
+    np.testing.assert_array_equal(VQCoder(**kw).fit(pool, ids).encode(x, exclude_ids=ex), fast)
 
 
 def test_vq_from_pool_round_trip(vq_pool):
@@ -346,3 +379,34 @@ def test_vq_errors(vq_pool):
         VQCoder(k=0).fit(pool, ids)
     with pytest.raises(ConfigError):
         VQCoder(k=3, exact_max_pool=10, ann_index="NotAnIndex").fit(pool, ids)
+
+
+def test_row_block_workers_give_the_same_codes_and_restore_threads(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from qarm_features import _rescore
+
+    monkeypatch.setattr(_rescore, "PARALLEL_MIN_ROWS", 100)  # 1000 rows: 10 blocks
+    x = unit(clustered(1000, d=16, n_clusters=20, seed=5, spread=0.3))
+    ids = np.arange(1000, dtype=np.int64)
+    rq = ResidualQuantizer(n_levels=3, n_codes=16, seed=0).fit(x)
+    vq = VQCoder(k=5).fit(x[:400], ids[:400])
+    before = [(i["internal_api"], i["num_threads"]) for i in threadpool_info()]
+    np.testing.assert_array_equal(rq.encode(x, n_workers=3), rq.encode(x, n_workers=1))
+    np.testing.assert_array_equal(
+        vq.encode(x, exclude_ids=ids, n_workers=3), vq.encode(x, exclude_ids=ids, n_workers=1)
+    )
+    assert [(i["internal_api"], i["num_threads"]) for i in threadpool_info()] == before
+    with pytest.raises(InputError):  # a worker's error reaches the caller
+        vq.encode(x, exclude_ids=ids[:10], n_workers=3)
+
+
+def test_default_workers_spend_the_blas_thread_budget():
+    from threadpoolctl import threadpool_limits
+
+    from qarm_features._rescore import default_workers
+
+    with threadpool_limits(1):  # a server's pin_threads(1): no workers
+        assert default_workers() == 1
+    with threadpool_limits(2):
+        assert 1 <= default_workers() <= 2

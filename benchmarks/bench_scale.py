@@ -1,0 +1,303 @@
+"""Scaling: every offline stage, items 10k -> 1M and events 100k -> 20M, time and peak RSS.
+
+Each run is one child process (:func:`benchmarks.timing.run_child`) that generates a world,
+then runs the offline stages one after the other, timing each and reading its own peak
+RSS (``VmHWM``, reset before each stage through ``/proc/self/clear_refs``):
+
+* ``retrieval``: the BPR-MF retrieval model U2I mining reads (:class:`BPRMF`);
+* ``mining``: U2I + Swing + deduplication (:func:`mine_pairs` given those embeddings);
+* ``aligner``: :class:`ItemAligner` on the pairs (``max_epochs`` capped, as in the issue);
+* ``codes``: aligned space, RQ codebooks (sampled k-means) and VQ pool (exact or IVF),
+  then RQ + VQ codes of every item (the batch path's work).
+
+``pairs`` = ``retrieval`` + ``mining``. The world is :func:`scale_world`: the synthetic
+world's content (384-d) with a Zipf-popular, cluster-following interaction log generated
+in ``O(events)`` (:class:`~qarm_features.synthetic.SyntheticWorld.interactions` costs
+``O(users x items)``, which 1M items cannot afford). ``reproduce`` runs the issue's
+measurement instead: ``build_bundle`` on :class:`SyntheticWorld` itself.
+
+Results: ``benchmarks/results/scale.json``, one record per run with ``n_items``,
+``n_events`` and per stage ``seconds``, ``cpu_seconds`` (all threads; steadier than wall
+time on a shared machine) and ``peak_rss_mib``, plus a least-squares fit of
+seconds per event (pairs) and per item (aligner, codes). Sizes by environment:
+``QARM_SCALE_RUNS="20000:400000,100000:2000000"`` (items:events).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+# (n_items, n_events) of the default sweep: events grow 20x per item, as in the issue.
+DEFAULT_RUNS = ((10_000, 100_000), (50_000, 1_000_000), (200_000, 4_000_000),
+                (1_000_000, 20_000_000))
+QUICK_RUNS = ((10_000, 100_000), (20_000, 400_000))
+# The aligner trains on a seeded sample of at most this many pairs (it is O(pairs x epochs)
+# at ~10-20k pairs/s here; all 20M+ pairs of the 1M-item world would take hours).
+ALIGNER_MAX_PAIRS = 300_000
+EVENTS_PER_USER = 20  # the synthetic world's default sequence length
+ZIPF_EXPONENT = 0.9  # head item ~0.4% of events at 1M items (10^5 users at 20M events)
+IN_CLUSTER = 0.8  # share of a user's events in their taste cluster
+
+
+# ------------------------------------------------------------------ world
+def scale_world(n_items: int, n_events: int, *, content_dim: int = 384, seed: int = 0):
+    """``(item_ids, content (n, d) float32, interactions)`` in O(items x d + events).
+
+    Items: the :class:`SyntheticWorld` content and taste clusters. Users: ``n_events / 20``,
+    each with a taste cluster; each event picks, with probability 0.8, an item of the
+    user's cluster, else any item, both by Zipf popularity (exponent 0.9 over a seeded
+    rank permutation). Ratings: 5 for in-cluster items, uniform 1..5 otherwise.
+    """
+    import pandas as pd
+
+    from qarm_features.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(n_items, 1, content_dim=content_dim, seed=seed)
+    content = world.content
+    clusters = world.clusters
+    rng = np.random.default_rng(seed)
+    rank = rng.permutation(n_items)
+    weight = 1.0 / (rank + 10.0) ** ZIPF_EXPONENT
+    order = np.argsort(clusters, kind="stable")  # items grouped by cluster
+    n_cl = int(clusters.max()) + 1
+    bounds = np.searchsorted(clusters[order], np.arange(n_cl + 1))
+    cdf_all = np.cumsum(weight)
+    cdf_cl = np.cumsum(weight[order])  # within a cluster: a slice, offset by its start
+    n_users = max(1, n_events // EVENTS_PER_USER)
+    taste = clusters[rng.integers(0, n_items, n_users)]  # users follow item clusters
+    user = np.repeat(np.arange(n_users), EVENTS_PER_USER)[:n_events]
+    if user.size < n_events:
+        user = np.r_[user, rng.integers(0, n_users, n_events - user.size)]
+    inside = rng.random(n_events) < IN_CLUSTER
+    item = np.empty(n_events, np.int64)
+    c = taste[user[inside]]
+    lo, hi = bounds[c], bounds[c + 1]
+    base = np.where(lo > 0, cdf_cl[np.maximum(lo - 1, 0)], 0.0)
+    target = base + rng.random(c.size) * (cdf_cl[hi - 1] - base)
+    item[inside] = order[np.minimum(np.searchsorted(cdf_cl, target), hi - 1)]
+    m = int((~inside).sum())
+    item[~inside] = np.minimum(np.searchsorted(cdf_all, rng.random(m) * cdf_all[-1]), n_items - 1)
+    in_cl = clusters[item] == taste[user]
+    rating = np.where(in_cl, 5, rng.integers(1, 6, n_events)).astype(np.float32)
+    # Distinct timestamps, users interleaved in time, each user's events increasing.
+    ts = _per_user_sorted(880_000_000 + rng.permutation(n_events).astype(np.int64), user)
+    df = pd.DataFrame(
+        {"user_id": user.astype(np.int64) + 1, "item_id": item + 1, "rating": rating,
+         "timestamp": ts}
+    )
+    return world.item_ids, content, df
+
+
+def _per_user_sorted(ts: np.ndarray, user: np.ndarray) -> np.ndarray:
+    """``ts`` re-ordered so that each user's run of events has increasing timestamps."""
+    order = np.lexsort((ts, user))
+    out = np.empty_like(ts)
+    out[np.argsort(user, kind="stable")] = ts[order]
+    return out
+
+
+# ------------------------------------------------------------------ child side
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # pragma: no cover - not Linux / not permitted: peaks accumulate
+        pass
+
+
+def _peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")  # pragma: no cover
+
+
+def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | None = None,
+           seed: int = 0, n_threads: int = 2, aligner_max_pairs: int | None = ALIGNER_MAX_PAIRS,
+           torch_threads: int = 1) -> dict:
+    """Child: generate the world, run every stage; ``{stage: {seconds, peak_rss_mib}}``.
+
+    BLAS runs at ``n_threads`` (the coders pin their own workers to one BLAS thread);
+    torch at ``torch_threads`` (1: the aligner's best setting here, bench_align measured 2
+    threads at 0.17x of 1 on this shared machine). The aligner trains on at most
+    ``aligner_max_pairs`` pairs (a seeded sample; ``None``: all): its cost is linear in
+    pairs and the fit below gives it per pair.
+    """
+    from threadpoolctl import threadpool_limits
+
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    threadpool_limits(n_threads)
+    from qarm_features.align import ItemAligner
+    from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig
+    from qarm_features.encode import align_with_weights
+    from qarm_features.pairs import mine_pairs
+    from qarm_features.pipeline import fit_quantizers
+    from qarm_features.retrieval import BPRMF
+
+    out: dict = {"n_items": n_items, "n_events": n_events, "max_epochs": max_epochs}
+    cfg = BuildConfig()
+    pcfg = cfg.pairs if mf_epochs is None else PairsConfig(mf_epochs=mf_epochs)
+    out["mf_epochs"] = pcfg.mf_epochs
+
+    def stage(name, fn):
+        _reset_peak()
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = fn()
+        out[name] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_mib(),
+                     "cpu_seconds": time.process_time() - c0}
+        return res
+
+    ids, content, log = stage("generate", lambda: scale_world(n_items, n_events, seed=seed))
+    out["n_positives"] = int((log["rating"] >= pcfg.positive_threshold).sum())
+    mf_ids, mf_emb = stage("retrieval", lambda: BPRMF.from_config(pcfg).fit(log).item_embeddings())
+    pairs, pstats = stage(
+        "mining", lambda: mine_pairs(log, pcfg, item_ids=mf_ids, item_emb=mf_emb)
+    )
+    out["n_pairs"] = int(len(pairs))
+    out["pairs"] = _combine(out, ("retrieval", "mining"))
+    del log
+    acfg = AlignerConfig(max_epochs=max_epochs)
+    if aligner_max_pairs is not None and len(pairs) > aligner_max_pairs:
+        take = np.random.default_rng(seed).choice(len(pairs), aligner_max_pairs, replace=False)
+        pairs = pairs.iloc[np.sort(take)]
+    out["aligner_pairs"] = int(len(pairs))
+    aligner = stage("aligner", lambda: ItemAligner(acfg).fit(content, ids, pairs))
+    out["aligner_epochs_run"] = int(aligner.history_["epochs_run"])
+
+    def codes():
+        aligned = align_with_weights(aligner.weights_, content)
+        rq, vq = fit_quantizers(aligned, ids, cfg.rq, cfg.vq)
+        rq_codes = rq.encode(aligned)
+        vq_codes = vq.encode(aligned, exclude_ids=ids)
+        return vq, rq_codes.shape, vq_codes.shape
+
+    vq, _, _ = stage("codes", codes)
+    out["vq_mode"] = vq.mode_
+    out["vq_ann_recall"] = vq.ann_recall_
+    out["total"] = _combine(out, ("pairs", "aligner", "codes"))
+    return out
+
+
+def _combine(out: dict, names) -> dict:
+    return {
+        "seconds": sum(out[s]["seconds"] for s in names),
+        "cpu_seconds": sum(out[s]["cpu_seconds"] for s in names),
+        "peak_rss_mib": max(out[s]["peak_rss_mib"] for s in names),
+    }
+
+
+def reproduce(n_items: int, n_users: int, max_epochs: int = 3, n_threads: int = 2) -> dict:
+    """Child: the issue's measurement, ``build_bundle`` on :class:`SyntheticWorld`."""
+    import tempfile
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n_threads)
+    threadpool_limits(n_threads)
+    from qarm_features.build import build_bundle
+    from qarm_features.config import AlignerConfig, BuildConfig
+    from qarm_features.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(n_items, n_users, content_dim=384, seed=0)
+    log = world.interactions(20)
+    cfg = BuildConfig(aligner=AlignerConfig(max_epochs=max_epochs))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = build_bundle(Path(tmp) / "b", item_ids=world.item_ids, raw_emb=world.content,
+                           interactions=log, config=cfg)
+    return {"n_items": n_items, "n_events": int(len(log)), "build_s": time.perf_counter() - t0,
+            **{k: float(v) for k, v in res.timings.items()}}
+
+
+# ------------------------------------------------------------------ parent side
+def _fit(records: list[dict], stage: str, key: str) -> dict:
+    """Least-squares ``seconds = a + b * x`` over the runs; ``b`` in microseconds."""
+    x = np.array([r[key] for r in records if stage in r], float)
+    y = np.array([r[stage]["seconds"] for r in records if stage in r], float)
+    if x.size < 2:
+        return {}
+    b, a = np.polyfit(x, y, 1)
+    pred = a + b * x
+    r2 = 1.0 - ((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12)
+    return {"per": key, "us_per_unit": b * 1e6, "intercept_s": a, "r2": r2}
+
+
+def run(quick: bool, *, runs=None, out_path: str | os.PathLike | None = None) -> dict:
+    """Run the sweep (each size in its own child); returns and writes the records."""
+    from benchmarks.timing import run_child
+
+    env = os.environ.get("QARM_SCALE_RUNS")
+    if runs is None and env:
+        runs = [tuple(int(v) for v in s.split(":")) for s in env.split(",") if s]
+    runs = runs or (QUICK_RUNS if quick else DEFAULT_RUNS)
+    records = []
+    for n_items, n_events in runs:
+        t0 = time.perf_counter()
+        try:
+            rec = run_child("benchmarks.bench_scale:stages",
+                            {"n_items": int(n_items), "n_events": int(n_events)}, timeout=3600)
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next size
+            rec = {"n_items": n_items, "n_events": n_events, "error": str(exc)[-500:]}
+        rec["wall_s"] = time.perf_counter() - t0
+        records.append(rec)
+        if out_path:
+            _write(out_path, records)
+    return _summary(records)
+
+
+def _summary(records: list[dict]) -> dict:
+    ok = [r for r in records if "error" not in r]
+    fits = {s: _fit(ok, s, "n_events") for s in ("retrieval", "mining", "pairs")}
+    fits.update({s: _fit(ok, s, "n_items") for s in ("aligner", "codes")})
+    for r in ok:
+        r["pairs_events_per_s"] = r["n_events"] / r["pairs"]["seconds"]
+    return {"records": records, "fits": fits}
+
+
+STAGES = ("retrieval", "mining", "pairs", "aligner", "codes", "total")
+
+
+def markdown(summary: dict) -> list[str]:
+    """The scaling table: per run and stage, wall seconds / CPU seconds / peak RSS MiB."""
+    lines = ["Scaling, one child process per run (wall s / CPU s / peak RSS MiB per stage):", ""]
+    lines.append("| items | events | " + " | ".join(STAGES) + " | pairs events/s |")
+    lines.append("|---|---|" + "---|" * (len(STAGES) + 1))
+    for r in summary["records"]:
+        if "error" in r:
+            lines.append(f"| {r['n_items']:,} | {r['n_events']:,} | failed: {r['error'][-80:]} |")
+            continue
+        cells = [f"{r[s]['seconds']:.1f} / {r[s].get('cpu_seconds', float('nan')):.1f} / "
+                 f"{r[s]['peak_rss_mib']:.0f}" for s in STAGES]
+        lines.append(f"| {r['n_items']:,} | {r['n_events']:,} | " + " | ".join(cells)
+                     + f" | {r.get('pairs_events_per_s', float('nan')):,.0f} |")
+    lines.append("")
+    fits = {k: v for k, v in summary.get("fits", {}).items() if v}
+    if fits:
+        lines.append("Least-squares fits, wall seconds = a + b x: "
+                     + "; ".join(f"{k}: b = {v['us_per_unit']:.2f} us per {v['per'][2:-1]}, "
+                                 f"a = {v['intercept_s']:.1f} s, R^2 = {v['r2']:.3f}"
+                                 for k, v in fits.items()))
+        lines.append("")
+    return lines
+
+
+def _write(path, records) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(_summary(records), indent=1, default=float))
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench_scale [items:events ...]
+    import sys
+
+    sizes = [tuple(int(v) for v in a.split(":")) for a in sys.argv[1:]] or None
+    res = run(False, runs=sizes, out_path="benchmarks/results/scale.json")
+    print(json.dumps(res, indent=1, default=float))
