@@ -273,11 +273,48 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
     )
 
 
-def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig):
+class _TargetHeads(nn.Module):
+    """Training-only linear heads: aligned embedding -> standardised item targets.
+
+    ``targets``: ``{name: (weight, (n, t) float32 array, NaN rows = unknown)}``. Never
+    exported: the served aligner is :class:`Aligner` alone.
+    """
+
+    def __init__(self, out_dim: int, targets: dict, device) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict()
+        self.weights: dict[str, float] = {}
+        self.values: dict[str, torch.Tensor] = {}
+        self.known: dict[str, torch.Tensor] = {}
+        for name, (weight, arr) in targets.items():
+            arr = np.asarray(arr, dtype=np.float64)
+            known = np.isfinite(arr).all(axis=1)
+            if known.sum() < 2:
+                continue
+            mu, sd = arr[known].mean(axis=0), arr[known].std(axis=0)
+            z = np.where(known[:, None], (arr - mu) / np.maximum(sd, 1e-8), 0.0)
+            self.heads[name] = nn.Linear(out_dim, arr.shape[1])
+            self.weights[name] = float(weight)
+            self.values[name] = torch.from_numpy(z.astype(np.float32)).to(device)
+            self.known[name] = torch.from_numpy(known).to(device)
+
+    def loss(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), device=z.device)
+        for name, head in self.heads.items():
+            k = self.known[name][rows]
+            if k.any():
+                err = head(z[k]) - self.values[name][rows[k]]
+                total = total + self.weights[name] * (err**2).mean()
+        return total
+
+
+def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig, heads=None):
     """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``)."""
     za, zb = model(x_all[a]), model(x_all[b])
     nce = symmetric_nce(za, zb, a, b, cfg.temperature)
     loss = nce
+    if heads is not None and len(heads.heads):
+        loss = loss + heads.loss(torch.cat([za, zb]), torch.cat([a, b]))
     raw_term = torch.zeros((), device=nce.device)
     if cfg.raw_consistency > 0:
         z = torch.cat([za, zb])
@@ -344,6 +381,7 @@ class ItemAligner:
         *,
         val_items=None,
         popularity=None,
+        item_targets: dict | None = None,
         progress: bool = False,
     ) -> ItemAligner:
         """Train on ``pairs`` over the catalog ``(item_ids, raw_emb)``; returns ``self``.
@@ -355,6 +393,10 @@ class ItemAligner:
             val_items: ids to hold out, ``None`` for a random split, empty for no validation.
             popularity: interaction counts for popularity-matched negatives (Series keyed
                 by id, or array aligned with ``item_ids``); default: item degree in ``pairs``.
+            item_targets: ``{"quality": (n, t), "teacher": (n, t)}`` float arrays aligned
+                with ``item_ids`` (NaN rows = unknown) for the auxiliary heads weighted by
+                ``config.quality_weight`` / ``config.teacher_weight`` (a zero weight or a
+                missing key disables a head).
             progress: log each epoch at INFO level (DEBUG otherwise).
 
         Raises:
@@ -392,7 +434,16 @@ class ItemAligner:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(cfg.seed)
             scorer = score if validate else None
-            model = self._train(raw, hold, cfg, device, history, scorer, progress)
+            targets = {}
+            for name, weight in (("quality", cfg.quality_weight), ("teacher", cfg.teacher_weight)):
+                if weight > 0 and item_targets is not None and name in item_targets:
+                    arr = np.asarray(item_targets[name], dtype=np.float32)
+                    if arr.ndim != 2 or arr.shape[0] != ids.size:
+                        raise InputError(
+                            f"item_targets[{name!r}]: expected shape ({ids.size}, t), got {arr.shape}"
+                        )
+                    targets[name] = (weight, arr)
+            model = self._train(raw, hold, cfg, device, history, scorer, progress, targets)
         model.eval()
         self.module_ = model
         self.weights_ = model.export_weights()
@@ -400,15 +451,17 @@ class ItemAligner:
         self.history_ = history
         return self
 
-    def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress) -> Aligner:
+    def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress, targets=None):
         """Epoch loop with early stopping on ``score`` (None: no validation)."""
         model = Aligner(raw.shape[1], cfg).init_from_raw(raw).to(device)
+        heads = _TargetHeads(cfg.out_dim, targets or {}, device).to(device)
         x_all = torch.from_numpy(raw).to(device)
         ref_all = torch.from_numpy(_centred_reference(raw, _normalized_moments(raw)[0])).to(device)
         a_all = torch.from_numpy(hold.train_a).to(device)
         b_all = torch.from_numpy(hold.train_b).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        params = list(model.parameters()) + list(heads.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_train = hold.train_a.size
         bs = min(cfg.batch_size, n_train)
 
@@ -423,7 +476,7 @@ class ItemAligner:
         epoch = 0
         for epoch in range(1, cfg.max_epochs + 1):
             perm = torch.randperm(n_train, generator=gen).to(device)
-            stats = _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg)
+            stats = _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, heads)
             for key, value in zip(_EPOCH_KEYS, stats):
                 history[key].append(value)
             if score is None:
@@ -468,7 +521,7 @@ class ItemAligner:
         return self.module_.transform(raw_emb)
 
 
-def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg):
+def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, heads=None):
     """One pass over the train pairs in ``perm`` order; returns mean losses and pairs/s."""
     model.train()
     t0 = time.perf_counter()
@@ -477,7 +530,9 @@ def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg):
         idx = perm[s : s + bs]
         if idx.numel() < 2:  # a lone pair has no in-batch negative
             continue
-        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a_all[idx], b_all[idx], cfg)
+        loss, nce, raw_term = _batch_loss(
+            model, x_all, ref_all, a_all[idx], b_all[idx], cfg, heads
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
