@@ -146,7 +146,8 @@ def run_selection(item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None)
     cand_align: dict = {n: [] for n in cfg.candidates}
     for seed in cfg.selection_seeds:
         bar.set_description(f"validation seed {seed}: split + item spaces")
-        vsplit = make_validation_split(item_ids, make_split(item_ids, interactions, cfg, seed), cfg, seed)
+        split = make_split(item_ids, interactions, cfg, seed)
+        vsplit = make_validation_split(item_ids, split, cfg, seed)
         spaces = build_item_spaces(item_ids, raw_emb, vsplit, cfg, seed)
         main_align.append(spaces.report["alignment"])
         res = {}

@@ -261,7 +261,7 @@ def test_write_report_files_and_json_layout(tmp_path):
 def test_run_protocol_end_to_end_tiny(tmp_path):
     """The whole protocol (pairs, aligner, codes, rankers, ablation, report) on tiny data."""
     from qarm_features.config import AlignerConfig, PairsConfig, RQConfig, VQConfig
-    from qarm_features.app.evaluate import run_protocol
+    from qarm_features.app.evaluate import CONTRASTS, run_protocol
     from qarm_features.app.protocol import Ablation
 
     item_ids, raw, df = _world(n_items=80, n_users=60, n_rows=3000, seed=2)
@@ -293,7 +293,7 @@ def test_run_protocol_end_to_end_tiny(tmp_path):
     assert sel["candidates"]["quality"]["alignment"] is not None  # refits the aligner
     for c in sel["candidates"].values():
         assert set(c["delta_vs_main"]) == {"D", "B+D"}
-        assert set(c["contrasts"]) == {"cold_D_minus_B", "cold_BD_minus_B", "warm_D_minus_A", "warm_BD_minus_B"}
+        assert set(c["contrasts"]) == set(CONTRASTS)
     assert set(sel["main"]["results"]) == {"A", "B", "D", "B+D"}
     for v in ("A", "D"):
         for s in SUBSETS:
