@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from qarm_features._contrastive import pair_rows, symmetric_nce
+from qarm_features._contrastive import TargetHeads, pair_rows, symmetric_nce, weighted_targets
 from qarm_features._validate import check_embeddings, check_ids, lookup_rows
 from qarm_features.config import AlignerConfig
 from qarm_features.errors import ConfigError, DependencyError, InputError, NotFittedError
@@ -275,18 +275,19 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
     )
 
 
-def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig):
+def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig, heads=None):
     """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``)."""
     za, zb = model(x_all[a]), model(x_all[b])
     nce = symmetric_nce(za, zb, a, b, cfg.temperature)
     loss = nce
+    if heads is not None and len(heads.heads):  # training-only heads (never exported)
+        loss = loss + heads.loss(torch.cat([za, zb]), torch.cat([a, b]))
     raw_term = torch.zeros((), device=nce.device)
     if cfg.raw_consistency > 0:
         z = torch.cat([za, zb])
         r = ref_all[torch.cat([a, b])]
         n2 = z.shape[0]
-        # Both diagonals are 1 (unit rows), so the full sum is the off-diagonal sum: no
-        # boolean off-diagonal mask (and its gather) is needed.
+        # Both diagonals are 1 (unit rows): the full sum is the off-diagonal sum, no mask.
         raw_term = ((z @ z.T - r @ r.T) ** 2).sum() / (n2 * (n2 - 1))
         loss = loss + cfg.raw_consistency * raw_term
     return loss, nce, raw_term
@@ -299,11 +300,10 @@ class ItemAligner:
 
         nce = (CE(za @ zb.T / T) + CE(zb @ za.T / T)) / 2          # in-batch, symmetric
         raw = mean_{i != j} (S_aligned[i, j] - S_raw[i, j])^2        # over the 2B batch items
-        loss = nce + config.raw_consistency * raw
+        loss = nce + config.raw_consistency * raw (+ weighted item-target heads, if any)
 
-    ``S_raw`` is the cosine matrix of the *centred* normalised raw embeddings (the space the
-    aligner starts from, see :meth:`Aligner.init_from_raw`). In-batch false negatives
-    (the same target, or the query item itself, in another column) are masked.
+    ``S_raw``: cosines of the *centred* normalised raw embeddings (the aligner's start,
+    :meth:`Aligner.init_from_raw`). In-batch false negatives are masked.
 
     Validation: the items ``val_items`` (default: a random ``config.val_fraction`` of the
     items in ``pairs``) are held out; every pair touching one of them leaves training and
@@ -347,6 +347,7 @@ class ItemAligner:
         *,
         val_items=None,
         popularity=None,
+        item_targets: dict | None = None,
         progress: bool = False,
     ) -> ItemAligner:
         """Train on ``pairs`` over the catalog ``(item_ids, raw_emb)``; returns ``self``.
@@ -358,6 +359,9 @@ class ItemAligner:
             val_items: ids to hold out, ``None`` for a random split, empty for no validation.
             popularity: interaction counts for popularity-matched negatives (Series keyed
                 by id, or array aligned with ``item_ids``); default: item degree in ``pairs``.
+            item_targets: ``{"quality" | "teacher": (n, t) float}`` rows of ``item_ids``
+                (NaN = unknown) for the heads weighted by ``config.quality_weight`` /
+                ``config.teacher_weight`` (:class:`~qarm_features._contrastive.TargetHeads`).
             progress: log each epoch at INFO level (DEBUG otherwise).
 
         Raises:
@@ -401,7 +405,9 @@ class ItemAligner:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(cfg.seed)
             scorer = score if validate else None
-            model = self._train(raw, hold, cfg, device, history, scorer, progress)
+            weights = {"quality": cfg.quality_weight, "teacher": cfg.teacher_weight}
+            targets = weighted_targets(item_targets, weights, ids.size)
+            model = self._train(raw, hold, cfg, device, history, scorer, progress, targets)
         model.eval()
         self.module_ = model
         self.weights_ = model.export_weights()
@@ -409,15 +415,17 @@ class ItemAligner:
         self.history_ = history
         return self
 
-    def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress) -> Aligner:
+    def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress, targets=None):
         """Epoch loop with early stopping on ``score`` (None: no validation)."""
         model = Aligner(raw.shape[1], cfg).init_from_raw(raw).to(device)
+        heads = TargetHeads(cfg.out_dim, targets or {}, device).to(device)
         x_all = torch.from_numpy(raw).to(device)
         ref_all = torch.from_numpy(_centred_reference(raw, _normalized_moments(raw)[0])).to(device)
         a_all = torch.from_numpy(hold.train_a).to(device)
         b_all = torch.from_numpy(hold.train_b).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        params = [*model.parameters(), *heads.parameters()]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_train = hold.train_a.size
         bs = min(cfg.batch_size, n_train)
 
@@ -432,7 +440,7 @@ class ItemAligner:
         epoch = 0
         for epoch in range(1, cfg.max_epochs + 1):
             perm = torch.randperm(n_train, generator=gen).to(device)
-            stats = _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg)
+            stats = _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, heads)
             for key, value in zip(_EPOCH_KEYS, stats):
                 history[key].append(value)
             if score is None:
@@ -477,7 +485,7 @@ class ItemAligner:
         return self.module_.transform(raw_emb)
 
 
-def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg):
+def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, heads=None):
     """One pass over the train pairs in ``perm`` order; returns mean losses and pairs/s."""
     model.train()
     t0 = time.perf_counter()
@@ -486,7 +494,8 @@ def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg):
         idx = perm[s : s + bs]
         if idx.numel() < 2:  # a lone pair has no in-batch negative
             continue
-        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a_all[idx], b_all[idx], cfg)
+        a, b = a_all[idx], b_all[idx]
+        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a, b, cfg, heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -79,6 +79,16 @@ class AlignerConfig(_Config):
     # Weight of the term that keeps aligned similarities close to raw-space similarities,
     # so the aligner does not discard what the content encoder knows (cold items).
     raw_consistency: float = Field(0.1, ge=0)
+    # Auxiliary item-level regressions that keep behaviour signal the pair loss discards
+    # (pair InfoNCE is popularity-debiased by construction, yet the ranker's label leans on
+    # item quality). A training-only linear head on the aligned embedding predicts, for
+    # items with train interactions, standardised targets; the head is not exported, so
+    # the served forward is unchanged. `quality_weight`: the item's shrunk positive rate
+    # and log interaction count. `teacher_weight`: the retrieval model's item embedding and
+    # bias (BPRMF fitted on the same rows: the IDProxy recipe, content regressed onto the
+    # collaborative item space). 0 disables each (see the evaluation's candidates).
+    quality_weight: float = Field(0.0, ge=0)
+    teacher_weight: float = Field(0.0, ge=0)
     max_epochs: int = Field(40, ge=1)
     patience: int = Field(5, ge=1)  # early stopping on held-out pair-AUC of unseen items
     val_fraction: float = Field(0.1, gt=0, lt=1)

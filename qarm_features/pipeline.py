@@ -124,6 +124,37 @@ def item_popularity(interactions: pd.DataFrame, item_ids: np.ndarray) -> np.ndar
     return counts.reindex(item_ids, fill_value=0).to_numpy(np.int64)
 
 
+# Pseudo-counts of the shrunk positive rate (quality target): an item with few ratings is
+# pulled towards the catalog's positive rate instead of sitting at 0 or 1.
+QUALITY_PRIOR_COUNT = 5.0
+
+
+def quality_targets(interactions: pd.DataFrame, item_ids: np.ndarray, threshold: float):
+    """``(n, 2)`` float32 per-item targets: shrunk positive rate, ``log1p(#interactions)``.
+
+    Items without an interaction get NaN rows (unknown: no auxiliary loss on them).
+    """
+    n = interactions.groupby("item_id")["rating"].size()
+    pos = (interactions["rating"] >= threshold).groupby(interactions["item_id"]).sum()
+    prior = float(pos.sum() / max(n.sum(), 1))
+    rate = (pos + QUALITY_PRIOR_COUNT * prior) / (n + QUALITY_PRIOR_COUNT)
+    out = np.full((item_ids.size, 2), np.nan, np.float32)
+    rows = lookup_rows(n.index.to_numpy(np.int64), item_ids, name="interactions.item_id")
+    out[rows, 0] = rate.reindex(n.index).to_numpy()
+    out[rows, 1] = np.log1p(n.to_numpy())
+    return out
+
+
+def teacher_targets(mf, item_ids: np.ndarray) -> np.ndarray:
+    """``(n, dim + 1)`` float32: a fitted BPRMF's item embedding and bias per catalog item
+    (NaN rows for items it never saw)."""
+    out = np.full((item_ids.size, mf.item_emb_.shape[1] + 1), np.nan, np.float32)
+    rows = lookup_rows(mf.item_ids_, item_ids, name="BPRMF item_ids_")
+    out[rows, :-1] = mf.item_emb_
+    out[rows, -1] = mf.item_bias_
+    return out
+
+
 def space_metrics(emb, item_ids, pairs, popularity, *, seed: int = 0) -> dict:
     """Pair recall@10 and popularity-matched pair-AUC of ``pairs`` in an embedding space."""
     from qarm_features.metrics import pair_auc, pair_recall_at_k
@@ -260,7 +291,21 @@ def fit_item_space(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     step("mining pairs")
-    pairs, pair_stats = mined if mined is not None else mine_pairs(interactions, cfg.pairs)
+    targets = {}
+    if cfg.aligner.teacher_weight > 0:
+        from qarm_features.retrieval import BPRMF
+
+        # The same retrieval model mine_pairs would fit: fitted once, used twice.
+        mf = BPRMF.from_config(cfg.pairs).fit(interactions)
+        targets["teacher"] = teacher_targets(mf, ids)
+        mf_ids, mf_emb = mf.item_embeddings()
+        pairs, pair_stats = mine_pairs(interactions, cfg.pairs, item_ids=mf_ids, item_emb=mf_emb)
+    elif mined is not None:
+        pairs, pair_stats = mined
+    else:
+        pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
+    if cfg.aligner.quality_weight > 0:
+        targets["quality"] = quality_targets(interactions, ids, cfg.pairs.positive_threshold)
     timings["pairs_s"] = time.perf_counter() - t0
     if len(pairs) == 0:
         raise InputError("pair mining found no pairs; are there positives (rating >= threshold)?")
@@ -272,7 +317,7 @@ def fit_item_space(
     t0 = time.perf_counter()
     step("training aligner")
     aligner = ItemAligner(cfg.aligner).fit(
-        raw, ids, train_pairs, val_items=val_items, progress=progress
+        raw, ids, train_pairs, val_items=val_items, item_targets=targets, progress=progress
     )
     timings["aligner_s"] = time.perf_counter() - t0
     # The aligned space served later is the numpy forward of the exported weights.

@@ -110,6 +110,14 @@ class RQCodeEmbedding(nn.Module):
             training contribute nothing (a cold item whose fine-level prefix no warm item
             shares falls back on its coarser levels instead of on random noise); the
             gradient of a row does not depend on its value, so zero rows still learn.
+        codebooks: a bundle's ``rq_codebooks`` ``(L, K, d)``, or None. Given, a slot's row is
+            ``W_s @ content + table[row]`` (SIDE-style content initialisation, tied
+            per-slot maps ``content_proj`` ``(n_slots, d, dim)``); content = the decoded
+            code (level slot: centroid ``codebooks[l, c_l]``; prefix of length ``l``: the
+            RQ reconstruction ``sum_{j<=l} codebooks[j, c_j]``). Codes no training row used
+            still score through ``W_s``, which every warm item trained (cold items).
+        level_dropout: training only: each row, with this probability, keeps only its first
+            ``l`` levels (``l`` uniform in ``1..L-1``), deeper slots dropped.
 
     Shapes:
         forward: codes ``(..., L)`` int64 in ``[0, K)`` -> ``(..., dim)`` (or slots).
@@ -125,6 +133,8 @@ class RQCodeEmbedding(nn.Module):
         prefix_buckets: int = 1 << 16,
         pooling: str = "sum",
         init_std: float = 0.0,
+        codebooks=None,
+        level_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if n_levels < 1 or n_codes < 2 or dim < 1:
@@ -159,11 +169,32 @@ class RQCodeEmbedding(nn.Module):
                 slots.append(("prefix", length, offset, size))
                 offset += size
         self.slots = tuple(slots)
+        depth = [pos + 1 if kind == "level" else pos for kind, pos, _o, _s in slots]
+        self.register_buffer("slot_depth", torch.tensor(depth), persistent=False)  # 1-based
         self.n_rows = offset
         self.table = nn.Embedding(offset, dim)
         nn.init.normal_(self.table.weight, std=init_std) if init_std > 0 else nn.init.zeros_(
             self.table.weight
         )
+        if not 0.0 <= level_dropout < 1.0:
+            raise InputError(f"level_dropout: expected a value in [0, 1), got {level_dropout}")
+        self.level_dropout, self.content_proj = float(level_dropout), None
+        if codebooks is not None:
+            cb = torch.as_tensor(np.asarray(codebooks), dtype=torch.float32).contiguous()
+            if cb.dim() != 3 or tuple(cb.shape[:2]) != (n_levels, n_codes):
+                raise InputError(f"codebooks: expected ({n_levels}, {n_codes}, d), got {cb.shape}")
+            self.register_buffer("codebooks", cb)
+            bound = 1.0 / math.sqrt(cb.shape[2])  # nn.Linear's default init, one map per slot
+            proj = torch.empty(len(slots), cb.shape[2], dim).uniform_(-bound, bound)
+            self.content_proj = nn.Parameter(proj)
+
+    def slot_content(self, codes: torch.Tensor) -> torch.Tensor:
+        """Decoded vector of every slot: ``(..., L)`` -> ``(..., n_slots, d)``."""
+        levels = torch.arange(self.n_levels, device=codes.device)
+        per_level = self.codebooks[levels, codes.long()]  # (..., L, d)
+        cum = per_level.cumsum(dim=-2)
+        at = lambda kind, pos: per_level[..., pos, :] if kind == "level" else cum[..., pos - 1, :]
+        return torch.stack([at(kind, pos) for kind, pos, *_ in self.slots], dim=-2)
 
     @property
     def n_slots(self) -> int:
@@ -198,6 +229,15 @@ class RQCodeEmbedding(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         emb = self.table(self.slot_ids(codes))  # (..., n_slots, dim)
+        if self.content_proj is not None:
+            content = self.slot_content(codes)  # (..., n_slots, d)
+            emb = emb + torch.einsum("...sd,sde->...se", content, self.content_proj)
+        if self.training and self.level_dropout > 0 and self.n_levels > 1:
+            shape = codes.shape[:-1]
+            drop = torch.rand(shape, device=codes.device) < self.level_dropout
+            depth = torch.randint(1, self.n_levels, shape, device=codes.device)
+            depth = torch.where(drop, depth, self.n_levels)
+            emb = emb * (self.slot_depth <= depth.unsqueeze(-1)).to(emb.dtype).unsqueeze(-1)
         if self.pooling == "sum":
             return emb.sum(dim=-2)
         if self.pooling == "mean":
@@ -220,6 +260,9 @@ class VQCodeEmbedding(nn.Module):
             padding, e.g. the ranker's item-id table: the pool items *are* items, so a code
             list then pools the id embeddings of the item's nearest pool items (code ``c``
             reads row ``c + 1``). ``init_std`` is ignored.
+        pool_emb: a bundle's ``vq_pool_emb`` ``(vocab_size, d)`` (rows in code order), or
+            None. Given, the weighted pool is over ``table[c] + W @ pool_emb[c]``
+            (``W`` = ``content_proj``; see :class:`RQCodeEmbedding`).
 
     Shapes:
         forward: codes ``(..., k)`` int64 in ``[-1, vocab_size)`` -> ``(..., dim)``; a row of
@@ -235,6 +278,7 @@ class VQCodeEmbedding(nn.Module):
         rank_weights: bool = True,
         init_std: float = 0.0,
         table: nn.Embedding | None = None,
+        pool_emb=None,
     ):
         super().__init__()
         if vocab_size < 1 or dim < 1 or k < 1:
@@ -259,6 +303,14 @@ class VQCodeEmbedding(nn.Module):
         with torch.no_grad():
             self.table.weight[0].zero_()
         self.rank_logits = nn.Parameter(torch.zeros(k)) if rank_weights else None
+        self.content_proj = None
+        if pool_emb is not None:
+            pe = torch.as_tensor(np.asarray(pool_emb), dtype=torch.float32)
+            if pe.dim() != 2 or pe.shape[0] != vocab_size:
+                raise InputError(f"pool_emb: expected ({vocab_size}, d), got {tuple(pe.shape)}")
+            # Row 0 is padding, as in the table.
+            self.register_buffer("pool_emb", torch.cat([pe.new_zeros(1, pe.shape[1]), pe]))
+            self.content_proj = nn.Linear(pe.shape[1], dim, bias=False)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.shape[-1] != self.k:
@@ -278,7 +330,11 @@ class VQCodeEmbedding(nn.Module):
         else:
             w = valid
         w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        return (emb * w.unsqueeze(-1)).sum(dim=-2)
+        out = (emb * w.unsqueeze(-1)).sum(dim=-2)
+        if self.content_proj is not None:
+            # Linear, so projecting the pooled content equals pooling projected contents.
+            out = out + self.content_proj((self.pool_emb[codes + 1] * w.unsqueeze(-1)).sum(dim=-2))
+        return out
 
 
 class QarmEmbedding(nn.Module):
@@ -291,6 +347,8 @@ class QarmEmbedding(nn.Module):
         rq_mode, prefix_buckets: passed to :class:`RQCodeEmbedding`.
         init_std: code-table init (0 = zeros: unseen codes contribute nothing).
         vq_table: share this table for VQ codes (see :class:`VQCodeEmbedding`).
+        rq_codebooks, vq_pool_emb, level_dropout: content-initialised codes and RQ level
+            dropout (:class:`RQCodeEmbedding`, :class:`VQCodeEmbedding`, :meth:`with_content`).
 
     Shapes:
         forward(rq ``(..., L)``, vq ``(..., K)``) -> ``(..., out_dim)``.
@@ -308,28 +366,39 @@ class QarmEmbedding(nn.Module):
         prefix_buckets: int = 1 << 16,
         init_std: float = 0.0,
         vq_table: nn.Embedding | None = None,
+        rq_codebooks=None,
+        vq_pool_emb=None,
+        level_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.rq = (
-            RQCodeEmbedding(
-                rq_levels,
-                rq_codes,
-                dim,
-                mode=rq_mode,
-                prefix_buckets=prefix_buckets,
-                init_std=init_std,
+        self.rq = self.vq = None
+        if rq_levels > 0:
+            self.rq = RQCodeEmbedding(
+                *(rq_levels, rq_codes, dim), mode=rq_mode, prefix_buckets=prefix_buckets,
+                init_std=init_std, codebooks=rq_codebooks, level_dropout=level_dropout,
+            )  # fmt: skip
+        if vq_vocab > 0:
+            self.vq = VQCodeEmbedding(
+                vq_vocab, dim, k=vq_k, init_std=init_std, table=vq_table, pool_emb=vq_pool_emb
             )
-            if rq_levels > 0
-            else None
-        )
-        self.vq = (
-            VQCodeEmbedding(vq_vocab, dim, k=vq_k, init_std=init_std, table=vq_table)
-            if vq_vocab > 0
-            else None
-        )
         if self.rq is None and self.vq is None:
             raise InputError("QarmEmbedding: enable RQ (rq_levels > 0) and/or VQ (vq_vocab > 0)")
         self.out_dim = dim * ((self.rq is not None) + (self.vq is not None))
+
+    @classmethod
+    def with_content(cls, dim=64, *, rq_codebooks=None, vq_pool_emb=None, vq_k=0, **kwargs):
+        """Content-initialised codes (issue 11's validation winner, the evaluation default)
+        from ``bundle.rq_codebooks`` ``(L, K, d)`` and ``bundle.vq_pool_emb`` ``(P, d)``
+        (map VQ codes with ``CodeVocab(bundle.vq_pool_ids)``: same row order)."""
+        if rq_codebooks is not None:
+            if np.ndim(rq_codebooks) != 3:
+                raise InputError(f"rq_codebooks: expected (L, K, d), got {np.shape(rq_codebooks)}")
+            kwargs.update(rq_levels=np.shape(rq_codebooks)[0], rq_codes=np.shape(rq_codebooks)[1])
+        if vq_pool_emb is not None:
+            if vq_k < 1:
+                raise InputError(f"vq_k: the VQ list length is required (>= 1), got {vq_k}")
+            kwargs.update(vq_vocab=np.shape(vq_pool_emb)[0], vq_k=vq_k)
+        return cls(dim, rq_codebooks=rq_codebooks, vq_pool_emb=vq_pool_emb, **kwargs)
 
     def forward(self, rq: torch.Tensor | None = None, vq: torch.Tensor | None = None):
         parts = []

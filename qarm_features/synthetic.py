@@ -58,6 +58,11 @@ class SyntheticWorld:
             standard deviation (0 = the label ignores quality). The default 0.5 moves an
             item one std above average by half a star; it only changes ratings, never
             which items are engaged or when.
+        content_quality: weight of :attr:`quality` in the content embedding, along one
+            fixed unit direction (default 0: content knows nothing of quality, the world is
+            unchanged). A small weight makes quality a *weak* content direction next to the
+            collaborative and nuisance factors, as item quality is in a text embedding:
+            the setting where a representation can keep it or lose it.
     """
 
     BLOCK = 65_536  # rows per generation block; changing it changes the world
@@ -77,6 +82,7 @@ class SyntheticWorld:
         *,
         n_clusters: int = 16,
         quality_weight: float = 0.5,
+        content_quality: float = 0.0,
     ):
         for name, value in (
             ("n_items", n_items),
@@ -96,6 +102,11 @@ class SyntheticWorld:
         self.collab_dim, self.content_dim = int(collab_dim), int(content_dim)
         self.nuisance, self.seed, self.n_clusters = float(nuisance), int(seed), int(n_clusters)
         self.quality_weight = float(quality_weight)  # a Python float keeps ratings float32
+        if not np.isfinite(content_quality) or content_quality < 0:
+            raise InputError(
+                f"content_quality: expected a finite value >= 0, got {content_quality!r}"
+            )
+        self.content_quality = float(content_quality)
         g = self._rng(0)
         d = self.collab_dim
         self._centers = (g.standard_normal((n_clusters, d)) / np.sqrt(d)).astype(np.float32)
@@ -108,13 +119,18 @@ class SyntheticWorld:
             mix /= np.sqrt(self.content_dim)
         self._A = np.ascontiguousarray(mix[:d], dtype=np.float32)
         self._B = np.ascontiguousarray(mix[d:], dtype=np.float32)
+        # The content's quality direction: its own RNG stream, so the other draws (and
+        # every world with content_quality = 0) are unchanged.
+        q_dir = self._rng(4).standard_normal(self.content_dim)
+        self._q_dir = (q_dir / np.linalg.norm(q_dir)).astype(np.float32)
         self._cache: dict[str, np.ndarray] = {}
 
     def __repr__(self) -> str:
         return (
             f"SyntheticWorld(n_items={self.n_items}, n_users={self.n_users}, "
             f"collab_dim={self.collab_dim}, content_dim={self.content_dim}, "
-            f"nuisance={self.nuisance}, seed={self.seed}, quality_weight={self.quality_weight})"
+            f"nuisance={self.nuisance}, seed={self.seed}, quality_weight={self.quality_weight}, "
+            f"content_quality={self.content_quality})"
         )
 
     def _rng(self, *key: int) -> np.random.Generator:
@@ -147,6 +163,9 @@ class SyntheticWorld:
             eps *= np.float32(self._NOISE / np.sqrt(self.content_dim))
             eps += collab @ self._A
             eps += np.float32(self.nuisance) * (nz @ self._B)
+            if self.content_quality > 0:
+                q = out["quality"][:, None] * self._q_dir
+                eps += np.float32(self.content_quality) * q
             out["content"] = eps
         return out
 

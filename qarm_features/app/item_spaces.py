@@ -45,6 +45,12 @@ class ItemSpaces:
     vq_pool_ids: np.ndarray
     n_codes: int
     report: dict
+    # Content of the codes (ranking.QarmEmbedding's content initialisation): RQ codebooks
+    # (L, K, d) and VQ pool embeddings (rows in vq_pool_ids order) of each space.
+    raw_codebooks: np.ndarray | None = None
+    aligned_codebooks: np.ndarray | None = None
+    raw_pool_emb: np.ndarray | None = None
+    aligned_pool_emb: np.ndarray | None = None
 
 
 def build_item_spaces(item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: int) -> ItemSpaces:
@@ -95,6 +101,10 @@ def build_item_spaces(item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: in
         vq_pool_ids=space.pool_ids,
         n_codes=bcfg.rq.n_codes,
         report=report,
+        raw_codebooks=rq_r.codebooks_,
+        aligned_codebooks=space.rq.codebooks_,
+        raw_pool_emb=raw[lookup_rows(space.pool_ids, item_ids, name="VQ pool")],
+        aligned_pool_emb=aligned[lookup_rows(space.pool_ids, item_ids, name="VQ pool")],
     )
 
 

@@ -12,6 +12,13 @@
    serves them).
 3. **Variants**: one ranker architecture and budget; only the item tower's inputs change
    (:data:`VARIANTS`).
+4. **Validation split** (:func:`make_validation_split`), for every choice: the same
+   protocol applied *inside* the train rows. The last ``test_fraction`` of train rows (by
+   time) are validation rows and ``cold_item_fraction`` of the train-visible items
+   (drawn with ``seed + VAL_COLD_SEED_OFFSET``) lose their earlier rows: validation has its
+   own warm and cold items, and never touches test rows. Candidates
+   (:attr:`EvalConfig.candidates`) are compared there, on ``selection_seeds``; test rows
+   only report.
 
 :class:`EvalConfig` holds the protocol, the ranker budget and the item-space sections,
 which are :class:`~qarm_features.config.BuildConfig`'s (same classes, same defaults: one
@@ -47,14 +54,28 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
 
 
 class Ablation(BaseModel):
-    """One "what if": other aligner settings and/or ranker settings for a few variants."""
+    """One candidate ("what if"): other item-space and/or ranker settings for a few variants.
+
+    Measured on the validation split (:func:`make_validation_split`) against the main
+    configuration, paired by seed.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     description: str
     aligner: dict = {}  # AlignerConfig overrides (a new aligner and codes per seed)
-    ranker: dict = {}  # EvalConfig overrides of ranker fields (rq_mode, vq_tied, ...)
-    variants: tuple[str, ...] = ("D",)
+    rq: dict = {}  # RQConfig overrides (new codes per seed)
+    ranker: dict = {}  # EvalConfig overrides of ranker fields (rq_mode, content_codes, ...)
+    variants: tuple[str, ...] = ("D", "B+D")
+
+    @property
+    def refits_space(self) -> bool:
+        return bool(self.aligner or self.rq)
+
+
+# Offset of the validation split's cold-item draw from the run's seed (the test split's
+# cold items use the seed itself, the aligner's validation items seed + 1000).
+VAL_COLD_SEED_OFFSET = 2000
 
 
 class EvalConfig(BaseModel):
@@ -70,7 +91,9 @@ class EvalConfig(BaseModel):
     # Ranker budget, identical for every variant.
     dim: int = Field(32, ge=2)  # per-part embedding width (paper: 64; 32 fits the CPU budget)
     epochs: int = Field(6, ge=1)  # max epochs; the best validation epoch is kept
-    patience: int = Field(2, ge=1)
+    # Rankers peak after 1-2 epochs and validation AUC falls monotonically after (every
+    # run so far), so one epoch of patience keeps the same best epoch at 2/3 of the cost.
+    patience: int = Field(1, ge=1)
     batch_size: int = Field(1024, ge=8)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -85,6 +108,13 @@ class EvalConfig(BaseModel):
     rq_mode: Literal["level", "prefix", "both"] = "prefix"
     vq_tied: bool = False  # VQ codes read the item-id table (see RankerConfig.vq_tied)
     id_dropout: float = Field(0.0, ge=0, lt=1)  # see RankerConfig.id_dropout
+    level_dropout: float = Field(0.0, ge=0, lt=1)  # see RQCodeEmbedding.level_dropout
+    # Content-initialised code embeddings (ranking.QarmEmbedding.with_content: a code's row
+    # is a learned map of its decoded RQ vector / pool item's aligned embedding plus a
+    # learned delta). On by default: issue 11's validation winner (validation seeds 0-2,
+    # paired: cold D +0.014, cold B+D +0.013, warm D +0.006 AUC over plain code tables);
+    # unseen fine codes of cold items still score through maps every warm item trained.
+    content_codes: bool = True
     # Item spaces: BuildConfig's sections with BuildConfig's defaults, the preset `qarm
     # build` uses too (the run's seed replaces their seeds). The aligner's early stopping
     # holds out aligner.val_fraction of the paired (warm) items.
@@ -92,25 +122,66 @@ class EvalConfig(BaseModel):
     aligner: AlignerConfig = BuildConfig().aligner
     rq: RQConfig = BuildConfig().rq
     vq: VQConfig = BuildConfig().vq
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    # What helped / what did not, regenerated with the report (same seeds and splits).
-    ablations: dict[str, Ablation] = {
+    # The report's variants (D_vq / D_rq, the VQ-only / RQ-only ablations, are left out of
+    # the default run to fit 5 seeds plus the validation candidates in the CPU budget).
+    variants: tuple[str, ...] = ("A", "B", "C", "D", "E", "B+D")
+    # Every candidate tried, measured on the validation split (selection_seeds) against
+    # the main configuration: the report's candidates table, regenerated with it.
+    candidates: dict[str, Ablation] = {
+        "plain_code_tables": Ablation(
+            description="code tables without content (the previous default: a code's row "
+            "is a free, zero-initialised embedding)",
+            ranker={"content_codes": False},
+        ),
+        "rq_4_levels": Ablation(
+            description="a finer residual code: 4 RQ levels instead of 3",
+            rq={"n_levels": 4},
+        ),
+        "quality_head": Ablation(
+            description="aligner + training-only head regressing each warm item's shrunk "
+            "positive rate and log count (quality_weight 1)",
+            aligner={"quality_weight": 1.0},
+        ),
+        "teacher_head": Ablation(
+            description="aligner + training-only head regressing the BPR-MF item embedding "
+            "and bias (IDProxy-style teacher, teacher_weight 1)",
+            aligner={"teacher_weight": 1.0},
+        ),
+        "level_dropout": Ablation(
+            description="RQ level dropout 0.3 in ranker training (coarse levels learn to "
+            "score alone)",
+            ranker={"level_dropout": 0.3},
+            variants=("D",),
+        ),
+        "id_dropout": Ablation(
+            description="DropoutNet-style item-id dropout 0.3 in ranker training",
+            ranker={"id_dropout": 0.3},
+            variants=("D",),
+        ),
         "mlp_aligner": Ablation(
-            description="aligner with a 256-unit MLP next to the linear skip "
-            "instead of a linear aligner (the shared default)",
+            description="aligner with a 256-unit MLP next to the linear skip",
             aligner={"hidden": 256},
-        ),
-        "rq_levels_only": Ablation(
-            description="RQ codes as per-level ids (c1), (c2), (c3), no prefix n-grams",
-            ranker={"rq_mode": "level"},
-            variants=("C", "D"),
-        ),
-        "rq_levels_and_prefixes": Ablation(
-            description="RQ codes as per-level ids and prefix n-grams together",
-            ranker={"rq_mode": "both"},
+            variants=("D",),
         ),
     }
+    selection_seeds: tuple[int, ...] = (0, 1, 2)
+    # Variants trained on the validation split for the main configuration (the baselines
+    # every candidate's paired deltas are taken against).
+    selection_variants: tuple[str, ...] = ("A", "B", "D", "B+D")
+    # Test-split ablations (same seeds as the report); none by default: choices are made
+    # on the validation split.
+    ablations: dict[str, Ablation] = {}
     threads: int = Field(1, ge=1)  # torch threads (the budget assumes a shared 2-core box)
+
+    def with_candidate(self, cand: Ablation) -> EvalConfig:
+        """This configuration with a candidate's overrides applied."""
+        return self.model_copy(
+            update={
+                **cand.ranker,
+                "aligner": self.aligner.model_copy(update=cand.aligner),
+                "rq": self.rq.model_copy(update=cand.rq),
+            }
+        )
 
     def build_config(self, seed: int) -> BuildConfig:
         """The item-space sections as a :class:`BuildConfig`, every seed set to ``seed``."""
@@ -118,7 +189,15 @@ class EvalConfig(BaseModel):
         return BuildConfig(**sections).with_seed(seed)
 
 
-QUICK = {"epochs": 1, "history_len": 10, "dim": 16, "ablations": {}}
+QUICK = {
+    "variants": ("A", "B", "D", "B+D"),  # the aims' variants: keeps --quick under a minute
+    "epochs": 1,
+    "history_len": 10,
+    "dim": 16,
+    "ablations": {},
+    "candidates": {},
+    "selection_seeds": (),
+}
 
 
 # --------------------------------------------------------------------------- split
@@ -231,6 +310,25 @@ def make_split(item_ids, interactions, cfg: EvalConfig, seed: int) -> Split:
     item_ids = check_ids(item_ids, name="item_ids")
     train, test, _ = temporal_split(interactions, cfg.test_fraction)
     cold = choose_cold_items(item_ids, cfg.cold_item_fraction, seed)
+    return _split_rows(item_ids, train, test, cold, cfg)
+
+
+def make_validation_split(item_ids, split: Split, cfg: EvalConfig, seed: int) -> Split:
+    """The protocol applied inside ``split``'s train-visible rows (never its test rows).
+
+    The last ``cfg.test_fraction`` of train rows by time become validation rows; a
+    ``cfg.cold_item_fraction`` of the train-visible items, drawn with
+    ``seed + VAL_COLD_SEED_OFFSET``, lose their earlier rows (the validation cold items).
+    Returns a :class:`Split` whose ``test_rows`` are the validation rows.
+    """
+    item_ids = check_ids(item_ids, name="item_ids")
+    cols = ["user_id", "item_id", "rating", "timestamp"]
+    inner, val, _ = temporal_split(split.train[cols], cfg.test_fraction)
+    cold = choose_cold_items(split.warm_items, cfg.cold_item_fraction, seed + VAL_COLD_SEED_OFFSET)
+    return _split_rows(item_ids, inner, val, cold, cfg)
+
+
+def _split_rows(item_ids, train, test, cold, cfg: EvalConfig) -> Split:
     train = train[~train["item_id"].isin(cold)].reset_index(drop=True)
     warm = np.unique(train["item_id"].to_numpy(np.int64))
     thr = cfg.positive_threshold

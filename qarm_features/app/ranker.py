@@ -48,6 +48,8 @@ class RankerConfig:
     # VQ codes read the item-id table (codes = id row - 1): a code list pools the id
     # embeddings of the item's nearest pool items. Needs vq_vocab == n_item_ids - 1.
     vq_tied: bool = False
+    # Training only: RQ level dropout (see RQCodeEmbedding.level_dropout).
+    level_dropout: float = 0.0
     n_history_labels: int = 2  # history events carry their past label (0/1): PIT-safe
     # Attention scores are computed on a projection of the item vectors to this width
     # (per distinct item, before the gather), so their cost does not grow with the number
@@ -79,7 +81,9 @@ class DINRanker(nn.Module):
         ``[0, n_history_labels)``) -> logits ``(B,)``.
     """
 
-    def __init__(self, config: RankerConfig) -> None:
+    def __init__(self, config: RankerConfig, *, rq_codebooks=None, vq_pool_emb=None) -> None:
+        """``rq_codebooks`` / ``vq_pool_emb``: content-initialised code embeddings (see
+        :class:`~qarm_features.ranking.QarmEmbedding`); None = plain code tables."""
         super().__init__()
         c = config
         self.config = c
@@ -107,6 +111,9 @@ class DINRanker(nn.Module):
                 prefix_buckets=c.prefix_buckets,
                 init_std=c.code_init_std,
                 vq_table=self.item_emb if c.vq_tied else None,
+                rq_codebooks=rq_codebooks,
+                vq_pool_emb=vq_pool_emb,
+                level_dropout=c.level_dropout,
             )
             n_parts += self.qarm.out_dim // c.dim
         self.dense = nn.Linear(c.dense_dim, c.dim) if c.dense_dim > 0 else None

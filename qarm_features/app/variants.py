@@ -17,14 +17,26 @@ from qarm_features.errors import InputError
 
 
 # --------------------------------------------------------------------------- item features
-def variant_items(variant: str, spaces: ItemSpaces, split: Split, *, vq_tied: bool = False):
-    """(RankerConfig keyword arguments, ItemFeatures) for one variant."""
+def variant_items(
+    variant: str,
+    spaces: ItemSpaces,
+    split: Split,
+    *,
+    vq_tied: bool = False,
+    content_codes: bool = False,
+):
+    """(RankerConfig keyword arguments, ItemFeatures, content) for one variant.
+
+    ``content``: DINRanker's ``rq_codebooks`` / ``vq_pool_emb`` keyword arguments (the
+    codes' decoded vectors, when ``content_codes``; empty otherwise).
+    """
     from qarm_features.ranking import CodeVocab, ItemFeatures
 
     if variant not in VARIANTS:
         raise InputError(f"variant: unknown {variant!r}; choose from {list(VARIANTS)}")
     parts = VARIANTS[variant][0]
     kw: dict = {}
+    content: dict = {}
     rq = vq = dense = None
     vocab = CodeVocab(spaces.vq_pool_ids)
     for p in parts:
@@ -36,6 +48,10 @@ def variant_items(variant: str, spaces: ItemSpaces, split: Split, *, vq_tied: bo
         elif p.endswith("_rq"):
             rq = spaces.raw_rq if p == "raw_rq" else spaces.aligned_rq
             kw.update(rq_levels=rq.shape[1], rq_codes=spaces.n_codes)
+            if content_codes:
+                content["rq_codebooks"] = (
+                    spaces.raw_codebooks if p == "raw_rq" else spaces.aligned_codebooks
+                )
         elif p.endswith("_vq"):
             vq = vocab.map(spaces.raw_vq if p == "raw_vq" else spaces.aligned_vq)
             if vq_tied:  # pool rows -> item-id rows minus one (pool items are warm items)
@@ -46,7 +62,12 @@ def variant_items(variant: str, spaces: ItemSpaces, split: Split, *, vq_tied: bo
             else:
                 kw["vq_vocab"] = len(vocab)
             kw["vq_k"] = vq.shape[1]
-    return kw, ItemFeatures.from_numpy(split.item_id_index, rq=rq, vq=vq, dense=dense)
+            if content_codes:
+                content["vq_pool_emb"] = (
+                    spaces.raw_pool_emb if p == "raw_vq" else spaces.aligned_pool_emb
+                )
+    items = ItemFeatures.from_numpy(split.item_id_index, rq=rq, vq=vq, dense=dense)
+    return kw, items, content
 
 
 # --------------------------------------------------------------------------- rankers
@@ -74,8 +95,12 @@ def _predict(model, items, rows: Rows, batch_size: int = 8192) -> np.ndarray:
     return np.concatenate(out) if out else np.empty(0, np.float32)
 
 
-def train_ranker(ranker_kw: dict, items, split: Split, cfg: EvalConfig, seed: int):
+def train_ranker(
+    ranker_kw: dict, items, split: Split, cfg: EvalConfig, seed: int, content: dict | None = None
+):
     """Train one DINRanker (budget from ``cfg``), keep the best validation epoch.
+
+    ``content``: DINRanker's content keyword arguments (see :func:`variant_items`).
 
     Returns:
         ``(test_scores, info)`` with ``info`` = best epoch, validation AUC per epoch, params.
@@ -93,7 +118,7 @@ def train_ranker(ranker_kw: dict, items, split: Split, cfg: EvalConfig, seed: in
         dropout=cfg.dropout,
         **ranker_kw,
     )
-    model = DINRanker(rcfg)
+    model = DINRanker(rcfg, **(content or {}))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     fit = split.fit

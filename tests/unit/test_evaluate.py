@@ -151,7 +151,8 @@ def test_every_variant_builds_and_trains():
     spaces = _fake_spaces(item_ids, raw, sp)
     runs = {}
     for v in VARIANTS:
-        kw, items = variant_items(v, spaces, sp)
+        kw, items, content = variant_items(v, spaces, sp)
+        assert content == {}  # content_codes off: plain code tables
         scores, info = train_ranker(kw, items, sp, cfg, seed=0)
         assert scores.shape == (len(sp.test_rows),) and np.isfinite(scores).all()
         assert info["best_epoch"] == 1
@@ -181,7 +182,7 @@ def test_dense_content_helps_cold_items():
     spaces = _fake_spaces(item_ids, raw, sp)
     cold = {}
     for v in ("A", "B"):
-        kw, items = variant_items(v, spaces, sp)
+        kw, items, _ = variant_items(v, spaces, sp)
         scores, _ = train_ranker(kw, items, sp, cfg, seed=0)
         cold[v] = score_subsets(sp, scores, item_ids)["cold"]["auc"]
     assert cold["B"] > cold["A"] + 0.05
@@ -233,11 +234,10 @@ def _fake_out(variants=("A", "B", "C", "D", "E", "D_vq", "D_rq", "B+D")):
         "config": EvalConfig().model_dump(mode="json"),
         "seconds": {"total": 60.0},
         "aims": {
-            "warm_D_minus_A_auc": 0.03,
-            "warm_D_beats_A_by_0.003": True,
-            "cold_best_raw_variant": "C",
-            "cold_D_minus_best_raw_auc": 0.01,
-            "cold_D_at_least_best_raw": True,
+            "warm_D_minus_A": {"mean": 0.03, "std": 0.01, "target": 0.015, "met": True, "gap": 0.0},
+            "cold_D_minus_B": {
+                "mean": -0.002, "std": 0.01, "target": 0.0, "met": False, "gap": -0.002
+            },
         },
     }
 
@@ -253,6 +253,7 @@ def test_write_report_files_and_json_layout(tmp_path):
     assert data["command"] == "qarm evaluate"
     md = paths["md"].read_text()
     assert "`qarm evaluate`" in md and "| D |" in md and "**met**" in md
+    assert "**not met** (short by 0.0020)" in md
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp file
 
@@ -260,7 +261,7 @@ def test_write_report_files_and_json_layout(tmp_path):
 def test_run_protocol_end_to_end_tiny(tmp_path):
     """The whole protocol (pairs, aligner, codes, rankers, ablation, report) on tiny data."""
     from qarm_features.config import AlignerConfig, PairsConfig, RQConfig, VQConfig
-    from qarm_features.app.evaluate import run_protocol
+    from qarm_features.app.evaluate import CONTRASTS, run_protocol
     from qarm_features.app.protocol import Ablation
 
     item_ids, raw, df = _world(n_items=80, n_users=60, n_rows=3000, seed=2)
@@ -273,13 +274,27 @@ def test_run_protocol_end_to_end_tiny(tmp_path):
         aligner=AlignerConfig(out_dim=4, hidden=0, max_epochs=2, patience=1, batch_size=64),
         rq=RQConfig(n_levels=2, n_codes=4, n_iter=5),
         vq=VQConfig(k=3),
-        variants=("A", "D"),
+        variants=("A", "B", "D", "B+D"),
         ablations={
-            "mlp": Ablation(description="mlp", aligner={"hidden": 8}),
-            "levels": Ablation(description="levels", ranker={"rq_mode": "level"}),
+            "mlp": Ablation(description="mlp", aligner={"hidden": 8}, variants=("D",)),
+            "levels": Ablation(description="levels", ranker={"rq_mode": "level"}, variants=("D",)),
+        },
+        selection_seeds=(0,),
+        candidates={
+            "content": Ablation(description="content codes", ranker={"content_codes": True}),
+            "quality": Ablation(description="quality head", aligner={"quality_weight": 1.0}),
         },
     )
     out = run_protocol(item_ids, raw, df, cfg, seeds=(0, 1))
+    # candidates are measured on the validation split only, paired with the main run there
+    sel = out["selection"]
+    assert sel["seeds"] == [0] and set(sel["candidates"]) == {"content", "quality"}
+    assert sel["candidates"]["content"]["alignment"] is None  # ranker-only
+    assert sel["candidates"]["quality"]["alignment"] is not None  # refits the aligner
+    for c in sel["candidates"].values():
+        assert set(c["delta_vs_main"]) == {"D", "B+D"}
+        assert set(c["contrasts"]) == set(CONTRASTS)
+    assert set(sel["main"]["results"]) == {"A", "B", "D", "B+D"}
     for v in ("A", "D"):
         for s in SUBSETS:
             assert out["results"][v][s]["auc"]["n"] == 2
@@ -295,10 +310,19 @@ def test_run_protocol_end_to_end_tiny(tmp_path):
     assert out["deltas_vs_A"]["A"]["all"]["auc"]["mean"] == 0.0
     mean_d = np.mean([r["D"]["warm"]["gauc"] for r in per])
     assert out["results"]["D"]["warm"]["gauc"]["mean"] == pytest.approx(mean_d)
-    assert out["aims"]["warm_D_minus_A_auc"] == pytest.approx(
+    # aims: paired per-seed contrasts, with target, status and gap
+    assert out["aims"]["warm_D_minus_A"]["mean"] == pytest.approx(
         out["results"]["D"]["warm"]["auc"]["mean"] - out["results"]["A"]["warm"]["auc"]["mean"]
     )
+    bd = [r["B+D"]["cold"]["auc"] - r["B"]["cold"]["auc"] for r in per]
+    assert out["aims"]["cold_BD_minus_B"]["std"] == pytest.approx(np.std(bd, ddof=1))
+    assert out["aims"]["cold_BD_minus_B"]["target"] == 0.005
+    assert out["aims"]["unseen_pair_auc"]["target"] == 0.70
+    for a in out["aims"].values():
+        assert a["met"] == (a["gap"] == 0.0)
     paths = write_report(out, tmp_path)
-    assert "## Ablations" in paths["md"].read_text()
+    md = paths["md"].read_text()
+    assert "## Test-split ablations" in md and "## Candidates (validation split" in md
+    assert "Seeds that chose nothing at all (neither split): [1]" in md
     with pytest.raises(InputError, match="baseline"):
         run_protocol(item_ids, raw, df, cfg.model_copy(update={"variants": ("D",)}), seeds=(0,))

@@ -190,3 +190,78 @@ def test_target_attention_depends_on_query():
     mask = torch.ones(2, 6, dtype=torch.bool)
     out = att(torch.randn(2, 4), keys, mask)
     assert not torch.allclose(out[0], out[1])
+
+
+# --------------------------------------------------------------------------- content codes
+def test_rq_content_slots_are_decoded_vectors_and_unseen_codes_score():
+    """Content-initialised RQ rows: level slot = its centroid, prefix slot = the RQ
+    reconstruction at that depth, each through its own map; zero tables still score."""
+    rng = np.random.default_rng(0)
+    L, K, d, dim = 3, 5, 4, 6
+    cb = rng.normal(size=(L, K, d)).astype(np.float32)
+    m = RQCodeEmbedding(L, K, dim, mode="both", codebooks=cb, pooling="none").eval()
+    codes = torch.as_tensor(rng.integers(0, K, (7, L)))
+    content = m.slot_content(codes).numpy()
+    c = codes.numpy()
+    for s, (kind, pos, _o, _n) in enumerate(m.slots):
+        if kind == "level":
+            ref = cb[pos, c[:, pos]]
+        else:
+            ref = sum(cb[j, c[:, j]] for j in range(pos))
+        np.testing.assert_allclose(content[:, s], ref, rtol=1e-6, atol=1e-6)
+    out = m(codes).detach().numpy()  # tables are zero: the output is the content path alone
+    ref = np.einsum("nsd,sde->nse", content, m.content_proj.detach().numpy())
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(out).sum() > 0
+    with pytest.raises(InputError, match="codebooks"):
+        RQCodeEmbedding(L, K, dim, codebooks=cb[:, :3])
+
+
+def test_rq_level_dropout_training_only_and_truncates_deep_slots():
+    L, K = 3, 4
+    m = RQCodeEmbedding(L, K, 2, mode="both", pooling="none", level_dropout=0.99)
+    with torch.no_grad():
+        m.table.weight.fill_(1.0)
+    codes = torch.zeros((2000, L), dtype=torch.long)
+    torch.manual_seed(0)
+    m.train()
+    out = m(codes)[..., 0]  # (n, n_slots): 1 kept, 0 dropped
+    depth = m.slot_depth
+    assert (out[:, depth == 1] == 1).all()  # the first level is never dropped
+    assert (out[:, depth == L] == 0).float().mean() > 0.95  # deepest: dropped ~always
+    kept2 = out[:, depth == 2][:, 0]
+    assert 0.3 < kept2.float().mean() < 0.7  # depth 2 kept when the draw keeps 2 levels
+    m.eval()
+    assert (m(codes) == 1).all()
+    with pytest.raises(InputError, match="level_dropout"):
+        RQCodeEmbedding(L, K, 2, level_dropout=1.0)
+
+
+def test_vq_content_is_pooled_pool_embedding_through_a_map():
+    rng = np.random.default_rng(1)
+    vocab, k, d, dim = 6, 3, 5, 4
+    pe = rng.normal(size=(vocab, d)).astype(np.float32)
+    m = VQCodeEmbedding(vocab, dim, k=k, pool_emb=pe).eval()
+    codes = torch.tensor([[0, 2, -1], [5, 5, 1]])
+    out = m(codes).detach().numpy()
+    w = torch.softmax(m.rank_logits, 0).detach().numpy()
+    W = m.content_proj.weight.detach().numpy()
+    for i, row in enumerate(codes.numpy()):
+        valid = row >= 0
+        ww = w * valid / (w * valid).sum()
+        pooled = (pe[np.maximum(row, 0)] * ww[:, None]).sum(0)
+        np.testing.assert_allclose(out[i], W @ pooled, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="pool_emb"):
+        VQCodeEmbedding(vocab, dim, k=k, pool_emb=pe[:2])
+
+
+def test_qarm_embedding_with_content_reads_shapes_from_bundle_arrays():
+    rng = np.random.default_rng(2)
+    cb = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    pe = rng.normal(size=(9, 3)).astype(np.float32)
+    m = QarmEmbedding.with_content(5, rq_codebooks=cb, vq_pool_emb=pe, vq_k=2, rq_mode="prefix")
+    assert m.rq.n_levels == 2 and m.rq.n_codes == 4 and m.vq.vocab_size == 9 and m.out_dim == 10
+    out = m(torch.tensor([[3, 1]]), torch.tensor([[8, -1]]))
+    assert out.shape == (1, 10) and out.abs().sum() > 0  # zero tables, content still scores
+    with pytest.raises(InputError, match="vq_k"):
+        QarmEmbedding.with_content(5, vq_pool_emb=pe)
