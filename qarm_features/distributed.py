@@ -4,8 +4,8 @@
 catalog splits into blocks that any number of Ray workers encode on their own and the
 codes come out bit for bit those of the single-process path (tested against
 :func:`~qarm_features.encode.encode_frame`). Each worker loads the bundle once
-(:func:`~qarm_features.encode.get_bundle` caches it per process), pins BLAS and faiss to one
-thread (Ray runs one task per CPU) and encodes its blocks with
+(:func:`~qarm_features.encode.get_bundle` caches it per worker process), pins BLAS and
+faiss to one thread (Ray runs one task per CPU) and encodes its blocks with
 :func:`~qarm_features.encode.encode_frame`.
 
 Offline only; ``ray`` (``pip install "ray[data]"``, the ``ray`` extra) is imported when
@@ -26,19 +26,12 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 16_384
 
 
-class _EncodeBatch:
-    """The ``map_batches`` callable: bundle loaded once per Ray worker."""
+def _encode_batch(batch, bundle_path: str):
+    """The ``map_batches`` task: a pandas batch -> its feature rows (bundle cached per worker)."""
+    from qarm_features.encode import encode_frame, get_bundle, pin_threads
 
-    def __init__(self, bundle_path: str):
-        from qarm_features.encode import get_bundle, pin_threads
-
-        pin_threads(1)
-        self.bundle = get_bundle(bundle_path)
-
-    def __call__(self, batch):
-        from qarm_features.encode import encode_frame
-
-        return encode_frame(self.bundle, batch, chunk_size=BATCH_ROWS)
+    pin_threads(1)  # one Ray task per CPU
+    return encode_frame(get_bundle(bundle_path), batch, chunk_size=BATCH_ROWS)
 
 
 def encode_parquet(
@@ -47,7 +40,7 @@ def encode_parquet(
     dst: str | os.PathLike,
     *,
     batch_rows: int = BATCH_ROWS,
-    concurrency: int | None = None,
+    num_blocks: int | None = None,
 ) -> None:
     """Encode a parquet catalog (``item_id``, ``raw_emb`` and passthrough columns) with Ray.
 
@@ -57,7 +50,7 @@ def encode_parquet(
         dst: directory the encoded parquet files are written to (``encode_frame``'s
             columns: passthrough columns, aligned embedding, RQ and VQ codes, version).
         batch_rows: rows per ``map_batches`` batch.
-        concurrency: Ray actors encoding at once (default: the cluster's CPUs).
+        num_blocks: read parallelism (Ray's ``override_num_blocks``; default: Ray's choice).
 
     Uses the Ray cluster already initialised in this process (``ray.init(...)``), or starts
     a local one.
@@ -72,16 +65,15 @@ def encode_parquet(
         raise DependencyError('encode_parquet needs Ray: pip install "ray[data]"') from exc
     if not ray.is_initialized():
         ray.init()
-    if concurrency is None:
-        concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.read_parquet(str(src))
+    # Tasks, not actors: Ray fuses read -> encode -> write into one task per block, so the
+    # encode never holds CPUs the reads wait for (actors on every CPU deadlock the read).
+    ds = ray.data.read_parquet(str(src), override_num_blocks=num_blocks)
     out = ds.map_batches(
-        _EncodeBatch,
-        fn_constructor_args=(str(Path(bundle_path)),),
+        _encode_batch,
+        fn_kwargs={"bundle_path": str(Path(bundle_path))},
         batch_format="pandas",
         batch_size=int(batch_rows),
-        concurrency=int(concurrency),
         num_cpus=1,
     )
     out.write_parquet(str(dst))
-    log.info("encoded %s -> %s with Ray (%d actors)", src, dst, concurrency)
+    log.info("encoded %s -> %s with Ray", src, dst)

@@ -15,9 +15,8 @@ def test_ray_map_batches_codes_equal_the_single_process_path(random_bundle, tmp_
 
     bundle = get_bundle(random_bundle)
     rng = np.random.default_rng(0)
-    n = 700  # catalog items and new (cold) ids, several batches per worker
-    head = bundle.item_ids[:400]  # every catalog item (VQ self-exclusion), then new ids
-    ids = np.r_[head, np.arange(10**6, 10**6 + n - len(head))].astype(np.int64)
+    n = 700  # 150 catalog items and new (cold) ids, several batches per worker
+    ids = np.r_[bundle.item_ids[:150], np.arange(10**6, 10**6 + n - 150)].astype(np.int64)
     raw = rng.standard_normal((n, bundle.raw_dim)).astype(np.float32)
     src = tmp_path / "catalog"
     src.mkdir()
@@ -28,7 +27,7 @@ def test_ray_map_batches_codes_equal_the_single_process_path(random_bundle, tmp_
         )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        encode_parquet(random_bundle, src, tmp_path / "out", batch_rows=64)
+        encode_parquet(random_bundle, src, tmp_path / "out", batch_rows=64, num_blocks=4)
     finally:
         ray.shutdown()
     got = pd.read_parquet(tmp_path / "out").sort_values("item_id").reset_index(drop=True)
