@@ -124,3 +124,34 @@ class TargetHeads(torch.nn.Module):
                 err = head(z[k]) - self.values[name][rows[k]]
                 total = total + self.weights[name] * (err**2).mean()
         return total
+
+
+# --------------------------------------------------------------------------- raw geometry
+_MOMENT_CHUNK = 65_536  # rows per float64 chunk (bounded memory on large catalogs)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def normalized_moments(x: np.ndarray, chunk: int = _MOMENT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the L2-normalised rows of ``x``, in float64, chunk by chunk."""
+    d = x.shape[1]
+    total, outer = np.zeros(d), np.zeros((d, d))
+    for a in range(0, x.shape[0], chunk):
+        u = _unit_rows(x[a : a + chunk])
+        total += u.sum(axis=0)
+        outer += u.T @ u
+    n = max(x.shape[0], 1)
+    mean = total / n
+    return mean, outer / n - np.outer(mean, mean)
+
+
+def centred_reference(x: np.ndarray, mean: np.ndarray, chunk: int = _MOMENT_CHUNK) -> np.ndarray:
+    """float32 unit rows of ``normalise(x) - mean``: the raw geometry the aligner keeps close to."""
+    out = np.empty(x.shape, dtype=np.float32)
+    for a in range(0, x.shape[0], chunk):
+        u = _unit_rows(x[a : a + chunk]) - mean
+        out[a : a + chunk] = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+    return out

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from qarm_features._contrastive import TargetHeads, pair_rows, symmetric_nce, weighted_targets
+from qarm_features._contrastive import (
+    TargetHeads,
+    centred_reference,
+    normalized_moments,
+    pair_rows,
+    symmetric_nce,
+    weighted_targets,
+)
 from qarm_features._validate import check_embeddings, check_ids, lookup_rows
 from qarm_features.config import AlignerConfig
 from qarm_features.errors import ConfigError, DependencyError, InputError, NotFittedError
@@ -119,7 +126,7 @@ class Aligner(nn.Module):
         (centring removes the common direction that makes raw cosines uniformly high).
         """
         x = check_embeddings(raw_emb, name="raw_emb", dim=self.in_dim)
-        mean, cov = _normalized_moments(x)
+        mean, cov = normalized_moments(x)
         evals, evecs = np.linalg.eigh(cov)  # ascending
         order = np.argsort(-evals, kind="stable")
         rank = int(min(self.out_dim, self.in_dim, max(x.shape[0] - 1, 1)))
@@ -183,33 +190,6 @@ class Aligner(nn.Module):
         model = cls(in_dim, cfg)
         model.load_state_dict(state)
         return model.eval()
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _normalized_moments(x: np.ndarray, chunk: int = _EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the L2-normalised rows of ``x``, in float64, chunk by chunk."""
-    d = x.shape[1]
-    total, outer = np.zeros(d), np.zeros((d, d))
-    for a in range(0, x.shape[0], chunk):
-        u = _unit_rows(x[a : a + chunk])
-        total += u.sum(axis=0)
-        outer += u.T @ u
-    n = max(x.shape[0], 1)
-    mean = total / n
-    return mean, outer / n - np.outer(mean, mean)
-
-
-def _centred_reference(x: np.ndarray, mean: np.ndarray, chunk: int = _EVAL_BATCH) -> np.ndarray:
-    """float32 unit rows of ``normalise(x) - mean``: the raw geometry the aligner keeps close to."""
-    out = np.empty(x.shape, dtype=np.float32)
-    for a in range(0, x.shape[0], chunk):
-        u = _unit_rows(x[a : a + chunk]) - mean
-        out[a : a + chunk] = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
-    return out
 
 
 # --------------------------------------------------------------------------- training
@@ -420,7 +400,7 @@ class ItemAligner:
         model = Aligner(raw.shape[1], cfg).init_from_raw(raw).to(device)
         heads = TargetHeads(cfg.out_dim, targets or {}, device).to(device)
         x_all = torch.from_numpy(raw).to(device)
-        ref_all = torch.from_numpy(_centred_reference(raw, _normalized_moments(raw)[0])).to(device)
+        ref_all = torch.from_numpy(centred_reference(raw, normalized_moments(raw)[0])).to(device)
         a_all = torch.from_numpy(hold.train_a).to(device)
         b_all = torch.from_numpy(hold.train_b).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ray = pytest.importorskip("ray")
+import ray  # a test dependency (pyproject [test]): CI runs this test, never skips it
 
 
 def test_ray_map_batches_codes_equal_the_single_process_path(random_bundle, tmp_path):
