@@ -328,6 +328,7 @@ class ItemAligner:
         val_items=None,
         popularity=None,
         item_targets: dict | None = None,
+        init_weights: dict | None = None,
         progress: bool = False,
     ) -> ItemAligner:
         """Train on ``pairs`` over the catalog ``(item_ids, raw_emb)``; returns ``self``.
@@ -342,6 +343,8 @@ class ItemAligner:
             item_targets: ``{"quality" | "teacher": (n, t) float}`` rows of ``item_ids``
                 (NaN = unknown) for the heads weighted by ``config.quality_weight`` /
                 ``config.teacher_weight`` (:class:`~qarm_features._contrastive.TargetHeads`).
+            init_weights: start from these weights (:meth:`Aligner.export_weights` of the
+                previous bundle: a warm start) instead of the raw space's PCA.
             progress: log each epoch at INFO level (DEBUG otherwise).
 
         Raises:
@@ -387,7 +390,9 @@ class ItemAligner:
             scorer = score if validate else None
             weights = {"quality": cfg.quality_weight, "teacher": cfg.teacher_weight}
             targets = weighted_targets(item_targets, weights, ids.size)
-            model = self._train(raw, hold, cfg, device, history, scorer, progress, targets)
+            model = self._train(
+                raw, hold, cfg, device, history, scorer, progress, targets, init_weights
+            )
         model.eval()
         self.module_ = model
         self.weights_ = model.export_weights()
@@ -395,9 +400,14 @@ class ItemAligner:
         self.history_ = history
         return self
 
-    def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress, targets=None):
+    def _train(
+        self, raw, hold: _Holdout, cfg, device, history, score, progress, targets=None, init=None
+    ):
         """Epoch loop with early stopping on ``score`` (None: no validation)."""
-        model = Aligner(raw.shape[1], cfg).init_from_raw(raw).to(device)
+        if init is not None:
+            model = Aligner.from_weights(init, raw.shape[1], cfg).train().to(device)
+        else:
+            model = Aligner(raw.shape[1], cfg).init_from_raw(raw).to(device)
         heads = TargetHeads(cfg.out_dim, targets or {}, device).to(device)
         x_all = torch.from_numpy(raw).to(device)
         ref_all = torch.from_numpy(centred_reference(raw, normalized_moments(raw)[0])).to(device)

@@ -84,6 +84,7 @@ def build_bundle(
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)
     check_catalog_size(item_ids, cfg)
+    warm = _warm_init(warm_start, raw_emb, cfg) if warm_start is not None else None
     space = fit_item_space(
         raw_emb,
         item_ids,
@@ -91,6 +92,7 @@ def build_bundle(
         cfg,
         heldout_fraction=test_item_fraction,
         mined=mined,
+        warm=warm,
         on_step=step,
         progress=progress,
     )
@@ -204,6 +206,22 @@ def latest_bundle(root: str | Path) -> Path:
     except FileNotFoundError:
         raise InputError(f"no bundle built in {root} yet: run `qarm build`") from None
     return root / version
+
+
+def _warm_init(previous: str | Path, raw_emb, cfg: BuildConfig):
+    """The previous bundle's aligner weights and codebooks, if this config can start from
+    them (same raw and aligned dims, same aligner shape); else None (matching still runs)."""
+    from qarm_features.align import weight_shapes
+    from qarm_features.encode import get_bundle
+
+    prev = get_bundle(previous)
+    in_dim = np.asarray(raw_emb).shape[1]
+    shapes = weight_shapes(in_dim, cfg.aligner)
+    weights = prev.aligner_weights
+    if set(weights) != set(shapes) or any(weights[k].shape != s for k, s in shapes.items()):
+        log.warning("warm start: %s's aligner has another shape; training from scratch", prev.path)
+        return None
+    return dict(weights), prev.rq_codebooks
 
 
 def _match_previous(previous: str | Path, space, item_keys):

@@ -198,6 +198,7 @@ def fit_quantizers(
     *,
     pool_rows: np.ndarray | None = None,
     vq_x: np.ndarray | None = None,
+    init_codebooks: np.ndarray | None = None,
 ):
     """RQ codebooks on ``x[pool_rows]`` and a VQ pool of ``vq_x[pool_rows]`` (default ``x``).
 
@@ -206,10 +207,18 @@ def fit_quantizers(
         :class:`~qarm_features.quantize.VQCoder`.
     """
     rows = slice(None) if pool_rows is None else pool_rows
-    rq = make_rq(rq_cfg).fit(x[rows])
+    rq = make_rq(rq_cfg).fit(x[rows], init_codebooks=init_codebooks)
     vx = x if vq_x is None else vq_x
     vq = make_vq(vq_cfg).fit(vx[rows], item_ids[rows])
     return rq, vq
+
+
+def _init(warm, rq_cfg: RQConfig):
+    """The previous codebooks as k-means starts, when their shape fits this config."""
+    if warm is None:
+        return None
+    cb = np.asarray(warm[1])
+    return cb[: rq_cfg.n_levels] if cb.shape[1] == rq_cfg.n_codes else None
 
 
 def code_report(rq, x: np.ndarray, *, codes=None, pool_rows=None) -> dict:
@@ -248,6 +257,7 @@ def fit_item_space(
     val_seed: int | None = None,
     pool_items=None,
     mined: tuple[pd.DataFrame, dict] | None = None,
+    warm: tuple[dict, np.ndarray] | None = None,
     on_step: StepCallback | None = None,
     progress: bool = False,
 ) -> ItemSpace:
@@ -270,6 +280,8 @@ def fit_item_space(
         mined: ``(pairs, stats)`` already mined (e.g. with a team's own I2I table and
             retrieval embeddings, :func:`qarm_features.pairs.mine_pairs`); None mines them
             from ``interactions`` with ``config.pairs``.
+        warm: ``(aligner weights, RQ codebooks)`` of the previous bundle: the aligner and
+            each level's k-means start from them (a warm start keeps codes stable).
         on_step: called with a short label as each stage starts (CLI progress).
         progress: log each aligner epoch at INFO level.
 
@@ -317,7 +329,13 @@ def fit_item_space(
     t0 = time.perf_counter()
     step("training aligner")
     aligner = ItemAligner(cfg.aligner).fit(
-        raw, ids, train_pairs, val_items=val_items, item_targets=targets, progress=progress
+        raw,
+        ids,
+        train_pairs,
+        val_items=val_items,
+        item_targets=targets,
+        init_weights=None if warm is None else warm[0],
+        progress=progress,
     )
     timings["aligner_s"] = time.perf_counter() - t0
     # The aligned space served later is the numpy forward of the exported weights.
@@ -328,7 +346,9 @@ def fit_item_space(
     pool_rows = None
     if pool_items is not None:
         pool_rows = lookup_rows(check_ids(pool_items, name="pool_items"), ids, name="pool_items")
-    rq, vq = fit_quantizers(aligned, ids, cfg.rq, cfg.vq, pool_rows=pool_rows)
+    rq, vq = fit_quantizers(
+        aligned, ids, cfg.rq, cfg.vq, pool_rows=pool_rows, init_codebooks=_init(warm, cfg.rq)
+    )
     rq_codes = rq.encode(aligned)
     timings["codes_s"] = time.perf_counter() - t0
 

@@ -99,8 +99,12 @@ class ResidualQuantizer:
 
     # ---- fitting ---------------------------------------------------------------------
 
-    def fit(self, x) -> ResidualQuantizer:
+    def fit(self, x, *, init_codebooks=None) -> ResidualQuantizer:
         """Fit the codebooks on ``x`` ``(n, d)``; returns ``self``.
+
+        ``init_codebooks``: ``(L, K, d)`` centroids to start each level's k-means from (a
+        warm start from the previous bundle's codebooks keeps codes stable across
+        retrains); levels beyond its ``L`` start from k-means++ as usual.
 
         Needs ``n >= n_codes`` rows (k-means cannot place more centroids than points):
         fewer raise :class:`InputError`. Fewer than 39 rows per centroid is allowed but
@@ -132,7 +136,12 @@ class ResidualQuantizer:
                 min_points_per_centroid=1,  # we log the few-points case ourselves
                 max_points_per_centroid=_MAX_POINTS_PER_CENTROID,
             )
-            km.train(residual)
+            init = None
+            if init_codebooks is not None and level < len(init_codebooks):
+                init = np.ascontiguousarray(init_codebooks[level], dtype=np.float32)
+                if init.shape != (k, d):
+                    raise InputError(f"init_codebooks[{level}]: expected ({k}, {d}), got {init.shape}")
+            km.train(residual, init_centroids=init)
             codebooks[level] = km.centroids
             if level + 1 < n_levels:
                 lv = _Level(codebooks[level])
