@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qarm_features.bundle import load_bundle
-from qarm_features.encode import align, encode_items
+from qarm_features.encode import align
 from qarm_features.stable import churn, match_codebooks
 
 
