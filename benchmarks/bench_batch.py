@@ -184,8 +184,10 @@ def _encode_arrays(b, rq, vq, align, ids, raw, ts, timings):
     timings["vq_s"] += t3 - t2
     cols = {"item_id": pa.array(ids), "event_timestamp": ts,
             "aligned_emb": pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])}  # fmt: skip
-    for level in range(codes.shape[1]):
-        cols[f"rq_code_l{level + 1}"] = pa.array(codes[:, level])
+    from qarm_features.schema import CodeSchema
+
+    for level, name in enumerate(CodeSchema(codes.shape[1]).rq_columns):
+        cols[name] = pa.array(codes[:, level])
     cols["vq_codes"] = pa.FixedSizeListArray.from_arrays(
         pa.array(vq_codes.reshape(-1)), vq_codes.shape[1]
     )

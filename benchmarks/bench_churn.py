@@ -1,5 +1,6 @@
-"""Code churn across retrains on MovieLens-100k: a rebuild with another seed, cold vs
-warm-started (``qarm build --warm-start``); fractions of items whose codes changed.
+"""Code churn across retrains on MovieLens-100k, cold vs warm-started (``qarm build
+--warm-start``): a rebuild with another seed, and a rebuild after the next 10% of the log;
+fractions of items whose codes changed, and the VQ top-K overlap.
 
     python -m benchmarks.bench_churn [--out benchmarks/results/churn.json]
 """
@@ -30,11 +31,30 @@ def run(out: Path) -> dict:
     cold = build_movielens(work / "seed1-cold", config=other)
     warm = build_movielens(work / "seed1-warm", config=other, warm_start=base.path)
     old = load_bundle(base.path)
+    # a weekly retrain: the base saw the first 90% of the log (by time), the rebuild all of it
+    from qarm_features.build import build_bundle, encode_catalog_text
+    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
+
+    ml = load_movielens_100k(fetch_movielens_100k())
+    cfg = BuildConfig()
+    raw = encode_catalog_text(ml.items["text"].tolist(), cfg)
+    ids = ml.items["item_id"].to_numpy()
+    log = ml.interactions.sort_values("timestamp", kind="stable")
+    first = log.iloc[: int(0.9 * len(log))]
+    kw = dict(item_ids=ids, raw_emb=raw, config=cfg)
+    b90 = build_bundle(work / "90", interactions=first, **kw)
+    cold_all = build_bundle(work / "100-cold", interactions=log, **kw)
+    warm_all = build_bundle(work / "100-warm", interactions=log, warm_start=b90.path, **kw)
+    old90 = load_bundle(b90.path)
     result = {
         "data": "movielens-100k",
         "rebuild": "same data, another seed (BuildConfig().with_seed(1))",
         "cold": churn(load_bundle(cold.path), old),
         "warm_start": churn(load_bundle(warm.path), old),
+        "next_10pct_of_log": {
+            "cold": churn(load_bundle(cold_all.path), old90),
+            "warm_start": churn(load_bundle(warm_all.path), old90),
+        },
         "seconds": round(time.perf_counter() - t0, 1),
         "command": "python -m benchmarks.bench_churn",
     }

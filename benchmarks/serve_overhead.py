@@ -105,8 +105,9 @@ def run(*, n_calls: int = 300, budget_s: float = 150.0) -> dict:
     try:
         repo, _ = build_repo(workdir, n_items=1682, raw_dim=384, out_dim=64, n_levels=3,
                              n_codes=64, vq_k=25)
-        names = ["aligned_emb", "rq_code_l1", "rq_code_l2", "rq_code_l3", "vq_codes",
-                 "qarm_version"]
+        from qarm_features.schema import CodeSchema
+
+        names = list(CodeSchema(3).feature_names)
         rng = np.random.default_rng(1)
         ids = rng.choice(np.arange(1, 1683), size=32, replace=False)
         cold = rng.standard_normal((32, 384)).astype(np.float32)

@@ -78,7 +78,10 @@ def materialize_repo(bundle_path: Path, workdir: Path, train: pd.DataFrame) -> P
 
 
 def _levels(store) -> int:
-    return sum(f.name.startswith("rq_code_l") for f in store.get_feature_view("qarm").features)
+    from qarm_features.schema import rq_column
+
+    names = {f.name for f in store.get_feature_view("qarm").features}
+    return sum(rq_column(i) in names for i in range(1, len(names) + 1))
 
 
 def _stack(col, width, fill, dtype):
@@ -100,7 +103,9 @@ class ItemTable:
         frame = frame.drop_duplicates("item_id").reset_index(drop=True)
         self.ids = frame["item_id"].to_numpy(np.int64)
         self._pos = pd.Series(np.arange(self.ids.size), index=self.ids)
-        rq = frame[[f"rq_code_l{i + 1}" for i in range(n_levels)]].to_numpy(np.int64)
+        from qarm_features.schema import CodeSchema
+
+        rq = frame[list(CodeSchema(n_levels).rq_columns)].to_numpy(np.int64)
         vq = vocab.map(_stack(frame["vq_codes"], vq_k, -1, np.int64))
         dense = _stack(frame["raw_emb"], len(frame["raw_emb"].iloc[0]), 0.0, np.float32)
         id_index = id_vocab.map(self.ids) + 1  # 0 = an id the ranker never trained on
