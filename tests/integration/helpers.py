@@ -161,43 +161,50 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15) -> None:
 
 
 @contextlib.contextmanager
-def feast_server(
-    repo: Path, *, env: dict | None = None, extra_args=(), feast_args=(), startup_s: float = 120
-):
-    """``feast [feast_args] serve [extra_args]`` on a free loopback port; yields its base URL."""
-    port = free_port()
-    env = env or subprocess_env(repo.parent)
-    log_path = repo.parent / f"feast-serve-{port}.log"
+def http_server(command: list[str], *, port: int, cwd: Path, env: dict, log_path: Path,
+                startup_s: float = 120, name: str = "server"):  # fmt: skip
+    """Run an HTTP server command in its own process group; yield its base URL once it
+    answers ``/health`` (any HTTP status: a 503 is an answer); stop the whole group."""
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [str(FEAST_BIN), *feast_args, "serve", "-h", "127.0.0.1", "-p", str(port),
-         "--max-requests", "0", "--no-access-log", *extra_args],
-        cwd=repo,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: gunicorn master + workers
-    )
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_s
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"feast serve exited:\n{log_path.read_text()[-6000:]}")
+                raise AssertionError(f"{name} exited:\n{log_path.read_text()[-6000:]}")
             try:
                 urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except urllib.error.HTTPError:  # answering
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.monotonic() > deadline:
                     raise AssertionError(
-                        f"feast serve not healthy after {startup_s}s:\n"
-                        + log_path.read_text()[-6000:]
+                        f"{name} not answering after {startup_s}s:\n" + log_path.read_text()[-6000:]
                     ) from None
                 time.sleep(0.5)
         yield url
     finally:
         stop_group(proc)
         log.close()
+
+
+@contextlib.contextmanager
+def feast_server(
+    repo: Path, *, env: dict | None = None, extra_args=(), feast_args=(), startup_s: float = 120
+):
+    """``feast [feast_args] serve [extra_args]`` on a free loopback port; yields its base URL."""
+    port = free_port()
+    command = [str(FEAST_BIN), *feast_args, "serve", "-h", "127.0.0.1", "-p", str(port),
+               "--max-requests", "0", "--no-access-log", *extra_args]  # fmt: skip
+    with http_server(command, port=port, cwd=repo, env=env or subprocess_env(repo.parent),
+                     log_path=repo.parent / f"feast-serve-{port}.log", startup_s=startup_s,
+                     name="feast serve") as url:  # fmt: skip
+        yield url
 
 
 

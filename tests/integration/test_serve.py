@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -36,9 +35,9 @@ from tests.integration.helpers import (
     expected_rows,
     feast_server,
     free_port,
+    http_server,
     qarm_names,
     refs,
-    stop_group,
     subprocess_env,
 )
 
@@ -63,38 +62,14 @@ def qarm_server(repo: Path, *, startup_s: float = 120, extra_args: tuple[str, ..
     port = free_port()
     env = subprocess_env(repo.parent)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                         env["PYTHONPATH"]])
-    log_path = repo.parent / f"qarm-serve-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "qarm"), "serve", "--repo", str(repo),
-         "--port", str(port), "--max-body-bytes", str(MAX_BODY),
-         "--max-entity-rows", str(MAX_ROWS), *extra_args],
-        cwd=repo.parent,  # not the repo: the server must find everything from --repo
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited:\n{log_path.read_text()[-6000:]}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except urllib.error.HTTPError:  # answering (503 while the cold path is down)
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.monotonic() > deadline:
-                    raise AssertionError(log_path.read_text()[-6000:]) from None
-                time.sleep(0.5)
+                                         env["PYTHONPATH"]])  # fmt: skip
+    command = [str(Path(sys.executable).parent / "qarm"), "serve", "--repo", str(repo),
+               "--port", str(port), "--max-body-bytes", str(MAX_BODY),
+               "--max-entity-rows", str(MAX_ROWS), *extra_args]  # fmt: skip
+    # cwd is not the repo: the server must find everything from --repo
+    with http_server(command, port=port, cwd=repo.parent, env=env, startup_s=startup_s,
+                     log_path=repo.parent / f"qarm-serve-{port}.log", name="qarm serve") as url:  # fmt: skip
         yield url
-    finally:
-        stop_group(proc)
-        log.close()
 
 
 def start(kind: str, repo: Path):
