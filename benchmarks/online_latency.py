@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -172,28 +173,28 @@ def _cases_http(client: _Http, refs: dict, ids: np.ndarray, cold: np.ndarray, n:
 
 
 @contextlib.contextmanager
-def _server(repo: Path, home: Path):
-    port = _free_port()
+def serve_process(command: list[str], *, cwd: Path, home: Path, log_name: str, port: int,
+                  pythonpath_first: bool = False):  # fmt: skip
+    """Run a serving command (its own process group, threads pinned, its own HOME) and
+    yield ``port`` once ``/health`` answers 200; stop the group afterwards."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(ROOT)]
-    )
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths] if pythonpath_first else [*paths, str(ROOT)])
     env.update(HOME=str(home), QARM_SERVING_THREADS="1", PYTHONWARNINGS="ignore")
-    logf = open(home / "serve.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "feast"), "serve", "-h", "127.0.0.1", "-p", str(port),
-         "--workers", "1", "--max-requests", "0", "--no-access-log"],
-        cwd=repo, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    logf = open(home / log_name, "w")
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
+            except urllib.error.HTTPError as exc:
+                raise RuntimeError(f"/health answered {exc.code}: {exc.read()!r}") from None
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((home / "serve.log").read_text()[-3000:]) from None
+                    raise RuntimeError((home / log_name).read_text()[-3000:]) from None
                 time.sleep(0.5)
         yield port
     finally:
@@ -205,6 +206,16 @@ def _server(repo: Path, home: Path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         logf.close()
+
+
+@contextlib.contextmanager
+def _server(repo: Path, home: Path):
+    """``feast serve`` (1 worker, never recycled) on a free port of the repo."""
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "feast"), "serve", "-h", "127.0.0.1", "-p",
+               str(port), "--workers", "1", "--max-requests", "0", "--no-access-log"]  # fmt: skip
+    with serve_process(command, cwd=repo, home=home, log_name="serve.log", port=port) as p:
+        yield p
 
 
 def _summarize(stats: dict) -> dict:

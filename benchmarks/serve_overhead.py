@@ -21,59 +21,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.online_latency import ROOT, _free_port, _Http, _server, build_repo
+from benchmarks.online_latency import _free_port, _Http, _server, build_repo, serve_process
 from benchmarks.timing import latencies, ratio
 
 
 @contextlib.contextmanager
 def _ours(repo: Path, home: Path):
+    """``qarm serve`` (our guarded app, 1 worker) on a free port of the repo."""
     port = _free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
-    env.update(HOME=str(home), QARM_SERVING_THREADS="1", PYTHONWARNINGS="ignore")
-    logf = open(home / "ours.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qarm_features.feast.server", "--repo", str(repo),
-         "--port", str(port), "--workers", "1"],
-        env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except urllib.error.HTTPError as exc:
-                raise RuntimeError(f"/health answered {exc.code}: {exc.read()!r}") from None
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((home / "ours.log").read_text()[-3000:]) from None
-                time.sleep(0.5)
-        yield port
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        logf.close()
+    command = [sys.executable, "-m", "qarm_features.feast.server", "--repo", str(repo),
+               "--port", str(port), "--workers", "1"]  # fmt: skip
+    with serve_process(command, cwd=None, home=home, log_name="ours.log", port=port,
+                       pythonpath_first=True) as p:  # fmt: skip
+        yield p
 
 
 def _bodies(names: list[str], ids: np.ndarray, cold: np.ndarray) -> dict[str, bytes]:
