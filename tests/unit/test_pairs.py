@@ -9,19 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _logs import cluster_log as _cluster_log  # noqa: E402  (tests/unit on sys.path)
+from _logs import log_frame as _log  # noqa: E402
 
 from qarm_features.config import PairsConfig
 from qarm_features.errors import InputError
 from qarm_features.pairs import mine_pairs, mine_swing_pairs, mine_u2i_pairs
 
 torch.set_num_threads(1)
-
-
-def _log(rows):
-    """rows: (user, item, rating, timestamp)."""
-    df = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    dtypes = {"user_id": "int64", "item_id": "int64", "rating": "float32", "timestamp": "int64"}
-    return df.astype(dtypes)
 
 
 # Items in 2-d: 1 and 3 point east, 2 and 4 north, 5 west.
@@ -233,21 +228,6 @@ def test_input_errors():
 
 
 # --------------------------------------------------------------------------- with BPR-MF
-def _cluster_log(seed=0, n_users=120, n_items=60, n_clusters=3, per_user=15):
-    """Users engage items of their own taste cluster (rating 5) and a few others (rating 2)."""
-    rng = np.random.default_rng(seed)
-    item_cluster = np.arange(n_items) % n_clusters
-    rows, t = [], 0
-    for u in range(n_users):
-        c = u % n_clusters
-        own = rng.choice(np.flatnonzero(item_cluster == c), per_user, replace=False)
-        other = rng.choice(np.flatnonzero(item_cluster != c), 4, replace=False)
-        for i in rng.permutation(np.r_[own, other]):
-            rows.append((u, int(i) + 1, 5 if item_cluster[i] == c else 2, t))
-            t += 1
-    return _log(rows), item_cluster
-
-
 def test_mine_pairs_default_mf_finds_same_cluster_pairs():
     log, cluster = _cluster_log(seed=1)
     pairs, stats = mine_pairs(log, PairsConfig(mf_dim=8, mf_epochs=10, swing_top_k=5))

@@ -12,16 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from _logs import log_frame as _log  # noqa: E402  (tests/unit on sys.path)
 
 from qarm_features.config import PairsConfig
 from qarm_features.pairs import mine_pairs, mine_swing_pairs, mine_u2i_pairs
-
-
-def _log(rows):
-    """rows: (user, item, rating, timestamp)."""
-    df = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    dtypes = {"user_id": "int64", "item_id": "int64", "rating": "float32", "timestamp": "int64"}
-    return df.astype(dtypes)
 
 
 def _rows(pairs: pd.DataFrame) -> list[tuple]:

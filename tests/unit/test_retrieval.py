@@ -7,30 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _logs import cluster_log as _cluster_log  # noqa: E402  (tests/unit on sys.path)
+from _retrieval_reference import ReferenceBPRMF  # noqa: E402  (tests/unit on sys.path)
 
 from qarm_features.config import PairsConfig
 from qarm_features.errors import InputError, NotFittedError
 from qarm_features.retrieval import BPRMF
 
-from _retrieval_reference import ReferenceBPRMF  # noqa: E402  (tests/unit on sys.path)
-
 torch.set_num_threads(1)
-
-
-def _cluster_log(seed=0, n_users=120, n_items=60, n_clusters=3, per_user=15):
-    """Users engage items of their own taste cluster (rating 5) and a few others (rating 2)."""
-    rng = np.random.default_rng(seed)
-    item_cluster = np.arange(n_items) % n_clusters
-    rows, t = [], 0
-    for u in range(n_users):
-        c = u % n_clusters
-        own = rng.choice(np.flatnonzero(item_cluster == c), per_user, replace=False)
-        other = rng.choice(np.flatnonzero(item_cluster != c), 4, replace=False)
-        for i in rng.permutation(np.r_[own, other]):
-            rows.append((u, int(i) + 1, 5 if item_cluster[i] == c else 2, t))
-            t += 1
-    df = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    return df.astype({"rating": "float32"}), item_cluster
 
 
 def test_bprmf_seeded_and_learns_taste_clusters():
