@@ -209,6 +209,9 @@ def build_from_repo(
 def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) -> dict:
     """``qarm push``: new items, in the catalog's format, encoded and pushed online.
 
+    The stats say how many items the served bundle's catalog lacks now and whether a
+    rebuild is due (:func:`qarm_features.feast.serving.appended`).
+
     The table has the catalog's id column and content columns (``qarm.yaml``'s
     ``catalog``); the items' codes come from the bundle the repo serves, so a ranker reads
     them at once (and training sees them: the offline sources get the rows too).
@@ -226,4 +229,13 @@ def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) 
     raw = catalog_content(project, table, keys)
     join_key = project.entity.join_key
     items = pd.DataFrame({join_key: keys.keys, "raw_emb": list(raw)})
-    return push_items(project.repo, items, join_key=join_key)
+    stats = push_items(project.repo, items, join_key=join_key)
+    from qarm_features.feast.serving import appended
+
+    added = appended(project.repo)  # the daily route's check: is a rebuild due?
+    stats.update(
+        n_added_since_build=added["n_added"],
+        rebuild_due=added["rebuild_due"],
+        rebuild_reasons=added["reasons"],
+    )
+    return stats

@@ -119,3 +119,85 @@ def churn(new, old) -> dict:
         enc_old.rq_codes,
         old.keys_of(enc_old.vq_codes.clip(min=0)),
     )
+
+
+# When `qarm inspect` / `qarm status` call a rebuild due (docs/feast.md, "the cycle"):
+# items added since the build past this share of its catalog, or their RQ residual error
+# past this multiple of the built catalog's (new content the codebooks do not cover).
+REBUILD_SHARE = 0.10
+REBUILD_DRIFT = 1.25
+# The drift is judged on at least this many added items (one item's error is noise).
+DRIFT_MIN_ITEMS = 30
+# Rows of the built catalog whose residual error is the reference (a seeded sample: the
+# cost does not grow with the catalog).
+DRIFT_SAMPLE = 20_000
+
+
+def append_report(
+    bundle,
+    added_raw_emb,
+    *,
+    share_due: float = REBUILD_SHARE,
+    drift_due: float = REBUILD_DRIFT,
+    drift_min_items: int = DRIFT_MIN_ITEMS,
+    sample: int = DRIFT_SAMPLE,
+    seed: int = 0,
+) -> dict:
+    """How far the items added since ``bundle``'s build (pushed, not in its catalog) have
+    moved the catalog away from what its codebooks were fitted on.
+
+    Args:
+        bundle: a loaded :class:`~qarm_features.bundle.Bundle`.
+        added_raw_emb: ``(m, d_raw)`` raw content of the added items (m may be 0).
+        share_due: a rebuild is due past this share ``m / n_catalog``.
+        drift_due: ... or past this ratio of the added items' RQ residual error to the
+            built catalog's (relative residual energy, :meth:`reconstruction_error`),
+            judged once at least ``drift_min_items`` items were added.
+        sample: built-catalog rows (seeded sample) whose residual error is the reference;
+            the added items are sampled the same way.
+
+    Returns:
+        ``{"n_catalog", "n_added", "share_added", "residual_error_catalog",
+        "residual_error_added" (None when m = 0), "drift" (their ratio, or None),
+        "rebuild_due", "reasons"}``.
+    """
+    from qarm_features._validate import check_embeddings
+    from qarm_features.encode import align
+
+    def sampled(x):
+        if x.shape[0] <= sample:
+            return x
+        rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], sample, replace=False))
+        return x[rows]
+
+    n = int(bundle.raw_emb.shape[0])
+    base = bundle.rq.reconstruction_error(align(bundle, sampled(bundle.raw_emb)))
+    d_raw = bundle.raw_emb.shape[1]
+    added = np.asarray(added_raw_emb, dtype=np.float32)
+    m = int(added.shape[0]) if added.ndim else 0
+    err = drift = None
+    if m:
+        added = check_embeddings(added, name="added items' raw_emb", dim=d_raw)
+        err = float(bundle.rq.reconstruction_error(align(bundle, sampled(added))))
+        drift = err / base if base > 0 else None
+    share = m / n if n else 0.0
+    reasons = []
+    if share > share_due:
+        reasons.append(
+            f"{m} items added since the build, {share:.1%} of its {n} (> {share_due:.0%})"
+        )
+    if drift is not None and m >= drift_min_items and drift > drift_due:
+        reasons.append(
+            f"the added items' RQ residual error is {drift:.2f}x the catalog's (> {drift_due:g}x):"
+            " the codebooks do not cover their content"
+        )
+    return {
+        "n_catalog": n,
+        "n_added": m,
+        "share_added": share,
+        "residual_error_catalog": float(base),
+        "residual_error_added": err,
+        "drift": drift,
+        "rebuild_due": bool(reasons),
+        "reasons": reasons,
+    }

@@ -183,14 +183,22 @@ def inspect(
         Optional[Path], typer.Argument(help="Bundle directory (default: the newest demo build).")
     ] = None,
     repo: Annotated[
-        Optional[Path], typer.Option(help="Inspect this repo's newest build (its qarm.yaml).")
+        Optional[Path],
+        typer.Option(
+            help="A repo with a qarm.yaml: its newest build (unless BUNDLE), the items pushed "
+            "there since that build, and whether a rebuild is due."
+        ),
     ] = None,
     against: Annotated[
         Optional[Path], typer.Option(help="An older bundle: print the churn of codes from it.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
-    """Verify a bundle (hashes, shapes, dtypes) and print its metrics; exit 1 if it is bad."""
+    """Verify a bundle (hashes, shapes, dtypes) and print its metrics; exit 1 if it is bad.
+
+    With --repo, also the items added since the build (``qarm push``) and whether a rebuild
+    is due (share of the catalog added, residual-error drift of the new items).
+    """
     from qarm_features.build import latest_bundle
     from qarm_features.bundle import load_bundle
     from qarm_features.project import load_project
@@ -203,17 +211,23 @@ def inspect(
         else:
             path = latest_bundle(DEFAULT_BUNDLES)
         b = load_bundle(path)
-        report = None
+        report = added = None
         if against is not None:
             from qarm_features.stable import churn
 
             report = {"against": str(against), **churn(b, load_bundle(against))}
+        if repo is not None:
+            from qarm_features.feast.serving import appended
+
+            added = appended(load_project(repo).repo, path)
     except QarmError as exc:
         _fail(exc)
     if as_json:
         out = b.manifest.model_dump(mode="json")
         if report is not None:
             out["churn"] = report
+        if added is not None:
+            out["appended"] = added
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
         return
     console.print(f"[green]ok[/] {path}: version [bold]{b.version}[/], files verified")
@@ -223,6 +237,16 @@ def inspect(
         console.print("churn from " + str(against) + ": " + ", ".join(
             f"{k}={fmt(v)}" for k, v in report.items() if k != "against"
         ))  # fmt: skip
+    if added is not None:
+        drift = "-" if added["drift"] is None else f"{added['drift']:.2f}x"
+        console.print(
+            f"added since the build: {added['n_added']} items "
+            f"({added['share_added']:.1%} of {added['n_catalog']}), residual drift {drift}"
+        )
+        if added["rebuild_due"]:
+            console.print("[yellow]rebuild due[/]: " + "; ".join(added["reasons"]))
+        else:
+            console.print("no rebuild due")
 
 
 def _materialize(

@@ -7,6 +7,8 @@
 - :func:`serving_setup` is what ``feature_repo/static_artifacts.py`` runs in every
   ``feast serve`` worker: pin threads and load the repo's bundle before the first request.
 - :func:`sample_online` reads warm items and encodes cold ones the way a ranker would.
+- :func:`appended` counts the items pushed since a bundle's build and says whether a
+  rebuild is due (:func:`qarm_features.stable.append_report`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qarm_features.errors import BundleVersionMismatch
+from qarm_features.errors import BundleVersionMismatch, QarmError
 from qarm_features.feast.context import (
     ENV_THREADS,
     ServingContext,
@@ -27,7 +29,7 @@ from qarm_features.feast.context import (
     set_serving_threads,
 )
 from qarm_features.feast.store import open_store
-from qarm_features.feast.sources import CODES_FILE
+from qarm_features.feast.sources import CODES_FILE, PUSHED_FILE
 from qarm_features.schema import ITEM_ID, RAW_EMB, VERSION
 
 
@@ -189,6 +191,37 @@ def _rows_with_status(resp, key: str) -> list[dict]:
     return rows
 
 
+def appended(repo_path: str | os.PathLike, bundle_path: str | os.PathLike | None = None) -> dict:
+    """Items pushed to the repo since ``bundle_path``'s build (default: the served bundle).
+
+    A bundle is immutable (content-addressed), so the record of what was added since its
+    build is the repo's pushed-items file (``data/qarm_pushed.parquet``, written by
+    ``qarm push``): the items there that the bundle's catalog does not hold, latest content
+    of each. Returns :func:`~qarm_features.stable.append_report` plus ``version``.
+
+    Raises:
+        QarmError: no bundle given and the repo serves none.
+    """
+    from qarm_features.encode import get_bundle
+    from qarm_features.stable import append_report
+
+    repo = Path(repo_path).resolve()
+    context = ServingContext.of_repo(repo, bundle_path)
+    if not context.is_set:
+        raise QarmError(f"no bundle for {repo}: run `qarm materialize` first or name a bundle")
+    bundle = get_bundle(context.bundle)
+    added = np.empty((0, bundle.raw_emb.shape[1]), np.float32)
+    if (repo / PUSHED_FILE).exists():
+        pushed = pd.read_parquet(repo / PUSHED_FILE)
+        key = next(c for c in pushed.columns if c not in (RAW_EMB, "pushed_at"))
+        pushed = pushed.sort_values("pushed_at", kind="stable").drop_duplicates(key, keep="last")
+        built = set(map(str, bundle.keys_of(bundle.item_ids)))
+        new = pushed[~pushed[key].astype(str).isin(built)]
+        if len(new):
+            added = np.stack([np.asarray(v, np.float32) for v in new[RAW_EMB]])
+    return {"version": bundle.version, **append_report(bundle, added)}
+
+
 def status(
     repo_path: str | os.PathLike,
     *,
@@ -205,7 +238,9 @@ def status(
 
     Returns:
         ``{"ok", "version", "views": {name: state}, "versions": check_versions report,
-        "leftovers", "problems", "repaired"}``.
+        "leftovers", "problems", "repaired", "appended"}``; ``appended`` is
+        :func:`appended` for the served bundle (None when none is served). A rebuild due
+        is reported there, not as a problem: serving is still correct.
     """
     from datetime import datetime, timedelta, timezone
 
@@ -246,6 +281,12 @@ def status(
         report = status(repo, fs_yaml_file=fs_yaml_file)
         report["repaired"] = repaired
         return report
+    added = None
+    if (served := read_pointer(repo)) is not None and served.is_set:
+        try:
+            added = appended(repo)
+        except QarmError as exc:  # a bad bundle is already among the problems
+            added = {"error": str(exc)}
     return {
         "ok": not problems,
         "version": versions["pointer"],
@@ -254,4 +295,5 @@ def status(
         "leftovers": leftovers,
         "problems": problems,
         "repaired": repaired,
+        "appended": added,
     }

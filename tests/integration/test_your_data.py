@@ -10,6 +10,7 @@ products; a cold product gets its codes through the on-demand view, equal to the
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -239,6 +240,9 @@ def test_push_new_products_then_read_them(shop, tmp_path):
     out = qarm("push", "--repo", str(shop), str(tmp_path / "new.parquet"), cwd=tmp_path,
                home=tmp_path)  # fmt: skip
     assert '"n_items": 1' in out
+    stats = json.loads(out)
+    # the daily route: one new product among 240 needs no rebuild yet
+    assert stats["n_added_since_build"] == 1 and stats["rebuild_due"] is False
     values, statuses = online(
         FeatureStore(repo_path=str(shop)), ["qarm:rq_code_l1"], [{"sku": "NEW-7"}]
     )
@@ -251,6 +255,14 @@ def test_push_new_products_then_read_them(shop, tmp_path):
 def test_inspect_the_repos_newest_build(shop, tmp_path):
     out = qarm("inspect", "--repo", str(shop), cwd=tmp_path, home=tmp_path)
     assert "files verified" in out and "id_type=string" in out
+    assert "added since the build:" in out and "rebuild due" in out
+    report = json.loads(qarm("inspect", "--repo", str(shop), "--json", cwd=tmp_path,
+                             home=tmp_path))["appended"]  # fmt: skip
+    pushed = shop / "data" / "qarm_pushed.parquet"  # whatever earlier tests pushed
+    skus = set(pd.read_parquet(pushed)["sku"]) if pushed.exists() else set()
+    assert report["n_catalog"] == 240
+    assert report["n_added"] == len({s for s in skus if not s.startswith("SKU-")})
+    assert report["rebuild_due"] is (report["share_added"] > 0.1)
 
 
 def test_the_shop_repo_survives_feast_apply_twice(shop):

@@ -65,3 +65,63 @@ def test_warm_start_keeps_code_ids_across_a_reseeded_rebuild(world, tmp_path):
     assert warm.metrics["churn"]["level_1"] == pytest.approx(warm_churn["level_1"])
     assert warm_churn["level_1"] < 0.5 * cold_churn["level_1"], (warm_churn, cold_churn)
     print("synthetic churn, cold:", cold_churn, "warm:", warm_churn)
+
+
+# --------------------------------------------------------------------------- append report
+def _near(b, n, seed=1):
+    """New items whose content is close to catalog items (a new size of a known product)."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(b.raw_emb.shape[0], n)
+    return b.raw_emb[rows] + 0.01 * rng.standard_normal((n, b.raw_dim)).astype(np.float32)
+
+
+def test_no_item_added_means_no_rebuild(random_bundle):
+    from qarm_features.stable import append_report
+
+    report = append_report(load_bundle(random_bundle), np.empty((0, 32), np.float32))
+    assert report["n_added"] == 0 and report["share_added"] == 0.0
+    assert report["drift"] is None and not report["rebuild_due"] and report["reasons"] == []
+
+
+def test_a_few_familiar_items_need_no_rebuild(random_bundle):
+    from qarm_features.stable import append_report
+
+    report = append_report(load_bundle(random_bundle), _near(load_bundle(random_bundle), 10))
+    assert report["n_added"] == 10 and report["share_added"] == pytest.approx(0.05)
+    assert 0.9 < report["drift"] < 1.1
+    assert not report["rebuild_due"]
+
+
+def test_many_added_items_make_a_rebuild_due(random_bundle):
+    from qarm_features.stable import append_report
+
+    b = load_bundle(random_bundle)
+    report = append_report(b, _near(b, 30))  # 15% of 200 > 10%
+    assert report["rebuild_due"] and len(report["reasons"]) == 1
+    assert "15.0% of its 200" in report["reasons"][0]
+
+
+def test_unfamiliar_content_makes_a_rebuild_due(tmp_path):
+    """Items far from everything the codebooks were fitted on: the residual error grows;
+    judged once enough of them were added (one item's error is noise)."""
+    from qarm_features.stable import DRIFT_MIN_ITEMS, append_report
+    from qarm_features.testing import make_random_bundle
+
+    b = load_bundle(make_random_bundle(tmp_path / "b", n_items=1000))
+    rng = np.random.default_rng(2)
+    far = 5 * np.tile(rng.standard_normal((1, b.raw_dim)), (DRIFT_MIN_ITEMS, 1))
+    far += 0.1 * rng.standard_normal(far.shape)
+    few = append_report(b, far[: DRIFT_MIN_ITEMS - 1])
+    assert few["drift"] > 1.25 and not few["rebuild_due"]
+    report = append_report(b, far)
+    assert report["share_added"] == pytest.approx(0.03) and report["drift"] > 1.25
+    assert report["rebuild_due"] and len(report["reasons"]) == 1
+    assert "residual error" in report["reasons"][0]
+
+
+def test_added_items_of_another_width_are_refused(random_bundle):
+    from qarm_features.errors import InputError
+    from qarm_features.stable import append_report
+
+    with pytest.raises(InputError, match="added items' raw_emb: expected width 32"):
+        append_report(load_bundle(random_bundle), np.zeros((3, 16), np.float32))
