@@ -96,14 +96,24 @@ def _predict(model, items, rows: Rows, batch_size: int = 8192) -> np.ndarray:
 
 
 def train_ranker(
-    ranker_kw: dict, items, split: Split, cfg: EvalConfig, seed: int, content: dict | None = None
+    ranker_kw: dict,
+    items,
+    split: Split,
+    cfg: EvalConfig,
+    seed: int,
+    content: dict | None = None,
+    *,
+    score_with: dict | None = None,
 ):
     """Train one DINRanker (budget from ``cfg``), keep the best validation epoch.
 
     ``content``: DINRanker's content keyword arguments (see :func:`variant_items`).
+    ``score_with``: other item features (name -> ItemFeatures, same layout) to score the
+    test rows with too, e.g. a retrain's codes read by a ranker trained on the old ones.
 
     Returns:
-        ``(test_scores, info)`` with ``info`` = best epoch, validation AUC per epoch, params.
+        ``(test_scores, info)`` with ``info`` = best epoch, validation AUC per epoch, params
+        (and ``scores_with``: name -> test scores, with ``score_with``).
     """
     import torch
 
@@ -149,6 +159,10 @@ def train_ranker(
         "val_auc": val_aucs,
         "n_params": int(sum(p.numel() for p in model.parameters())),
     }
+    if score_with:
+        info["scores_with"] = {
+            name: _predict(model, other, split.test_rows) for name, other in score_with.items()
+        }
     return _predict(model, items, split.test_rows), info
 
 
