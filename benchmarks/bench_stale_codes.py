@@ -74,8 +74,13 @@ def run_seed(ids, raw, interactions, seed: int) -> dict:
     spaces = {
         "cold": fit_item_space(raw, ids, train, bcfg, pool_items=split.warm_items, **kw),
         "warm_start": fit_item_space(
-            raw, ids, train, bcfg, pool_items=split.warm_items,
-            warm=(old.aligner.weights_, old.rq.codebooks_), **kw,
+            raw,
+            ids,
+            train,
+            bcfg,
+            pool_items=split.warm_items,
+            warm=(old.aligner.weights_, old.rq.codebooks_),
+            **kw,
         ),  # fmt: skip
     }
     spaces["cold_matched"] = spaces["cold"]
@@ -160,8 +165,7 @@ def run(out: Path, seeds=(0, 1, 2)) -> dict:
         "auc_loss_mean_std": summary,
         "per_seed": per_seed,
         "seconds": round(time.perf_counter() - t0, 1),
-        "command": "python -m benchmarks.bench_stale_codes --seeds "
-        + " ".join(map(str, seeds)),
+        "command": "python -m benchmarks.bench_stale_codes --seeds " + " ".join(map(str, seeds)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -174,6 +174,24 @@ def test_every_variant_builds_and_trains():
         variant_items("Z", spaces, sp)
 
 
+def test_a_trained_ranker_scores_other_codes():
+    """score_with: the model trained on one set of codes reads another (a retrain's)."""
+    import dataclasses
+
+    item_ids, raw, df = _world()
+    cfg = EvalConfig(history_len=4, dim=4, epochs=1, batch_size=256)
+    sp = make_split(item_ids, df, cfg, seed=0)
+    spaces = _fake_spaces(item_ids, raw, sp)
+    kw, items, _ = variant_items("D", spaces, sp)
+    moved = dataclasses.replace(spaces, aligned_rq=(spaces.aligned_rq + 1) % 8)
+    _, other, _ = variant_items("D", moved, sp)
+    scores, info = train_ranker(
+        kw, items, sp, cfg, seed=0, score_with={"same": items, "moved": other}
+    )
+    np.testing.assert_array_equal(info["scores_with"]["same"], scores)
+    assert not np.allclose(info["scores_with"]["moved"], scores)
+
+
 def test_dense_content_helps_cold_items():
     """Relative check: with content that carries item quality, B beats A on cold rows."""
     item_ids, raw, df = _world(n_items=80, n_users=60, n_rows=4000, seed=1)
@@ -236,7 +254,11 @@ def _fake_out(variants=("A", "B", "C", "D", "E", "D_vq", "D_rq", "B+D")):
         "aims": {
             "warm_D_minus_A": {"mean": 0.03, "std": 0.01, "target": 0.015, "met": True, "gap": 0.0},
             "cold_D_minus_B": {
-                "mean": -0.002, "std": 0.01, "target": 0.0, "met": False, "gap": -0.002
+                "mean": -0.002,
+                "std": 0.01,
+                "target": 0.0,
+                "met": False,
+                "gap": -0.002,
             },
         },
     }
