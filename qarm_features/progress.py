@@ -107,3 +107,30 @@ def stage(
         )
         if records is not None:
             records[name] = s.record()
+
+
+@contextmanager
+def count_records(logger_name: str, prefix: str, advance: Callable[[int], None]):
+    """Call ``advance(1)`` for each record of ``logger_name`` whose message starts with
+    ``prefix``, logged at any level, while the block runs; what reaches the handlers is
+    unchanged.
+
+    How a stage counts the steps of code that logs them (the aligner logs each epoch,
+    at DEBUG unless asked for INFO) without a callback of its own.
+    """
+    target = logging.getLogger(logger_name)
+    floor = target.getEffectiveLevel()
+
+    def count(record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(prefix):
+            advance(1)
+        return record.levelno >= floor  # the records the logger let through before
+
+    level = target.level
+    target.addFilter(count)
+    target.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        target.removeFilter(count)
+        target.setLevel(level)
