@@ -62,7 +62,7 @@ def test_small_catalogs_measure_every_pair(world):
 
 
 def test_large_pair_sets_are_sampled_with_a_seed(world):
-    ids, content, inter = world
+    ids, content, _ = world
     rng = np.random.default_rng(1)
     pairs = pd.DataFrame({"trigger_id": rng.choice(ids, 600), "target_id": rng.choice(ids, 600)})
     pop = np.ones(ids.size)
