@@ -15,7 +15,6 @@ items their codes online without a batch rerun.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,15 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qarm_features._atomic import honour_umask
 from qarm_features._validate import check_columns
 from qarm_features.errors import BundleVersionMismatch, QarmError
 from qarm_features.feast.context import (
-    PREVIOUS,
     UNSET,
     ServingContext,
     read_pointer,
-    read_previous,
     write_pointer,
 )
 from qarm_features.feast.sources import (
@@ -45,10 +41,10 @@ from qarm_features.feast.sources import (
     DEFAULT_HISTORY,
     EPOCH,
     HISTORY_FILE,
-    PREV_CODES_FILE,
     PUSHED_FILE,
     build_user_history,
     encode_catalog,
+    keep_previous_rows,
     new_version_dir,
     recode_history,
     row_stamp,
@@ -143,26 +139,6 @@ def _pushed_rows(bundle, repo: Path, join_key: str, pending: list):
         return Chunk(k, raw, 0)
 
     return extra
-
-
-def _keep_previous(repo: Path, out: Path, version: str) -> str | None:
-    """Copy the served version's rows into ``out`` as the ``qarm_prev`` source."""
-    import shutil
-
-    served = read_pointer(repo)
-    if served is None:
-        return None
-    if served.version != version:  # a switch: the served version becomes the previous one
-        src, prev = repo / CODES_FILE, served
-    else:  # the same version again: carry the previous one already kept, if any
-        prev = read_previous(repo)
-        src = repo / PREV_CODES_FILE
-        if prev is None or not src.exists():
-            return None
-    shutil.copyfile(src, out / PREV_CODES_FILE.name)
-    (out / PREVIOUS.name).write_text(json.dumps(prev.to_json(), indent=2, sort_keys=True))
-    honour_umask(out)
-    return prev.version
 
 
 def prepare_sources(
@@ -270,7 +246,7 @@ def prepare_sources(
         else:
             hist = pd.DataFrame({name: [] for name in history_schema.names})
         write_parquet(hist, out / HISTORY_FILE.name, history_schema)
-    kept = _keep_previous(repo, out, bundle.version) if keep_previous else None
+    kept = keep_previous_rows(repo, out, bundle.version) if keep_previous else None
     write_pointer(repo, ServingContext.of_bundle(bundle.path), into=out)
     switch_current(repo, out)  # the one atomic step: sources and pointer together
     stats = {
@@ -279,7 +255,7 @@ def prepare_sources(
         "n_levels": bundle.n_levels,
         "n_items": int(written.keys.shape[0]),
         "n_pushed_items_kept": int(written.keys.shape[0] - written.n_catalog),
-        "n_history_rows": int(len(hist)),
+        "n_history_rows": len(hist),
         "kept_previous": kept,
         "stamp": stamp.isoformat(),
         "encode_seconds": round(t_encode, 3),
@@ -346,14 +322,17 @@ def materialize(
     positive_threshold: float | None = None,
     join_key: str = ITEM_ID,
     keep_previous: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: ProgressCallback | None = None,
 ) -> dict:
     """Encode the catalog with a bundle, write the offline sources, apply, materialize.
 
     Args:
         bundle_path: the bundle directory.
         repo_path: the feature repo (``feature_repo/`` or a copy).
-        catalog_df, interactions_df, history, positive_threshold, join_key: see
-            :func:`prepare_sources`.
+        catalog_df, interactions_df, history, positive_threshold, join_key, chunk_rows,
+            progress: see :func:`prepare_sources` (stages ``encode``, ``history``, then
+            ``apply`` and ``feast materialize``).
         promote: allow a bundle version other than the one the registry serves. The
             online rows of ``qarm``, ``qarm_batch`` and ``user_history`` are cleared first,
             so between the clear and the end of the run a read finds no row (NOT_FOUND,
@@ -394,7 +373,10 @@ def materialize(
         positive_threshold=positive_threshold,
         join_key=join_key,
         keep_previous=keep_previous,
+        chunk_rows=chunk_rows,
+        progress=progress,
     )
+    stages = stats["stages"]
     # The definitions now read the new pointer: the views' UDFs carry the new bundle.
     t0 = time.perf_counter()
     objects = load_definitions(repo)
@@ -417,7 +399,10 @@ def materialize(
     last = pd.read_parquet(repo / HISTORY_FILE, columns=[EVENT_TIMESTAMP])[EVENT_TIMESTAMP].max()
     if pd.notna(last):  # user histories carry real times, possibly in the future
         end = max(end, last.to_pydatetime() + timedelta(seconds=1))
-    store.materialize(start_date=EPOCH, end_date=end, feature_views=views)
+    with stage("feast materialize", total=len(views), progress=progress, records=stages) as s:
+        for view in views:  # one view at a time: the bar counts them
+            store.materialize(start_date=EPOCH, end_date=end, feature_views=[view])
+            s.advance(1)
     stats.update(
         previous_version=previous,
         promoted=changed,
