@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from datetime import UTC
 from pathlib import Path
 
 POOL = 100_000  # VQ pool items (the issue's target)
@@ -175,3 +176,59 @@ if __name__ == "__main__":  # python -m benchmarks.bench_stream [n_items ...]
 
     sizes = [int(a) for a in sys.argv[1:]] or None
     print(json.dumps(run(False, runs=sizes), indent=1, default=float))
+
+
+# ------------------------------------------------------------------ Feast's materialization
+def feast_materialize(repo: str, bundle: str) -> dict:
+    """Child: ``store.materialize`` of each view of a prepared repo (SQLite online store,
+    file offline store, local engine); per view seconds and peak RSS (VmHWM reset first)."""
+    from datetime import datetime, timedelta
+
+    from benchmarks.bench_scale import _peak_mib, _reset_peak
+    from qarm_features.feast.job import apply
+    from qarm_features.feast.sources import EPOCH
+    from qarm_features.feast.store import open_store
+
+    apply(repo, bundle)
+    store = open_store(Path(repo))
+    end = datetime.now(UTC) + timedelta(seconds=1)
+    out = {}
+    for view in ("qarm", "item_content"):
+        _reset_peak()
+        t0 = time.perf_counter()
+        store.materialize(start_date=EPOCH, end_date=end, feature_views=[view])
+        out[view] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_mib()}
+    return out
+
+
+def run_feast(sizes=(20_000, 60_000), out_path="benchmarks/results/scale.json") -> dict:
+    """Feast 0.67's local materialization of the streamed sources: peak RSS by size."""
+    from benchmarks.timing import run_child
+    from qarm_features.feast.scaffold import init_repo
+
+    records = []
+    for n in sizes:
+        work = Path(tempfile.mkdtemp(prefix="qarm-feast-", dir=os.environ.get("QARM_BENCH_TMP")))
+        try:
+            catalog, repo = str(work / "catalog.parquet"), work / "repo"
+            run_child("benchmarks.bench_stream:generate", {"path": catalog, "n_items": int(n)})
+            run_child("benchmarks.bench_stream:make_bundle",  # pool: min(n, POOL) items
+                      {"path": str(work / "bundle"), "catalog": catalog})  # fmt: skip
+            init_repo(repo)
+            p = run_child("benchmarks.bench_stream:prepare",
+                          {"bundle": str(work / "bundle"), "repo": str(repo), "catalog": catalog})  # fmt: skip
+            f = run_child("benchmarks.bench_stream:feast_materialize",
+                          {"repo": str(repo), "bundle": str(work / "bundle")}, timeout=7200)  # fmt: skip
+            rec = {"n_items": int(n), "prepare_peak_rss_mib": p["peak_rss_mib"],
+                   **{k: v for k, v in f.items() if k in ("qarm", "item_content")}}  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            rec = {"n_items": int(n), "error": str(exc)[-800:]}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        records.append(rec)
+        if out_path:
+            path = Path(out_path)
+            data = json.loads(path.read_text()) if path.exists() else {}
+            data["feast_materialize"] = {"records": records}
+            path.write_text(json.dumps(data, indent=1, default=float))
+    return {"records": records}
