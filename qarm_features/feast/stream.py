@@ -49,6 +49,7 @@ from qarm_features.schema import (
 # Rows per chunk: ~100 MiB of 384-d float32 input, a few hundred MiB in flight while it is
 # encoded and written; a row group of that size reads well in DuckDB, pandas and Feast.
 DEFAULT_CHUNK_ROWS = 65_536
+READ_BUFFER = 4 << 20  # bytes per buffered parquet column read
 RAW_FILE = "raw_emb.npy"  # the bundle's catalog embeddings (bundle.py's file name)
 
 
@@ -213,7 +214,10 @@ def _parquet_chunks(path: Path, join_key, dim, id_type, chunk_rows) -> Iterator[
 
     where = str(path)
     try:
-        pf = pq.ParquetFile(path)
+        # pre_buffer (the default) keeps every row group read so far cached until the
+        # iteration ends: +1 row group of memory per batch (pyarrow 26). Buffered stream
+        # reads instead hold one batch.
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
     except (OSError, ValueError) as exc:
         raise InputError(f"{where}: cannot read it as parquet ({exc})") from None
     id_col = _id_column(pf.schema_arrow.names, join_key, where)

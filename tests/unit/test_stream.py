@@ -15,6 +15,7 @@ import pytest
 from qarm_features.encode import get_bundle
 from qarm_features.errors import InputError
 from qarm_features.feast import job, sources
+from qarm_features.feast.stream import iter_catalog
 from qarm_features.schema import CREATED, EVENT_TIMESTAMP
 
 NOW = pd.Timestamp("2026-01-02 03:04:05.678901", tz="UTC").to_pydatetime()
@@ -185,3 +186,25 @@ def test_stages_log_time_and_memory_and_report_progress(random_bundle, tmp_path,
     assert encode == [(200, 0), (200, 50), (200, 50), (200, 50), (200, 50)]
     rec = stats["stages"]["encode"]
     assert rec["rows"] == 200 and rec["peak_rss_mib"] > 0 and rec["seconds"] > 0
+
+
+def test_reading_a_parquet_catalog_holds_one_chunk(tmp_path):
+    """pyarrow's default pre-buffering keeps every row group read so far (of ~10 MiB and
+    more) until the iteration ends, memory growing with the catalog; the reader must not."""
+    from qarm_features.testing import make_random_bundle
+
+    bundle = get_bundle(make_random_bundle(tmp_path / "b", n_items=64, raw_dim=384, vq_k=3))
+    rng = np.random.default_rng(0)
+    path = tmp_path / "big.parquet"
+    n, d, group = 40_000, 384, 8_000
+    raw = rng.standard_normal((n, d)).astype(np.float32)
+    emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32)),
+                                   pa.array(raw.ravel()))  # fmt: skip
+    pq.write_table(pa.table({"item_id": np.arange(n), "raw_emb": emb}), path, row_group_size=group)
+    del raw, emb
+    held = []
+    for chunk in iter_catalog(path, bundle, chunk_rows=group):
+        held.append(pa.total_allocated_bytes())
+        del chunk
+    one_group = group * d * 4
+    assert max(held) - held[0] < one_group, [h - held[0] for h in held]
