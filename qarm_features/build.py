@@ -26,6 +26,7 @@ import pandas as pd
 from qarm_features.config import BuildConfig
 from qarm_features.errors import InputError
 from qarm_features.pipeline import StepCallback
+from qarm_features.progress import ProgressCallback, stage
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def build_bundle(
     mined: tuple[pd.DataFrame, dict] | None = None,
     item_keys=None,
     warm_start: str | Path | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> BuildResult:
     """Run pair mining, aligner training and code fitting, and write a bundle.
 
@@ -73,6 +75,9 @@ def build_bundle(
         warm_start: the previous bundle: the new RQ code ids are matched to its ids
             (:func:`qarm_features.stable.match_codebooks`) and the churn against it is
             recorded in the metrics (``churn``).
+        on_progress: ``on_progress(stage, total, advance)`` for the pipeline's stages
+            (:func:`qarm_features.pipeline.fit_item_space`); each is logged with its
+            seconds and peak RSS.
 
     Raises:
         InputError: malformed catalog or interactions, or interactions naming items that
@@ -95,6 +100,7 @@ def build_bundle(
         warm=warm,
         on_step=step,
         progress=progress,
+        on_progress=on_progress,
     )
     ids, raw, aligned, metrics = space.item_ids, space.raw, space.aligned, space.metrics
     rq = space.rq
@@ -259,6 +265,7 @@ def build_movielens(
     on_step: StepCallback | None = None,
     progress: bool = False,
     warm_start: str | Path | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> BuildResult:
     """Fetch MovieLens-100k, encode its titles with the frozen text encoder, build a bundle."""
     from qarm_features.data import fetch_movielens_100k, load_movielens_100k
@@ -271,7 +278,9 @@ def build_movielens(
     step("encoding item text")
     texts = ml.items["text"].tolist()
     item_ids = ml.items["item_id"].to_numpy()
-    raw = encode_catalog_text(texts, cfg, cache_dir=cache_dir, progress=progress)
+    raw = encode_catalog_text(
+        texts, cfg, cache_dir=cache_dir, progress=progress, on_progress=on_progress
+    )
     encoder_info = None
     if cfg.encoder.finetune_layers > 0:
         step(f"fine-tuning the top {cfg.encoder.finetune_layers} encoder layers")
@@ -289,6 +298,7 @@ def build_movielens(
         progress=progress,
         extra_metrics={"encoder": encoder_info} if encoder_info else None,
         warm_start=warm_start,
+        on_progress=on_progress,
     )
     result.timings = {"encode_s": encode_s, **result.timings}
     return result
@@ -335,35 +345,64 @@ def finetune_encoder(
     return raw, info
 
 
-def encode_catalog_text(
-    texts: list[str], cfg: BuildConfig, *, cache_dir=None, progress: bool = False
-) -> np.ndarray:
-    """Encode item texts with the configured frozen encoder, cached on disk by content hash.
+# Texts per cached block of the catalog encoding: a crash or an interrupt loses at most
+# one block (the rest load from the cache on the next run), and a changed item re-encodes
+# its block only. A catalog of up to this many texts is one block, cached under the key
+# the whole catalog always had.
+ENCODE_BLOCK = 16_384
 
-    The cache key covers the encoder config and every text, so a changed catalog or model
-    is re-encoded. The cache file is an ``.npy`` (no pickle), written atomically.
+
+def encode_catalog_text(
+    texts: list[str],
+    cfg: BuildConfig,
+    *,
+    cache_dir=None,
+    progress: bool = False,
+    on_progress: ProgressCallback | None = None,
+    block: int = ENCODE_BLOCK,
+) -> np.ndarray:
+    """Encode item texts with the configured frozen encoder: batched, cached by content
+    hash, resumable.
+
+    The catalog is encoded ``block`` texts at a time; each block is cached on disk under
+    a key covering the encoder config and its texts (an ``.npy``, no pickle, written
+    atomically), so a changed model or text re-encodes only its block and an interrupted
+    run resumes from the blocks already written. ``on_progress`` sees the texts done
+    (stage ``encode text``), cached blocks included.
     """
     import hashlib
     import os
 
     from qarm_features.encoders import make_encoder
 
-    key = hashlib.sha256(
-        (cfg.encoder.model_dump_json() + "\x00" + "\x1f".join(texts)).encode()
-    ).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("QARM_CACHE", Path.home() / ".cache" / "qarm"))
-    cache = root / "embeddings" / f"{cfg.encoder.kind}-{key}.npy"
-    if cache.is_file():
-        try:
-            arr = np.load(cache, allow_pickle=False)
-            if arr.shape[0] == len(texts) and arr.dtype == np.float32:
-                return arr
-        except (ValueError, OSError):
-            log.warning("ignoring unreadable embedding cache %s", cache)
-    encoder = make_encoder(cfg.encoder)
-    arr = np.asarray(encoder.encode(texts, show_progress=progress), dtype=np.float32)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp-{os.getpid()}.npy")
-    np.save(tmp, arr, allow_pickle=False)
-    os.replace(tmp, cache)
-    return arr
+    head = cfg.encoder.model_dump_json() + "\x00"
+    encoder = None
+    parts = []
+    with stage("encode text", total=len(texts), progress=on_progress) as s:
+        for lo in range(0, max(len(texts), 1), block):
+            part = texts[lo : lo + block]
+            key = hashlib.sha256((head + "\x1f".join(part)).encode()).hexdigest()[:16]
+            cache = root / "embeddings" / f"{cfg.encoder.kind}-{key}.npy"
+            arr = _read_cached(cache, len(part))
+            if arr is None:
+                encoder = encoder or make_encoder(cfg.encoder)
+                arr = np.asarray(encoder.encode(part, show_progress=progress), dtype=np.float32)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".tmp-{os.getpid()}.npy")
+                np.save(tmp, arr, allow_pickle=False)
+                os.replace(tmp, cache)
+            parts.append(arr)
+            s.advance(len(part))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _read_cached(cache: Path, n: int) -> np.ndarray | None:
+    if not cache.is_file():
+        return None
+    try:
+        arr = np.load(cache, allow_pickle=False)
+    except (ValueError, OSError):
+        log.warning("ignoring unreadable embedding cache %s", cache)
+        return None
+    return arr if arr.shape[0] == n and arr.dtype == np.float32 else None

@@ -60,7 +60,9 @@ def _table(project: Project, spec, *, what: str) -> Table:
     return read_table(project.resolve(source.path), what=what)
 
 
-def catalog_content(project: Project, table: Table, keys: Keys, *, cache_dir=None, progress=False):
+def catalog_content(
+    project: Project, table: Table, keys: Keys, *, cache_dir=None, progress=False, on_progress=None
+):
     """``(n, d)`` float32 content embeddings of the catalog rows, per the config."""
     spec, cfg, frame = project.catalog, project.build, table.frame
     if spec.embedding:
@@ -81,7 +83,9 @@ def catalog_content(project: Project, table: Table, keys: Keys, *, cache_dir=Non
         encoder = make_encoder(cfg.encoder)
         return np.asarray(encoder.encode(texts, images=images, show_progress=progress), np.float32)
     texts = render_texts(frame, spec.text, name=table.name)
-    return encode_catalog_text(texts, cfg, cache_dir=cache_dir, progress=progress)
+    return encode_catalog_text(
+        texts, cfg, cache_dir=cache_dir, progress=progress, on_progress=on_progress
+    )
 
 
 def _item_embeddings(project: Project, keys: Keys) -> tuple[np.ndarray, np.ndarray] | None:
@@ -157,6 +161,7 @@ def build_from_repo(
     on_step=None,
     progress: bool = False,
     warm_start: str | os.PathLike | None = None,
+    on_progress=None,
 ) -> BuildResult:
     """Read the repo's ``qarm.yaml``, check every table, build a version-named bundle.
 
@@ -165,6 +170,8 @@ def build_from_repo(
         out: the bundles directory (default: ``qarm.yaml``'s ``bundles``).
         warm_start: the previous bundle whose code ids the new one keeps (see
             :func:`qarm_features.build.build_bundle`).
+        on_progress: ``on_progress(stage, total, advance)`` for every stage
+            (:mod:`qarm_features.progress`): text encoding, then the pipeline's.
 
     Raises:
         ConfigError: a bad ``qarm.yaml``. InputError: a bad table (file, column, row named).
@@ -184,7 +191,9 @@ def build_from_repo(
         update={"pairs": project.build.pairs.model_copy(update={"positive_threshold": threshold})}
     )
     step("encoding item content")
-    raw = catalog_content(project, table, keys, cache_dir=cache_dir, progress=progress)
+    raw = catalog_content(
+        project, table, keys, cache_dir=cache_dir, progress=progress, on_progress=on_progress
+    )
     step("mining pairs")
     mined = mine(project, interactions, keys, cfg)
 
@@ -200,6 +209,7 @@ def build_from_repo(
             item_keys=None if keys.kind == "int64" else keys.keys,
             on_step=step,
             progress=progress,
+            on_progress=on_progress,
             extra_metrics={"events": event_stats},
             warm_start=warm_start,
         ),

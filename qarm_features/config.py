@@ -130,6 +130,13 @@ class BuildConfig(_Config):
     rq: RQConfig = RQConfig()
     vq: VQConfig = VQConfig()
     seed: int = 0  # the held-out item draw of the build's metrics
+    # The held-out metrics (pair-AUC, recall@10) are measured on a seeded sample of at most
+    # this many held-out pairs (None: all); MovieLens-100k's are all measured.
+    heldout_max_pairs: int | None = Field(200_000, ge=1)
+    # recall@10 ranks each pair's target against the whole catalog (pairs x items
+    # similarities); it samples at most heldout_recall_budget / n_items of the pairs
+    # above: every one at MovieLens size, 2,000 at 1M items (None: no cap).
+    heldout_recall_budget: int | None = Field(2_000_000_000, ge=1)
 
     def with_seed(self, seed: int) -> BuildConfig:
         """A copy whose every seed (the build's, pairs, aligner, RQ, VQ) is ``seed``."""

@@ -20,7 +20,6 @@ Everything is seeded by the :class:`~qarm_features.config.BuildConfig` sections
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ import pandas as pd
 from qarm_features._validate import check_columns, check_embeddings, check_ids, lookup_rows
 from qarm_features.config import BuildConfig, RQConfig, VQConfig
 from qarm_features.errors import InputError
+from qarm_features.progress import ProgressCallback, count_records, stage
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class ItemSpace:
             ``recall@10``, ``pair_auc``, ``n_pairs``), ``aligner`` (scalar history),
             ``codes`` (``aligned``: :func:`code_report`), ``vq_ann_recall``.
         timings: seconds per stage (``pairs_s``, ``aligner_s``, ``codes_s``).
+        stages: per stage (``pairs``, ``aligner``, ``forward``, ``codes``, ``evaluate``)
+            ``seconds`` and ``peak_rss_mib`` (:func:`qarm_features.progress.stage`).
     """
 
     item_ids: np.ndarray
@@ -76,6 +78,7 @@ class ItemSpace:
     pair_stats: dict
     metrics: dict
     timings: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
 
     @property
     def weights(self) -> dict[str, np.ndarray]:
@@ -155,17 +158,80 @@ def teacher_targets(mf, item_ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def space_metrics(emb, item_ids, pairs, popularity, *, seed: int = 0) -> dict:
-    """Pair recall@10 and popularity-matched pair-AUC of ``pairs`` in an embedding space."""
+def sample_pairs(pairs: pd.DataFrame, max_pairs: int | None, seed: int) -> pd.DataFrame:
+    """At most ``max_pairs`` of ``pairs`` (a seeded draw, original order kept); all of
+    them when there are no more than that, or ``max_pairs`` is None."""
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return pairs
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(pairs), size=int(max_pairs), replace=False))
+    return pairs.iloc[rows].reset_index(drop=True)
+
+
+def space_metrics(
+    emb,
+    item_ids,
+    pairs,
+    popularity,
+    *,
+    seed: int = 0,
+    max_pairs: int | None = None,
+    recall_budget: int | None = None,
+) -> dict:
+    """Pair recall@10 and popularity-matched pair-AUC of ``pairs`` in an embedding space.
+
+    Args:
+        max_pairs: measure on a seeded sample of at most this many pairs (None: all).
+        recall_budget: recall@10 scores each sampled pair's trigger against every item:
+            it samples at most ``recall_budget // n_items`` of them (None: no cap).
+
+    Returns:
+        ``recall@10``, ``pair_auc``, ``n_pairs`` (all the pairs given) and, when a sample
+        was drawn, ``n_pairs_auc`` / ``n_pairs_recall`` (the pairs each was measured on).
+    """
     from qarm_features.metrics import pair_auc, pair_recall_at_k
 
     if len(pairs) == 0:
         return {"recall@10": float("nan"), "pair_auc": float("nan"), "n_pairs": 0}
-    return {
-        "recall@10": float(pair_recall_at_k(emb, item_ids, pairs, k=10)),
-        "pair_auc": float(pair_auc(emb, item_ids, pairs, popularity, seed=seed)),
-        "n_pairs": int(len(pairs)),
+    auc_pairs = sample_pairs(pairs, max_pairs, seed)
+    cap = None if recall_budget is None else max(1, recall_budget // max(len(item_ids), 1))
+    recall_pairs = sample_pairs(auc_pairs, cap, seed)
+    out = {
+        "recall@10": float(pair_recall_at_k(emb, item_ids, recall_pairs, k=10)),
+        "pair_auc": float(pair_auc(emb, item_ids, auc_pairs, popularity, seed=seed)),
+        "n_pairs": len(pairs),
     }
+    if len(auc_pairs) < len(pairs) or len(recall_pairs) < len(pairs):
+        out.update(n_pairs_auc=len(auc_pairs), n_pairs_recall=len(recall_pairs))
+    return out
+
+
+# Rows per block of the catalog-wide aligner forward: the float64 temporaries of a block
+# (~200 MiB at 384-d) bound its memory; a catalog up to this size is one block (the
+# result is the forward of the whole matrix, bit for bit).
+FORWARD_CHUNK = 65_536
+
+
+def align_catalog(weights: dict, raw: np.ndarray, *, chunk: int = FORWARD_CHUNK, advance=None):
+    """:func:`qarm_features.encode.align_with_weights` over ``raw`` in row blocks:
+    ``(n, d_raw)`` float32 -> ``(n, d_out)`` float32 with float64 temporaries of one block
+    only. ``advance(rows)`` is called after each block."""
+    from qarm_features.encode import align_with_weights
+
+    n = raw.shape[0]
+    out = None
+    for lo in range(0, n, chunk):
+        block = align_with_weights(weights, raw[lo : lo + chunk])
+        if out is None:
+            if block.shape[0] == n:
+                out = block
+            else:
+                out = np.empty((n, block.shape[1]), np.float32)
+        if out is not block:
+            out[lo : lo + block.shape[0]] = block
+        if advance is not None:
+            advance(block.shape[0])
+    return out if out is not None else align_with_weights(weights, raw)
 
 
 def make_rq(cfg: RQConfig):
@@ -260,6 +326,7 @@ def fit_item_space(
     warm: tuple[dict, np.ndarray] | None = None,
     on_step: StepCallback | None = None,
     progress: bool = False,
+    on_progress: ProgressCallback | None = None,
 ) -> ItemSpace:
     """Mine pairs, hold items out, train the aligner, fit RQ/VQ codes and measure them.
 
@@ -284,16 +351,19 @@ def fit_item_space(
             each level's k-means start from them (a warm start keeps codes stable).
         on_step: called with a short label as each stage starts (CLI progress).
         progress: log each aligner epoch at INFO level.
+        on_progress: ``on_progress(stage, total, advance)`` for the stages ``pairs``,
+            ``aligner`` (epochs), ``forward`` (rows), ``codes``, ``evaluate``; each stage
+            also logs its seconds and peak RSS (:mod:`qarm_features.progress`).
 
     Returns:
-        The fitted :class:`ItemSpace`.
+        The fitted :class:`ItemSpace` (``timings["stages"]``: per stage ``seconds`` and
+        ``peak_rss_mib``).
 
     Raises:
         InputError: malformed catalog or interactions, interactions naming items that are
             not in the catalog, or no pair mined.
     """
     from qarm_features.align import ItemAligner
-    from qarm_features.encode import align_with_weights
     from qarm_features.pairs import mine_pairs
 
     cfg = config or BuildConfig()
@@ -301,24 +371,28 @@ def fit_item_space(
     ids, raw = _check_inputs(item_ids, raw_emb, interactions)
 
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    stages: dict[str, dict] = {}
+    run = {"progress": on_progress, "records": stages, "logger": logger}
     step("mining pairs")
-    targets = {}
-    if cfg.aligner.teacher_weight > 0:
-        from qarm_features.retrieval import BPRMF
+    with stage("pairs", **run):
+        targets = {}
+        if cfg.aligner.teacher_weight > 0:
+            from qarm_features.retrieval import BPRMF
 
-        # The same retrieval model mine_pairs would fit: fitted once, used twice.
-        mf = BPRMF.from_config(cfg.pairs).fit(interactions)
-        targets["teacher"] = teacher_targets(mf, ids)
-        mf_ids, mf_emb = mf.item_embeddings()
-        pairs, pair_stats = mine_pairs(interactions, cfg.pairs, item_ids=mf_ids, item_emb=mf_emb)
-    elif mined is not None:
-        pairs, pair_stats = mined
-    else:
-        pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
-    if cfg.aligner.quality_weight > 0:
-        targets["quality"] = quality_targets(interactions, ids, cfg.pairs.positive_threshold)
-    timings["pairs_s"] = time.perf_counter() - t0
+            # The same retrieval model mine_pairs would fit: fitted once, used twice.
+            mf = BPRMF.from_config(cfg.pairs).fit(interactions)
+            targets["teacher"] = teacher_targets(mf, ids)
+            mf_ids, mf_emb = mf.item_embeddings()
+            pairs, pair_stats = mine_pairs(
+                interactions, cfg.pairs, item_ids=mf_ids, item_emb=mf_emb
+            )
+        elif mined is not None:
+            pairs, pair_stats = mined
+        else:
+            pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
+        if cfg.aligner.quality_weight > 0:
+            targets["quality"] = quality_targets(interactions, ids, cfg.pairs.positive_threshold)
+    timings["pairs_s"] = stages["pairs"]["seconds"]
     if len(pairs) == 0:
         raise InputError("pair mining found no pairs; are there positives (rating >= threshold)?")
     train_pairs, test_pairs, test_items = split_test_items(ids, pairs, heldout_fraction, cfg.seed)
@@ -326,47 +400,60 @@ def fit_item_space(
     if val_seed is not None:
         val_items = choose_val_items(train_pairs, cfg.aligner.val_fraction, val_seed)
 
-    t0 = time.perf_counter()
     step("training aligner")
-    aligner = ItemAligner(cfg.aligner).fit(
-        raw,
-        ids,
-        train_pairs,
-        val_items=val_items,
-        item_targets=targets,
-        init_weights=None if warm is None else warm[0],
-        progress=progress,
-    )
-    timings["aligner_s"] = time.perf_counter() - t0
+    epochs = stage("aligner", total=cfg.aligner.max_epochs, **run)
+    with epochs as s, count_records("qarm_features.align", "aligner epoch", s.advance):
+        aligner = ItemAligner(cfg.aligner).fit(
+            raw,
+            ids,
+            train_pairs,
+            val_items=val_items,
+            item_targets=targets,
+            init_weights=None if warm is None else warm[0],
+            progress=progress,
+        )
+    timings["aligner_s"] = stages["aligner"]["seconds"]
     # The aligned space served later is the numpy forward of the exported weights.
-    aligned = align_with_weights(aligner.weights_, raw)
+    with stage("forward", total=len(ids), **run) as s:
+        aligned = align_catalog(aligner.weights_, raw, advance=s.advance)
 
-    t0 = time.perf_counter()
     step("fitting codes")
-    pool_rows = None
-    if pool_items is not None:
-        pool_rows = lookup_rows(check_ids(pool_items, name="pool_items"), ids, name="pool_items")
-    rq, vq = fit_quantizers(
-        aligned, ids, cfg.rq, cfg.vq, pool_rows=pool_rows, init_codebooks=_init(warm, cfg.rq)
-    )
-    rq_codes = rq.encode(aligned)
-    timings["codes_s"] = time.perf_counter() - t0
+    with stage("codes", **run):
+        pool_rows = None
+        if pool_items is not None:
+            pool_rows = lookup_rows(
+                check_ids(pool_items, name="pool_items"), ids, name="pool_items"
+            )
+        rq, vq = fit_quantizers(
+            aligned, ids, cfg.rq, cfg.vq, pool_rows=pool_rows, init_codebooks=_init(warm, cfg.rq)
+        )
+        rq_codes = rq.encode(aligned)
+    timings["codes_s"] = stages["codes"]["seconds"]
 
     step("evaluating")
-    pop = item_popularity(interactions, ids)
-    raw_norm = l2_normalize(raw)
-    history = aligner.history_
-    metrics = {
-        "pairs": pair_stats,
-        "heldout_items": int(test_items.size),
-        "heldout": {
-            "raw": space_metrics(raw_norm, ids, test_pairs, pop, seed=cfg.seed),
-            "aligned": space_metrics(aligned, ids, test_pairs, pop, seed=cfg.seed),
-        },
-        "aligner": {k: v for k, v in history.items() if not isinstance(v, (list, np.ndarray))},
-        "codes": {"aligned": code_report(rq, aligned, codes=rq_codes, pool_rows=pool_rows)},
-        "vq_ann_recall": getattr(vq, "ann_recall_", None),
-    }
+    with stage("evaluate", **run):
+        pop = item_popularity(interactions, ids)
+        raw_norm = l2_normalize(raw)
+        history = aligner.history_
+        metrics = {
+            "pairs": pair_stats,
+            "heldout_items": int(test_items.size),
+            "heldout": {
+                name: space_metrics(
+                    emb,
+                    ids,
+                    test_pairs,
+                    pop,
+                    seed=cfg.seed,
+                    max_pairs=cfg.heldout_max_pairs,
+                    recall_budget=cfg.heldout_recall_budget,
+                )
+                for name, emb in (("raw", raw_norm), ("aligned", aligned))
+            },
+            "aligner": {k: v for k, v in history.items() if not isinstance(v, (list, np.ndarray))},
+            "codes": {"aligned": code_report(rq, aligned, codes=rq_codes, pool_rows=pool_rows)},
+            "vq_ann_recall": getattr(vq, "ann_recall_", None),
+        }
     return ItemSpace(
         item_ids=ids,
         raw=raw,
@@ -383,4 +470,5 @@ def fit_item_space(
         pair_stats=pair_stats,
         metrics=metrics,
         timings=timings,
+        stages=stages,
     )

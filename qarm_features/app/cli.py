@@ -29,7 +29,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from qarm_features.app.render import abbreviate, fmt, print_metrics
+from qarm_features.app.render import abbreviate, fmt, print_metrics, stage_progress
 from qarm_features.errors import ConfigError, QarmError
 
 app = typer.Typer(
@@ -140,18 +140,19 @@ def build(
     from qarm_features.build import build_movielens, build_versioned
 
     try:
-        with console.status("starting") as status:
-
-            def on_step(label):
-                status.update(f"[bold]{label}[/]")
-
+        with stage_progress(console) as (on_progress, on_step):
             if repo is not None:
                 if config is not None or set_:
                     raise ConfigError("with --repo, the build config is qarm.yaml's `build:`")
                 from qarm_features.build_repo import build_from_repo
 
                 result = build_from_repo(
-                    repo, cache_dir=cache_dir, on_step=on_step, out=out, warm_start=warm_start
+                    repo,
+                    cache_dir=cache_dir,
+                    on_step=on_step,
+                    out=out,
+                    warm_start=warm_start,
+                    on_progress=on_progress,
                 )
             else:
                 cfg = load_build_config(config, set_)
@@ -169,6 +170,7 @@ def build(
                         on_step=on_step,
                         progress=False,
                         warm_start=warm_start,
+                        on_progress=on_progress,
                     ),
                 )
     except QarmError as exc:
@@ -250,7 +252,13 @@ def inspect(
 
 
 def _materialize(
-    repo: Path, bundle: Optional[Path], *, promote: bool, cache_dir, keep_previous: bool = False
+    repo: Path,
+    bundle: Optional[Path],
+    *,
+    promote: bool,
+    cache_dir,
+    keep_previous: bool = False,
+    progress=None,
 ) -> dict:
     """A repo with a qarm.yaml serves its own builds; the demo repo the MovieLens builds."""
     from qarm_features.build import latest_bundle
@@ -266,6 +274,7 @@ def _materialize(
             promote=promote,
             join_key=project.entity.join_key,
             keep_previous=keep_previous,
+            progress=progress,
         )
     bundle = bundle or latest_bundle(DEFAULT_BUNDLES)
     return run_materialize(
@@ -274,6 +283,7 @@ def _materialize(
         interactions_df=_movielens_interactions(cache_dir),
         promote=promote,
         keep_previous=keep_previous,
+        progress=progress,
     )
 
 
@@ -300,9 +310,14 @@ def materialize(
     """
     _setup_logging(verbose)
     try:
-        with console.status("materializing"):
+        with stage_progress(console) as (on_progress, _):
             stats = _materialize(
-                repo, bundle, promote=promote, cache_dir=cache_dir, keep_previous=keep_previous
+                repo,
+                bundle,
+                promote=promote,
+                cache_dir=cache_dir,
+                keep_previous=keep_previous,
+                progress=on_progress,
             )
     except QarmError as exc:
         _fail(exc)
@@ -423,9 +438,11 @@ def run(
     from qarm_features.feast.serving import sample_online
 
     try:
-        with console.status("materializing into the feature store"):
+        with stage_progress(console) as (on_progress, _):
             # the main job rebuilds the bundle, so it promotes the new version by design
-            stats = _materialize(repo, None, promote=True, cache_dir=cache_dir)
+            stats = _materialize(
+                repo, None, promote=True, cache_dir=cache_dir, progress=on_progress
+            )
         console.print("[bold]materialized[/]: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
         from qarm_features.encode import get_bundle
 

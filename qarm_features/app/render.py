@@ -1,9 +1,22 @@
-"""Rendering of bundle metrics and sample reads for the ``qarm`` command (rich)."""
+"""Rendering for the ``qarm`` command (rich): bundle metrics, sample reads, stage progress."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 
@@ -63,3 +76,54 @@ def abbreviate(obj, max_list: int = 6):
             return [round(v, 4) for v in obj[:4]] + [f"... {len(obj)} floats"]
         return [abbreviate(v, max_list) for v in obj]
     return obj
+
+
+class _Rate(ProgressColumn):
+    """Rows (or steps) per second of a task."""
+
+    def render(self, task):
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f}/s", style="progress.data.speed")
+
+
+@contextmanager
+def stage_progress(out: Console | None = None):
+    """A rich progress display for the library's stages (:mod:`qarm_features.progress`).
+
+    Yields ``(on_progress, on_step)``: ``on_progress(stage, total, advance)`` draws one bar
+    per stage with its count, rate and ETA (a stage is finished when the next one starts);
+    ``on_step(label)`` prints a step line above the bars.
+    """
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=out or console,
+    )
+    tasks: dict[str, int] = {}
+
+    def finish(task) -> None:
+        t = bar.tasks[task]
+        if not t.finished:
+            bar.update(task, total=max(t.completed, 1), completed=max(t.completed, 1))
+
+    def on_progress(name: str, total, advance: int) -> None:
+        if advance == 0 or name not in tasks:
+            for task in tasks.values():
+                finish(task)
+            tasks[name] = bar.add_task(name, total=total)
+        if advance:
+            bar.advance(tasks[name], advance)
+
+    def on_step(label: str) -> None:
+        bar.console.print(f"[dim]{label}[/]")
+
+    with bar:
+        yield on_progress, on_step
+        for task in tasks.values():
+            finish(task)

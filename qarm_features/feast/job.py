@@ -15,9 +15,9 @@ items their codes online without a batch rerun.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,15 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qarm_features._atomic import honour_umask
 from qarm_features._validate import check_columns
 from qarm_features.errors import BundleVersionMismatch, QarmError
 from qarm_features.feast.context import (
-    PREVIOUS,
     UNSET,
     ServingContext,
     read_pointer,
-    read_previous,
     write_pointer,
 )
 from qarm_features.feast.sources import (
@@ -44,10 +41,10 @@ from qarm_features.feast.sources import (
     DEFAULT_HISTORY,
     EPOCH,
     HISTORY_FILE,
-    PREV_CODES_FILE,
     PUSHED_FILE,
     build_user_history,
     encode_catalog,
+    keep_previous_rows,
     new_version_dir,
     recode_history,
     row_stamp,
@@ -55,6 +52,16 @@ from qarm_features.feast.sources import (
     write_parquet,
 )
 from qarm_features.feast.store import clear_online, load_definitions, open_store, registered_version
+from qarm_features.feast.stream import (
+    DEFAULT_CHUNK_ROWS,
+    Chunk,
+    catalog_rows,
+    frame_raw,
+    history_items,
+    iter_catalog,
+    write_item_sources,
+)
+from qarm_features.progress import ProgressCallback, stage
 from qarm_features.schema import CREATED, EVENT_TIMESTAMP, ITEM_ID, RAW_EMB
 
 log = logging.getLogger(__name__)
@@ -99,52 +106,45 @@ def _record_pushed(repo: Path, items: pd.DataFrame, join_key: str, *, keep=None)
     write_parquet(rows.rename(columns={ITEM_ID: join_key}), repo / PUSHED_FILE)
 
 
-def _catalog_frame(bundle, catalog_df, repo: Path, join_key: str) -> tuple[pd.DataFrame, int]:
-    """The items to encode: ``catalog_df`` (or the bundle's catalog) plus items pushed since
-    their last build (never the previous bundle's catalog: a promotion serves the new
-    catalog, and items pushed earlier)."""
-    if catalog_df is None:
-        keys = bundle.keys_of(bundle.item_ids)
-        catalog = pd.DataFrame({ITEM_ID: keys, RAW_EMB: list(bundle.raw_emb)})
-    else:
-        catalog = _items(catalog_df, join_key, name="catalog_df")
-    catalog[ITEM_ID] = catalog[ITEM_ID].astype(_id_dtype(bundle))
+def _pushed_rows(bundle, repo: Path, join_key: str, pending: list):
+    """The ``extra`` of :func:`~qarm_features.feast.stream.write_item_sources`: items pushed
+    and not in the catalog just written (never the previous bundle's catalog: a promotion
+    serves the new catalog, and items pushed earlier). Pushed items a built catalog now
+    holds are forgotten once the sources are written (``pending``)."""
     pushed = _pushed(repo, join_key)
-    if len(pushed):
-        pushed[ITEM_ID] = pushed[ITEM_ID].astype(_id_dtype(bundle))
-        extra = pushed[~pushed[ITEM_ID].isin(catalog[ITEM_ID])]
-        catalog = pd.concat([catalog, extra[[ITEM_ID, RAW_EMB]]], ignore_index=True)
-        if len(extra) < len(pushed):  # a built catalog now holds some: forget them
-            built = set(catalog[ITEM_ID].iloc[: len(catalog) - len(extra)])
-            _record_pushed(repo, extra.iloc[:0], join_key, keep=lambda d: ~d[ITEM_ID].isin(built))
-        return catalog.reset_index(drop=True), len(extra)
-    return catalog.reset_index(drop=True), 0
-
-
-def _keep_previous(repo: Path, out: Path, version: str) -> str | None:
-    """Copy the served version's rows into ``out`` as the ``qarm_prev`` source."""
-    import shutil
-
-    served = read_pointer(repo)
-    if served is None:
+    if not len(pushed):
         return None
-    if served.version != version:  # a switch: the served version becomes the previous one
-        src, prev = repo / CODES_FILE, served
-    else:  # the same version again: carry the previous one already kept, if any
-        prev = read_previous(repo)
-        src = repo / PREV_CODES_FILE
-        if prev is None or not src.exists():
+    dtype = _id_dtype(bundle)
+    pushed[ITEM_ID] = pushed[ITEM_ID].astype(dtype)
+
+    def extra(keys: np.ndarray):
+        ids = pushed[ITEM_ID].to_numpy()
+        built = np.isin(ids, keys)
+        rows = pushed[~built].reset_index(drop=True)
+        if built.any():  # a built catalog now holds some: forget them
+            held = pd.Index(ids[built])
+            pending.append(
+                lambda: _record_pushed(
+                    repo,
+                    rows.iloc[:0],
+                    join_key,
+                    keep=lambda d: ~d[ITEM_ID].astype(dtype).isin(held),
+                )
+            )
+        if not len(rows):
             return None
-    shutil.copyfile(src, out / PREV_CODES_FILE.name)
-    (out / PREVIOUS.name).write_text(json.dumps(prev.to_json(), indent=2, sort_keys=True))
-    honour_umask(out)
-    return prev.version
+        where = str(repo / PUSHED_FILE)
+        k = rows[ITEM_ID].to_numpy(np.int64 if dtype is np.int64 else object)
+        raw = frame_raw(rows[RAW_EMB].to_numpy(), k, where=where, dim=bundle.raw_dim, start=0)
+        return Chunk(k, raw, 0)
+
+    return extra
 
 
 def prepare_sources(
     bundle_path: str | os.PathLike,
     repo_path: str | os.PathLike,
-    catalog_df: pd.DataFrame | None = None,
+    catalog_df: pd.DataFrame | str | os.PathLike | None = None,
     interactions_df: pd.DataFrame | None = None,
     *,
     history: int = DEFAULT_HISTORY,
@@ -152,18 +152,25 @@ def prepare_sources(
     now: datetime | None = None,
     join_key: str = ITEM_ID,
     keep_previous: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: ProgressCallback | None = None,
 ) -> dict:
     """Encode the catalog and write the repo's offline sources and bundle pointer.
 
     No Feast call: after this, ``feast apply`` and ``feast materialize`` (the CLI) or
-    :func:`materialize` (the SDK) take over. Every file is written atomically.
+    :func:`materialize` (the SDK) take over. The catalog is streamed
+    (:mod:`qarm_features.feast.stream`): read, encoded and written as parquet row groups
+    ``chunk_rows`` rows at a time, so memory does not grow with the catalog. Every file is
+    written atomically and nothing is served until all of them are.
 
     Args:
         bundle_path: the bundle directory (verified on load).
         repo_path: the feature repo; files go to a new ``<repo>/data/versions/<run>/``,
             then ``data/current`` is switched to it (with the pointer) in one rename.
-        catalog_df: ``item_id``, ``raw_emb``; None = the bundle's own catalog. Items
-            pushed since their last build (``data/qarm_pushed.parquet``) are kept.
+        catalog_df: ``item_id`` (or ``join_key``), ``raw_emb``: a DataFrame or the path
+            of a parquet file (read in record batches); None = the bundle's own catalog
+            (its ``raw_emb.npy``, memory-mapped). Items pushed since their last build
+            (``data/qarm_pushed.parquet``) are kept.
         interactions_df: ``user_id``, ``item_id``, ``timestamp`` (+ ``rating``) for the
             user-side view; None re-codes the existing history with this bundle (or
             writes an empty one).
@@ -174,17 +181,21 @@ def prepare_sources(
         join_key: the repo's item join key (the id column of the sources it writes).
         keep_previous: keep the served version's rows as the ``qarm_prev`` source (when
             this bundle is another version; the one already kept, when it is the same).
+        chunk_rows: catalog rows per chunk (one parquet row group each).
+        progress: ``progress(stage, total, advance)`` (:mod:`qarm_features.progress`).
 
     Returns:
         Stats: ``version``, ``n_items``, ``n_pushed_items_kept``, ``n_history_rows``,
-        ``stamp``, ``seconds``.
+        ``stamp``, ``seconds``, ``stages`` (per stage ``seconds``, ``peak_rss_mib``).
 
     Raises:
-        BundleError: the bundle fails verification. InputError: a bad catalog row.
+        BundleError: the bundle fails verification. InputError: a bad catalog row (named
+            by file, column, row and value) or a duplicated item id; nothing is switched in.
     """
     from qarm_features.encode import get_bundle
 
     t0 = time.perf_counter()
+    stages: dict = {}
     repo = Path(repo_path).resolve()
     bundle = get_bundle(bundle_path)
     schema = bundle.schema
@@ -192,52 +203,64 @@ def prepare_sources(
         positive_threshold = bundle.config.pairs.positive_threshold
     now = now or datetime.now(timezone.utc)
     stamp = row_stamp(now)
-    catalog, n_pushed = _catalog_frame(bundle, catalog_df, repo, join_key)
-    catalog[EVENT_TIMESTAMP] = stamp
-    catalog[CREATED] = pd.Timestamp(now)
-
-    codes = encode_catalog(bundle, catalog)
-    t_encode = time.perf_counter() - t0
+    need, old_history = history_items(interactions_df, repo / HISTORY_FILE)
     # Everything is written beside the served set, then switched in at once (sources.py).
     out = new_version_dir(repo, f"{int(now.timestamp() * 1000)}-{bundle.version}")
-    keyed = {"id_type": bundle.id_type, "id_column": join_key}
-    rename = {ITEM_ID: join_key}
-    write_parquet(
-        codes.rename(columns=rename), out / CODES_FILE.name, schema.arrow("codes", **keyed)
-    )
-    write_parquet(
-        catalog.rename(columns=rename), out / CONTENT_FILE.name, schema.arrow("content", **keyed)
-    )
+    pending: list = []
+    try:
+        written = write_item_sources(
+            bundle,
+            iter_catalog(catalog_df, bundle, join_key=join_key, chunk_rows=chunk_rows),
+            codes_path=out / CODES_FILE.name,
+            content_path=out / CONTENT_FILE.name,
+            id_column=join_key,
+            stamp=stamp,
+            created=pd.Timestamp(now),
+            total=catalog_rows(bundle, catalog_df),
+            keep_ids=need,
+            extra=_pushed_rows(bundle, repo, join_key, pending),
+            progress=progress,
+            records=stages,
+        )
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    for forget in pending:
+        forget()
+    t_encode = time.perf_counter() - t0
+    codes = written.kept_codes
 
     history_schema = schema.arrow("history")
-    if interactions_df is not None:
-        hist = build_user_history(
-            interactions_df,
-            codes,
-            schema,
-            history=history,
-            positive_threshold=positive_threshold,
-            version=bundle.version,
-        )
-    elif (repo / HISTORY_FILE).exists():
-        hist = recode_history(pd.read_parquet(repo / HISTORY_FILE), codes, schema, bundle.version)
-    else:
-        hist = pd.DataFrame({name: [] for name in history_schema.names})
-    write_parquet(hist, out / HISTORY_FILE.name, history_schema)
-    kept = _keep_previous(repo, out, bundle.version) if keep_previous else None
+    with stage("history", progress=progress, records=stages):
+        if interactions_df is not None:
+            hist = build_user_history(
+                interactions_df,
+                codes,
+                schema,
+                history=history,
+                positive_threshold=positive_threshold,
+                version=bundle.version,
+            )
+        elif old_history is not None:
+            hist = recode_history(old_history, codes, schema, bundle.version)
+        else:
+            hist = pd.DataFrame({name: [] for name in history_schema.names})
+        write_parquet(hist, out / HISTORY_FILE.name, history_schema)
+    kept = keep_previous_rows(repo, out, bundle.version) if keep_previous else None
     write_pointer(repo, ServingContext.of_bundle(bundle.path), into=out)
     switch_current(repo, out)  # the one atomic step: sources and pointer together
     stats = {
         "version": bundle.version,
         "bundle": str(bundle.path),
         "n_levels": bundle.n_levels,
-        "n_items": int(len(codes)),
-        "n_pushed_items_kept": int(n_pushed),
-        "n_history_rows": int(len(hist)),
+        "n_items": int(written.keys.shape[0]),
+        "n_pushed_items_kept": int(written.keys.shape[0] - written.n_catalog),
+        "n_history_rows": len(hist),
         "kept_previous": kept,
         "stamp": stamp.isoformat(),
         "encode_seconds": round(t_encode, 3),
         "seconds": round(time.perf_counter() - t0, 3),
+        "stages": stages,
     }
     log.info("prepared offline sources in %s: %s", repo / DATA, stats)
     return stats
@@ -299,14 +322,17 @@ def materialize(
     positive_threshold: float | None = None,
     join_key: str = ITEM_ID,
     keep_previous: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: ProgressCallback | None = None,
 ) -> dict:
     """Encode the catalog with a bundle, write the offline sources, apply, materialize.
 
     Args:
         bundle_path: the bundle directory.
         repo_path: the feature repo (``feature_repo/`` or a copy).
-        catalog_df, interactions_df, history, positive_threshold, join_key: see
-            :func:`prepare_sources`.
+        catalog_df, interactions_df, history, positive_threshold, join_key, chunk_rows,
+            progress: see :func:`prepare_sources` (stages ``encode``, ``history``, then
+            ``apply`` and ``feast materialize``).
         promote: allow a bundle version other than the one the registry serves. The
             online rows of ``qarm``, ``qarm_batch`` and ``user_history`` are cleared first,
             so between the clear and the end of the run a read finds no row (NOT_FOUND,
@@ -347,7 +373,10 @@ def materialize(
         positive_threshold=positive_threshold,
         join_key=join_key,
         keep_previous=keep_previous,
+        chunk_rows=chunk_rows,
+        progress=progress,
     )
+    stages = stats["stages"]
     # The definitions now read the new pointer: the views' UDFs carry the new bundle.
     t0 = time.perf_counter()
     objects = load_definitions(repo)
@@ -370,7 +399,10 @@ def materialize(
     last = pd.read_parquet(repo / HISTORY_FILE, columns=[EVENT_TIMESTAMP])[EVENT_TIMESTAMP].max()
     if pd.notna(last):  # user histories carry real times, possibly in the future
         end = max(end, last.to_pydatetime() + timedelta(seconds=1))
-    store.materialize(start_date=EPOCH, end_date=end, feature_views=views)
+    with stage("feast materialize", total=len(views), progress=progress, records=stages) as s:
+        for view in views:  # one view at a time: the bar counts them
+            store.materialize(start_date=EPOCH, end_date=end, feature_views=[view])
+            s.advance(1)
     stats.update(
         previous_version=previous,
         promoted=changed,

@@ -19,6 +19,7 @@ Every column name and dtype comes from :class:`qarm_features.schema.CodeSchema`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -139,6 +140,27 @@ def switch_current(repo: Path, version_dir: Path) -> None:
     for old in sets[: max(0, len(sets) - KEEP_VERSIONS)]:
         if old.resolve() != version_dir.resolve():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def keep_previous_rows(repo: Path, out: Path, version: str) -> str | None:
+    """Copy the served version's rows into ``out`` as the ``qarm_prev`` source; returns
+    the version kept (None: none)."""
+    from qarm_features.feast.context import PREVIOUS, read_pointer, read_previous
+
+    served = read_pointer(repo)
+    if served is None:
+        return None
+    if served.version != version:  # a switch: the served version becomes the previous one
+        src, prev = repo / CODES_FILE, served
+    else:  # the same version again: carry the previous one already kept, if any
+        prev = read_previous(repo)
+        src = repo / PREV_CODES_FILE
+        if prev is None or not src.exists():
+            return None
+    shutil.copyfile(src, out / PREV_CODES_FILE.name)
+    (out / PREVIOUS.name).write_text(json.dumps(prev.to_json(), indent=2, sort_keys=True))
+    honour_umask(out)
+    return prev.version
 
 
 def write_parquet(df: pd.DataFrame, path: Path, schema=None) -> None:

@@ -21,7 +21,7 @@ FLOORS: list[set[str]] = [
         "qarm_features.errors", "qarm_features._validate", "qarm_features._atomic",
         "qarm_features._version",
         "qarm_features.config", "qarm_features.schema", "qarm_features.metrics",
-        "qarm_features.project",
+        "qarm_features.project", "qarm_features.progress",
     },
     {  # 1: data, encoders, miners, trainers, coders
         "qarm_features.data", "qarm_features.synthetic", "qarm_features.encoders",

@@ -1,0 +1,234 @@
+"""The streamed batch transformation at catalog scale: peak RSS flat in the catalog size.
+
+Per run (each step its own child process, :func:`benchmarks.timing.run_child`, so each
+peak RSS is that step's alone):
+
+* ``generate``: the catalog parquet (``item_id``, ``raw_emb`` 384 float32), written row
+  group by row group from :meth:`SyntheticWorld.iter_content` (never whole in memory);
+* ``prepare``: :func:`qarm_features.feast.job.prepare_sources` on it — read in record
+  batches, raw 384-d -> aligned 64-d -> RQ (L=3, K=64) + VQ top-25 over a 100k-item pool
+  (IVF, as the bundle's ``config.vq`` picks past 50k), appended as parquet row groups to
+  the codes and content sources; per stage ``seconds``, ``peak_rss_mib`` and items/s.
+
+The bundle is :func:`qarm_features.testing.make_random_bundle` over the first 100k items'
+content (random linear aligner 384 -> 64: the forward costs what a trained one costs).
+Records go to the ``stream`` key of ``benchmarks/results/scale.json``. Every large file
+lives in a temporary directory removed after the run. Sizes: ``python -m
+benchmarks.bench_stream 1000000 4000000`` (or ``QARM_STREAM_RUNS``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from datetime import UTC
+from pathlib import Path
+
+POOL = 100_000  # VQ pool items (the issue's target)
+CHUNK = 65_536  # prepare_sources rows per chunk (its default)
+DEFAULT_RUNS = (1_000_000,)
+QUICK_RUNS = (200_000,)
+
+
+def generate(path: str, n_items: int, seed: int = 0) -> dict:
+    """Child: the synthetic catalog as parquet, one row group per content chunk."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qarm_features.synthetic import SyntheticWorld
+
+    t0 = time.perf_counter()
+    world = SyntheticWorld(n_items, 1, content_dim=384, seed=seed)
+    schema = pa.schema([("item_id", pa.int64()), ("raw_emb", pa.list_(pa.float32()))])
+    with pq.ParquetWriter(path, schema) as writer:
+        for ids, content in world.iter_content(CHUNK):
+            n, d = content.shape
+            offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+            emb = pa.ListArray.from_arrays(offsets, pa.array(content.ravel()))
+            writer.write_table(pa.Table.from_arrays([pa.array(ids), emb], schema=schema))
+    return {"seconds": time.perf_counter() - t0, "bytes": os.path.getsize(path)}
+
+
+def make_bundle(path: str, catalog: str, seed: int = 0) -> dict:
+    """Child: a bundle whose pool is the catalog's first :data:`POOL` items."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from qarm_features.testing import make_random_bundle
+
+    pf = pq.ParquetFile(catalog)
+    rows, raw = 0, []
+    for batch in pf.iter_batches(batch_size=CHUNK, columns=["raw_emb"]):
+        flat = batch.column(0).flatten().to_numpy()
+        raw.append(flat.reshape(batch.num_rows, -1))
+        rows += batch.num_rows
+        if rows >= POOL:
+            break
+
+    content = np.concatenate(raw)[:POOL]
+    t0 = time.perf_counter()
+    make_random_bundle(path, raw_emb=content, out_dim=64, hidden=0, n_levels=3, n_codes=64,
+                       vq_k=25, seed=seed)  # fmt: skip
+    return {"seconds": time.perf_counter() - t0}
+
+
+def prepare(bundle: str, repo: str, catalog: str, chunk_rows: int = CHUNK) -> dict:
+    """Child: ``prepare_sources`` over the catalog file; its per-stage records."""
+    from qarm_features.feast.job import prepare_sources
+
+    Path(repo).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stats = prepare_sources(bundle, repo, catalog, chunk_rows=chunk_rows)
+    out = {"seconds": time.perf_counter() - t0, "stages": stats["stages"]}
+    data = Path(repo) / "data" / "current"
+    out["codes_bytes"] = (data / "qarm_codes.parquet").stat().st_size
+    return out
+
+
+def run_one(n_items: int, work: Path) -> dict:
+    from benchmarks.timing import run_child
+
+    rec: dict = {"n_items": int(n_items), "pool": POOL, "chunk_rows": CHUNK}
+    catalog = str(work / "catalog.parquet")
+    rec["generate"] = run_child("benchmarks.bench_stream:generate",
+                                {"path": catalog, "n_items": int(n_items)}, timeout=7200)
+    rec["bundle"] = run_child("benchmarks.bench_stream:make_bundle",
+                              {"path": str(work / "bundle"), "catalog": catalog}, timeout=1800)
+    p = run_child("benchmarks.bench_stream:prepare",
+                  {"bundle": str(work / "bundle"), "repo": str(work / "repo"), "catalog": catalog},
+                  timeout=7200)  # fmt: skip
+    enc = p["stages"]["encode"]
+    rec["encode"] = {"seconds": enc["seconds"], "peak_rss_mib": enc["peak_rss_mib"],
+                     "items_per_s": enc["rows_per_s"]}  # fmt: skip
+    rec["history"] = p["stages"]["history"]
+    rec["prepare"] = {"seconds": p["seconds"], "peak_rss_mib": p["peak_rss_mib"],
+                      "rss_after_import_mib": p.get("rss_after_import_mib")}  # fmt: skip
+    rec["catalog_gib"] = rec["generate"]["bytes"] / 2**30
+    rec["codes_gib"] = p["codes_bytes"] / 2**30
+    return rec
+
+
+def run(quick: bool = False, *, runs=None, out_path="benchmarks/results/scale.json") -> dict:
+    """Each size in a fresh temporary directory (deleted after it); records into
+    ``out_path``'s ``stream`` key."""
+    env = os.environ.get("QARM_STREAM_RUNS")
+    if runs is None and env:
+        runs = [int(v) for v in env.split(",") if v]
+    runs = runs or (QUICK_RUNS if quick else DEFAULT_RUNS)
+    records = []
+    for n in runs:
+        work = Path(tempfile.mkdtemp(prefix="qarm-stream-", dir=os.environ.get("QARM_BENCH_TMP")))
+        t0 = time.perf_counter()
+        try:
+            rec = run_one(n, work)
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next size
+            rec = {"n_items": n, "error": str(exc)[-800:]}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        rec["wall_s"] = time.perf_counter() - t0
+        records.append(rec)
+        if out_path:
+            _write(out_path, records)
+    return summary(records)
+
+
+def summary(records: list[dict]) -> dict:
+    ok = [r for r in records if "error" not in r]
+    out = {"records": records}
+    if len(ok) >= 2:
+        small, big = min(ok, key=lambda r: r["n_items"]), max(ok, key=lambda r: r["n_items"])
+        out["rss_ratio"] = big["prepare"]["peak_rss_mib"] / small["prepare"]["peak_rss_mib"]
+        out["ratio_between"] = [small["n_items"], big["n_items"]]
+    return out
+
+
+def _write(path, records) -> None:
+    """Merge into the scale results file (the pipeline sweep keeps its own keys)."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["stream"] = summary(records)
+    path.write_text(json.dumps(data, indent=1, default=float))
+
+
+def markdown(result: dict) -> list[str]:
+    lines = [("Streamed batch transformation (prepare_sources on a catalog parquet; "
+             "seconds / peak RSS MiB / items/s):"), "",
+             "| items | generate | encode | prepare peak RSS | items/s |", "|---|---|---|---|---|"]
+    for r in result.get("records", []):
+        if "error" in r:
+            lines.append(f"| {r['n_items']:,} | failed: {r['error'][-80:]} |")
+            continue
+        e = r["encode"]
+        lines.append(f"| {r['n_items']:,} | {r['generate']['seconds']:.0f} s | {e['seconds']:.0f} s "
+                     f"| {r['prepare']['peak_rss_mib']:.0f} | {e['items_per_s']:,.0f} |")
+    if "rss_ratio" in result:
+        lines += ["", (f"Peak RSS ratio {result['ratio_between'][1]:,} vs "
+                      f"{result['ratio_between'][0]:,} items: {result['rss_ratio']:.2f}")]
+    return lines + [""]
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench_stream [n_items ...]
+    import sys
+
+    sizes = [int(a) for a in sys.argv[1:]] or None
+    print(json.dumps(run(False, runs=sizes), indent=1, default=float))
+
+
+# ------------------------------------------------------------------ Feast's materialization
+def feast_materialize(repo: str, bundle: str) -> dict:
+    """Child: ``store.materialize`` of each view of a prepared repo (SQLite online store,
+    file offline store, local engine); per view seconds and peak RSS (VmHWM reset first)."""
+    from datetime import datetime, timedelta
+
+    from benchmarks.bench_scale import _peak_mib, _reset_peak
+    from qarm_features.feast.job import apply
+    from qarm_features.feast.sources import EPOCH
+    from qarm_features.feast.store import open_store
+
+    apply(repo, bundle)
+    store = open_store(Path(repo))
+    end = datetime.now(UTC) + timedelta(seconds=1)
+    out = {}
+    for view in ("qarm", "item_content"):
+        _reset_peak()
+        t0 = time.perf_counter()
+        store.materialize(start_date=EPOCH, end_date=end, feature_views=[view])
+        out[view] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_mib()}
+    return out
+
+
+def run_feast(sizes=(20_000, 60_000), out_path="benchmarks/results/scale.json") -> dict:
+    """Feast 0.67's local materialization of the streamed sources: peak RSS by size."""
+    from benchmarks.timing import run_child
+    from qarm_features.feast.scaffold import init_repo
+
+    records = []
+    for n in sizes:
+        work = Path(tempfile.mkdtemp(prefix="qarm-feast-", dir=os.environ.get("QARM_BENCH_TMP")))
+        try:
+            catalog, repo = str(work / "catalog.parquet"), work / "repo"
+            run_child("benchmarks.bench_stream:generate", {"path": catalog, "n_items": int(n)})
+            run_child("benchmarks.bench_stream:make_bundle",  # pool: min(n, POOL) items
+                      {"path": str(work / "bundle"), "catalog": catalog})  # fmt: skip
+            init_repo(repo)
+            p = run_child("benchmarks.bench_stream:prepare",
+                          {"bundle": str(work / "bundle"), "repo": str(repo), "catalog": catalog})  # fmt: skip
+            f = run_child("benchmarks.bench_stream:feast_materialize",
+                          {"repo": str(repo), "bundle": str(work / "bundle")}, timeout=7200)  # fmt: skip
+            rec = {"n_items": int(n), "prepare_peak_rss_mib": p["peak_rss_mib"],
+                   **{k: v for k, v in f.items() if k in ("qarm", "item_content")}}  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            rec = {"n_items": int(n), "error": str(exc)[-800:]}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        records.append(rec)
+        if out_path:
+            path = Path(out_path)
+            data = json.loads(path.read_text()) if path.exists() else {}
+            data["feast_materialize"] = {"records": records}
+            path.write_text(json.dumps(data, indent=1, default=float))
+    return {"records": records}
