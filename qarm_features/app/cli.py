@@ -29,7 +29,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from qarm_features.app.render import abbreviate, fmt, print_metrics, stage_progress
+from qarm_features.app.render import abbreviate, print_inspect, print_metrics, stage_progress
 from qarm_features.errors import ConfigError, QarmError
 
 app = typer.Typer(
@@ -232,23 +232,7 @@ def inspect(
             out["appended"] = added
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
         return
-    console.print(f"[green]ok[/] {path}: version [bold]{b.version}[/], files verified")
-    console.print("dims: " + ", ".join(f"{k}={v}" for k, v in b.dims.model_dump().items()))
-    print_metrics(b.metrics)
-    if report is not None:
-        console.print("churn from " + str(against) + ": " + ", ".join(
-            f"{k}={fmt(v)}" for k, v in report.items() if k != "against"
-        ))  # fmt: skip
-    if added is not None:
-        drift = "-" if added["drift"] is None else f"{added['drift']:.2f}x"
-        console.print(
-            f"added since the build: {added['n_added']} items "
-            f"({added['share_added']:.1%} of {added['n_catalog']}), residual drift {drift}"
-        )
-        if added["rebuild_due"]:
-            console.print("[yellow]rebuild due[/]: " + "; ".join(added["reasons"]))
-        else:
-            console.print("no rebuild due")
+    print_inspect(path, b, churn=report, appended=added)
 
 
 def _materialize(

@@ -127,3 +127,24 @@ def stage_progress(out: Console | None = None):
         yield on_progress, on_step
         for task in tasks.values():
             finish(task)
+
+
+def print_inspect(path, bundle, *, churn: dict | None = None, appended: dict | None = None):
+    """``qarm inspect``'s text: the verified bundle, its metrics, churn and added items."""
+    console.print(f"[green]ok[/] {path}: version [bold]{bundle.version}[/], files verified")
+    console.print("dims: " + ", ".join(f"{k}={v}" for k, v in bundle.dims.model_dump().items()))
+    print_metrics(bundle.metrics)
+    if churn is not None:
+        console.print(f"churn from {churn['against']}: " + ", ".join(
+            f"{k}={fmt(v)}" for k, v in churn.items() if k != "against"
+        ))  # fmt: skip
+    if appended is not None:
+        drift = "-" if appended["drift"] is None else f"{appended['drift']:.2f}x"
+        console.print(
+            f"added since the build: {appended['n_added']} items "
+            f"({appended['share_added']:.1%} of {appended['n_catalog']}), residual drift {drift}"
+        )
+        if appended["rebuild_due"]:
+            console.print("[yellow]rebuild due[/]: " + "; ".join(appended["reasons"]))
+        else:
+            console.print("no rebuild due")
