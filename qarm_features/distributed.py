@@ -176,3 +176,54 @@ def encode_text_parquet(
     )
     out.write_parquet(str(dst))
     log.info("embedded %s[%s] -> %s with Ray", src, text_column, dst)
+
+
+# What Feast's Ray engine runs on the workers: the qarm_batch UDF imports these. Feast 0.67
+# swallows a worker's exceptions (the batch passes through untransformed and the online write
+# of it fails and is logged), so a worker that cannot import them writes nothing and the
+# materialization still "succeeds".
+WORKER_MODULES = ("qarm_features", "qarm_features.feast.sources", "transformations.batch")
+
+
+def _import_modules(modules: tuple[str, ...]) -> dict[str, str]:
+    import importlib
+
+    return {name: str(getattr(importlib.import_module(name), "__file__", "")) for name in modules}
+
+
+def check_workers(modules: tuple[str, ...] = WORKER_MODULES) -> dict[str, dict[str, str]]:
+    """Import ``modules`` in a Ray task on every alive node; what each node imported.
+
+    Run it before ``feast materialize`` on a Ray cluster (a new image, a changed
+    runtime_env): it turns Feast's silent drop into an error.
+
+    Returns:
+        node IP -> {module: file it was imported from}.
+
+    Raises:
+        DependencyError: a node cannot import a module (the message names the node and the
+            import error, and how to ship the package).
+    """
+    ray = _ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_import_modules)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = {
+        n["NodeManagerAddress"]: task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(tuple(modules))
+        for n in nodes
+    }
+    out = {}
+    for ip, ref in refs.items():
+        try:
+            out[ip] = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # wraps the worker's ImportError
+            raise DependencyError(
+                f"Ray node {ip} cannot import the modules Feast's Ray engine runs "
+                f"({', '.join(modules)}): {str(exc).strip().splitlines()[-1]}; install "
+                "qarm-features in the cluster's image or ship it with the runtime_env "
+                "(docs/scale.md)"
+            ) from None
+    return out

@@ -226,7 +226,13 @@ def inspect(
 
 
 def _materialize(
-    repo: Path, bundle: Optional[Path], *, promote: bool, cache_dir, keep_previous: bool = False
+    repo: Path,
+    bundle: Optional[Path],
+    *,
+    promote: bool,
+    cache_dir,
+    keep_previous: bool = False,
+    fs_yaml_file: Optional[Path] = None,
 ) -> dict:
     """A repo with a qarm.yaml serves its own builds; the demo repo the MovieLens builds."""
     from qarm_features.build import latest_bundle
@@ -242,6 +248,7 @@ def _materialize(
             promote=promote,
             join_key=project.entity.join_key,
             keep_previous=keep_previous,
+            fs_yaml_file=fs_yaml_file,
         )
     bundle = bundle or latest_bundle(DEFAULT_BUNDLES)
     return run_materialize(
@@ -250,6 +257,7 @@ def _materialize(
         interactions_df=_movielens_interactions(cache_dir),
         promote=promote,
         keep_previous=keep_previous,
+        fs_yaml_file=fs_yaml_file,
     )
 
 
@@ -267,6 +275,14 @@ def materialize(
         bool,
         typer.Option(help="With --promote: keep serving the previous version as `qarm_prev`."),
     ] = False,
+    feature_store_yaml: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--feature-store-yaml",
+            "-f",
+            help="Another config of the repo, e.g. feature_store.ray.yaml (relative: in the repo).",
+        ),
+    ] = None,
     verbose: bool = False,
 ) -> None:
     """Encode every catalog item with the bundle, write offline sources, feast materialize.
@@ -278,7 +294,12 @@ def materialize(
     try:
         with console.status("materializing"):
             stats = _materialize(
-                repo, bundle, promote=promote, cache_dir=cache_dir, keep_previous=keep_previous
+                repo,
+                bundle,
+                promote=promote,
+                cache_dir=cache_dir,
+                keep_previous=keep_previous,
+                fs_yaml_file=feature_store_yaml,
             )
     except QarmError as exc:
         _fail(exc)
