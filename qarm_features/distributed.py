@@ -118,7 +118,9 @@ def _embed_batch(batch, text_column: str, id_column: str, model_path, encoder_ba
     bad = ~texts.map(lambda t: isinstance(t, str))
     if bad.any():
         i = int(bad.to_numpy().argmax())
-        where = f"{id_column}={batch[id_column].iloc[i]!r}" if id_column in batch else f"row {i}"
+        key = batch[id_column].iloc[i] if id_column in batch else None
+        key = key.item() if hasattr(key, "item") else key  # numpy scalar -> plain repr
+        where = f"row {i} of its batch" if key is None else f"{id_column}={key!r}"
         raise InputError(
             f"column {text_column!r} at {where}: expected str, got {texts.iloc[i]!r:.60}; "
             "fill missing texts (e.g. with the title) before encoding"
