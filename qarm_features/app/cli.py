@@ -235,16 +235,12 @@ def inspect(
     print_inspect(path, b, churn=report, appended=added)
 
 
-def _materialize(
-    repo: Path,
-    bundle: Optional[Path],
-    *,
-    promote: bool,
-    cache_dir,
-    keep_previous: bool = False,
-    progress=None,
-) -> dict:
-    """A repo with a qarm.yaml serves its own builds; the demo repo the MovieLens builds."""
+def _materialize(repo: Path, bundle: Optional[Path], *, cache_dir, **options) -> dict:
+    """A repo with a qarm.yaml serves its own builds; the demo repo the MovieLens builds.
+
+    ``options``: :func:`qarm_features.feast.job.materialize`'s (promote, keep_previous,
+    progress, fs_yaml_file).
+    """
     from qarm_features.build import latest_bundle
     from qarm_features.feast.job import materialize as run_materialize
     from qarm_features.project import FILE_NAME, load_project
@@ -252,23 +248,10 @@ def _materialize(
     if (Path(repo) / FILE_NAME).exists():
         project = load_project(repo)
         bundle = bundle or latest_bundle(project.bundles_dir)
-        return run_materialize(
-            bundle,
-            repo,
-            promote=promote,
-            join_key=project.entity.join_key,
-            keep_previous=keep_previous,
-            progress=progress,
-        )
+        return run_materialize(bundle, repo, join_key=project.entity.join_key, **options)
     bundle = bundle or latest_bundle(DEFAULT_BUNDLES)
-    return run_materialize(
-        bundle,
-        repo,
-        interactions_df=_movielens_interactions(cache_dir),
-        promote=promote,
-        keep_previous=keep_previous,
-        progress=progress,
-    )
+    interactions = _movielens_interactions(cache_dir)
+    return run_materialize(bundle, repo, interactions_df=interactions, **options)
 
 
 @app.command()
@@ -285,6 +268,14 @@ def materialize(
         bool,
         typer.Option(help="With --promote: keep serving the previous version as `qarm_prev`."),
     ] = False,
+    feature_store_yaml: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--feature-store-yaml",
+            "-f",
+            help="Another config of the repo, e.g. feature_store.ray.yaml (relative: in the repo).",
+        ),
+    ] = None,
     verbose: bool = False,
 ) -> None:
     """Encode every catalog item with the bundle, write offline sources, feast materialize.
@@ -302,6 +293,7 @@ def materialize(
                 cache_dir=cache_dir,
                 keep_previous=keep_previous,
                 progress=on_progress,
+                fs_yaml_file=feature_store_yaml,
             )
     except QarmError as exc:
         _fail(exc)
