@@ -31,22 +31,22 @@ def parts():
     aligned = align_with_weights(weights, raw)
     rq = ResidualQuantizer(n_levels=2, n_codes=8, n_iter=5, seed=0).fit(aligned)
     coder = VQCoder(k=K, exact_max_pool=VQ.exact_max_pool, ann_index=VQ.ann_index).fit(aligned, ids)
-    kw = dict(
-        config=BuildConfig(vq=VQ),
-        aligner_weights=weights,
-        rq_codebooks=rq.codebooks_,
-        vq_pool_emb=aligned,
-        vq_pool_ids=ids,
-        item_ids=ids,
-        raw_emb=raw,
-        vq_k=K,
-    )
+    kw = {
+        "config": BuildConfig(vq=VQ),
+        "aligner_weights": weights,
+        "rq_codebooks": rq.codebooks_,
+        "vq_pool_emb": aligned,
+        "vq_pool_ids": ids,
+        "item_ids": ids,
+        "raw_emb": raw,
+        "vq_k": K,
+    }
     return raw, ids, aligned, coder, kw
 
 
 @pytest.fixture(scope="module")
 def bundles(parts, tmp_path_factory):
-    raw, ids, aligned, coder, kw = parts
+    _raw, _ids, _aligned, coder, kw = parts
     root = tmp_path_factory.mktemp("indexed")
     with_index = write_bundle(root / "with", vq_index=coder.export_index(), **kw)
     without = write_bundle(root / "without", **kw)  # what bundles written before look like
@@ -78,7 +78,7 @@ def test_stored_index_is_loaded_not_rebuilt_and_codes_are_bit_identical(
 
 
 def test_old_bundle_without_index_loads_and_rebuilds_the_same_codes(parts, bundles):
-    raw, ids, aligned, coder, _ = parts
+    raw, ids, _aligned, _coder, _ = parts
     old, new = load_bundle(bundles[1]), load_bundle(bundles[0])
     assert old.vq_index is None and INDEX_FILE not in old.manifest.files
     assert old.vq.ann_recall_ is not None  # rebuilt (and measured) as before
@@ -117,7 +117,7 @@ def test_dropping_the_index_from_the_manifest_is_refused(bundles, tmp_path):
 
 
 def test_an_index_of_another_pool_is_refused(parts, tmp_path):
-    raw, ids, aligned, coder, kw = parts
+    _raw, ids, aligned, coder, kw = parts
     other = VQCoder(k=K, exact_max_pool=100, ann_index=VQ.ann_index).fit(aligned[:2000], ids[:2000])
     with pytest.raises(BundleError, match="vq_index rejected .*of 2000 x 16.*of 3000 x 16"):
         write_bundle(tmp_path / "x", vq_index=other.export_index(), **kw)
