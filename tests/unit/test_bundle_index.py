@@ -127,3 +127,31 @@ def test_an_index_of_another_pool_is_refused(parts, tmp_path):
     with pytest.raises(BundleError, match="searched exactly"):
         write_bundle(tmp_path / "z", vq_index=coder.export_index(), **small)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_build_stores_the_index_of_its_ann_pool(tmp_path):
+    """`build_bundle` writes the index its pipeline trained; the loaded bundle searches it."""
+    from qarm_features.build import build_bundle
+    from qarm_features.config import AlignerConfig, PairsConfig, RQConfig
+    from qarm_features.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(n_items=300, n_users=300, content_dim=16, seed=0)
+    cfg = BuildConfig(
+        dataset="synthetic",
+        pairs=PairsConfig(mf_epochs=2, mf_dim=8),
+        aligner=AlignerConfig(out_dim=8, batch_size=64, max_epochs=2),
+        rq=RQConfig(n_levels=2, n_codes=8),
+        vq=VQConfig(k=4, exact_max_pool=100, ann_index="IVF8,Flat"),
+    )
+    res = build_bundle(tmp_path / "b", item_ids=world.item_ids, raw_emb=world.content,
+                       interactions=world.interactions(n_per_user=20), config=cfg)  # fmt: skip
+    bundle = load_bundle(res.path)
+    assert INDEX_FILE in bundle.manifest.files
+    rebuilt = VQCoder(k=4, exact_max_pool=100, ann_index="IVF8,Flat").fit(
+        bundle.vq_pool_emb, bundle.vq_pool_ids
+    )
+    x = align_with_weights(bundle.aligner_weights, bundle.raw_emb)
+    np.testing.assert_array_equal(
+        encode_items(bundle, bundle.raw_emb, bundle.item_ids).vq_codes,
+        rebuilt.encode(x, exclude_ids=bundle.item_ids),
+    )
