@@ -11,6 +11,7 @@ import pytest
 from _pairs_reference import reference_swing_pairs, reference_u2i_pairs
 
 from qarm_features import pairs as pairs_mod
+from qarm_features import swing as swing_mod
 from qarm_features.errors import InputError
 from qarm_features.pairs import mine_swing_pairs, mine_u2i_pairs
 
@@ -73,7 +74,7 @@ def test_swing_equals_reference_when_no_cap_bites(seed, alpha, top_k, max_user_i
 
 
 def test_swing_equals_reference_across_blocks(monkeypatch):
-    monkeypatch.setattr(pairs_mod, "_SWING_BLOCK_ROWS", 5)  # about one trigger per block
+    monkeypatch.setattr(swing_mod, "_SWING_BLOCK_ROWS", 5)  # about one trigger per block
     log = _random_log(5)
     _same_pairs(mine_swing_pairs(log, top_k=7), reference_swing_pairs(log, top_k=7))
 
@@ -127,6 +128,6 @@ def test_swing_item_cap_validation():
 
 
 def test_swing_equals_reference_when_blocks_split_on_triples(monkeypatch):
-    monkeypatch.setattr(pairs_mod, "_SWING_MAX_TRIPLES", 3)  # halve down to single triggers
+    monkeypatch.setattr(swing_mod, "_SWING_MAX_TRIPLES", 3)  # halve down to single triggers
     log = _random_log(7)
     _same_pairs(mine_swing_pairs(log, top_k=9), reference_swing_pairs(log, top_k=9))
