@@ -243,13 +243,6 @@ def _swing(pos, alpha, top_k, max_user_items, max_item_users, user_weight, seed)
 
 
 # --------------------------------------------------------------------------- both
-def _ranked(df: pd.DataFrame, keys: list[str], ascending: list[bool]) -> pd.DataFrame:
-    """Sort ``df`` and attach ``rank_pct`` in [0, 1): 0 is the source's best pair."""
-    df = df.sort_values(keys, ascending=ascending, kind="stable").reset_index(drop=True)
-    df["rank_pct"] = np.arange(len(df)) / max(len(df), 1)
-    return df
-
-
 def mine_pairs(
     interactions,
     cfg: PairsConfig | None = None,
@@ -292,7 +285,7 @@ def mine_pairs(
     if (item_emb is None) != (item_ids is None):
         raise InputError("mine_pairs: pass item_ids and item_emb together (or neither)")
     pos = _positives(interactions, cfg.positive_threshold)
-    frames = []
+    parts = []  # (trigger ids, target ids, score, source code) best first, per source
     stats: dict = {"n_positives": len(pos)}
     if cfg.use_u2i:
         if item_emb is None:
@@ -300,48 +293,21 @@ def mine_pairs(
         emb = check_embeddings(item_emb, name="item_emb")
         ev = _u2i(pos, check_ids(item_ids, name="item_ids", n=emb.shape[0]), emb, cfg.history)
         stats["n_u2i_events"] = len(ev)
-        agg = (
-            ev.groupby(["trigger_id", "target_id"], sort=True)
-            .agg(score=("score", "max"), count=("score", "size"))
-            .reset_index()
-        )
-        agg = agg[agg["count"] >= cfg.min_pair_count]
-        agg["source"] = "u2i"
-        stats["n_u2i_pairs"] = len(agg)
-        frames.append(
-            _ranked(
-                agg,
-                ["count", "score", "trigger_id", "target_id"],
-                [False, False, True, True],
-            ).drop(columns="count")
-        )
+        t, g, score, count = _aggregate_events(ev)
+        keep = count >= cfg.min_pair_count
+        t, g, score, count = t[keep], g[keep], score[keep], count[keep]
+        stats["n_u2i_pairs"] = int(t.size)
+        order = np.lexsort((g, t, -score, -count))  # count, cosine desc; ids asc
+        parts.append((t[order], g[order], score[order], 0))
     if cfg.use_swing:
-        sw = _swing(
-            pos,
-            cfg.swing_alpha,
-            cfg.swing_top_k,
-            cfg.swing_max_user_items,
-            cfg.swing_max_item_users,
-            True,
-            cfg.seed,
-        )
-        stats["n_swing_pairs"] = len(sw)
-        frames.append(_ranked(sw, ["score", "trigger_id", "target_id"], [False, True, True]))
-    allp = pd.concat(frames, ignore_index=True)
-    allp = allp[allp["trigger_id"] != allp["target_id"]]
-    a, b = allp["trigger_id"].to_numpy(), allp["target_id"].to_numpy()
-    allp = allp.assign(
-        _lo=np.minimum(a, b),
-        _hi=np.maximum(a, b),
-        _src=(allp["source"] != "u2i").astype(np.int8),
-    )
-    allp = allp.sort_values(
-        ["rank_pct", "_src", "trigger_id", "target_id"], kind="stable"
-    ).drop_duplicates(["_lo", "_hi"], keep="first")
-    pairs = allp[PAIR_COLUMNS].reset_index(drop=True)
-    pairs["trigger_id"] = pairs["trigger_id"].astype(np.int64)
-    pairs["target_id"] = pairs["target_id"].astype(np.int64)
-    pairs["score"] = pairs["score"].astype(np.float64)
+        t, g, score = swing_top_k(
+            pos, cfg.swing_alpha, cfg.swing_top_k, cfg.swing_max_user_items,
+            cfg.swing_max_item_users, True, cfg.seed,
+        )  # fmt: skip
+        stats["n_swing_pairs"] = int(t.size)
+        order = np.lexsort((g, t, -score))  # score desc; ids asc
+        parts.append((t[order], g[order], score[order], 1))
+    pairs = _union(parts)
     stats.update(_pair_stats(pairs, pos))
     logger.info(
         "mined %d pairs (%s) covering %d items",
@@ -350,6 +316,53 @@ def mine_pairs(
         stats["n_items_covered"],
     )
     return pairs, stats
+
+
+def _aggregate_events(ev: pd.DataFrame):
+    """U2I events per directed pair: ``(trigger ids, target ids, max cosine, events)``."""
+    t, g = ev["trigger_id"].to_numpy(), ev["target_id"].to_numpy()
+    score = ev["score"].to_numpy(np.float64)
+    if t.size == 0:
+        return t, g, score, np.zeros(0, np.int64)
+    uniq, inv = np.unique(np.r_[t, g], return_inverse=True)
+    key = inv[: t.size] * uniq.size + inv[t.size :]
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    count = np.diff(np.r_[starts, key.size])
+    best = np.maximum.reduceat(score[order], starts)
+    first = order[starts]
+    return t[first], g[first], best, count
+
+
+def _union(parts) -> pd.DataFrame:
+    """Each unordered pair once, from its best-ranked occurrence.
+
+    A pair's rank is its position over its source's list length (so the sources compete
+    fairly); ties go to U2I (source code 0), then to smaller trigger and target ids. The
+    kept pairs come out in that order. Self-pairs are dropped.
+    """
+    cols = [np.concatenate(c) for c in zip(*[(t, g, s) for t, g, s, _ in parts])]
+    t, g, score = cols
+    rank = np.concatenate([np.arange(p[0].size) / max(p[0].size, 1) for p in parts])
+    src = np.concatenate([np.full(p[0].size, p[3], np.int8) for p in parts])
+    ok = t != g
+    t, g, score, rank, src = t[ok], g[ok], score[ok], rank[ok], src[ok]
+    order = np.lexsort((g, t, src, rank))
+    uniq, inv = np.unique(np.r_[t, g], return_inverse=True)
+    a, b = inv[: t.size], inv[t.size :]
+    pair_key = (np.minimum(a, b) * uniq.size + np.maximum(a, b))[order]
+    _, first = np.unique(pair_key, return_index=True)  # first occurrence in rank order
+    keep = order[np.sort(first)]
+    names = np.array(["u2i", "swing"], dtype=object)
+    return pd.DataFrame(
+        {
+            "trigger_id": t[keep].astype(np.int64),
+            "target_id": g[keep].astype(np.int64),
+            "score": score[keep].astype(np.float64),
+            "source": names[src[keep]],
+        }
+    )
 
 
 def _pair_stats(pairs: pd.DataFrame, pos: pd.DataFrame) -> dict:
