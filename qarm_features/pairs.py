@@ -324,9 +324,9 @@ def _aggregate_events(ev: pd.DataFrame):
     score = ev["score"].to_numpy(np.float64)
     if t.size == 0:
         return t, g, score, np.zeros(0, np.int64)
-    uniq, inv = np.unique(np.r_[t, g], return_inverse=True)
-    key = inv[: t.size] * uniq.size + inv[t.size :]
-    order = np.argsort(key, kind="stable")
+    code, uniq = pd.factorize(np.r_[t, g])  # hashing: O(events)
+    key = code[: t.size] * uniq.size + code[t.size :]
+    order = np.argsort(key)
     key = key[order]
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     count = np.diff(np.r_[starts, key.size])
@@ -348,12 +348,11 @@ def _union(parts) -> pd.DataFrame:
     src = np.concatenate([np.full(p[0].size, p[3], np.int8) for p in parts])
     ok = t != g
     t, g, score, rank, src = t[ok], g[ok], score[ok], rank[ok], src[ok]
-    order = np.lexsort((g, t, src, rank))
-    uniq, inv = np.unique(np.r_[t, g], return_inverse=True)
-    a, b = inv[: t.size], inv[t.size :]
-    pair_key = (np.minimum(a, b) * uniq.size + np.maximum(a, b))[order]
-    _, first = np.unique(pair_key, return_index=True)  # first occurrence in rank order
-    keep = order[np.sort(first)]
+    # (rank, source) is unique: each list is in rank order, so this merges two sorted runs
+    order = np.argsort(rank, kind="stable")  # equal ranks: U2I (first in the concat) wins
+    lo, hi = np.minimum(t, g)[order], np.maximum(t, g)[order]
+    dup = pd.DataFrame({"lo": lo, "hi": hi}).duplicated(keep="first").to_numpy()
+    keep = order[~dup]
     names = np.array(["u2i", "swing"], dtype=object)
     return pd.DataFrame(
         {
