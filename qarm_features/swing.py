@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from qarm_features.errors import InputError
+
 # Swing blocks of triggers expand to about this many (trigger, user, item) rows; the
 # co-occurrence triples of a block are a small multiple of it on real logs.
 _SWING_BLOCK_ROWS = 1 << 21
@@ -120,8 +122,13 @@ def _swing_block(trig, users, R, w, alpha, top_k, n_i):
         return
     n_triples = int((size * (size - 1) // 2).sum())
     cut = np.flatnonzero(trig[1:] != trig[:-1])  # trigger boundaries
-    # packed (r1, r2 - r1, group) keys must fit an int64 (bits of m, of m, of groups)
+    # packed (r1, r2, group) keys must fit an int64 (bits of m, of m, of groups)
     too_wide = 2 * int(m - 1).bit_length() + int(starts.size).bit_length() > 62
+    if too_wide and not cut.size:  # one trigger with ~2^20 users and more: needs a cap
+        raise InputError(
+            f"Swing: a trigger with {m} users is too large to score in one block; "
+            "set PairsConfig.swing_max_item_users (max_item_users)"
+        )
     if (n_triples > _SWING_MAX_TRIPLES or too_wide) and cut.size:
         del row, item, t, starts, size, multi
         mid = int(cut[cut.size // 2]) + 1  # halve the block at a trigger boundary
@@ -141,12 +148,12 @@ def _swing_block(trig, users, R, w, alpha, top_k, n_i):
     # Triples: entry p pairs with entries p + 1 .. p + n_after[p] of its group.
     first_of = np.cumsum(n_after) - n_after  # where entry p's triples start
     second = np.arange(n_triples) + np.repeat(np.arange(member.size) + 1 - first_of, n_after)
-    r1 = np.repeat(rows_g, n_after)
-    # (r1, r2 - r1, group) packed in one int64 (fits: see the split rule above), sorted:
-    # runs of one user pair give its overlap; each triple keeps its group.
-    sb = max(int(np.bincount(trig).max() - 1).bit_length(), 1)  # r2 - r1 < rows of a trigger
-    gb = max(int(n_g - 1).bit_length(), 1)
-    key = (((r1 << sb) | (rows_g[second] - r1)) << gb) | np.repeat(member, n_after)
+    # (r1, r2, group) packed in one int64 (fits: the split rule above), sorted: runs of
+    # one user pair give its overlap; each triple keeps its group. r1 and the group are
+    # the entry's own, so they are packed per entry and repeated once.
+    rb, gb = max(int(m - 1).bit_length(), 1), max(int(n_g - 1).bit_length(), 1)
+    key = np.repeat((rows_g << (rb + gb)) | member, n_after)
+    key |= rows_g[second] << gb
     del second, member, n_after, first_of
     key.sort()
     group = key & ((1 << gb) - 1)
@@ -155,8 +162,7 @@ def _swing_block(trig, users, R, w, alpha, top_k, n_i):
     shared = np.diff(bounds)  # triples of each user pair: its overlap beyond the trigger
     pair = key[bounds[:-1]]
     del key
-    r1 = pair >> sb
-    r2 = r1 + (pair & ((1 << sb) - 1))
+    r1, r2 = pair >> rb, pair & ((1 << rb) - 1)
     del pair
     wu = w[users]
     pw = wu[r1] * wu[r2] / (alpha + 1.0 + shared)  # + 1: the trigger
