@@ -208,6 +208,8 @@ class Bundle:
                 seed=cfg.seed,
             )
         except InputError as exc:  # a stored index that is not this pool's
+            if self.vq_index is None or not str(exc).startswith("index:"):
+                raise
             raise BundleError(f"{self.path / INDEX_FILE} rejected ({exc})") from None
 
     def warm(self) -> "Bundle":

@@ -155,3 +155,31 @@ def test_build_stores_the_index_of_its_ann_pool(tmp_path):
         encode_items(bundle, bundle.raw_emb, bundle.item_ids).vq_codes,
         rebuilt.encode(x, exclude_ids=bundle.item_ids),
     )
+
+
+def test_a_stored_index_of_another_pool_is_refused_at_load(parts, bundles, tmp_path):
+    """verify=False skips hashes, not the check that the stored index is this pool's."""
+    from qarm_features.manifest import sha256_file
+
+    _, ids, aligned, _, _ = parts
+    other = VQCoder(k=K, exact_max_pool=100, ann_index=VQ.ann_index).fit(aligned[:2000], ids[:2000])
+    dst = tmp_path / "b"
+    shutil.copytree(bundles[0], dst)
+    np.save(dst / INDEX_FILE, other.export_index(), allow_pickle=False)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["files"][INDEX_FILE].update(
+        sha256=sha256_file(dst / INDEX_FILE),
+        bytes=(dst / INDEX_FILE).stat().st_size,
+        shape=[int(other.export_index().size)],
+    )
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="manifest was edited"):
+        load_bundle(dst)
+    # a version id forged to match is still not this pool's index
+    from qarm_features.manifest import version_id
+
+    m["version"] = version_id(m["files"], m["config"], m["dims"])
+    (dst / "manifest.json").write_text(json.dumps(m))
+    bundle = load_bundle(dst)
+    with pytest.raises(BundleError, match=f"{INDEX_FILE} rejected .*of 2000 x 16"):
+        bundle.warm()
