@@ -4,9 +4,10 @@
 (alpha + |I_u & I_v|)`` (the formula, caps and ties: :func:`~qarm_features.pairs.mine_swing_pairs`).
 Blocks of triggers expand each (trigger, user) row to the user's items; rows of one
 trigger that share an item form co-occurrence triples ``(row, row', j)``, and only those
-do any work. Grouping and counting sort packed int64 keys with ``np.sort`` (no argsort,
-no ``np.unique``, no ``searchsorted``): a block costs a few linear passes over its rows and
-triples and two sorts. Memory is bounded by the block caps below. Training only: numpy,
+do any work. Groups come from scipy's compiled CSR -> CSC transpose of the block's rows;
+user-pair overlaps from one ``np.sort`` of packed int64 keys (no argsort, no ``np.unique``,
+no ``searchsorted``): a block costs a few linear passes over its rows and triples and one
+sort. Memory is bounded by the block caps below. Training only: numpy,
 pandas and scipy.
 """
 
@@ -96,22 +97,20 @@ def _swing_block(trig, users, R, w, alpha, top_k, n_i):
     Every row expands to its user's items ``j != trigger``; rows of one trigger that share
     an item form co-occurrence triples ``(row, row', j)``. A user pair's overlap is 1 (the
     trigger) plus its number of triples, so pairs sharing only the trigger cost nothing.
-    Grouping and counting sort single packed int64 keys (``np.sort``, no argsort), so the
-    block costs a few linear passes and two sorts.
+    Grouping is a compiled CSR -> CSC transpose; counting sorts one packed int64 key per
+    triple (``np.sort``, no argsort), so the block costs a few linear passes and one sort.
     """
     m = trig.size
-    lens = np.diff(R.indptr)[users]
-    row = np.repeat(np.arange(m, dtype=np.int64), lens)
-    pos_in = np.arange(row.size) - np.repeat(np.cumsum(lens) - lens, lens)
-    item = R.indices[np.repeat(R.indptr[users], lens) + pos_in]
+    # The block's rows of R, transposed (scipy's compiled CSR -> CSC, a counting sort):
+    # per item, its rows ascending, so each (trigger, item) group is a run (rows are
+    # sorted by trigger). The trigger's own column is dropped.
+    cols = R[users].tocsc()
+    item = np.repeat(np.arange(n_i), np.diff(cols.indptr))
+    row = cols.indices.astype(np.int64)
+    del cols
     keep = item != trig[row]
-    # (item, row) packed: sorted, each (trigger, item) group is a run of ascending rows
-    # (rows are sorted by trigger).
-    rb = max(int(m - 1).bit_length(), 1)
-    key = np.sort((item[keep].astype(np.int64) << rb) | row[keep])
-    del row, item, keep, pos_in
-    item, row = key >> rb, key & ((1 << rb) - 1)
-    del key
+    item, row = item[keep], row[keep]
+    del keep
     t = trig[row]
     new = np.r_[True, (item[1:] != item[:-1]) | (t[1:] != t[:-1])]
     starts = np.flatnonzero(new)
