@@ -46,16 +46,23 @@ def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, 
     R.sort_indices()
     deg = np.diff(R.indptr)
     w = 1.0 / np.sqrt(deg) if user_weight else np.ones(n_u)
-    # Each trigger's users (by item, then user), sampled down to max_item_users.
-    by_item = np.lexsort((u, i))
-    e_item, e_user = i[by_item], u[by_item]
+    # Each trigger's users (by item, then user: the CSC transpose), sampled down to
+    # max_item_users.
+    by_item = R.tocsc()
+    counts = np.diff(by_item.indptr)
+    e_item = np.repeat(np.arange(n_i), counts)
+    e_user = by_item.indices.astype(np.int64)
     del u, i, by_item
-    counts = np.bincount(e_item, minlength=n_i)
     if max_item_users is not None and counts.max(initial=0) > max_item_users:
         key = np.random.default_rng(seed).random(e_item.size)  # canonical (item, user) order
-        o = np.lexsort((key, e_item))
-        starts = np.r_[0, np.cumsum(counts)[:-1]]
-        keep = np.sort(o[np.arange(o.size) - starts[e_item[o]] < max_item_users])
+        # Only capped items are sampled: each keeps its max_item_users smallest keys.
+        capped = np.flatnonzero(counts[e_item] > max_item_users)
+        o = capped[np.lexsort((key[capped], e_item[capped]))]
+        cc = np.where(counts > max_item_users, counts, 0)  # capped items' entries in o
+        rank = np.arange(o.size) - (np.cumsum(cc) - cc)[e_item[o]]
+        drop = o[rank >= max_item_users]
+        keep = np.ones(e_item.size, bool)
+        keep[drop] = False
         e_item, e_user = e_item[keep], e_user[keep]
         counts = np.minimum(counts, max_item_users)
     keep = counts[e_item] >= 2  # a trigger needs a user pair
