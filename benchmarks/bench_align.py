@@ -93,6 +93,11 @@ def run(quick: bool, n_threads: int = 2) -> dict:
         "train_aligner (raw_consistency=0)": ours(cfg0, "no_raw"),
         "bare torch loop": lambda: bare_loop(raw, ids, pairs, cfg, epochs),
     }
+    # Constructing the first torch optimizer imports torch._dynamo (~3 s, once per process):
+    # pay it here, or it lands in whichever contender runs first.
+    import torch
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     thread_counts = (1,) if quick else tuple(sorted({1, n_threads}))
     cases = {}
     for name, fn in fns.items():

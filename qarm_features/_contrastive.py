@@ -55,6 +55,7 @@ def masked_nce(logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.
 
     Column ``j != i`` is masked for row ``i`` when its key item ``k[j]`` is row i's
     positive ``k[i]`` (the same target twice in a batch) or row i's query item ``q[i]``.
+    The dense reference formulation; :func:`symmetric_nce` masks the same entries sparsely.
     """
     n = logits.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=logits.device)
@@ -63,14 +64,73 @@ def masked_nce(logits: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.
     return F.cross_entropy(logits.masked_fill(mask, float("-inf")), labels)
 
 
+def _false_negative_entries(a: torch.Tensor, b: torch.Tensor):
+    """The entries :func:`masked_nce` masks in both directions, found without a dense mask.
+
+    Slot ``s`` of ``cat([a, b])`` is pair ``s % B``'s trigger (``s < B``) or target. Two
+    slots of different pairs ``i != j`` holding the same item mask ``[i, j]`` in the
+    trigger->target direction when slot ``j`` is a target (``b_j in {a_i, b_i}``), and in
+    the target->trigger direction (rows ``b``, columns ``a``) when it is a trigger. Only
+    the slots of repeated items are compared (usually a small share of the batch).
+
+    Returns:
+        ``((rows, cols), (rows, cols))`` for ``logits`` and ``logits.T``.
+    """
+    m = a.numel()
+    _, inv, counts = torch.unique(torch.cat([a, b]), return_inverse=True, return_counts=True)
+    slots = (counts[inv] > 1).nonzero().squeeze(1)
+    si = sj = torch.empty(0, dtype=torch.long, device=a.device)
+    if slots.numel():
+        same = (inv[slots][:, None] == inv[slots][None, :]).nonzero()
+        si, sj = slots[same[:, 0]], slots[same[:, 1]]
+    pi, pj = si % m, sj % m
+    keep = pi != pj
+    to_target = keep & (sj >= m)
+    to_trigger = keep & (sj < m)
+    return (pi[to_target], pj[to_target]), (pi[to_trigger], pj[to_trigger])
+
+
+def _masked(logits: torch.Tensor, entries) -> torch.Tensor:
+    rows, cols = entries
+    if rows.numel() == 0:
+        return logits
+    return logits.index_put((rows, cols), torch.tensor(float("-inf"), device=logits.device))
+
+
 def symmetric_nce(za, zb, a, b, temperature: float):
     """``(CE(za @ zb.T / T) + CE(zb @ za.T / T)) / 2`` with :func:`masked_nce` masking.
 
     ``za``, ``zb``: ``(B, d)`` unit-norm embeddings of the pairs' items; ``a``, ``b``:
-    ``(B,)`` their item rows (equal rows are the same item).
+    ``(B,)`` their item rows (equal rows are the same item). Equal to
+    ``(masked_nce(L, a, b) + masked_nce(L.T, b, a)) / 2`` (tested); the masked entries
+    are found sparsely on CPU (:func:`_false_negative_entries`) and both cross-entropies
+    read one logits matrix (row-wise and column-wise log-sum-exp, no transposed copy).
     """
     logits = za @ zb.T / temperature
-    return 0.5 * (masked_nce(logits, a, b) + masked_nce(logits.T, b, a))
+    if logits.device.type != "cpu":  # dense masks: no host sync per step on an accelerator
+        return 0.5 * (masked_nce(logits, a, b) + masked_nce(logits.T, b, a))
+    fwd, bwd = _false_negative_entries(a, b)
+    diag = logits.diagonal()
+    lse_rows = torch.logsumexp(_masked(logits, fwd), dim=1)
+    lse_cols = torch.logsumexp(_masked(logits, (bwd[1], bwd[0])), dim=0)
+    return 0.5 * ((lse_rows - diag).mean() + (lse_cols - diag).mean())
+
+
+def raw_consistency(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``mean over all (i, j), i != j, of (z_i . z_j - r_i . r_j)^2`` without a ``(n, n)`` matrix.
+
+    ``z``: ``(n, d)`` aligned unit rows (differentiable); ``r``: ``(n, D)`` reference unit
+    rows (constant). The sum over all ``(i, j)`` of ``(S_z - S_r)^2`` is
+    ``||Z^T Z||^2 - 2 ||Z^T R||^2 + ||R^T R||^2`` (Frobenius): three ``d x d``, ``d x D``,
+    ``D x D`` products instead of two ``n x n`` Gram matrices. The diagonal terms are
+    ``(1 - 1)^2 = 0`` for unit rows, so the full sum is the off-diagonal sum, divided by
+    ``n (n - 1)``.
+    """
+    n = z.shape[0]
+    zz, zr = z.T @ z, z.T @ r
+    with torch.no_grad():
+        const = (r.T @ r).square().sum()
+    return (zz.square().sum() - 2.0 * zr.square().sum() + const) / (n * (n - 1))
 
 
 def weighted_targets(item_targets: dict | None, weights: dict[str, float], n: int) -> dict:
@@ -127,12 +187,14 @@ class TargetHeads(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------- raw geometry
-_MOMENT_CHUNK = 65_536  # rows per float64 chunk (bounded memory on large catalogs)
+_MOMENT_CHUNK = 8_192  # rows per float64 chunk: bounded, reused temporaries on any catalog
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    """float64 copy of ``x`` with unit rows (norms floored at 1e-12), normalised in place."""
+    u = x.astype(np.float64)
+    u /= np.maximum(np.sqrt(np.einsum("ij,ij->i", u, u)), 1e-12)[:, None]
+    return u
 
 
 def normalized_moments(x: np.ndarray, chunk: int = _MOMENT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +214,8 @@ def centred_reference(x: np.ndarray, mean: np.ndarray, chunk: int = _MOMENT_CHUN
     """float32 unit rows of ``normalise(x) - mean``: the raw geometry the aligner keeps close to."""
     out = np.empty(x.shape, dtype=np.float32)
     for a in range(0, x.shape[0], chunk):
-        u = _unit_rows(x[a : a + chunk]) - mean
-        out[a : a + chunk] = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+        u = _unit_rows(x[a : a + chunk])
+        u -= mean
+        u /= np.maximum(np.sqrt(np.einsum("ij,ij->i", u, u)), 1e-12)[:, None]
+        out[a : a + chunk] = u
     return out

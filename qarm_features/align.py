@@ -27,6 +27,7 @@ from qarm_features._contrastive import (
     centred_reference,
     normalized_moments,
     pair_rows,
+    raw_consistency,
     symmetric_nce,
     weighted_targets,
 )
@@ -116,17 +117,18 @@ class Aligner(nn.Module):
         return F.normalize(y, dim=-1, eps=1e-12)
 
     @torch.no_grad()
-    def init_from_raw(self, raw_emb: np.ndarray) -> Aligner:
+    def init_from_raw(self, raw_emb: np.ndarray, moments=None) -> Aligner:
         """Start from what the content encoder knows: PCA of the (normalised) raw space.
 
         ``proj`` rows become the top principal directions of the L2-normalised raw
         embeddings (extra rows, when ``out_dim`` exceeds the rank, small random); the MLP's
         last layer starts near zero with its bias set to ``-proj @ mean``, so the initial
         aligned embedding is the normalised, *centred* PCA projection of the raw one
-        (centring removes the common direction that makes raw cosines uniformly high).
+        (centring removes the common direction that makes raw cosines uniformly high);
+        ``moments``: ``normalized_moments(raw_emb)`` if the caller already has them.
         """
         x = check_embeddings(raw_emb, name="raw_emb", dim=self.in_dim)
-        mean, cov = normalized_moments(x)
+        mean, cov = normalized_moments(x) if moments is None else moments
         evals, evecs = np.linalg.eigh(cov)  # ascending
         order = np.argsort(-evals, kind="stable")
         rank = int(min(self.out_dim, self.in_dim, max(x.shape[0] - 1, 1)))
@@ -168,9 +170,7 @@ class Aligner(nn.Module):
         }
 
     @classmethod
-    def from_weights(
-        cls, weights: dict, in_dim: int, cfg: AlignerConfig | None = None
-    ) -> Aligner:
+    def from_weights(cls, weights: dict, in_dim: int, cfg: AlignerConfig | None = None) -> Aligner:
         """Rebuild an aligner from :meth:`export_weights` output (keys and shapes checked)."""
         cfg = cfg if cfg is not None else AlignerConfig()
         expected = weight_shapes(int(in_dim), cfg)
@@ -264,11 +264,7 @@ def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig, heads=
         loss = loss + heads.loss(torch.cat([za, zb]), torch.cat([a, b]))
     raw_term = torch.zeros((), device=nce.device)
     if cfg.raw_consistency > 0:
-        z = torch.cat([za, zb])
-        r = ref_all[torch.cat([a, b])]
-        n2 = z.shape[0]
-        # Both diagonals are 1 (unit rows): the full sum is the off-diagonal sum, no mask.
-        raw_term = ((z @ z.T - r @ r.T) ** 2).sum() / (n2 * (n2 - 1))
+        raw_term = raw_consistency(torch.cat([za, zb]), ref_all[torch.cat([a, b])])
         loss = loss + cfg.raw_consistency * raw_term
     return loss, nce, raw_term
 
@@ -404,13 +400,16 @@ class ItemAligner:
         self, raw, hold: _Holdout, cfg, device, history, score, progress, targets=None, init=None
     ):
         """Epoch loop with early stopping on ``score`` (None: no validation)."""
+        need = init is None or cfg.raw_consistency > 0  # one float64 pass serves both uses
+        moments = normalized_moments(raw) if need else None
         if init is not None:
             model = Aligner.from_weights(init, raw.shape[1], cfg).train().to(device)
         else:
-            model = Aligner(raw.shape[1], cfg).init_from_raw(raw).to(device)
+            model = Aligner(raw.shape[1], cfg).init_from_raw(raw, moments).to(device)
         heads = TargetHeads(cfg.out_dim, targets or {}, device).to(device)
         x_all = torch.from_numpy(raw).to(device)
-        ref_all = torch.from_numpy(centred_reference(raw, normalized_moments(raw)[0])).to(device)
+        ref = centred_reference(raw, moments[0]) if cfg.raw_consistency > 0 else None
+        ref_all = None if ref is None else torch.from_numpy(ref).to(device)
         a_all = torch.from_numpy(hold.train_a).to(device)
         b_all = torch.from_numpy(hold.train_b).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device
@@ -476,10 +475,12 @@ class ItemAligner:
 
 
 def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, heads=None):
-    """One pass over the train pairs in ``perm`` order; returns mean losses and pairs/s."""
+    """One pass over the train pairs in ``perm`` order; mean losses (summed on the device,
+    read once: no host sync per step) and pairs/s."""
     model.train()
     t0 = time.perf_counter()
-    tot, tot_nce, tot_raw, seen = 0.0, 0.0, 0.0, 0
+    sums = torch.zeros(3, dtype=torch.float64, device=x_all.device)
+    seen = 0
     for s in range(0, perm.numel(), bs):
         idx = perm[s : s + bs]
         if idx.numel() < 2:  # a lone pair has no in-batch negative
@@ -490,10 +491,7 @@ def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, heads=
         loss.backward()
         opt.step()
         m = idx.numel()
-        tot += float(loss.detach()) * m
-        tot_nce += float(nce.detach()) * m
-        tot_raw += float(raw_term.detach()) * m
+        sums += torch.stack([loss.detach(), nce.detach(), raw_term.detach()]).double() * m
         seen += m
-    elapsed = max(time.perf_counter() - t0, 1e-9)
-    n = max(seen, 1)
-    return tot / n, tot_nce / n, tot_raw / n, seen / elapsed
+    elapsed, n = max(time.perf_counter() - t0, 1e-9), max(seen, 1)
+    return (*(v / n for v in sums.tolist()), seen / elapsed)

@@ -126,6 +126,7 @@ def build_bundle(
         raw_emb=raw,
         vq_k=cfg.vq.k,
         item_keys=item_keys,
+        vq_index=space.vq.export_index(),  # the trained ANN index: workers load, not rebuild
         metrics=metrics,
         overwrite=overwrite,
     )

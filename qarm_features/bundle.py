@@ -13,6 +13,8 @@ be unpickled::
     raw_emb.npy            float32 (n, d_raw) frozen content embeddings of that catalog
     item_keys.npy          str (n,) the catalog's string ids, when they are strings
                            (item_ids are then the row indices 0 .. n-1)
+    vq_index.npy           uint8 faiss.serialize_index of the VQ pool's ANN index, when the
+                           pool is large enough for one (bundles without it rebuild it)
 
 The version id is content-addressed (a hash of every file's sha256, the build config and
 the dims: everything that decides a served code), so two bundles with the same content
@@ -39,16 +41,18 @@ from pydantic import ValidationError
 
 from qarm_features._atomic import atomic_dir
 from qarm_features.config import BuildConfig
-from qarm_features.errors import BundleError
+from qarm_features.errors import BundleError, InputError
 from qarm_features.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     Dims,
     Manifest,
+    check_keys,
+    infer_dims,
+    read_manifest,
     sha256_file,
     version_id,
-    read_manifest,
 )
 from qarm_features.schema import CodeSchema
 
@@ -65,6 +69,8 @@ ARRAY_FILES = {
 # A catalog with string ids also stores them: item_ids are then the row indices 0..n-1
 # (the pipeline's int64 ids, and the VQ codes), item_keys the team's ids in the same order.
 KEYS_FILE = "item_keys.npy"
+# The trained ANN index of a large VQ pool (VQCoder.export_index): loaded, not rebuilt.
+INDEX_FILE = "vq_index.npy"
 ALIGNER_KEYS_LINEAR = ("proj.weight",)
 ALIGNER_KEYS_MLP = ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 
@@ -108,6 +114,7 @@ class Bundle:
     item_ids: np.ndarray
     raw_emb: np.ndarray
     item_keys: np.ndarray | None = None
+    vq_index: np.ndarray | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -189,15 +196,21 @@ class Bundle:
         from qarm_features.vq import VQCoder
 
         cfg = self.config.vq
-        return VQCoder.from_pool(
-            self.vq_pool_emb,
-            self.vq_pool_ids,
-            k=self.vq_k,
-            exact_max_pool=cfg.exact_max_pool,
-            ann_index=cfg.ann_index,
-            ann_ef_search=cfg.ann_ef_search,
-            seed=cfg.seed,
-        )
+        try:
+            return VQCoder.from_pool(
+                self.vq_pool_emb,
+                self.vq_pool_ids,
+                index=self.vq_index,
+                k=self.vq_k,
+                exact_max_pool=cfg.exact_max_pool,
+                ann_index=cfg.ann_index,
+                ann_ef_search=cfg.ann_ef_search,
+                seed=cfg.seed,
+            )
+        except InputError as exc:  # a stored index that is not this pool's
+            if self.vq_index is None or not str(exc).startswith("index:"):
+                raise
+            raise BundleError(f"{self.path / INDEX_FILE} rejected ({exc})") from None
 
     def warm(self) -> "Bundle":
         """Build the coders and float64 weights now (servers: before the first request)."""
@@ -221,6 +234,7 @@ def write_bundle(
     raw_emb: np.ndarray,
     vq_k: int,
     item_keys: np.ndarray | None = None,
+    vq_index: np.ndarray | None = None,
     metrics: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -233,6 +247,8 @@ def write_bundle(
     Args:
         item_keys: a string catalog's ids, in ``item_ids`` order; ``item_ids`` must then
             be ``0 .. n-1``. None for an int catalog (its ids are ``item_ids``).
+        vq_index: the pool's ANN index, ``VQCoder.export_index()`` of the coder fitted on
+            ``vq_pool_emb``/``vq_pool_ids`` with ``config.vq`` (None: none stored).
 
     Raises:
         BundleError: ``path`` exists and ``overwrite`` is false, or arrays are inconsistent.
@@ -256,12 +272,13 @@ def write_bundle(
         "raw_emb": np.ascontiguousarray(raw_emb, dtype=np.float32),
     }
     weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in aligner_weights.items()}
-    dims = _infer_dims(weights, arrays, vq_k)
+    dims = infer_dims(weights, arrays, vq_k)
     keys = None
     if item_keys is not None:
         keys = np.asarray([str(k) for k in item_keys], dtype=str)
-        _check_keys(keys, arrays["item_ids"])
+        check_keys(keys, arrays["item_ids"])
         dims["id_type"] = "string"
+    index = None if vq_index is None else _checked_index(vq_index, config, arrays, vq_k)
 
     with atomic_dir(path) as tmp:
         files: dict[str, dict[str, Any]] = {}
@@ -280,6 +297,9 @@ def write_bundle(
         if keys is not None:
             np.save(tmp / KEYS_FILE, keys, allow_pickle=False)
             files[KEYS_FILE] = {"kind": "npy", "dtype": keys.dtype.str, "shape": [len(keys)]}
+        if index is not None:
+            np.save(tmp / INDEX_FILE, index, allow_pickle=False)
+            files[INDEX_FILE] = {"kind": "npy", "dtype": "uint8", "shape": [index.size]}
         for fname, meta in files.items():
             meta["sha256"] = sha256_file(tmp / fname)
             meta["bytes"] = (tmp / fname).stat().st_size
@@ -302,74 +322,22 @@ def write_bundle(
     return path
 
 
-def _infer_dims(weights: dict[str, np.ndarray], arrays: dict[str, np.ndarray], vq_k: int) -> dict:
-    if "proj.weight" not in weights:
-        raise BundleError("aligner weights lack 'proj.weight'")
-    out_dim, raw_dim = weights["proj.weight"].shape
-    hidden = int(weights["mlp.0.weight"].shape[0]) if "mlp.0.weight" in weights else 0
-    cb = arrays["rq_codebooks"]
-    if cb.ndim != 3 or cb.shape[2] != out_dim:
-        raise BundleError(f"rq_codebooks must be (L, K, {out_dim}), got {cb.shape}")
-    if arrays["vq_pool_emb"].shape[1:] != (out_dim,):
-        raise BundleError(f"vq_pool_emb must be (P, {out_dim}), got {arrays['vq_pool_emb'].shape}")
-    if arrays["raw_emb"].shape[1:] != (raw_dim,):
-        raise BundleError(f"raw_emb must be (n, {raw_dim}), got {arrays['raw_emb'].shape}")
-    dims = {
-        "raw_dim": int(raw_dim),
-        "aligned_dim": int(out_dim),
-        "hidden": hidden,
-        "n_levels": int(cb.shape[0]),
-        "n_codes": int(cb.shape[1]),
-        "vq_k": int(vq_k),
-        "pool_size": int(arrays["vq_pool_ids"].shape[0]),
-        "n_items": int(arrays["item_ids"].shape[0]),
-        "id_type": "int64",
-    }
-    _check_consistency(weights, arrays, dims)
-    return dims
+def _checked_index(vq_index, config: BuildConfig, arrays: dict, vq_k: int) -> np.ndarray:
+    """``vq_index`` as uint8 bytes, once it loads as the ANN index of this pool."""
+    from qarm_features.vq import VQCoder
 
-
-def _check_keys(keys: np.ndarray, item_ids: np.ndarray) -> None:
-    if keys.ndim != 1 or keys.shape[0] != item_ids.shape[0]:
-        raise BundleError(f"item_keys has shape {keys.shape}, item_ids {item_ids.shape}")
-    if not np.array_equal(item_ids, np.arange(item_ids.shape[0])):
-        raise BundleError("a catalog with item_keys must have item_ids 0 .. n-1 (row indices)")
-    if np.unique(keys).size != keys.size:
-        raise BundleError("item_keys holds duplicate keys")
-
-
-def _check_consistency(weights: dict, arrays: dict, dims: dict) -> None:
-    raw, out, hidden = dims["raw_dim"], dims["aligned_dim"], dims["hidden"]
-    expected = {"proj.weight": (out, raw)}
-    if hidden:
-        expected.update(
-            {
-                "mlp.0.weight": (hidden, raw),
-                "mlp.0.bias": (hidden,),
-                "mlp.2.weight": (out, hidden),
-                "mlp.2.bias": (out,),
-            }
+    index = np.ascontiguousarray(np.asarray(vq_index).reshape(-1), dtype=np.uint8)
+    cfg, pool = config.vq, arrays["vq_pool_emb"]
+    if pool.shape[0] <= cfg.exact_max_pool:
+        raise BundleError(f"vq_index given for a pool of {pool.shape[0]} items, searched "
+                          f"exactly (<= config.vq.exact_max_pool={cfg.exact_max_pool})")  # fmt: skip
+    try:
+        VQCoder(k=vq_k, exact_max_pool=cfg.exact_max_pool, ann_index=cfg.ann_index).fit(
+            pool, arrays["vq_pool_ids"], index=index
         )
-    if set(weights) != set(expected):
-        raise BundleError(
-            f"aligner weights have keys {sorted(weights)}, expected {sorted(expected)}"
-        )
-    for k, shape in expected.items():
-        if tuple(weights[k].shape) != shape:
-            raise BundleError(f"aligner weight {k} has shape {weights[k].shape}, expected {shape}")
-    if arrays["vq_pool_emb"].shape[0] != arrays["vq_pool_ids"].shape[0]:
-        raise BundleError("vq_pool_emb and vq_pool_ids disagree on the pool size")
-    if arrays["item_ids"].shape[0] != arrays["raw_emb"].shape[0]:
-        raise BundleError("item_ids and raw_emb disagree on the catalog size")
-    if dims["vq_k"] < 1 or dims["vq_k"] >= max(dims["pool_size"], 1):
-        raise BundleError(f"vq_k={dims['vq_k']} must be in [1, pool_size={dims['pool_size']})")
-    for key in ("vq_pool_ids", "item_ids"):
-        ids = arrays[key]
-        if np.unique(ids).size != ids.size:
-            raise BundleError(f"{key} holds duplicate ids")
-    for key, arr in list(arrays.items()) + list(weights.items()):
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise BundleError(f"{key} holds NaN or inf")
+    except InputError as exc:
+        raise BundleError(f"vq_index rejected ({exc})") from None
+    return index
 
 
 def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
@@ -393,6 +361,7 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
     expected_files = {ALIGNER_FILE} | {f for f, _, _ in ARRAY_FILES.values()}
     if manifest.dims.id_type == "string":
         expected_files.add(KEYS_FILE)
+    expected_files |= {INDEX_FILE} & set(files)  # optional: older bundles rebuild the index
     if set(files) != expected_files:
         raise BundleError(
             f"{path / MANIFEST} lists files {sorted(files)}, expected {sorted(expected_files)}"
@@ -421,34 +390,18 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         raise BundleError(f"{path}: cannot read {ALIGNER_FILE} ({exc})") from None
     arrays = {}
     for key, (fname, dtype, ndim) in ARRAY_FILES.items():
-        try:
-            arr = np.load(path / fname, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise BundleError(f"{path}: cannot read {fname} ({exc})") from None
-        meta = files[fname]
-        if arr.dtype != dtype or arr.ndim != ndim or list(arr.shape) != meta.shape:
-            raise BundleError(
-                f"{path}: {fname} is {arr.dtype}{list(arr.shape)}, manifest says "
-                f"{meta.dtype}{meta.shape}"
-            )
-        arr.setflags(write=False)
-        arrays[key] = arr
+        arrays[key] = _load_npy(path, fname, files[fname], dtype, ndim)
     for arr in weights.values():
         arr.setflags(write=False)
-    keys = None
-    if KEYS_FILE in files:
-        try:
-            keys = np.load(path / KEYS_FILE, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise BundleError(f"{path}: cannot read {KEYS_FILE} ({exc})") from None
-        if keys.dtype.kind != "U":
-            raise BundleError(f"{path}: {KEYS_FILE} is {keys.dtype}, expected unicode strings")
-        keys.setflags(write=False)
+    keys = _load_npy(path, KEYS_FILE, files[KEYS_FILE], "U", 1) if KEYS_FILE in files else None
+    index = None
+    if INDEX_FILE in files:
+        index = _load_npy(path, INDEX_FILE, files[INDEX_FILE], np.uint8, 1)
     dims = manifest.dims.model_dump()
     try:
-        inferred = _infer_dims(weights, arrays, manifest.dims.vq_k)
+        inferred = infer_dims(weights, arrays, manifest.dims.vq_k)
         if keys is not None:
-            _check_keys(keys, arrays["item_ids"])
+            check_keys(keys, arrays["item_ids"])
             inferred["id_type"] = "string"
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from None
@@ -465,8 +418,25 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         manifest=manifest,
         aligner_weights=weights,
         item_keys=keys,
+        vq_index=index,
         **arrays,
     )
+
+
+def _load_npy(path: Path, fname: str, meta, dtype, ndim: int) -> np.ndarray:
+    """A read-only array that matches its manifest entry (``dtype="U"``: any unicode)."""
+    try:
+        arr = np.load(path / fname, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BundleError(f"{path}: cannot read {fname} ({exc})") from None
+    kind_ok = arr.dtype.kind == "U" if dtype == "U" else arr.dtype == dtype
+    if not kind_ok or arr.ndim != ndim or list(arr.shape) != meta.shape:
+        raise BundleError(
+            f"{path}: {fname} is {arr.dtype}{list(arr.shape)}, manifest says "
+            f"{meta.dtype}{meta.shape}"
+        )
+    arr.setflags(write=False)
+    return arr
 
 
 def _jsonable(obj):

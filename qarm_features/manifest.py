@@ -6,7 +6,8 @@ dtype and shape of every file. :func:`read_manifest` is the only parser of it in
 code base: anything that fails the schema below is a
 :class:`~qarm_features.errors.BundleError` naming the field and the value, never a
 TypeError. The version id is a content address of everything that decides a served code
-(the files' hashes, the config and the dims; not the metrics).
+(the files' hashes, the config and the dims; not the metrics). :func:`infer_dims` derives
+the dims from the arrays (and checks them against each other), on write and on load.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qarm_features.config import BuildConfig
@@ -129,3 +131,75 @@ def read_manifest(path: str | os.PathLike) -> tuple[Manifest, dict]:
             f"{exc.error_count()} problem(s) in all: the manifest is corrupt or was edited"
         ) from None
     return manifest, raw
+
+
+def infer_dims(weights: dict[str, np.ndarray], arrays: dict[str, np.ndarray], vq_k: int) -> dict:
+    """The :class:`Dims` of a bundle's weights and arrays, checked for consistency."""
+    if "proj.weight" not in weights:
+        raise BundleError("aligner weights lack 'proj.weight'")
+    out_dim, raw_dim = weights["proj.weight"].shape
+    hidden = int(weights["mlp.0.weight"].shape[0]) if "mlp.0.weight" in weights else 0
+    cb = arrays["rq_codebooks"]
+    if cb.ndim != 3 or cb.shape[2] != out_dim:
+        raise BundleError(f"rq_codebooks must be (L, K, {out_dim}), got {cb.shape}")
+    if arrays["vq_pool_emb"].shape[1:] != (out_dim,):
+        raise BundleError(f"vq_pool_emb must be (P, {out_dim}), got {arrays['vq_pool_emb'].shape}")
+    if arrays["raw_emb"].shape[1:] != (raw_dim,):
+        raise BundleError(f"raw_emb must be (n, {raw_dim}), got {arrays['raw_emb'].shape}")
+    dims = {
+        "raw_dim": int(raw_dim),
+        "aligned_dim": int(out_dim),
+        "hidden": hidden,
+        "n_levels": int(cb.shape[0]),
+        "n_codes": int(cb.shape[1]),
+        "vq_k": int(vq_k),
+        "pool_size": int(arrays["vq_pool_ids"].shape[0]),
+        "n_items": int(arrays["item_ids"].shape[0]),
+        "id_type": "int64",
+    }
+    _check_consistency(weights, arrays, dims)
+    return dims
+
+
+def check_keys(keys: np.ndarray, item_ids: np.ndarray) -> None:
+    """A string catalog's keys: one per row, unique, over item_ids 0 .. n-1."""
+    if keys.ndim != 1 or keys.shape[0] != item_ids.shape[0]:
+        raise BundleError(f"item_keys has shape {keys.shape}, item_ids {item_ids.shape}")
+    if not np.array_equal(item_ids, np.arange(item_ids.shape[0])):
+        raise BundleError("a catalog with item_keys must have item_ids 0 .. n-1 (row indices)")
+    if np.unique(keys).size != keys.size:
+        raise BundleError("item_keys holds duplicate keys")
+
+
+def _check_consistency(weights: dict, arrays: dict, dims: dict) -> None:
+    raw, out, hidden = dims["raw_dim"], dims["aligned_dim"], dims["hidden"]
+    expected = {"proj.weight": (out, raw)}
+    if hidden:
+        expected.update(
+            {
+                "mlp.0.weight": (hidden, raw),
+                "mlp.0.bias": (hidden,),
+                "mlp.2.weight": (out, hidden),
+                "mlp.2.bias": (out,),
+            }
+        )
+    if set(weights) != set(expected):
+        raise BundleError(
+            f"aligner weights have keys {sorted(weights)}, expected {sorted(expected)}"
+        )
+    for k, shape in expected.items():
+        if tuple(weights[k].shape) != shape:
+            raise BundleError(f"aligner weight {k} has shape {weights[k].shape}, expected {shape}")
+    if arrays["vq_pool_emb"].shape[0] != arrays["vq_pool_ids"].shape[0]:
+        raise BundleError("vq_pool_emb and vq_pool_ids disagree on the pool size")
+    if arrays["item_ids"].shape[0] != arrays["raw_emb"].shape[0]:
+        raise BundleError("item_ids and raw_emb disagree on the catalog size")
+    if dims["vq_k"] < 1 or dims["vq_k"] >= max(dims["pool_size"], 1):
+        raise BundleError(f"vq_k={dims['vq_k']} must be in [1, pool_size={dims['pool_size']})")
+    for key in ("vq_pool_ids", "item_ids"):
+        ids = arrays[key]
+        if np.unique(ids).size != ids.size:
+            raise BundleError(f"{key} holds duplicate ids")
+    for key, arr in list(arrays.items()) + list(weights.items()):
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise BundleError(f"{key} holds NaN or inf")

@@ -27,24 +27,18 @@ import logging
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from qarm_features._validate import check_embeddings, check_ids, check_interactions, lookup_rows
 from qarm_features.config import PairsConfig
 from qarm_features.errors import ConfigError, InputError
 from qarm_features.retrieval import BPRMF
+from qarm_features.swing import swing_top_k
 
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ["trigger_id", "target_id", "score", "source"]
 # U2I blocks of events hold about this many float32 scores and embedding values (64 MiB).
 _U2I_BLOCK_FLOATS = 1 << 24
-# Swing blocks of triggers expand to about this many (trigger, user, item) rows; the
-# co-occurrence triples of a block are a small multiple of it on real logs.
-_SWING_BLOCK_ROWS = 1 << 21
-# A block whose co-occurrence triples exceed this is split in two (by triggers), so memory
-# stays bounded on dense logs (a single trigger holds at most cap^2 x max_user_items).
-_SWING_MAX_TRIPLES = 1 << 22
 
 
 # --------------------------------------------------------------------------- input
@@ -228,139 +222,27 @@ def mine_swing_pairs(
         raise InputError(f"max_item_users: must be >= 2 or None, got {max_item_users}")
     pos = _positives(interactions, positive_threshold)
     return _swing(
-        pos, float(alpha), int(top_k), int(max_user_items),
-        None if max_item_users is None else int(max_item_users), bool(user_weight), int(seed),
+        pos,
+        float(alpha),
+        int(top_k),
+        int(max_user_items),
+        None if max_item_users is None else int(max_item_users),
+        bool(user_weight),
+        int(seed),
     )
 
 
 def _swing(pos, alpha, top_k, max_user_items, max_item_users, user_weight, seed):
     """:func:`mine_swing_pairs` on validated positives (log order)."""
-    # One row per (user, item) (latest kept), then each user's latest max_user_items.
-    pos = pos[["user_id", "item_id"]].drop_duplicates(keep="last")
-    rank_from_end = pos.groupby("user_id", sort=False).cumcount(ascending=False)
-    pos = pos[rank_from_end.to_numpy() < max_user_items]
-    user_ids, u = np.unique(pos["user_id"].to_numpy(), return_inverse=True)
-    item_ids, i = np.unique(pos["item_id"].to_numpy(), return_inverse=True)
-    del pos, rank_from_end
-    n_u, n_i = user_ids.size, item_ids.size
-    # Each user's items, sorted (CSR by user).
-    R = sp.csr_matrix((np.ones(u.size, np.int8), (u, i)), shape=(n_u, n_i))
-    R.sort_indices()
-    deg = np.diff(R.indptr)
-    w = 1.0 / np.sqrt(deg) if user_weight else np.ones(n_u)
-    # Each trigger's users (by item, then user), sampled down to max_item_users.
-    by_item = np.lexsort((u, i))
-    e_item, e_user = i[by_item], u[by_item]
-    del u, i, by_item
-    counts = np.bincount(e_item, minlength=n_i)
-    if max_item_users is not None and counts.max(initial=0) > max_item_users:
-        key = np.random.default_rng(seed).random(e_item.size)  # canonical (item, user) order
-        o = np.lexsort((key, e_item))
-        starts = np.r_[0, np.cumsum(counts)[:-1]]
-        keep = np.sort(o[np.arange(o.size) - starts[e_item[o]] < max_item_users])
-        e_item, e_user = e_item[keep], e_user[keep]
-        counts = np.minimum(counts, max_item_users)
-    keep = counts[e_item] >= 2  # a trigger needs a user pair
-    e_item, e_user = e_item[keep], e_user[keep]
-    trig_out, targ_out, score_out = [], [], []
-    for ea, eb in _swing_blocks(e_item, deg[e_user]):
-        for res in _swing_block(e_item[ea:eb], e_user[ea:eb], R, w, alpha, top_k, n_i):
-            trig_out.append(res[0])
-            targ_out.append(res[1])
-            score_out.append(res[2])
-    if not trig_out:
-        return _empty_pairs()
-    return pd.DataFrame(
-        {
-            "trigger_id": item_ids[np.concatenate(trig_out)],
-            "target_id": item_ids[np.concatenate(targ_out)],
-            "score": np.concatenate(score_out),
-            "source": "swing",
-        }
+    trig, targ, score = swing_top_k(
+        pos, alpha, top_k, max_user_items, max_item_users, user_weight, seed
     )
-
-
-def _swing_blocks(e_item: np.ndarray, e_len: np.ndarray):
-    """``(start, stop)`` row ranges of whole triggers, each expanding to at most
-    ``_SWING_BLOCK_ROWS`` (trigger, user, item) rows (a single trigger may exceed it)."""
-    bounds = np.r_[np.flatnonzero(np.r_[True, e_item[1:] != e_item[:-1]]), e_item.size]
-    if e_item.size == 0:
-        return
-    cb = np.r_[0, np.cumsum(e_len)][bounds]  # expanded rows before each trigger
-    k = 0
-    while k < bounds.size - 1:
-        k2 = int(np.searchsorted(cb, cb[k] + _SWING_BLOCK_ROWS, side="right")) - 1
-        k2 = min(max(k2, k + 1), bounds.size - 1)
-        yield int(bounds[k]), int(bounds[k2])
-        k = k2
-
-
-def _swing_block(trig, users, R, w, alpha, top_k, n_i):
-    """Yield Swing top-k of the triggers in a block of (trigger, user) rows (sorted by
-    trigger), halving the block while its triples exceed ``_SWING_MAX_TRIPLES``.
-
-    Every row expands to its user's items ``j != trigger``; rows of one trigger that share
-    an item form co-occurrence triples ``(row, row', j)``. A user pair's overlap is 1 (the
-    trigger) plus its number of triples, so pairs sharing only the trigger cost nothing.
-    """
-    lens = np.diff(R.indptr)[users]
-    row = np.repeat(np.arange(trig.size), lens)
-    pos_in = np.arange(row.size) - np.repeat(np.cumsum(lens) - lens, lens)
-    item = R.indices[np.repeat(R.indptr[users], lens) + pos_in]
-    keep = item != trig[row]
-    row, item = row[keep], item[keep]
-    gkey = trig[row].astype(np.int64) * n_i + item  # (trigger, j) group
-    o = np.argsort(gkey, kind="stable")  # rows stay ascending within a group
-    row, gkey = row[o], gkey[o]
-    del o, item, keep, pos_in
-    starts = np.flatnonzero(np.r_[True, gkey[1:] != gkey[:-1]])
-    size = np.diff(np.r_[starts, gkey.size])
-    multi = size >= 2
-    starts, size = starts[multi], size[multi]
-    if starts.size == 0:
-        return
-    n_triples = int((size * (size - 1) // 2).sum())
-    cut = np.flatnonzero(trig[1:] != trig[:-1])  # trigger boundaries
-    if n_triples > _SWING_MAX_TRIPLES and cut.size:
-        del row, gkey, starts, size, multi
-        mid = int(cut[cut.size // 2]) + 1  # halve the block at a trigger boundary
-        yield from _swing_block(trig[:mid], users[:mid], R, w, alpha, top_k, n_i)
-        yield from _swing_block(trig[mid:], users[mid:], R, w, alpha, top_k, n_i)
-        return
-    group_key = gkey[starts]
-    # Pairs (p, q), p < q, of positions inside each group: position p pairs with the
-    # (size - 1 - offset) positions after it.
-    member = np.repeat(np.arange(starts.size), size)
-    offset = np.arange(member.size) - np.repeat(np.cumsum(size) - size, size)
-    n_after = size[member] - 1 - offset
-    first = np.repeat(starts[member] + offset, n_after)
-    step = np.arange(first.size) - np.repeat(np.cumsum(n_after) - n_after, n_after) + 1
-    second = first + step
-    pair_group = np.repeat(member, n_after)
-    del member, offset, n_after, step
-    r1, r2 = row[first], row[second]
-    pair_key = r1.astype(np.int64) * trig.size + r2
-    uniq, inv, shared = np.unique(pair_key, return_inverse=True, return_counts=True)
-    u1, u2 = users[uniq // trig.size], users[uniq % trig.size]
-    pw = w[u1] * w[u2] / (alpha + 1.0 + shared)  # overlap = trigger + shared others
-    score = np.bincount(pair_group, weights=pw[inv], minlength=starts.size)
-    g_trig, g_targ = group_key // n_i, group_key % n_i
-    order = np.lexsort((g_targ, -score, g_trig))
-    g_trig, g_targ, score = g_trig[order], g_targ[order], score[order]
-    tstart = np.flatnonzero(np.r_[True, g_trig[1:] != g_trig[:-1]])
-    rank = np.arange(g_trig.size) - np.repeat(tstart, np.diff(np.r_[tstart, g_trig.size]))
-    top = rank < top_k
-    yield g_trig[top], g_targ[top], score[top]
+    if trig.size == 0:
+        return _empty_pairs()
+    return pd.DataFrame({"trigger_id": trig, "target_id": targ, "score": score, "source": "swing"})
 
 
 # --------------------------------------------------------------------------- both
-def _ranked(df: pd.DataFrame, keys: list[str], ascending: list[bool]) -> pd.DataFrame:
-    """Sort ``df`` and attach ``rank_pct`` in [0, 1): 0 is the source's best pair."""
-    df = df.sort_values(keys, ascending=ascending, kind="stable").reset_index(drop=True)
-    df["rank_pct"] = np.arange(len(df)) / max(len(df), 1)
-    return df
-
-
 def mine_pairs(
     interactions,
     cfg: PairsConfig | None = None,
@@ -403,58 +285,29 @@ def mine_pairs(
     if (item_emb is None) != (item_ids is None):
         raise InputError("mine_pairs: pass item_ids and item_emb together (or neither)")
     pos = _positives(interactions, cfg.positive_threshold)
-    frames = []
-    stats: dict = {"n_positives": int(len(pos))}
+    parts = []  # (trigger ids, target ids, score, source code) best first, per source
+    stats: dict = {"n_positives": len(pos)}
     if cfg.use_u2i:
         if item_emb is None:
             item_ids, item_emb = BPRMF.from_config(cfg).fit(interactions).item_embeddings()
         emb = check_embeddings(item_emb, name="item_emb")
         ev = _u2i(pos, check_ids(item_ids, name="item_ids", n=emb.shape[0]), emb, cfg.history)
-        stats["n_u2i_events"] = int(len(ev))
-        agg = (
-            ev.groupby(["trigger_id", "target_id"], sort=True)
-            .agg(score=("score", "max"), count=("score", "size"))
-            .reset_index()
-        )
-        agg = agg[agg["count"] >= cfg.min_pair_count]
-        agg["source"] = "u2i"
-        stats["n_u2i_pairs"] = int(len(agg))
-        frames.append(
-            _ranked(
-                agg,
-                ["count", "score", "trigger_id", "target_id"],
-                [False, False, True, True],
-            ).drop(columns="count")
-        )
+        stats["n_u2i_events"] = len(ev)
+        t, g, score, count = _aggregate_events(ev)
+        keep = count >= cfg.min_pair_count
+        t, g, score, count = t[keep], g[keep], score[keep], count[keep]
+        stats["n_u2i_pairs"] = int(t.size)
+        order = np.lexsort((g, t, -score, -count))  # count, cosine desc; ids asc
+        parts.append((t[order], g[order], score[order], 0))
     if cfg.use_swing:
-        sw = _swing(
-            pos,
-            cfg.swing_alpha,
-            cfg.swing_top_k,
-            cfg.swing_max_user_items,
-            cfg.swing_max_item_users,
-            True,
-            cfg.seed,
-        )
-        stats["n_swing_pairs"] = int(len(sw))
-        frames.append(
-            _ranked(sw, ["score", "trigger_id", "target_id"], [False, True, True])
-        )
-    allp = pd.concat(frames, ignore_index=True)
-    allp = allp[allp["trigger_id"] != allp["target_id"]]
-    a, b = allp["trigger_id"].to_numpy(), allp["target_id"].to_numpy()
-    allp = allp.assign(
-        _lo=np.minimum(a, b),
-        _hi=np.maximum(a, b),
-        _src=(allp["source"] != "u2i").astype(np.int8),
-    )
-    allp = allp.sort_values(
-        ["rank_pct", "_src", "trigger_id", "target_id"], kind="stable"
-    ).drop_duplicates(["_lo", "_hi"], keep="first")
-    pairs = allp[PAIR_COLUMNS].reset_index(drop=True)
-    pairs["trigger_id"] = pairs["trigger_id"].astype(np.int64)
-    pairs["target_id"] = pairs["target_id"].astype(np.int64)
-    pairs["score"] = pairs["score"].astype(np.float64)
+        t, g, score = swing_top_k(
+            pos, cfg.swing_alpha, cfg.swing_top_k, cfg.swing_max_user_items,
+            cfg.swing_max_item_users, True, cfg.seed,
+        )  # fmt: skip
+        stats["n_swing_pairs"] = int(t.size)
+        order = np.lexsort((g, t, -score))  # score desc; ids asc
+        parts.append((t[order], g[order], score[order], 1))
+    pairs = _union(parts)
     stats.update(_pair_stats(pairs, pos))
     logger.info(
         "mined %d pairs (%s) covering %d items",
@@ -463,6 +316,52 @@ def mine_pairs(
         stats["n_items_covered"],
     )
     return pairs, stats
+
+
+def _aggregate_events(ev: pd.DataFrame):
+    """U2I events per directed pair: ``(trigger ids, target ids, max cosine, events)``."""
+    t, g = ev["trigger_id"].to_numpy(), ev["target_id"].to_numpy()
+    score = ev["score"].to_numpy(np.float64)
+    if t.size == 0:
+        return t, g, score, np.zeros(0, np.int64)
+    code, uniq = pd.factorize(np.r_[t, g])  # hashing: O(events)
+    key = code[: t.size] * uniq.size + code[t.size :]
+    order = np.argsort(key)
+    key = key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    count = np.diff(np.r_[starts, key.size])
+    best = np.maximum.reduceat(score[order], starts)
+    first = order[starts]
+    return t[first], g[first], best, count
+
+
+def _union(parts) -> pd.DataFrame:
+    """Each unordered pair once, from its best-ranked occurrence.
+
+    A pair's rank is its position over its source's list length (so the sources compete
+    fairly); ties go to U2I (source code 0), then to smaller trigger and target ids. The
+    kept pairs come out in that order. Self-pairs are dropped.
+    """
+    cols = [np.concatenate(c) for c in zip(*[(t, g, s) for t, g, s, _ in parts])]
+    t, g, score = cols
+    rank = np.concatenate([np.arange(p[0].size) / max(p[0].size, 1) for p in parts])
+    src = np.concatenate([np.full(p[0].size, p[3], np.int8) for p in parts])
+    ok = t != g
+    t, g, score, rank, src = t[ok], g[ok], score[ok], rank[ok], src[ok]
+    # (rank, source) is unique: each list is in rank order, so this merges two sorted runs
+    order = np.argsort(rank, kind="stable")  # equal ranks: U2I (first in the concat) wins
+    lo, hi = np.minimum(t, g)[order], np.maximum(t, g)[order]
+    dup = pd.DataFrame({"lo": lo, "hi": hi}).duplicated(keep="first").to_numpy()
+    keep = order[~dup]
+    names = np.array(["u2i", "swing"], dtype=object)
+    return pd.DataFrame(
+        {
+            "trigger_id": t[keep].astype(np.int64),
+            "target_id": g[keep].astype(np.int64),
+            "score": score[keep].astype(np.float64),
+            "source": names[src[keep]],
+        }
+    )
 
 
 def _pair_stats(pairs: pd.DataFrame, pos: pd.DataFrame) -> dict:

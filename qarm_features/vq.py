@@ -43,6 +43,15 @@ _VQ_CHUNK = 4096
 _RECALL_SAMPLE = 1000
 
 
+def _norm_max(x: np.ndarray, chunk: int = 65_536) -> float:
+    """Largest float64 row norm of ``x``, chunk by chunk (no float64 copy of a large pool)."""
+    best = 0.0
+    for a in range(0, x.shape[0], chunk):
+        x64 = x[a : a + chunk].astype(np.float64)
+        best = max(best, float(np.einsum("ij,ij->i", x64, x64).max()))
+    return float(np.sqrt(best))
+
+
 class VQCoder:
     """Top-``k`` nearest pool items (inner product) as codes, the item itself excluded.
 
@@ -62,7 +71,8 @@ class VQCoder:
         pool_emb_: ``(N, d)`` float32. pool_ids_: ``(N,)`` int64. dim_: ``d``.
         mode_: ``"exact"`` or ``"ann"``. index_: the faiss index searched for candidates.
         ann_recall_: recall@k of the ANN index against exact search on a sample of up to
-            1000 pool items (self excluded), measured at fit; ``None`` in exact mode.
+            1000 pool items (self excluded), measured at fit; ``None`` in exact mode and
+            for a loaded index (``fit(..., index=...)``).
     """
 
     def __init__(
@@ -81,8 +91,19 @@ class VQCoder:
         self.seed = seed
         self.ann_nprobe = ann_nprobe
 
-    def fit(self, pool_emb, pool_ids) -> VQCoder:
-        """Index the pool ``(N, d)`` with unique int64 ids ``(N,)``; returns ``self``."""
+    def fit(self, pool_emb, pool_ids, *, index: np.ndarray | None = None) -> VQCoder:
+        """Index the pool ``(N, d)`` with unique int64 ids ``(N,)``; returns ``self``.
+
+        Args:
+            index: an ANN index trained on this very pool, as :meth:`export_index` gave
+                it (a bundle stores it): it is loaded instead of trained and filled
+                again, and ``ann_recall_`` is not re-measured (``None``; the build
+                recorded it). Ignored in exact mode.
+
+        Raises:
+            InputError: ``index`` is not a faiss index of this pool (size, width, metric
+                or type differ from ``ann_index``).
+        """
         k = check_hyper("k", self.k, 1)
         exact_max = check_hyper("exact_max_pool", self.exact_max_pool, 1)
         ef = check_hyper("ann_ef_search", self.ann_ef_search, 1)
@@ -100,20 +121,40 @@ class VQCoder:
         self._pool_t = np.ascontiguousarray(pool.T)  # (d, N): coordinate-first gathers
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
-        pool64 = pool.astype(np.float64)
-        self._pool_norm_max = float(np.sqrt(np.einsum("ij,ij->i", pool64, pool64).max()))
-        flat = faiss.IndexFlatIP(d)
-        flat.add(pool)
+        self._pool_norm_max = _norm_max(pool)
         if n <= exact_max:
+            flat = faiss.IndexFlatIP(d)
+            flat.add(pool)
             self.mode_, self.index_, self.ann_recall_ = "exact", flat, None
             return self
         try:
-            index = faiss.index_factory(d, self.ann_index, faiss.METRIC_INNER_PRODUCT)
+            empty = faiss.index_factory(d, self.ann_index, faiss.METRIC_INNER_PRODUCT)
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"ann_index: faiss cannot build {self.ann_index!r} ({exc})") from None
-        # One thread while building: a multi-threaded HNSW insert order is not deterministic,
-        # and every process (batch job, feature server) rebuilds this index from the saved
-        # pool; single-threaded builds give the same graph, hence the same codes, everywhere.
+        loaded = index is not None
+        ann = self._load_index(index, empty, n) if loaded else self._build_index(empty, pool)
+        if "HNSW" in self.ann_index.upper():
+            faiss.ParameterSpace().set_index_parameter(ann, "efSearch", ef)
+        if isinstance(faiss.downcast_index(ann), faiss.IndexIVF):
+            ivf = faiss.downcast_index(ann)
+            ivf.nprobe = min(nprobe, ivf.nlist)
+            coarse = faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist)
+            self._ivf = ivf
+            self._coarse = np.ascontiguousarray(coarse, dtype=np.float32)  # (nlist, d)
+            self._coarse_t = np.ascontiguousarray(self._coarse.T)
+            c64 = self._coarse.astype(np.float64)
+            self._coarse_norm_max = float(np.sqrt(np.einsum("ij,ij->i", c64, c64).max()))
+        self.mode_, self.index_, self.ann_recall_ = "ann", ann, None
+        if not loaded:
+            self.ann_recall_ = self._measure_recall(pool, ids)
+        return self
+
+    def _build_index(self, index, pool: np.ndarray):
+        """Train and fill ``index`` on the pool with one faiss thread.
+
+        One thread while building: a multi-threaded HNSW insert order is not deterministic;
+        single-threaded builds give the same graph, hence the same codes, everywhere.
+        """
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
@@ -122,33 +163,55 @@ class VQCoder:
             index.add(pool)
         finally:
             faiss.omp_set_num_threads(threads)
-        if "HNSW" in self.ann_index.upper():
-            faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
-        if isinstance(faiss.downcast_index(index), faiss.IndexIVF):
-            ivf = faiss.downcast_index(index)
-            ivf.nprobe = min(nprobe, ivf.nlist)
-            coarse = faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist)
-            self._ivf = ivf
-            self._coarse = np.ascontiguousarray(coarse, dtype=np.float32)  # (nlist, d)
-            self._coarse_t = np.ascontiguousarray(self._coarse.T)
-            c64 = self._coarse.astype(np.float64)
-            self._coarse_norm_max = float(np.sqrt(np.einsum("ij,ij->i", c64, c64).max()))
-        self.mode_, self.index_ = "ann", index
-        # Recall@k of the ANN path against the exact path on a seeded sample of the pool.
+        return index
+
+    def _load_index(self, blob, empty, n: int):
+        """A stored index (``uint8`` serialized faiss index), checked against this pool."""
+        blob = np.ascontiguousarray(np.asarray(blob).reshape(-1))
+        if blob.dtype != np.uint8:
+            raise InputError(f"index: expected uint8 bytes (export_index), got {blob.dtype}")
+        try:
+            index = faiss.deserialize_index(blob)
+        except RuntimeError as exc:
+            raise InputError(f"index: not a serialized faiss index ({exc!s:.200})") from None
+        want, got = type(faiss.downcast_index(empty)), type(faiss.downcast_index(index))
+        found = (got, index.ntotal, index.d, index.metric_type)
+        if found != (want, n, self.dim_, faiss.METRIC_INNER_PRODUCT):
+            raise InputError(
+                f"index: a {got.__name__} of {index.ntotal} x {index.d} (metric "
+                f"{index.metric_type}); this pool needs a {want.__name__} ({self.ann_index!r}) "
+                f"of {n} x {self.dim_}, inner product: rebuild the bundle"
+            )
+        return index
+
+    def _measure_recall(self, pool: np.ndarray, ids: np.ndarray) -> float:
+        """Recall@k of the ANN path against the exact path on a seeded sample of the pool."""
+        n, k = pool.shape[0], int(self.k)
+        flat = faiss.IndexFlatIP(self.dim_)
+        flat.add(pool)
         rng = np.random.default_rng(int(self.seed))
         sample = np.sort(rng.choice(n, size=min(_RECALL_SAMPLE, n), replace=False))
-        got = self._encode_block(pool[sample], ids[sample], index, guarded=False)
+        got = self._encode_block(pool[sample], ids[sample], self.index_, guarded=False)
         want = self._encode_block(pool[sample], ids[sample], flat, guarded=True)
         hits = [np.intersect1d(g[g >= 0], w).size for g, w in zip(got, want)]
-        self.ann_recall_ = float(np.mean(hits) / k)
+        recall = float(np.mean(hits) / k)
         logger.info("VQ ANN %s: recall@%d = %.4f on %d pool items", self.ann_index, k,
-                    self.ann_recall_, sample.size)
-        return self
+                    recall, sample.size)  # fmt: skip
+        return recall
+
+    def export_index(self) -> np.ndarray | None:
+        """The ANN index as ``uint8`` bytes (``faiss.serialize_index``) for :meth:`fit`'s
+        ``index``; ``None`` in exact mode (nothing to store: the flat search is the pool)."""
+        if not hasattr(self, "index_"):
+            raise NotFittedError("VQCoder is not fitted; call fit(pool_emb, pool_ids) or from_pool")
+        if self.mode_ != "ann":
+            return None
+        return np.ascontiguousarray(faiss.serialize_index(self.index_), dtype=np.uint8)
 
     @classmethod
-    def from_pool(cls, pool_emb, pool_ids, **kw) -> VQCoder:
-        """Build and fit a coder on a saved pool: ``VQCoder(**kw).fit(pool_emb, pool_ids)``."""
-        return cls(**kw).fit(pool_emb, pool_ids)
+    def from_pool(cls, pool_emb, pool_ids, *, index=None, **kw) -> VQCoder:
+        """A coder on a saved pool: ``VQCoder(**kw).fit(pool_emb, pool_ids, index=index)``."""
+        return cls(**kw).fit(pool_emb, pool_ids, index=index)
 
     def encode(self, x, exclude_ids=None, *, n_workers: int | None = None) -> np.ndarray:
         """Top-``k`` pool ids of ``x`` ``(n, d)`` by descending inner product -> ``(n, k)`` int64.

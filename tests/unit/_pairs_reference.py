@@ -192,3 +192,37 @@ def reference_swing_pairs(
             "source": "swing",
         }
     )
+
+
+def reference_union(ev: pd.DataFrame, sw: pd.DataFrame, min_pair_count: int = 1) -> pd.DataFrame:
+    """The pandas union of ``mine_pairs`` before issue 9 (groupby, sort_values,
+    drop_duplicates) on U2I events ``ev`` and Swing pairs ``sw``."""
+
+    def ranked(df, keys, ascending):
+        df = df.sort_values(keys, ascending=ascending, kind="stable").reset_index(drop=True)
+        df["rank_pct"] = np.arange(len(df)) / max(len(df), 1)
+        return df
+
+    agg = (
+        ev.groupby(["trigger_id", "target_id"], sort=True)
+        .agg(score=("score", "max"), count=("score", "size"))
+        .reset_index()
+    )
+    agg = agg[agg["count"] >= min_pair_count]
+    agg["source"] = "u2i"
+    frames = [
+        ranked(agg, ["count", "score", "trigger_id", "target_id"], [False, False, True, True])
+        .drop(columns="count"),
+        ranked(sw, ["score", "trigger_id", "target_id"], [False, True, True]),
+    ]
+    allp = pd.concat(frames, ignore_index=True)
+    allp = allp[allp["trigger_id"] != allp["target_id"]]
+    a, b = allp["trigger_id"].to_numpy(), allp["target_id"].to_numpy()
+    allp = allp.assign(
+        _lo=np.minimum(a, b), _hi=np.maximum(a, b), _src=(allp["source"] != "u2i").astype(np.int8)
+    )
+    allp = allp.sort_values(
+        ["rank_pct", "_src", "trigger_id", "target_id"], kind="stable"
+    ).drop_duplicates(["_lo", "_hi"], keep="first")
+    pairs = allp[["trigger_id", "target_id", "score", "source"]].reset_index(drop=True)
+    return pairs.astype({"trigger_id": np.int64, "target_id": np.int64, "score": np.float64})

@@ -25,7 +25,8 @@ FLOORS: list[set[str]] = [
     },
     {  # 1: data, encoders, miners, trainers, coders
         "qarm_features.data", "qarm_features.synthetic", "qarm_features.encoders",
-        "qarm_features.pairs", "qarm_features.retrieval", "qarm_features.align",
+        "qarm_features.pairs", "qarm_features.swing", "qarm_features.retrieval",
+        "qarm_features.align",
         "qarm_features.quantize", "qarm_features.vq", "qarm_features._rescore",
         "qarm_features.finetune", "qarm_features.ranking", "qarm_features._contrastive",
         "qarm_features.tables",
@@ -116,7 +117,8 @@ def test_the_serving_path_imports_no_training_code(random_bundle):
         out = on_demand.qarm_cold_python({{"raw_emb": [[0.5] * ctx.raw_dim]}}, ctx.to_json())
         assert out["qarm_error"] == [""], out
         training = ("torch", "sklearn", "sentence_transformers", "qarm_features.align",
-                    "qarm_features.pairs", "qarm_features.retrieval", "qarm_features.finetune",
+                    "qarm_features.pairs", "qarm_features.swing", "qarm_features.retrieval",
+                    "qarm_features.finetune",
                     "qarm_features.build", "qarm_features.pipeline", "qarm_features.data",
                     "qarm_features.synthetic", "qarm_features.encoders", "qarm_features.app",
                     "qarm_features.ranking", "qarm_features.metrics")

@@ -11,6 +11,7 @@ import pytest
 from _pairs_reference import reference_swing_pairs, reference_u2i_pairs
 
 from qarm_features import pairs as pairs_mod
+from qarm_features import swing as swing_mod
 from qarm_features.errors import InputError
 from qarm_features.pairs import mine_swing_pairs, mine_u2i_pairs
 
@@ -73,7 +74,7 @@ def test_swing_equals_reference_when_no_cap_bites(seed, alpha, top_k, max_user_i
 
 
 def test_swing_equals_reference_across_blocks(monkeypatch):
-    monkeypatch.setattr(pairs_mod, "_SWING_BLOCK_ROWS", 5)  # about one trigger per block
+    monkeypatch.setattr(swing_mod, "_SWING_BLOCK_ROWS", 5)  # about one trigger per block
     log = _random_log(5)
     _same_pairs(mine_swing_pairs(log, top_k=7), reference_swing_pairs(log, top_k=7))
 
@@ -127,6 +128,28 @@ def test_swing_item_cap_validation():
 
 
 def test_swing_equals_reference_when_blocks_split_on_triples(monkeypatch):
-    monkeypatch.setattr(pairs_mod, "_SWING_MAX_TRIPLES", 3)  # halve down to single triggers
+    monkeypatch.setattr(swing_mod, "_SWING_MAX_TRIPLES", 3)  # halve down to single triggers
     log = _random_log(7)
     _same_pairs(mine_swing_pairs(log, top_k=9), reference_swing_pairs(log, top_k=9))
+
+
+@pytest.mark.parametrize("seed, min_count", [(0, 1), (1, 2), (2, 1), (3, 3)])
+def test_mine_pairs_union_equals_the_pandas_reference(seed, min_count):
+    """The numpy aggregation / ranking / dedup of mine_pairs equals the pandas formulation
+    it replaced (groupby, stable sort_values, drop_duplicates), row for row."""
+    from _pairs_reference import reference_union
+
+    from qarm_features.config import PairsConfig
+    from qarm_features.pairs import mine_pairs
+
+    log = _random_log(seed, n=900, n_users=25, n_items=30)  # dense: many ties and repeats
+    ids = np.unique(log["item_id"])
+    emb = np.random.default_rng(seed).standard_normal((ids.size, 4)).astype(np.float32)
+    emb = np.round(emb, 1)  # equal cosines: ties decided by count, then ids
+    cfg = PairsConfig(min_pair_count=min_count, swing_max_item_users=None)
+    got, _ = mine_pairs(log, cfg, item_ids=ids, item_emb=emb)
+    ev = mine_u2i_pairs(log, ids, emb, history=cfg.history)
+    sw = mine_swing_pairs(log, top_k=cfg.swing_top_k, max_item_users=None)
+    want = reference_union(ev, sw, min_count)
+    assert len(got) > 20 and set(got["source"]) == {"u2i", "swing"}
+    pd.testing.assert_frame_equal(got, want)
