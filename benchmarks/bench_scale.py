@@ -291,8 +291,12 @@ def markdown(summary: dict) -> list[str]:
 
 
 def _write(path, records) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(_summary(records), indent=1, default=float))
+    """Replace the sweep's ``records``/``fits``; other sections of the file (bench_stream's
+    ``stream``, ``feast_materialize``) are kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**old, **_summary(records)}, indent=1, default=float))
 
 
 if __name__ == "__main__":  # python -m benchmarks.bench_scale [items:events ...]
