@@ -1,7 +1,7 @@
 """``qarm init``: a new QARM feature repo, or QARM added to a team's existing repo.
 
 - :func:`init_repo` writes a working repo: ``feature_store.yaml`` (embedded defaults:
-  SQLite online store, file offline store, local registry), ``qarm.yaml`` (to fill in) and
+  SQLite online store, DuckDB offline store, local registry), ``qarm.yaml`` (to fill in) and
   ``qarm_definitions.py`` (an item entity and the QARM views).
 - :func:`init_into` adds QARM to an *existing* repo: ``qarm.yaml`` and one definitions file
   that imports the repo's own item entity (its join key and value type are reused) and
@@ -24,7 +24,7 @@ FEATURE_STORE_YAML = """\
 # Feast repo with QARM features, embedded defaults: one machine, no servers.
 #   registry       a local file (data/registry.db)
 #   online store   SQLite (data/online_store.db)
-#   offline store  parquet files under data/, written by `qarm materialize`
+#   offline store  DuckDB over the parquet files under data/ (written by `qarm materialize`)
 project: {project}
 provider: local
 registry:
@@ -35,8 +35,10 @@ registry:
 online_store:
     type: sqlite
     path: data/online_store.db
+# Feast's DuckDB store with QARM's fixes: get_historical_features returns every entity row
+# (the file store drops rows earlier than an entity's first feature row)
 offline_store:
-    type: file
+    type: qarm_features.feast.duckdb_store.QarmDuckDBOfflineStore
 entity_key_serialization_version: 3
 auth:
     type: no_auth
