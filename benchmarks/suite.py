@@ -354,9 +354,14 @@ def closing_rows(results: dict) -> list[tuple]:
         files = {int(k.split("/")[1]): v for k, v in tr.items() if k.startswith("file/")}
         n, big = max(duck), duck[max(duck)]
         nf = max(files) if files else None
-        base = (f"file store at n={nf:,}: {_f(files[nf]['arrow_rows_per_s'])} rows/s, "
-                f"{files[nf]['rows_returned']:,} of {nf:,} rows") if nf else "–"
-        same = duck.get(nf)
+        base = "–"
+        if nf and files[nf].get("timed_out_s"):
+            base = (f"file store at n={nf:,}: no answer in {files[nf]['timed_out_s']} s "
+                    f"(< {_f(files[nf]['arrow_rows_per_s_below'])} rows/s)")
+        elif nf:
+            base = (f"file store at n={nf:,}: {_f(files[nf]['arrow_rows_per_s'])} rows/s, "
+                    f"{files[nf]['rows_returned']:,} of {nf:,} rows")
+        same = duck.get(nf) if nf and "arrow_rows_per_s" in files[nf] else None
         rows.append((f"Training rows, `get_historical_features(qarm_ranker)`, DuckDB, n={n:,}: "
                      "rows/s (rows returned / asked)",
                      f"{_f(big['arrow_rows_per_s'])} ({big['rows_returned']:,} / {n:,})", base,
@@ -496,6 +501,10 @@ def summarize(results: dict, info: dict) -> str:
                      "arrow s | arrow rows/s | df rows/s | peak RSS MiB |")  # fmt: skip
         lines.append("|---|---|---|---|---|---|---|---|")
         for name, r in training["cases"].items():
+            if r.get("timed_out_s"):
+                lines.append(f"| {name} | no answer in {r['timed_out_s']} s | – | – | – | "
+                             f"< {_f(r['arrow_rows_per_s_below'])} | – | – |")  # fmt: skip
+                continue
             lines.append(f"| {name} | {r['rows_returned']:,} / {r['rows_asked']:,} | "
                          f"{_f(r['no_history_fraction'] * 100, 1)}% | {_f(r['first_call_100_rows_s'])} | "
                          f"{_f(r['arrow_s'])} | {_f(r['arrow_rows_per_s'])} | "
