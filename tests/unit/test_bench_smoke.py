@@ -162,8 +162,13 @@ def test_training_section_renders_a_timed_out_file_store():
     training = {
         "setup": {"n_items": 10, "n_users": 5, "n_history_rows": 7},
         "cases": {
-            "file/1000": {"offline_store": "file", "rows_asked": 1000, "rows_returned": None,
-                          "timed_out_s": 120, "arrow_rows_per_s_below": 8.3},  # fmt: skip
+            "file/1000": {
+                "offline_store": "file",
+                "rows_asked": 1000,
+                "rows_returned": None,
+                "timed_out_s": 120,
+                "arrow_rows_per_s_below": 8.3,
+            },
             "duckdb/1000": duck,
         },
         "target_met": None,
