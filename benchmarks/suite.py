@@ -13,6 +13,9 @@ section               what
                       items/s, per-stage split, peak RSS at two chunk sizes and two n
 ``feast``             in-process online reads, ``qarm_cold``, HTTP under bounded load,
                       materialization rows/s (SQLite, Redis when present)
+``training``          ``get_historical_features(qarm_ranker)`` rows/s and rows returned /
+                      asked: the DuckDB offline store up to 1M entity rows, the file store
+                      at 20k, in one run
 ``align``             aligner training pairs/s
 ``scale``             every offline stage from 10k items / 100k events up: seconds, CPU
                       seconds and peak RSS per stage, per-event / per-item cost fits
@@ -41,7 +44,7 @@ from benchmarks.timing import machine
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("rq", "batch", "feast", "align", "scale")
+SECTIONS = ("rq", "batch", "feast", "training", "align", "scale")
 N_THREADS = 2  # the machine's cores, for batch work (serving paths pin 1)
 
 
@@ -131,6 +134,10 @@ def _run_section(name: str, quick: bool, work: Path, large_n: int | None) -> dic
         from benchmarks import bench_feast
 
         return bench_feast.run(quick, work / "feast")
+    if name == "training":
+        from benchmarks import bench_training
+
+        return bench_training.run(quick, work / "training")
     if name == "align":
         from benchmarks import bench_align
 
@@ -341,6 +348,27 @@ def closing_rows(results: dict) -> list[tuple]:
                          f"{_f(m[view]['ratio_to_plain'])}x; {_f(m[view]['ratio_to_plain_arrays'])}x",
                          ">= 0.9x" if view == "qarm" else "–",
                          _met(m[view]["ratio_to_plain"] >= 0.9) if view == "qarm" else "–"))  # fmt: skip
+    tr = results.get("training", {}).get("cases")
+    if tr:
+        duck = {int(k.split("/")[1]): v for k, v in tr.items() if k.startswith("duckdb/")}
+        files = {int(k.split("/")[1]): v for k, v in tr.items() if k.startswith("file/")}
+        n, big = max(duck), duck[max(duck)]
+        nf = max(files) if files else None
+        base = "–"
+        if nf and files[nf].get("timed_out_s"):
+            base = (f"file store at n={nf:,}: no answer in {files[nf]['timed_out_s']} s "
+                    f"(< {_f(files[nf]['arrow_rows_per_s_below'])} rows/s)")
+        elif nf:
+            base = (f"file store at n={nf:,}: {_f(files[nf]['arrow_rows_per_s'])} rows/s, "
+                    f"{files[nf]['rows_returned']:,} of {nf:,} rows")
+        same = duck.get(nf) if nf and "arrow_rows_per_s" in files[nf] else None
+        rows.append((f"Training rows, `get_historical_features(qarm_ranker)`, DuckDB, n={n:,}: "
+                     "rows/s (rows returned / asked)",
+                     f"{_f(big['arrow_rows_per_s'])} ({big['rows_returned']:,} / {n:,})", base,
+                     f"{_f(ratio_or_none(same['arrow_rows_per_s'], files[nf]['arrow_rows_per_s']))}x "
+                     f"at n={nf:,}" if same else "–",
+                     ">= 50k rows/s at 1M, every row",
+                     _met(results["training"].get("target_met"))))  # fmt: skip
     al = results.get("align", {})
     if al.get("contenders"):
         c = al["contenders"]
@@ -461,6 +489,26 @@ def summarize(results: dict, info: dict) -> str:
                 lv = row["levels"].get(c) or row["levels"].get(str(c))
                 cells.append(f"{_f(lv['rps'])} ({_f(lv['p99_ms'], 1)})" if lv else "–")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    training = results.get("training", {})
+    if training.get("cases"):
+        s = training["setup"]
+        lines.append(f"Training rows, `get_historical_features(qarm_ranker)` ({s['n_items']:,} items, "
+                     f"{s['n_users']:,} users, {s['n_history_rows']:,} user-history rows; each case "
+                     "a child process; arrow = `.to_arrow()`, df = `.to_df()`):")  # fmt: skip
+        lines.append("")
+        lines.append("| case | returned / asked | no history yet | first call (100 rows) s | "
+                     "arrow s | arrow rows/s | df rows/s | peak RSS MiB |")  # fmt: skip
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for name, r in training["cases"].items():
+            if r.get("timed_out_s"):
+                lines.append(f"| {name} | no answer in {r['timed_out_s']} s | – | – | – | "
+                             f"< {_f(r['arrow_rows_per_s_below'])} | – | – |")  # fmt: skip
+                continue
+            lines.append(f"| {name} | {r['rows_returned']:,} / {r['rows_asked']:,} | "
+                         f"{_f(r['no_history_fraction'] * 100, 1)}% | {_f(r['first_call_100_rows_s'])} | "
+                         f"{_f(r['arrow_s'])} | {_f(r['arrow_rows_per_s'])} | "
+                         f"{_f(r.get('df_rows_per_s'))} | {_f(r['peak_rss_mib'], 0)} |")  # fmt: skip
         lines.append("")
     if results.get("scale", {}).get("records"):
         from benchmarks.bench_scale import markdown

@@ -139,14 +139,14 @@ def train(store, train_df: pd.DataFrame, args):
     df = store.get_historical_features(entity_df=entity_df, features=service).to_df()
     log.info("get_historical_features: %d rows in %.1f s", len(df), time.perf_counter() - t0)
     if len(df) != len(entity_df):
-        # Feast 0.67's file offline store drops an entity row that precedes the first
-        # user_history row of its user (a user's very first events) instead of returning
-        # nulls; reported, see the project notes.
+        # The repo's DuckDB offline store returns every entity row (nulls where a user has
+        # no history yet); Feast's file store would drop a user's first events
+        # (docs/feast.md, "The offline store").
         log.warning("Feast returned %d of %d entity rows", len(df), len(entity_df))
     # The item table: every catalog item's codes and embedding, for history items too.
-    catalog = pd.read_parquet(
-        Path(store.repo_path) / "data" / "qarm_codes.parquet", columns=["item_id"]
-    )
+    from qarm_features.feast.sources import CODES_FILE
+
+    catalog = pd.read_parquet(Path(store.repo_path) / CODES_FILE, columns=["item_id"])
     items_df = store.get_historical_features(
         entity_df=pd.DataFrame(
             {
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
         "--max-train-rows",
         type=int,
         default=20_000,
-        help="train events retrieved (the file offline store takes ~5 s per 1k)",
+        help="train events retrieved (point in time, from the DuckDB offline store)",
     )
     p.add_argument("--n-test", type=int, default=3000, help="test candidates to score")
     p.add_argument("--history", type=int, default=20, help="history length (user_history)")

@@ -27,12 +27,15 @@ def make_random_bundle(
     raw_emb: np.ndarray | None = None,
     dataset: str = "random",
     overwrite: bool = True,
+    string_ids: bool = False,
 ) -> Path:
     """Write a seeded random bundle over items ``first_item_id .. first_item_id + n - 1``.
 
     Args:
         raw_emb: the catalog's raw embeddings (e.g. a SyntheticWorld's content); ``None``
             draws Gaussian ones of ``(n_items, raw_dim)``. When given, it sets both sizes.
+        string_ids: a string catalog: ids ``"SKU-<first_item_id + i>"`` (a team's SKUs);
+            the bundle's int ids are then its row indices ``0 .. n-1``.
 
     Returns the bundle path. Same arguments, same bytes, same version id.
     """
@@ -48,6 +51,10 @@ def make_random_bundle(
         raw = np.ascontiguousarray(raw_emb, dtype=np.float32)
         n_items, raw_dim = raw.shape
     item_ids = np.arange(first_item_id, first_item_id + n_items, dtype=np.int64)
+    item_keys = None
+    if string_ids:
+        item_keys = np.array([f"SKU-{i}" for i in item_ids], dtype=object)
+        item_ids = np.arange(n_items, dtype=np.int64)
     weights = {
         "proj.weight": (rng.standard_normal((out_dim, raw_dim)) / np.sqrt(raw_dim)).astype(
             np.float32
@@ -83,6 +90,7 @@ def make_random_bundle(
         vq_pool_emb=aligned,
         vq_pool_ids=item_ids,
         item_ids=item_ids,
+        item_keys=item_keys,
         raw_emb=raw,
         vq_k=vq_k,
         metrics={"note": f"random {dataset} bundle"},

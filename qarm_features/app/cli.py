@@ -369,7 +369,7 @@ def init(
     string_ids: Annotated[bool, typer.Option(help="New repo: string item ids.")] = False,
 ) -> None:
     """Write a new repo with QARM views, or add QARM to an existing repo (--into)."""
-    from qarm_features.feast.scaffold import init_into, init_repo
+    from qarm_features.feast.scaffold import init_into, init_repo, offline_store_advice
 
     try:
         if (directory is None) == (into is None):
@@ -384,6 +384,9 @@ def init(
         _fail(exc)
     for f in files:
         console.print(f"wrote {f}")
+    advice = offline_store_advice(into) if into is not None else None
+    if advice:
+        console.print(f"note: {advice}", markup=False, highlight=False)
     console.print(
         "next: edit qarm.yaml, then `qarm build --repo R` and `qarm materialize --repo R`"
     )

@@ -8,6 +8,8 @@
     server       ``qarm serve``: Feast's app behind request checks, limits, health
     serving      version checks, ``feast serve`` warm-up, a ranker-style sample read
     redis_store  Feast's Redis online store, unknown entities read as NOT_FOUND
+    duckdb_store Feast's DuckDB offline store (the default): BatchFeatureView input,
+                 repo-relative paths, atomic push appends
 
 The CLI and applications import this layer; the UDF bodies (``transformations/``) sit
 above it and the core (bundle, encode, schema) below. Names are imported lazily, so

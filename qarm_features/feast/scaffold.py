@@ -1,12 +1,14 @@
 """``qarm init``: a new QARM feature repo, or QARM added to a team's existing repo.
 
 - :func:`init_repo` writes a working repo: ``feature_store.yaml`` (embedded defaults:
-  SQLite online store, file offline store, local registry), ``qarm.yaml`` (to fill in) and
+  SQLite online store, DuckDB offline store, local registry), ``qarm.yaml`` (to fill in) and
   ``qarm_definitions.py`` (an item entity and the QARM views).
 - :func:`init_into` adds QARM to an *existing* repo: ``qarm.yaml`` and one definitions file
   that imports the repo's own item entity (its join key and value type are reused) and
   declares the QARM views with :func:`qarm_features.feast.views.qarm_views`. None of the
   repo's files is touched; a file that already exists is never overwritten.
+- :func:`offline_store_advice` says what to change when that repo's offline store would
+  lose training rows (Feast's file store) or cannot read a QARM repo (plain ``duckdb``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from pathlib import Path
 from qarm_features.errors import ConfigError
 
 DEFINITIONS_FILE = "qarm_definitions.py"
+OFFLINE_STORE = "qarm_features.feast.duckdb_store.QarmDuckDBOfflineStore"
+# Feast's names of the file (dask) store and of its DuckDB store (repo_config.py)
+_FILE_STORES = ("file", "dask", "feast.infra.offline_stores.dask.DaskOfflineStore")
+_PLAIN_DUCKDB = ("duckdb", "feast.infra.offline_stores.duckdb.DuckDBOfflineStore")
 
 FEATURE_STORE_YAML = """\
 # Feast repo with QARM features, embedded defaults: one machine, no servers.
 #   registry       a local file (data/registry.db)
 #   online store   SQLite (data/online_store.db)
-#   offline store  parquet files under data/, written by `qarm materialize`
+#   offline store  DuckDB over the parquet files under data/ (written by `qarm materialize`)
 project: {project}
 provider: local
 registry:
@@ -35,8 +41,10 @@ registry:
 online_store:
     type: sqlite
     path: data/online_store.db
+# Feast's DuckDB store with QARM's fixes: get_historical_features returns every entity row
+# (the file store drops rows earlier than an entity's first feature row)
 offline_store:
-    type: file
+    type: qarm_features.feast.duckdb_store.QarmDuckDBOfflineStore
 entity_key_serialization_version: 3
 auth:
     type: no_auth
@@ -98,6 +106,40 @@ from qarm_features.feast.views import qarm_views
 # (codes at request time for items with no row yet) and their sources.
 globals().update(qarm_views(item={variable}, repo=Path(__file__).resolve().parent))
 """
+
+
+def offline_store_advice(repo_path: str | os.PathLike) -> str | None:
+    """What to change in a repo's ``feature_store.yaml`` for training data, or None.
+
+    Feast's file store (also its default when ``offline_store`` is absent) drops entity
+    rows earlier than an entity's first feature row; plain ``duckdb`` reads relative source
+    paths from the working directory and gives a BatchFeatureView no input columns
+    (:mod:`qarm_features.feast.duckdb_store`). Other stores (a warehouse) are the team's
+    choice: docs/feast.md, "The offline store".
+    """
+    import yaml
+
+    path = Path(repo_path).expanduser().resolve() / "feature_store.yaml"
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc})") from None
+    store = config.get("offline_store") if isinstance(config, dict) else None
+    kind = store.get("type", "dask") if isinstance(store, dict) else (store or "dask")
+    block = f"offline_store:\n    type: {OFFLINE_STORE}"
+    if kind in _FILE_STORES:
+        why = (
+            f"its offline store is Feast's file store ({kind!r}), which drops training rows "
+            "earlier than an entity's first feature row (a user's first events)"
+        )
+    elif kind in _PLAIN_DUCKDB:
+        why = (
+            "its offline store is plain duckdb, which reads relative source paths from the "
+            "working directory and gives BatchFeatureView UDFs no input columns"
+        )
+    else:
+        return None
+    return f"{path}: {why}; for training data set\n{block}\n(docs/feast.md, 'The offline store')"
 
 
 def _write_new(path: Path, text: str) -> None:

@@ -124,7 +124,7 @@ def batch_view(
 ):
     """The BatchFeatureView that runs the batch transformation inside Feast's compute engine.
 
-    Online only: the file offline store would not apply the UDF in
+    Online only: Feast's offline stores (file, DuckDB) would not apply the UDF in
     ``get_historical_features`` (rankers train on the ``qarm`` view's offline rows).
     """
     from feast import BatchFeatureView

@@ -11,6 +11,7 @@ products; a cold product gets its codes through the on-demand view, equal to the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -147,12 +148,14 @@ def shop(tmp_path_factory):
         ["qarm", "init"], ["$EDITOR", "shop/qarm.yaml"], ["qarm", "build"],
         ["qarm", "materialize"],
     ]  # fmt: skip
+    said = []
     for command in commands:
         if command.startswith("$EDITOR"):
             assert "from shop_features import product" in (repo / "qarm_definitions.py").read_text()
             (repo / "qarm.yaml").write_text(QARM_YAML)  # the team fills in its config
             continue
-        qarm(*command.split()[1:], cwd=root, home=root)
+        said.append(qarm(*command.split()[1:], cwd=root, home=root))
+    (root / "walkthrough.out").write_text("\n".join(said))
     end = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
     run_feast(["materialize", "1970-01-01T00:00:00", end], repo)  # the shop's own price view
     return repo
@@ -172,6 +175,41 @@ def test_the_readme_python_snippet_runs_as_written(shop, monkeypatch):
         features=["product_price:price", "qarm:rq_code_l1"], entity_rows=[{"sku": "SKU-00003"}]
     ).to_dict()
     assert warm["price"][0] is not None and warm["rq_code_l1"][0] is not None
+
+
+def test_training_rows_after_switching_the_offline_store_as_told(shop, tmp_path, monkeypatch):
+    """`qarm init --into` says the shop's file offline store loses training rows and what
+    to set; with that set, the shop's own view and QARM's come back for every event."""
+    from feast import FeatureStore
+
+    from qarm_features.feast.scaffold import OFFLINE_STORE
+
+    said = (shop.parent / "walkthrough.out").read_text().replace("\n", " ")
+    assert "drops training rows" in said and f"type: {OFFLINE_STORE}" in said
+    repo = tmp_path / "shop"  # a copy: the other tests keep the shop as the team wrote it
+    shutil.copytree(shop, repo, symlinks=True)
+    yaml = repo / "feature_store.yaml"
+    yaml.write_text(yaml.read_text().replace("{type: file}", f"{{type: {OFFLINE_STORE}}}"))
+    clicks = pd.read_parquet(repo / "data" / "clicks.parquet").iloc[:300]
+    late, early = pd.Timestamp("2025-03-02", tz="UTC"), pd.Timestamp("1960-01-01", tz="UTC")
+    entity_df = pd.DataFrame(
+        {
+            "sku": clicks["sku"].tolist() + ["NO-SUCH-SKU", "SKU-00003"],
+            # the last row precedes every row of the shop's price view and of QARM's
+            "event_timestamp": pd.to_datetime(clicks["ts"], utc=True).tolist() + [late, early],
+            "row": np.arange(len(clicks) + 2),
+        }
+    )
+    monkeypatch.chdir(tmp_path)
+    store = FeatureStore(repo_path=str(repo))
+    features = ["product_price:price", "qarm:rq_code_l1", "qarm:qarm_version"]
+    got = store.get_historical_features(entity_df=entity_df, features=features).to_df()
+    got = got.set_index("row").loc[entity_df["row"]]
+    assert len(got) == len(entity_df)
+    known = got.iloc[:-2]
+    in_catalog = known["sku"] != "SKU-GONE"
+    assert known.loc[in_catalog.to_numpy(), ["price", "rq_code_l1"]].notna().all().all()
+    assert got.iloc[-2:][["price", "rq_code_l1", "qarm_version"]].isna().all().all()
 
 
 def _expected(repo: Path, skus: list[str], texts: list[str]) -> pd.DataFrame:

@@ -151,3 +151,34 @@ def test_scale_section_at_a_tiny_size():
     summary = _summary([rec, dict(rec, n_items=4000, n_events=40_000)])
     assert summary["fits"]["pairs"]["per"] == "n_events"
     assert any("2,000" in line for line in markdown(summary))
+
+
+def test_training_section_renders_a_timed_out_file_store():
+    from benchmarks.suite import closing_rows, summarize
+
+    duck = {"offline_store": "duckdb", "rows_asked": 1000, "rows_returned": 1000,
+            "first_call_100_rows_s": 0.5, "arrow_s": 0.1, "arrow_rows_per_s": 10_000.0,
+            "no_history_fraction": 0.12, "peak_rss_mib": 500.0}  # fmt: skip
+    training = {
+        "setup": {"n_items": 10, "n_users": 5, "n_history_rows": 7},
+        "cases": {
+            "file/1000": {
+                "offline_store": "file",
+                "rows_asked": 1000,
+                "rows_returned": None,
+                "timed_out_s": 120,
+                "arrow_rows_per_s_below": 8.3,
+            },
+            "duckdb/1000": duck,
+        },
+        "target_met": None,
+    }
+    rows = closing_rows({"training": training})
+    (row,) = [r for r in rows if r[0].startswith("Training rows")]
+    assert "1,000 / 1,000" in row[1] and "no answer in 120 s" in row[2] and row[3] == "–"
+    md = summarize({"training": training}, {"mode": "smoke", "versions": {}, "blas": []})
+    assert "| file/1000 | no answer in 120 s |" in md and "| duckdb/1000 | 1,000 / 1,000 |" in md
+    training["cases"]["file/1000"] = dict(duck, offline_store="file", rows_returned=880,
+                                          arrow_rows_per_s=100.0)  # fmt: skip
+    (row,) = [r for r in closing_rows({"training": training}) if r[0].startswith("Training")]
+    assert "880 of 1,000 rows" in row[2] and row[3].startswith("100")
