@@ -7,7 +7,7 @@ RSS (``VmHWM``, reset before each stage through ``/proc/self/clear_refs``):
 * ``retrieval``: the BPR-MF retrieval model U2I mining reads (:class:`BPRMF`);
 * ``mining``: U2I + Swing + deduplication (:func:`mine_pairs` given those embeddings);
 * ``aligner``: :class:`ItemAligner` on the pairs (``max_epochs`` capped, as in the issue);
-* ``codes``: aligned space, RQ codebooks (sampled k-means) and VQ pool (exact or IVF),
+* ``codes``: aligned space (``pipeline.align_catalog``, as ``qarm build``), RQ codebooks (sampled k-means) and VQ pool (exact or IVF),
   then RQ + VQ codes of every item (the batch path's work).
 
 ``pairs`` = ``retrieval`` + ``mining``. The world is :func:`scale_world`: the synthetic
@@ -137,9 +137,8 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
     threadpool_limits(n_threads)
     from qarm_features.align import ItemAligner
     from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig
-    from qarm_features.encode import align_with_weights
     from qarm_features.pairs import mine_pairs
-    from qarm_features.pipeline import fit_quantizers
+    from qarm_features.pipeline import align_catalog, fit_quantizers
     from qarm_features.retrieval import BPRMF
 
     out: dict = {"n_items": n_items, "n_events": n_events, "max_epochs": max_epochs}
@@ -172,8 +171,8 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
     aligner = stage("aligner", lambda: ItemAligner(acfg).fit(content, ids, pairs))
     out["aligner_epochs_run"] = int(aligner.history_["epochs_run"])
 
-    def codes():
-        aligned = align_with_weights(aligner.weights_, content)
+    def codes():  # the pipeline's forward: row blocks, float64 temporaries of one block
+        aligned = align_catalog(aligner.weights_, content)
         rq, vq = fit_quantizers(aligned, ids, cfg.rq, cfg.vq)
         rq_codes = rq.encode(aligned)
         vq_codes = vq.encode(aligned, exclude_ids=ids)

@@ -179,9 +179,23 @@ if __name__ == "__main__":  # python -m benchmarks.bench_stream [n_items ...]
 
 
 # ------------------------------------------------------------------ Feast's materialization
-def feast_materialize(repo: str, bundle: str) -> dict:
+def _set_write_batch(repo: Path, batch_size: int | None) -> None:
+    """Set (or remove) ``materialization.online_write_batch_size`` in the repo's config."""
+    import yaml
+
+    path = repo / "feature_store.yaml"
+    config = yaml.safe_load(path.read_text())
+    config.pop("materialization", None)
+    if batch_size is not None:
+        config["materialization"] = {"online_write_batch_size": int(batch_size)}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def feast_materialize(repo: str, bundle: str, batch_size: int | None = None) -> dict:
     """Child: ``store.materialize`` of each view of a prepared repo (SQLite online store,
-    file offline store, local engine); per view seconds and peak RSS (VmHWM reset first)."""
+    the repo's offline store, local engine) with Feast's ``online_write_batch_size`` set to
+    ``batch_size`` (None: unset, one batch); per view seconds and peak RSS (VmHWM reset
+    first)."""
     from datetime import datetime, timedelta
 
     from benchmarks.bench_scale import _peak_mib, _reset_peak
@@ -189,6 +203,7 @@ def feast_materialize(repo: str, bundle: str) -> dict:
     from qarm_features.feast.sources import EPOCH
     from qarm_features.feast.store import open_store
 
+    _set_write_batch(Path(repo), batch_size)
     apply(repo, bundle)
     store = open_store(Path(repo))
     end = datetime.now(UTC) + timedelta(seconds=1)
@@ -201,8 +216,11 @@ def feast_materialize(repo: str, bundle: str) -> dict:
     return out
 
 
-def run_feast(sizes=(20_000, 60_000), out_path="benchmarks/results/scale.json") -> dict:
-    """Feast 0.67's local materialization of the streamed sources: peak RSS by size."""
+def run_feast(
+    sizes=(20_000, 60_000), batch_sizes=(None, 10_000), out_path="benchmarks/results/scale.json"
+) -> dict:
+    """Feast 0.67's local materialization of the streamed sources: peak RSS by size, for
+    each ``online_write_batch_size`` (None: Feast's default, one batch) on the same repo."""
     from benchmarks.timing import run_child
     from qarm_features.feast.scaffold import init_repo
 
@@ -217,15 +235,17 @@ def run_feast(sizes=(20_000, 60_000), out_path="benchmarks/results/scale.json") 
             init_repo(repo)
             p = run_child("benchmarks.bench_stream:prepare",
                           {"bundle": str(work / "bundle"), "repo": str(repo), "catalog": catalog})  # fmt: skip
-            f = run_child("benchmarks.bench_stream:feast_materialize",
-                          {"repo": str(repo), "bundle": str(work / "bundle")}, timeout=7200)  # fmt: skip
-            rec = {"n_items": int(n), "prepare_peak_rss_mib": p["peak_rss_mib"],
-                   **{k: v for k, v in f.items() if k in ("qarm", "item_content")}}  # fmt: skip
+            for b in batch_sizes:
+                f = run_child("benchmarks.bench_stream:feast_materialize",
+                              {"repo": str(repo), "bundle": str(work / "bundle"),
+                               "batch_size": b}, timeout=7200)  # fmt: skip
+                records.append({"n_items": int(n), "online_write_batch_size": b,
+                                "prepare_peak_rss_mib": p["peak_rss_mib"],
+                                **{k: v for k, v in f.items() if k in ("qarm", "item_content")}})  # fmt: skip
         except Exception as exc:  # noqa: BLE001
-            rec = {"n_items": int(n), "error": str(exc)[-800:]}
+            records.append({"n_items": int(n), "error": str(exc)[-800:]})
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        records.append(rec)
         if out_path:
             path = Path(out_path)
             data = json.loads(path.read_text()) if path.exists() else {}
