@@ -191,19 +191,22 @@ def _set_write_batch(repo: Path, batch_size: int | None) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def feast_materialize(repo: str, bundle: str, batch_size: int | None = None) -> dict:
-    """Child: ``store.materialize`` of each view of a prepared repo (SQLite online store,
-    the repo's offline store, local engine) with Feast's ``online_write_batch_size`` set to
-    ``batch_size`` (None: unset, one batch); per view seconds and peak RSS (VmHWM reset
-    first)."""
+def feast_materialize(repo: str, bundle: str, batch_size: int | str | None = None) -> dict:
+    """Child: online rows of ``qarm`` and ``item_content`` of a prepared repo (SQLite online
+    store, the repo's offline store, local engine); per view seconds and peak RSS (VmHWM
+    reset first). ``batch_size``: ``"streamed"`` = ``qarm materialize``'s route
+    (:func:`qarm_features.feast.online_write.write_view`, record batches); else Feast's
+    ``store.materialize`` with ``online_write_batch_size`` set to it (None: unset, one
+    batch)."""
     from datetime import datetime, timedelta
 
     from benchmarks.bench_scale import _peak_mib, _reset_peak
     from qarm_features.feast.job import apply
+    from qarm_features.feast.online_write import write_view
     from qarm_features.feast.sources import EPOCH
     from qarm_features.feast.store import open_store
 
-    _set_write_batch(Path(repo), batch_size)
+    _set_write_batch(Path(repo), None if batch_size == "streamed" else batch_size)
     apply(repo, bundle)
     store = open_store(Path(repo))
     end = datetime.now(UTC) + timedelta(seconds=1)
@@ -211,16 +214,25 @@ def feast_materialize(repo: str, bundle: str, batch_size: int | None = None) -> 
     for view in ("qarm", "item_content"):
         _reset_peak()
         t0 = time.perf_counter()
-        store.materialize(start_date=EPOCH, end_date=end, feature_views=[view])
+        if batch_size == "streamed":
+            write_view(store, Path(repo), view, start=EPOCH, end=end)
+        else:
+            store.materialize(start_date=EPOCH, end_date=end, feature_views=[view])
         out[view] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_mib()}
     return out
 
 
 def run_feast(
-    sizes=(20_000, 60_000), batch_sizes=(None, 10_000), out_path="benchmarks/results/scale.json"
+    sizes=(20_000, 60_000),
+    batch_sizes=(None, 10_000, "streamed"),
+    out_path="benchmarks/results/scale.json",
+    streamed_only_above: int = 100_000,
 ) -> dict:
-    """Feast 0.67's local materialization of the streamed sources: peak RSS by size, for
-    each ``online_write_batch_size`` (None: Feast's default, one batch) on the same repo."""
+    """The online write of the streamed sources, by size: Feast 0.67's local
+    materialization for each ``online_write_batch_size`` (None: Feast's default, one batch)
+    and ``qarm materialize``'s streamed route (``"streamed"``), on the same repo. Above
+    ``streamed_only_above`` items only the streamed route runs (Feast's grows ~11 KiB a
+    row: it would not fit)."""
     from benchmarks.timing import run_child
     from qarm_features.feast.scaffold import init_repo
 
@@ -236,6 +248,8 @@ def run_feast(
             p = run_child("benchmarks.bench_stream:prepare",
                           {"bundle": str(work / "bundle"), "repo": str(repo), "catalog": catalog})  # fmt: skip
             for b in batch_sizes:
+                if n > streamed_only_above and b != "streamed":
+                    continue
                 f = run_child("benchmarks.bench_stream:feast_materialize",
                               {"repo": str(repo), "bundle": str(work / "bundle"),
                                "batch_size": b}, timeout=7200)  # fmt: skip

@@ -45,6 +45,10 @@ online_store:
 # (the file store drops rows earlier than an entity's first feature row)
 offline_store:
     type: qarm_features.feast.duckdb_store.QarmDuckDBOfflineStore
+# Feast writes materialized rows online in batches of this many (default: one batch of the
+# whole view); `qarm materialize` streams the per-item views itself (feast/online_write.py)
+materialization:
+    online_write_batch_size: 10000
 entity_key_serialization_version: 3
 auth:
     type: no_auth
