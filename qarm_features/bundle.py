@@ -390,7 +390,8 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         raise BundleError(f"{path}: cannot read {ALIGNER_FILE} ({exc})") from None
     arrays = {}
     for key, (fname, dtype, ndim) in ARRAY_FILES.items():
-        arrays[key] = _load_npy(path, fname, files[fname], dtype, ndim)
+        mmap = key == "raw_emb"  # the catalog's content: paged in as read, not held
+        arrays[key] = _load_npy(path, fname, files[fname], dtype, ndim, mmap=mmap)
     for arr in weights.values():
         arr.setflags(write=False)
     keys = _load_npy(path, KEYS_FILE, files[KEYS_FILE], "U", 1) if KEYS_FILE in files else None
@@ -423,10 +424,11 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
     )
 
 
-def _load_npy(path: Path, fname: str, meta, dtype, ndim: int) -> np.ndarray:
-    """A read-only array that matches its manifest entry (``dtype="U"``: any unicode)."""
+def _load_npy(path: Path, fname: str, meta, dtype, ndim: int, *, mmap: bool = False):
+    """A read-only array that matches its manifest entry (``dtype="U"``: any unicode);
+    ``mmap``: memory-mapped read-only (a bundle's files never change once written)."""
     try:
-        arr = np.load(path / fname, allow_pickle=False)
+        arr = np.load(path / fname, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as exc:
         raise BundleError(f"{path}: cannot read {fname} ({exc})") from None
     kind_ok = arr.dtype.kind == "U" if dtype == "U" else arr.dtype == dtype
