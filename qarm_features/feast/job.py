@@ -51,7 +51,7 @@ from qarm_features.feast.sources import (
     switch_current,
     write_parquet,
 )
-from qarm_features.feast.online_write import streamable, write_view
+from qarm_features.feast.online_write import source_rows, streamable, write_view
 from qarm_features.feast.store import clear_online, load_definitions, open_store, registered_version
 from qarm_features.feast.stream import (
     DEFAULT_CHUNK_ROWS,
@@ -347,7 +347,8 @@ def materialize(
     Returns:
         Stats of :func:`prepare_sources` plus ``previous_version``, ``promoted``,
         ``cleared_views``, ``materialized_views`` (``streamed_views``: those written in
-        record batches, :mod:`qarm_features.feast.online_write`), ``apply_seconds``,
+        record batches, :mod:`qarm_features.feast.online_write`; ``empty_views``: sources
+        with no row, skipped), ``apply_seconds``,
         ``materialize_seconds``.
 
     Raises:
@@ -402,11 +403,13 @@ def materialize(
     if pd.notna(last):  # user histories carry real times, possibly in the future
         end = max(end, last.to_pydatetime() + timedelta(seconds=1))
     streamed = streamable(store, views)  # one row per item: written batch by batch
+    # an empty source has nothing to write (and fails Feast's Ray offline store)
+    empty = [v for v in views if source_rows(store, repo, v) == 0]
     with stage("feast materialize", total=len(views), progress=progress, records=stages) as s:
         for view in views:  # one view at a time: the bar counts them
             if view in streamed:
                 write_view(store, repo, view, start=EPOCH, end=end)
-            else:
+            elif view not in empty:
                 store.materialize(start_date=EPOCH, end_date=end, feature_views=[view])
             s.advance(1)
     stats.update(
@@ -415,6 +418,7 @@ def materialize(
         cleared_views=cleared,
         materialized_views=views,
         streamed_views=streamed,
+        empty_views=empty,
         materialize_seconds=round(time.perf_counter() - t0, 3),
         repo=str(repo),
         fs_yaml_file=None if fs_yaml_file is None else str(fs_yaml_file),

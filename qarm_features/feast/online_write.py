@@ -40,6 +40,18 @@ def streamable(store, views) -> list[str]:
     return [v for v in views if v in ONE_ROW_PER_ITEM] if local_engine(store) else []
 
 
+def source_rows(store, repo: Path, view_name: str) -> int | None:
+    """Rows of a view's parquet source (footer only); None if it has no local file."""
+    import pyarrow.parquet as pq
+
+    src = getattr(store.get_feature_view(view_name), "batch_source", None)
+    path = Path(getattr(src, "path", None) or "")
+    path = path if path.is_absolute() else repo / path
+    if not path.is_file():
+        return None
+    return pq.ParquetFile(path).metadata.num_rows
+
+
 def write_view(
     store,
     repo: Path,

@@ -70,3 +70,19 @@ def test_a_view_with_several_rows_per_entity_is_refused(make_repo, bundle_path):
 
     with pytest.raises(ValueError, match="store.materialize"):
         write_view(None, make_repo("refused"), "user_history", start=EPOCH, end=EPOCH)
+
+
+def test_an_empty_source_is_skipped(make_repo, bundle_path):
+    """No interactions: user_history's source has no row; nothing to materialize (Feast's
+    Ray offline store fails on an empty source), the item views are still written."""
+    from qarm_features.bundle import load_bundle
+    from qarm_features.feast.job import materialize
+    from qarm_features.feast.store import open_store
+
+    repo = make_repo("no-history", batch_view=False)
+    stats = materialize(bundle_path, repo)
+    assert stats["empty_views"] == ["user_history"] and stats["n_history_rows"] == 0
+    b = load_bundle(bundle_path)
+    values, statuses = online(open_store(repo), ["qarm:rq_code_l1"],
+                              [{"item_id": int(i)} for i in b.item_ids[:5]])  # fmt: skip
+    assert statuses["rq_code_l1"] == ["PRESENT"] * 5
