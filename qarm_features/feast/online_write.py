@@ -30,8 +30,13 @@ READ_BUFFER = 4 << 20  # bytes per buffered parquet column read (no pre-bufferin
 
 def local_engine(store) -> bool:
     """Whether the repo materializes with Feast's local compute engine (the default)."""
-    engine = store.config.batch_engine_config
-    kind = engine if isinstance(engine, str) else (engine or {}).get("type", "local")
+    engine = store.config.batch_engine_config or "local"
+    if isinstance(engine, str):
+        kind = engine
+    elif isinstance(engine, dict):
+        kind = engine.get("type", "local")
+    else:  # a parsed engine config
+        kind = getattr(engine, "type", "local")
     return kind == "local"
 
 
