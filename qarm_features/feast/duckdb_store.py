@@ -212,6 +212,32 @@ def _asof_historical(config, feature_views, feature_refs, entity_df, registry, p
     )
 
 
+def _pull(
+    pull, config, data_source, join_key_columns, feature_name_columns, timestamp_field,
+    created_timestamp_column, start_date, end_date,
+):  # fmt: skip
+    """Feast's ibis ``pull`` (latest or all) through this store's reader and writer; an
+    empty feature list means every column of the source (a BatchFeatureView's input)."""
+    if not feature_name_columns:
+        feature_name_columns = _all_columns(
+            config, data_source, join_key_columns, timestamp_field, created_timestamp_column
+        )
+    return pull(
+        config=config,
+        data_source=data_source,
+        join_key_columns=join_key_columns,
+        feature_name_columns=feature_name_columns,
+        timestamp_field=timestamp_field,
+        created_timestamp_column=created_timestamp_column,
+        start_date=start_date,
+        end_date=end_date,
+        data_source_reader=_read,
+        data_source_writer=_write,
+        staging_location=config.offline_store.staging_location,
+        staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+    )
+
+
 class QarmDuckDBOfflineStore(DuckDBOfflineStore):
     """``DuckDBOfflineStore`` reading the columns a BatchFeatureView needs, paths from the
     repo, and appending pushed rows atomically."""
@@ -227,24 +253,10 @@ class QarmDuckDBOfflineStore(DuckDBOfflineStore):
         start_date,
         end_date,
     ):
-        if not feature_name_columns:
-            feature_name_columns = _all_columns(
-                config, data_source, join_key_columns, timestamp_field, created_timestamp_column
-            )
-        return pull_latest_from_table_or_query_ibis(
-            config=config,
-            data_source=data_source,
-            join_key_columns=join_key_columns,
-            feature_name_columns=feature_name_columns,
-            timestamp_field=timestamp_field,
-            created_timestamp_column=created_timestamp_column,
-            start_date=start_date,
-            end_date=end_date,
-            data_source_reader=_read,
-            data_source_writer=_write,
-            staging_location=config.offline_store.staging_location,
-            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
-        )
+        return _pull(
+            pull_latest_from_table_or_query_ibis, config, data_source, join_key_columns,
+            feature_name_columns, timestamp_field, created_timestamp_column, start_date, end_date,
+        )  # fmt: skip
 
     @staticmethod
     def pull_all_from_table_or_query(
@@ -257,24 +269,10 @@ class QarmDuckDBOfflineStore(DuckDBOfflineStore):
         start_date=None,
         end_date=None,
     ):
-        if not feature_name_columns:
-            feature_name_columns = _all_columns(
-                config, data_source, join_key_columns, timestamp_field, created_timestamp_column
-            )
-        return pull_all_from_table_or_query_ibis(
-            config=config,
-            data_source=data_source,
-            join_key_columns=join_key_columns,
-            feature_name_columns=feature_name_columns,
-            timestamp_field=timestamp_field,
-            created_timestamp_column=created_timestamp_column,
-            start_date=start_date,
-            end_date=end_date,
-            data_source_reader=_read,
-            data_source_writer=_write,
-            staging_location=config.offline_store.staging_location,
-            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
-        )
+        return _pull(
+            pull_all_from_table_or_query_ibis, config, data_source, join_key_columns,
+            feature_name_columns, timestamp_field, created_timestamp_column, start_date, end_date,
+        )  # fmt: skip
 
     @staticmethod
     def get_historical_features(
