@@ -292,10 +292,9 @@ def markdown(summary: dict) -> list[str]:
 def _write(path, records) -> None:
     """Replace the sweep's ``records``/``fits``; other sections of the file (bench_stream's
     ``stream``, ``feast_materialize``) are kept."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**old, **_summary(records)}, indent=1, default=float))
+    from benchmarks.timing import merge_results
+
+    merge_results(path, _summary(records))
 
 
 if __name__ == "__main__":  # python -m benchmarks.bench_scale [items:events ...]

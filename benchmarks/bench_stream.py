@@ -148,10 +148,9 @@ def summary(records: list[dict]) -> dict:
 
 def _write(path, records) -> None:
     """Merge into the scale results file (the pipeline sweep keeps its own keys)."""
-    path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data["stream"] = summary(records)
-    path.write_text(json.dumps(data, indent=1, default=float))
+    from benchmarks.timing import merge_results
+
+    merge_results(path, {"stream": summary(records)})
 
 
 def markdown(result: dict) -> list[str]:
@@ -233,7 +232,7 @@ def run_feast(
     and ``qarm materialize``'s streamed route (``"streamed"``), on the same repo. Above
     ``streamed_only_above`` items only the streamed route runs (Feast's grows ~11 KiB a
     row: it would not fit)."""
-    from benchmarks.timing import run_child
+    from benchmarks.timing import merge_results, run_child
     from qarm_features.feast.scaffold import init_repo
 
     records = []
@@ -261,8 +260,5 @@ def run_feast(
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if out_path:
-            path = Path(out_path)
-            data = json.loads(path.read_text()) if path.exists() else {}
-            data["feast_materialize"] = {"records": records}
-            path.write_text(json.dumps(data, indent=1, default=float))
+            merge_results(out_path, {"feast_materialize": {"records": records}})
     return {"records": records}

@@ -171,6 +171,18 @@ def sgemm_case(m: int, n: int, k: int, seed: int = 0) -> tuple[Callable[[], obje
     return (lambda: np.matmul(a, b, out=out)), 2.0 * m * n * k
 
 
+def merge_results(path, sections: dict) -> None:
+    """Write ``sections`` (top-level keys) into the JSON results file at ``path``, keeping
+    its other keys (``scale.json`` holds the sweep, the streamed runs and the online write)."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(sections)
+    path.write_text(json.dumps(data, indent=1, default=float))
+
+
 def machine() -> dict:
     """What the figures were measured on: CPU, cores, memory, load, library versions."""
     import psutil
