@@ -185,3 +185,29 @@ def run(quick: bool, work: Path) -> dict:
         if not quick
         else None,
     }
+
+
+def markdown(training: dict) -> list[str]:
+    """The training-rows table of the suite's summary: one row per case."""
+    from benchmarks.suite import _f
+
+    lines = []
+    s = training["setup"]
+    lines.append(f"Training rows, `get_historical_features(qarm_ranker)` ({s['n_items']:,} items, "
+                 f"{s['n_users']:,} users, {s['n_history_rows']:,} user-history rows; each case "
+                 "a child process; arrow = `.to_arrow()`, df = `.to_df()`):")  # fmt: skip
+    lines.append("")
+    lines.append("| case | returned / asked | no history yet | first call (100 rows) s | "
+                 "arrow s | arrow rows/s | df rows/s | peak RSS MiB |")  # fmt: skip
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for name, r in training["cases"].items():
+        if r.get("timed_out_s"):
+            lines.append(f"| {name} | no answer in {r['timed_out_s']} s | – | – | – | "
+                         f"< {_f(r['arrow_rows_per_s_below'])} | – | – |")  # fmt: skip
+            continue
+        lines.append(f"| {name} | {r['rows_returned']:,} / {r['rows_asked']:,} | "
+                     f"{_f(r['no_history_fraction'] * 100, 1)}% | {_f(r['first_call_100_rows_s'])} | "
+                     f"{_f(r['arrow_s'])} | {_f(r['arrow_rows_per_s'])} | "
+                     f"{_f(r.get('df_rows_per_s'))} | {_f(r['peak_rss_mib'], 0)} |")  # fmt: skip
+    lines.append("")
+    return lines
