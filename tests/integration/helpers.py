@@ -227,6 +227,33 @@ def make_interactions(item_ids: np.ndarray, *, n_users: int = 30, per_user: int 
 # --------------------------------------------------------------------------- scenarios
 
 
+def check_history_point_in_time(store, interactions, expected=None) -> None:
+    """``user_history`` in ``get_historical_features``: a row at an event's own time sees
+    only earlier positives, one 2 s later sees the event too (the busiest user's last
+    positive). With ``expected`` (item id -> row, :func:`catalog_expectations`), the
+    history's level-1 codes are checked too."""
+    pos = interactions[interactions["rating"] >= 4.0].sort_values("timestamp", kind="stable")
+    user = int(pos["user_id"].value_counts().index[0])
+    events = pos[pos["user_id"] == user]
+    t_event = int(events["timestamp"].iloc[-1])
+    probes = [t_event, t_event + 2]
+    entity_df = pd.DataFrame(
+        {"user_id": [user, user], "event_timestamp": pd.to_datetime(probes, unit="s", utc=True)}
+    )
+    features = ["user_history:hist_item_ids"]
+    if expected is not None:
+        features.append("user_history:hist_rq_code_l1")
+    got = store.get_historical_features(entity_df=entity_df, features=features).to_df()
+    assert len(got) == 2
+    for t, rec in zip(probes, got.sort_values("event_timestamp").to_dict("records")):
+        seen = events[events["timestamp"] < t]["item_id"].tolist()[::-1][:20]
+        assert [int(x) for x in rec["hist_item_ids"]] == seen, f"history at {t}"
+        if expected is not None:
+            assert [int(x) for x in rec["hist_rq_code_l1"]] == [
+                expected[i]["rq_code_l1"] for i in seen
+            ]
+
+
 def check_read_path(store, bundle_path, n_levels: int = 3) -> None:
     """Warm reads, unknown ids, the BatchFeatureView, cold items and the feature service."""
     from qarm_features.encode import get_bundle

@@ -19,6 +19,7 @@ from tests.integration.helpers import (
     PRESENT,
     assert_row_equal,
     catalog_expectations,
+    check_history_point_in_time,
     expected_rows,
     feast_server,
     http_json,
@@ -138,23 +139,7 @@ def test_historical_codes_cover_old_logs_and_history_is_point_in_time(
             assert pd.isna(rec["rq_code_l1"])
 
     # user history: a row at an event's own time sees only earlier positives
-    pos = interactions[interactions["rating"] >= 4.0].sort_values("timestamp", kind="stable")
-    user = int(pos["user_id"].value_counts().index[0])
-    events = pos[pos["user_id"] == user]
-    t_event = int(events["timestamp"].iloc[-1])
-    probes = [t_event, t_event + 2]
-    entity_df = pd.DataFrame(
-        {"user_id": [user, user], "event_timestamp": pd.to_datetime(probes, unit="s", utc=True)}
-    )
-    got = store.get_historical_features(
-        entity_df=entity_df, features=["user_history:hist_item_ids", "user_history:hist_rq_code_l1"]
-    ).to_df().sort_values("event_timestamp")
-    for t, rec in zip(probes, got.to_dict("records")):
-        seen = events[events["timestamp"] < t]["item_id"].tolist()[::-1][:20]
-        assert [int(x) for x in rec["hist_item_ids"]] == seen, f"history at {t}"
-        assert [int(x) for x in rec["hist_rq_code_l1"]] == [
-            expected[i]["rq_code_l1"] for i in seen
-        ]
+    check_history_point_in_time(store, interactions, expected)
 
 
 def test_cold_items_on_demand_equal_the_batch_path(

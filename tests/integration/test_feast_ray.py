@@ -23,6 +23,7 @@ from tests.integration.helpers import (
     ROOT,
     assert_row_equal,
     catalog_expectations,
+    check_history_point_in_time,
     online,
     qarm_names,
     refs,
@@ -153,21 +154,7 @@ def test_ray_offline_store_returns_every_entity_row(ray_store, bundle_path, inte
         assert np.array_equal(got.view(np.uint32), want["aligned_emb"].view(np.uint32))
 
     # user history, point in time: a row at an event's own time sees only earlier positives
-    pos = interactions[interactions["rating"] >= 4.0].sort_values("timestamp", kind="stable")
-    user = int(pos["user_id"].value_counts().index[0])
-    events = pos[pos["user_id"] == user]
-    t_event = int(events["timestamp"].iloc[-1])
-    probes = [t_event, t_event + 2]
-    entity_df = pd.DataFrame(
-        {"user_id": [user, user], "event_timestamp": pd.to_datetime(probes, unit="s", utc=True)}
-    )
-    got = ray_store.get_historical_features(
-        entity_df=entity_df, features=["user_history:hist_item_ids"]
-    ).to_df()
-    assert len(got) == 2
-    for t, rec in zip(probes, got.sort_values("event_timestamp").to_dict("records")):
-        seen = events[events["timestamp"] < t]["item_id"].tolist()[::-1][:20]
-        assert [int(x) for x in rec["hist_item_ids"]] == seen, f"history at {t}"
+    check_history_point_in_time(ray_store, interactions)
 
 
 def test_check_workers_turns_the_silent_drop_into_an_error(ray_store):
