@@ -9,27 +9,17 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig, VQConfig
 from qarm_features.encode import align_with_weights
 from qarm_features.pipeline import align_catalog, fit_item_space, sample_pairs, space_metrics
-from qarm_features.synthetic import SyntheticWorld
+from tests.unit._small_pipeline import small_config, small_world
 
-CFG = BuildConfig(
-    dataset="synthetic",
-    pairs=PairsConfig(mf_epochs=5, mf_dim=8),
-    aligner=AlignerConfig(out_dim=8, hidden=0, batch_size=64, max_epochs=3, patience=2),
-    rq=RQConfig(n_levels=2, n_codes=8, n_iter=5),
-    vq=VQConfig(k=4),
-)
+CFG = small_config(max_epochs=3)
 
 
 @pytest.fixture(scope="module")
 def world():
-    torch.set_num_threads(1)
-    w = SyntheticWorld(n_items=150, n_users=200, content_dim=16, nuisance=2.0, seed=0)
-    return w.item_ids, w.content, w.interactions(n_per_user=20)
+    return small_world()
 
 
 def test_the_blocked_forward_is_the_whole_forward():
