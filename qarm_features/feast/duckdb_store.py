@@ -38,8 +38,6 @@ result) is Feast's. Use it in ``feature_store.yaml``::
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -62,7 +60,7 @@ from feast.infra.offline_stores.ibis import (
 )
 from ibis.expr import datatypes as dt
 
-from qarm_features._atomic import honour_umask
+from qarm_features.feast.sources import write_table
 
 TYPE = "qarm_features.feast.duckdb_store.QarmDuckDBOfflineStore"
 
@@ -111,16 +109,7 @@ def _write(table, source, repo_path: str, mode: str = "append", allow_overwrite:
     new = table.to_pyarrow()
     if new.schema != old.schema:
         new = new.cast(old.schema)
-    merged = pa.concat_tables([old, new])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".parquet.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(merged, tmp)
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_table(pa.concat_tables([old, new]), path)
 
 
 def _all_columns(config, data_source, join_keys, timestamp_field, created) -> list[str]:

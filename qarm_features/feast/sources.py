@@ -166,7 +166,6 @@ def keep_previous_rows(repo: Path, out: Path, version: str) -> str | None:
 def write_parquet(df: pd.DataFrame, path: Path, schema=None) -> None:
     """Write a parquet file atomically: temp file in the same directory, then rename."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if len(df) == 0 and schema is not None:
@@ -174,6 +173,14 @@ def write_parquet(df: pd.DataFrame, path: Path, schema=None) -> None:
     else:
         cols = schema.names if schema is not None else list(df.columns)
         table = pa.Table.from_pandas(df[cols], schema=schema, preserve_index=False)
+    write_table(table, path)
+
+
+def write_table(table, path: Path) -> None:
+    """Write an arrow table as parquet atomically: temp file beside ``path``, then rename
+    (a reader sees the old file or the new one, never a torn one)."""
+    import pyarrow.parquet as pq
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".parquet.tmp", dir=path.parent)
     os.close(fd)
     try:
