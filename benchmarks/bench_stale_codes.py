@@ -58,7 +58,12 @@ def _spaces(space, rq_codes, old, raw, n_codes):
 def run_seed(ids, raw, interactions, seed: int) -> dict:
     from qarm_features.app.item_spaces import VAL_SEED_OFFSET
     from qarm_features.app.protocol import EvalConfig, make_split
-    from qarm_features.app.variants import score_subsets, train_ranker, variant_items
+    from qarm_features.app.variants import (
+        ranker_options,
+        score_subsets,
+        train_ranker,
+        variant_items,
+    )
     from qarm_features.pipeline import fit_item_space
     from qarm_features.quantize import ResidualQuantizer
     from qarm_features.stable import churn_codes, match_codebooks
@@ -98,13 +103,7 @@ def run_seed(ids, raw, interactions, seed: int) -> dict:
     ranker_kw, items, content = variant_items(
         "D", _spaces(old, old.rq_codes, old, raw, n_codes), split, **flags
     )
-    ranker_kw.update(
-        prefix_buckets=cfg.prefix_buckets,
-        code_init_std=cfg.code_init_std,
-        id_dropout=cfg.id_dropout,
-        level_dropout=cfg.level_dropout,
-        rq_mode=cfg.rq_mode,
-    )
+    ranker_kw.update(ranker_options(cfg))
     new_codes = {name: codes(name) for name in CONTENDERS}
     others = {
         name: variant_items("D", _spaces(spaces[name], c, old, raw, n_codes), split, **flags)[1]
@@ -134,14 +133,10 @@ def run_seed(ids, raw, interactions, seed: int) -> dict:
     }
 
 
-def _mean_std(values) -> dict:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0}
-
-
 def run(out: Path, seeds=(0, 1, 2)) -> dict:
     import torch
 
+    from qarm_features.app.evaluate import _mean_std
     from qarm_features.build import encode_catalog_text
     from qarm_features.config import BuildConfig
     from qarm_features.data import fetch_movielens_100k, load_movielens_100k

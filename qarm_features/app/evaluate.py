@@ -37,7 +37,12 @@ from qarm_features.app.report import (
     render_markdown,
     write_report,
 )
-from qarm_features.app.variants import score_subsets, train_ranker, variant_items
+from qarm_features.app.variants import (
+    ranker_options,
+    score_subsets,
+    train_ranker,
+    variant_items,
+)
 from qarm_features.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -72,13 +77,7 @@ def _run_variant(v: str, spaces: ItemSpaces, split: Split, cfg: EvalConfig, seed
     kw, items, content = variant_items(
         v, spaces, split, vq_tied=cfg.vq_tied, content_codes=cfg.content_codes
     )
-    kw.update(
-        prefix_buckets=cfg.prefix_buckets,
-        code_init_std=cfg.code_init_std,
-        id_dropout=cfg.id_dropout,
-        level_dropout=cfg.level_dropout,
-        rq_mode=cfg.rq_mode,
-    )
+    kw.update(ranker_options(cfg))
     scores, info = train_ranker(kw, items, split, cfg, seed, content)
     info["seconds"] = time.perf_counter() - t0
     return score_subsets(split, scores, split.item_ids), info

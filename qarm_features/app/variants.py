@@ -70,6 +70,17 @@ def variant_items(
     return kw, items, content
 
 
+def ranker_options(cfg: EvalConfig) -> dict:
+    """The DINRanker keyword arguments ``cfg`` sets for every variant (code tables, dropout)."""
+    return dict(
+        prefix_buckets=cfg.prefix_buckets,
+        code_init_std=cfg.code_init_std,
+        id_dropout=cfg.id_dropout,
+        level_dropout=cfg.level_dropout,
+        rq_mode=cfg.rq_mode,
+    )
+
+
 # --------------------------------------------------------------------------- rankers
 def _tensors(rows: Rows, sel=None):
     import torch
