@@ -1,9 +1,8 @@
 """Symmetric in-batch InfoNCE over ``<trigger, target>`` pairs: the pieces the aligner
 (:mod:`qarm_features.align`) and the encoder fine-tuner (:mod:`qarm_features.finetune`)
 share: pair rows from ids (:func:`pair_rows`) and the loss with in-batch false negatives
-masked (:func:`masked_nce`, :func:`symmetric_nce`); and the aligner's training-only
-auxiliary item heads (:class:`TargetHeads`, :func:`weighted_targets`). Training only:
-imports torch.
+masked (:func:`masked_nce`, :func:`symmetric_nce`); and the raw-space geometry the
+aligner's raw-consistency term keeps close to. Training only: imports torch.
 """
 
 from __future__ import annotations
@@ -131,59 +130,6 @@ def raw_consistency(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         const = (r.T @ r).square().sum()
     return (zz.square().sum() - 2.0 * zr.square().sum() + const) / (n * (n - 1))
-
-
-def weighted_targets(item_targets: dict | None, weights: dict[str, float], n: int) -> dict:
-    """``{name: (weight, (n, t) float32)}`` for every target with a positive weight.
-
-    Raises:
-        InputError: a target array that is not ``(n, t)``.
-    """
-    out = {}
-    for name, weight in weights.items():
-        if weight > 0 and item_targets is not None and name in item_targets:
-            arr = np.asarray(item_targets[name], dtype=np.float32)
-            if arr.ndim != 2 or arr.shape[0] != n:
-                raise InputError(
-                    f"item_targets[{name!r}]: expected shape ({n}, t), got {arr.shape}"
-                )
-            out[name] = (weight, arr)
-    return out
-
-
-class TargetHeads(torch.nn.Module):
-    """Training-only linear heads: aligned embedding -> standardised item targets.
-
-    ``targets``: ``{name: (weight, (n, t) float32 array, NaN rows = unknown)}``. Never
-    exported: the served aligner is :class:`Aligner` alone.
-    """
-
-    def __init__(self, out_dim: int, targets: dict, device) -> None:
-        super().__init__()
-        self.heads = torch.nn.ModuleDict()
-        self.weights: dict[str, float] = {}
-        self.values: dict[str, torch.Tensor] = {}
-        self.known: dict[str, torch.Tensor] = {}
-        for name, (weight, arr) in targets.items():
-            arr = np.asarray(arr, dtype=np.float64)
-            known = np.isfinite(arr).all(axis=1)
-            if known.sum() < 2:
-                continue
-            mu, sd = arr[known].mean(axis=0), arr[known].std(axis=0)
-            z = np.where(known[:, None], (arr - mu) / np.maximum(sd, 1e-8), 0.0)
-            self.heads[name] = torch.nn.Linear(out_dim, arr.shape[1])
-            self.weights[name] = float(weight)
-            self.values[name] = torch.from_numpy(z.astype(np.float32)).to(device)
-            self.known[name] = torch.from_numpy(known).to(device)
-
-    def loss(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), device=z.device)
-        for name, head in self.heads.items():
-            k = self.known[name][rows]
-            if k.any():
-                err = head(z[k]) - self.values[name][rows[k]]
-                total = total + self.weights[name] * (err**2).mean()
-        return total
 
 
 # --------------------------------------------------------------------------- raw geometry

@@ -23,13 +23,11 @@ import numpy as np
 import pandas as pd
 
 from qarm_features._contrastive import (
-    TargetHeads,
     centred_reference,
     normalized_moments,
     pair_rows,
     raw_consistency,
     symmetric_nce,
-    weighted_targets,
 )
 from qarm_features._validate import check_embeddings, check_ids, lookup_rows
 from qarm_features.config import AlignerConfig
@@ -255,13 +253,11 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
     )
 
 
-def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig, heads=None):
+def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig):
     """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``)."""
     za, zb = model(x_all[a]), model(x_all[b])
     nce = symmetric_nce(za, zb, a, b, cfg.temperature)
     loss = nce
-    if heads is not None and len(heads.heads):  # training-only heads (never exported)
-        loss = loss + heads.loss(torch.cat([za, zb]), torch.cat([a, b]))
     raw_term = torch.zeros((), device=nce.device)
     if cfg.raw_consistency > 0:
         raw_term = raw_consistency(torch.cat([za, zb]), ref_all[torch.cat([a, b])])
@@ -276,7 +272,7 @@ class ItemAligner:
 
         nce = (CE(za @ zb.T / T) + CE(zb @ za.T / T)) / 2          # in-batch, symmetric
         raw = mean_{i != j} (S_aligned[i, j] - S_raw[i, j])^2        # over the 2B batch items
-        loss = nce + config.raw_consistency * raw (+ weighted item-target heads, if any)
+        loss = nce + config.raw_consistency * raw
 
     ``S_raw``: cosines of the *centred* normalised raw embeddings (the aligner's start,
     :meth:`Aligner.init_from_raw`). In-batch false negatives are masked.
@@ -323,7 +319,6 @@ class ItemAligner:
         *,
         val_items=None,
         popularity=None,
-        item_targets: dict | None = None,
         init_weights: dict | None = None,
         progress: bool = False,
     ) -> ItemAligner:
@@ -336,9 +331,6 @@ class ItemAligner:
             val_items: ids to hold out, ``None`` for a random split, empty for no validation.
             popularity: interaction counts for popularity-matched negatives (Series keyed
                 by id, or array aligned with ``item_ids``); default: item degree in ``pairs``.
-            item_targets: ``{"quality" | "teacher": (n, t) float}`` rows of ``item_ids``
-                (NaN = unknown) for the heads weighted by ``config.quality_weight`` /
-                ``config.teacher_weight`` (:class:`~qarm_features._contrastive.TargetHeads`).
             init_weights: start from these weights (:meth:`Aligner.export_weights` of the
                 previous bundle: a warm start) instead of the raw space's PCA.
             progress: log each epoch at INFO level (DEBUG otherwise).
@@ -384,11 +376,7 @@ class ItemAligner:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(cfg.seed)
             scorer = score if validate else None
-            weights = {"quality": cfg.quality_weight, "teacher": cfg.teacher_weight}
-            targets = weighted_targets(item_targets, weights, ids.size)
-            model = self._train(
-                raw, hold, cfg, device, history, scorer, progress, targets, init_weights
-            )
+            model = self._train(raw, hold, cfg, device, history, scorer, progress, init_weights)
         model.eval()
         self.module_ = model
         self.weights_ = model.export_weights()
@@ -396,9 +384,7 @@ class ItemAligner:
         self.history_ = history
         return self
 
-    def _train(
-        self, raw, hold: _Holdout, cfg, device, history, score, progress, targets=None, init=None
-    ):
+    def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress, init=None):
         """Epoch loop with early stopping on ``score`` (None: no validation)."""
         need = init is None or cfg.raw_consistency > 0  # one float64 pass serves both uses
         moments = normalized_moments(raw) if need else None
@@ -406,15 +392,13 @@ class ItemAligner:
             model = Aligner.from_weights(init, raw.shape[1], cfg).train().to(device)
         else:
             model = Aligner(raw.shape[1], cfg).init_from_raw(raw, moments).to(device)
-        heads = TargetHeads(cfg.out_dim, targets or {}, device).to(device)
         x_all = torch.from_numpy(raw).to(device)
         ref = centred_reference(raw, moments[0]) if cfg.raw_consistency > 0 else None
         ref_all = None if ref is None else torch.from_numpy(ref).to(device)
         a_all = torch.from_numpy(hold.train_a).to(device)
         b_all = torch.from_numpy(hold.train_b).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device
-        params = [*model.parameters(), *heads.parameters()]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_train = hold.train_a.size
         bs = min(cfg.batch_size, n_train)
 
@@ -429,7 +413,7 @@ class ItemAligner:
         epoch = 0
         for epoch in range(1, cfg.max_epochs + 1):
             perm = torch.randperm(n_train, generator=gen).to(device)
-            stats = _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, heads)
+            stats = _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg)
             for key, value in zip(_EPOCH_KEYS, stats):
                 history[key].append(value)
             if score is None:
@@ -474,7 +458,7 @@ class ItemAligner:
         return self.module_.transform(raw_emb)
 
 
-def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, heads=None):
+def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg):
     """One pass over the train pairs in ``perm`` order; mean losses (summed on the device,
     read once: no host sync per step) and pairs/s."""
     model.train()
@@ -486,7 +470,7 @@ def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, heads=
         if idx.numel() < 2:  # a lone pair has no in-batch negative
             continue
         a, b = a_all[idx], b_all[idx]
-        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a, b, cfg, heads)
+        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a, b, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

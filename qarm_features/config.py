@@ -79,16 +79,6 @@ class AlignerConfig(_Config):
     # Weight of the term that keeps aligned similarities close to raw-space similarities,
     # so the aligner does not discard what the content encoder knows (cold items).
     raw_consistency: float = Field(0.1, ge=0)
-    # Auxiliary item-level regressions that keep behaviour signal the pair loss discards
-    # (pair InfoNCE is popularity-debiased by construction, yet the ranker's label leans on
-    # item quality). A training-only linear head on the aligned embedding predicts, for
-    # items with train interactions, standardised targets; the head is not exported, so
-    # the served forward is unchanged. `quality_weight`: the item's shrunk positive rate
-    # and log interaction count. `teacher_weight`: the retrieval model's item embedding and
-    # bias (BPRMF fitted on the same rows: the IDProxy recipe, content regressed onto the
-    # collaborative item space). 0 disables each (see the evaluation's candidates).
-    quality_weight: float = Field(0.0, ge=0)
-    teacher_weight: float = Field(0.0, ge=0)
     max_epochs: int = Field(40, ge=1)
     patience: int = Field(5, ge=1)  # early stopping on held-out pair-AUC of unseen items
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -99,7 +89,11 @@ class AlignerConfig(_Config):
 class RQConfig(_Config):
     """Residual K-means: L levels of K centroids."""
 
-    n_levels: int = Field(3, ge=1)  # paper: 6; 3 x 64 already separates ~97% of ML items
+    # paper: 6. 4 x 64: the validation winner over 3 levels on MovieLens-100k (issue 11
+    # sweep, paired over seeds 0-2: D warm +0.0022, B+D warm +0.0028, cold +0.0001..+0.0003;
+    # reports/movielens-100k.md, candidate rq_3_levels); 3 x 64 already separates ~97% of
+    # the items, the 4th level refines the residual the ranker still uses.
+    n_levels: int = Field(4, ge=1)
     n_codes: int = Field(64, ge=2)
     n_iter: int = Field(25, ge=1)  # faiss k-means iterations per level
     seed: int = 0

@@ -127,37 +127,6 @@ def item_popularity(interactions: pd.DataFrame, item_ids: np.ndarray) -> np.ndar
     return counts.reindex(item_ids, fill_value=0).to_numpy(np.int64)
 
 
-# Pseudo-counts of the shrunk positive rate (quality target): an item with few ratings is
-# pulled towards the catalog's positive rate instead of sitting at 0 or 1.
-QUALITY_PRIOR_COUNT = 5.0
-
-
-def quality_targets(interactions: pd.DataFrame, item_ids: np.ndarray, threshold: float):
-    """``(n, 2)`` float32 per-item targets: shrunk positive rate, ``log1p(#interactions)``.
-
-    Items without an interaction get NaN rows (unknown: no auxiliary loss on them).
-    """
-    n = interactions.groupby("item_id")["rating"].size()
-    pos = (interactions["rating"] >= threshold).groupby(interactions["item_id"]).sum()
-    prior = float(pos.sum() / max(n.sum(), 1))
-    rate = (pos + QUALITY_PRIOR_COUNT * prior) / (n + QUALITY_PRIOR_COUNT)
-    out = np.full((item_ids.size, 2), np.nan, np.float32)
-    rows = lookup_rows(n.index.to_numpy(np.int64), item_ids, name="interactions.item_id")
-    out[rows, 0] = rate.reindex(n.index).to_numpy()
-    out[rows, 1] = np.log1p(n.to_numpy())
-    return out
-
-
-def teacher_targets(mf, item_ids: np.ndarray) -> np.ndarray:
-    """``(n, dim + 1)`` float32: a fitted BPRMF's item embedding and bias per catalog item
-    (NaN rows for items it never saw)."""
-    out = np.full((item_ids.size, mf.item_emb_.shape[1] + 1), np.nan, np.float32)
-    rows = lookup_rows(mf.item_ids_, item_ids, name="BPRMF item_ids_")
-    out[rows, :-1] = mf.item_emb_
-    out[rows, -1] = mf.item_bias_
-    return out
-
-
 def sample_pairs(pairs: pd.DataFrame, max_pairs: int | None, seed: int) -> pd.DataFrame:
     """At most ``max_pairs`` of ``pairs`` (a seeded draw, original order kept); all of
     them when there are no more than that, or ``max_pairs`` is None."""
@@ -375,23 +344,10 @@ def fit_item_space(
     run = {"progress": on_progress, "records": stages, "logger": logger}
     step("mining pairs")
     with stage("pairs", **run):
-        targets = {}
-        if cfg.aligner.teacher_weight > 0:
-            from qarm_features.retrieval import BPRMF
-
-            # The same retrieval model mine_pairs would fit: fitted once, used twice.
-            mf = BPRMF.from_config(cfg.pairs).fit(interactions)
-            targets["teacher"] = teacher_targets(mf, ids)
-            mf_ids, mf_emb = mf.item_embeddings()
-            pairs, pair_stats = mine_pairs(
-                interactions, cfg.pairs, item_ids=mf_ids, item_emb=mf_emb
-            )
-        elif mined is not None:
+        if mined is not None:
             pairs, pair_stats = mined
         else:
             pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
-        if cfg.aligner.quality_weight > 0:
-            targets["quality"] = quality_targets(interactions, ids, cfg.pairs.positive_threshold)
     timings["pairs_s"] = stages["pairs"]["seconds"]
     if len(pairs) == 0:
         raise InputError("pair mining found no pairs; are there positives (rating >= threshold)?")
@@ -408,7 +364,6 @@ def fit_item_space(
             ids,
             train_pairs,
             val_items=val_items,
-            item_targets=targets,
             init_weights=None if warm is None else warm[0],
             progress=progress,
         )

@@ -36,7 +36,7 @@ class SyntheticWorld:
     ``2 * collab_dim <= content_dim``, ``A`` and ``B`` span orthogonal subspaces,
     so a linear map can). Users prefer one taste cluster; engagement follows
     ``softmax(beta * user . collab + popularity)`` and ratings follow affinity plus
-    ``quality_weight * quality``, so ``rating >= 4`` means a positive. ``quality`` is a
+    ``quality_effect * quality``, so ``rating >= 4`` means a positive. ``quality`` is a
     per-item ground truth (standard normal, correlation 0.5 with popularity) that the
     label depends on but co-engagement does not: the question "does a representation
     keep item quality?" has a known answer here.
@@ -54,7 +54,7 @@ class SyntheticWorld:
             of ``collab`` plus small noise).
         seed: seed of everything.
         n_clusters: taste clusters (and nuisance clusters).
-        quality_weight: weight of :attr:`quality` in the rating, in rating points per
+        quality_effect: weight of :attr:`quality` in the rating, in rating points per
             standard deviation (0 = the label ignores quality). The default 0.5 moves an
             item one std above average by half a star; it only changes ratings, never
             which items are engaged or when.
@@ -81,7 +81,7 @@ class SyntheticWorld:
         seed: int = 0,
         *,
         n_clusters: int = 16,
-        quality_weight: float = 0.5,
+        quality_effect: float = 0.5,
         content_quality: float = 0.0,
     ):
         for name, value in (
@@ -94,14 +94,14 @@ class SyntheticWorld:
             _check_positive_int(name, value)
         if not np.isfinite(nuisance) or nuisance < 0:
             raise InputError(f"nuisance: expected a finite value >= 0, got {nuisance!r}")
-        if not np.isfinite(quality_weight) or quality_weight < 0:
+        if not np.isfinite(quality_effect) or quality_effect < 0:
             raise InputError(
-                f"quality_weight: expected a finite value >= 0, got {quality_weight!r}"
+                f"quality_effect: expected a finite value >= 0, got {quality_effect!r}"
             )
         self.n_items, self.n_users = int(n_items), int(n_users)
         self.collab_dim, self.content_dim = int(collab_dim), int(content_dim)
         self.nuisance, self.seed, self.n_clusters = float(nuisance), int(seed), int(n_clusters)
-        self.quality_weight = float(quality_weight)  # a Python float keeps ratings float32
+        self.quality_effect = float(quality_effect)  # a Python float keeps ratings float32
         if not np.isfinite(content_quality) or content_quality < 0:
             raise InputError(
                 f"content_quality: expected a finite value >= 0, got {content_quality!r}"
@@ -129,7 +129,7 @@ class SyntheticWorld:
         return (
             f"SyntheticWorld(n_items={self.n_items}, n_users={self.n_users}, "
             f"collab_dim={self.collab_dim}, content_dim={self.content_dim}, "
-            f"nuisance={self.nuisance}, seed={self.seed}, quality_weight={self.quality_weight}, "
+            f"nuisance={self.nuisance}, seed={self.seed}, quality_effect={self.quality_effect}, "
             f"content_quality={self.content_quality})"
         )
 
@@ -208,7 +208,7 @@ class SyntheticWorld:
     @property
     def quality(self) -> np.ndarray:
         """Ground-truth item quality, float32 ``(n_items,)`` (lazy): standard normal,
-        correlation 0.5 with :attr:`popularity`; enters ratings with ``quality_weight``."""
+        correlation 0.5 with :attr:`popularity`; enters ratings with ``quality_effect``."""
         return self._materialize("quality")
 
     @property
@@ -263,8 +263,8 @@ class SyntheticWorld:
         Each user engages ``min(n_per_user, n_items)`` distinct items, drawn without
         replacement from ``softmax(beta * user . collab + popularity)`` (Gumbel top-k).
         Ratings (1..5) rise with affinity ``user . collab`` and with
-        ``quality_weight * quality``; ``>= 4`` is a positive. Timestamps increase along each
-        user's sequence. ``quality_weight`` changes ratings only: the engaged items and
+        ``quality_effect * quality``; ``>= 4`` is a positive. Timestamps increase along each
+        user's sequence. ``quality_effect`` changes ratings only: the engaged items and
         timestamps are the same for any weight.
 
         Returns:
@@ -290,7 +290,7 @@ class SyntheticWorld:
             affinity.append(np.einsum("ud,ukd->uk", u, collab[top]))
         top, aff = np.concatenate(items), np.concatenate(affinity)
         noise = 0.5 * rng.standard_normal(top.shape)  # float64: raw is float64, as before
-        raw = 3.0 + 2.0 * (aff - 0.5) + self.quality_weight * quality[top] + noise
+        raw = 3.0 + 2.0 * (aff - 0.5) + self.quality_effect * quality[top] + noise
         rating = np.clip(np.rint(raw), 1, 5).astype(np.float32)
         start = 880_000_000 + rng.integers(0, 180 * 86_400, size=(self.n_users, 1))
         gaps = rng.exponential(86_400.0, size=top.shape).astype(np.int64) + 1

@@ -41,10 +41,6 @@ class RankerConfig:
     rq_mode: str = "both"
     prefix_buckets: int = 1 << 16
     code_init_std: float = 0.0  # 0: a code no training row used adds nothing (cold items)
-    # Training only: each distinct item of a batch loses its id embedding with this
-    # probability (DropoutNet-style), so content/code parts learn to score items alone,
-    # as they must for cold items (whose id row is the zero OOV row).
-    id_dropout: float = 0.0
     # VQ codes read the item-id table (codes = id row - 1): a code list pools the id
     # embeddings of the item's nearest pool items. Needs vq_vocab == n_item_ids - 1.
     vq_tied: bool = False
@@ -136,11 +132,7 @@ class DINRanker(nn.Module):
 
     def item_tower(self, items: ItemFeatures) -> torch.Tensor:
         """``(n,)`` item rows -> ``(n, item_dim)``."""
-        id_index = items.id_index
-        if self.training and self.config.id_dropout > 0:
-            drop = torch.rand(id_index.shape) < self.config.id_dropout
-            id_index = torch.where(drop, torch.zeros_like(id_index), id_index)
-        parts = [self.item_emb(id_index)]
+        parts = [self.item_emb(items.id_index)]
         if self.qarm is not None:
             parts.append(self.qarm(items.rq, items.vq))
         if self.dense is not None:

@@ -75,7 +75,6 @@ def ranker_options(cfg: EvalConfig) -> dict:
     return dict(
         prefix_buckets=cfg.prefix_buckets,
         code_init_std=cfg.code_init_std,
-        id_dropout=cfg.id_dropout,
         level_dropout=cfg.level_dropout,
         rq_mode=cfg.rq_mode,
     )

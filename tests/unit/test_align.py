@@ -261,28 +261,6 @@ def test_unavailable_device_is_a_config_error(world):
         ItemAligner(CFG.model_copy(update={"device": "cuda"})).fit(content, ids, pairs)
 
 
-def test_item_target_heads_are_training_only(world):
-    """Quality/teacher heads change the fit but never the exported layout; a zero weight
-    (the default) leaves training bit-identical to no targets."""
-    ids, content, pairs = world
-    cfg = CFG.model_copy(update={"hidden": 0, "max_epochs": 3})
-    rng = np.random.default_rng(0)
-    targets = {"quality": rng.normal(size=(ids.size, 2)).astype(np.float32)}
-    targets["quality"][:50] = np.nan  # unknown items: no loss on them
-    base = ItemAligner(cfg).fit(content, ids, pairs, val_items=[])
-    same = ItemAligner(cfg).fit(content, ids, pairs, val_items=[], item_targets=targets)
-    for k in base.weights_:
-        np.testing.assert_array_equal(base.weights_[k], same.weights_[k])
-    cfg_q = cfg.model_copy(update={"quality_weight": 1.0})
-    with_q = ItemAligner(cfg_q).fit(content, ids, pairs, val_items=[], item_targets=targets)
-    assert set(with_q.weights_) == set(weight_shapes(content.shape[1], cfg_q))
-    assert not np.array_equal(with_q.weights_["proj.weight"], base.weights_["proj.weight"])
-    with pytest.raises(InputError, match="item_targets"):
-        ItemAligner(cfg_q).fit(
-            content, ids, pairs, val_items=[], item_targets={"quality": targets["quality"][:9]}
-        )
-
-
 # --------------------------------------------------------------------------- loss pins
 def _reference_losses(za, zb, ref_a, ref_b, a, b, temperature):
     """The pre-issue-9 formulation: two dense masks and two (2B, 2B) Gram matrices."""

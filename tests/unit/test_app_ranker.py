@@ -94,18 +94,6 @@ def test_ranker_vq_tied_shares_item_table():
         _tiny_ranker(vq_vocab=9, vq_k=3, vq_tied=True)
 
 
-def test_id_dropout_only_in_training():
-    model, items = _tiny_ranker(id_dropout=0.5)
-    model.eval()
-    a = model.item_tower(items)
-    torch.testing.assert_close(model.item_tower(items), a)  # eval: deterministic, ids kept
-    model.train()
-    torch.manual_seed(0)
-    b = model.item_tower(items)
-    dropped = (b.abs().sum(1) == 0) & (a.abs().sum(1) > 0)
-    assert 0 < int(dropped.sum()) < len(items)
-
-
 def test_ranker_rejects_mismatched_history():
     model, items = _tiny_ranker()
     user, target, hist, label = _batch()

@@ -304,15 +304,15 @@ def test_run_protocol_end_to_end_tiny(tmp_path):
         selection_seeds=(0,),
         candidates={
             "content": Ablation(description="content codes", ranker={"content_codes": True}),
-            "quality": Ablation(description="quality head", aligner={"quality_weight": 1.0}),
+            "mlp": Ablation(description="mlp aligner", aligner={"hidden": 8}),
         },
     )
     out = run_protocol(item_ids, raw, df, cfg, seeds=(0, 1))
     # candidates are measured on the validation split only, paired with the main run there
     sel = out["selection"]
-    assert sel["seeds"] == [0] and set(sel["candidates"]) == {"content", "quality"}
+    assert sel["seeds"] == [0] and set(sel["candidates"]) == {"content", "mlp"}
     assert sel["candidates"]["content"]["alignment"] is None  # ranker-only
-    assert sel["candidates"]["quality"]["alignment"] is not None  # refits the aligner
+    assert sel["candidates"]["mlp"]["alignment"] is not None  # refits the aligner
     for c in sel["candidates"].values():
         assert set(c["delta_vs_main"]) == {"D", "B+D"}
         assert set(c["contrasts"]) == set(CONTRASTS)

@@ -74,24 +74,3 @@ def test_split_and_refusals(world, space):
         fit_item_space(content[:-1], ids[:-1], inter, CFG)
     with pytest.raises(InputError, match="rows"):
         fit_item_space(content[:-1], ids, inter, CFG)
-
-
-def test_quality_targets_shrunk_rate_log_count_nan_for_unseen():
-    import pandas as pd
-
-    from qarm_features.pipeline import QUALITY_PRIOR_COUNT, quality_targets
-
-    df = pd.DataFrame(
-        {
-            "user_id": [1, 2, 3, 1],
-            "item_id": [10, 10, 11, 11],
-            "rating": [5.0, 4.0, 1.0, 2.0],
-            "timestamp": [1, 2, 3, 4],
-        }
-    )
-    t = quality_targets(df, np.array([10, 11, 12], np.int64), 4.0)
-    prior, m = 0.5, QUALITY_PRIOR_COUNT
-    np.testing.assert_allclose(t[0], [(2 + m * prior) / (2 + m), np.log(3)], rtol=1e-6)
-    np.testing.assert_allclose(t[1], [(0 + m * prior) / (2 + m), np.log(3)], rtol=1e-6)
-    assert np.isnan(t[2]).all()
-    assert t[0, 0] > t[1, 0]

@@ -89,7 +89,7 @@ def test_synthetic_world_gives_alignment_a_job():
 
 def test_quality_is_ground_truth_that_raises_the_positive_rate():
     def positive_rate_by_quality(weight):
-        world = SyntheticWorld(600, 400, seed=2, quality_weight=weight)
+        world = SyntheticWorld(600, 400, seed=2, quality_effect=weight)
         df = world.interactions(20)
         q = world.quality[df["item_id"].to_numpy() - 1]
         lo, hi = np.quantile(q, [0.25, 0.75])
@@ -109,5 +109,5 @@ def test_quality_is_ground_truth_that_raises_the_positive_rate():
     assert high1 - low1 > 0.2
     # without it, quality barely matters (affinity alone sets the label)
     assert abs(high0 - low0) < 0.5 * (high1 - low1)
-    with pytest.raises(InputError, match="quality_weight"):
-        SyntheticWorld(10, 3, quality_weight=-0.5)
+    with pytest.raises(InputError, match="quality_effect"):
+        SyntheticWorld(10, 3, quality_effect=-0.5)
