@@ -57,6 +57,7 @@ def build_bundle(
     item_keys=None,
     warm_start: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
+    encoder_dir: str | Path | None = None,
 ) -> BuildResult:
     """Run pair mining, aligner training and code fitting, and write a bundle.
 
@@ -78,6 +79,8 @@ def build_bundle(
         on_progress: ``on_progress(stage, total, advance)`` for the pipeline's stages
             (:func:`qarm_features.pipeline.fit_item_space`); each is logged with its
             seconds and peak RSS.
+        encoder_dir: the fine-tuned text encoder ``raw_emb`` came from: the bundle
+            carries it (``encoder/``, hashed) so every later encode uses it.
 
     Raises:
         InputError: malformed catalog or interactions, or interactions naming items that
@@ -129,6 +132,7 @@ def build_bundle(
         vq_index=space.vq.export_index(),  # the trained ANN index: workers load, not rebuild
         metrics=metrics,
         overwrite=overwrite,
+        encoder_dir=encoder_dir,
     )
     from qarm_features.bundle import load_bundle
 
@@ -258,92 +262,39 @@ def _match_previous(previous: str | Path, space, item_keys):
     return rq, report
 
 
-def build_movielens(
-    out: str | Path,
-    *,
-    config: BuildConfig | None = None,
-    cache_dir: str | Path | None = None,
-    on_step: StepCallback | None = None,
-    progress: bool = False,
-    warm_start: str | Path | None = None,
-    on_progress: ProgressCallback | None = None,
-) -> BuildResult:
-    """Fetch MovieLens-100k, encode its titles with the frozen text encoder, build a bundle."""
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
-
-    cfg = config or BuildConfig()
-    step = on_step or (lambda _label: None)
-    step("loading MovieLens-100k")
-    ml = load_movielens_100k(fetch_movielens_100k(cache_dir))
-    t0 = time.perf_counter()
-    step("encoding item text")
-    texts = ml.items["text"].tolist()
-    item_ids = ml.items["item_id"].to_numpy()
-    raw = encode_catalog_text(
-        texts, cfg, cache_dir=cache_dir, progress=progress, on_progress=on_progress
-    )
-    encoder_info = None
-    if cfg.encoder.finetune_layers > 0:
-        step(f"fine-tuning the top {cfg.encoder.finetune_layers} encoder layers")
-        raw, encoder_info = finetune_encoder(
-            texts, item_ids, ml.interactions, cfg, Path(str(out) + "-encoder"), progress=progress
-        )
-    encode_s = time.perf_counter() - t0
-    result = build_bundle(
-        out,
-        item_ids=item_ids,
-        raw_emb=raw,
-        interactions=ml.interactions,
-        config=cfg,
-        on_step=on_step,
-        progress=progress,
-        extra_metrics={"encoder": encoder_info} if encoder_info else None,
-        warm_start=warm_start,
-        on_progress=on_progress,
-    )
-    result.timings = {"encode_s": encode_s, **result.timings}
-    return result
-
-
 def finetune_encoder(
     texts: list[str],
     item_ids: np.ndarray,
-    interactions: pd.DataFrame,
+    pairs: pd.DataFrame,
     cfg: BuildConfig,
     out: Path,
     *,
     test_item_fraction: float = 0.1,
     progress: bool = False,
-) -> tuple[np.ndarray, dict]:
-    """Fine-tune the text encoder's top layers on train pairs; return new raw_emb and info.
+) -> tuple[Path, dict]:
+    """Fine-tune the text encoder's top layers on the train pairs; save it at ``out``.
 
     The held-out items are chosen exactly as :func:`build_bundle` chooses them (same pairs,
-    fraction and seed), so the encoder never trains on a pair the build reports on. The
-    encoder is saved (safetensors) at ``out``; its path and weight hash go in the manifest.
-    """
-    import hashlib
+    fraction and seed), so the encoder never trains on a pair the build reports on.
 
-    from qarm_features.finetune import EncoderFineTuner, load_encoder
-    from qarm_features.pairs import mine_pairs
+    Returns:
+        ``(path, info)``: the saved sentence-transformers folder (safetensors) and what the
+        manifest records of it (layers, losses, steps; the bundle adds the file hashes).
+    """
+    from qarm_features.finetune import EncoderFineTuner
     from qarm_features.pipeline import split_test_items
 
-    pairs, _ = mine_pairs(interactions, cfg.pairs)
     train_pairs, _, _ = split_test_items(item_ids, pairs, test_item_fraction, cfg.seed)
     tuner = EncoderFineTuner(cfg.encoder, seed=cfg.seed)
     history = tuner.fit(texts, item_ids, train_pairs, progress=progress).history_
     path = tuner.save(out, overwrite=True)
-    raw = np.asarray(load_encoder(path).encode(texts), dtype=np.float32)
-    weights = sorted(path.rglob("*.safetensors"))
-    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
     info = {
-        "path": str(path),
-        "weights_sha256": digest,
         "finetuned_layers": cfg.encoder.finetune_layers,
         "train_loss_before": history.get("train_loss_before"),
         "train_loss_after": history.get("train_loss_after"),
         "steps": history.get("steps"),
     }
-    return raw, info
+    return Path(path), info
 
 
 # Texts per cached block of the catalog encoding: a crash or an interrupt loses at most
@@ -361,9 +312,11 @@ def encode_catalog_text(
     progress: bool = False,
     on_progress: ProgressCallback | None = None,
     block: int = ENCODE_BLOCK,
+    encoder_path: str | Path | None = None,
 ) -> np.ndarray:
-    """Encode item texts with the configured frozen encoder: batched, cached by content
-    hash, resumable.
+    """Encode item texts with the configured frozen encoder (or the fine-tuned one saved
+    at ``encoder_path``, e.g. a bundle's ``encoder/``): batched, cached by content hash,
+    resumable.
 
     The catalog is encoded ``block`` texts at a time; each block is cached on disk under
     a key covering the encoder config and its texts (an ``.npy``, no pickle, written
@@ -374,10 +327,13 @@ def encode_catalog_text(
     import hashlib
     import os
 
-    from qarm_features.encoders import make_encoder
-
     root = Path(cache_dir or os.environ.get("QARM_CACHE", Path.home() / ".cache" / "qarm"))
     head = cfg.encoder.model_dump_json() + "\x00"
+    if encoder_path is not None:  # the weights decide the vectors, not the folder's name
+        from qarm_features.manifest import sha256_file
+
+        weights = sorted(Path(encoder_path).rglob("*.safetensors"))
+        head += "".join(sha256_file(w) for w in weights) + "\x00"
     encoder = None
     parts = []
     with stage("encode text", total=len(texts), progress=on_progress) as s:
@@ -387,7 +343,7 @@ def encode_catalog_text(
             cache = root / "embeddings" / f"{cfg.encoder.kind}-{key}.npy"
             arr = _read_cached(cache, len(part))
             if arr is None:
-                encoder = encoder or make_encoder(cfg.encoder)
+                encoder = encoder or _text_encoder(cfg, encoder_path)
                 arr = np.asarray(encoder.encode(part, show_progress=progress), dtype=np.float32)
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(f".tmp-{os.getpid()}.npy")
@@ -396,6 +352,16 @@ def encode_catalog_text(
             parts.append(arr)
             s.advance(len(part))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _text_encoder(cfg: BuildConfig, encoder_path):
+    if encoder_path is None:
+        from qarm_features.encoders import make_encoder
+
+        return make_encoder(cfg.encoder)
+    from qarm_features.finetune import load_encoder
+
+    return load_encoder(encoder_path)
 
 
 def _read_cached(cache: Path, n: int) -> np.ndarray | None:

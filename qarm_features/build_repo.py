@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pandas as pd
 
 from qarm_features.build import BuildResult, build_bundle, build_versioned, encode_catalog_text
 from qarm_features.errors import ConfigError, InputError
-from qarm_features.project import Project, load_project
+from qarm_features.project import EntitySpec, Project, load_project
 from qarm_features.tables import (
     Keys,
     Table,
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 def _table(project: Project, spec, *, what: str) -> Table:
     """The section's table: its file(s), or the Feast data source of the repo it names."""
     if spec.path is not None:
-        return read_table(project.resolve(spec.path), what=what, csv=spec.csv)
+        return read_table(data_path(project, spec.path), what=what, csv=spec.csv)
     from feast import FileSource
 
     from qarm_features.feast.store import open_store
@@ -60,10 +61,32 @@ def _table(project: Project, spec, *, what: str) -> Table:
     return read_table(project.resolve(source.path), what=what)
 
 
+def data_path(project: Project, path: str) -> Path:
+    """A catalog/events path of ``qarm.yaml``: relative to the data set's tables when it
+    names a ``dataset``, else to the repo."""
+    if project.dataset is None:
+        return project.resolve(path)
+    from qarm_features.data import dataset_tables
+
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else dataset_tables(project.dataset) / p
+
+
 def catalog_content(
-    project: Project, table: Table, keys: Keys, *, cache_dir=None, progress=False, on_progress=None
+    project: Project,
+    table: Table,
+    keys: Keys,
+    *,
+    cache_dir=None,
+    progress=False,
+    on_progress=None,
+    encoder_path: str | os.PathLike | None = None,
 ):
-    """``(n, d)`` float32 content embeddings of the catalog rows, per the config."""
+    """``(n, d)`` float32 content embeddings of the catalog rows, per the config.
+
+    ``encoder_path``: a fine-tuned text encoder (a bundle's ``encoder/``) to encode the
+    text with instead of the configured frozen one.
+    """
     spec, cfg, frame = project.catalog, project.build, table.frame
     if spec.embedding:
         require_columns(table, [spec.embedding], what="catalog")
@@ -84,7 +107,12 @@ def catalog_content(
         return np.asarray(encoder.encode(texts, images=images, show_progress=progress), np.float32)
     texts = render_texts(frame, spec.text, name=table.name)
     return encode_catalog_text(
-        texts, cfg, cache_dir=cache_dir, progress=progress, on_progress=on_progress
+        texts,
+        cfg,
+        cache_dir=cache_dir,
+        progress=progress,
+        on_progress=on_progress,
+        encoder_path=encoder_path,
     )
 
 
@@ -153,6 +181,150 @@ def mine(project: Project, interactions: pd.DataFrame, keys: Keys, cfg):
     return pairs, stats
 
 
+@dataclass
+class RepoData:
+    """A repo's tables, read and checked: what every route (build, evaluate) starts from.
+
+    Attributes:
+        project: the parsed ``qarm.yaml``.
+        catalog: the catalog table; ``keys`` its ids (``keys.ids``: the pipeline's int64).
+        interactions: ``user_id, item_id, rating, timestamp`` rows (``events_frame``),
+            sorted by time; ``threshold``: ``rating >= threshold`` is a positive.
+        event_stats: counts of the events read (recorded in the manifest).
+    """
+
+    project: Project
+    catalog: Table
+    keys: Keys
+    interactions: pd.DataFrame
+    threshold: float
+    event_stats: dict
+    int_users: bool = True  # the log's user ids are ints (not factorised strings)
+
+    @property
+    def history_interactions(self) -> pd.DataFrame | None:
+        """The rows the ``user_history`` view is built from: the events when both the
+        item and the user ids are the team's ints (the view is keyed on ``user_id`` int64
+        and lists int item ids); None otherwise (no user-side view is written)."""
+        return self.interactions if self.keys.kind == "int64" and self.int_users else None
+
+    @property
+    def config(self):
+        """``qarm.yaml``'s build config, with the events' positive threshold."""
+        build = self.project.build
+        pairs = build.pairs.model_copy(update={"positive_threshold": self.threshold})
+        return build.model_copy(update={"pairs": pairs})
+
+    @property
+    def item_keys(self):
+        """A string catalog's keys (stored in the bundle); None for int ids."""
+        return None if self.keys.kind == "int64" else self.keys.keys
+
+
+def read_repo(repo_path: str | os.PathLike | Project, *, on_step=None) -> RepoData:
+    """Read and check the catalog and events ``qarm.yaml`` names (nothing is trained).
+
+    Raises:
+        ConfigError: a bad ``qarm.yaml``. InputError: a bad table (file, column, row named).
+    """
+    project = repo_path if isinstance(repo_path, Project) else load_project(repo_path)
+    step = on_step or (lambda _label: None)
+    step("reading the catalog")
+    table = _table(project, project.catalog, what="catalog")
+    require_columns(table, [project.catalog.id], what="catalog")
+    keys = catalog_keys(table.frame, project.catalog.id, name=table.name)
+    if project.catalog.text:  # a template naming a missing column fails before any work
+        render_texts(table.frame.head(0), project.catalog.text, name=table.name)
+    step("reading the events")
+    events = _table(project, project.events, what="events")
+    interactions, threshold, event_stats = events_frame(events, project.events, keys)
+    int_users = pd.api.types.is_integer_dtype(events.frame[project.events.user])
+    return RepoData(project, table, keys, interactions, threshold, event_stats, int_users)
+
+
+def repo_content(
+    data: RepoData,
+    *,
+    pairs: pd.DataFrame | None = None,
+    encoder_dir: str | os.PathLike | None = None,
+    cache_dir=None,
+    progress: bool = False,
+    on_progress=None,
+    on_step=None,
+) -> tuple[np.ndarray, str | None, dict | None]:
+    """The catalog's raw content embeddings, fine-tuning the text encoder first when
+    ``build.encoder.finetune_layers > 0``.
+
+    Args:
+        pairs: the mined ``<trigger, target>`` pairs the fine-tuner learns from (the
+            ones the aligner gets: the evaluation passes pairs of its train rows only).
+            Needed only when fine-tuning.
+        encoder_dir: where to save the fine-tuned encoder (default: a temporary
+            directory under the repo's bundles directory); the bundle copies it in.
+
+    Returns:
+        ``(raw_emb, encoder_path, encoder_info)``: the embeddings, the fine-tuned
+        encoder's folder (None when frozen) and what the manifest records of it.
+    """
+    step = on_step or (lambda _label: None)
+    project, cfg = data.project, data.config
+    step("encoding item content")
+    kw = {"cache_dir": cache_dir, "progress": progress, "on_progress": on_progress}
+    raw = catalog_content(project, data.catalog, data.keys, **kw)
+    if cfg.encoder.finetune_layers == 0:
+        return raw, None, None
+    if not project.catalog.text or project.catalog.image or cfg.encoder.kind != "text":
+        raise ConfigError(
+            "build.encoder.finetune_layers fine-tunes the text encoder: it needs "
+            "catalog.text and build.encoder.kind: text (images and your own embeddings "
+            "cannot be fine-tuned here)"
+        )
+    from qarm_features.build import finetune_encoder
+
+    step(f"fine-tuning the top {cfg.encoder.finetune_layers} encoder layers")
+    out = Path(encoder_dir) if encoder_dir is not None else _encoder_dir(project)
+    texts = render_texts(data.catalog.frame, project.catalog.text, name=data.catalog.name)
+    if pairs is None:
+        raise InputError("repo_content: fine-tuning needs the mined pairs (pairs=...)")
+    path, info = finetune_encoder(texts, data.keys.ids, pairs, cfg, out, progress=progress)
+    raw = catalog_content(project, data.catalog, data.keys, encoder_path=path, **kw)
+    return raw, str(path), info
+
+
+def _encoder_dir(project: Project) -> Path:
+    import tempfile
+
+    root = project.bundles_dir
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".encoder-", dir=root)) / "encoder"
+
+
+def item_entity(project: Project) -> EntitySpec:
+    """The item entity the repo's QARM views key on, from one place: its declarations.
+
+    ``qarm.yaml``'s ``entity:`` may repeat it; when it disagrees, nothing is written.
+
+    Raises:
+        ConfigError: ``qarm.yaml`` names another entity or join key than the repo's
+            ``qarm`` view is declared on (both named).
+    """
+    from qarm_features.feast.store import declared_item_entity
+
+    declared = declared_item_entity(project.repo)
+    given = project.entity
+    if declared is None:
+        return given or EntitySpec()
+    found = EntitySpec(name=declared[0], join_key=declared[1])
+    if given is not None and given != found:
+        raise ConfigError(
+            f"{project.repo / 'qarm.yaml'}: entity {{name: {given.name}, join_key: "
+            f"{given.join_key}}} but the repo declares the qarm views on entity "
+            f"{found.name!r} (join key {found.join_key!r}); fix qarm.yaml's entity: or "
+            "remove it (the declarations then decide)"
+        )
+    return found
+
+
 def build_from_repo(
     repo_path: str | os.PathLike,
     *,
@@ -165,6 +337,10 @@ def build_from_repo(
 ) -> BuildResult:
     """Read the repo's ``qarm.yaml``, check every table, build a version-named bundle.
 
+    The one build route: the MovieLens demo (``feature_repo/qarm.yaml``) and a team's
+    repo alike. With ``build.encoder.finetune_layers > 0`` the text encoder is fine-tuned
+    on the mined pairs first and the bundle carries it (``encoder/``).
+
     Args:
         repo_path: the feature repo.
         out: the bundles directory (default: ``qarm.yaml``'s ``bundles``).
@@ -176,44 +352,47 @@ def build_from_repo(
     Raises:
         ConfigError: a bad ``qarm.yaml``. InputError: a bad table (file, column, row named).
     """
-    project = load_project(repo_path)
-    step = on_step or (lambda _label: None)
-    step("reading the catalog")
-    table = _table(project, project.catalog, what="catalog")
-    require_columns(table, [project.catalog.id], what="catalog")
-    keys = catalog_keys(table.frame, project.catalog.id, name=table.name)
-    if project.catalog.text:  # a template naming a missing column fails before any work
-        render_texts(table.frame.head(0), project.catalog.text, name=table.name)
-    step("reading the events")
-    events = _table(project, project.events, what="events")
-    interactions, threshold, event_stats = events_frame(events, project.events, keys)
-    cfg = project.build.model_copy(
-        update={"pairs": project.build.pairs.model_copy(update={"positive_threshold": threshold})}
-    )
-    step("encoding item content")
-    raw = catalog_content(
-        project, table, keys, cache_dir=cache_dir, progress=progress, on_progress=on_progress
-    )
-    step("mining pairs")
-    mined = mine(project, interactions, keys, cfg)
+    import shutil
 
-    return build_versioned(
-        Path(out) if out is not None else project.bundles_dir,
-        lambda out: build_bundle(
-            out,
-            item_ids=keys.ids,
-            raw_emb=raw,
-            interactions=interactions,
-            config=cfg,
-            mined=mined,
-            item_keys=None if keys.kind == "int64" else keys.keys,
-            on_step=step,
-            progress=progress,
-            on_progress=on_progress,
-            extra_metrics={"events": event_stats},
-            warm_start=warm_start,
-        ),
+    data = read_repo(repo_path, on_step=on_step)
+    item_entity(data.project)  # a qarm.yaml/declarations mismatch stops here
+    cfg = data.config
+    step = on_step or (lambda _label: None)
+    step("mining pairs")
+    mined = mine(data.project, data.interactions, data.keys, cfg)
+    raw, encoder_path, encoder_info = repo_content(
+        data,
+        pairs=mined[0],
+        cache_dir=cache_dir,
+        progress=progress,
+        on_progress=on_progress,
+        on_step=on_step,
     )
+    try:
+        extra = {"events": data.event_stats}
+        if encoder_info is not None:
+            extra["encoder"] = encoder_info
+        return build_versioned(
+            Path(out) if out is not None else data.project.bundles_dir,
+            lambda out: build_bundle(
+                out,
+                item_ids=data.keys.ids,
+                raw_emb=raw,
+                interactions=data.interactions,
+                config=cfg,
+                mined=mined,
+                item_keys=data.item_keys,
+                on_step=on_step,
+                progress=progress,
+                on_progress=on_progress,
+                extra_metrics=extra,
+                warm_start=warm_start,
+                encoder_dir=encoder_path,
+            ),
+        )
+    finally:
+        if encoder_path is not None:  # the bundle holds its own copy
+            shutil.rmtree(Path(encoder_path).parent, ignore_errors=True)
 
 
 def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) -> dict:
@@ -232,12 +411,16 @@ def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) 
     """
     from qarm_features.feast.job import push_items
 
+    from qarm_features.feast.context import ServingContext
+
     project = load_project(repo_path)
     table = read_table(Path(items_path), what="items")
     require_columns(table, [project.catalog.id], what="items")
     keys = catalog_keys(table.frame, project.catalog.id, name=table.name)
-    raw = catalog_content(project, table, keys)
-    join_key = project.entity.join_key
+    served = ServingContext.of_repo(project.repo)
+    encoder = served.load().encoder_path if served.is_set else None  # the served raw space
+    raw = catalog_content(project, table, keys, encoder_path=encoder)
+    join_key = item_entity(project).join_key
     items = pd.DataFrame({join_key: keys.keys, "raw_emb": list(raw)})
     stats = push_items(project.repo, items, join_key=join_key)
     from qarm_features.feast.serving import appended

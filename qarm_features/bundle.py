@@ -15,6 +15,10 @@ be unpickled::
                            (item_ids are then the row indices 0 .. n-1)
     vq_index.npy           uint8 faiss.serialize_index of the VQ pool's ANN index, when the
                            pool is large enough for one (bundles without it rebuild it)
+    encoder/...            the fine-tuned text encoder raw_emb came from (a
+                           sentence-transformers folder, safetensors weights), when the
+                           build fine-tuned one (build.encoder.finetune_layers > 0): every
+                           path that encodes content for this bundle loads it
 
 The version id is content-addressed (a hash of every file's sha256, the build config and
 the dims: everything that decides a served code), so two bundles with the same content
@@ -71,8 +75,8 @@ ARRAY_FILES = {
 KEYS_FILE = "item_keys.npy"
 # The trained ANN index of a large VQ pool (VQCoder.export_index): loaded, not rebuilt.
 INDEX_FILE = "vq_index.npy"
-ALIGNER_KEYS_LINEAR = ("proj.weight",)
-ALIGNER_KEYS_MLP = ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
+# The fine-tuned text encoder's folder, file by file (each hashed like every other file).
+ENCODER_DIR = "encoder"
 
 
 def _int_or_missing(key) -> int:
@@ -217,10 +221,6 @@ class Bundle:
         _ = self.aligner64, self.rq, self.vq
         return self
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, verify: bool = True) -> "Bundle":
-        return load_bundle(path, verify=verify)
-
 
 def write_bundle(
     path: str | os.PathLike,
@@ -237,6 +237,7 @@ def write_bundle(
     vq_index: np.ndarray | None = None,
     metrics: dict | None = None,
     overwrite: bool = False,
+    encoder_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write a bundle directory atomically and return its path.
 
@@ -249,6 +250,8 @@ def write_bundle(
             be ``0 .. n-1``. None for an int catalog (its ids are ``item_ids``).
         vq_index: the pool's ANN index, ``VQCoder.export_index()`` of the coder fitted on
             ``vq_pool_emb``/``vq_pool_ids`` with ``config.vq`` (None: none stored).
+        encoder_dir: the fine-tuned text encoder ``raw_emb`` came from (a
+            sentence-transformers folder): copied in as ``encoder/``, every file hashed.
 
     Raises:
         BundleError: ``path`` exists and ``overwrite`` is false, or arrays are inconsistent.
@@ -300,6 +303,8 @@ def write_bundle(
         if index is not None:
             np.save(tmp / INDEX_FILE, index, allow_pickle=False)
             files[INDEX_FILE] = {"kind": "npy", "dtype": "uint8", "shape": [index.size]}
+        if encoder_dir is not None:
+            files.update(_copy_encoder(Path(encoder_dir), tmp / ENCODER_DIR))
         for fname, meta in files.items():
             meta["sha256"] = sha256_file(tmp / fname)
             meta["bytes"] = (tmp / fname).stat().st_size
@@ -320,6 +325,22 @@ def write_bundle(
             json.dump(manifest, f, indent=2, sort_keys=True)
     log.info("wrote bundle %s (%s)", path, manifest["version"])
     return path
+
+
+def _copy_encoder(src: Path, dst: Path) -> dict[str, dict[str, Any]]:
+    """Copy a saved text encoder's files into the bundle; their manifest entries."""
+    import shutil
+
+    if not (src / "modules.json").is_file():
+        raise BundleError(f"encoder_dir {src} holds no modules.json: not a saved text encoder")
+    entries = {}
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = f.relative_to(src).as_posix()
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst / rel)
+        kind = "safetensors" if f.suffix == ".safetensors" else "file"
+        entries[f"{ENCODER_DIR}/{rel}"] = {"kind": kind}
+    return entries
 
 
 def _checked_index(vq_index, config: BuildConfig, arrays: dict, vq_k: int) -> np.ndarray:
@@ -362,12 +383,15 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
     if manifest.dims.id_type == "string":
         expected_files.add(KEYS_FILE)
     expected_files |= {INDEX_FILE} & set(files)  # optional: older bundles rebuild the index
+    expected_files |= {f for f in files if f.startswith(ENCODER_DIR + "/")}  # fine-tuned
     if set(files) != expected_files:
         raise BundleError(
             f"{path / MANIFEST} lists files {sorted(files)}, expected {sorted(expected_files)}"
         )
     for fname, meta in files.items():
         fpath = path / fname
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise BundleError(f"{path / MANIFEST} names a file outside the bundle: {fname!r}")
         if fpath.is_symlink():
             raise BundleError(
                 f"{path}: {fname} is a symbolic link; a bundle holds its own files "

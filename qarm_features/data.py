@@ -366,3 +366,37 @@ def load_movielens_100k(path: str | Path) -> MovieLens:
         f"{path}: no MovieLens files (expected u.data + u.item, or ml-100k.inter + "
         "ml-100k.item); call fetch_movielens_100k() to get them"
     )
+
+
+# --------------------------------------------------------------------------- qarm.yaml
+DATASETS = ("movielens-100k",)  # the data sets a qarm.yaml may name (`dataset:`)
+TABLES_DIR = "tables"  # <cache>/<data set>/tables/{items,events}.parquet
+
+
+def dataset_tables(name: str, cache_dir: Path | None = None) -> Path:
+    """The folder of a data set's tidy tables, fetched and written on first use.
+
+    ``items.parquet`` (``item_id``, ``title``, ``year``, ``genres``, ``text``) and
+    ``events.parquet`` (``user_id``, ``item_id``, ``rating``, ``timestamp``): what a
+    ``qarm.yaml`` with ``dataset: NAME`` reads (its relative catalog and events paths are
+    taken from this folder), e.g. the demo repo's ``feature_repo/qarm.yaml``. Written
+    atomically (a temp folder renamed into place).
+
+    Raises:
+        DatasetError: an unknown name, or the data set could not be fetched.
+    """
+    if name not in DATASETS:
+        raise DatasetError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+    folder = fetch_movielens_100k(cache_dir)
+    target = folder / TABLES_DIR
+    if (target / "items.parquet").is_file() and (target / "events.parquet").is_file():
+        return target
+    ml = load_movielens_100k(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TABLES_DIR}-", dir=folder))
+    try:
+        ml.items.to_parquet(tmp / "items.parquet", index=False)
+        ml.interactions.to_parquet(tmp / "events.parquet", index=False)
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -38,7 +38,7 @@ class _Strict(BaseModel):
 class FileEntry(_Strict):
     """One file of the bundle: what it holds and how to verify it."""
 
-    kind: Literal["npy", "safetensors"]
+    kind: Literal["npy", "safetensors", "file"]  # file: the fine-tuned encoder's folder
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)
     dtype: str | None = None

@@ -187,12 +187,11 @@ _encoders: dict = {}
 
 
 def _text_encoder(bundle):
-    """The bundle's frozen text encoder, loaded once per process (and pinned like a server)."""
-    cfg = bundle.config.encoder
-    key = cfg.model_dump_json()
+    """The bundle's text encoder (its fine-tuned ``encoder/``, else the frozen one its
+    config names), loaded once per process (and pinned like a server)."""
+    key = str(bundle.encoder_path or bundle.config.encoder.model_dump_json())
     encoder = _encoders.get(key)
     if encoder is None:
-        from qarm_features.encoders import make_encoder
         from qarm_features.feast.context import serving_threads
 
         n = serving_threads()
@@ -200,15 +199,16 @@ def _text_encoder(bundle):
             import torch
 
             torch.set_num_threads(n)
-        encoder = _encoders[key] = make_encoder(cfg)
+        encoder = _encoders[key] = bundle.content_encoder()
     return encoder
 
 
 def qarm_cold_text_python(inputs: dict, context: dict) -> dict:
     """Body of the python-mode ``qarm_cold_text`` view: rows carry the item's ``text``.
 
-    The bundle's frozen text encoder (``config.encoder``) turns each text into the raw
-    embedding, which is then encoded exactly as :func:`qarm_cold_python` encodes it. The
+    The bundle's text encoder (:meth:`~qarm_features.bundle.Bundle.content_encoder`: the
+    fine-tuned one it carries, else the frozen ``config.encoder``) turns each text into
+    the raw embedding, which is then encoded exactly as :func:`qarm_cold_python` encodes it. The
     text must be what the catalog's template renders for the item (the build encoded
     that); a request's embedding can differ from a batched one in its last bits.
     """

@@ -2,12 +2,13 @@
 
     qarm init DIR | --into REPO --item-entity NAME   a QARM repo, or QARM in an existing one
     qarm build [--repo R]                  encode -> pairs -> aligner -> codes -> bundle
+                                           (R: a repo with a qarm.yaml; default the demo)
     qarm materialize [--repo R]            bundle -> offline sources -> feast materialize
     qarm push --repo R ITEMS               new items' codes online, no batch rerun
     qarm status [--repo R] [--repair]      what a repo serves; repair what a crash left
     qarm serve --repo R [-p PORT]          HTTP serving: Feast's app, checked and bounded
     qarm inspect BUNDLE                    verify a bundle, print its metrics (exit 1 if bad)
-    qarm datasets fetch movielens-100k     put the data set in the cache
+    qarm datasets fetch movielens-100k     put the data set (and its tables) in the cache
     qarm run                               the MovieLens demo end to end (build + serve + sample)
     qarm evaluate                          the MovieLens-100k ranking evaluation report
 
@@ -42,8 +43,7 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Fetch data sets into the 
 app.add_typer(datasets_app, name="datasets")
 console = Console()
 
-DEFAULT_BUNDLES = Path("artifacts/bundles")  # the demo's bundles: <dir>/<version>/, LATEST
-DEFAULT_REPO = Path("feature_repo")
+DEFAULT_REPO = Path("feature_repo")  # the demo repo: its qarm.yaml reads MovieLens-100k
 
 
 def _fail(exc: Exception) -> None:
@@ -58,121 +58,60 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def load_build_config(config_file: Optional[Path], overrides: list[str]):
-    """Build a :class:`BuildConfig` from an optional JSON file plus ``a.b=value`` overrides."""
-    from qarm_features.config import BuildConfig, parse_config
-    from qarm_features.errors import ConfigError
-
-    data: dict = {}
-    if config_file is not None:
-        try:
-            data = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"config file {config_file}: expected a JSON object of BuildConfig sections, "
-                f"got {type(data).__name__} {data!r:.60}"
-            )
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = parsed
-    return parse_config(BuildConfig, data)
-
-
 @datasets_app.command("fetch")
 def datasets_fetch(
     name: Annotated[str, typer.Argument(help="Data set name: movielens-100k.")] = "movielens-100k",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache directory.")] = None,
 ) -> None:
-    """Download a data set into the cache (GroupLens, or the copy in the recbole wheel)."""
-    from qarm_features.data import fetch_movielens_100k
+    """Put a data set and its tidy tables in the cache (a qarm.yaml names it: `dataset:`)."""
+    from qarm_features.data import dataset_tables
 
-    if name != "movielens-100k":
-        _fail(ValueError(f"unknown data set {name!r}; available: movielens-100k"))
     try:
-        with console.status("fetching movielens-100k"):
-            path = fetch_movielens_100k(cache_dir)
+        with console.status(f"fetching {name}"):
+            path = dataset_tables(name, cache_dir)
     except QarmError as exc:
         _fail(exc)
-    console.print(f"movielens-100k is at [bold]{path}[/]")
+    console.print(f"{name} is at [bold]{path}[/]")
 
 
 @app.command()
 def build(
     repo: Annotated[
-        Optional[Path], typer.Option(help="A feature repo with a qarm.yaml: build from its data.")
-    ] = None,
+        Path, typer.Option(help="A feature repo with a qarm.yaml (default: the demo repo).")
+    ] = DEFAULT_REPO,
     out: Annotated[
         Optional[Path],
         typer.Option(
-            help="Bundles directory (bundles go to OUT/<version>/; default: the "
-            "repo's `bundles`, or artifacts/bundles for the demo)."
+            help="Bundles directory (bundles go to OUT/<version>/; default: the repo's "
+            "qarm.yaml `bundles`)."
         ),
     ] = None,
-    config: Annotated[Optional[Path], typer.Option(help="BuildConfig as JSON (demo).")] = None,
-    set_: Annotated[
-        list[str], typer.Option("--set", help="Override a config key, e.g. rq.n_levels=4.")
-    ] = [],  # noqa: B006 - typer needs a literal default
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Data/embedding cache.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache.")] = None,
     warm_start: Annotated[
         Optional[Path],
         typer.Option(help="The previous bundle: keep its code ids, record the churn."),
     ] = None,
     verbose: bool = False,
 ) -> None:
-    """Build a QARM bundle (encode, mine pairs, align, fit codes).
+    """Build a QARM bundle (encode, mine pairs, align, fit codes) from a repo's qarm.yaml.
 
-    With --repo: from the catalog and events its qarm.yaml names. Without: the MovieLens-100k
-    demo. Bundles are immutable and version-named: nothing that exists is ever deleted.
+    The catalog and events its qarm.yaml names; the build config is its `build:` section
+    (the demo repo feature_repo/ is MovieLens-100k). Bundles are immutable and
+    version-named: nothing that exists is ever deleted.
     """
     _setup_logging(verbose)
-    from qarm_features.build import build_movielens, build_versioned
+    from qarm_features.build_repo import build_from_repo
 
     try:
         with stage_progress(console) as (on_progress, on_step):
-            if repo is not None:
-                if config is not None or set_:
-                    raise ConfigError("with --repo, the build config is qarm.yaml's `build:`")
-                from qarm_features.build_repo import build_from_repo
-
-                result = build_from_repo(
-                    repo,
-                    cache_dir=cache_dir,
-                    on_step=on_step,
-                    out=out,
-                    warm_start=warm_start,
-                    on_progress=on_progress,
-                )
-            else:
-                cfg = load_build_config(config, set_)
-                if cfg.dataset != "movielens-100k":
-                    raise ConfigError(
-                        f"dataset={cfg.dataset!r}: without --repo qarm builds the "
-                        "movielens-100k demo; build your own data with --repo (qarm.yaml)"
-                    )
-                result = build_versioned(
-                    out or DEFAULT_BUNDLES,
-                    lambda path: build_movielens(
-                        path,
-                        config=cfg,
-                        cache_dir=cache_dir,
-                        on_step=on_step,
-                        progress=False,
-                        warm_start=warm_start,
-                        on_progress=on_progress,
-                    ),
-                )
+            result = build_from_repo(
+                repo,
+                cache_dir=cache_dir,
+                on_step=on_step,
+                out=out,
+                warm_start=warm_start,
+                on_progress=on_progress,
+            )
     except QarmError as exc:
         _fail(exc)
     console.print(f"bundle [bold]{result.version}[/] written to {result.path}")
@@ -182,7 +121,8 @@ def build(
 @app.command()
 def inspect(
     bundle: Annotated[
-        Optional[Path], typer.Argument(help="Bundle directory (default: the newest demo build).")
+        Optional[Path],
+        typer.Argument(help="Bundle directory (default: the newest build of --repo)."),
     ] = None,
     repo: Annotated[
         Optional[Path],
@@ -206,12 +146,7 @@ def inspect(
     from qarm_features.project import load_project
 
     try:
-        if bundle is not None:
-            path = bundle
-        elif repo is not None:
-            path = latest_bundle(load_project(repo).bundles_dir)
-        else:
-            path = latest_bundle(DEFAULT_BUNDLES)
+        path = bundle or latest_bundle(load_project(repo or DEFAULT_REPO).bundles_dir)
         b = load_bundle(path)
         report = added = None
         if against is not None:
@@ -235,23 +170,28 @@ def inspect(
     print_inspect(path, b, churn=report, appended=added)
 
 
-def _materialize(repo: Path, bundle: Optional[Path], *, cache_dir, **options) -> dict:
-    """A repo with a qarm.yaml serves its own builds; the demo repo the MovieLens builds.
+def _materialize(repo: Path, bundle: Optional[Path], **options) -> dict:
+    """The repo's newest build (or ``bundle``) through :func:`materialize`, keyed on the
+    item entity its declarations give; the user-side view from its events.
 
     ``options``: :func:`qarm_features.feast.job.materialize`'s (promote, keep_previous,
     progress, fs_yaml_file).
     """
     from qarm_features.build import latest_bundle
+    from qarm_features.build_repo import item_entity, read_repo
     from qarm_features.feast.job import materialize as run_materialize
-    from qarm_features.project import FILE_NAME, load_project
 
-    if (Path(repo) / FILE_NAME).exists():
-        project = load_project(repo)
-        bundle = bundle or latest_bundle(project.bundles_dir)
-        return run_materialize(bundle, repo, join_key=project.entity.join_key, **options)
-    bundle = bundle or latest_bundle(DEFAULT_BUNDLES)
-    interactions = _movielens_interactions(cache_dir)
-    return run_materialize(bundle, repo, interactions_df=interactions, **options)
+    data = read_repo(repo)
+    join_key = item_entity(data.project).join_key  # a mismatch stops before any write
+    bundle = bundle or latest_bundle(data.project.bundles_dir)
+    return run_materialize(
+        bundle,
+        data.project.repo,
+        interactions_df=data.history_interactions,
+        positive_threshold=data.threshold,
+        join_key=join_key,
+        **options,
+    )
 
 
 @app.command()
@@ -260,7 +200,6 @@ def materialize(
     bundle: Annotated[
         Optional[Path], typer.Option(help="Bundle directory (default: the newest build).")
     ] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Data cache.")] = None,
     promote: Annotated[
         bool, typer.Option(help="Let this bundle replace another version the store serves.")
     ] = False,
@@ -290,7 +229,6 @@ def materialize(
                 repo,
                 bundle,
                 promote=promote,
-                cache_dir=cache_dir,
                 keep_previous=keep_previous,
                 progress=on_progress,
                 fs_yaml_file=feature_store_yaml,
@@ -392,36 +330,22 @@ def init(
     )
 
 
-def _movielens_interactions(cache_dir):
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
-
-    return load_movielens_100k(fetch_movielens_100k(cache_dir)).interactions
-
-
 @app.command()
 def run(
     repo: Annotated[Path, typer.Option(help="Feast feature repo.")] = DEFAULT_REPO,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Data/embedding cache.")] = None,
     verbose: bool = False,
 ) -> None:
-    """The main job: fetch MovieLens-100k, build a bundle, populate Feast, read it back."""
-    build(
-        repo=None,
-        out=None,
-        config=None,
-        set_=[],
-        cache_dir=cache_dir,
-        warm_start=None,
-        verbose=verbose,
-    )
+    """The main job on the demo repo (feature_repo/qarm.yaml: MovieLens-100k): build a
+    bundle, materialize it into Feast, read it back: `qarm build` then `qarm materialize`
+    on that repo, the route every repo takes."""
+    build(repo=repo, out=None, cache_dir=cache_dir, warm_start=None, verbose=verbose)
     from qarm_features.feast.serving import sample_online
 
     try:
         with stage_progress(console) as (on_progress, _):
             # the main job rebuilds the bundle, so it promotes the new version by design
-            stats = _materialize(
-                repo, None, promote=True, cache_dir=cache_dir, progress=on_progress
-            )
+            stats = _materialize(repo, None, promote=True, progress=on_progress)
         console.print("[bold]materialized[/]: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
         from qarm_features.encode import get_bundle
 

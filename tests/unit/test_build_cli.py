@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from qarm_features.build import build_bundle
 from qarm_features.bundle import load_bundle
-from qarm_features.app.cli import app, load_build_config
+from qarm_features.app.cli import app
 from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig, VQConfig
 from qarm_features.synthetic import SyntheticWorld
-from qarm_features.errors import ConfigError, InputError
+from qarm_features.errors import InputError
 
 runner = CliRunner()
 
@@ -94,17 +94,13 @@ def test_inspect_ok_and_bad_bundle_exit_codes(built, tmp_path):
     assert res.exit_code == 1
 
 
-def test_config_file_and_overrides(tmp_path):
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text('{"rq": {"n_levels": 4}}')
-    cfg = load_build_config(cfg_file, ["vq.k=10", "aligner.temperature=0.1"])
-    assert cfg.rq.n_levels == 4 and cfg.vq.k == 10 and cfg.aligner.temperature == 0.1
-    with pytest.raises(ConfigError, match="levels"):
-        load_build_config(None, ["rq.levels=4"])  # unknown key is an error, not ignored
-    with pytest.raises(ConfigError):
-        load_build_config(None, ["rq.n_levels=0"])
-    res = runner.invoke(app, ["build", "--set", "rq.nlevels=3", "--out", str(tmp_path / "x")])
-    assert res.exit_code == 1 and "nlevels" in res.output
+def test_build_reads_the_repos_qarm_yaml_only(tmp_path):
+    """One route: `qarm build` builds a repo's qarm.yaml (the demo repo by default); there
+    is no JSON config or --set route beside it."""
+    res = runner.invoke(app, ["build", "--repo", str(tmp_path)])
+    assert res.exit_code == 1 and "qarm.yaml does not exist" in " ".join(res.output.split())
+    res = runner.invoke(app, ["build", "--repo", str(tmp_path), "--config", "c.json"])
+    assert res.exit_code == 2 and "--config" in res.output
 
 
 @pytest.mark.parametrize(
@@ -121,14 +117,6 @@ def test_catalog_size_and_ids_are_checked_before_training(world, tmp_path, ids, 
     with pytest.raises(InputError, match=match):
         build_bundle(tmp_path / "b", item_ids=ids, raw_emb=raw, interactions=events, config=cfg)
     assert not (tmp_path / "b").exists()
-
-
-def test_a_config_file_that_is_not_an_object_is_refused(tmp_path):
-    (tmp_path / "c.json").write_text("[]")
-    with pytest.raises(ConfigError, match="expected a JSON object"):
-        load_build_config(tmp_path / "c.json", [])
-    result = runner.invoke(app, ["build", "--set", "dataset=anything"])
-    assert result.exit_code == 1 and "movielens-100k demo" in result.output
 
 
 def test_environment_faults_end_in_one_line(tmp_path):
