@@ -15,7 +15,6 @@ alignment generalises beyond warm items.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
