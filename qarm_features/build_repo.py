@@ -354,8 +354,9 @@ def build_from_repo(
     """
     import shutil
 
-    data = read_repo(repo_path, on_step=on_step)
-    item_entity(data.project)  # a qarm.yaml/declarations mismatch stops here
+    project = load_project(repo_path)
+    item_entity(project)  # a qarm.yaml/declarations mismatch stops before any work
+    data = read_repo(project, on_step=on_step)
     cfg = data.config
     step = on_step or (lambda _label: None)
     step("mining pairs")

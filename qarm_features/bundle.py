@@ -216,6 +216,28 @@ class Bundle:
                 raise
             raise BundleError(f"{self.path / INDEX_FILE} rejected ({exc})") from None
 
+    @property
+    def encoder_path(self) -> Path | None:
+        """The fine-tuned text encoder this bundle's raw space comes from (None: the
+        frozen encoder ``config.encoder`` names)."""
+        prefix = ENCODER_DIR + "/"
+        finetuned = any(f.startswith(prefix) for f in self.manifest.files)
+        return self.path / ENCODER_DIR if finetuned else None
+
+    def content_encoder(self):
+        """The encoder of this bundle's raw space: its own fine-tuned ``encoder/``, else
+        the configured frozen one. Every path that encodes content for the bundle (batch
+        codes, ``qarm push``, ``qarm_cold_text``) uses it, so all of them share one raw
+        space."""
+        from qarm_features.encoders import TextEncoder, make_encoder
+
+        cfg = self.config.encoder
+        if self.encoder_path is None:
+            return make_encoder(cfg)
+        return TextEncoder(
+            model_path=self.encoder_path, batch_size=cfg.batch_size, normalize=cfg.normalize
+        )
+
     def warm(self) -> "Bundle":
         """Build the coders and float64 weights now (servers: before the first request)."""
         _ = self.aligner64, self.rq, self.vq

@@ -180,9 +180,11 @@ def _materialize(repo: Path, bundle: Optional[Path], **options) -> dict:
     from qarm_features.build import latest_bundle
     from qarm_features.build_repo import item_entity, read_repo
     from qarm_features.feast.job import materialize as run_materialize
+    from qarm_features.project import load_project
 
-    data = read_repo(repo)
-    join_key = item_entity(data.project).join_key  # a mismatch stops before any write
+    project = load_project(repo)
+    join_key = item_entity(project).join_key  # a mismatch stops before any write
+    data = read_repo(project)
     bundle = bundle or latest_bundle(data.project.bundles_dir)
     return run_materialize(
         bundle,
