@@ -136,11 +136,11 @@ def run_seed(ids, raw, interactions, seed: int) -> dict:
 def run(out: Path, seeds=(0, 1, 2)) -> dict:
     import torch
 
+    from qarm_features._validate import l2_normalize
     from qarm_features.app.evaluate import _mean_std
     from qarm_features.build import encode_catalog_text
     from qarm_features.config import BuildConfig
     from qarm_features.data import fetch_movielens_100k, load_movielens_100k
-    from qarm_features.pipeline import l2_normalize
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

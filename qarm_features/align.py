@@ -29,7 +29,7 @@ from qarm_features._contrastive import (
     raw_consistency,
     symmetric_nce,
 )
-from qarm_features._validate import check_embeddings, check_ids, lookup_rows
+from qarm_features._validate import check_embeddings, check_ids, draw_items, lookup_rows
 from qarm_features.config import AlignerConfig
 from qarm_features.errors import ConfigError, DependencyError, InputError, NotFittedError
 from qarm_features.metrics import pair_auc, pair_recall_at_k
@@ -220,10 +220,7 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
     ``val_items=None`` draws ``cfg.val_fraction`` of the paired items (``cfg.seed``).
     """
     if val_items is None:
-        rng = np.random.default_rng(cfg.seed)
-        candidates = np.unique(np.concatenate([ti, gi]))
-        n_val = max(1, int(round(cfg.val_fraction * candidates.size)))
-        val_rows = np.sort(rng.choice(candidates, size=n_val, replace=False))
+        val_rows = draw_items(np.concatenate([ti, gi]), cfg.val_fraction, cfg.seed, at_least=1)
     else:
         val_ids = check_ids(np.asarray(val_items).reshape(-1), name="val_items", unique=False)
         val_rows = np.unique(lookup_rows(val_ids, ids, name="val_items"))

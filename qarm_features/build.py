@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from qarm_features._atomic import atomic_file
 from qarm_features.config import BuildConfig
 from qarm_features.errors import InputError
 from qarm_features.pipeline import StepCallback
@@ -85,8 +86,9 @@ def build_bundle(
         InputError: malformed catalog or interactions, or interactions naming items that
             are not in the catalog.
     """
+    from qarm_features._validate import l2_normalize
     from qarm_features.bundle import write_bundle
-    from qarm_features.pipeline import code_report, fit_item_space, l2_normalize, make_rq
+    from qarm_features.pipeline import code_report, fit_item_space, make_rq
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)
@@ -195,9 +197,8 @@ def build_versioned(root: str | Path, build: Callable[[Path], BuildResult]) -> B
         final = root / result.version
         if not final.exists():
             os.replace(tmp / "bundle", final)
-        marker = tmp / LATEST
-        marker.write_text(result.version + "\n")
-        os.replace(marker, root / LATEST)
+        with atomic_file(root / LATEST) as marker:
+            marker.write_text(result.version + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result.path = final
@@ -344,10 +345,8 @@ def encode_catalog_text(
             if arr is None:
                 encoder = encoder or _text_encoder(cfg, encoder_path)
                 arr = np.asarray(encoder.encode(part, show_progress=progress), dtype=np.float32)
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(f".tmp-{os.getpid()}.npy")
-                np.save(tmp, arr, allow_pickle=False)
-                os.replace(tmp, cache)
+                with atomic_file(cache) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, arr, allow_pickle=False)
             parts.append(arr)
             s.advance(len(part))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from qarm_features._validate import check_embeddings, check_ids
+from qarm_features._validate import check_embeddings, check_ids, l2_normalize
 from qarm_features.config import EncoderConfig
 from qarm_features.errors import ConfigError, DependencyError, InputError
 
@@ -84,10 +84,6 @@ def _check_texts(texts, *, name: str = "texts") -> list[str]:
                 "fill missing texts (e.g. with the title) before encoding"
             )
     return out
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 class TextEncoder:
@@ -337,11 +333,11 @@ class ClipEncoder:
         if images:
             parts.append(self._run(model, "image", images, tokenizer, show_progress))
         if len(parts) == 2:
-            out = (_l2_normalize(parts[0]) + _l2_normalize(parts[1])) / 2
+            out = (l2_normalize(parts[0]) + l2_normalize(parts[1])) / 2
         else:
             out = parts[0]
         if self.normalize:
-            out = _l2_normalize(out)
+            out = l2_normalize(out)
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def _run(self, model, kind: str, rows: list, tokenizer, show_progress: bool) -> np.ndarray:
@@ -452,7 +448,7 @@ class PrecomputedEncoder:
                 f"{path}: cannot load precomputed embeddings ({exc}); {expected}"
             ) from None
         if normalize:
-            emb = _l2_normalize(check_embeddings(emb, name=f"{path}: embeddings"))
+            emb = l2_normalize(check_embeddings(emb, name=f"{path}: embeddings"))
         return cls(ids, emb, name=name or f"precomputed:{path.stem}")
 
 

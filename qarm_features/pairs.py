@@ -28,7 +28,13 @@ import logging
 import numpy as np
 import pandas as pd
 
-from qarm_features._validate import check_embeddings, check_ids, check_interactions, lookup_rows
+from qarm_features._validate import (
+    check_embeddings,
+    check_ids,
+    check_interactions,
+    l2_normalize,
+    lookup_rows,
+)
 from qarm_features.config import PairsConfig
 from qarm_features.errors import ConfigError, InputError
 from qarm_features.retrieval import BPRMF
@@ -52,10 +58,6 @@ def _positives(interactions, positive_threshold: float) -> pd.DataFrame:
             f"{len(log)} rows; lower positive_threshold or check the rating column"
         )
     return pos.reset_index(drop=True)
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 # --------------------------------------------------------------------------- U2I
@@ -111,7 +113,7 @@ def _empty_pairs() -> pd.DataFrame:
 def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> pd.DataFrame:
     """:func:`mine_u2i_pairs` on validated positives (log order)."""
     rows = lookup_rows(pos["item_id"].to_numpy(), ids, name="interactions.item_id")
-    e = _normalize(emb.astype(np.float64)).astype(np.float32)
+    e = l2_normalize(emb.astype(np.float64)).astype(np.float32)
     users = pos["user_id"].to_numpy()
     order = np.argsort(users, kind="stable")  # user-major, log order within a user
     users = users[order]

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from qarm_features._validate import check_columns, check_embeddings, check_ids, lookup_rows
+from qarm_features._validate import (
+    check_columns,
+    check_embeddings,
+    check_ids,
+    draw_items,
+    l2_normalize,
+    lookup_rows,
+)
 from qarm_features.config import BuildConfig, RQConfig, VQConfig
 from qarm_features.errors import InputError
 from qarm_features.progress import ProgressCallback, count_records, stage
@@ -93,32 +100,23 @@ class ItemSpace:
 
 
 # --------------------------------------------------------------------------- pieces
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows divided by ``max(||row||, 1e-12)``, in ``x``'s dtype."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def split_test_items(item_ids: np.ndarray, pairs: pd.DataFrame, fraction: float, seed: int):
     """Pick ``fraction`` of the items that appear in pairs as held-out test items.
 
     Returns ``(train_pairs, test_pairs, test_items)``: every pair touching a test item is
     a test pair, so the aligner never sees a test item in training.
     """
-    rng = np.random.default_rng(seed)
-    in_pairs = np.unique(np.concatenate([pairs["trigger_id"], pairs["target_id"]]))
-    n_test = int(round(fraction * in_pairs.size))
-    test_items = in_pairs[:0]
-    if n_test:
-        test_items = np.sort(rng.choice(in_pairs, size=n_test, replace=False))
+    in_pairs = np.concatenate([pairs["trigger_id"], pairs["target_id"]])
+    test_items = draw_items(in_pairs, fraction, seed)
     touches = pairs["trigger_id"].isin(test_items) | pairs["target_id"].isin(test_items)
     return pairs[~touches].reset_index(drop=True), pairs[touches].reset_index(drop=True), test_items
 
 
 def choose_val_items(pairs: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
     """``round(fraction * n)`` of the ``n`` items in ``pairs``, drawn with ``default_rng(seed)``."""
-    rng = np.random.default_rng(seed)
-    paired = np.unique(np.r_[pairs["trigger_id"].to_numpy(), pairs["target_id"].to_numpy()])
-    return np.sort(rng.choice(paired, size=round(fraction * paired.size), replace=False))
+    return draw_items(
+        np.r_[pairs["trigger_id"].to_numpy(), pairs["target_id"].to_numpy()], fraction, seed
+    )
 
 
 def item_popularity(interactions: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:

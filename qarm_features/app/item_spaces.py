@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from qarm_features._validate import check_embeddings, check_ids, lookup_rows
+from qarm_features._validate import check_embeddings, check_ids, l2_normalize, lookup_rows
 from qarm_features.app.protocol import EvalConfig, Split
 from qarm_features.pipeline import (
     code_report,
     fit_item_space,
     fit_quantizers,
-    l2_normalize,
     space_metrics,
 )
 

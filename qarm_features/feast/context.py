@@ -31,12 +31,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qarm_features._atomic import honour_umask
+from qarm_features._atomic import atomic_file
 from qarm_features.config import RQConfig
 from qarm_features.errors import BundleError, BundleVersionMismatch, QarmError
 from qarm_features.manifest import read_manifest
@@ -181,17 +180,8 @@ def write_pointer(
     """
     pointer = (into / POINTER.name) if into is not None else Path(repo_path) / POINTER
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".qarm_bundle.", suffix=".json", dir=pointer.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(context.to_json(), f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        honour_umask(tmp)
-        os.replace(tmp, pointer)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(pointer) as tmp:
+        tmp.write_text(json.dumps(context.to_json(), indent=2, sort_keys=True))
     return pointer
 
 

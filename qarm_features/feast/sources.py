@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qarm_features._atomic import honour_umask
+from qarm_features._atomic import atomic_file, honour_umask
 from qarm_features._validate import check_columns
 from qarm_features.errors import InputError
 from qarm_features.schema import (
@@ -181,15 +181,8 @@ def write_table(table, path: Path) -> None:
     (a reader sees the old file or the new one, never a torn one)."""
     import pyarrow.parquet as pq
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".parquet.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _positives(interactions: pd.DataFrame, positive_threshold: float | None) -> pd.DataFrame:

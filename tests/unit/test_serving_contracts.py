@@ -9,7 +9,7 @@ import pytest
 
 from qarm_features.encode import encode_frame, encode_items, get_bundle
 from qarm_features.errors import BundleVersionMismatch
-from qarm_features.feast.context import ServingContext, read_pointer, write_pointer
+from qarm_features.feast.context import DEFAULT_LEVELS, ServingContext, read_pointer, write_pointer
 from qarm_features.feast.sources import encode_catalog
 from qarm_features.schema import CodeSchema
 from transformations import on_demand
@@ -100,7 +100,7 @@ def test_bad_base64_rows_get_their_own_error(bundle, context):
 def test_unset_context_answers_every_row_with_an_error():
     out = on_demand.encode_request(ServingContext.unset(), [[1.0], None])
     assert [e.startswith("QarmError: no QARM bundle") for e in out["qarm_error"]] == [True] * 2
-    assert set(out) == {c.name for c in CodeSchema(3).cold_features}
+    assert set(out) == {c.name for c in CodeSchema(DEFAULT_LEVELS).cold_features}
 
 
 def test_mismatched_bundle_directory_is_refused_per_row(random_bundle, tmp_path, context):
