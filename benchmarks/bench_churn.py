@@ -18,11 +18,11 @@ from pathlib import Path
 def run(out: Path) -> dict:
     import torch
 
-    from qarm_features.build import build_bundle, encode_catalog_text
-    from qarm_features.bundle import load_bundle
+    from qarm_features.build.bundles import build_bundle, encode_catalog_text
+    from qarm_features.build.stable import churn
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.config import BuildConfig
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
-    from qarm_features.stable import churn
+    from qarm_features.datasets.movielens import fetch_movielens_100k, load_movielens_100k
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="qarm-churn-"))

@@ -164,7 +164,7 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
     """p50/p99 of in-process reads, interleaved in blocks; ratios to the plain read."""
     from feast import FeatureStore
 
-    from qarm_features.encode import pin_threads
+    from qarm_features.bundle.encode import pin_threads
     from qarm_features.feast.context import ServingContext, set_serving_threads
     from transformations import on_demand
 

@@ -6,9 +6,9 @@ batch. Contenders, each in a fresh child process (:func:`benchmarks.timing.run_c
 in ABCCBA order:
 
 - ``single@2t`` / ``single@1t``: one process, BLAS/faiss at the library's 2 threads or at
-  one, parquet -> :func:`~qarm_features.encode.encode_frame` -> parquet, batch by batch
+  one, parquet -> :func:`~qarm_features.bundle.encode.encode_frame` -> parquet, batch by batch
   (the ratio is taken against the faster of the two);
-- ``ray``: :func:`qarm_features.distributed.encode_parquet` on a local Ray cluster of
+- ``ray``: :func:`qarm_features.build.distributed.encode_parquet` on a local Ray cluster of
   ``num_cpus`` CPUs started in the child (one task per CPU, 1 thread each). ``job_s``
   excludes the cluster start (``init_s``, a fixed cost paid once per cluster) and includes
   the workers' start and bundle loads. Workers run at nice 0 (Ray's default is 15, which on
@@ -48,7 +48,7 @@ def single(bundle: str, src: str, dst: str, batch_rows: int, n_threads: int = 2)
     t0 = time.perf_counter()
     n = 0
     with threads(n_threads):
-        from qarm_features.encode import encode_frame, get_bundle
+        from qarm_features.bundle.encode import encode_frame, get_bundle
 
         b = get_bundle(bundle)
         Path(dst).mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def on_ray(
         os.environ["RAY_worker_niceness"] = str(int(niceness))
     import ray
 
-    from qarm_features.distributed import encode_parquet
+    from qarm_features.build.distributed import encode_parquet
 
     t0 = time.perf_counter()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -128,7 +128,7 @@ def feast_materialize(
 
 
 def get_bundle_ids(bundle: str) -> np.ndarray:
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     return get_bundle(bundle).item_ids
 
@@ -152,7 +152,7 @@ def online_rows(repo: str, yaml: str | None, ids: list[int]) -> dict:
 def compare_feast(work: Path, bundle: str, rounds: int, num_cpus: int, niceness) -> dict:
     """Local engine vs Ray engine materializing the same bundle into fresh repo copies."""
     from benchmarks.timing import ratio, run_child
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
     from qarm_features.feast.views import BATCH_VIEW_FILE
 
     root = Path(__file__).resolve().parents[1]

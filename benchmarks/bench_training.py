@@ -39,8 +39,8 @@ DF_MAX_ROWS = 200_000  # to_df() of 1M rows with 384-d embeddings: ~3 GiB of Pyt
 
 def setup(work: Path, *, n_items: int, n_users: int, per_user: int, seed: int = 0) -> dict:
     """The repo (sources written, definitions applied) and the entity rows' parquet."""
+    from qarm_features.bundle.testing import make_random_bundle
     from qarm_features.feast.job import apply, prepare_sources
-    from qarm_features.testing import make_random_bundle
 
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)

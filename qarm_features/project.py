@@ -30,7 +30,7 @@ are rejected, relative paths are taken from the repo directory::
     dataset: movielens-100k         # optional: a data set `qarm datasets fetch` knows;
                                     # relative catalog/events paths are its tables'
 
-Reading the files and checking their rows is :mod:`qarm_features.tables`' job.
+Reading the files and checking their rows is :mod:`qarm_features.build.tables`' job.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class Project(_Spec):
     entity: EntitySpec | None = None
     build: BuildConfig = BuildConfig()
     bundles: str = "artifacts/bundles"  # built bundles, one directory per version
-    # A public data set (qarm_features.data.DATASETS): relative catalog and events paths
+    # A public data set (qarm_features.datasets.movielens.DATASETS): relative catalog and events paths
     # are read from its tables folder in the cache (fetched on first use). The demo repo
     # (feature_repo/qarm.yaml) is MovieLens-100k this way.
     dataset: str | None = None

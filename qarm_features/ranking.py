@@ -14,7 +14,7 @@ features, code embedding dim 64):
 * :class:`TargetAttention` — DIN target attention: the target item's vector queries the
   user's recent items' vectors (user-side sequences of codes), padding masked.
 
-Code ids are produced by :mod:`qarm_features.quantize`; VQ codes are pool *item ids*, which
+Code ids are produced by :mod:`qarm_features.codes.rq`; VQ codes are pool *item ids*, which
 :class:`CodeVocab` maps to dense rows ``0..n-1`` (unknown ids to padding). torch is imported
 here only; nothing on the serving path imports this module. An example ranker built from
 these modules lives in :mod:`qarm_features.app.ranker`.

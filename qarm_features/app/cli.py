@@ -64,7 +64,7 @@ def datasets_fetch(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache directory.")] = None,
 ) -> None:
     """Put a data set and its tidy tables in the cache (a qarm.yaml names it: `dataset:`)."""
-    from qarm_features.data import dataset_tables
+    from qarm_features.datasets.movielens import dataset_tables
 
     try:
         with console.status(f"fetching {name}"):
@@ -100,7 +100,7 @@ def build(
     version-named: nothing that exists is ever deleted.
     """
     _setup_logging(verbose)
-    from qarm_features.build_repo import build_from_repo
+    from qarm_features.build.repo import build_from_repo
 
     try:
         with stage_progress(console) as (on_progress, on_step):
@@ -141,8 +141,8 @@ def inspect(
     With --repo, also the items added since the build (``qarm push``) and whether a rebuild
     is due (share of the catalog added, residual-error drift of the new items).
     """
-    from qarm_features.build import latest_bundle
-    from qarm_features.bundle import load_bundle
+    from qarm_features.build.bundles import latest_bundle
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.project import load_project
 
     try:
@@ -150,7 +150,7 @@ def inspect(
         b = load_bundle(path)
         report = added = None
         if against is not None:
-            from qarm_features.stable import churn
+            from qarm_features.build.stable import churn
 
             report = {"against": str(against), **churn(b, load_bundle(against))}
         if repo is not None:
@@ -177,8 +177,8 @@ def _materialize(repo: Path, bundle: Optional[Path], **options) -> dict:
     ``options``: :func:`qarm_features.feast.job.materialize`'s (promote, keep_previous,
     progress, fs_yaml_file).
     """
-    from qarm_features.build import latest_bundle
-    from qarm_features.build_repo import item_entity, read_repo
+    from qarm_features.build.bundles import latest_bundle
+    from qarm_features.build.repo import item_entity, read_repo
     from qarm_features.feast.job import materialize as run_materialize
     from qarm_features.project import load_project
 
@@ -285,7 +285,7 @@ def push(
 ) -> None:
     """Give new items their codes online now, with the served bundle (no batch rerun)."""
     _setup_logging(verbose)
-    from qarm_features.build_repo import push_from_file
+    from qarm_features.build.repo import push_from_file
 
     try:
         with console.status("encoding and pushing"):
@@ -349,7 +349,7 @@ def run(
             # the main job rebuilds the bundle, so it promotes the new version by design
             stats = _materialize(repo, None, promote=True, progress=on_progress)
         console.print("[bold]materialized[/]: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
-        from qarm_features.encode import get_bundle
+        from qarm_features.bundle.encode import get_bundle
 
         b = get_bundle(stats["bundle"])  # loaded (and verified) once in this process
         # an unseen item: a catalog embedding with noise stands in for a brand-new title

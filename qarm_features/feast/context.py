@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qarm_features._atomic import atomic_file
+from qarm_features.bundle.manifest import read_manifest
 from qarm_features.config import RQConfig
 from qarm_features.errors import BundleError, BundleVersionMismatch, QarmError
-from qarm_features.manifest import read_manifest
 from qarm_features.schema import CodeSchema
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class ServingContext:
             QarmError: no bundle configured; BundleError: the bundle is missing or
                 corrupt; BundleVersionMismatch: the directory now holds another version.
         """
-        from qarm_features.encode import get_bundle
+        from qarm_features.bundle.encode import get_bundle
 
         if not self.is_set:
             raise QarmError(
@@ -229,7 +229,7 @@ def pin_request_thread() -> None:
     if n is None:
         return
     if _threads["pinned"] != n:
-        from qarm_features.encode import pin_threads
+        from qarm_features.bundle.encode import pin_threads
 
         pin_threads(n)
         _threads["pinned"] = n

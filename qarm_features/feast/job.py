@@ -33,6 +33,7 @@ from qarm_features.feast.context import (
     read_pointer,
     write_pointer,
 )
+from qarm_features.feast.online_write import source_rows, streamable, write_view
 from qarm_features.feast.sources import (
     CODES_FILE,
     CONTENT_FILE,
@@ -51,7 +52,6 @@ from qarm_features.feast.sources import (
     switch_current,
     write_parquet,
 )
-from qarm_features.feast.online_write import source_rows, streamable, write_view
 from qarm_features.feast.store import clear_online, load_definitions, open_store, registered_version
 from qarm_features.feast.stream import (
     DEFAULT_CHUNK_ROWS,
@@ -193,7 +193,7 @@ def prepare_sources(
         BundleError: the bundle fails verification. InputError: a bad catalog row (named
             by file, column, row and value) or a duplicated item id; nothing is switched in.
     """
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     t0 = time.perf_counter()
     stages: dict = {}
@@ -355,7 +355,7 @@ def materialize(
         BundleVersionMismatch: the registry serves another bundle version and
             ``promote`` is false (nothing is written).
     """
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     repo = Path(repo_path).resolve()
     bundle = get_bundle(bundle_path)
@@ -461,7 +461,7 @@ def push_items(
     context = ServingContext.of_repo(repo, bundle_path)
     if not context.is_set:
         raise QarmError(f"no bundle for {repo}: run `qarm materialize` first or pass bundle_path")
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     bundle = get_bundle(context.bundle)
     store = open_store(repo, fs_yaml_file)

@@ -8,7 +8,7 @@
   ``feast serve`` worker: pin threads and load the repo's bundle before the first request.
 - :func:`sample_online` reads warm items and encodes cold ones the way a ranker would.
 - :func:`appended` counts the items pushed since a bundle's build and says whether a
-  rebuild is due (:func:`qarm_features.stable.append_report`).
+  rebuild is due (:func:`qarm_features.build.stable.append_report`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from qarm_features.feast.context import (
     read_pointer,
     set_serving_threads,
 )
-from qarm_features.feast.store import open_store
 from qarm_features.feast.sources import CODES_FILE, PUSHED_FILE
+from qarm_features.feast.store import open_store
 from qarm_features.schema import ITEM_ID, RAW_EMB, VERSION
 
 
@@ -197,13 +197,13 @@ def appended(repo_path: str | os.PathLike, bundle_path: str | os.PathLike | None
     A bundle is immutable (content-addressed), so the record of what was added since its
     build is the repo's pushed-items file (``data/qarm_pushed.parquet``, written by
     ``qarm push``): the items there that the bundle's catalog does not hold, latest content
-    of each. Returns :func:`~qarm_features.stable.append_report` plus ``version``.
+    of each. Returns :func:`~qarm_features.build.stable.append_report` plus ``version``.
 
     Raises:
         QarmError: no bundle given and the repo serves none.
     """
-    from qarm_features.encode import get_bundle
-    from qarm_features.stable import append_report
+    from qarm_features.build.stable import append_report
+    from qarm_features.bundle.encode import get_bundle
 
     repo = Path(repo_path).resolve()
     context = ServingContext.of_repo(repo, bundle_path)

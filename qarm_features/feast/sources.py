@@ -73,7 +73,7 @@ def encode_catalog(bundle, catalog: pd.DataFrame) -> pd.DataFrame:
     """Encode catalog rows into ``qarm`` feature rows.
 
     Args:
-        bundle: a loaded :class:`~qarm_features.bundle.Bundle`.
+        bundle: a loaded :class:`~qarm_features.bundle.artifact.Bundle`.
         catalog: ``item_id``, ``raw_emb`` (d_raw floats per row); other columns
             (``event_timestamp``, ``created``) pass through.
 
@@ -84,7 +84,7 @@ def encode_catalog(bundle, catalog: pd.DataFrame) -> pd.DataFrame:
         InputError: a missing column, a duplicated item id or any bad row (the batch path
             is strict: repair the catalog rather than store partial rows).
     """
-    from qarm_features.encode import encode_frame
+    from qarm_features.bundle.encode import encode_frame
 
     check_columns(catalog, [ITEM_ID, RAW_EMB], name="catalog")
     ids = catalog[ITEM_ID]

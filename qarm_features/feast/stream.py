@@ -8,7 +8,7 @@ runs over the whole catalog. Memory is bounded by the chunk, not the catalog:
   batches, or an in-memory frame sliced;
 - each chunk is checked row by row (a bad row raises :class:`~qarm_features.errors.InputError`
   naming the source, the column, the row and the value), encoded
-  (:func:`qarm_features.encode.encode_items`, whose rows do not depend on the batch) and
+  (:func:`qarm_features.bundle.encode.encode_items`, whose rows do not depend on the batch) and
   appended as one parquet row group to the codes and the content files, each a temp file
   renamed into place only when every chunk succeeded (all or nothing);
 - what outlives a chunk: the item ids (duplicates are checked over the whole catalog at
@@ -398,7 +398,7 @@ def write_item_sources(
     Raises:
         InputError: a bad row or a duplicated id (nothing is renamed into place).
     """
-    from qarm_features.encode import encode_items
+    from qarm_features.bundle.encode import encode_items
 
     keyed = {"id_type": bundle.id_type, "id_column": id_column}
     codes_schema = bundle.schema.arrow("codes", **keyed)

@@ -121,7 +121,7 @@ def columns(resp: dict) -> dict[str, list]:
 
 
 def raw_rows(bundle_path, n: int, seed: int) -> np.ndarray:
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
 
     d = load_bundle(bundle_path).raw_dim
     return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)

@@ -162,7 +162,7 @@ def shop(tmp_path_factory):
 
 
 def test_the_readme_python_snippet_runs_as_written(shop, monkeypatch):
-    from qarm_features.build import encode_catalog_text
+    from qarm_features.build.bundles import encode_catalog_text
     from qarm_features.project import load_project
 
     _, snippet = _walkthrough()
@@ -213,8 +213,8 @@ def test_training_rows_after_switching_the_offline_store_as_told(shop, tmp_path,
 
 
 def _expected(repo: Path, skus: list[str], texts: list[str]) -> pd.DataFrame:
-    from qarm_features.build import encode_catalog_text, latest_bundle
-    from qarm_features.encode import encode_frame, get_bundle
+    from qarm_features.build.bundles import encode_catalog_text, latest_bundle
+    from qarm_features.bundle.encode import encode_frame, get_bundle
     from qarm_features.project import load_project
 
     project = load_project(repo)
@@ -254,7 +254,7 @@ def test_price_and_qarm_codes_in_one_call(shop, tmp_path, monkeypatch):
 def test_cold_product_from_another_directory_equals_batch(shop, tmp_path, monkeypatch):
     from feast import FeatureStore
 
-    from qarm_features.build import encode_catalog_text
+    from qarm_features.build.bundles import encode_catalog_text
     from qarm_features.project import load_project
 
     monkeypatch.chdir(tmp_path)
@@ -329,7 +329,7 @@ def test_a_bad_catalog_is_refused_before_anything_is_written(shop, tmp_path):
 
 def _grouplens(dest: Path) -> Path:
     """MovieLens-100k written back in its GroupLens layout (u.item, u.data) from the cache."""
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
+    from qarm_features.datasets.movielens import fetch_movielens_100k, load_movielens_100k
 
     ml = load_movielens_100k(fetch_movielens_100k())
     dest.mkdir(parents=True)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qarm_features.build import build_bundle
-from qarm_features.bundle import load_bundle
 from qarm_features.app.cli import app
+from qarm_features.build.bundles import build_bundle
+from qarm_features.bundle.artifact import load_bundle
 from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig, VQConfig
-from qarm_features.synthetic import SyntheticWorld
+from qarm_features.datasets.synthetic import SyntheticWorld
 from qarm_features.errors import InputError
 
 runner = CliRunner()

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from qarm_features.bundle import load_bundle, write_bundle
+from qarm_features.bundle.artifact import load_bundle, write_bundle
+from qarm_features.bundle.testing import make_random_bundle
 from qarm_features.errors import BundleError
-from qarm_features.testing import make_random_bundle
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for qarm_features.encoders: MiniLM text, tiny CLIP, precomputed, the factory."""
+"""Tests for qarm_features.content.encoders: MiniLM text, tiny CLIP, precomputed, the factory."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from qarm_features import encoders
 from qarm_features.config import EncoderConfig
-from qarm_features.encoders import (
+from qarm_features.content import encoders as encoders
+from qarm_features.content.encoders import (
     ClipEncoder,
     ContentEncoder,
     PrecomputedEncoder,
@@ -28,7 +28,7 @@ def _cos(a, b):
 
 def test_module_import_does_not_pull_torch():
     code = (
-        "import sys, qarm_features.encoders, qarm_features.data, qarm_features.synthetic\n"
+        "import sys, qarm_features.content.encoders, qarm_features.datasets.movielens, qarm_features.datasets.synthetic\n"
         "heavy = {'torch', 'transformers', 'sentence_transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy"
     )

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qarm_features.app.cli import app
-from qarm_features.build_repo import build_from_repo, item_entity
+from qarm_features.build.repo import build_from_repo, item_entity
 from qarm_features.errors import ConfigError
 from qarm_features.feast.scaffold import init_repo
 from qarm_features.project import load_project

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from qarm_features.config import EncoderConfig, parse_config
-from qarm_features.encoders import TextEncoder
+from qarm_features.content.encoders import TextEncoder
+from qarm_features.content.finetune import EncoderFineTuner, _batch_loss, load_encoder, save_encoder
 from qarm_features.errors import ConfigError, InputError, NotFittedError
-from qarm_features.finetune import EncoderFineTuner, _batch_loss, load_encoder, save_encoder
 from qarm_features.metrics import pair_auc
 
 N_LAYERS = 3
@@ -425,9 +425,9 @@ def test_real_minilm_top_layer():
 def test_build_finetune_stage_holds_out_test_items_and_saves_the_encoder(tiny_model, tmp_path):
     """The build's fine-tuning stage: trains on the pairs minus the held-out items' pairs
     (the split build_bundle reports on), saves a safetensors encoder, returns its info."""
-    from qarm_features.build import finetune_encoder
+    from qarm_features.build.bundles import finetune_encoder
+    from qarm_features.build.pipeline import split_test_items
     from qarm_features.config import BuildConfig, EncoderConfig
-    from qarm_features.pipeline import split_test_items
 
     texts, ids, pairs = make_catalog(n_items=40)
     cfg = BuildConfig(
@@ -440,7 +440,7 @@ def test_build_finetune_stage_holds_out_test_items_and_saves_the_encoder(tiny_mo
     _, held, _ = split_test_items(ids, pairs, 0.1, cfg.seed)
     assert len(held) > 0  # the held-out pairs exist, and the tuner never saw them:
     seen = []
-    import qarm_features.finetune as ft
+    import qarm_features.content.finetune as ft
 
     fit = ft.EncoderFineTuner.fit
     ft.EncoderFineTuner.fit = lambda self, t, i, p, **kw: (
@@ -482,10 +482,10 @@ def test_a_finetuned_bundle_serves_its_own_encoder_on_every_path(tiny_model, tmp
     """`qarm build --repo` with finetune_layers: the bundle carries the fine-tuned encoder
     (hashed, in the version id); the text on-demand view encodes with it and returns the
     batch codes of a catalog item (the base encoder would give another raw space)."""
-    from qarm_features.build_repo import build_from_repo
-    from qarm_features.bundle import load_bundle
-    from qarm_features.encode import encode_items
-    from qarm_features.encoders import TextEncoder
+    from qarm_features.build.repo import build_from_repo
+    from qarm_features.bundle.artifact import load_bundle
+    from qarm_features.bundle.encode import encode_items
+    from qarm_features.content.encoders import TextEncoder
     from qarm_features.feast.context import ServingContext
     from transformations import on_demand
 

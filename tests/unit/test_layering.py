@@ -16,41 +16,51 @@ PACKAGES = ("qarm_features", "transformations")
 
 # Floors, bottom first (docs/architecture.md). A module may import its own floor and below.
 FLOORS: list[set[str]] = [
-    {  # 0: vocabulary
-        "qarm_features.errors", "qarm_features._validate", "qarm_features._atomic",
+    # 0: vocabulary
+    {
+        "qarm_features.errors",
+        "qarm_features._validate",
+        "qarm_features._atomic",
         "qarm_features._version",
-        "qarm_features.config", "qarm_features.schema", "qarm_features.metrics",
-        "qarm_features.project", "qarm_features.progress",
+        "qarm_features.config",
+        "qarm_features.schema",
+        "qarm_features.metrics",
+        "qarm_features.project",
+        "qarm_features.progress",
     },
-    {  # 1: data, encoders, miners, trainers, coders
-        "qarm_features.data", "qarm_features.synthetic", "qarm_features.encoders",
-        "qarm_features.pairs", "qarm_features.swing", "qarm_features.retrieval",
-        "qarm_features.align",
-        "qarm_features.quantize", "qarm_features.vq", "qarm_features._rescore",
-        "qarm_features.finetune", "qarm_features.ranking", "qarm_features._contrastive",
-        "qarm_features.tables",
+    # 1: the stages' estimators: data sets, content encoders, pair miners, the aligner, coders
+    {
+        "qarm_features.datasets.*",
+        "qarm_features.content.*",
+        "qarm_features.pairs.*",
+        "qarm_features.align.*",
+        "qarm_features.codes.*",
+        "qarm_features.ranking",
+        "qarm_features.build.tables",
     },
-    {"qarm_features.manifest", "qarm_features.bundle", "qarm_features.encode"},  # 2: bundle
-    {"qarm_features.pipeline", "qarm_features.build", "qarm_features.testing",
-     "qarm_features.stable", "qarm_features.distributed"},  # 3: offline
-    # 4: the Feast library layer, and a repo's build (its qarm.yaml, sources, push)
-    {"qarm_features.feast.*", "qarm_features.build_repo"},
+    {"qarm_features.bundle.*"},  # 2: the bundle and the one encode both paths call
+    {"qarm_features.build.*"},  # 3: the offline pipeline, versioned builds, Ray stages
+    # 4: the Feast library layer, and a repo's build (its qarm.yaml, declarations, push)
+    {"qarm_features.feast.*", "qarm_features.build.repo"},
     {"transformations.*"},  # 5: the UDF bodies Feast runs
     {"qarm_features.app.*", "qarm_features"},  # 6: applications (cli, evaluation), the API
-]  # fmt: skip
+]
 # A name is one module; "pkg.*" is a package and every module in it.
 
 
 def _floor(module: str) -> int | None:
+    """The module's floor: its own name if listed, else the innermost listed package."""
+    for i, names in enumerate(FLOORS):
+        if module in names:
+            return i
+    best, depth = None, -1
     for i, names in enumerate(FLOORS):
         for name in names:
             if name.endswith(".*"):
                 pkg = name[:-2]
-                if module == pkg or module.startswith(pkg + "."):
-                    return i
-            elif module == name:
-                return i
-    return None
+                if (module == pkg or module.startswith(pkg + ".")) and pkg.count(".") > depth:
+                    best, depth = i, pkg.count(".")
+    return best
 
 
 def _modules():
@@ -135,11 +145,11 @@ def test_the_serving_path_imports_no_training_code(random_bundle):
         ctx = ServingContext.of_bundle({str(random_bundle)!r})
         out = on_demand.qarm_cold_python({{"raw_emb": [[0.5] * ctx.raw_dim]}}, ctx.to_json())
         assert out["qarm_error"] == [""], out
-        training = ("torch", "sklearn", "sentence_transformers", "qarm_features.align",
-                    "qarm_features.pairs", "qarm_features.swing", "qarm_features.retrieval",
-                    "qarm_features.finetune",
-                    "qarm_features.build", "qarm_features.pipeline", "qarm_features.data",
-                    "qarm_features.synthetic", "qarm_features.encoders", "qarm_features.app",
+        training = ("torch", "sklearn", "sentence_transformers", "qarm_features.align.aligner",
+                    "qarm_features.pairs.mining", "qarm_features.pairs.swing", "qarm_features.pairs.retrieval",
+                    "qarm_features.content.finetune",
+                    "qarm_features.build.bundles", "qarm_features.build.pipeline", "qarm_features.datasets.movielens",
+                    "qarm_features.datasets.synthetic", "qarm_features.content.encoders", "qarm_features.app",
                     "qarm_features.ranking", "qarm_features.metrics")
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "sklearn",
                         "sentence_transformers") or m in training)

@@ -15,7 +15,7 @@ import pytest
 from _logs import log_frame as _log  # noqa: E402  (tests/unit on sys.path)
 
 from qarm_features.config import PairsConfig
-from qarm_features.pairs import mine_pairs, mine_swing_pairs, mine_u2i_pairs
+from qarm_features.pairs.mining import mine_pairs, mine_swing_pairs, mine_u2i_pairs
 
 
 def _rows(pairs: pd.DataFrame) -> list[tuple]:

@@ -233,7 +233,7 @@ def test_guard_health(tmp_path):
 
 
 def test_guard_health_ok(tmp_path, random_bundle):
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.feast.context import ServingContext, write_pointer
 
     write_pointer(tmp_path, ServingContext.of_bundle(random_bundle))

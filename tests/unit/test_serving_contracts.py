@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qarm_features.encode import encode_frame, encode_items, get_bundle
+from qarm_features.bundle.encode import encode_frame, encode_items, get_bundle
 from qarm_features.errors import BundleVersionMismatch
 from qarm_features.feast.context import DEFAULT_LEVELS, ServingContext, read_pointer, write_pointer
 from qarm_features.feast.sources import encode_catalog
@@ -104,7 +104,7 @@ def test_unset_context_answers_every_row_with_an_error():
 
 
 def test_mismatched_bundle_directory_is_refused_per_row(random_bundle, tmp_path, context):
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
 
     other = make_random_bundle(tmp_path / "other", seed=3)
     swapped = ServingContext(**{**context.to_json(), "bundle": str(other)})
@@ -207,8 +207,8 @@ def test_materialize_push_and_apply_refuse_another_version(serving_other_version
 
 def test_text_view_encodes_the_text_with_the_bundles_encoder(tmp_path):
     """Content in: the frozen text encoder runs at request time, then the usual encode."""
-    from qarm_features.encoders import TextEncoder
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
+    from qarm_features.content.encoders import TextEncoder
 
     path = make_random_bundle(tmp_path / "b384", n_items=64, raw_dim=384, out_dim=16, n_codes=8)
     ctx = ServingContext.of_bundle(path)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from qarm_features.bundle import load_bundle
-from qarm_features.encode import align
-from qarm_features.stable import churn, match_codebooks
+from qarm_features.build.stable import churn, match_codebooks
+from qarm_features.bundle.artifact import load_bundle
+from qarm_features.bundle.encode import align
 
 
 def test_matching_recovers_a_known_permutation(random_bundle):
@@ -34,13 +34,13 @@ def test_a_bundle_has_no_churn_against_itself(random_bundle):
 
 @pytest.fixture(scope="module")
 def world():
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     return SyntheticWorld(n_items=300, n_users=400, content_dim=32, nuisance=3.0, seed=0)
 
 
 def test_warm_start_keeps_code_ids_across_a_reseeded_rebuild(world, tmp_path):
-    from qarm_features.build import build_bundle
+    from qarm_features.build.bundles import build_bundle
     from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig, VQConfig
 
     torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def _near(b, n, seed=1):
 
 
 def test_no_item_added_means_no_rebuild(random_bundle):
-    from qarm_features.stable import append_report
+    from qarm_features.build.stable import append_report
 
     report = append_report(load_bundle(random_bundle), np.empty((0, 32), np.float32))
     assert report["n_added"] == 0 and report["share_added"] == 0.0
@@ -84,7 +84,7 @@ def test_no_item_added_means_no_rebuild(random_bundle):
 
 
 def test_a_few_familiar_items_need_no_rebuild(random_bundle):
-    from qarm_features.stable import append_report
+    from qarm_features.build.stable import append_report
 
     report = append_report(load_bundle(random_bundle), _near(load_bundle(random_bundle), 10))
     assert report["n_added"] == 10 and report["share_added"] == pytest.approx(0.05)
@@ -93,7 +93,7 @@ def test_a_few_familiar_items_need_no_rebuild(random_bundle):
 
 
 def test_many_added_items_make_a_rebuild_due(random_bundle):
-    from qarm_features.stable import append_report
+    from qarm_features.build.stable import append_report
 
     b = load_bundle(random_bundle)
     report = append_report(b, _near(b, 30))  # 15% of 200 > 10%
@@ -104,8 +104,8 @@ def test_many_added_items_make_a_rebuild_due(random_bundle):
 def test_unfamiliar_content_makes_a_rebuild_due(tmp_path):
     """Items far from everything the codebooks were fitted on: the residual error grows;
     judged once enough of them were added (one item's error is noise)."""
-    from qarm_features.stable import DRIFT_MIN_ITEMS, append_report
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.build.stable import DRIFT_MIN_ITEMS, append_report
+    from qarm_features.bundle.testing import make_random_bundle
 
     b = load_bundle(make_random_bundle(tmp_path / "b", n_items=1000))
     rng = np.random.default_rng(2)
@@ -120,8 +120,8 @@ def test_unfamiliar_content_makes_a_rebuild_due(tmp_path):
 
 
 def test_added_items_of_another_width_are_refused(random_bundle):
+    from qarm_features.build.stable import append_report
     from qarm_features.errors import InputError
-    from qarm_features.stable import append_report
 
     with pytest.raises(InputError, match="added items' raw_emb: expected width 32"):
         append_report(load_bundle(random_bundle), np.zeros((3, 16), np.float32))

@@ -7,9 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qarm_features.errors import ConfigError, InputError
-from qarm_features.project import load_project, parse_project
-from qarm_features.tables import (
+from qarm_features.build.tables import (
     Table,
     catalog_keys,
     check_images,
@@ -18,6 +16,8 @@ from qarm_features.tables import (
     read_table,
     render_texts,
 )
+from qarm_features.errors import ConfigError, InputError
+from qarm_features.project import load_project, parse_project
 
 
 def _project(tmp_path, **events):
@@ -64,7 +64,7 @@ def test_bad_catalog_ids(frame, match):
 
 def test_missing_column_names_the_file_and_what_it_has(tmp_path):
     _catalog().to_parquet(tmp_path / "items.parquet")
-    from qarm_features.tables import require_columns
+    from qarm_features.build.tables import require_columns
 
     table = read_table(tmp_path / "items.parquet", what="catalog")
     with pytest.raises(

@@ -3,7 +3,7 @@
 :class:`ResidualQuantizer` learns ``L`` codebooks of ``K`` centroids with faiss k-means,
 level ``l`` clustering the residual left by levels ``< l``, and encodes greedily level by
 level. It follows the faiss contrib vocabulary (``fit``/train, ``encode``, ``decode``) and
-keeps the coders' contract (:mod:`qarm_features._rescore`): a row's codes depend on that
+keeps the coders' contract (:mod:`qarm_features.codes.rescore`): a row's codes depend on that
 row only, bit for bit, whatever else is in the batch (the on-demand path encodes one row,
 the batch path millions). The fast float32 pass only *proposes*: it keeps its choice where
 a rigorous rounding-error bound proves the choice cannot differ from the canonical one, and
@@ -14,7 +14,7 @@ reduction. Canonical choice, for reference implementations:
   (products summed in ``t`` order; i.e. the nearest centroid), ties to the lowest ``k``;
   the residual ``r <- r - C[l, code]`` is carried in float32.
 
-The VQ coder (top-K pool neighbours) lives in :mod:`qarm_features.vq`.
+The VQ coder (top-K pool neighbours) lives in :mod:`qarm_features.codes.vq`.
 
 Serving-path module: imports numpy and faiss only, never torch.
 """
@@ -26,8 +26,8 @@ import logging
 import faiss
 import numpy as np
 
-from qarm_features._rescore import GUARD, U, dot64, map_row_blocks
 from qarm_features._validate import check_embeddings, check_hyper
+from qarm_features.codes.rescore import GUARD, U, dot64, map_row_blocks
 from qarm_features.errors import InputError, NotFittedError
 
 __all__ = ["ResidualQuantizer"]
@@ -183,7 +183,7 @@ class ResidualQuantizer:
 
         Row-independent: ``encode(x)[i] == encode(x[i:i+1])[0]`` bit for bit. Large
         batches run on ``n_workers`` row-block threads (default: the BLAS thread budget)
-        with BLAS at one thread (:func:`~qarm_features._rescore.map_row_blocks`).
+        with BLAS at one thread (:func:`~qarm_features.codes.rescore.map_row_blocks`).
         """
         self._check_fitted()
         x = check_embeddings(x, name="x", dim=self.dim_)

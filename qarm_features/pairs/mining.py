@@ -5,7 +5,7 @@ Two sources, as in the paper:
 * **U2I** (:func:`mine_u2i_pairs`): for each positive ``(user, target)``, the trigger is the
   item most similar to the target, in a retrieval model's item space, among the user's
   latest ``history`` earlier positives. The retrieval model defaults to a light BPR matrix
-  factorisation (:class:`~qarm_features.retrieval.BPRMF`).
+  factorisation (:class:`~qarm_features.pairs.retrieval.BPRMF`).
 * **Swing I2I** (:func:`mine_swing_pairs`): item pairs co-engaged by many user pairs that
   have little else in common, with production Swing's caps (each user's latest items, a
   seeded sample of each trigger's users).
@@ -37,8 +37,8 @@ from qarm_features._validate import (
 )
 from qarm_features.config import PairsConfig
 from qarm_features.errors import ConfigError, InputError
-from qarm_features.retrieval import BPRMF
-from qarm_features.swing import swing_top_k
+from qarm_features.pairs.retrieval import BPRMF
+from qarm_features.pairs.swing import swing_top_k
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def mine_pairs(
         interactions: DataFrame ``[user_id, item_id, rating, timestamp]``.
         cfg: mining settings (defaults when ``None``).
         item_ids: ``(n,)`` ids of ``item_emb`` rows; required with ``item_emb``.
-        item_emb: retrieval item embeddings for U2I; a :class:`~qarm_features.retrieval.BPRMF`
+        item_emb: retrieval item embeddings for U2I; a :class:`~qarm_features.pairs.retrieval.BPRMF`
             model is fitted when ``None``.
 
     Returns:

@@ -108,7 +108,7 @@ def churn(new, old) -> dict:
         levels) changed, and the mean fraction of an item's VQ top-K found in its old
         top-K (pool ids compared as catalog keys).
     """
-    from qarm_features.encode import encode_items
+    from qarm_features.bundle.encode import encode_items
 
     a, b = common_rows(new.keys_of(new.item_ids), old)
     enc_new = encode_items(new, new.raw_emb[a], new.item_ids[a])
@@ -147,7 +147,7 @@ def append_report(
     moved the catalog away from what its codebooks were fitted on.
 
     Args:
-        bundle: a loaded :class:`~qarm_features.bundle.Bundle`.
+        bundle: a loaded :class:`~qarm_features.bundle.artifact.Bundle`.
         added_raw_emb: ``(m, d_raw)`` raw content of the added items (m may be 0).
         share_due: a rebuild is due past this share ``m / n_catalog``.
         drift_due: ... or past this ratio of the added items' RQ residual error to the
@@ -162,7 +162,7 @@ def append_report(
         "rebuild_due", "reasons"}``.
     """
     from qarm_features._validate import check_embeddings
-    from qarm_features.encode import align
+    from qarm_features.bundle.encode import align
 
     def sampled(x):
         if x.shape[0] <= sample:

@@ -2,7 +2,7 @@
 
 :class:`VQCoder` codes an item by the ids of its top-``k`` pool items by inner product,
 itself excluded (QARM's VQ codes). Small pools are searched exactly, large ones through a
-faiss ANN index. Exact mode keeps the coders' contract (:mod:`qarm_features._rescore`): a
+faiss ANN index. Exact mode keeps the coders' contract (:mod:`qarm_features.codes.rescore`): a
 row's codes depend on that row only, bit for bit, whatever else is in the batch; float32
 faiss candidates are re-scored in float64 with a fixed-order per-row reduction, and a row
 whose candidate list a rounding-error bound cannot vouch for is searched against the whole
@@ -26,8 +26,8 @@ import logging
 import faiss
 import numpy as np
 
-from qarm_features._rescore import GUARD, U, dot64, in_worker, map_row_blocks
 from qarm_features._validate import check_embeddings, check_hyper, check_ids
+from qarm_features.codes.rescore import GUARD, U, dot64, in_worker, map_row_blocks
 from qarm_features.errors import ConfigError, InputError, NotFittedError
 
 __all__ = ["VQCoder"]
@@ -226,7 +226,7 @@ class VQCoder:
         may miss true neighbours (see ``ann_recall_``). Rows an ANN index returns fewer
         than ``k`` candidates for are padded with ``-1``. Large batches run on
         ``n_workers`` row-block threads (default: the BLAS thread budget), one BLAS/OpenMP
-        thread each (:func:`~qarm_features._rescore.map_row_blocks`).
+        thread each (:func:`~qarm_features.codes.rescore.map_row_blocks`).
         """
         if not hasattr(self, "index_"):
             raise NotFittedError("VQCoder is not fitted; call fit(pool_emb, pool_ids) or from_pool")

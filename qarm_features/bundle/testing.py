@@ -39,10 +39,10 @@ def make_random_bundle(
 
     Returns the bundle path. Same arguments, same bytes, same version id.
     """
-    from qarm_features.bundle import write_bundle
+    from qarm_features.bundle.artifact import write_bundle
+    from qarm_features.bundle.encode import align_with_weights
+    from qarm_features.codes.rq import ResidualQuantizer
     from qarm_features.config import AlignerConfig, BuildConfig, RQConfig, VQConfig
-    from qarm_features.encode import align_with_weights
-    from qarm_features.quantize import ResidualQuantizer
 
     rng = np.random.default_rng(seed)
     if raw_emb is None:

@@ -1,5 +1,5 @@
 """Symmetric in-batch InfoNCE over ``<trigger, target>`` pairs: the pieces the aligner
-(:mod:`qarm_features.align`) and the encoder fine-tuner (:mod:`qarm_features.finetune`)
+(:mod:`qarm_features.align.aligner`) and the encoder fine-tuner (:mod:`qarm_features.content.finetune`)
 share: pair rows from ids (:func:`pair_rows`) and the loss with in-batch false negatives
 masked (:func:`masked_nce`, :func:`symmetric_nce`); and the raw-space geometry the
 aligner's raw-consistency term keeps close to. Training only: imports torch.
@@ -44,7 +44,7 @@ def pair_rows(pairs, item_ids: np.ndarray, *, name: str = "pairs"):
     if not keep.any():
         raise InputError(
             f"{name}: no (non-self) pair among {len(pairs)} rows; mine pairs first "
-            "(qarm_features.pairs.mine_pairs)"
+            "(qarm_features.pairs.mining.mine_pairs)"
         )
     return ti[keep], gi[keep]
 

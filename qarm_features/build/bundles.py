@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from qarm_features._atomic import atomic_file
+from qarm_features.build.pipeline import StepCallback
 from qarm_features.config import BuildConfig
 from qarm_features.errors import InputError
-from qarm_features.pipeline import StepCallback
 from qarm_features.progress import ProgressCallback, stage
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,14 @@ def build_bundle(
         test_item_fraction: items held out of aligner training for the reported metrics.
         on_step: called with a short label as each stage starts (for CLI progress).
         extra_metrics: merged into the manifest's metrics (e.g. the fine-tuned encoder).
-        mined: pairs already mined (see :func:`qarm_features.pipeline.fit_item_space`).
+        mined: pairs already mined (see :func:`qarm_features.build.pipeline.fit_item_space`).
         item_keys: a string catalog's ids in ``item_ids`` order (``item_ids`` are then
             ``0 .. n-1``); stored in the bundle.
         warm_start: the previous bundle: the new RQ code ids are matched to its ids
-            (:func:`qarm_features.stable.match_codebooks`) and the churn against it is
+            (:func:`qarm_features.build.stable.match_codebooks`) and the churn against it is
             recorded in the metrics (``churn``).
         on_progress: ``on_progress(stage, total, advance)`` for the pipeline's stages
-            (:func:`qarm_features.pipeline.fit_item_space`); each is logged with its
+            (:func:`qarm_features.build.pipeline.fit_item_space`); each is logged with its
             seconds and peak RSS.
         encoder_dir: the fine-tuned text encoder ``raw_emb`` came from: the bundle
             carries it (``encoder/``, hashed) so every later encode uses it.
@@ -87,8 +87,8 @@ def build_bundle(
             are not in the catalog.
     """
     from qarm_features._validate import l2_normalize
-    from qarm_features.bundle import write_bundle
-    from qarm_features.pipeline import code_report, fit_item_space, make_rq
+    from qarm_features.build.pipeline import code_report, fit_item_space, make_rq
+    from qarm_features.bundle.artifact import write_bundle
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)
@@ -135,7 +135,7 @@ def build_bundle(
         overwrite=overwrite,
         encoder_dir=encoder_dir,
     )
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
 
     version = load_bundle(path).version
     return BuildResult(path=Path(path), version=version, metrics=metrics, timings=space.timings)
@@ -222,8 +222,8 @@ def latest_bundle(root: str | Path) -> Path:
 def _warm_init(previous: str | Path, raw_emb, cfg: BuildConfig):
     """The previous bundle's aligner weights and codebooks, if this config can start from
     them (same raw and aligned dims, same aligner shape); else None (matching still runs)."""
-    from qarm_features.align import weight_shapes
-    from qarm_features.encode import get_bundle
+    from qarm_features.align.aligner import weight_shapes
+    from qarm_features.bundle.encode import get_bundle
 
     prev = get_bundle(previous)
     in_dim = np.asarray(raw_emb).shape[1]
@@ -237,9 +237,9 @@ def _warm_init(previous: str | Path, raw_emb, cfg: BuildConfig):
 
 def _match_previous(previous: str | Path, space, item_keys):
     """Relabel the new RQ codebooks to the previous bundle's ids; measure the churn."""
-    from qarm_features.encode import align, encode_items, get_bundle
-    from qarm_features.quantize import ResidualQuantizer
-    from qarm_features.stable import churn_codes, common_rows, match_codebooks
+    from qarm_features.build.stable import churn_codes, common_rows, match_codebooks
+    from qarm_features.bundle.encode import align, encode_items, get_bundle
+    from qarm_features.codes.rq import ResidualQuantizer
 
     prev = get_bundle(previous)
     keys = space.item_ids if item_keys is None else np.asarray(item_keys)
@@ -281,8 +281,8 @@ def finetune_encoder(
         ``(path, info)``: the saved sentence-transformers folder (safetensors) and what the
         manifest records of it (layers, losses, steps; the bundle adds the file hashes).
     """
-    from qarm_features.finetune import EncoderFineTuner
-    from qarm_features.pipeline import split_test_items
+    from qarm_features.build.pipeline import split_test_items
+    from qarm_features.content.finetune import EncoderFineTuner
 
     train_pairs, _, _ = split_test_items(item_ids, pairs, test_item_fraction, cfg.seed)
     tuner = EncoderFineTuner(cfg.encoder, seed=cfg.seed)
@@ -330,7 +330,7 @@ def encode_catalog_text(
     root = Path(cache_dir or os.environ.get("QARM_CACHE", Path.home() / ".cache" / "qarm"))
     head = cfg.encoder.model_dump_json() + "\x00"
     if encoder_path is not None:  # the weights decide the vectors, not the folder's name
-        from qarm_features.manifest import sha256_file
+        from qarm_features.bundle.manifest import sha256_file
 
         weights = sorted(Path(encoder_path).rglob("*.safetensors"))
         head += "".join(sha256_file(w) for w in weights) + "\x00"
@@ -354,10 +354,10 @@ def encode_catalog_text(
 
 def _text_encoder(cfg: BuildConfig, encoder_path):
     if encoder_path is None:
-        from qarm_features.encoders import make_encoder
+        from qarm_features.content.encoders import make_encoder
 
         return make_encoder(cfg.encoder)
-    from qarm_features.finetune import load_encoder
+    from qarm_features.content.finetune import load_encoder
 
     return load_encoder(encoder_path)
 

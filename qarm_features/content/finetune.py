@@ -1,6 +1,6 @@
 """Fine-tuning the text encoder's top layers on mined ``<trigger, target>`` pairs.
 
-The aligner (:mod:`qarm_features.align`) bends a *frozen* content space; the second seed
+The aligner (:mod:`qarm_features.align.aligner`) bends a *frozen* content space; the second seed
 (CLIP/VLMo for recommendation) reports that fine-tuning the encoder itself on
 recommendation data beats keeping it frozen. :class:`EncoderFineTuner` (an estimator taking
 the :class:`~qarm_features.config.EncoderConfig` section) does that for a
@@ -9,7 +9,7 @@ the top ``n_layers`` layers (and any trainable module that follows them) learn w
 same symmetric in-batch InfoNCE as the aligner, over L2-normalised sentence embeddings of
 the (trigger text, target text) pairs. :func:`save_encoder` writes the result as a
 sentence-transformers folder (safetensors, no pickle); :func:`load_encoder` serves it
-through :class:`~qarm_features.encoders.TextEncoder`, the same interface as the frozen
+through :class:`~qarm_features.content.encoders.TextEncoder`, the same interface as the frozen
 encoder. Training only: torch lives here.
 """
 
@@ -26,9 +26,9 @@ import pandas as pd
 
 from qarm_features._atomic import atomic_dir
 from qarm_features._validate import check_ids
-from qarm_features._contrastive import pair_rows, symmetric_nce
-from qarm_features.encoders import TextEncoder, _check_texts, _import, _offline
+from qarm_features.align.contrastive import pair_rows, symmetric_nce
 from qarm_features.config import EncoderConfig
+from qarm_features.content.encoders import TextEncoder, _check_texts, _import, _offline
 from qarm_features.errors import InputError, NotFittedError
 from qarm_features.metrics import pair_auc
 
@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - torch is a hard dependency toda
     from qarm_features.errors import DependencyError
 
     raise DependencyError(
-        "qarm_features.finetune needs torch: pip install torch==2.13.0 (CPU build)"
+        "qarm_features.content.finetune needs torch: pip install torch==2.13.0 (CPU build)"
     ) from exc
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _embed(model, texts: list[str], device: torch.device) -> torch.Tensor:
 def _batch_loss(model, texts: list[str], a: np.ndarray, b: np.ndarray, temperature, device):
     """Symmetric in-batch InfoNCE of pairs ``(a_i, b_i)`` (item rows); each distinct item
     in the batch is encoded once, duplicates share its embedding and are masked as
-    negatives (see :func:`qarm_features._contrastive.masked_nce`)."""
+    negatives (see :func:`qarm_features.align.contrastive.masked_nce`)."""
     m = a.size
     uniq, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
     z = _embed(model, [texts[i] for i in uniq], device)
@@ -427,7 +427,7 @@ def save_encoder(model, path, *, overwrite: bool = False) -> Path:
     pooling settings, in a temporary sibling directory that is fsynced and renamed over
     ``path``: a reader never sees a half-written folder. With ``overwrite`` an existing
     folder is moved aside first and deleted after the rename. Note that
-    :class:`~qarm_features.encoders.TextEncoder` caches models per path and process: a
+    :class:`~qarm_features.content.encoders.TextEncoder` caches models per path and process: a
     process that already encoded with the old folder keeps using it.
 
     Raises:
@@ -456,7 +456,7 @@ def save_encoder(model, path, *, overwrite: bool = False) -> Path:
 
 
 def load_encoder(path, **kwargs) -> TextEncoder:
-    """A :class:`~qarm_features.encoders.TextEncoder` over a folder written by
+    """A :class:`~qarm_features.content.encoders.TextEncoder` over a folder written by
     :func:`save_encoder` (``kwargs``: ``batch_size``, ``device``, ``normalize``).
 
     Raises:

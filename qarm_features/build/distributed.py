@@ -1,17 +1,17 @@
 """The offline encodes past one process: Ray Data ``map_batches`` over parquet.
 
-``content -> aligned -> codes`` is row-independent (:mod:`qarm_features.encode`), so a
+``content -> aligned -> codes`` is row-independent (:mod:`qarm_features.bundle.encode`), so a
 catalog splits into blocks that any number of Ray workers encode on their own and the
 codes come out bit for bit those of the single-process path (tested against
-:func:`~qarm_features.encode.encode_frame`). Each worker loads the bundle once
-(:func:`~qarm_features.encode.get_bundle` caches it per worker process), pins BLAS and
+:func:`~qarm_features.bundle.encode.encode_frame`). Each worker loads the bundle once
+(:func:`~qarm_features.bundle.encode.get_bundle` caches it per worker process), pins BLAS and
 faiss to one thread (Ray runs one task per CPU) and encodes its blocks with
-:func:`~qarm_features.encode.encode_frame`.
+:func:`~qarm_features.bundle.encode.encode_frame`.
 
 The catalog encoding (item text -> frozen ``raw_emb``) runs the same way
 (:func:`encode_text_parquet`): each worker loads the text encoder once and embeds its blocks
 with one torch thread. Its embeddings equal the single-process
-:class:`~qarm_features.encoders.TextEncoder`'s within float rounding, not bit for bit
+:class:`~qarm_features.content.encoders.TextEncoder`'s within float rounding, not bit for bit
 (:data:`TEXT_ATOL`): sentence-transformers pads each forward batch to its longest text, so
 which texts share a batch changes the matrix shapes and the order of float sums. The codes
 are then a function of the ``raw_emb`` written (exact), never of the text.
@@ -57,7 +57,7 @@ def _ray():
 
 def _encode_batch(batch, bundle_path: str):
     """The ``map_batches`` task: a pandas batch -> its feature rows (bundle cached per worker)."""
-    from qarm_features.encode import encode_frame, get_bundle, pin_threads
+    from qarm_features.bundle.encode import encode_frame, get_bundle, pin_threads
 
     pin_threads(1)  # one Ray task per CPU
     return encode_frame(get_bundle(bundle_path), batch, chunk_size=BATCH_ROWS)
@@ -106,7 +106,7 @@ def _embed_batch(batch, text_column: str, id_column: str, model_path, encoder_ba
     """The ``map_batches`` task of the catalog encoding: texts -> ``raw_emb`` (float32 lists)."""
     import torch
 
-    from qarm_features.encoders import TextEncoder
+    from qarm_features.content.encoders import TextEncoder
 
     torch.set_num_threads(1)  # one Ray task per CPU
     if text_column not in batch.columns:

@@ -1,7 +1,7 @@
-"""Swing I2I scores at scale: the kernel behind :func:`qarm_features.pairs.mine_swing_pairs`.
+"""Swing I2I scores at scale: the kernel behind :func:`qarm_features.pairs.mining.mine_swing_pairs`.
 
 ``score(i, j) = sum over user pairs u < v in U_i that both have j of w_u * w_v /
-(alpha + |I_u & I_v|)`` (the formula, caps and ties: :func:`~qarm_features.pairs.mine_swing_pairs`).
+(alpha + |I_u & I_v|)`` (the formula, caps and ties: :func:`~qarm_features.pairs.mining.mine_swing_pairs`).
 Blocks of triggers expand each (trigger, user) row to the user's items; rows of one
 trigger that share an item form co-occurrence triples ``(row, row', j)``, and only those
 do any work. Groups come from scipy's compiled CSR -> CSC transpose of the block's rows;

@@ -3,7 +3,7 @@
 :class:`SyntheticWorld` generates items whose content embedding mixes collaborative
 factors (what users care about) with modality nuisance (what they do not), a per-item
 popularity and a per-item quality, and samples interaction logs in the MovieLens schema of
-:mod:`qarm_features.data`. Because every factor is known, questions the real data set can
+:mod:`qarm_features.datasets.movielens`. Because every factor is known, questions the real data set can
 only estimate -- do content neighbours follow co-engagement, does a representation keep
 item quality -- have an answer to check against. Deterministic for a seed, whatever the
 size or chunking.

@@ -3,9 +3,9 @@
 catalog -> content embeddings (the frozen text encoder over a template, a CLIP encoder
 over images, or the team's own embedding column) -> events -> pairs (mined from the
 events, or the team's own I2I table and retrieval embeddings) -> :func:`build_bundle`.
-Every table is read and checked before anything is trained (:mod:`qarm_features.tables`).
+Every table is read and checked before anything is trained (:mod:`qarm_features.build.tables`).
 
-Bundles are immutable and version-named (:func:`qarm_features.build.build_versioned`):
+Bundles are immutable and version-named (:func:`qarm_features.build.bundles.build_versioned`):
 ``<repo>/<bundles>/<version>/``, with ``<bundles>/LATEST`` naming the newest build, which
 ``qarm materialize --repo R`` serves unless told another.
 """
@@ -20,10 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qarm_features.build import BuildResult, build_bundle, build_versioned, encode_catalog_text
-from qarm_features.errors import ConfigError, InputError
-from qarm_features.project import EntitySpec, Project, load_project
-from qarm_features.tables import (
+from qarm_features.build.bundles import (
+    BuildResult,
+    build_bundle,
+    build_versioned,
+    encode_catalog_text,
+)
+from qarm_features.build.tables import (
     Keys,
     Table,
     catalog_keys,
@@ -34,6 +37,8 @@ from qarm_features.tables import (
     render_texts,
     require_columns,
 )
+from qarm_features.errors import ConfigError, InputError
+from qarm_features.project import EntitySpec, Project, load_project
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ def data_path(project: Project, path: str) -> Path:
     names a ``dataset``, else to the repo."""
     if project.dataset is None:
         return project.resolve(path)
-    from qarm_features.data import dataset_tables
+    from qarm_features.datasets.movielens import dataset_tables
 
     p = Path(os.path.expanduser(path))
     return p if p.is_absolute() else dataset_tables(project.dataset) / p
@@ -100,7 +105,7 @@ def catalog_content(
                 "catalog.image: images need a CLIP encoder; set build.encoder.kind: clip and "
                 "build.encoder.model_path to a local CLIP folder"
             )
-        from qarm_features.encoders import make_encoder
+        from qarm_features.content.encoders import make_encoder
 
         texts = render_texts(frame, spec.text, name=table.name) if spec.text else None
         encoder = make_encoder(cfg.encoder)
@@ -158,7 +163,7 @@ def _i2i_pairs(project: Project, keys: Keys) -> pd.DataFrame | None:
 def mine(project: Project, interactions: pd.DataFrame, keys: Keys, cfg):
     """``(pairs, stats)``: mined from the events, with the team's I2I pairs and retrieval
     embeddings where ``qarm.yaml`` gives them (the team's I2I replaces Swing)."""
-    from qarm_features.pairs import mine_pairs
+    from qarm_features.pairs.mining import mine_pairs
 
     i2i = _i2i_pairs(project, keys)
     emb = _item_embeddings(project, keys)
@@ -279,7 +284,7 @@ def repo_content(
             "catalog.text and build.encoder.kind: text (images and your own embeddings "
             "cannot be fine-tuned here)"
         )
-    from qarm_features.build import finetune_encoder
+    from qarm_features.build.bundles import finetune_encoder
 
     step(f"fine-tuning the top {cfg.encoder.finetune_layers} encoder layers")
     out = Path(encoder_dir) if encoder_dir is not None else _encoder_dir(project)
@@ -345,7 +350,7 @@ def build_from_repo(
         repo_path: the feature repo.
         out: the bundles directory (default: ``qarm.yaml``'s ``bundles``).
         warm_start: the previous bundle whose code ids the new one keeps (see
-            :func:`qarm_features.build.build_bundle`).
+            :func:`qarm_features.build.bundles.build_bundle`).
         on_progress: ``on_progress(stage, total, advance)`` for every stage
             (:mod:`qarm_features.progress`): text encoding, then the pipeline's.
 
@@ -410,9 +415,8 @@ def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) 
         InputError: a bad table (file, column, row named). BundleVersionMismatch: the repo
             serves no bundle, or another version than its pointer.
     """
-    from qarm_features.feast.job import push_items
-
     from qarm_features.feast.context import ServingContext
+    from qarm_features.feast.job import push_items
 
     project = load_project(repo_path)
     table = read_table(Path(items_path), what="items")

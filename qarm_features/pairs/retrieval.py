@@ -1,7 +1,7 @@
 """The light retrieval model behind U2I pair mining: BPR matrix factorisation.
 
 QARM's U2I pairs take as trigger the target's nearest neighbour, *in a retrieval model's
-item space*, among the user's recent positives (:func:`qarm_features.pairs.mine_u2i_pairs`).
+item space*, among the user's recent positives (:func:`qarm_features.pairs.mining.mine_u2i_pairs`).
 A team passes its own retrieval item embeddings; without them, :class:`BPRMF` fits one on
 the positives of the interaction log:
 
@@ -80,7 +80,7 @@ class BPRMF:
 
     @classmethod
     def from_config(cls, cfg: PairsConfig) -> BPRMF:
-        """The retrieval model :func:`~qarm_features.pairs.mine_pairs` fits for ``cfg``."""
+        """The retrieval model :func:`~qarm_features.pairs.mining.mine_pairs` fits for ``cfg``."""
         return cls(
             dim=cfg.mf_dim,
             epochs=cfg.mf_epochs,

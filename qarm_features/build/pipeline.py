@@ -1,6 +1,6 @@
 """One offline pipeline from a catalog and its interactions to a fitted QARM item space.
 
-:func:`fit_item_space` is what ``qarm build`` (:mod:`qarm_features.build`) and
+:func:`fit_item_space` is what ``qarm build`` (:mod:`qarm_features.build.bundles`) and
 ``qarm evaluate`` (:mod:`qarm_features.app.evaluate`) both run::
 
     interactions -> <trigger, target> pairs (U2I + Swing)             pairs.mine_pairs
@@ -11,7 +11,7 @@
     -> metrics: pair stats, held-out pair recall@10 / pair-AUC (raw vs aligned), aligner
        history, code quality
 
-The aligned embeddings come from :func:`qarm_features.encode.align_with_weights`, the
+The aligned embeddings come from :func:`qarm_features.bundle.encode.align_with_weights`, the
 forward the serving path runs, so codes computed here are bit-identical with served ones.
 Everything is seeded by the :class:`~qarm_features.config.BuildConfig` sections
 (:meth:`~qarm_features.config.BuildConfig.with_seed` sets them all at once).
@@ -51,17 +51,17 @@ class ItemSpace:
         item_ids: ``(n,)`` int64 catalog ids; rows of every array below.
         raw: ``(n, d_raw)`` float32 raw embeddings, as given.
         aligned: ``(n, d_out)`` float32 aligned embeddings (the served forward).
-        aligner: the fitted :class:`~qarm_features.align.ItemAligner` (``weights_``,
+        aligner: the fitted :class:`~qarm_features.align.aligner.ItemAligner` (``weights_``,
             ``history_``).
-        rq: fitted :class:`~qarm_features.quantize.ResidualQuantizer` (pool items).
-        vq: fitted :class:`~qarm_features.quantize.VQCoder` (pool: the pool items).
+        rq: fitted :class:`~qarm_features.codes.rq.ResidualQuantizer` (pool items).
+        vq: fitted :class:`~qarm_features.codes.rq.VQCoder` (pool: the pool items).
         rq_codes: ``(n, L)`` int64 RQ codes of every catalog item.
         pool_ids: ``(m,)`` int64 ids the codebooks and the VQ pool were fitted on.
         pairs: every mined pair ``[trigger_id, target_id, score, source]``.
         train_pairs: the pairs the aligner saw.
         heldout_pairs: pairs touching a held-out item (never seen by the aligner).
         heldout_items: ``(h,)`` int64 held-out item ids.
-        pair_stats: :func:`~qarm_features.pairs.mine_pairs` stats.
+        pair_stats: :func:`~qarm_features.pairs.mining.mine_pairs` stats.
         metrics: ``pairs``, ``heldout_items``, ``heldout`` (``raw``/``aligned``:
             ``recall@10``, ``pair_auc``, ``n_pairs``), ``aligner`` (scalar history),
             ``codes`` (``aligned``: :func:`code_report`), ``vq_ann_recall``.
@@ -180,10 +180,10 @@ FORWARD_CHUNK = 65_536
 
 
 def align_catalog(weights: dict, raw: np.ndarray, *, chunk: int = FORWARD_CHUNK, advance=None):
-    """:func:`qarm_features.encode.align_with_weights` over ``raw`` in row blocks:
+    """:func:`qarm_features.bundle.encode.align_with_weights` over ``raw`` in row blocks:
     ``(n, d_raw)`` float32 -> ``(n, d_out)`` float32 with float64 temporaries of one block
     only. ``advance(rows)`` is called after each block."""
-    from qarm_features.encode import align_with_weights
+    from qarm_features.bundle.encode import align_with_weights
 
     n = raw.shape[0]
     out = None
@@ -202,8 +202,8 @@ def align_catalog(weights: dict, raw: np.ndarray, *, chunk: int = FORWARD_CHUNK,
 
 
 def make_rq(cfg: RQConfig):
-    """An unfitted :class:`~qarm_features.quantize.ResidualQuantizer` for ``cfg``."""
-    from qarm_features.quantize import ResidualQuantizer
+    """An unfitted :class:`~qarm_features.codes.rq.ResidualQuantizer` for ``cfg``."""
+    from qarm_features.codes.rq import ResidualQuantizer
 
     return ResidualQuantizer(
         n_levels=cfg.n_levels, n_codes=cfg.n_codes, n_iter=cfg.n_iter, seed=cfg.seed
@@ -211,8 +211,8 @@ def make_rq(cfg: RQConfig):
 
 
 def make_vq(cfg: VQConfig):
-    """An unfitted :class:`~qarm_features.quantize.VQCoder` for ``cfg``."""
-    from qarm_features.vq import VQCoder
+    """An unfitted :class:`~qarm_features.codes.rq.VQCoder` for ``cfg``."""
+    from qarm_features.codes.vq import VQCoder
 
     return VQCoder(
         k=cfg.k,
@@ -236,8 +236,8 @@ def fit_quantizers(
     """RQ codebooks on ``x[pool_rows]`` and a VQ pool of ``vq_x[pool_rows]`` (default ``x``).
 
     Returns:
-        ``(rq, vq)``: a fitted :class:`~qarm_features.quantize.ResidualQuantizer` and
-        :class:`~qarm_features.quantize.VQCoder`.
+        ``(rq, vq)``: a fitted :class:`~qarm_features.codes.rq.ResidualQuantizer` and
+        :class:`~qarm_features.codes.rq.VQCoder`.
     """
     rows = slice(None) if pool_rows is None else pool_rows
     rq = make_rq(rq_cfg).fit(x[rows], init_codebooks=init_codebooks)
@@ -312,7 +312,7 @@ def fit_item_space(
         pool_items: ids whose aligned embeddings fit the RQ codebooks and form the VQ pool
             (default: the whole catalog; the evaluation passes its warm items).
         mined: ``(pairs, stats)`` already mined (e.g. with a team's own I2I table and
-            retrieval embeddings, :func:`qarm_features.pairs.mine_pairs`); None mines them
+            retrieval embeddings, :func:`qarm_features.pairs.mining.mine_pairs`); None mines them
             from ``interactions`` with ``config.pairs``.
         warm: ``(aligner weights, RQ codebooks)`` of the previous bundle: the aligner and
             each level's k-means start from them (a warm start keeps codes stable).
@@ -330,8 +330,8 @@ def fit_item_space(
         InputError: malformed catalog or interactions, interactions naming items that are
             not in the catalog, or no pair mined.
     """
-    from qarm_features.align import ItemAligner
-    from qarm_features.pairs import mine_pairs
+    from qarm_features.align.aligner import ItemAligner
+    from qarm_features.pairs.mining import mine_pairs
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)
@@ -356,7 +356,7 @@ def fit_item_space(
 
     step("training aligner")
     epochs = stage("aligner", total=cfg.aligner.max_epochs, **run)
-    with epochs as s, count_records("qarm_features.align", "aligner epoch", s.advance):
+    with epochs as s, count_records("qarm_features.align.aligner", "aligner epoch", s.advance):
         aligner = ItemAligner(cfg.aligner).fit(
             raw,
             ids,

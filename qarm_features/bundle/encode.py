@@ -10,7 +10,7 @@ so the on-demand view returns bit for bit what the batch path stored:
   of a float64; such a difference changes the float32 result only if it straddles a
   float32 rounding boundary (odds about 1e-9 per value).
 - RQ and VQ re-score their float32 candidates in float64 per row
-  (see :mod:`qarm_features.quantize`), so the same float32 input always yields the same
+  (see :mod:`qarm_features.codes.rq`), so the same float32 input always yields the same
   codes.
 
 The module imports numpy, pandas and faiss (through quantize) only: no torch.
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qarm_features._rescore import map_row_blocks
 from qarm_features._validate import check_embeddings, check_ids
-from qarm_features.bundle import Bundle, load_bundle
+from qarm_features.bundle.artifact import Bundle, load_bundle
+from qarm_features.codes.rescore import map_row_blocks
 from qarm_features.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def encode_items(
     """Encode raw content embeddings into aligned embeddings, RQ codes and VQ codes.
 
     Batches of two chunks or more run their chunks on ``n_workers`` threads (default: the
-    BLAS thread budget) with BLAS at one thread each (:func:`qarm_features._rescore.map_row_blocks`);
+    BLAS thread budget) with BLAS at one thread each (:func:`qarm_features.codes.rescore.map_row_blocks`);
     rows come out the same either way.
 
     Args:

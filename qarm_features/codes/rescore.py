@@ -5,8 +5,8 @@ is in the batch. Float32 GEMM/faiss scores move at the ulp level with the batch 
 coder's fast float32 pass only *proposes*: it keeps its choice where the float32 gap to the
 runner-up exceeds ``GUARD`` times a rigorous rounding-error bound (built from ``U``), and
 re-scores the rows it cannot vouch for with :func:`dot64`, whose summation order is fixed
-per row. The canonical choices built on it are stated in :mod:`qarm_features.quantize`
-(RQ) and :mod:`qarm_features.vq` (VQ).
+per row. The canonical choices built on it are stated in :mod:`qarm_features.codes.rq`
+(RQ) and :mod:`qarm_features.codes.vq` (VQ).
 
 Also the batch path's row-block workers (:func:`map_row_blocks`), which the same contract
 makes safe: a row's codes do not depend on the block it is computed in.

@@ -22,7 +22,7 @@ be unpickled::
 
 The version id is content-addressed (a hash of every file's sha256, the build config and
 the dims: everything that decides a served code), so two bundles with the same content
-share an id and any change yields a new one (the manifest: :mod:`qarm_features.manifest`).
+share an id and any change yields a new one (the manifest: :mod:`qarm_features.bundle.manifest`).
 Every row produced with a bundle carries that id (``qarm_version``), so codes from different bundles are never
 mixed silently. Writes go to a temporary sibling directory and are renamed into place;
 loading verifies hashes, sizes, dtypes and shapes and refuses anything else with a
@@ -44,9 +44,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from qarm_features._atomic import atomic_dir
-from qarm_features.config import BuildConfig
-from qarm_features.errors import BundleError, InputError
-from qarm_features.manifest import (
+from qarm_features.bundle.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -58,6 +56,8 @@ from qarm_features.manifest import (
     sha256_file,
     version_id,
 )
+from qarm_features.config import BuildConfig
+from qarm_features.errors import BundleError, InputError
 from qarm_features.schema import CodeSchema
 
 log = logging.getLogger(__name__)
@@ -189,15 +189,15 @@ class Bundle:
 
     @cached_property
     def rq(self):
-        """The fitted :class:`~qarm_features.quantize.ResidualQuantizer`."""
-        from qarm_features.quantize import ResidualQuantizer
+        """The fitted :class:`~qarm_features.codes.rq.ResidualQuantizer`."""
+        from qarm_features.codes.rq import ResidualQuantizer
 
         return ResidualQuantizer.from_codebooks(self.rq_codebooks)
 
     @cached_property
     def vq(self):
         """The fitted VQ coder over the bundle's pool (search settings from ``config.vq``)."""
-        from qarm_features.vq import VQCoder
+        from qarm_features.codes.vq import VQCoder
 
         cfg = self.config.vq
         try:
@@ -229,7 +229,7 @@ class Bundle:
         the configured frozen one. Every path that encodes content for the bundle (batch
         codes, ``qarm push``, ``qarm_cold_text``) uses it, so all of them share one raw
         space."""
-        from qarm_features.encoders import TextEncoder, make_encoder
+        from qarm_features.content.encoders import TextEncoder, make_encoder
 
         cfg = self.config.encoder
         if self.encoder_path is None:
@@ -367,7 +367,7 @@ def _copy_encoder(src: Path, dst: Path) -> dict[str, dict[str, Any]]:
 
 def _checked_index(vq_index, config: BuildConfig, arrays: dict, vq_k: int) -> np.ndarray:
     """``vq_index`` as uint8 bytes, once it loads as the ANN index of this pool."""
-    from qarm_features.vq import VQCoder
+    from qarm_features.codes.vq import VQCoder
 
     index = np.ascontiguousarray(np.asarray(vq_index).reshape(-1), dtype=np.uint8)
     cfg, pool = config.vq, arrays["vq_pool_emb"]

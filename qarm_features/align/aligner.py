@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from qarm_features._contrastive import (
+from qarm_features._validate import check_embeddings, check_ids, draw_items, lookup_rows
+from qarm_features.align.contrastive import (
     centred_reference,
     normalized_moments,
     pair_rows,
     raw_consistency,
     symmetric_nce,
 )
-from qarm_features._validate import check_embeddings, check_ids, draw_items, lookup_rows
 from qarm_features.config import AlignerConfig
 from qarm_features.errors import ConfigError, DependencyError, InputError, NotFittedError
 from qarm_features.metrics import pair_auc, pair_recall_at_k
@@ -40,7 +40,7 @@ try:
     from torch import nn
 except ImportError as exc:  # pragma: no cover - torch is a hard dependency today
     raise DependencyError(
-        "qarm_features.align needs torch: pip install torch==2.13.0 (CPU build)"
+        "qarm_features.align.aligner needs torch: pip install torch==2.13.0 (CPU build)"
     ) from exc
 
 logger = logging.getLogger(__name__)
@@ -445,7 +445,7 @@ class ItemAligner:
     def transform(self, raw_emb) -> np.ndarray:
         """Eval-mode torch forward: ``(n, in_dim)`` -> float32 ``(n, out_dim)``.
 
-        The served aligned space is :func:`qarm_features.encode.align_with_weights` of
+        The served aligned space is :func:`qarm_features.bundle.encode.align_with_weights` of
         :attr:`weights_` (numpy float64); the two agree to float32 rounding.
 
         Raises:
