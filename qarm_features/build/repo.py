@@ -163,13 +163,13 @@ def _i2i_pairs(project: Project, keys: Keys) -> pd.DataFrame | None:
 def mine(project: Project, interactions: pd.DataFrame, keys: Keys, cfg):
     """``(pairs, stats)``: mined from the events, with the team's I2I pairs and retrieval
     embeddings where ``qarm.yaml`` gives them (the team's I2I replaces Swing)."""
-    from qarm_features.pairs.mining import mine_pairs
+    from qarm_features.pairs.mining import PAIR_COLUMNS, mine_pairs
 
     i2i = _i2i_pairs(project, keys)
     emb = _item_embeddings(project, keys)
     pcfg = cfg.pairs.model_copy(update={"use_swing": cfg.pairs.use_swing and i2i is None})
     if not (pcfg.use_u2i or pcfg.use_swing):
-        pairs, stats = pd.DataFrame(columns=["trigger_id", "target_id", "score", "source"]), {}
+        pairs, stats = pd.DataFrame(columns=PAIR_COLUMNS), {}
     else:
         kw = {} if emb is None else {"item_ids": emb[0], "item_emb": emb[1]}
         pairs, stats = mine_pairs(interactions, pcfg, **kw)

@@ -30,6 +30,7 @@ from qarm_features._validate import check_embeddings, check_ids
 from qarm_features.bundle.artifact import Bundle, load_bundle
 from qarm_features.codes.rescore import map_row_blocks
 from qarm_features.errors import InputError
+from qarm_features.schema import ALIGNED_EMB, VERSION, VQ_CODES, CodeSchema
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,19 @@ class EncodedItems:
 
     def __len__(self) -> int:
         return int(self.aligned.shape[0])
+
+    def columns(self) -> dict:
+        """THE codes row, column by column, in the schema's order and names
+        (:class:`~qarm_features.schema.CodeSchema`): ``aligned_emb`` ``(n, d_out)``,
+        ``rq_code_l1`` .. ``rq_code_l{L}`` ``(n,)`` each, ``vq_codes`` ``(n, K)``,
+        ``qarm_version`` (one string). Batch frames, streamed parquet sources and request
+        outputs are all built from it; each only picks its container type."""
+        out = {ALIGNED_EMB: self.aligned}
+        for level, name in enumerate(CodeSchema(self.rq_codes.shape[1]).rq_columns):
+            out[name] = self.rq_codes[:, level]
+        out[VQ_CODES] = self.vq_codes
+        out[VERSION] = self.version
+        return out
 
 
 def align(bundle: Bundle, raw_emb: np.ndarray) -> np.ndarray:
@@ -177,7 +191,6 @@ def _row_error(row, dim: int) -> str | None:
     return None
 
 
-
 def encode_frame(bundle: Bundle, df, *, chunk_size: int = DEFAULT_CHUNK):
     """The batch transformation: ``item_id, raw_emb`` rows -> Feast ``qarm`` feature rows.
 
@@ -197,7 +210,7 @@ def encode_frame(bundle: Bundle, df, *, chunk_size: int = DEFAULT_CHUNK):
     import pandas as pd
 
     from qarm_features._validate import check_columns
-    from qarm_features.schema import ALIGNED_EMB, ITEM_ID, RAW_EMB, VERSION, VQ_CODES
+    from qarm_features.schema import ITEM_ID, RAW_EMB
 
     schema = bundle.schema
     check_columns(df, [ITEM_ID, RAW_EMB], name="catalog frame")
@@ -215,11 +228,8 @@ def encode_frame(bundle: Bundle, df, *, chunk_size: int = DEFAULT_CHUNK):
         ) from None
     ids = bundle.ids_of(df[ITEM_ID].to_numpy())  # a new item (not in the pool): -1
     enc = encode_items(bundle, raw, ids, chunk_size=chunk_size)
-    out[ALIGNED_EMB] = list(enc.aligned)
-    for level, name in enumerate(schema.rq_columns):
-        out[name] = enc.rq_codes[:, level]
-    out[VQ_CODES] = list(enc.vq_codes)
-    out[VERSION] = enc.version
+    for name, value in enc.columns().items():
+        out[name] = list(value) if getattr(value, "ndim", 1) == 2 else value
     return out
 
 
