@@ -264,7 +264,8 @@ def unix_seconds(ts: pd.Series, *, what: str, column: str) -> np.ndarray:
             parsed[retry] = pd.to_datetime(ts[retry], utc=True, errors="coerce", format="mixed")
         bad = parsed.isna().to_numpy()
         if bad.any():
-            _not_a_time(ts, bad, what=what, column=column, expected="dates/times, e.g. 2024-01-31T12:00:00Z")
+            example = "dates/times, e.g. 2024-01-31T12:00:00Z"
+            _not_a_time(ts, bad, what=what, column=column, expected=example)
     return ((parsed - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(
         np.int64
     )

@@ -236,3 +236,19 @@ def test_string_catalog_events_with_numeric_looking_ids_match_as_strings(tmp_pat
     table = Table(pd.DataFrame({"u": [1, 2], "sku": [102, 101], "ts": [1, 2]}), "events.csv")
     out, _, stats = events_frame(table, _project(tmp_path).events, keys)
     assert out["item_id"].tolist() == [1, 0] and stats["n_unknown_item_events"] == 0
+
+
+@pytest.mark.parametrize(
+    "catalog, match",
+    [
+        ({"path": "items.parquet", "source": "items_src", "text": "{t}"},
+         "exactly one of 'path' or 'source'"),
+        ({"text": "{t}"}, "exactly one of 'path' or 'source'"),
+        ({"path": "items.parquet"}, "at least one of 'text', 'image' or 'embedding'"),
+        ({"path": "items.parquet", "embedding": "e", "image": "img"}, "'embedding' .* alone"),
+        ({"path": "items.parquet", "embedding": "e", "text": "{t}"}, "'embedding' .* alone"),
+    ],
+)  # fmt: skip
+def test_catalog_inputs_that_contradict_each_other(tmp_path, catalog, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_project({"catalog": catalog, "events": {"path": "e.parquet"}}, tmp_path)
