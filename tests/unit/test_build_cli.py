@@ -141,3 +141,23 @@ def test_environment_faults_end_in_one_line(tmp_path):
         out = proc.stdout + proc.stderr
         assert proc.returncode in (1, 2) and match in " ".join(out.split()), out
         assert "Traceback" not in out
+
+
+def test_build_bundle_refuses_an_existing_directory_unless_told(world, tmp_path):
+    """The Python API's default keeps what ``out`` holds (refused before any training);
+    ``overwrite=True`` replaces it."""
+    from qarm_features.errors import BundleError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    kw = dict(item_ids=world.item_ids, raw_emb=world.content,
+              interactions=world.interactions(n_per_user=5))  # fmt: skip
+    with pytest.raises(BundleError, match=r"mine already exists; .* unless overwrite=True"):
+        build_bundle(out, config=BuildConfig(pairs=PairsConfig(mf_epochs=1)), **kw)
+    assert (out / "notes.txt").read_text() == "keep me"
+    cfg = BuildConfig(pairs=PairsConfig(mf_epochs=1, mf_dim=8),
+                      aligner=AlignerConfig(out_dim=8, max_epochs=1, batch_size=64),
+                      rq=RQConfig(n_levels=1, n_codes=4), vq=VQConfig(k=3))  # fmt: skip
+    res = build_bundle(out, config=cfg, overwrite=True, **kw)
+    assert not (out / "notes.txt").exists() and load_bundle(res.path).version == res.version

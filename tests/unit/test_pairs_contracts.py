@@ -147,7 +147,7 @@ def test_u2i_wins_every_exact_rank_tie_in_long_lists():
     """Two lists of 600 pairs, the same unordered pairs at the same ranks (Swing in the other
     orientation): every pair is kept once, from U2I, in rank order. (A sort that is not
     stable keeps some from Swing: 3-row lists cannot show it.)"""
-    from qarm_features.pairs import _union
+    from qarm_features.pairs.mining import _union
 
     n = 600
     a = np.arange(n, dtype=np.int64)

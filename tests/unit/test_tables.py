@@ -204,7 +204,7 @@ def test_one_bad_time_in_a_csv_names_its_row_not_a_good_one(tmp_path):
 
 
 def test_times_as_text_in_several_formats_and_datetimes():
-    from qarm_features.tables import unix_seconds
+    from qarm_features.build.tables import unix_seconds
 
     text = pd.Series(["2024-01-01T00:00:00Z", "2024-01-01 00:00:10", "Jan 1 2024 00:00:20"])
     assert unix_seconds(text, what="e", column="ts").tolist() == [1704067200, 1704067210, 1704067220]
