@@ -390,27 +390,31 @@ def evaluate(
 def main() -> None:  # pragma: no cover - console-script shim
     """The console script: library errors are handled per command; faults of the
     environment (a read-only or full disk, a missing path, a corrupt SQLite or registry
-    file, a bad feature_store.yaml) end in one line naming them, not a 60-line traceback."""
+    file, a bad feature_store.yaml) end in one line naming them, not a 60-line traceback.
+
+    Feast's and protobuf's error classes are looked up only once a command has imported
+    them (a ``FeastError`` cannot come from a run that never loaded Feast): importing Feast
+    here would cost every command, ``--help`` included, ~9 s (it pulls torch).
+    """
     import sqlite3
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from feast.errors import FeastError
-    except ImportError:  # pragma: no cover
-        FeastError = QarmError  # noqa: N806
-    from google.protobuf.message import DecodeError
-
-    try:
         app()
-    except DecodeError as exc:
-        console.print(
-            f"[bold red]error:[/] the repo's registry file is corrupt ({exc}); restore it, or "
-            "delete it and re-run `qarm materialize`"
-        )
-        sys.exit(2)
-    except (OSError, sqlite3.Error, FeastError) as exc:
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
-        sys.exit(2)
+    except Exception as exc:
+        protobuf = sys.modules.get("google.protobuf.message")
+        if protobuf is not None and isinstance(exc, protobuf.DecodeError):
+            console.print(
+                f"[bold red]error:[/] the repo's registry file is corrupt ({exc}); restore it, "
+                "or delete it and re-run `qarm materialize`"
+            )
+            sys.exit(2)
+        feast_errors = sys.modules.get("feast.errors")
+        faults = (OSError, sqlite3.Error) + ((feast_errors.FeastError,) if feast_errors else ())
+        if isinstance(exc, faults):
+            console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -137,7 +137,8 @@ def test_environment_faults_end_in_one_line(tmp_path):
         (["status", "--repo", str(tmp_path / "missing")], "is not a directory"),
         (["status", "--repo", str(repo)], "registry file is corrupt"),
     ]:
-        proc = subprocess.run([qarm, *args], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([qarm, *args], capture_output=True, text=True, timeout=120,
+                              env=_this_checkout())  # fmt: skip
         out = proc.stdout + proc.stderr
         assert proc.returncode in (1, 2) and match in " ".join(out.split()), out
         assert "Traceback" not in out
@@ -161,3 +162,48 @@ def test_build_bundle_refuses_an_existing_directory_unless_told(world, tmp_path)
                       rq=RQConfig(n_levels=1, n_codes=4), vq=VQConfig(k=3))  # fmt: skip
     res = build_bundle(out, config=cfg, overwrite=True, **kw)
     assert not (out / "notes.txt").exists() and load_bundle(res.path).version == res.version
+
+
+def _this_checkout() -> dict:
+    """The environment of a subprocess that imports this checkout's package (not the one
+    the virtualenv's editable install points at)."""
+    import os
+    from pathlib import Path
+
+    import qarm_features
+
+    root = str(Path(qarm_features.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+# Every command's help, in a fresh process from another directory: Feast's import costs
+# ~9 s and pulls torch; a command that needs no store or model must import neither.
+_PROBE = """
+import sys
+sys.argv = ["qarm", *sys.argv[1:]]
+from qarm_features.app.cli import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+heavy = sorted(m for m in ("feast", "torch", "transformers") if m in sys.modules)
+print("EXIT", code, "HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["build", "--help"], ["materialize", "--help"], ["status", "--help"],
+     ["push", "--help"], ["init", "--help"], ["inspect", "--help"], ["datasets", "fetch", "--help"],
+     ["evaluate", "--help"], ["run", "--help"], ["serve", "--help"]],
+)  # fmt: skip
+def test_help_imports_neither_feast_nor_torch(args, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=_this_checkout())  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert "usage" in out.lower() and "EXIT 0 HEAVY []" in out, out
