@@ -88,12 +88,22 @@ class _Rate(ProgressColumn):
 
 @contextmanager
 def stage_progress(out: Console | None = None):
-    """A rich progress display for the library's stages (:mod:`qarm_features.progress`).
+    """A progress display for the library's stages (:mod:`qarm_features.progress`).
 
     Yields ``(on_progress, on_step)``: ``on_progress(stage, total, advance)`` draws one bar
     per stage with its count, rate and ETA (a stage is finished when the next one starts);
     ``on_step(label)`` prints a step line above the bars.
+
+    When the console is not a terminal (CI, ``nohup``, a log file) rich would show the bars
+    only at the end: each stage step is then written as it happens, one plain line with
+    its count, rate and ETA (:class:`PlainProgress`).
     """
+    out = out or console
+    if not out.is_terminal:
+        plain = PlainProgress(out)
+        yield plain.on_progress, plain.on_step
+        plain.close()
+        return
     bar = Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -103,7 +113,7 @@ def stage_progress(out: Console | None = None):
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=out or console,
+        console=out,
     )
     tasks: dict[str, int] = {}
 
@@ -127,6 +137,75 @@ def stage_progress(out: Console | None = None):
         yield on_progress, on_step
         for task in tasks.values():
             finish(task)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class PlainProgress:
+    """Stage progress as plain lines, written as it goes (for a console that is not a
+    terminal): ``<stage>: 3,000/10,000 (30%)  1,234/s  elapsed 0:02  ETA 0:06``.
+
+    One line per stage step (each ``advance``); a stage whose steps come faster than
+    ``every`` seconds writes at most one line per ``every`` seconds, and always its last
+    (when it reaches its total, or ends because the next stage starts).
+    """
+
+    def __init__(self, out: Console, *, every: float = 1.0, clock=None):
+        import time
+
+        self.out, self.every, self.clock = out, every, clock or time.monotonic
+        self._stage: dict | None = None
+
+    def _line(self, text: str) -> None:
+        self.out.print(text, markup=False, highlight=False, soft_wrap=True)
+        self.out.file.flush()
+
+    def _report(self, st: dict, *, final: bool = False) -> None:
+        elapsed = max(self.clock() - st["t0"], 1e-9)
+        done, total = st["done"], st["total"]
+        rate = done / elapsed
+        if total:
+            count = f"{done:,}/{total:,} ({min(done / total, 1):.0%})"
+        else:
+            count = f"{done:,}"
+        if final:
+            eta = "done"
+        elif total and rate > 0:
+            eta = "ETA " + _duration(max(total - done, 0) / rate)
+        else:
+            eta = "ETA ?"
+        self._line(f"{st['name']}: {count}  {rate:,.1f}/s  elapsed {_duration(elapsed)}  {eta}")
+        st["shown"], st["last"] = done, self.clock()
+
+    def _close_stage(self) -> None:
+        st, self._stage = self._stage, None
+        if st is not None and st["done"] and st["shown"] != st["done"]:
+            self._report(st, final=True)
+
+    def on_progress(self, name: str, total, advance: int) -> None:
+        st = self._stage
+        if advance == 0 or st is None or st["name"] != name:
+            self._close_stage()
+            now = self.clock()
+            st = self._stage = {"name": name, "total": total, "done": 0, "t0": now,
+                                "last": now - self.every, "shown": 0}  # fmt: skip
+            self._line(f"{name}: started" + (f", {total:,} to do" if total else ""))
+        if advance:
+            st["done"] += int(advance)
+            complete = bool(st["total"]) and st["done"] >= st["total"]
+            if complete or self.clock() - st["last"] >= self.every:
+                self._report(st, final=complete)
+
+    def on_step(self, label: str) -> None:
+        self._close_stage()
+        self._line(label)
+
+    def close(self) -> None:
+        self._close_stage()
 
 
 def print_inspect(path, bundle, *, churn: dict | None = None, appended: dict | None = None):

@@ -38,6 +38,7 @@ from qarm_features.build.tables import (
     require_columns,
 )
 from qarm_features.errors import ConfigError, InputError
+from qarm_features.progress import stage
 from qarm_features.project import EntitySpec, Project, load_project
 
 log = logging.getLogger(__name__)
@@ -364,8 +365,10 @@ def build_from_repo(
     data = read_repo(project, on_step=on_step)
     cfg = data.config
     step = on_step or (lambda _label: None)
-    step("mining pairs")
-    mined = mine(data.project, data.interactions, data.keys, cfg)
+    step("mining pairs")  # here, not in the pipeline: fine-tuning needs the pairs first
+    mining: dict = {}
+    with stage("pairs", progress=on_progress, records=mining, logger=log):
+        mined = mine(data.project, data.interactions, data.keys, cfg)
     raw, encoder_path, encoder_info = repo_content(
         data,
         pairs=mined[0],
@@ -378,7 +381,7 @@ def build_from_repo(
         extra = {"events": data.event_stats}
         if encoder_info is not None:
             extra["encoder"] = encoder_info
-        return build_versioned(
+        result = build_versioned(
             Path(out) if out is not None else data.project.bundles_dir,
             lambda out: build_bundle(
                 out,
@@ -396,6 +399,8 @@ def build_from_repo(
                 encoder_dir=encoder_path,
             ),
         )
+        result.timings = {"pairs_s": mining["pairs"]["seconds"], **result.timings}
+        return result
     finally:
         if encoder_path is not None:  # the bundle holds its own copy
             shutil.rmtree(Path(encoder_path).parent, ignore_errors=True)

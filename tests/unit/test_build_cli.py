@@ -207,3 +207,43 @@ def test_help_imports_neither_feast_nor_torch(args, tmp_path):
                           timeout=120, cwd=tmp_path, env=_this_checkout())  # fmt: skip
     out = proc.stdout + proc.stderr
     assert "usage" in out.lower() and "EXIT 0 HEAVY []" in out, out
+
+
+def test_a_build_without_a_terminal_writes_progress_lines_as_it_goes(world, tmp_path):
+    """``qarm build --repo R > log`` (stdout a file, no TTY): a line per stage step with
+    count, rate and ETA; "mining pairs" once; the mining's time is in pairs_s."""
+    import re
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    pd.DataFrame({"item_id": world.item_ids, "emb": list(world.content)}).to_parquet(
+        repo / "data" / "items.parquet"
+    )
+    world.interactions(n_per_user=20).to_parquet(repo / "data" / "events.parquet")
+    (repo / "qarm.yaml").write_text(
+        "catalog: {path: data/items.parquet, id: item_id, embedding: emb}\n"
+        "events: {path: data/events.parquet, user: user_id, item: item_id, timestamp: timestamp,"
+        " rating: {column: rating, threshold: 4}}\n"
+        "build:\n  pairs: {mf_epochs: 3, mf_dim: 8}\n"
+        "  aligner: {out_dim: 8, max_epochs: 3, batch_size: 64}\n"
+        "  rq: {n_levels: 2, n_codes: 8}\n  vq: {k: 5}\n"
+    )
+    log = tmp_path / "build.log"
+    with log.open("w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-c", "from qarm_features.app.cli import main; main()", "build",
+             "--repo", str(repo)],
+            stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=tmp_path, env=_this_checkout(),
+        )  # fmt: skip
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert text.count("mining pairs") == 1, text
+    step = re.compile(r"^aligner: 1/3 \(33%\)  [\d,.]+/s  elapsed \d+:\d\d  ETA \d+:\d\d$", re.M)
+    first = step.search(text)
+    assert first and first.start() < text.index("writing bundle"), text  # as it went
+    pairs_s = float(re.search(r"pairs_s=([\d.]+)", text).group(1))
+    assert pairs_s > 0.0, text
