@@ -373,3 +373,27 @@ def test_movielens_grouplens_layout_builds_from_a_qarm_yaml(tmp_path, monkeypatc
     )  # fmt: skip
     assert statuses["rq_code_l1"] == ["PRESENT", "NOT_FOUND"]
     assert len(values["vq_codes"][0]) == 25 and 50 not in values["vq_codes"][0]
+
+
+@pytest.mark.parametrize(
+    ("path", "imports"),
+    [
+        ("entities/product.py", "from entities.product import product"),  # a sub-package
+        ("my-defs.py", 'product = importlib.import_module("my-defs").product'),  # no identifier
+    ],
+)
+def test_init_into_imports_the_entity_where_feast_apply_finds_it(tmp_path, path, imports):
+    """The team's entity in a sub-package or a file whose name is not an identifier: the
+    definitions `qarm init --into` writes pass the team's real `feast apply`."""
+    repo = tmp_path / "shop"
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / "data").mkdir()
+    (repo / "feature_store.yaml").write_text(FEATURE_STORE)
+    (repo / path).write_text(SHOP_DEFINITIONS)
+    qarm("init", "--into", str(repo), "--item-entity", "product", cwd=tmp_path, home=tmp_path)
+    written = (repo / "qarm_definitions.py").read_text()
+    assert imports.replace('"', "'") in written.replace('"', "'"), written
+    out = run_feast(["apply"], repo).stdout
+    assert "qarm" in out and "product_price" in out, out
+    listed = run_feast(["feature-views", "list"], repo).stdout
+    assert "qarm" in listed and "product_price" in listed, listed
