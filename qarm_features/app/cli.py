@@ -30,7 +30,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from qarm_features.app.render import abbreviate, print_inspect, print_metrics, stage_progress
+from qarm_features.app.render import (
+    abbreviate,
+    print_inspect,
+    print_materialize,
+    print_metrics,
+    print_push,
+    stage_progress,
+)
 from qarm_features.errors import ConfigError, QarmError
 
 app = typer.Typer(
@@ -217,9 +224,15 @@ def materialize(
             help="Another config of the repo, e.g. feature_store.ray.yaml (relative: in the repo).",
         ),
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print every statistic (a JSON object).")
+    ] = False,
     verbose: bool = False,
 ) -> None:
     """Encode every catalog item with the bundle, write offline sources, feast materialize.
+
+    Every feature view of the repo is materialized: QARM's (from the sources this writes)
+    and the team's own (from theirs, up to now); the summary names which is which.
 
     A store that already serves another bundle version is refused unless ``--promote``:
     codes of two bundles are never mixed silently (docs/feast.md, "rollout").
@@ -237,7 +250,10 @@ def materialize(
             )
     except QarmError as exc:
         _fail(exc)
-    console.print_json(data=stats)
+    if as_json:
+        console.print_json(data=stats)
+    else:
+        print_materialize(stats)
 
 
 @app.command()
@@ -281,6 +297,9 @@ def serve(ctx: typer.Context) -> None:
 def push(
     items: Annotated[Path, typer.Argument(help="New items: a table in the catalog's format.")],
     repo: Annotated[Path, typer.Option(help="Feast feature repo with a qarm.yaml.")] = Path("."),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print every statistic and every id (JSON).")
+    ] = False,
     verbose: bool = False,
 ) -> None:
     """Give new items their codes online now, with the served bundle (no batch rerun)."""
@@ -292,7 +311,10 @@ def push(
             stats = push_from_file(repo, items)
     except QarmError as exc:
         _fail(exc)
-    console.print_json(data=stats)
+    if as_json:
+        console.print_json(data=stats)
+    else:
+        print_push(stats)
 
 
 @app.command()

@@ -227,3 +227,73 @@ def print_inspect(path, bundle, *, churn: dict | None = None, appended: dict | N
             console.print("[yellow]rebuild due[/]: " + "; ".join(appended["reasons"]))
         else:
             console.print("no rebuild due")
+
+
+# Views whose sources `qarm materialize` writes (qarm_features.feast.views, the demo's
+# user_history); any other view `feast materialize` reaches is the team's own.
+_QARM_VIEWS = ("qarm", "qarm_batch", "qarm_prev", "item_content", "user_history")
+_SHOWN_IDS = 5  # ids quoted in a push summary
+
+
+def _names(names) -> str:
+    return ", ".join(names) if names else "none"
+
+
+def print_materialize(stats: dict) -> None:
+    """``qarm materialize``'s summary: the version, the views written (QARM's and the
+    team's), the rows, the time. ``--json`` prints ``stats`` whole."""
+    views = list(stats.get("materialized_views", []))
+    ours = [v for v in views if v in _QARM_VIEWS]
+    theirs = [v for v in views if v not in _QARM_VIEWS]
+    previous, version = stats.get("previous_version"), stats.get("version")
+    if stats.get("promoted"):
+        how = f"promoted from {previous}"
+    elif previous is None:
+        how = "first version served"
+    else:
+        how = "same version, rewritten"
+    console.print(f"[green]materialized[/] {version} into {stats.get('repo', '?')} ({how})")
+    pushed = stats.get("n_pushed_items_kept") or 0
+    console.print(
+        f"  QARM's views: {_names(ours)}: {stats.get('n_items', 0):,} items"
+        + (f" ({pushed:,} pushed since the build, kept)" if pushed else "")
+        + f", {stats.get('n_history_rows', 0):,} user-history rows"
+    )
+    if theirs:
+        console.print(
+            f"  the team's views, materialized too (from their own sources, up to now): "
+            f"{_names(theirs)}"
+        )
+    for key, what in (("kept_previous", "previous version still served as qarm_prev"),
+                      ("dropped_views", "dropped"), ("cleared_views", "cleared first"),
+                      ("empty_views", "empty sources, skipped")):  # fmt: skip
+        value = stats.get(key)
+        if value:
+            console.print(f"  {what}: {value if isinstance(value, str) else _names(value)}")
+    timing = ", ".join(
+        f"{name} {stats[key]:.1f} s"
+        for name, key in (("encode", "encode_seconds"), ("apply", "apply_seconds"),
+                          ("materialize", "materialize_seconds"))  # fmt: skip
+        if isinstance(stats.get(key), (int, float))
+    )
+    console.print(f"  {timing}; every statistic: --json")
+
+
+def print_push(stats: dict) -> None:
+    """``qarm push``'s summary: how many items, a few of their ids, where they went, and
+    whether a rebuild is due. ``--json`` prints ``stats`` whole (every id)."""
+    ids = [str(i) for i in stats.get("item_ids", [])]
+    shown = ", ".join(ids[:_SHOWN_IDS]) + (f", ... ({len(ids) - _SHOWN_IDS} more)"
+                                           if len(ids) > _SHOWN_IDS else "")  # fmt: skip
+    where = "online and offline" if stats.get("offline") else "online"
+    console.print(
+        f"[green]pushed[/] {stats.get('n_items', len(ids)):,} items' codes {where} with "
+        f"{stats.get('version')} in {stats.get('seconds', 0):.1f} s: {shown}"
+    )
+    if "n_added_since_build" in stats:
+        console.print(f"  added since the build: {stats['n_added_since_build']:,} items")
+        if stats.get("rebuild_due"):
+            console.print("  [yellow]rebuild due[/]: " + "; ".join(stats.get("rebuild_reasons", [])))
+        else:
+            console.print("  no rebuild due")
+    console.print("  every id: --json")

@@ -161,6 +161,16 @@ def shop(tmp_path_factory):
     return repo
 
 
+def test_materialize_says_whose_views_it_wrote(shop):
+    """`qarm materialize --repo` also materializes the shop's own view: it says so, in a
+    short summary (not the statistics dict; that is --json)."""
+    said = (shop.parent / "walkthrough.out").read_text()
+    summary = said[said.index("materialized "):]
+    assert "QARM's views: qarm" in summary and "240 items" in summary, summary
+    assert "the team's views, materialized too" in summary and "product_price" in summary
+    assert len(summary.splitlines()) <= 6 and '"stages"' not in summary, summary
+
+
 def test_the_readme_python_snippet_runs_as_written(shop, monkeypatch):
     from qarm_features.build.bundles import encode_catalog_text
     from qarm_features.project import load_project
@@ -275,10 +285,14 @@ def test_push_new_products_then_read_them(shop, tmp_path):
     new = pd.DataFrame({"sku": ["NEW-7"], "title": ["black wool coat"],
                         "description": ["a black wool coat for every day"]})  # fmt: skip
     new.to_parquet(tmp_path / "new.parquet")
-    out = qarm("push", "--repo", str(shop), str(tmp_path / "new.parquet"), cwd=tmp_path,
-               home=tmp_path)  # fmt: skip
+    out = qarm("push", "--repo", str(shop), str(tmp_path / "new.parquet"), "--json",
+               cwd=tmp_path, home=tmp_path)  # fmt: skip
     assert '"n_items": 1' in out
     stats = json.loads(out)
+    said = qarm("push", "--repo", str(shop), str(tmp_path / "new.parquet"), cwd=tmp_path,
+                home=tmp_path)  # fmt: skip (the same item again: a summary, not a dict)
+    assert "pushed 1 items' codes online and offline" in said and "NEW-7" in said
+    assert "no rebuild due" in said and len(said.splitlines()) <= 4, said
     # the daily route: one new product among 240 needs no rebuild yet
     assert stats["n_added_since_build"] == 1 and stats["rebuild_due"] is False
     values, statuses = online(
@@ -391,9 +405,9 @@ def test_init_into_imports_the_entity_where_feast_apply_finds_it(tmp_path, path,
     (repo / "feature_store.yaml").write_text(FEATURE_STORE)
     (repo / path).write_text(SHOP_DEFINITIONS)
     qarm("init", "--into", str(repo), "--item-entity", "product", cwd=tmp_path, home=tmp_path)
-    written = (repo / "qarm_definitions.py").read_text()
-    assert imports.replace('"', "'") in written.replace('"', "'"), written
     out = run_feast(["apply"], repo).stdout
     assert "qarm" in out and "product_price" in out, out
     listed = run_feast(["feature-views", "list"], repo).stdout
     assert "qarm" in listed and "product_price" in listed, listed
+    written = (repo / "qarm_definitions.py").read_text()
+    assert imports.replace('"', "'") in written.replace('"', "'"), written

@@ -66,3 +66,48 @@ def test_stage_progress_writes_plain_lines_when_not_a_terminal():
             assert "encode: 100/300 (33%)" in out.getvalue()  # before the display closes
             s.advance(200)
     assert "encode: 300/300 (100%)" in out.getvalue() and "━" not in out.getvalue()
+
+
+def _capture(monkeypatch):
+    from qarm_features.app import render
+
+    out = io.StringIO()
+    monkeypatch.setattr(render, "console", Console(file=out, width=200, force_terminal=False))
+    return out
+
+
+def test_materialize_summary_says_whose_views_and_how_many_rows(monkeypatch):
+    from qarm_features.app.render import print_materialize
+
+    out = _capture(monkeypatch)
+    stats = {
+        "version": "qarm-b", "repo": "/r/shop", "n_items": 240, "n_pushed_items_kept": 3,
+        "n_history_rows": 3200, "previous_version": "qarm-a", "promoted": True,
+        "materialized_views": ["product_price", "qarm", "item_content"], "kept_previous": None,
+        "dropped_views": [], "cleared_views": ["qarm"], "empty_views": [],
+        "encode_seconds": 1.25, "apply_seconds": 2.0, "materialize_seconds": 3.5,
+        "stages": {"encode": {"seconds": 1.25}}, "streamed_views": ["qarm"],
+    }  # fmt: skip
+    print_materialize(stats)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "materialized qarm-b into /r/shop (promoted from qarm-a)"
+    assert "QARM's views: qarm, item_content: 240 items (3 pushed since the build, kept), " \
+           "3,200 user-history rows" in lines[1]  # fmt: skip
+    assert "the team's views, materialized too" in lines[2] and lines[2].endswith("product_price")
+    assert "cleared first: qarm" in out.getvalue() and "--json" in lines[-1]
+    assert len(lines) <= 6 and "stages" not in out.getvalue()
+
+
+def test_push_summary_quotes_a_few_ids_not_all(monkeypatch):
+    from qarm_features.app.render import print_push
+
+    out = _capture(monkeypatch)
+    ids = [f"SKU-{i}" for i in range(487)]
+    print_push({"version": "qarm-b", "n_items": 487, "item_ids": ids, "offline": True,
+                "seconds": 1.5, "n_added_since_build": 490, "rebuild_due": True,
+                "rebuild_reasons": ["490 items added since the build"]})  # fmt: skip
+    text = out.getvalue()
+    assert "pushed 487 items' codes online and offline with qarm-b in 1.5 s: SKU-0, SKU-1, " \
+           "SKU-2, SKU-3, SKU-4, ... (482 more)" in text  # fmt: skip
+    assert "SKU-5," not in text and "rebuild due: 490 items added" in text
+    assert len(text.splitlines()) == 4
