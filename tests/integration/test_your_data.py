@@ -74,7 +74,8 @@ build:
 """
 
 
-def qarm(*args: str, cwd: Path, home: Path) -> str:
+def qarm(*args: str, cwd: Path, home: Path, stderr: list | None = None) -> str:
+    """``qarm ARGS``'s stdout (its stderr appended to ``stderr`` when given)."""
     proc = subprocess.run(
         [str(QARM), *args], cwd=cwd, env=subprocess_env(home), capture_output=True, text=True,
         timeout=900,
@@ -83,6 +84,8 @@ def qarm(*args: str, cwd: Path, home: Path) -> str:
         raise AssertionError(
             f"qarm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
+    if stderr is not None:
+        stderr.append(proc.stderr)
     return proc.stdout
 
 
@@ -148,14 +151,15 @@ def shop(tmp_path_factory):
         ["qarm", "init"], ["$EDITOR", "shop/qarm.yaml"], ["qarm", "build"],
         ["qarm", "materialize"],
     ]  # fmt: skip
-    said = []
+    said, errs = [], []
     for command in commands:
         if command.startswith("$EDITOR"):
             assert "from shop_features import product" in (repo / "qarm_definitions.py").read_text()
             (repo / "qarm.yaml").write_text(QARM_YAML)  # the team fills in its config
             continue
-        said.append(qarm(*command.split()[1:], cwd=root, home=root))
+        said.append(qarm(*command.split()[1:], cwd=root, home=root, stderr=errs))
     (root / "walkthrough.out").write_text("\n".join(said))
+    (root / "walkthrough.err").write_text("\n".join(errs))
     end = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
     run_feast(["materialize", "1970-01-01T00:00:00", end], repo)  # the shop's own price view
     return repo
@@ -169,6 +173,14 @@ def test_materialize_says_whose_views_it_wrote(shop):
     assert "QARM's views: qarm" in summary and "240 items" in summary, summary
     assert "the team's views, materialized too" in summary and "product_price" in summary
     assert len(summary.splitlines()) <= 6 and '"stages"' not in summary, summary
+
+
+def test_the_walkthrough_warns_nothing_the_user_cannot_act_on(shop):
+    """Feast's "experimental" on-demand-view warning, ibis' fetch_arrow_table deprecation,
+    transformers' "Loading weights" bars: none reaches the walkthrough's stderr."""
+    err = (shop.parent / "walkthrough.err").read_text()
+    for noise in ("experimental feature", "fetch_arrow_table", "Loading weights"):
+        assert noise not in err, err
 
 
 def test_the_readme_python_snippet_runs_as_written(shop, monkeypatch):

@@ -47,6 +47,7 @@ def _config(repo):
     )
 
 
+@pytest.mark.filterwarnings("error::DeprecationWarning")  # ibis' fetch_arrow_table: silenced
 def test_relative_paths_are_read_from_the_repo(repo):
     table = duckdb_store._read(_source(), str(repo)).to_pyarrow()
     assert table.column("item_id").to_pylist() == [1, 2]
