@@ -30,14 +30,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from qarm_features.app.render import (
-    abbreviate,
-    print_inspect,
-    print_materialize,
-    print_metrics,
-    print_push,
-    stage_progress,
-)
+from qarm_features.app.render import abbreviate, print_inspect, print_metrics, stage_progress
+from qarm_features.app.render import print_materialize, print_push
 from qarm_features.errors import ConfigError, QarmError
 
 app = typer.Typer(
@@ -169,6 +163,7 @@ def inspect(
         _fail(exc)
     if as_json:
         out = b.manifest.model_dump(mode="json")
+        out["vq_codes"] = {"space": b.vq_code_space, "vocab_size": b.vq_vocab_size}
         if report is not None:
             out["churn"] = report
         if added is not None:

@@ -212,6 +212,11 @@ def print_inspect(path, bundle, *, churn: dict | None = None, appended: dict | N
     """``qarm inspect``'s text: the verified bundle, its metrics, churn and added items."""
     console.print(f"[green]ok[/] {path}: version [bold]{bundle.version}[/], files verified")
     console.print("dims: " + ", ".join(f"{k}={v}" for k, v in bundle.dims.model_dump().items()))
+    space = {"item_id": "item ids", "catalog_row": "catalog row indices (item_keys maps them)"}
+    console.print(
+        f"VQ codes: {space[bundle.vq_code_space]}, vocabulary 0..{bundle.vq_vocab_size - 1} "
+        f"(vq_vocab_size={bundle.vq_vocab_size}; -1 = missing)"
+    )
     print_metrics(bundle.metrics)
     if churn is not None:
         console.print(f"churn from {churn['against']}: " + ", ".join(

@@ -406,6 +406,45 @@ def build_from_repo(
             shutil.rmtree(Path(encoder_path).parent, ignore_errors=True)
 
 
+def _items_content(project: Project, items) -> tuple[Keys, np.ndarray]:
+    """The keys and content embeddings of items in the catalog's format (a frame or a
+    file), in the raw space of the bundle the repo serves (its fine-tuned encoder, if any)."""
+    from qarm_features.feast.context import ServingContext
+
+    if isinstance(items, pd.DataFrame):
+        table = Table(items.reset_index(drop=True), "items")
+    else:
+        table = read_table(Path(items), what="items")
+    require_columns(table, [project.catalog.id], what="items")
+    keys = catalog_keys(table.frame, project.catalog.id, name=table.name)
+    served = ServingContext.of_repo(project.repo)
+    encoder = served.load().encoder_path if served.is_set else None  # the served raw space
+    return keys, catalog_content(project, table, keys, encoder_path=encoder)
+
+
+def content_embeddings(repo_path: str | os.PathLike, items) -> np.ndarray:
+    """The content embeddings of items, made as ``qarm build`` made the catalog's.
+
+    What the cold view ``qarm_cold`` takes as ``raw_emb`` for an item that has no row
+    yet: its columns rendered with ``qarm.yaml``'s template and encoded with the frozen
+    encoder of the bundle the repo serves (its fine-tuned one, if it carries one; text or
+    CLIP), or its own ``embedding`` column. Pass each row to ``get_online_features`` as
+    it is (a float32 array in-process; Feast types it fast).
+
+    Args:
+        repo_path: the feature repo with a ``qarm.yaml``.
+        items: a DataFrame or a parquet/CSV file in the catalog's format: its id column
+            and its content columns (``catalog.text``'s, ``image``, or ``embedding``).
+
+    Returns:
+        ``(n, d_raw)`` float32, in the rows' order.
+
+    Raises:
+        InputError: a missing column or a bad row (file, column, row and value named).
+    """
+    return _items_content(load_project(repo_path), items)[1]
+
+
 def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) -> dict:
     """``qarm push``: new items, in the catalog's format, encoded and pushed online.
 
@@ -420,16 +459,10 @@ def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) 
         InputError: a bad table (file, column, row named). BundleVersionMismatch: the repo
             serves no bundle, or another version than its pointer.
     """
-    from qarm_features.feast.context import ServingContext
     from qarm_features.feast.job import push_items
 
     project = load_project(repo_path)
-    table = read_table(Path(items_path), what="items")
-    require_columns(table, [project.catalog.id], what="items")
-    keys = catalog_keys(table.frame, project.catalog.id, name=table.name)
-    served = ServingContext.of_repo(project.repo)
-    encoder = served.load().encoder_path if served.is_set else None  # the served raw space
-    raw = catalog_content(project, table, keys, encoder_path=encoder)
+    keys, raw = _items_content(project, items_path)
     join_key = item_entity(project).join_key
     items = pd.DataFrame({join_key: keys.keys, "raw_emb": list(raw)})
     stats = push_items(project.repo, items, join_key=join_key)

@@ -109,7 +109,9 @@ from qarm_features.feast.views import qarm_views
 {import_line}
 
 # qarm (codes rankers read), item_content (frozen embedding), qarm_cold / qarm_cold_b64
-# (codes at request time for items with no row yet) and their sources.
+# (codes at request time for items with no row yet) and their sources. A text catalog may
+# add text_view=True: qarm_cold_text, codes from an item's text at request time (loads the
+# text encoder, torch, into the serving process).
 globals().update(qarm_views(item={variable}, repo=Path(__file__).resolve().parent))
 """
 

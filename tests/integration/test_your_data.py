@@ -184,19 +184,22 @@ def test_the_walkthrough_warns_nothing_the_user_cannot_act_on(shop):
 
 
 def test_the_readme_python_snippet_runs_as_written(shop, monkeypatch):
-    from qarm_features.build.bundles import encode_catalog_text
-    from qarm_features.project import load_project
-
+    """As written, nothing given: it makes the cold product's embedding itself
+    (`content_embeddings`), and its codes are those the batch path gives that text."""
     _, snippet = _walkthrough()
     monkeypatch.chdir(shop.parent)
-    emb = encode_catalog_text(["green silk scarf"], load_project(shop).build)[0]
-    namespace = {"emb": emb}
+    namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)  # as written: no error
     store = namespace["store"]  # the store the snippet opened from the shop's parent
     warm = store.get_online_features(
         features=["product_price:price", "qarm:rq_code_l1"], entity_rows=[{"sku": "SKU-00003"}]
     ).to_dict()
     assert warm["price"][0] is not None and warm["rq_code_l1"][0] is not None
+    cold = namespace["cold"]
+    want = _expected(shop, ["SKU-NEW"], ["green silk scarf. a green silk scarf for every day"])
+    assert cold["qarm_error"] == [""], cold
+    assert cold["rq_code_l1"] == [int(want["rq_code_l1"][0])]
+    assert [int(c) for c in cold["vq_codes"][0]] == [int(c) for c in want["vq_codes"][0]]
 
 
 def test_training_rows_after_switching_the_offline_store_as_told(shop, tmp_path, monkeypatch):

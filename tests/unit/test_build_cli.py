@@ -247,3 +247,45 @@ def test_a_build_without_a_terminal_writes_progress_lines_as_it_goes(world, tmp_
     assert first and first.start() < text.index("writing bundle"), text  # as it went
     pairs_s = float(re.search(r"pairs_s=([\d.]+)", text).group(1))
     assert pairs_s > 0.0, text
+
+
+def test_inspect_states_the_vq_vocabulary(tmp_path):
+    import json
+
+    from qarm_features.bundle.testing import make_random_bundle
+
+    path = make_random_bundle(tmp_path / "s", string_ids=True)
+    res = runner.invoke(app, ["inspect", str(path)])
+    assert res.exit_code == 0 and "VQ codes: catalog row indices" in res.output, res.output
+    assert "vq_vocab_size=200" in res.output
+    res = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert json.loads(res.output)["vq_codes"] == {"space": "catalog_row", "vocab_size": 200}
+
+
+def test_content_embeddings_of_cold_items_are_the_builds(tmp_path, monkeypatch):
+    """A text catalog: the items' columns rendered with qarm.yaml's template and encoded
+    with its encoder, as the build encodes the catalog; from another directory."""
+    import pandas as pd
+
+    from qarm_features import content_embeddings
+    from qarm_features.content.encoders import TextEncoder
+
+    repo = tmp_path / "shop"
+    repo.mkdir()
+    (repo / "qarm.yaml").write_text(
+        "catalog: {path: items.parquet, id: sku, text: '{title}. {description}'}\n"
+        "events: {path: clicks.parquet, user: u, item: sku, timestamp: ts}\n"
+        "entity: {name: product, join_key: sku}\n"
+    )
+    items = pd.DataFrame({"sku": ["A", "B"], "title": ["green scarf", "red boot"],
+                          "description": ["silk", "leather"]})  # fmt: skip
+    items.to_parquet(tmp_path / "new.parquet")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QARM_CACHE", str(tmp_path / "cache"))
+    got = content_embeddings("shop", items)
+    want = TextEncoder().encode(["green scarf. silk", "red boot. leather"])
+    assert got.dtype == np.float32 and got.shape == (2, 384)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(content_embeddings(repo, tmp_path / "new.parquet"), got)
+    with pytest.raises(InputError, match=r"names column\(s\) \['description'\]"):
+        content_embeddings(repo, items.drop(columns=["description"]))
