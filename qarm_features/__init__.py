@@ -5,6 +5,7 @@ The public API at a glance (imported lazily: ``import qarm_features`` loads noth
     # a team's repo, from its qarm.yaml
     build_from_repo(repo)                          -> BuildResult (bundle under <bundles>/<version>/)
     load_project(repo)                             -> Project (the parsed qarm.yaml)
+    content_embeddings(repo, items_df)             -> (n, d_raw) raw_emb of cold items, for qarm_cold
     # the offline pipeline on arrays
     build_bundle(out, item_ids=, raw_emb=, interactions=, config=)   -> BuildResult
     fit_item_space(raw_emb, item_ids, interactions, config)          -> ItemSpace
@@ -28,6 +29,7 @@ from qarm_features._version import __version__
 
 _API = {
     "build_from_repo": "qarm_features.build.repo",
+    "content_embeddings": "qarm_features.build.repo",
     "load_project": "qarm_features.project",
     "build_bundle": "qarm_features.build.bundles",
     "BuildResult": "qarm_features.build.bundles",

@@ -31,6 +31,7 @@ import typer
 from rich.console import Console
 
 from qarm_features.app.render import abbreviate, print_inspect, print_metrics, stage_progress
+from qarm_features.app.render import print_materialize, print_push
 from qarm_features.errors import ConfigError, QarmError
 
 app = typer.Typer(
@@ -43,6 +44,7 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Fetch data sets into the 
 app.add_typer(datasets_app, name="datasets")
 console = Console()
 
+_FEAST_ODFV_WARNING = "On demand feature view is an experimental feature"
 DEFAULT_REPO = Path("feature_repo")  # the demo repo: its qarm.yaml reads MovieLens-100k
 
 
@@ -161,6 +163,7 @@ def inspect(
         _fail(exc)
     if as_json:
         out = b.manifest.model_dump(mode="json")
+        out["vq_codes"] = {"space": b.vq_code_space, "vocab_size": b.vq_vocab_size}
         if report is not None:
             out["churn"] = report
         if added is not None:
@@ -217,16 +220,27 @@ def materialize(
             help="Another config of the repo, e.g. feature_store.ray.yaml (relative: in the repo).",
         ),
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print every statistic (a JSON object).")
+    ] = False,
     verbose: bool = False,
 ) -> None:
     """Encode every catalog item with the bundle, write offline sources, feast materialize.
+
+    Every feature view of the repo is materialized: QARM's (from the sources this writes)
+    and the team's own (from theirs, up to now); the summary names which is which.
 
     A store that already serves another bundle version is refused unless ``--promote``:
     codes of two bundles are never mixed silently (docs/feast.md, "rollout").
     """
     _setup_logging(verbose)
+    import warnings
+
     try:
-        with stage_progress(console) as (on_progress, _):
+        with stage_progress(console) as (on_progress, _), warnings.catch_warnings():
+            # Feast warns on every apply of a repo with on-demand views; QARM's are its
+            # request path, documented (docs/feast.md), nothing for the user to act on
+            warnings.filterwarnings("ignore", _FEAST_ODFV_WARNING, RuntimeWarning)
             stats = _materialize(
                 repo,
                 bundle,
@@ -237,7 +251,10 @@ def materialize(
             )
     except QarmError as exc:
         _fail(exc)
-    console.print_json(data=stats)
+    if as_json:
+        console.print_json(data=stats)
+    else:
+        print_materialize(stats)
 
 
 @app.command()
@@ -281,6 +298,9 @@ def serve(ctx: typer.Context) -> None:
 def push(
     items: Annotated[Path, typer.Argument(help="New items: a table in the catalog's format.")],
     repo: Annotated[Path, typer.Option(help="Feast feature repo with a qarm.yaml.")] = Path("."),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print every statistic and every id (JSON).")
+    ] = False,
     verbose: bool = False,
 ) -> None:
     """Give new items their codes online now, with the served bundle (no batch rerun)."""
@@ -292,7 +312,10 @@ def push(
             stats = push_from_file(repo, items)
     except QarmError as exc:
         _fail(exc)
-    console.print_json(data=stats)
+    if as_json:
+        console.print_json(data=stats)
+    else:
+        print_push(stats)
 
 
 @app.command()
@@ -390,27 +413,31 @@ def evaluate(
 def main() -> None:  # pragma: no cover - console-script shim
     """The console script: library errors are handled per command; faults of the
     environment (a read-only or full disk, a missing path, a corrupt SQLite or registry
-    file, a bad feature_store.yaml) end in one line naming them, not a 60-line traceback."""
+    file, a bad feature_store.yaml) end in one line naming them, not a 60-line traceback.
+
+    Feast's and protobuf's error classes are looked up only once a command has imported
+    them (a ``FeastError`` cannot come from a run that never loaded Feast): importing Feast
+    here would cost every command, ``--help`` included, ~9 s (it pulls torch).
+    """
     import sqlite3
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from feast.errors import FeastError
-    except ImportError:  # pragma: no cover
-        FeastError = QarmError  # noqa: N806
-    from google.protobuf.message import DecodeError
-
-    try:
         app()
-    except DecodeError as exc:
-        console.print(
-            f"[bold red]error:[/] the repo's registry file is corrupt ({exc}); restore it, or "
-            "delete it and re-run `qarm materialize`"
-        )
-        sys.exit(2)
-    except (OSError, sqlite3.Error, FeastError) as exc:
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
-        sys.exit(2)
+    except Exception as exc:
+        protobuf = sys.modules.get("google.protobuf.message")
+        if protobuf is not None and isinstance(exc, protobuf.DecodeError):
+            console.print(
+                f"[bold red]error:[/] the repo's registry file is corrupt ({exc}); restore it, "
+                "or delete it and re-run `qarm materialize`"
+            )
+            sys.exit(2)
+        feast_errors = sys.modules.get("feast.errors")
+        faults = (OSError, sqlite3.Error) + ((feast_errors.FeastError,) if feast_errors else ())
+        if isinstance(exc, faults):
+            console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,7 +49,7 @@ def build_bundle(
     interactions: pd.DataFrame,
     config: BuildConfig | None = None,
     test_item_fraction: float = 0.1,
-    overwrite: bool = True,
+    overwrite: bool = False,
     on_step: StepCallback | None = None,
     progress: bool = False,
     extra_metrics: dict | None = None,
@@ -62,7 +62,9 @@ def build_bundle(
     """Run pair mining, aligner training and code fitting, and write a bundle.
 
     Args:
-        out: bundle directory to write (atomically).
+        out: bundle directory to write (atomically). An existing ``out`` is refused,
+            before any training, unless ``overwrite=True`` (then it is replaced, and
+            whatever it held is deleted).
         item_ids: ``(n,)`` catalog ids; raw_emb ``(n, d_raw)`` their frozen content
             embeddings.
         interactions: ``user_id, item_id, rating, timestamp`` rows.
@@ -85,10 +87,19 @@ def build_bundle(
     Raises:
         InputError: malformed catalog or interactions, or interactions naming items that
             are not in the catalog.
+        BundleError: ``out`` exists and ``overwrite`` is false.
     """
     from qarm_features._validate import l2_normalize
     from qarm_features.build.pipeline import code_report, fit_item_space, make_rq
     from qarm_features.bundle.artifact import write_bundle
+    from qarm_features.errors import BundleError
+
+    if Path(out).exists() and not overwrite:  # refuse before the training, not after
+        raise BundleError(
+            f"{out} already exists; build_bundle does not replace it unless overwrite=True "
+            "(which deletes what it holds); or build into a directory of versioned bundles "
+            "with build_versioned / qarm build --out DIR"
+        )
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)

@@ -312,8 +312,9 @@ def fit_item_space(
         pool_items: ids whose aligned embeddings fit the RQ codebooks and form the VQ pool
             (default: the whole catalog; the evaluation passes its warm items).
         mined: ``(pairs, stats)`` already mined (e.g. with a team's own I2I table and
-            retrieval embeddings, :func:`qarm_features.pairs.mining.mine_pairs`); None mines them
-            from ``interactions`` with ``config.pairs``.
+            retrieval embeddings, :func:`qarm_features.pairs.mining.mine_pairs`), whose
+            time the caller reports; None mines them from ``interactions`` with
+            ``config.pairs`` (step "mining pairs", stage ``pairs``, ``pairs_s``).
         warm: ``(aligner weights, RQ codebooks)`` of the previous bundle: the aligner and
             each level's k-means start from them (a warm start keeps codes stable).
         on_step: called with a short label as each stage starts (CLI progress).
@@ -340,13 +341,13 @@ def fit_item_space(
     timings: dict[str, float] = {}
     stages: dict[str, dict] = {}
     run = {"progress": on_progress, "records": stages, "logger": logger}
-    step("mining pairs")
-    with stage("pairs", **run):
-        if mined is not None:
-            pairs, pair_stats = mined
-        else:
+    if mined is not None:  # mined, shown and timed by the caller (build_from_repo)
+        pairs, pair_stats = mined
+    else:
+        step("mining pairs")
+        with stage("pairs", **run):
             pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
-    timings["pairs_s"] = stages["pairs"]["seconds"]
+        timings["pairs_s"] = stages["pairs"]["seconds"]
     if len(pairs) == 0:
         raise InputError("pair mining found no pairs; are there positives (rating >= threshold)?")
     train_pairs, test_pairs, test_items = split_test_items(ids, pairs, heldout_fraction, cfg.seed)

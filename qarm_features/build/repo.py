@@ -38,6 +38,7 @@ from qarm_features.build.tables import (
     require_columns,
 )
 from qarm_features.errors import ConfigError, InputError
+from qarm_features.progress import stage
 from qarm_features.project import EntitySpec, Project, load_project
 
 log = logging.getLogger(__name__)
@@ -364,8 +365,10 @@ def build_from_repo(
     data = read_repo(project, on_step=on_step)
     cfg = data.config
     step = on_step or (lambda _label: None)
-    step("mining pairs")
-    mined = mine(data.project, data.interactions, data.keys, cfg)
+    step("mining pairs")  # here, not in the pipeline: fine-tuning needs the pairs first
+    mining: dict = {}
+    with stage("pairs", progress=on_progress, records=mining, logger=log):
+        mined = mine(data.project, data.interactions, data.keys, cfg)
     raw, encoder_path, encoder_info = repo_content(
         data,
         pairs=mined[0],
@@ -378,7 +381,7 @@ def build_from_repo(
         extra = {"events": data.event_stats}
         if encoder_info is not None:
             extra["encoder"] = encoder_info
-        return build_versioned(
+        result = build_versioned(
             Path(out) if out is not None else data.project.bundles_dir,
             lambda out: build_bundle(
                 out,
@@ -396,9 +399,50 @@ def build_from_repo(
                 encoder_dir=encoder_path,
             ),
         )
+        result.timings = {"pairs_s": mining["pairs"]["seconds"], **result.timings}
+        return result
     finally:
         if encoder_path is not None:  # the bundle holds its own copy
             shutil.rmtree(Path(encoder_path).parent, ignore_errors=True)
+
+
+def _items_content(project: Project, items) -> tuple[Keys, np.ndarray]:
+    """The keys and content embeddings of items in the catalog's format (a frame or a
+    file), in the raw space of the bundle the repo serves (its fine-tuned encoder, if any)."""
+    from qarm_features.feast.context import ServingContext
+
+    if isinstance(items, pd.DataFrame):
+        table = Table(items.reset_index(drop=True), "items")
+    else:
+        table = read_table(Path(items), what="items")
+    require_columns(table, [project.catalog.id], what="items")
+    keys = catalog_keys(table.frame, project.catalog.id, name=table.name)
+    served = ServingContext.of_repo(project.repo)
+    encoder = served.load().encoder_path if served.is_set else None  # the served raw space
+    return keys, catalog_content(project, table, keys, encoder_path=encoder)
+
+
+def content_embeddings(repo_path: str | os.PathLike, items) -> np.ndarray:
+    """The content embeddings of items, made as ``qarm build`` made the catalog's.
+
+    What the cold view ``qarm_cold`` takes as ``raw_emb`` for an item that has no row
+    yet: its columns rendered with ``qarm.yaml``'s template and encoded with the frozen
+    encoder of the bundle the repo serves (its fine-tuned one, if it carries one; text or
+    CLIP), or its own ``embedding`` column. Pass each row to ``get_online_features`` as
+    it is (a float32 array in-process; Feast types it fast).
+
+    Args:
+        repo_path: the feature repo with a ``qarm.yaml``.
+        items: a DataFrame or a parquet/CSV file in the catalog's format: its id column
+            and its content columns (``catalog.text``'s, ``image``, or ``embedding``).
+
+    Returns:
+        ``(n, d_raw)`` float32, in the rows' order.
+
+    Raises:
+        InputError: a missing column or a bad row (file, column, row and value named).
+    """
+    return _items_content(load_project(repo_path), items)[1]
 
 
 def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) -> dict:
@@ -415,16 +459,10 @@ def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) 
         InputError: a bad table (file, column, row named). BundleVersionMismatch: the repo
             serves no bundle, or another version than its pointer.
     """
-    from qarm_features.feast.context import ServingContext
     from qarm_features.feast.job import push_items
 
     project = load_project(repo_path)
-    table = read_table(Path(items_path), what="items")
-    require_columns(table, [project.catalog.id], what="items")
-    keys = catalog_keys(table.frame, project.catalog.id, name=table.name)
-    served = ServingContext.of_repo(project.repo)
-    encoder = served.load().encoder_path if served.is_set else None  # the served raw space
-    raw = catalog_content(project, table, keys, encoder_path=encoder)
+    keys, raw = _items_content(project, items_path)
     join_key = item_entity(project).join_key
     items = pd.DataFrame({join_key: keys.keys, "raw_emb": list(raw)})
     stats = push_items(project.repo, items, join_key=join_key)

@@ -239,6 +239,46 @@ def check_images(frame: pd.DataFrame, column: str, base: Path, *, name: str) -> 
     return paths
 
 
+def unix_seconds(ts: pd.Series, *, what: str, column: str) -> np.ndarray:
+    """A time column -> int64 unix seconds: numbers (unix seconds), datetimes, or text of
+    either (a CSV column turns to text when one row is not a number).
+
+    Text is read as unix seconds when most of its values are numbers, else as times
+    (ISO 8601 first, any other format row by row); the first value that is neither is
+    named with its row, never a good row of a column that one bad row made text.
+    """
+    if pd.api.types.is_numeric_dtype(ts) and not pd.api.types.is_bool_dtype(ts):
+        return ts.to_numpy(np.int64)
+    if pd.api.types.is_datetime64_any_dtype(ts):
+        parsed = pd.to_datetime(ts, utc=True)
+    else:
+        numbers = pd.to_numeric(ts, errors="coerce")
+        if numbers.notna().sum() * 2 >= len(ts):  # unix seconds written as text
+            bad = numbers.isna().to_numpy()
+            if bad.any():
+                _not_a_time(ts, bad, what=what, column=column, expected="unix seconds")
+            return numbers.to_numpy(np.int64)
+        parsed = pd.to_datetime(ts, utc=True, errors="coerce", format="ISO8601")
+        retry = parsed.isna()
+        if retry.any():  # other formats, row by row (what pandas warns it falls back to)
+            parsed[retry] = pd.to_datetime(ts[retry], utc=True, errors="coerce", format="mixed")
+        bad = parsed.isna().to_numpy()
+        if bad.any():
+            example = "dates/times, e.g. 2024-01-31T12:00:00Z"
+            _not_a_time(ts, bad, what=what, column=column, expected=example)
+    return ((parsed - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(
+        np.int64
+    )
+
+
+def _not_a_time(ts: pd.Series, bad: np.ndarray, *, what: str, column: str, expected: str):
+    r = _rows(bad)[0]
+    raise InputError(
+        f"{what}: column {column!r} row {r}: {_show(ts.iloc[r])} is not a time (the column "
+        f"holds {expected}; {int(bad.sum())} bad row(s))"
+    )
+
+
 def events_frame(table: Table, spec, keys: Keys) -> tuple[pd.DataFrame, float, dict]:
     """The interaction log as the pipeline wants it, and its positive threshold.
 
@@ -302,18 +342,7 @@ def events_frame(table: Table, spec, keys: Keys) -> tuple[pd.DataFrame, float, d
     else:
         rating, threshold = pd.Series(np.ones(len(df), np.float32)), 1.0
 
-    ts = df[spec.timestamp]
-    if pd.api.types.is_numeric_dtype(ts):
-        seconds = ts.astype(np.int64)
-    else:
-        parsed = pd.to_datetime(ts, utc=True, errors="coerce")
-        bad = parsed.isna().to_numpy()
-        if bad.any():
-            r = _rows(bad)[0]
-            raise InputError(
-                f"{what}: column {spec.timestamp!r} row {r}: {_show(ts.iloc[r])} is not a time"
-            )
-        seconds = (parsed - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)
+    seconds = unix_seconds(df[spec.timestamp], what=what, column=spec.timestamp)
     users = df[spec.user]
     if not pd.api.types.is_integer_dtype(users):
         users = pd.Series(pd.factorize(users.astype(str))[0], index=df.index)

@@ -158,6 +158,21 @@ class Bundle:
         """``"int64"`` or ``"string"``: the type of the catalog's ids (the join key's)."""
         return self.dims.id_type
 
+    @property
+    def vq_code_space(self) -> str:
+        """What a VQ code is: ``"item_id"`` (an int catalog: the pool item's own id) or
+        ``"catalog_row"`` (a string catalog: the pool item's row in the catalog;
+        :meth:`keys_of` maps it back to the SKU). Codes of ``-1`` mark a missing code."""
+        return "item_id" if self.item_keys is None else "catalog_row"
+
+    @cached_property
+    def vq_vocab_size(self) -> int:
+        """The size of a ranker's embedding table for VQ codes: every code is in
+        ``0 .. vq_vocab_size - 1``. An int catalog's codes are item ids, so it is the
+        largest pool id + 1 (gaps in the ids included); a string catalog's, its pool's
+        catalog rows + 1 (the catalog size when the pool is the whole catalog)."""
+        return int(self.vq_pool_ids.max()) + 1
+
     def ids_of(self, keys) -> np.ndarray:
         """The pipeline's int64 ids of catalog keys; -1 for a missing (None) or, in a
         string catalog, an unknown key. Int catalogs: the keys are the ids. String

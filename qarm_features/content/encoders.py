@@ -62,8 +62,22 @@ def _import(module: str, pip: str):
 def _cached(key: tuple[str, str, str], load):
     with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = load()
+            _MODELS[key] = _without_progress_bars(load)
         return _MODELS[key]
+
+
+def _without_progress_bars(load):
+    """``load()`` with transformers' progress bars off (its "Loading weights" bar, drawn on
+    every model load: once per serving process for the cold-text view), then as before."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _check_texts(texts, *, name: str = "texts") -> list[str]:

@@ -161,7 +161,9 @@ def fetch_movielens_100k(cache_dir: Path | None = None) -> Path:
             return target
         except Exception as exc:  # noqa: BLE001 - any failure means: try the next source
             failures.append(f"{label}: {type(exc).__name__}: {exc}")
-            logger.warning("MovieLens-100k: %s failed (%s)", label, exc)
+            # not a warning: the next source usually works (offline machines lack DNS), and
+            # if none does, the DatasetError below names every failure
+            logger.info("MovieLens-100k: %s failed (%s); trying the next source", label, exc)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     raise DatasetError(

@@ -38,6 +38,7 @@ result) is Feast's. Use it in ``feature_store.yaml``::
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -95,8 +96,15 @@ def _in_repo(source, repo_path: str | None):
     return resolved
 
 
+# ibis 12 reads a duckdb table's schema with ``fetch_arrow_table()``, which duckdb 2
+# deprecates: one DeprecationWarning per source read, nothing for a user to act on.
+_IBIS_ARROW_DEPRECATION = r"fetch_arrow_table\(\) is deprecated"
+
+
 def _read(source, repo_path: str):
-    return _feast_duckdb._read_data_source(_in_repo(source, repo_path), repo_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _IBIS_ARROW_DEPRECATION, DeprecationWarning)
+        return _feast_duckdb._read_data_source(_in_repo(source, repo_path), repo_path)
 
 
 def _write(table, source, repo_path: str, mode: str = "append", allow_overwrite: bool = False):

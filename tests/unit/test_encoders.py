@@ -63,6 +63,19 @@ def test_minilm_text_encoder(minilm):
     np.testing.assert_allclose(TextEncoder(batch_size=1).encode(texts), emb, atol=1e-5)
 
 
+def test_loading_the_text_model_draws_no_progress_bar(minilm, monkeypatch, capfd):
+    """The cold-text view loads the model in each serving process: no "Loading weights"
+    bar on stderr each time; transformers' bars are as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(encoders, "_MODELS", {})  # a fresh process's cache
+    capfd.readouterr()
+    TextEncoder().encode(["a cat"])
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_text_encoder_edge_cases(minilm):
     empty = minilm.encode([])
     assert empty.shape == (0, 384) and empty.dtype == np.float32

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qarm_features.build.stable import churn, match_codebooks
+from qarm_features.build.stable import churn, churn_codes, match_codebooks
 from qarm_features.bundle.artifact import load_bundle
 from qarm_features.bundle.encode import align
 
@@ -125,3 +125,72 @@ def test_added_items_of_another_width_are_refused(random_bundle):
 
     with pytest.raises(InputError, match="added items' raw_emb: expected width 32"):
         append_report(load_bundle(random_bundle), np.zeros((3, 16), np.float32))
+
+
+# --------------------------------------------------------------------------- churn, two bundles
+def _rewrite(b, path, *, order=None, codebooks=None):
+    """``b`` written again, its catalog rows in ``order`` and/or other RQ codebooks."""
+    from qarm_features.bundle.artifact import write_bundle
+
+    order = np.arange(len(b.item_ids)) if order is None else order
+    string = b.item_keys is not None
+    ids = np.arange(len(order), dtype=np.int64) if string else b.item_ids[order]
+    pool = align(b, b.raw_emb[order])
+    return load_bundle(write_bundle(
+        path, config=b.config, aligner_weights=b.aligner_weights,
+        rq_codebooks=b.rq_codebooks if codebooks is None else codebooks,
+        vq_pool_emb=pool, vq_pool_ids=ids, item_ids=ids, raw_emb=b.raw_emb[order],
+        vq_k=b.vq_k, item_keys=b.item_keys[order] if string else None,
+    ))  # fmt: skip
+
+
+def test_churn_codes_counts_an_item_whose_any_level_moved():
+    new = np.array([[1, 2], [1, 2], [3, 4], [5, 6]])
+    old = np.array([[1, 2], [1, 9], [7, 4], [5, 6]])
+    vq = [["a", "b"]] * 4
+    report = churn_codes(new, vq, old, vq)
+    assert report["level_1"] == 0.25 and report["level_2"] == 0.25
+    assert report["tuple"] == 0.5 and report["vq_overlap"] == 1.0
+
+
+def test_churn_against_a_relabelled_bundle_counts_the_moved_ids(random_bundle, tmp_path):
+    """Another bundle, the same space, level 1's ids permuted: level 1 churns by exactly
+    the items whose id the permutation moved, level 2 and the VQ lists not at all."""
+    from qarm_features.bundle.encode import encode_items
+
+    b = load_bundle(random_bundle)
+    perm = np.random.default_rng(3).permutation(b.n_codes)
+    books = b.rq_codebooks.copy()
+    books[0] = books[0][perm]  # new row i holds old centroid perm[i]
+    old = _rewrite(b, tmp_path / "relabelled", codebooks=books)
+    codes = encode_items(b, b.raw_emb, b.item_ids).rq_codes[:, 0]
+    moved = float((np.argsort(perm)[codes] != codes).mean())
+    assert moved > 0.5
+    report = churn(b, old)
+    assert report["n_items"] == 200 and report["level_1"] == pytest.approx(moved)
+    assert report["level_2"] == report["level_3"] == 0.0 and report["tuple"] == report["level_1"]
+    assert report["vq_overlap"] == 1.0
+
+
+def test_two_string_catalogs_are_matched_by_key_not_by_row(tmp_path):
+    """The same SKUs in another row order (a re-exported catalog): matched by key, nothing
+    churns; matched by row, every code would."""
+    from qarm_features.build.stable import common_rows
+    from qarm_features.bundle.testing import make_random_bundle
+
+    b = load_bundle(make_random_bundle(tmp_path / "s", string_ids=True))
+    order = np.random.default_rng(4).permutation(len(b.item_ids))
+    shuffled = _rewrite(b, tmp_path / "shuffled", order=order)
+    a, rows = common_rows(shuffled.item_keys, b)
+    assert a.tolist() == list(range(200)) and rows.tolist() == order.tolist()
+    report = churn(shuffled, b)
+    assert report["n_items"] == 200 and report["tuple"] == 0.0 and report["vq_overlap"] == 1.0
+
+
+def test_a_share_of_exactly_the_threshold_is_not_yet_due(random_bundle):
+    from qarm_features.build.stable import REBUILD_SHARE, append_report
+
+    b = load_bundle(random_bundle)
+    at = append_report(b, _near(b, int(REBUILD_SHARE * 200)))  # 20 of 200: exactly 10%
+    assert at["share_added"] == pytest.approx(REBUILD_SHARE) and not at["rebuild_due"]
+    assert append_report(b, _near(b, 21))["rebuild_due"]
