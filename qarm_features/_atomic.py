@@ -107,3 +107,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file atomically (:func:`atomic_file`); returns ``path``."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return path
+

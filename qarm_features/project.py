@@ -3,7 +3,10 @@
 The file sits beside ``feature_store.yaml`` and says where the team's data is and how to
 read it; the CLI (``qarm build --repo R``, ``qarm materialize --repo R``, ``qarm push``)
 reads it, so no Python is written against the pipeline. Every key is typed, unknown keys
-are rejected, relative paths are taken from the repo directory::
+are rejected, relative paths are taken from the repo directory. Paths are not confined
+to the repo: any may point anywhere the process can read (a shared mount, another team's
+export); the file is trusted configuration, as ``feature_store.yaml`` is. Only ``LATEST``
+in the bundles directory is confined (:func:`qarm_features.build.bundles.latest_bundle`)::
 
     catalog:                        # the items to encode
       path: data/items.parquet      # parquet or CSV, a file or a glob

@@ -15,6 +15,7 @@ alignment generalises beyond warm items.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,15 +220,36 @@ def build_versioned(root: str | Path, build: Callable[[Path], BuildResult]) -> B
 def latest_bundle(root: str | Path) -> Path:
     """The bundle ``root/LATEST`` names (the newest :func:`build_versioned` build).
 
+    Confined to ``root``: ``LATEST`` holds one directory name of ``root`` (a version id
+    written by :func:`build_versioned`), and that directory is a real directory, not a
+    symlink (``build_versioned`` never writes one). A name with a path separator or
+    ``..``, or a symlinked bundle directory, is refused: a bundle elsewhere is served by
+    naming it (``--bundle PATH``, ``bundle_path=``), which is taken as given. ``root``
+    itself may be a symlink (a bundles directory mounted elsewhere).
+
     Raises:
-        InputError: no build in ``root`` yet.
+        InputError: no build in ``root`` yet, or a ``LATEST`` that leaves ``root``.
     """
     root = Path(root)
+    marker = root / LATEST
     try:
-        version = (root / LATEST).read_text().strip()
+        version = marker.read_text().strip()
     except FileNotFoundError:
         raise InputError(f"no bundle built in {root} yet: run `qarm build`") from None
-    return root / version
+    path = root / version
+    if not version or version in (".", "..") or Path(version).name != version or "\\" in version:
+        raise InputError(
+            f"{marker} holds {version[:80]!r}, not the name of a bundle directory in {root}: "
+            "LATEST names one version (qarm-...) of that directory; rebuild with `qarm "
+            "build`, or serve a bundle elsewhere by its path (--bundle PATH)"
+        )
+    if path.is_symlink():
+        raise InputError(
+            f"{path} (named by {marker}) is a symlink to {os.readlink(path)}: bundles "
+            f"resolved through LATEST must be directories of {root} (`qarm build` never "
+            "links); serve a bundle elsewhere by its path (--bundle PATH)"
+        )
+    return path
 
 
 def _warm_init(previous: str | Path, raw_emb, cfg: BuildConfig):

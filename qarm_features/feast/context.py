@@ -35,7 +35,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qarm_features._atomic import atomic_file
+from qarm_features._atomic import write_text_atomic
 from qarm_features.bundle.manifest import read_manifest
 from qarm_features.config import RQConfig
 from qarm_features.errors import BundleError, BundleVersionMismatch, QarmError
@@ -179,10 +179,7 @@ def write_pointer(
     it); default: the served one.
     """
     pointer = (into / POINTER.name) if into is not None else Path(repo_path) / POINTER
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(pointer) as tmp:
-        tmp.write_text(json.dumps(context.to_json(), indent=2, sort_keys=True))
-    return pointer
+    return write_text_atomic(pointer, json.dumps(context.to_json(), indent=2, sort_keys=True))
 
 
 PREVIOUS = Path("data") / "current" / "qarm_prev.json"  # the version kept beside the new one

@@ -149,7 +149,7 @@ def shop(tmp_path_factory):
     commands, _ = _walkthrough()
     assert [c.split()[:2] for c in commands] == [
         ["qarm", "init"], ["$EDITOR", "shop/qarm.yaml"], ["qarm", "build"],
-        ["qarm", "materialize"],
+        ["qarm", "materialize"], ["qarm", "status"],
     ]  # fmt: skip
     said, errs = [], []
     for command in commands:
@@ -276,6 +276,23 @@ def test_price_and_qarm_codes_in_one_call(shop, tmp_path, monkeypatch):
     assert statuses["qarm_version"][2] == "NOT_FOUND"
 
 
+def test_the_checked_read_on_string_ids(shop, tmp_path, monkeypatch):
+    """The checked in-process read on the shop's `sku` key: a number is refused naming the
+    row, as `qarm serve` refuses it (Feast alone would type the column from it)."""
+    from feast import FeatureStore
+
+    from qarm_features.errors import InputError
+    from qarm_features.feast.serving import get_online_features
+
+    monkeypatch.chdir(tmp_path)
+    store = FeatureStore(repo_path=str(shop))
+    refs = ["product_price:price", "qarm:rq_code_l1"]
+    got = get_online_features(store, refs, [{"sku": "SKU-00003"}]).to_dict()
+    assert got == store.get_online_features(refs, [{"sku": "SKU-00003"}]).to_dict()
+    with pytest.raises(InputError, match="sku row 1: 3 is a number; sku ids are strings"):
+        get_online_features(store, refs, [{"sku": "SKU-00003"}, {"sku": 3}])
+
+
 def test_cold_product_from_another_directory_equals_batch(shop, tmp_path, monkeypatch):
     from feast import FeatureStore
 
@@ -330,6 +347,35 @@ def test_inspect_the_repos_newest_build(shop, tmp_path):
     assert report["n_catalog"] == 240
     assert report["n_added"] == len({s for s in skus if not s.startswith("SKU-")})
     assert report["rebuild_due"] is (report["share_added"] > 0.1)
+
+
+def test_status_and_repair_on_the_shop_repo(shop, tmp_path):
+    """`qarm status` on a repo whose join key is `sku` (string ids), from another working
+    directory: one version everywhere; a view a killed run left MATERIALIZING is found and
+    `--repair` materializes it again (string ids through the repair path too)."""
+    from feast.feature_view import FeatureViewState
+
+    from qarm_features.feast.store import open_store
+
+    said = (shop.parent / "walkthrough.out").read_text()
+    report = json.loads(said[said.rindex('{\n  "ok"'):])  # the walkthrough's `qarm status`
+    version = report["version"]
+    assert report["ok"] and report["versions"]["offline"] == [version]
+    assert report["versions"]["online"] == [version]  # a sample of online rows, read by sku
+
+    repo = tmp_path / "shop"  # a copy: the other tests keep the shop as the team wrote it
+    shutil.copytree(shop, repo, symlinks=True)
+    store = open_store(repo)
+    fv = store.registry.get_feature_view("qarm", store.project)
+    fv.state = FeatureViewState.MATERIALIZING  # what a kill -9 mid-materialize leaves
+    store.registry.apply_feature_view(fv, store.project, commit=True)
+    proc = subprocess.run([str(QARM), "status", "--repo", str(repo)], cwd=tmp_path,
+                          env=subprocess_env(tmp_path), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1 and "view qarm is MATERIALIZING" in proc.stdout, proc.stdout
+    report = json.loads(qarm("status", "--repo", str(repo), "--repair", cwd=tmp_path,
+                             home=tmp_path))  # fmt: skip
+    assert report["ok"] and report["repaired"] and report["views"]["qarm"] == "AVAILABLE_ONLINE"
+    assert report["versions"]["online"] == [version]
 
 
 def test_the_shop_repo_survives_feast_apply_twice(shop):

@@ -154,6 +154,20 @@ def test_pointer_round_trip(random_bundle, tmp_path):
     assert ServingContext.of_repo(tmp_path / "elsewhere").version == "unset"
 
 
+def test_an_explicit_bundle_wins_over_the_repo_pointer(random_bundle, tmp_path):
+    """Resolution order: an explicit bundle (a CLI option, an SDK argument) before the
+    repo's pointer, which names another version here."""
+    from qarm_features.bundle.testing import make_random_bundle
+
+    other = make_random_bundle(tmp_path / "other", seed=11)
+    repo = tmp_path / "repo"
+    write_pointer(repo, ServingContext.of_bundle(random_bundle))
+    got = ServingContext.of_repo(repo, other)
+    assert got == ServingContext.of_bundle(other) != read_pointer(repo)
+    assert got.version == get_bundle(other).version
+    assert ServingContext.of_repo(repo) == read_pointer(repo)  # no argument: the pointer
+
+
 # ------------------------------------------------------------------ version refusals
 class _View:
     def __init__(self, version):
