@@ -174,9 +174,10 @@ def call(guard, body: bytes, *, path="/get-online-features", method="POST", chun
             b"".join(m.get("body", b"") for m in sent[1:]))
 
 
-def make_guard(app=None, **limits):
+def make_guard(app=None, allow_writes=False, **limits):
     guard = ServingGuard(app or FakeApp(), store=FakeStore(), repo_path=".",
-                         limits=ServeLimits(**limits))
+                         limits=ServeLimits(**limits), allow_writes=allow_writes,
+                         fast_reads=False)
     guard._kinds = (float("inf"), KINDS)  # no registry: the declared types, fixed
     return guard
 
@@ -225,7 +226,7 @@ def test_guard_keeps_the_500_and_swallows_the_reraise():
 
 
 def test_guard_health(tmp_path):
-    guard = ServingGuard(FakeApp(), store=FakeStore(), repo_path=tmp_path)
+    guard = ServingGuard(FakeApp(), store=FakeStore(), repo_path=tmp_path, fast_reads=False)
     status, headers, out = call(guard, b"", path="/health", method="GET")
     report = json.loads(out)
     assert status == 503 and report["status"] == "unavailable"
@@ -237,7 +238,7 @@ def test_guard_health_ok(tmp_path, random_bundle):
     from qarm_features.feast.context import ServingContext, write_pointer
 
     write_pointer(tmp_path, ServingContext.of_bundle(random_bundle))
-    guard = ServingGuard(FakeApp(), store=FakeStore(), repo_path=tmp_path)
+    guard = ServingGuard(FakeApp(), store=FakeStore(), repo_path=tmp_path, fast_reads=False)
     status, _, out = call(guard, b"", path="/health", method="GET")
     assert status == 200
     assert json.loads(out) == {"status": "ok", "qarm_version": load_bundle(random_bundle).version,
