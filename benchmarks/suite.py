@@ -324,6 +324,10 @@ def closing_rows(results: dict) -> list[tuple]:
                          f"{_f(base['rps_at_p99_slo'])}",
                          f"{_f(ratio_or_none(h['max_rps'], base['max_rps']))}x",
                          target, met))  # fmt: skip
+    if any(k.startswith("serve:") for k in http):
+        from benchmarks.bench_feast import serve_rows
+
+        rows += serve_rows(http, _f, _met)
     omp1 = feast.get("http_omp1", {}).get("cases", {})
     if omp1.get("cold/1") and http.get("cold/1"):
         h = omp1["cold/1"]["levels"].get("1") or omp1["cold/1"]["levels"].get(1)
@@ -472,7 +476,8 @@ def summarize(results: dict, info: dict) -> str:
             lines.append(f"| {name} | {_f(row['p50_ms'], 3)} | {_f(row['p99_ms'], 3)} | "
                          f"{_f(row['p50_ratio_to_plain'])} | {_f(row['p50_ratio_to_plain_arrays'])} |")  # fmt: skip
         lines.append("")
-    for key, title in (("http", "HTTP `feast serve`, closed-loop load (req/s, p99 ms) per "
+    for key, title in (("http", "HTTP `feast serve` and `qarm serve` (`serve:*`, same run, interleaved), "
+                                 "closed-loop load (req/s, p99 ms) per "
                                  "concurrency c:"),
                        ("http_omp1", "HTTP, the same server started with OMP_NUM_THREADS=1:")):
         http = results.get("feast", {}).get(key, {}).get("cases")
