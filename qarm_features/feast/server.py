@@ -52,12 +52,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qarm_features.feast.read_path import (
-    FastReader,
-    dumps,
-    fast_reads_allowed,
-    write_row_errors,
+from qarm_features.feast.asgi_io import (
+    Responder,
+    RowErrorWriter,
+    TooLarge,
+    TooSlow,
+    content_length,
+    read_body,
+    replay,
+    with_length,
+    worker_class,
 )
+from qarm_features.feast.read_path import FastReader, fast_reads_allowed
 from qarm_features.feast.request_check import (
     RequestRejected,
     check_online_request,
@@ -111,50 +117,6 @@ class ServeLimits:
             raise ConfigError(f"timeouts must be > 0 seconds; got {self}")
 
 
-class _TooLarge(Exception):
-    pass
-
-
-class _TooSlow(Exception):
-    pass
-
-
-def _json_reply(status: int, payload: dict) -> tuple[dict, dict]:
-    body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    start = {"type": "http.response.start", "status": status, "headers": headers}
-    return start, {"type": "http.response.body", "body": body}
-
-
-class _Responder:
-    """The ``send`` callable handed to the app: adds ``Connection: close`` to 4xx/5xx and
-    remembers whether a response has started."""
-
-    def __init__(self, send):
-        self._send = send
-        self.started = False
-
-    async def __call__(self, message: dict) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-            if message["status"] >= 400:
-                headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
-                message = {**message, "headers": headers + [(b"connection", b"close")]}
-        await self._send(message)
-
-    async def reply(self, status: int, payload: dict) -> None:
-        start, body = _json_reply(status, payload)
-        await self(start)
-        await self(body)
-
-    async def reply_bytes(self, status: int, body: bytes) -> None:
-        """A JSON body already rendered."""
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode())]  # fmt: skip
-        await self({"type": "http.response.start", "status": status, "headers": headers})
-        await self({"type": "http.response.body", "body": body})
-
-
 class ServingGuard:
     """ASGI middleware around Feast's feature server app (see the module docstring).
 
@@ -189,7 +151,7 @@ class ServingGuard:
             return await self.app(scope, self._on_startup(receive), send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        base = _Responder(send)
+        base = Responder(send)
         try:
             if scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
                 report = await self._run(self.health)
@@ -218,18 +180,18 @@ class ServingGuard:
         when a response was already sent.
         """
         limit = self.limits.max_body_bytes
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > limit:
             await self._drain(scope, receive)
             await out.reply(413, _too_large(declared, limit))
             return None, None, None
         try:
-            body = await _read_body(receive, limit, self.limits.body_timeout_s)
-        except _TooLarge:
+            body = await read_body(receive, limit, self.limits.body_timeout_s)
+        except TooLarge:
             await self._drain(scope, receive)
             await out.reply(413, _too_large(None, limit))
             return None, None, None
-        except _TooSlow:
+        except TooSlow:
             await out.reply(408, _too_slow(self.limits.body_timeout_s))
             return None, None, None
         if scope["path"] == ONLINE_PATH:
@@ -241,22 +203,22 @@ class ServingGuard:
             if body is None:  # answered here
                 return None, None, None
             if row_errors:
-                out = _RowErrorWriter(out, row_errors)
-        return _with_length(scope, len(body)), _replay(body, receive), out
+                out = RowErrorWriter(out, row_errors)
+        return with_length(scope, len(body)), replay(body, receive), out
 
     async def _drain(self, scope, receive) -> None:
         """Read and drop what the client sends of a refused body (bounded), so that it
         reads the answer instead of a connection reset."""
         if scope["method"] not in _BODY_METHODS:
             return
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > DRAIN_MAX_BYTES:
             return
         size = 0
         while size <= DRAIN_MAX_BYTES:
             try:
                 message = await asyncio.wait_for(receive(), self.limits.body_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
             if message["type"] != "http.request":
                 return
@@ -332,54 +294,6 @@ class ServingGuard:
         return await run_in_threadpool(fn, *args)
 
 
-class _RowErrorWriter:
-    """``send`` that writes the guard's per-row reasons into a 200 response's ``qarm_error``
-    column (rows whose request value was replaced by ``null``)."""
-
-    def __init__(self, send: _Responder, row_errors: dict[int, str]):
-        self._send = send
-        self._errors = row_errors
-        self._start: dict | None = None
-        self._chunks: list[bytes] = []
-
-    async def __call__(self, message: dict) -> None:
-        if message["type"] == "http.response.start":
-            if message["status"] != 200:
-                self._errors = {}
-                return await self._send(message)
-            self._start = message
-            return None
-        if self._start is None or message["type"] != "http.response.body":
-            return await self._send(message)
-        self._chunks.append(message.get("body", b""))
-        if message.get("more_body"):
-            return None
-        body = _patch_errors(b"".join(self._chunks), self._errors)
-        headers = [h for h in self._start["headers"] if h[0].lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await self._send({**self._start, "headers": headers})
-        await self._send({"type": "http.response.body", "body": body})
-
-
-def _patch_errors(body: bytes, errors: dict[int, str]) -> bytes:
-    try:
-        resp = json.loads(body)
-        write_row_errors(resp, errors)
-    except (ValueError, KeyError, TypeError, IndexError):
-        return body
-    return dumps(resp)
-
-
-def _content_length(scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 def _too_large(declared: int | None, limit: int) -> dict:
     size = f"{declared} bytes" if declared is not None else "a body"
     return {
@@ -403,45 +317,6 @@ def _read_only(scope) -> dict:
         "with `qarm push` / `qarm materialize`, or start it with --allow-writes (Feast's "
         "write endpoints take no credentials: keep such a server behind your own auth)",
     }
-
-
-async def _read_body(receive, limit: int, timeout: float) -> bytes:
-    chunks, size = [], 0
-    while True:
-        try:
-            message = await asyncio.wait_for(receive(), timeout)
-        except asyncio.TimeoutError:
-            raise _TooSlow from None
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    """``receive`` that gives the (checked) body once, then waits on the real connection
-    (a later call means "tell me when the client disconnects")."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-def _with_length(scope, n: int):
-    headers = [h for h in scope["headers"] if h[0] not in (b"content-length", b"transfer-encoding")]
-    return {**scope, "headers": headers + [(b"content-length", str(n).encode())]}
 
 
 # ---------------------------------------------------------------------- app and server
@@ -480,59 +355,6 @@ def build_app(
     guard = ServingGuard(app, store=store, repo_path=repo, limits=limits,
                          allow_writes=allow_writes, fast_reads=fast_reads)  # fmt: skip
     return guard, store
-
-
-def worker_class(header_timeout_s: float):
-    """Gunicorn's uvicorn worker, whose connections must send a request's headers within
-    ``header_timeout_s`` (from connecting, or from the request's first byte) or be closed.
-
-    Uvicorn 0.55 has no such timeout: a client that sends a header line now and then holds
-    a connection for ever (1,500 of them were never closed). Falls back to the plain worker
-    when uvicorn's httptools protocol is not installed.
-    """
-    from uvicorn_worker import UvicornWorker
-
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # pragma: no cover - httptools ships with uvicorn[standard]
-        log.warning("httptools not installed: no header timeout (slow clients hold sockets)")
-        return UvicornWorker
-
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
-        _qarm_timer = None
-
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self._qarm_arm()
-
-        def on_message_begin(self):
-            super().on_message_begin()
-            if self._qarm_timer is None:
-                self._qarm_arm()
-
-        def on_headers_complete(self):
-            self._qarm_disarm()
-            super().on_headers_complete()
-
-        def connection_lost(self, exc):
-            self._qarm_disarm()
-            super().connection_lost(exc)
-
-        def _qarm_arm(self):
-            self._qarm_timer = self.loop.call_later(header_timeout_s, self._qarm_expire)
-
-        def _qarm_disarm(self):
-            if self._qarm_timer is not None:
-                self._qarm_timer.cancel()
-                self._qarm_timer = None
-
-        def _qarm_expire(self):
-            self._qarm_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
-    return type("QarmUvicornWorker", (UvicornWorker,),
-                {"CONFIG_KWARGS": {"loop": "auto", "http": HeaderTimeoutProtocol}})  # fmt: skip
 
 
 def serve(
