@@ -9,8 +9,10 @@ with as many Int64 features as the ``qarm`` view has features (``L + 3``), same 
   features, 1 and 32 items; the cold path (on-demand views) vs the plain read in its three
   request forms: ``qarm_cold`` with 384 floats per item as a list (``cold``) or as a float32
   array (``cold_array``, in-process callers), and ``qarm_cold_b64`` with base64 float32
-  bytes (``cold_b64``, what an HTTP client sends); and our share of the cold path
-  (:func:`transformations.on_demand.encode_request` alone). Thread pools pinned to 1.
+  bytes (``cold_b64``, what an HTTP client sends); the same view's UDF called without
+  Feast's typing (``cold_direct``: ``read_path.FastReader.cold_columns``, float32 arrays);
+  and our share of the cold path (:func:`transformations.on_demand.encode_request` alone).
+  Thread pools pinned to 1.
 - HTTP: ``feast serve`` (1 worker, ``--max-requests 0``, threads pinned) and ``qarm serve``
   (the same, on the same repo, interleaved; cases ``serve:*``), closed-loop load at a few
   concurrencies (:mod:`benchmarks.loadgen`, its own process), plain / warm qarm / cold
@@ -168,6 +170,7 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
 
     from qarm_features.encode import pin_threads
     from qarm_features.feast.context import ServingContext, set_serving_threads
+    from qarm_features.feast.read_path import FastReader
     from transformations import on_demand
 
     pin_threads(1)
@@ -175,6 +178,7 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
     context = ServingContext.of_bundle(env["bundle"])
     context.load()  # warm, like a server's start-up
     store = FeatureStore(repo_path=str(env["repo"]))
+    reader = FastReader(store)
     refs = env["refs"]
     rng = np.random.default_rng(1)
     ids = rng.choice(env["ids"], size=32, replace=False)
@@ -193,6 +197,8 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
         cases[f"cold_array/{n}"] = lambda r=array_rows: store.get_online_features(refs["cold"], r)
         cases[f"cold_b64/{n}"] = lambda r=b64_rows: store.get_online_features(refs["cold_b64"], r)
         cases[f"cold_text/{n}"] = lambda r=text_rows: store.get_online_features(refs["cold_text"], r)
+        arrays = {"raw_emb": list(cold[:n])}
+        cases[f"cold_direct/{n}"] = lambda e=arrays: reader.cold_columns("qarm_cold", e)
         raw_lists = [r.tolist() for r in cold[:n]]
         cases[f"cold_encode_only/{n}"] = lambda r=raw_lists: on_demand.encode_request(context, r)
     stats = latencies(cases, n_calls=n_calls, block=10, warmup=10, budget_s=budget_s)

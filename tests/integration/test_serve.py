@@ -614,3 +614,26 @@ def test_full_feature_names_keep_cold_outputs(three_apps, bundle_path):
     got = json.loads(asgi_post(fast, payload)[1])
     keep = [j for j, n in enumerate(got["metadata"]["feature_names"]) if "qarm_cold__" not in n]
     assert [got["results"][j] for j in keep] == feast["results"]
+
+
+def test_cold_columns_in_process_equal_a_feast_read(serve_repo, bundle_path):
+    """The fast in-process call (the view's UDF without Feast's typing) answers what
+    `store.get_online_features` answers, item ids (VQ self-exclusion) included."""
+    from feast import FeatureStore
+
+    from qarm_features.bundle import load_bundle
+    from qarm_features.errors import ConfigError
+    from qarm_features.feast.read_path import FastReader
+
+    store = FeatureStore(repo_path=str(serve_repo))
+    bundle = load_bundle(bundle_path)
+    raw = np.concatenate([bundle.raw_emb[:2], raw_rows(bundle_path, 1, seed=23)])
+    ids = [int(bundle.item_ids[0]), int(bundle.item_ids[1]), 9999]  # own rows: self-excluded
+    rows = [{"item_id": i, "raw_emb": r} for i, r in zip(ids, raw)]
+    want = store.get_online_features(features=COLD, entity_rows=rows).to_dict()
+    got = FastReader(store).cold_columns("qarm_cold", {"item_id": ids, "raw_emb": list(raw)})
+    for name in NAMES + ["qarm_error"]:
+        assert got[name] == want[name], name
+    assert ids[0] not in got["vq_codes"][0]  # an item is not among its own VQ codes
+    with pytest.raises(ConfigError, match="not a cold view"):
+        FastReader(store).cold_columns("qarm", {"item_id": ids})
