@@ -196,7 +196,7 @@ class ServingGuard:
             return None, None, None
         if scope["path"] == ONLINE_PATH:
             try:
-                body, row_errors = await self._check_online(body, out)
+                body, row_errors = await self._check_online(body, out, _is_json(scope))
             except RequestRejected as exc:
                 await out.reply(exc.status, exc.to_json())
                 return None, None, None
@@ -226,16 +226,19 @@ class ServingGuard:
             if not message.get("more_body"):
                 return
 
-    async def _check_online(self, body: bytes, out) -> tuple[bytes | None, dict[int, str]]:
+    async def _check_online(
+        self, body: bytes, out, is_json: bool
+    ) -> tuple[bytes | None, dict[int, str]]:
         """Check a read; answer it here when :class:`FastReader` covers it (then the
-        returned body is None), else return the body to hand to Feast."""
+        returned body is None), else return the body to hand to Feast. A body not sent as
+        JSON is Feast's to answer (422, as ``feast serve``)."""
         try:
             parsed = json.loads(body)
         except ValueError:
             return body, {}  # Feast answers 422 with the decoder's message
         kinds = await self._field_kinds()
         checked = check_online_request(parsed, kinds, max_rows=self.limits.max_entity_rows)
-        if self.reader is not None:
+        if self.reader is not None and is_json:
             data = await self._run(self.reader.read, checked.body, kinds, checked.row_errors)
             if data is not None:
                 await out.reply_bytes(200, data)
@@ -292,6 +295,16 @@ class ServingGuard:
         from starlette.concurrency import run_in_threadpool
 
         return await run_in_threadpool(fn, *args)
+
+
+def _is_json(scope) -> bool:
+    """Whether the request says its body is JSON (FastAPI's test: ``application/json`` or
+    a ``+json`` media type); Feast's app answers 422 to any other body."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            media = value.split(b";")[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return False
 
 
 def _too_large(declared: int | None, limit: int) -> dict:

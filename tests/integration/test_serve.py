@@ -485,14 +485,17 @@ def test_the_readme_curl_example_runs_as_written(server):
 # --------------------------------------------------------------------------- issue 21
 
 
-def asgi_post(app, payload, path: str = "/get-online-features") -> tuple[int, bytes]:
+def asgi_post(app, payload, path: str = "/get-online-features",
+              content_type: bytes | None = b"application/json") -> tuple[int, bytes]:
     """(status, body) of one POST through an ASGI app, in process."""
     import asyncio
 
     body = json.dumps(payload).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    if content_type is not None:
+        headers.append((b"content-type", content_type))
     scope = {"type": "http", "path": path, "method": "POST", "query_string": b"",
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())],
+             "headers": headers,
              "root_path": "", "http_version": "1.1", "scheme": "http",
              "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1)}
     parts, sent = [body], []
@@ -578,6 +581,13 @@ def test_fast_reads_equal_feasts_answers(three_apps, bundle_path):
             assert got[0] == want[0] and json.loads(got[1]) == json.loads(want[1]), (i, got, want)
     # answered by qarm serve itself: the reads it covers; errors and services went to Feast
     assert answered == [True] * 9 + [False] * 4, answered
+    # a body not declared as JSON: Feast's 422, from both (as the README's curl must know)
+    for content_type in (None, b"text/plain", b"application/x-www-form-urlencoded"):
+        got = asgi_post(fast, cases[0][0], content_type=content_type)
+        want = asgi_post(plain, cases[0][0], content_type=content_type)
+        assert got[0] == want[0] == 422 and got[1] == want[1], (content_type, got)
+    assert asgi_post(fast, cases[0][0], content_type=b"application/json; charset=utf-8")[0] == 200
+    assert len(answered) == 14
     # codes bit for bit with the batch path, the guard's row errors in place
     cols = columns(json.loads(asgi_post(fast, cases[4][0])[1]))
     want = expected_rows(bundle_path, [9001], raw[:1])[9001]
