@@ -31,11 +31,10 @@ that fixes what Feast gets wrong for clients on the wire (measured on Feast 0.67
   or the repo's cold path cannot load its bundle, 200 with the served version otherwise.
 - **workers**: thread pools pinned (``QARM_SERVING_THREADS``, default 1) and the bundle
   loaded before the first request; workers are never recycled (``max_requests=0``).
-
-- **reads**: ``/get-online-features`` is answered by :class:`~qarm_features.feast.read_path.
-  FastReader` (cold rows by the view's own UDF without Feast's on-demand typing, responses
-  built without Feast's per-value conversion; JSON-equal to Feast's answer) whenever the
-  request is one it covers; anything else goes to Feast's app unchanged.
+- **reads**: a JSON ``/get-online-features`` body is answered by
+  :class:`~qarm_features.feast.read_path.FastReader` when it covers the request (cold rows
+  by the view's own UDF without Feast's on-demand typing, responses built without Feast's
+  per-value conversion; JSON-equal to Feast's answer); anything else goes to Feast's app.
 
 Run: ``python -m qarm_features.feast.server --repo feature_repo`` (``qarm serve``), or
 :func:`serve` / :func:`build_app` from Python (docs/feast.md, "Production serving").
