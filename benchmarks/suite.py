@@ -275,7 +275,9 @@ def closing_rows(results: dict) -> list[tuple]:
         e1 = online["cold_encode_only/1"]
         labels = {"cold": "qarm_cold, raw_emb as a list", "cold_array": "qarm_cold, raw_emb "
                   "as a float32 array", "cold_b64": "qarm_cold_b64, base64 float32 bytes",
-                  "cold_text": "qarm_cold_text, the text (MiniLM at request time)"}
+                  "cold_text": "qarm_cold_text, the text (MiniLM at request time)",
+                  "cold_direct": "qarm_cold's UDF without Feast's typing (FastReader.cold_columns), "
+                  "float32 array"}
         for kind, label in labels.items():
             c = online.get(f"{kind}/1")
             if c is None:
@@ -283,8 +285,9 @@ def closing_rows(results: dict) -> list[tuple]:
             rows.append((f"Cold ODFV {label}, 1 item, p50 ms", fmt(c["p50_ms"], 3),
                          f"plain read {fmt(online['plain/1']['p50_ms'], 3)}",
                          f"+{fmt(c['p50_delta_ms_vs_plain'], 2)} ms",
-                         "<= +0.3 ms" if kind == "cold_array" else "–",
-                         _met(c["p50_delta_ms_vs_plain"] <= 0.3) if kind == "cold_array" else "–"))  # fmt: skip
+                         "<= +0.3 ms" if kind in ("cold_array", "cold_direct") else "–",
+                         _met(c["p50_delta_ms_vs_plain"] <= 0.3)
+                         if kind in ("cold_array", "cold_direct") else "–"))  # fmt: skip
         rows.append(("  of which our encode (encode_request, 1 row), p50 ms", fmt(e1["p50_ms"], 3),
                      "–", f"{fmt(ratio_or_none(e1['p50_ms'], c1['p50_ms']) * 100 if c1['p50_ms'] else None, 0)}% of cold",
                      "–", "–"))  # fmt: skip
@@ -315,6 +318,10 @@ def closing_rows(results: dict) -> list[tuple]:
                          f"{fmt(base['rps_at_p99_slo'])}",
                          f"{fmt(ratio_or_none(h['max_rps'], base['max_rps']))}x",
                          target, met))  # fmt: skip
+    if any(k.startswith("serve:") for k in http):
+        from benchmarks.bench_feast import serve_rows
+
+        rows += serve_rows(http, _f, _met)
     omp1 = feast.get("http_omp1", {}).get("cases", {})
     if omp1.get("cold/1") and http.get("cold/1"):
         h = omp1["cold/1"]["levels"].get("1") or omp1["cold/1"]["levels"].get(1)
@@ -463,7 +470,8 @@ def summarize(results: dict, info: dict) -> str:
             lines.append(f"| {name} | {fmt(row['p50_ms'], 3)} | {fmt(row['p99_ms'], 3)} | "
                          f"{fmt(row['p50_ratio_to_plain'])} | {fmt(row['p50_ratio_to_plain_arrays'])} |")  # fmt: skip
         lines.append("")
-    for key, title in (("http", "HTTP `feast serve`, closed-loop load (req/s, p99 ms) per "
+    for key, title in (("http", "HTTP `feast serve` and `qarm serve` (`serve:*`, same run, interleaved), "
+                                 "closed-loop load (req/s, p99 ms) per "
                                  "concurrency c:"),
                        ("http_omp1", "HTTP, the same server started with OMP_NUM_THREADS=1:")):
         http = results.get("feast", {}).get(key, {}).get("cases")
