@@ -321,7 +321,7 @@ def closing_rows(results: dict) -> list[tuple]:
     if any(k.startswith("serve:") for k in http):
         from benchmarks.bench_feast import serve_rows
 
-        rows += serve_rows(http, _f, _met)
+        rows += serve_rows(http, fmt, _met)
     omp1 = feast.get("http_omp1", {}).get("cases", {})
     if omp1.get("cold/1") and http.get("cold/1"):
         h = omp1["cold/1"]["levels"].get("1") or omp1["cold/1"]["levels"].get(1)
