@@ -3,7 +3,7 @@
 One repo (``benchmarks.online_latency.build_repo``: 1,682 items, raw 384-d, aligned 64-d,
 3 x 64 RQ, VQ k=25, SQLite online store), two servers on it at once, one worker each,
 threads pinned to 1, workers never recycled: ``feast serve`` and
-``python -m qarm_features.feast.server``. The same requests go to both on one keep-alive
+``qarm serve``. The same requests go to both on one keep-alive
 connection each, interleaved in blocks (``benchmarks.timing.latencies``):
 
 - ``warm/1``, ``warm/32``: ``qarm:*`` without ``aligned_emb`` for 1 and 32 item ids;
@@ -38,7 +38,7 @@ from benchmarks.timing import latencies, ratio
 def _ours(repo: Path, home: Path):
     """``qarm serve`` (our guarded app, 1 worker) on a free port of the repo."""
     port = _free_port()
-    command = [sys.executable, "-m", "qarm_features.feast.server", "--repo", str(repo),
+    command = [sys.executable, "-m", "qarm_features.app.cli", "serve", "--repo", str(repo),
                "--port", str(port), "--workers", "1"]  # fmt: skip
     with serve_process(command, cwd=None, home=home, log_name="ours.log", port=port,
                        pythonpath_first=True) as p:  # fmt: skip

@@ -6,7 +6,7 @@
     qarm materialize [--repo R]            bundle -> offline sources -> feast materialize
     qarm push --repo R ITEMS               new items' codes online, no batch rerun
     qarm status [--repo R] [--repair]      what a repo serves; repair what a crash left
-    qarm serve --repo R [-p PORT]          HTTP serving: Feast's app, checked and bounded
+    qarm serve --repo R [-p PORT]          HTTP serving: checked, bounded, read-only by default
     qarm inspect BUNDLE                    verify a bundle, print its metrics (exit 1 if bad)
     qarm datasets fetch movielens-100k     put the data set (and its tables) in the cache
     qarm run                               the MovieLens demo end to end (build + serve + sample)
@@ -285,19 +285,66 @@ def status(
         raise typer.Exit(code=1)
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
-def serve(ctx: typer.Context) -> None:
-    """Serve a feature repo over HTTP: Feast's app behind request checks, limits, /health.
+@app.command()
+def serve(
+    repo: Annotated[Path, typer.Option(help="Feast feature repo.")] = Path("."),
+    feature_store_yaml: Annotated[
+        Optional[Path],
+        typer.Option("--feature-store-yaml", "-f", help="Another config of the repo."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="Port.")] = 6566,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes.")] = 1,
+    max_body_bytes: Annotated[
+        Optional[int], typer.Option(help="Largest request body; 413 beyond (default 24 MiB).")
+    ] = None,
+    max_entity_rows: Annotated[
+        Optional[int], typer.Option(help="Most entity rows per read; 413 beyond.")
+    ] = None,
+    header_timeout: Annotated[
+        Optional[float], typer.Option(help="Seconds a connection may take to send headers.")
+    ] = None,
+    body_timeout: Annotated[
+        Optional[float], typer.Option(help="Seconds to wait for each part of a body (408).")
+    ] = None,
+    keep_alive_timeout: Annotated[int, typer.Option(help="Idle keep-alive seconds.")] = 30,
+    registry_ttl_sec: Annotated[int, typer.Option(help="Registry re-read period.")] = 60,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    allow_writes: Annotated[
+        bool,
+        typer.Option(
+            help="Accept Feast's write endpoints (/push, /write-to-online-store, "
+            "/materialize, /materialize-incremental); they take no credentials."
+        ),
+    ] = False,
+) -> None:
+    """Serve a feature repo over HTTP: reads answered by qarm (cold rows by the views'
+    UDFs), everything else by Feast's app, behind request checks, limits and /health.
+    Read-only unless --allow-writes."""
+    from qarm_features.feast.server import ServeLimits
+    from qarm_features.feast.server import serve as run_server
 
-    Options (``qarm serve --help``): --repo R, -f YAML, --host, -p PORT, -w WORKERS,
-    --max-body-bytes, --max-entity-rows, --keep-alive-timeout, --registry-ttl-sec.
-    """
-    from qarm_features.feast.server import main as serve_main
-
-    serve_main(list(ctx.args))
+    given = {
+        "max_body_bytes": max_body_bytes,
+        "max_entity_rows": max_entity_rows,
+        "header_timeout_s": header_timeout,
+        "body_timeout_s": body_timeout,
+    }
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_server(
+        repo,
+        host=host,
+        port=port,
+        workers=workers,
+        fs_yaml_file=feature_store_yaml,
+        limits=ServeLimits(**{k: v for k, v in given.items() if v is not None}),
+        keep_alive_timeout=keep_alive_timeout,
+        registry_ttl_sec=registry_ttl_sec,
+        access_log=access_log,
+        allow_writes=allow_writes,
+    )
 
 
 @app.command()

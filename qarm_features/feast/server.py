@@ -36,13 +36,12 @@ that fixes what Feast gets wrong for clients on the wire (measured on Feast 0.67
   by the view's own UDF without Feast's on-demand typing, responses built without Feast's
   per-value conversion; JSON-equal to Feast's answer); anything else goes to Feast's app.
 
-Run: ``python -m qarm_features.feast.server --repo feature_repo`` (``qarm serve``), or
+Run: ``qarm serve --repo feature_repo``, or
 :func:`serve` / :func:`build_app` from Python (docs/feast.md, "Production serving").
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -420,56 +419,3 @@ def serve(
             return app
 
     _Application().run()
-
-
-def parse_options(argv: list[str] | None = None) -> dict:
-    """``qarm serve``'s options -> the keyword arguments of :func:`serve` (``repo_path``
-    included). The one place the command line is parsed."""
-    p = argparse.ArgumentParser(
-        prog="qarm serve", description="Serve a QARM feature repo (Feast's app, guarded)."
-    )
-    p.add_argument("--repo", default=".", help="feature repo directory (default: .)")
-    p.add_argument("-f", "--feature-store-yaml", default=None, help="another repo config")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("-p", "--port", type=int, default=6566)
-    p.add_argument("-w", "--workers", type=int, default=1)
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--max-entity-rows", type=int, default=DEFAULT_MAX_ENTITY_ROWS)
-    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
-                   help="seconds a connection may take to send a request's headers")
-    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
-                   help="seconds to wait for each part of a request body (then 408)")
-    p.add_argument("--keep-alive-timeout", type=int, default=30)
-    p.add_argument("--registry-ttl-sec", type=int, default=60)
-    p.add_argument("--access-log", action="store_true")
-    p.add_argument("--allow-writes", action="store_true",
-                   help="accept Feast's write endpoints (/push, /write-to-online-store, "
-                   "/materialize, /materialize-incremental); they take no credentials")
-    a = p.parse_args(argv)
-    limits = ServeLimits(max_body_bytes=a.max_body_bytes, max_entity_rows=a.max_entity_rows,
-                         header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout)  # fmt: skip
-    return {
-        "repo_path": a.repo,
-        "host": a.host,
-        "port": a.port,
-        "workers": a.workers,
-        "fs_yaml_file": a.feature_store_yaml,
-        "limits": limits,
-        "keep_alive_timeout": a.keep_alive_timeout,
-        "registry_ttl_sec": a.registry_ttl_sec,
-        "access_log": a.access_log,
-        "allow_writes": a.allow_writes,
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m qarm_features.feast.server --repo R`` (``qarm serve``)."""
-    options = parse_options(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    serve(options.pop("repo_path"), **options)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""`qarm serve` (`python -m qarm_features.feast.server`) against what real clients send.
+"""`qarm serve` against what real clients send.
 
 Each finding of issue 13 on Feast 0.67's `feast serve` is one test, run against our server
 (started by the test on a free loopback port, over a repo built by

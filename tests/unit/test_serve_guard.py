@@ -288,15 +288,26 @@ def test_write_endpoints_are_refused_unless_allowed(path):
     assert status == 200 and app.bodies == [body]  # passed through to the app
 
 
-def test_serve_options_default_to_read_only():
-    from qarm_features.feast.server import DEFAULT_HEADER_TIMEOUT_S, parse_options
+def test_serve_options_default_to_read_only(monkeypatch):
+    """`qarm serve` (typer, like every qarm command) is read-only unless --allow-writes;
+    limits not given keep the server's defaults."""
+    from typer.testing import CliRunner
 
-    default = parse_options(["--repo", "r"])
-    assert default["allow_writes"] is False and default["repo_path"] == "r"
-    assert default["limits"].header_timeout_s == DEFAULT_HEADER_TIMEOUT_S
-    opts = parse_options(["--allow-writes", "--header-timeout", "2", "--body-timeout", "3"])
+    import qarm_features.feast.server as server
+    from qarm_features.app.cli import app
+
+    calls = []
+    monkeypatch.setattr(server, "serve", lambda repo, **kw: calls.append((repo, kw)))
+    assert CliRunner().invoke(app, ["serve", "--repo", "r"]).exit_code == 0
+    repo, default = calls[-1]
+    assert default["allow_writes"] is False and str(repo) == "r"
+    assert default["limits"] == server.ServeLimits()
+    args = ["serve", "--allow-writes", "--header-timeout", "2", "--body-timeout", "3"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    opts = calls[-1][1]
     assert opts["allow_writes"] is True
     assert (opts["limits"].header_timeout_s, opts["limits"].body_timeout_s) == (2.0, 3.0)
+    assert opts["limits"].max_body_bytes == server.DEFAULT_MAX_BODY_BYTES
 
 
 def test_a_refused_body_is_read_before_the_413():
