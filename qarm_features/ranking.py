@@ -374,9 +374,13 @@ class QarmEmbedding(nn.Module):
         self.rq = self.vq = None
         if rq_levels > 0:
             self.rq = RQCodeEmbedding(
-                *(rq_levels, rq_codes, dim), mode=rq_mode, prefix_buckets=prefix_buckets,
-                init_std=init_std, codebooks=rq_codebooks, level_dropout=level_dropout,
-            )  # fmt: skip
+                *(rq_levels, rq_codes, dim),
+                mode=rq_mode,
+                prefix_buckets=prefix_buckets,
+                init_std=init_std,
+                codebooks=rq_codebooks,
+                level_dropout=level_dropout,
+            )
         if vq_vocab > 0:
             self.vq = VQCodeEmbedding(
                 vq_vocab, dim, k=vq_k, init_std=init_std, table=vq_table, pool_emb=vq_pool_emb

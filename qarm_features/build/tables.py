@@ -317,8 +317,13 @@ def events_frame(table: Table, spec, keys: Keys) -> tuple[pd.DataFrame, float, d
                 f"{bad.nunique()} item(s) not in the catalog, e.g. {examples} (first at row "
                 f"{_rows(~known)[0]}); fix the log or set events.unknown_items: drop"
             )
-        log.warning("%s: dropping %d events of %d unknown items, e.g. %s", what,
-                    int((~known).sum()), bad.nunique(), examples)  # fmt: skip
+        log.warning(
+            "%s: dropping %d events of %d unknown items, e.g. %s",
+            what,
+            int((~known).sum()),
+            bad.nunique(),
+            examples,
+        )
 
     if spec.rating:
         rating = pd.to_numeric(df[spec.rating.column], errors="coerce")

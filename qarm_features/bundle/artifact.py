@@ -387,8 +387,10 @@ def _checked_index(vq_index, config: BuildConfig, arrays: dict, vq_k: int) -> np
     index = np.ascontiguousarray(np.asarray(vq_index).reshape(-1), dtype=np.uint8)
     cfg, pool = config.vq, arrays["vq_pool_emb"]
     if pool.shape[0] <= cfg.exact_max_pool:
-        raise BundleError(f"vq_index given for a pool of {pool.shape[0]} items, searched "
-                          f"exactly (<= config.vq.exact_max_pool={cfg.exact_max_pool})")  # fmt: skip
+        raise BundleError(
+            f"vq_index given for a pool of {pool.shape[0]} items, searched "
+            f"exactly (<= config.vq.exact_max_pool={cfg.exact_max_pool})"
+        )
     try:
         VQCoder(k=vq_k, exact_max_pool=cfg.exact_max_pool, ann_index=cfg.ann_index).fit(
             pool, arrays["vq_pool_ids"], index=index

@@ -336,10 +336,20 @@ class EncoderFineTuner:
                 history["val_pair_auc"] = []
                 history["n_val_pairs"] = int(vi.size)
             self._train(
-                model, texts, ids, (ti, gi), (ti[probe], gi[probe]), cfg, rng,
-                batch=bs, per_epoch=per_epoch, val=val, history=history, device=device,
+                model,
+                texts,
+                ids,
+                (ti, gi),
+                (ti[probe], gi[probe]),
+                cfg,
+                rng,
+                batch=bs,
+                per_epoch=per_epoch,
+                val=val,
+                history=history,
+                device=device,
                 progress=progress,
-            )  # fmt: skip
+            )
         model.eval()
         get_dim = getattr(model, "get_embedding_dimension", None)
         get_dim = get_dim or model.get_sentence_embedding_dimension
@@ -349,9 +359,22 @@ class EncoderFineTuner:
         return self
 
     def _train(
-        self, model, texts, ids, train, probe, cfg, rng, *, batch, per_epoch, val, history,
-        device, progress,
-    ) -> None:  # fmt: skip
+        self,
+        model,
+        texts,
+        ids,
+        train,
+        probe,
+        cfg,
+        rng,
+        *,
+        batch,
+        per_epoch,
+        val,
+        history,
+        device,
+        progress,
+    ) -> None:
         """AdamW over the trainable parameters for ``cfg.finetune_epochs`` epochs.
 
         ``train`` and ``probe`` are ``(trigger rows, target rows)``; ``val`` is

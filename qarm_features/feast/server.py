@@ -79,8 +79,9 @@ DEFAULT_MAX_ENTITY_ROWS = 10_000  # 10x a large ranking request's candidates
 DEFAULT_HEADER_TIMEOUT_S = 10.0  # a request's headers arrive within this (slowloris)
 DEFAULT_BODY_TIMEOUT_S = 30.0  # the longest wait for the next part of a body
 DRAIN_MAX_BYTES = 64 * 1024 * 1024  # a refused body is read and dropped up to this size
-WRITE_PATHS = frozenset({"/push", "/write-to-online-store", "/materialize",
-                         "/materialize-incremental"})  # fmt: skip
+WRITE_PATHS = frozenset(
+    {"/push", "/write-to-online-store", "/materialize", "/materialize-incremental"}
+)
 KINDS_TTL_S = 5.0  # the registry's declared types are re-read this often (cached reads)
 ONLINE_PATH = "/get-online-features"
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -128,8 +129,16 @@ class ServingGuard:
             allows it, :func:`fast_reads_allowed`); False: every read goes to Feast.
     """
 
-    def __init__(self, app, *, store, repo_path, limits: ServeLimits | None = None,
-                 allow_writes: bool = False, fast_reads: bool | None = None):  # fmt: skip
+    def __init__(
+        self,
+        app,
+        *,
+        store,
+        repo_path,
+        limits: ServeLimits | None = None,
+        allow_writes: bool = False,
+        fast_reads: bool | None = None,
+    ):
         self.app = app
         self.store = store
         self.repo = Path(repo_path).resolve()
@@ -363,8 +372,14 @@ def build_app(
         auth_type=auth_type, server_type=ServerType.REST, auth_config=store.config.auth_config
     )
     app = get_app(store, registry_ttl_sec)
-    guard = ServingGuard(app, store=store, repo_path=repo, limits=limits,
-                         allow_writes=allow_writes, fast_reads=fast_reads)  # fmt: skip
+    guard = ServingGuard(
+        app,
+        store=store,
+        repo_path=repo,
+        limits=limits,
+        allow_writes=allow_writes,
+        fast_reads=fast_reads,
+    )
     return guard, store
 
 
@@ -399,8 +414,13 @@ def serve(
     import gunicorn.app.base
 
     limits = limits or ServeLimits()
-    app, _ = build_app(repo_path, fs_yaml_file=fs_yaml_file, registry_ttl_sec=registry_ttl_sec,
-                       limits=limits, allow_writes=allow_writes)  # fmt: skip
+    app, _ = build_app(
+        repo_path,
+        fs_yaml_file=fs_yaml_file,
+        registry_ttl_sec=registry_ttl_sec,
+        limits=limits,
+        allow_writes=allow_writes,
+    )
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,
