@@ -55,11 +55,12 @@ class Responder:
 
     async def reply_bytes(self, status: int, body: bytes) -> None:
         """A JSON body already rendered."""
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
         await self({"type": "http.response.start", "status": status, "headers": headers})
         await self({"type": "http.response.body", "body": body})
-
 
 
 class RowErrorWriter:
@@ -110,7 +111,6 @@ def content_length(scope) -> int | None:
     return None
 
 
-
 async def read_body(receive, limit: int, timeout: float) -> bytes:
     chunks, size = [], 0
     while True:
@@ -148,7 +148,6 @@ def replay(body: bytes, receive):
 def with_length(scope, n: int):
     headers = [h for h in scope["headers"] if h[0] not in (b"content-length", b"transfer-encoding")]
     return {**scope, "headers": headers + [(b"content-length", str(n).encode())]}
-
 
 
 def worker_class(header_timeout_s: float):
@@ -200,5 +199,8 @@ def worker_class(header_timeout_s: float):
             if not self.transport.is_closing():
                 self.transport.close()
 
-    return type("QarmUvicornWorker", (UvicornWorker,),
-                {"CONFIG_KWARGS": {"loop": "auto", "http": HeaderTimeoutProtocol}})  # fmt: skip
+    return type(
+        "QarmUvicornWorker",
+        (UvicornWorker,),
+        {"CONFIG_KWARGS": {"loop": "auto", "http": HeaderTimeoutProtocol}},
+    )

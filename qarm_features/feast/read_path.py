@@ -45,13 +45,25 @@ log = logging.getLogger(__name__)
 CATALOG_TTL_S = 5.0  # the registry's cold views and join keys are re-read this often
 PRESENT = "PRESENT"
 EPOCH = "1970-01-01T00:00:00Z"  # Feast's timestamp of an on-demand value
-_BODY_KEYS = frozenset({"entities", "features", "full_feature_names", "feature_service",
-                        "include_feature_view_version_metadata"})  # fmt: skip
+_BODY_KEYS = frozenset(
+    {
+        "entities",
+        "features",
+        "full_feature_names",
+        "feature_service",
+        "include_feature_view_version_metadata",
+    }
+)
 _SCALARS = frozenset({"int64_val", "int32_val", "string_val", "bool_val", "unix_timestamp_val"})
 _LISTS = frozenset(
-    {"int64_list_val", "int32_list_val", "string_list_val", "bool_list_val",
-     "unix_timestamp_list_val"}
-)  # fmt: skip
+    {
+        "int64_list_val",
+        "int32_list_val",
+        "string_list_val",
+        "bool_list_val",
+        "unix_timestamp_list_val",
+    }
+)
 _FLOAT_LISTS = frozenset({"float_list_val", "double_list_val"})
 
 
@@ -271,9 +283,13 @@ class FastReader:
                     if name in features:
                         n = len(columns[name])
                         names.append(f"{view.name}__{name}" if full else name)
-                        out["results"].append({"values": columns[name],
-                                               "statuses": [PRESENT] * n,
-                                               "event_timestamps": [EPOCH] * n})  # fmt: skip
+                        out["results"].append(
+                            {
+                                "values": columns[name],
+                                "statuses": [PRESENT] * n,
+                                "event_timestamps": [EPOCH] * n,
+                            }
+                        )
         if row_errors:
             write_row_errors(out, row_errors)
         return dumps(out)
@@ -284,9 +300,11 @@ class FastReader:
             return None
         features, entities = body.get("features"), body.get("entities")
         full = body.get("full_feature_names", False)
-        if body.get("feature_service") is not None or body.get(
-            "include_feature_view_version_metadata", False
-        ) is not False or type(full) is not bool:  # fmt: skip
+        if (
+            body.get("feature_service") is not None
+            or body.get("include_feature_view_version_metadata", False) is not False
+            or type(full) is not bool
+        ):
             return None
         if not isinstance(features, list) or not features or not isinstance(entities, dict):
             return None
@@ -326,8 +344,13 @@ class FastReader:
         for name, values in typed.items():
             if name in keys:
                 names.append(name)
-                results.append({"values": values, "statuses": [PRESENT] * len(values),
-                                "event_timestamps": [EPOCH] * len(values)})  # fmt: skip
+                results.append(
+                    {
+                        "values": values,
+                        "statuses": [PRESENT] * len(values),
+                        "event_timestamps": [EPOCH] * len(values),
+                    }
+                )
         return {"results": results, "metadata": {"feature_names": names}}
 
 
