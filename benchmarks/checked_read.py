@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calls", type=int, default=300)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
     from qarm_features.feast.serving import get_online_features
     from qarm_features.feast.store import open_store
 
