@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +162,7 @@ def get_online_features(store, features, entity_rows, *, full_feature_names: boo
         if not isinstance(row, dict):
             raise InputError(f"entity_rows[{i}] is a {type(row).__name__}, not a dict")
     names = list(dict.fromkeys(k for row in rows for k in row))
-    kinds = field_kinds(store)
+    kinds = _declared_kinds(store, field_kinds)
     arrays: dict[tuple[str, int], np.ndarray] = {}  # float32 rows kept as they are
     columns: dict[str, list] = {}
     for name in names:
@@ -201,6 +203,21 @@ def get_online_features(store, features, entity_rows, *, full_feature_names: boo
                 for i, why in checked.row_errors.items():
                     values[i].string_val = why
     return resp
+
+
+_kinds_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> (t, kinds)
+
+
+def _declared_kinds(store, read) -> dict:
+    """The registry's declared key/request types, re-read once per registry cache period
+    (``cache_ttl_seconds``, 0 = never, as Feast's own registry cache: as fresh as Feast's
+    reads; reading them costs ~0.3 ms a call)."""
+    ttl = getattr(store.config.registry, "cache_ttl_seconds", 0) or float("inf")
+    at, kinds = _kinds_cache.get(store, (None, None))
+    if at is None or time.monotonic() - at > ttl:
+        kinds = read(store)
+        _kinds_cache[store] = (time.monotonic(), kinds)
+    return kinds
 
 
 def serving_setup(repo_path: str | os.PathLike) -> dict:
