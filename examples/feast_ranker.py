@@ -144,7 +144,7 @@ def train(store, train_df: pd.DataFrame, args):
         # (docs/feast.md, "The offline store").
         log.warning("Feast returned %d of %d entity rows", len(df), len(entity_df))
     # The item table: every catalog item's codes and embedding, for history items too.
-    from qarm_features.feast.sources import CODES_FILE
+    from qarm_features.feast.layout import CODES_FILE
 
     catalog = pd.read_parquet(Path(store.repo_path) / CODES_FILE, columns=["item_id"])
     items_df = store.get_historical_features(

@@ -39,11 +39,11 @@ from qarm_features._atomic import write_text_atomic
 from qarm_features.bundle.manifest import read_manifest
 from qarm_features.config import RQConfig
 from qarm_features.errors import BundleError, BundleVersionMismatch, QarmError
+from qarm_features.feast.layout import POINTER, PREVIOUS
 from qarm_features.schema import CodeSchema
 
 log = logging.getLogger(__name__)
 
-POINTER = Path("data") / "current" / "qarm_bundle.json"  # switched with the sources
 UNSET = "unset"
 DEFAULT_LEVELS = RQConfig.model_fields["n_levels"].default
 ENV_THREADS = "QARM_SERVING_THREADS"  # set in a server's environment to pin its pools
@@ -180,9 +180,6 @@ def write_pointer(
     """
     pointer = (into / POINTER.name) if into is not None else Path(repo_path) / POINTER
     return write_text_atomic(pointer, json.dumps(context.to_json(), indent=2, sort_keys=True))
-
-
-PREVIOUS = Path("data") / "current" / "qarm_prev.json"  # the version kept beside the new one
 
 
 def read_previous(repo_path: str | os.PathLike) -> ServingContext | None:

@@ -33,6 +33,14 @@ from qarm_features.feast.context import (
     read_pointer,
     write_pointer,
 )
+from qarm_features.feast.layout import (
+    CODES_FILE,
+    CONTENT_FILE,
+    CURRENT,
+    DATA,
+    HISTORY_FILE,
+    PUSHED_FILE,
+)
 from qarm_features.feast.rollout import (
     Journal,
     describe,
@@ -42,13 +50,7 @@ from qarm_features.feast.rollout import (
     roll_out,
 )
 from qarm_features.feast.sources import (
-    CODES_FILE,
-    CONTENT_FILE,
-    CURRENT,
-    DATA,
     DEFAULT_HISTORY,
-    HISTORY_FILE,
-    PUSHED_FILE,
     build_user_history,
     encode_catalog,
     keep_previous_rows,

@@ -45,16 +45,15 @@ import pandas as pd
 from qarm_features._atomic import write_text_atomic
 from qarm_features.errors import BundleError, RepoLocked
 from qarm_features.feast.context import read_pointer
+from qarm_features.feast.layout import CURRENT, HISTORY_FILE, JOURNAL_FILE, LOCK_FILE, VERSIONS
 from qarm_features.feast.online_write import source_rows, streamable, write_view
-from qarm_features.feast.sources import CURRENT, EPOCH, HISTORY_FILE, VERSIONS
+from qarm_features.feast.sources import EPOCH
 from qarm_features.feast.store import clear_online, load_definitions, open_store, registered_version
 from qarm_features.progress import stage
 from qarm_features.schema import EVENT_TIMESTAMP
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = Path("data") / ".qarm.lock"
-JOURNAL_FILE = Path("data") / "qarm_journal.json"
 # The steps of a run, in order; the journal names the one about to run.
 STEPS = ("sources", "switch", "clear", "apply", "online write")
 POLL_S = 0.2  # how often a waiting run retries the lock

@@ -32,7 +32,7 @@ from qarm_features.feast.context import (
     read_pointer,
     set_serving_threads,
 )
-from qarm_features.feast.sources import CODES_FILE, PUSHED_FILE
+from qarm_features.feast.layout import CODES_FILE, PUSHED_FILE
 from qarm_features.feast.store import open_store
 from qarm_features.schema import ERROR, ITEM_ID, RAW_EMB, VERSION
 
@@ -368,8 +368,9 @@ def status(
     from feast.feature_view import FeatureViewState
 
     from qarm_features.feast.job import apply
+    from qarm_features.feast.layout import CURRENT, DATA
     from qarm_features.feast.rollout import describe, lock_holder, read_journal, recover, repo_lock
-    from qarm_features.feast.sources import CURRENT, DATA, EPOCH
+    from qarm_features.feast.sources import EPOCH
 
     repo = Path(repo_path).resolve()
     store = open_store(repo, fs_yaml_file)

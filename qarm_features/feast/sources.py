@@ -32,6 +32,12 @@ import pandas as pd
 from qarm_features._atomic import atomic_file, honour_umask
 from qarm_features._validate import check_columns
 from qarm_features.errors import InputError
+from qarm_features.feast.layout import (  # re-exported: callers name them here
+    CODES_FILE,
+    CURRENT,
+    PREV_CODES_FILE,
+    VERSIONS,
+)
 from qarm_features.schema import (
     EVENT_TIMESTAMP,
     HIST_ITEM_IDS,
@@ -46,24 +52,7 @@ from qarm_features.schema import (
 )
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-DATA = Path("data")
-# The offline sources of one bundle version live together in data/versions/<run>/, and
-# data/current is a symlink to the served one: a run writes its files beside the served
-# ones and switches all of them (with the repo pointer) in one atomic rename. A crash
-# before the switch leaves the previous set served, whole.
-CURRENT = DATA / "current"
-VERSIONS = DATA / "versions"
 KEEP_VERSIONS = 2  # the served set and the one before it; older sets are deleted
-CODES_FILE = CURRENT / "qarm_codes.parquet"
-CONTENT_FILE = CURRENT / "item_content.parquet"
-HISTORY_FILE = CURRENT / "user_history.parquet"
-# During a switch (`qarm materialize --promote --keep-previous`): the previous version's
-# rows and context, served by the `qarm_prev` view beside `qarm` until the next run.
-PREV_CODES_FILE = CURRENT / "qarm_prev_codes.parquet"
-# Items pushed since they were last part of a built catalog: item_id (or the repo's join
-# key), raw_emb, pushed_at. `qarm materialize` keeps them (they are in no bundle's catalog
-# yet) and forgets each one once a bundle's catalog holds it.
-PUSHED_FILE = DATA / "qarm_pushed.parquet"
 DEFAULT_HISTORY = 20  # latest positives per user in the user-side view (paper mines 50)
 
 _last_stamp: list[pd.Timestamp] = []  # last stamp this process wrote (kept increasing)

@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Sequence
 
 from qarm_features.feast.context import ServingContext, read_previous
+from qarm_features.feast.layout import CODES_FILE, CONTENT_FILE, PREV_CODES_FILE
 from qarm_features.schema import (
     FLOAT_LIST,
     INT64,
@@ -228,7 +229,7 @@ def qarm_views(*, item, repo, batch_view_too: bool = False, text_view: bool = Fa
     out: dict = {}
     out["qarm_codes_source"] = FileSource(
         name="qarm_codes_source",
-        path="data/current/qarm_codes.parquet",
+        path=str(CODES_FILE),
         timestamp_field="event_timestamp",
         created_timestamp_column="created",
         description="QARM rows of the whole catalog, written by `qarm materialize`.",
@@ -240,7 +241,7 @@ def qarm_views(*, item, repo, batch_view_too: bool = False, text_view: bool = Fa
     )
     out["item_content_source"] = FileSource(
         name="item_content_source",
-        path="data/current/item_content.parquet",
+        path=str(CONTENT_FILE),
         timestamp_field="event_timestamp",
         created_timestamp_column="created",
         description="The frozen content embedding of every item.",
@@ -264,7 +265,7 @@ def qarm_views(*, item, repo, batch_view_too: bool = False, text_view: bool = Fa
     if previous is not None:  # a switch kept the previous version: serve it beside `qarm`
         out["qarm_prev_source"] = FileSource(
             name="qarm_prev_source",
-            path="data/current/qarm_prev_codes.parquet",
+            path=str(PREV_CODES_FILE),
             timestamp_field="event_timestamp",
             created_timestamp_column="created",
             description=f"Rows of the previous version {previous.version}, kept for a switch.",

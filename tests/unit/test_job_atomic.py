@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from qarm_features.bundle.testing import make_random_bundle
-from qarm_features.feast import job, sources
+from qarm_features.feast import job, layout, sources
 from qarm_features.feast.context import read_pointer
 
 
 def _served(repo):
-    codes = pd.read_parquet(repo / sources.CODES_FILE, columns=["qarm_version"])
-    hist = pd.read_parquet(repo / sources.HISTORY_FILE)
+    codes = pd.read_parquet(repo / layout.CODES_FILE, columns=["qarm_version"])
+    hist = pd.read_parquet(repo / layout.HISTORY_FILE)
     return read_pointer(repo).version, set(codes["qarm_version"]), len(hist)
 
 
@@ -43,8 +43,8 @@ def test_a_failed_write_leaves_the_previous_set_served(tmp_path, monkeypatch, ra
     job.prepare_sources(other, repo, interactions_df=events)
     after = _served(repo)
     assert after[0] != before[0] and after[1] == {after[0]}
-    assert (repo / sources.CURRENT).is_symlink()
-    assert len(list((repo / sources.VERSIONS).iterdir())) <= sources.KEEP_VERSIONS
+    assert (repo / layout.CURRENT).is_symlink()
+    assert len(list((repo / layout.VERSIONS).iterdir())) <= sources.KEEP_VERSIONS
 
 
 def test_written_files_follow_the_umask(tmp_path, random_bundle):
@@ -63,6 +63,6 @@ def test_written_files_follow_the_umask(tmp_path, random_bundle):
         job.prepare_sources(random_bundle, repo)
     finally:
         os.umask(old)
-    for path in [b, b / "manifest.json", repo / sources.CODES_FILE, repo / "data/current/qarm_bundle.json"]:
+    for path in [b, b / "manifest.json", repo / layout.CODES_FILE, repo / "data/current/qarm_bundle.json"]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))

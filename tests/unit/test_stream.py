@@ -14,7 +14,7 @@ import pytest
 
 from qarm_features.bundle.encode import get_bundle
 from qarm_features.errors import InputError
-from qarm_features.feast import job, sources
+from qarm_features.feast import job, layout, sources
 from qarm_features.feast.stream import iter_catalog
 from qarm_features.schema import CREATED, EVENT_TIMESTAMP
 
@@ -42,9 +42,9 @@ def _tables(repo):
     """The three sources; item rows without their event_timestamp (a process stamps each
     write 1 us later than the one before), checked to be one stamp per file."""
     out = {}
-    for f in (sources.CODES_FILE, sources.CONTENT_FILE, sources.HISTORY_FILE):
+    for f in (layout.CODES_FILE, layout.CONTENT_FILE, layout.HISTORY_FILE):
         table = pq.read_table(repo / f)
-        if f != sources.HISTORY_FILE:
+        if f != layout.HISTORY_FILE:
             assert len(table.column(EVENT_TIMESTAMP).unique()) == 1
             table = table.drop_columns([EVENT_TIMESTAMP])
         out[f.name] = table
@@ -77,8 +77,8 @@ def test_chunks_change_row_groups_not_rows(random_bundle, tmp_path):
     for name in got:
         assert got[name].schema.equals(ref[name].schema), name
         assert got[name].equals(ref[name]), name
-    assert pq.ParquetFile(small / sources.CODES_FILE).num_row_groups == 6  # 200 rows / 37
-    assert pq.ParquetFile(whole / sources.CODES_FILE).num_row_groups == 1
+    assert pq.ParquetFile(small / layout.CODES_FILE).num_row_groups == 6  # 200 rows / 37
+    assert pq.ParquetFile(whole / layout.CODES_FILE).num_row_groups == 1
     assert stats["n_items"] == 200 and stats["n_history_rows"] > 0
 
     # ... and the rows the one-shot path (encode_catalog + write_parquet) wrote
@@ -112,7 +112,7 @@ def test_every_catalog_source_gives_the_same_rows(random_bundle, tmp_path):
 @pytest.mark.parametrize("where", ["frame", "file"])
 def test_a_bad_row_in_a_late_chunk_switches_nothing_in(random_bundle, tmp_path, where):
     repo, _ = _prepare(random_bundle, tmp_path, "repo")
-    before = (repo / sources.CURRENT).resolve()
+    before = (repo / layout.CURRENT).resolve()
     catalog = _catalog(random_bundle)
     bad = catalog["raw_emb"][150].copy()
     bad[3] = np.nan
@@ -130,8 +130,8 @@ def test_a_bad_row_in_a_late_chunk_switches_nothing_in(random_bundle, tmp_path, 
         InputError, match=r"'raw_emb', row 150 \(item 151\): value nan at position 3"
     ):
         job.prepare_sources(random_bundle, repo, src, chunk_rows=32)
-    assert (repo / sources.CURRENT).resolve() == before
-    assert len(list((repo / sources.VERSIONS).iterdir())) == 1  # the failed set is removed
+    assert (repo / layout.CURRENT).resolve() == before
+    assert len(list((repo / layout.VERSIONS).iterdir())) == 1  # the failed set is removed
     if where == "file":
         with pytest.raises(InputError, match=r"bad.parquet: .*row 7 \(item 8\).* not a list of 32"):
             short = catalog.head(20).copy()
@@ -152,7 +152,7 @@ def test_duplicates_across_chunks_are_refused(random_bundle, tmp_path):
     repo.mkdir()
     with pytest.raises(InputError, match=r"duplicate item_id 5 \(rows \[4, 190\]\)"):
         job.prepare_sources(random_bundle, repo, catalog, chunk_rows=16)
-    assert not (repo / sources.CURRENT).exists()
+    assert not (repo / layout.CURRENT).exists()
     assert not any(p.name.endswith(".tmp") for p in repo.rglob("*"))
 
 
@@ -164,12 +164,12 @@ def test_pushed_items_are_appended_and_forgotten_once_built(random_bundle, tmp_p
         {"item_id": [7, 5000], "raw_emb": list(rng.standard_normal((2, 32)).astype(np.float32)),
          "pushed_at": pd.Timestamp(NOW)}
     )  # fmt: skip
-    sources.write_parquet(pushed, repo / sources.PUSHED_FILE)
+    sources.write_parquet(pushed, repo / layout.PUSHED_FILE)
     stats = job.prepare_sources(random_bundle, repo, chunk_rows=64, now=NOW)
-    codes = pd.read_parquet(repo / sources.CODES_FILE)
+    codes = pd.read_parquet(repo / layout.CODES_FILE)
     assert stats["n_items"] == 201 and stats["n_pushed_items_kept"] == 1
     assert codes["item_id"].iloc[-1] == 5000  # after the catalog, as before
-    assert pd.read_parquet(repo / sources.PUSHED_FILE)["item_id"].tolist() == [5000]
+    assert pd.read_parquet(repo / layout.PUSHED_FILE)["item_id"].tolist() == [5000]
 
 
 def test_stages_log_time_and_memory_and_report_progress(random_bundle, tmp_path, caplog):
