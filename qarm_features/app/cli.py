@@ -30,8 +30,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from qarm_features.app.render import abbreviate, print_inspect, print_metrics, stage_progress
-from qarm_features.app.render import print_materialize, print_push
+from qarm_features.app.render import (
+    abbreviate,
+    print_inspect,
+    print_materialize,
+    print_metrics,
+    print_push,
+    stage_progress,
+)
 from qarm_features.errors import ConfigError, QarmError
 
 app = typer.Typer(
