@@ -242,6 +242,10 @@ def materialize(
     _setup_logging(verbose)
     import warnings
 
+    # Feast's modules reset the RuntimeWarning filters when imported (simplefilter("once")):
+    # imported first, so that the filter below holds
+    import feast  # noqa: F401
+
     try:
         with stage_progress(console) as (on_progress, _), warnings.catch_warnings():
             # Feast warns on every apply of a repo with on-demand views; QARM's are its

@@ -140,7 +140,7 @@ def stage_progress(out: Console | None = None):
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
@@ -275,10 +275,11 @@ def print_materialize(stats: dict) -> None:
         value = stats.get(key)
         if value:
             console.print(f"  {what}: {value if isinstance(value, str) else _names(value)}")
+    parts = (("encode", "encode_seconds"), ("apply", "apply_seconds"),
+             ("materialize", "materialize_seconds"))  # fmt: skip
     timing = ", ".join(
         f"{name} {stats[key]:.1f} s"
-        for name, key in (("encode", "encode_seconds"), ("apply", "apply_seconds"),
-                          ("materialize", "materialize_seconds"))  # fmt: skip
+        for name, key in parts
         if isinstance(stats.get(key), (int, float))
     )
     console.print(f"  {timing}; every statistic: --json")
@@ -288,8 +289,8 @@ def print_push(stats: dict) -> None:
     """``qarm push``'s summary: how many items, a few of their ids, where they went, and
     whether a rebuild is due. ``--json`` prints ``stats`` whole (every id)."""
     ids = [str(i) for i in stats.get("item_ids", [])]
-    shown = ", ".join(ids[:_SHOWN_IDS]) + (f", ... ({len(ids) - _SHOWN_IDS} more)"
-                                           if len(ids) > _SHOWN_IDS else "")  # fmt: skip
+    more = len(ids) - _SHOWN_IDS
+    shown = ", ".join(ids[:_SHOWN_IDS]) + (f", ... ({more} more)" if more > 0 else "")
     where = "online and offline" if stats.get("offline") else "online"
     console.print(
         f"[green]pushed[/] {stats.get('n_items', len(ids)):,} items' codes {where} with "

@@ -152,8 +152,8 @@ def test_build_bundle_refuses_an_existing_directory_unless_told(world, tmp_path)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    kw = dict(item_ids=world.item_ids, raw_emb=world.content,
-              interactions=world.interactions(n_per_user=5))  # fmt: skip
+    kw = {"item_ids": world.item_ids, "raw_emb": world.content,
+          "interactions": world.interactions(n_per_user=5)}  # fmt: skip
     with pytest.raises(BundleError, match=r"mine already exists; .* unless overwrite=True"):
         build_bundle(out, config=BuildConfig(pairs=PairsConfig(mf_epochs=1)), **kw)
     assert (out / "notes.txt").read_text() == "keep me"
@@ -204,7 +204,7 @@ def test_help_imports_neither_feast_nor_torch(args, tmp_path):
     import sys
 
     proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env=_this_checkout())  # fmt: skip
+                          timeout=120, cwd=tmp_path, env=_this_checkout(), check=False)  # fmt: skip
     out = proc.stdout + proc.stderr
     assert "usage" in out.lower() and "EXIT 0 HEAVY []" in out, out
 
@@ -238,11 +238,12 @@ def test_a_build_without_a_terminal_writes_progress_lines_as_it_goes(world, tmp_
             [sys.executable, "-c", "from qarm_features.app.cli import main; main()", "build",
              "--repo", str(repo)],
             stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=tmp_path, env=_this_checkout(),
+            check=False,
         )  # fmt: skip
     text = log.read_text()
     assert proc.returncode == 0, text
     assert text.count("mining pairs") == 1, text
-    step = re.compile(r"^aligner: 1/3 \(33%\)  [\d,.]+/s  elapsed \d+:\d\d  ETA \d+:\d\d$", re.M)
+    step = re.compile(r"^aligner: 1/3 \(33%\)  [\d,.]+/s  elapsed \d+:\d\d  ETA \d+:\d\d$", re.MULTILINE)
     first = step.search(text)
     assert first and first.start() < text.index("writing bundle"), text  # as it went
     pairs_s = float(re.search(r"pairs_s=([\d.]+)", text).group(1))

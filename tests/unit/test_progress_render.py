@@ -60,7 +60,8 @@ def test_without_a_terminal_each_step_is_a_line_written_as_it_goes():
 
 def test_stage_progress_writes_plain_lines_when_not_a_terminal():
     out = io.StringIO()
-    with stage_progress(Console(file=out, width=120, force_terminal=False)) as (on_progress, _):
+    console = Console(file=out, width=120, force_terminal=False)
+    with stage_progress(console) as (on_progress, _):  # noqa: SIM117 - on_progress comes first
         with stage("encode", total=300, progress=on_progress) as s:
             s.advance(100)
             assert "encode: 100/300 (33%)" in out.getvalue()  # before the display closes
