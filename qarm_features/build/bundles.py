@@ -330,6 +330,8 @@ def finetune_encoder(
     return Path(path), info
 
 
+_FINETUNE_KEYS = {"finetune_layers", "finetune_epochs", "finetune_max_pairs", "finetune_lr"}
+
 # Texts per cached block of the catalog encoding: a crash or an interrupt loses at most
 # one block (the rest load from the cache on the next run), and a changed item re-encodes
 # its block only. A catalog of up to this many texts is one block, cached under the key
@@ -361,7 +363,9 @@ def encode_catalog_text(
     import os
 
     root = Path(cache_dir or os.environ.get("QARM_CACHE", Path.home() / ".cache" / "qarm"))
-    head = cfg.encoder.model_dump_json() + "\x00"
+    # the key covers what decides the vectors: not the fine-tuning settings (the frozen
+    # pass of a fine-tuning build reuses the frozen cache), but a fine-tuned encoder's weights
+    head = cfg.encoder.model_dump_json(exclude=_FINETUNE_KEYS) + "\x00"
     if encoder_path is not None:  # the weights decide the vectors, not the folder's name
         from qarm_features.bundle.manifest import sha256_file
 
