@@ -333,7 +333,7 @@ def fit_item_space(
             not in the catalog, or no pair mined.
     """
     from qarm_features.align import ItemAligner
-    from qarm_features.pairs import mine_pairs
+    from qarm_features.ray_pairs import mine_pairs_by_config
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)
@@ -347,7 +347,7 @@ def fit_item_space(
         if mined is not None:
             pairs, pair_stats = mined
         else:
-            pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
+            pairs, pair_stats = mine_pairs_by_config(interactions, cfg.pairs)  # engine: config
     timings["pairs_s"] = stages["pairs"]["seconds"]
     if len(pairs) == 0:
         raise InputError("pair mining found no pairs; are there positives (rating >= threshold)?")

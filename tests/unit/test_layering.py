@@ -33,7 +33,8 @@ FLOORS: list[set[str]] = [
     },
     {"qarm_features.manifest", "qarm_features.bundle", "qarm_features.encode"},  # 2: bundle
     {"qarm_features.pipeline", "qarm_features.build", "qarm_features.testing",
-     "qarm_features.stable", "qarm_features.distributed"},  # 3: offline
+     "qarm_features.stable", "qarm_features.distributed",
+     "qarm_features.ray_pairs"},  # 3: offline
     # 4: the Feast library layer, and a repo's build (its qarm.yaml, sources, push)
     {"qarm_features.feast.*", "qarm_features.build_repo"},
     {"transformations.*"},  # 5: the UDF bodies Feast runs
