@@ -72,7 +72,6 @@ def _part(ids: np.ndarray, n_parts: int) -> np.ndarray:
     return ((h >> np.uint64(32)) % np.uint64(n_parts)).astype(np.int64)
 
 
-# --------------------------------------------------------------------------- input
 def _cluster(address: str | None):
     """The cluster initialised in this process, else ``address``'s, else a local one."""
     if address is not None:
@@ -187,15 +186,17 @@ def _log_order(df: pd.DataFrame) -> pd.DataFrame:
 
 @contextlib.contextmanager
 def _sort_shuffle():
-    """Ray Data's sort shuffle (its hash shuffle starts actors per job: 15x slower here)."""
+    """Ray Data's sort shuffle (its hash shuffle's actors: 15x slower here), tasks' errors."""
     from ray.data.context import DataContext, ShuffleStrategy
 
     ctx = DataContext.get_current()
-    before, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    before = ctx.shuffle_strategy, ctx.raise_original_map_exception
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    ctx.raise_original_map_exception = True  # a task's InputError reaches the caller as is
     try:
         yield
     finally:
-        ctx.shuffle_strategy = before
+        ctx.shuffle_strategy, ctx.raise_original_map_exception = before
 
 
 def _n_parts(n_parts: int | None, n_events: int) -> int:
@@ -287,8 +288,7 @@ def u2i_events(
         raise InputError(f"history: must be >= 1, got {history}")
     refs = _retrieval(ray, interactions, PairsConfig(), item_ids, item_emb)
     pos, n_pos = _materialized_positives(interactions, positive_threshold)
-    n_parts = _n_parts(num_partitions, n_pos)
-    return _u2i_dataset(pos, n_parts, refs, history, False).materialize()
+    return _u2i_dataset(pos, _n_parts(num_partitions, n_pos), refs, history, False).materialize()
 
 
 # --------------------------------------------------------------------------- Swing
@@ -310,7 +310,6 @@ def _swing_partition(df, alpha, top_k, max_item_users, user_weight, seed, capped
     the Swing top-k of its triggers, exactly as :func:`~qarm_features.swing.swing_top_k`."""
     import ray
 
-    trig_of = df["_home"].to_numpy()
     user_ids, u = np.unique(df["user_id"].to_numpy(), return_inverse=True)
     item_ids, i = np.unique(df["item_id"].to_numpy(), return_inverse=True)
     n_u, n_i = user_ids.size, item_ids.size
@@ -319,7 +318,7 @@ def _swing_partition(df, alpha, top_k, max_item_users, user_weight, seed, capped
     deg = np.diff(R.indptr)
     w = 1.0 / np.sqrt(deg) if user_weight else np.ones(n_u)
     triggers = np.zeros(n_i, bool)
-    triggers[i[trig_of]] = True  # this partition's own items
+    triggers[i[df["_home"].to_numpy()]] = True  # this partition's own items
     by_item = R.tocsc()
     counts = np.diff(by_item.indptr)
     e_item = np.repeat(np.arange(n_i), counts)  # (item, user) in item, then user order
@@ -379,9 +378,10 @@ def _swing_ray(pos, n_parts, alpha, top_k, max_user_items, max_item_users, user_
                    "seed": int(seed), "capped_ref": ray.put(capped)},
         batch_format="pandas",
     ).to_pandas()  # the mined pairs: at most top_k per trigger  # fmt: skip
-    t, g, s = (part[c].to_numpy() for c in ("trigger_id", "target_id", "score"))
+    cols = zip(("trigger_id", "target_id", "score"), (np.int64, np.int64, np.float64))
+    t, g, s = (part[c].to_numpy(dt) for c, dt in cols)
     order = np.lexsort((g, -s, t))  # swing_top_k's order: trigger, score desc, target
-    return t[order].astype(np.int64), g[order].astype(np.int64), s[order].astype(np.float64)
+    return t[order], g[order], s[order]
 
 
 @_sort_shuffle()
@@ -427,8 +427,7 @@ def _first_and_count(df: pd.DataFrame) -> pd.DataFrame:
     """Per item: positives (sum of ``n``) and its first one's log position ``(timestamp, _seq)``."""
     b = _log_order(df)
     first = b.drop_duplicates("item_id", keep="first")[["item_id", "timestamp", "_seq"]]
-    n = b.groupby("item_id", sort=False)["n"].sum()
-    return first.assign(n=n.reindex(first["item_id"]).to_numpy())
+    return first.assign(n=b.groupby("item_id")["n"].sum().reindex(first["item_id"]).to_numpy())
 
 
 def _item_positives(pos, n_parts: int) -> pd.Series:
@@ -471,11 +470,12 @@ def mine_pairs_ray(
         per_pair = agg.groupby(["trigger_id", "target_id"], num_partitions=n_parts).aggregate(
             Sum("count", alias_name="count"), Max("score", alias_name="score")
         ).to_pandas()  # fmt: skip
-        count = per_pair["count"].to_numpy(np.int64)
+        t, g, s, count = (
+            per_pair[c].to_numpy() for c in ("trigger_id", "target_id", "score", "count")
+        )
         stats["n_u2i_events"] = int(count.sum())
-        t, g = per_pair["trigger_id"].to_numpy(np.int64), per_pair["target_id"].to_numpy(np.int64)
-        parts.append(_u2i_ranked(t, g, per_pair["score"].to_numpy(np.float64), count,
-                                 cfg.min_pair_count))  # fmt: skip
+        parts.append(_u2i_ranked(t.astype(np.int64), g.astype(np.int64), s.astype(np.float64),
+                                 count.astype(np.int64), cfg.min_pair_count))  # fmt: skip
         stats["n_u2i_pairs"] = int(parts[-1][0].size)
     if cfg.use_swing:
         t, g, s = _swing_ray(pos, n_parts, cfg.swing_alpha, cfg.swing_top_k,
