@@ -293,7 +293,7 @@ def compare_mining(work: Path, n_events: int, rounds: int, num_cpus: int, nicene
 
 def run_mining(out: Path, n_events: int, rounds: int, num_cpus: int, niceness) -> dict:
     """The mining section alone, merged into ``out`` (the other sections kept)."""
-    from benchmarks.timing import machine, merge_results
+    from benchmarks.timing import machine
 
     host = machine()
     work = Path(tempfile.mkdtemp(prefix="qarm-bench-ray-mining-"))
@@ -304,7 +304,11 @@ def run_mining(out: Path, n_events: int, rounds: int, num_cpus: int, niceness) -
     res["machine"] = host
     res["command"] = (f"python -m benchmarks.bench_ray --mining-only --mining-events {n_events}"
                       f" --rounds {rounds}")  # fmt: skip
-    merge_results(out, {"mining": res})
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data["mining"] = res  # the other sections kept
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, out)
     return res
 
 

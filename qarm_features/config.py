@@ -63,8 +63,8 @@ class PairsConfig(_Config):
     # trigger item (Swing) (qarm_features.ray_pairs.mine_pairs_by_config), the same pairs
     # bit for bit; the BPR retrieval fit stays one process (one Ray task). docs/scale.md.
     engine: Literal["local", "ray"] = "local"
-    # engine "ray": the cluster to join (ray.init(address=...), e.g. "ray://head:10001" or
-    # "auto"); None: the cluster already initialised in the process, else a local one.
+    # engine "ray": the cluster to join when the process has none initialised
+    # (ray.init(address=...), e.g. "ray://head:10001" or "auto"); None: a local one.
     ray_address: str | None = None
     # engine "ray": partitions of each shuffle; None: the cluster's CPUs, or more so that a
     # partition holds about 1M positive events (ray_pairs.PARTITION_EVENTS).
