@@ -4,11 +4,11 @@ Data: the synthetic world's 384-d content for ``n_items`` items; pairs are each 
 its nearest neighbour in the world's ground-truth collaborative space (what pair mining
 approximates). Contenders, same epochs, batch size, model and threads, interleaved:
 
-- ``train_aligner``: :class:`qarm_features.align.ItemAligner` fitted without validation
+- ``train_aligner``: :class:`qarm_features.align.aligner.ItemAligner` fitted without validation
   (``val_items=[]``), i.e. the training loop with its masked InfoNCE and the
   raw-consistency term, plus its set-up (PCA init, index building);
 - ``train_aligner (raw_consistency=0)``: the same without the raw-consistency term;
-- ``bare torch loop``: :class:`~qarm_features.align.Aligner` trained with AdamW on plain
+- ``bare torch loop``: :class:`~qarm_features.align.aligner.Aligner` trained with AdamW on plain
   symmetric in-batch InfoNCE (no masking, no extra term, no set-up): the floor.
 """
 
@@ -26,7 +26,7 @@ def make_pairs(n_items: int, raw_dim: int = 384, seed: int = 0):
     import faiss
     import pandas as pd
 
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_items=n_items, n_users=1, content_dim=raw_dim, seed=seed)
     raw = np.concatenate([c for _, c in world.iter_content(65_536)])
@@ -44,7 +44,7 @@ def bare_loop(raw: np.ndarray, ids: np.ndarray, pairs, cfg, epochs: int) -> None
     import torch
     import torch.nn.functional as F
 
-    from qarm_features.align import Aligner
+    from qarm_features.align.aligner import Aligner
 
     torch.manual_seed(cfg.seed)
     pos = {int(v): i for i, v in enumerate(ids)}
@@ -71,7 +71,7 @@ def bare_loop(raw: np.ndarray, ids: np.ndarray, pairs, cfg, epochs: int) -> None
 
 
 def run(quick: bool, n_threads: int = 2) -> dict:
-    from qarm_features.align import ItemAligner
+    from qarm_features.align.aligner import ItemAligner
     from qarm_features.config import AlignerConfig
 
     n_items = 10_000 if quick else 50_000

@@ -9,7 +9,7 @@ Two drivers over the same files:
 
 - ``frame``: the real batch function, :func:`qarm_features.feast.sources.encode_catalog`, on a
   pandas frame per chunk (what the materialization job runs), output via pandas/arrow;
-- ``arrays``: the same encode (:func:`qarm_features.encode.encode_items` stages) fed from
+- ``arrays``: the same encode (:func:`qarm_features.bundle.encode.encode_items` stages) fed from
   arrow buffers as numpy without pandas, with a time split per stage (align / RQ / VQ /
   read / write). The gap between the two is the cost of the pandas edge.
 
@@ -46,8 +46,8 @@ def make_world_bundle(
     seed: int = 0,
 ) -> Path:
     """A valid bundle whose catalog (and VQ pool) is the world's first ``pool`` items."""
-    from qarm_features.synthetic import SyntheticWorld
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_items=pool, n_users=1, content_dim=raw_dim, seed=seed)
     raw = np.concatenate([c for _, c in world.iter_content(65_536)])
@@ -68,7 +68,7 @@ def write_catalog(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     path = Path(path)
     world = SyntheticWorld(n_items=n, n_users=1, content_dim=raw_dim, seed=seed)
@@ -108,10 +108,10 @@ def stream_encode(
                "encode_s": 0.0, "write_s": 0.0}  # fmt: skip
     t_all = time.perf_counter()
     with threads(n_threads):
-        from qarm_features.bundle import load_bundle
+        from qarm_features.bundle.artifact import load_bundle
 
         # encode_items' own stages (the bundle's cached coders)
-        from qarm_features.encode import align
+        from qarm_features.bundle.encode import align
 
         t0 = time.perf_counter()
         b = load_bundle(bundle)
@@ -204,7 +204,7 @@ def idle(bundle: str, n_threads: int = 2) -> dict:
     from benchmarks.timing import threads
 
     with threads(n_threads):
-        from qarm_features.bundle import load_bundle
+        from qarm_features.bundle.artifact import load_bundle
 
         t0 = time.perf_counter()
         load_bundle(bundle).warm()
@@ -221,9 +221,9 @@ def vq_index_options(bundle: str, *, queries: int, n_threads: int = 1) -> dict:
     import faiss
 
     from benchmarks.timing import interleave, threads
-    from qarm_features.bundle import load_bundle
-    from qarm_features.synthetic import SyntheticWorld
-    from qarm_features.encode import align
+    from qarm_features.bundle.artifact import load_bundle
+    from qarm_features.bundle.encode import align
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     b = load_bundle(bundle)
     pool = np.ascontiguousarray(b.vq_pool_emb)
@@ -301,10 +301,10 @@ def stage_compare(bundle: str, *, rows: int, repeats: int, n_threads: int = 1) -
 
     from benchmarks.bench_rq import encode_numpy
     from benchmarks.timing import interleave, threads
-    from qarm_features.bundle import load_bundle
-    from qarm_features.encode import align, encode_items
+    from qarm_features.bundle.artifact import load_bundle
+    from qarm_features.bundle.encode import align, encode_items
+    from qarm_features.datasets.synthetic import SyntheticWorld
     from qarm_features.feast.sources import encode_catalog
-    from qarm_features.synthetic import SyntheticWorld
 
     with threads(n_threads):
         b = load_bundle(bundle)

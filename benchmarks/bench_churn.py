@@ -18,30 +18,32 @@ from pathlib import Path
 def run(out: Path) -> dict:
     import torch
 
-    from qarm_features.build import build_movielens
-    from qarm_features.bundle import load_bundle
+    from qarm_features.build.bundles import build_bundle, encode_catalog_text
+    from qarm_features.build.stable import churn
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.config import BuildConfig
-    from qarm_features.stable import churn
+    from qarm_features.datasets.movielens import fetch_movielens_100k, load_movielens_100k
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="qarm-churn-"))
     t0 = time.perf_counter()
-    base = build_movielens(work / "seed0", config=BuildConfig().with_seed(0))
-    other = BuildConfig().with_seed(1)
-    cold = build_movielens(work / "seed1-cold", config=other)
-    warm = build_movielens(work / "seed1-warm", config=other, warm_start=base.path)
-    old = load_bundle(base.path)
-    # a weekly retrain: the base saw the first 90% of the log (by time), the rebuild all of it
-    from qarm_features.build import build_bundle, encode_catalog_text
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
-
     ml = load_movielens_100k(fetch_movielens_100k())
     cfg = BuildConfig()
     raw = encode_catalog_text(ml.items["text"].tolist(), cfg)
     ids = ml.items["item_id"].to_numpy()
     log = ml.interactions.sort_values("timestamp", kind="stable")
+    kw = dict(item_ids=ids, raw_emb=raw)
+    # a rebuild of the same data with another seed, cold and warm-started
+    base = build_bundle(work / "seed0", interactions=log, config=cfg.with_seed(0), **kw)
+    other = cfg.with_seed(1)
+    cold = build_bundle(work / "seed1-cold", interactions=log, config=other, **kw)
+    warm = build_bundle(
+        work / "seed1-warm", interactions=log, config=other, warm_start=base.path, **kw
+    )
+    old = load_bundle(base.path)
+    # a weekly retrain: the base saw the first 90% of the log (by time), the rebuild all of it
     first = log.iloc[: int(0.9 * len(log))]
-    kw = dict(item_ids=ids, raw_emb=raw, config=cfg)
+    kw["config"] = cfg
     b90 = build_bundle(work / "90", interactions=first, **kw)
     cold_all = build_bundle(work / "100-cold", interactions=log, **kw)
     warm_all = build_bundle(work / "100-warm", interactions=log, warm_start=b90.path, **kw)

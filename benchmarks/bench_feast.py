@@ -9,11 +9,15 @@ with as many Int64 features as the ``qarm`` view has features (``L + 3``), same 
   features, 1 and 32 items; the cold path (on-demand views) vs the plain read in its three
   request forms: ``qarm_cold`` with 384 floats per item as a list (``cold``) or as a float32
   array (``cold_array``, in-process callers), and ``qarm_cold_b64`` with base64 float32
-  bytes (``cold_b64``, what an HTTP client sends); and our share of the cold path
-  (:func:`transformations.on_demand.encode_request` alone). Thread pools pinned to 1.
-- HTTP: ``feast serve`` (1 worker, ``--max-requests 0``, threads pinned), closed-loop load
-  at a few concurrencies (:mod:`benchmarks.loadgen`, its own process), plain / warm qarm /
-  cold qarm (JSON list) / cold qarm_cold_b64 (base64 string); requests/s and p99.
+  bytes (``cold_b64``, what an HTTP client sends); the same view's UDF called without
+  Feast's typing (``cold_direct``: ``read_path.FastReader.cold_columns``, float32 arrays);
+  and our share of the cold path (:func:`transformations.on_demand.encode_request` alone).
+  Thread pools pinned to 1.
+- HTTP: ``feast serve`` (1 worker, ``--max-requests 0``, threads pinned) and ``qarm serve``
+  (the same, on the same repo, interleaved; cases ``serve:*``), closed-loop load at a few
+  concurrencies (:mod:`benchmarks.loadgen`, its own process), plain / warm qarm / cold
+  qarm (JSON list) / cold qarm_cold_b64 (base64 string), 1 and 32 items; requests/s and
+  p99 at each concurrency.
 A second baseline, ``item_plain_arrays``, has exactly the ``qarm`` view's payload (a 64-float
 array, L Int64, a 25-int array, a string) with no QARM machinery: what Feast itself costs
 for features of that size.
@@ -164,8 +168,9 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
     """p50/p99 of in-process reads, interleaved in blocks; ratios to the plain read."""
     from feast import FeatureStore
 
-    from qarm_features.encode import pin_threads
+    from qarm_features.bundle.encode import pin_threads
     from qarm_features.feast.context import ServingContext, set_serving_threads
+    from qarm_features.feast.read_path import FastReader
     from transformations import on_demand
 
     pin_threads(1)
@@ -173,6 +178,7 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
     context = ServingContext.of_bundle(env["bundle"])
     context.load()  # warm, like a server's start-up
     store = FeatureStore(repo_path=str(env["repo"]))
+    reader = FastReader(store)
     refs = env["refs"]
     rng = np.random.default_rng(1)
     ids = rng.choice(env["ids"], size=32, replace=False)
@@ -191,6 +197,8 @@ def bench_online(env: dict, *, n_calls: int, budget_s: float) -> dict:
         cases[f"cold_array/{n}"] = lambda r=array_rows: store.get_online_features(refs["cold"], r)
         cases[f"cold_b64/{n}"] = lambda r=b64_rows: store.get_online_features(refs["cold_b64"], r)
         cases[f"cold_text/{n}"] = lambda r=text_rows: store.get_online_features(refs["cold_text"], r)
+        arrays = {"raw_emb": list(cold[:n])}
+        cases[f"cold_direct/{n}"] = lambda e=arrays: reader.cold_columns("qarm_cold", e)
         raw_lists = [r.tolist() for r in cold[:n]]
         cases[f"cold_encode_only/{n}"] = lambda r=raw_lists: on_demand.encode_request(context, r)
     stats = latencies(cases, n_calls=n_calls, block=10, warmup=10, budget_s=budget_s)
@@ -216,12 +224,17 @@ def bench_http(env: dict, work: Path, *, concurrencies: tuple[int, ...], duratio
                repeats: int, sizes: tuple[int, ...] = (1, 32),
                server_env: dict | None = None,
                kinds: tuple[str, ...] = ("plain", "qarm", "cold", "cold_b64"),
+               with_qarm: bool = False,
                ) -> dict:  # fmt: skip
     """Closed-loop load on ``feast serve`` at each concurrency; plain vs warm vs cold.
 
     ``server_env``: extra environment of the server process (e.g. ``OMP_NUM_THREADS=1``).
+    ``with_qarm``: ``qarm serve`` on the same repo at the same time (one worker, never
+    recycled, registry ttl 60 s, as ``feast serve``), the same bodies interleaved with
+    ``feast serve``'s; its cases are named ``serve:<case>``.
     """
     from benchmarks.online_latency import _server
+    from benchmarks.serve_overhead import _ours
     from transformations import on_demand
 
     refs = env["refs"]
@@ -247,17 +260,23 @@ def bench_http(env: dict, work: Path, *, concurrencies: tuple[int, ...], duratio
     env_vars = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env_vars["PYTHONPATH"] = root + (os.pathsep + env_vars["PYTHONPATH"] if env_vars.get("PYTHONPATH") else "")
-    raw: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in concurrencies} for name in bodies}
+    who = {"": None, "serve:": None} if with_qarm else {"": None}
+    cases = [(prefix, name) for name in bodies for prefix in who]
+    raw: dict[str, dict[int, list[dict]]] = {p + n: {c: [] for c in concurrencies} for p, n in cases}
     home = work / "serve-home"
-    home.mkdir(exist_ok=True)
-    with _env(**(server_env or {})), _server(env["repo"], home) as port:
-        for name, p in files.items():  # warm every path (cold: bundle already warm at start-up)
-            _load(port, p, 1, 0.3, env_vars)
+    (home / "qarm").mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_env(**(server_env or {})))
+        who[""] = stack.enter_context(_server(env["repo"], home))
+        if with_qarm:
+            who["serve:"] = stack.enter_context(_ours(env["repo"], home / "qarm"))
+        for prefix, name in cases:  # warm every path (cold: bundle already warm at start-up)
+            _load(who[prefix], files[name], 1, 0.3, env_vars)
         for c in concurrencies:
-            names = list(files)
             for r in range(repeats):
-                for name in names if r % 2 == 0 else names[::-1]:
-                    raw[name][c].append(_load(port, files[name], c, duration, env_vars))
+                for prefix, name in cases if r % 2 == 0 else cases[::-1]:
+                    run = _load(who[prefix], files[name], c, duration, env_vars)
+                    raw[prefix + name][c].append(run)
     out = {}
     for name, by_c in raw.items():
         levels = {}
@@ -275,10 +294,42 @@ def bench_http(env: dict, work: Path, *, concurrencies: tuple[int, ...], duratio
             "max_rps": max(lv["rps"] for lv in levels.values()),
         }
     for name, row in out.items():
-        base = out.get(f"plain/{name.split('/')[1]}")
+        prefix = "serve:" if name.startswith("serve:") else ""
+        base = out.get(f"{prefix}plain/{name.split('/')[1]}")
         row["max_rps_ratio_to_plain"] = ratio(row["max_rps"], base["max_rps"]) if base else None
     return {"slo_p99_ms": SLO_P99_MS, "workers": 1, "duration_s": duration, "repeats": repeats,
             "server_env": server_env or {}, "cases": out}  # fmt: skip
+
+
+def serve_rows(http: dict, fmt, met) -> list[tuple]:
+    """Summary rows of ``qarm serve`` (issue 21's table): max req/s (p99 ms at it) of ours
+    against ``feast serve`` and against our own warm read, from one :func:`bench_http` run."""
+
+    def best(row: dict) -> str:
+        lv = max(row["levels"].values(), key=lambda x: x["rps"])
+        return f"{fmt(lv['rps'])} ({fmt(lv['p99_ms'], 1)})"
+
+    rows = []
+    specs = [  # (case, label, baseline case, baseline label, target)
+        ("qarm/1", "warm (qarm)", "qarm/1", "feast serve warm", None),
+        ("qarm/32", "warm (qarm)", "qarm/32", "feast serve warm", 1.3),
+        ("cold_b64/1", "cold (qarm_cold_b64)", "serve:qarm/1", "qarm serve warm", 0.9),
+        ("cold_b64/32", "cold (qarm_cold_b64)", "serve:qarm/32", "qarm serve warm", 0.9),
+        ("cold/1", "cold (qarm_cold, JSON list)", "serve:qarm/1", "qarm serve warm", None),
+        ("cold/32", "cold (qarm_cold, JSON list)", "serve:qarm/32", "qarm serve warm", None),
+        ("cold_b64/1", "cold (qarm_cold_b64)", "cold_b64/1", "feast serve cold", None),
+    ]
+    for case, label, base_case, base_label, target in specs:
+        ours, base = http.get(f"serve:{case}"), http.get(base_case)
+        if ours is None or base is None:
+            continue
+        r = ratio(ours["max_rps"], base["max_rps"])
+        n = case.split("/")[1]
+        rows.append((f"HTTP qarm serve, {label}, {n} item(s): max req/s (p99 ms at it)",
+                     best(ours), f"{base_label} {best(base)}", f"{fmt(r)}x",
+                     f">= {target}x" if target else "–",
+                     met(r >= target) if target else "–"))  # fmt: skip
+    return rows
 
 
 def _load(port: int, body_file: Path, concurrency: int, duration: float, env: dict) -> dict:
@@ -387,10 +438,11 @@ def run(quick: bool, work: Path) -> dict:
               "n_features": env["n_features"]}  # fmt: skip
     result["online"] = bench_online(env, n_calls=200 if quick else 2000,
                                     budget_s=12 if quick else 180)  # fmt: skip
+    # feast serve and qarm serve side by side, the same bodies interleaved
     result["http"] = bench_http(
         env, work, concurrencies=(1, 4) if quick else (1, 2, 4, 8),
-        duration=1.0 if quick else 5.0, repeats=1 if quick else 2,
-        sizes=(1,) if quick else (1, 32),
+        duration=1.0 if quick else 5.0, repeats=1 if quick else 2, sizes=(1, 32),
+        with_qarm=True,
     )  # fmt: skip
     # The same server with OMP_NUM_THREADS=1: faiss.omp_set_num_threads (what pin_threads
     # calls) sets the OpenMP thread count of the calling thread only, and feast serve runs

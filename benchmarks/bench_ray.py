@@ -6,9 +6,9 @@ batch. Contenders, each in a fresh child process (:func:`benchmarks.timing.run_c
 in ABCCBA order:
 
 - ``single@2t`` / ``single@1t``: one process, BLAS/faiss at the library's 2 threads or at
-  one, parquet -> :func:`~qarm_features.encode.encode_frame` -> parquet, batch by batch
+  one, parquet -> :func:`~qarm_features.bundle.encode.encode_frame` -> parquet, batch by batch
   (the ratio is taken against the faster of the two);
-- ``ray``: :func:`qarm_features.distributed.encode_parquet` on a local Ray cluster of
+- ``ray``: :func:`qarm_features.build.distributed.encode_parquet` on a local Ray cluster of
   ``num_cpus`` CPUs started in the child (one task per CPU, 1 thread each). ``job_s``
   excludes the cluster start (``init_s``, a fixed cost paid once per cluster) and includes
   the workers' start and bundle loads. Workers run at nice 0 (Ray's default is 15, which on
@@ -21,8 +21,8 @@ suite (a Ray cluster start alone is ~5 s, and a meaningful catalog takes minutes
 
 ``--mining-events N`` adds (``--mining-only``: only) pair mining, one process vs Ray on the
 same cores: the bench_scale world of N events over N / 20 items, written as parquet files;
-``single`` reads them and runs :func:`~qarm_features.pairs.mine_pairs`, ``ray`` runs
-:func:`~qarm_features.ray_pairs.mine_pairs_ray` on them (the workers read them) on a local
+``single`` reads them and runs :func:`~qarm_features.pairs.mining.mine_pairs`, ``ray`` runs
+:func:`~qarm_features.build.ray_pairs.mine_pairs_ray` on them (the workers read them) on a local
 cluster of 2 CPUs. Both get the same BPR retrieval embeddings (fitted once beforehand: the
 fit is single process in both routes) and the default PairsConfig; their pairs and stats
 must be equal. Section ``mining`` of the results.
@@ -56,7 +56,7 @@ def single(bundle: str, src: str, dst: str, batch_rows: int, n_threads: int = 2)
     t0 = time.perf_counter()
     n = 0
     with threads(n_threads):
-        from qarm_features.encode import encode_frame, get_bundle
+        from qarm_features.bundle.encode import encode_frame, get_bundle
 
         b = get_bundle(bundle)
         Path(dst).mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def on_ray(
         os.environ["RAY_worker_niceness"] = str(int(niceness))
     import ray
 
-    from qarm_features.distributed import encode_parquet
+    from qarm_features.build.distributed import encode_parquet
 
     t0 = time.perf_counter()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -136,7 +136,7 @@ def feast_materialize(
 
 
 def get_bundle_ids(bundle: str) -> np.ndarray:
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     return get_bundle(bundle).item_ids
 
@@ -160,7 +160,7 @@ def online_rows(repo: str, yaml: str | None, ids: list[int]) -> dict:
 def compare_feast(work: Path, bundle: str, rounds: int, num_cpus: int, niceness) -> dict:
     """Local engine vs Ray engine materializing the same bundle into fresh repo copies."""
     from benchmarks.timing import ratio, run_child
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
     from qarm_features.feast.views import BATCH_VIEW_FILE
 
     root = Path(__file__).resolve().parents[1]
@@ -198,7 +198,7 @@ def mine_single(src: str, emb: str, dst: str) -> dict:
     import pandas as pd
 
     from benchmarks.timing import threads
-    from qarm_features.pairs import mine_pairs
+    from qarm_features.pairs.mining import mine_pairs
 
     t0 = time.perf_counter()
     with threads(2):
@@ -216,8 +216,8 @@ def mine_on_ray(src: str, emb: str, dst: str, num_cpus: int = 2, niceness: int |
         os.environ["RAY_worker_niceness"] = str(int(niceness))
     import ray
 
+    from qarm_features.build.ray_pairs import mine_pairs_ray
     from qarm_features.config import PairsConfig
-    from qarm_features.ray_pairs import mine_pairs_ray
 
     t0 = time.perf_counter()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -238,7 +238,7 @@ def fit_retrieval(src: str, emb: str) -> dict:
     import pandas as pd
 
     from qarm_features.config import PairsConfig
-    from qarm_features.retrieval import BPRMF
+    from qarm_features.pairs.retrieval import BPRMF
 
     t0 = time.perf_counter()
     ids, vecs = BPRMF.from_config(PairsConfig()).fit(pd.read_parquet(src)).item_embeddings()

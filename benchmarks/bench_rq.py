@@ -2,7 +2,7 @@
 
 Data: the synthetic world's 64-d content embeddings, L2-normalised (the aligned space the
 bundle quantizes is unit-norm). Encoders under test, all on the same codebooks (fitted
-once by :class:`qarm_features.quantize.ResidualQuantizer`) and the same threads:
+once by :class:`qarm_features.codes.rq.ResidualQuantizer`) and the same threads:
 
 - ``qarm``: ``ResidualQuantizer.encode`` (float32 candidates, float64 per-row re-score);
 - ``numpy GEMM+argmin``: the textbook implementation, ``-2 r C^T + |C|^2``, argmin;
@@ -57,7 +57,7 @@ def load_semantic_id():
 
 def world_vectors(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
     """``n`` unit-norm float32 rows from the synthetic world's content space."""
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_items=n, n_users=1, content_dim=dim, seed=seed)
     out = np.empty((n, dim), np.float32)
@@ -200,7 +200,7 @@ def bench_encode(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from qarm_features.quantize import ResidualQuantizer
+    from qarm_features.codes.rq import ResidualQuantizer
 
     n, d = x.shape
     levels, k, _ = codebooks.shape
@@ -356,7 +356,7 @@ def bench_fit(
     """
     import faiss
 
-    from qarm_features.quantize import ResidualQuantizer
+    from qarm_features.codes.rq import ResidualQuantizer
 
     def faiss_loop():
         r = x.copy()
@@ -415,7 +415,7 @@ def bench_fit(
 
 def run(quick: bool, n_threads: int = 2) -> dict:
     """Both RQ sections at the quick or full size."""
-    from qarm_features.quantize import ResidualQuantizer
+    from qarm_features.codes.rq import ResidualQuantizer
 
     n = 50_000 if quick else 1_000_000
     levels, k, n_iter = 3, 256, 25

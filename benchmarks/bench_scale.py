@@ -12,7 +12,7 @@ RSS (``VmHWM``, reset before each stage through ``/proc/self/clear_refs``):
 
 ``pairs`` = ``retrieval`` + ``mining``. The world is :func:`scale_world`: the synthetic
 world's content (384-d) with a Zipf-popular, cluster-following interaction log generated
-in ``O(events)`` (:class:`~qarm_features.synthetic.SyntheticWorld.interactions` costs
+in ``O(events)`` (:class:`~qarm_features.datasets.synthetic.SyntheticWorld.interactions` costs
 ``O(users x items)``, which 1M items cannot afford). ``reproduce`` runs the issue's
 measurement instead: ``build_bundle`` on :class:`SyntheticWorld` itself.
 
@@ -55,7 +55,7 @@ def scale_world(n_items: int, n_events: int, *, content_dim: int = 384, seed: in
     """
     import pandas as pd
 
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_items, 1, content_dim=content_dim, seed=seed)
     content = world.content
@@ -129,17 +129,16 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
     ``aligner_max_pairs`` pairs (a seeded sample; ``None``: all): its cost is linear in
     pairs and the fit below gives it per pair.
     """
-    from threadpoolctl import threadpool_limits
-
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(torch_threads)
     threadpool_limits(n_threads)
-    from qarm_features.align import ItemAligner
+    from qarm_features.align.aligner import ItemAligner
+    from qarm_features.build.pipeline import align_catalog, fit_quantizers
     from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig
-    from qarm_features.pairs import mine_pairs
-    from qarm_features.pipeline import align_catalog, fit_quantizers
-    from qarm_features.retrieval import BPRMF
+    from qarm_features.pairs.mining import mine_pairs
+    from qarm_features.pairs.retrieval import BPRMF
 
     out: dict = {"n_items": n_items, "n_events": n_events, "max_epochs": max_epochs}
     cfg = BuildConfig()
@@ -202,9 +201,9 @@ def reproduce(n_items: int, n_users: int, max_epochs: int = 3, n_threads: int = 
 
     torch.set_num_threads(n_threads)
     threadpool_limits(n_threads)
-    from qarm_features.build import build_bundle
+    from qarm_features.build.bundles import build_bundle
     from qarm_features.config import AlignerConfig, BuildConfig
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_items, n_users, content_dim=384, seed=0)
     log = world.interactions(20)

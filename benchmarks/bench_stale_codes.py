@@ -64,9 +64,9 @@ def run_seed(ids, raw, interactions, seed: int) -> dict:
         train_ranker,
         variant_items,
     )
-    from qarm_features.pipeline import fit_item_space
-    from qarm_features.quantize import ResidualQuantizer
-    from qarm_features.stable import churn_codes, match_codebooks
+    from qarm_features.build.pipeline import fit_item_space
+    from qarm_features.build.stable import churn_codes, match_codebooks
+    from qarm_features.codes.rq import ResidualQuantizer
 
     cfg = EvalConfig()
     split = make_split(ids, interactions, cfg, seed)
@@ -136,11 +136,11 @@ def run_seed(ids, raw, interactions, seed: int) -> dict:
 def run(out: Path, seeds=(0, 1, 2)) -> dict:
     import torch
 
+    from qarm_features._validate import l2_normalize
     from qarm_features.app.evaluate import _mean_std
-    from qarm_features.build import encode_catalog_text
+    from qarm_features.build.bundles import encode_catalog_text
     from qarm_features.config import BuildConfig
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
-    from qarm_features.pipeline import l2_normalize
+    from qarm_features.datasets.movielens import fetch_movielens_100k, load_movielens_100k
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

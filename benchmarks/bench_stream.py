@@ -10,7 +10,7 @@ peak RSS is that step's alone):
   (IVF, as the bundle's ``config.vq`` picks past 50k), appended as parquet row groups to
   the codes and content sources; per stage ``seconds``, ``peak_rss_mib`` and items/s.
 
-The bundle is :func:`qarm_features.testing.make_random_bundle` over the first 100k items'
+The bundle is :func:`qarm_features.bundle.testing.make_random_bundle` over the first 100k items'
 content (random linear aligner 384 -> 64: the forward costs what a trained one costs).
 Records go to the ``stream`` key of ``benchmarks/results/scale.json``. Every large file
 lives in a temporary directory removed after the run. Sizes: ``python -m
@@ -39,7 +39,7 @@ def generate(path: str, n_items: int, seed: int = 0) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     t0 = time.perf_counter()
     world = SyntheticWorld(n_items, 1, content_dim=384, seed=seed)
@@ -58,7 +58,7 @@ def make_bundle(path: str, catalog: str, seed: int = 0) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
 
     pf = pq.ParquetFile(catalog)
     rows, raw = 0, []

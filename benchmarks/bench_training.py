@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.timing import run_child
+from benchmarks.timing import fmt, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 DUCKDB = "qarm_features.feast.duckdb_store.QarmDuckDBOfflineStore"
@@ -39,8 +39,8 @@ DF_MAX_ROWS = 200_000  # to_df() of 1M rows with 384-d embeddings: ~3 GiB of Pyt
 
 def setup(work: Path, *, n_items: int, n_users: int, per_user: int, seed: int = 0) -> dict:
     """The repo (sources written, definitions applied) and the entity rows' parquet."""
+    from qarm_features.bundle.testing import make_random_bundle
     from qarm_features.feast.job import apply, prepare_sources
-    from qarm_features.testing import make_random_bundle
 
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,6 @@ def run(quick: bool, work: Path) -> dict:
 
 def markdown(training: dict) -> list[str]:
     """The training-rows table of the suite's summary: one row per case."""
-    from benchmarks.suite import _f
 
     lines = []
     s = training["setup"]
@@ -203,11 +202,11 @@ def markdown(training: dict) -> list[str]:
     for name, r in training["cases"].items():
         if r.get("timed_out_s"):
             lines.append(f"| {name} | no answer in {r['timed_out_s']} s | – | – | – | "
-                         f"< {_f(r['arrow_rows_per_s_below'])} | – | – |")  # fmt: skip
+                         f"< {fmt(r['arrow_rows_per_s_below'])} | – | – |")  # fmt: skip
             continue
         lines.append(f"| {name} | {r['rows_returned']:,} / {r['rows_asked']:,} | "
-                     f"{_f(r['no_history_fraction'] * 100, 1)}% | {_f(r['first_call_100_rows_s'])} | "
-                     f"{_f(r['arrow_s'])} | {_f(r['arrow_rows_per_s'])} | "
-                     f"{_f(r.get('df_rows_per_s'))} | {_f(r['peak_rss_mib'], 0)} |")  # fmt: skip
+                     f"{fmt(r['no_history_fraction'] * 100, 1)}% | {fmt(r['first_call_100_rows_s'])} | "
+                     f"{fmt(r['arrow_s'])} | {fmt(r['arrow_rows_per_s'])} | "
+                     f"{fmt(r.get('df_rows_per_s'))} | {fmt(r['peak_rss_mib'], 0)} |")  # fmt: skip
     lines.append("")
     return lines

@@ -97,8 +97,8 @@ qarm_cold_text = _views["qarm_cold_text"]
 def build_repo(workdir: Path, *, n_items: int, raw_dim: int, out_dim: int, n_levels: int,
                n_codes: int, vq_k: int) -> tuple[Path, Path]:
     """A materialized temp repo (with ``item_plain``) and its bundle."""
+    from qarm_features.bundle.testing import make_random_bundle
     from qarm_features.feast.job import materialize
-    from qarm_features.testing import make_random_bundle
 
     bundle = make_random_bundle(
         workdir / "bundle", n_items=n_items, raw_dim=raw_dim, out_dim=out_dim,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from benchmarks.timing import machine
+from benchmarks.timing import fmt, machine
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +162,6 @@ def _json(obj):
 
 
 # ----------------------------------------------------------------------------- summary
-def _f(x, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    if isinstance(x, (int,)) or abs(x) >= 1000:
-        return f"{x:,.0f}"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    return f"{x:.{digits}f}"
 
 
 def _met(ok) -> str:
@@ -190,41 +181,41 @@ def closing_rows(results: dict) -> list[tuple]:
         rows.append((
             f"RQ encode, items/s ({enc['n']:,} x {enc['dim']}, L={enc['levels']}, K={enc['codes']}; "
             f"best config {ours['config']})",
-            _f(ours["items_per_s"]), f"faiss flat {_f(c['faiss_flat']['items_per_s'])}",
-            f"{_f(c['faiss_flat']['qarm_speedup'])}x", ">= 1.5x",
+            fmt(ours["items_per_s"]), f"faiss flat {fmt(c['faiss_flat']['items_per_s'])}",
+            f"{fmt(c['faiss_flat']['qarm_speedup'])}x", ">= 1.5x",
             _met(c["faiss_flat"]["qarm_speedup"] >= 1.5),
         ))  # fmt: skip
         if "semantic_id" in c:
-            rows.append(("RQ encode vs semantic-id RQKMeans.encode", _f(ours["items_per_s"]),
-                         f"semantic-id {_f(c['semantic_id']['items_per_s'])}",
-                         f"{_f(c['semantic_id']['qarm_speedup'])}x", ">= 5x",
+            rows.append(("RQ encode vs semantic-id RQKMeans.encode", fmt(ours["items_per_s"]),
+                         f"semantic-id {fmt(c['semantic_id']['items_per_s'])}",
+                         f"{fmt(c['semantic_id']['qarm_speedup'])}x", ">= 5x",
                          _met(c["semantic_id"]["qarm_speedup"] >= 5)))  # fmt: skip
         else:
             rows.append(("RQ encode vs semantic-id", "–", "not installed (skipped)", "–", ">= 5x", "–"))
-        rows.append(("RQ encode vs numpy GEMM+argmin / torch cdist", _f(ours["items_per_s"]),
-                     f"{_f(c['numpy_gemm_argmin']['items_per_s'])} / "
-                     f"{_f(c['torch_cdist_argmin']['items_per_s'])}",
-                     f"{_f(c['numpy_gemm_argmin']['qarm_speedup'])}x / "
-                     f"{_f(c['torch_cdist_argmin']['qarm_speedup'])}x", "–", "–"))  # fmt: skip
-        rows.append(("RQ encode FLOP rate (distance GEMM), GFLOP/s", _f(ours["gflops"], 1),
-                     f"square GEMM {_f(enc['gemm_peak']['gflops'], 1)} ({enc['gemm_peak']['config']})",
-                     f"{_f(enc['qarm_fraction_of_gemm_peak'] * 100, 0)}%", ">= 70%",
+        rows.append(("RQ encode vs numpy GEMM+argmin / torch cdist", fmt(ours["items_per_s"]),
+                     f"{fmt(c['numpy_gemm_argmin']['items_per_s'])} / "
+                     f"{fmt(c['torch_cdist_argmin']['items_per_s'])}",
+                     f"{fmt(c['numpy_gemm_argmin']['qarm_speedup'])}x / "
+                     f"{fmt(c['torch_cdist_argmin']['qarm_speedup'])}x", "–", "–"))  # fmt: skip
+        rows.append(("RQ encode FLOP rate (distance GEMM), GFLOP/s", fmt(ours["gflops"], 1),
+                     f"square GEMM {fmt(enc['gemm_peak']['gflops'], 1)} ({enc['gemm_peak']['config']})",
+                     f"{fmt(enc['qarm_fraction_of_gemm_peak'] * 100, 0)}%", ">= 70%",
                      _met(enc["qarm_fraction_of_gemm_peak"] >= 0.7)))  # fmt: skip
         rows.append(("RQ encode as shipped, BLAS at 2 threads (qarm@2t)",
-                     _f(enc["configs"].get("qarm@2t", {}).get("items_per_s")),
-                     f"qarm@1t {_f(enc['configs'].get('qarm@1t', {}).get('items_per_s'))}",
-                     f"{_f(ratio_or_none(enc['configs'].get('qarm@2t', {}).get('items_per_s'), enc['configs'].get('qarm@1t', {}).get('items_per_s')))}x",
+                     fmt(enc["configs"].get("qarm@2t", {}).get("items_per_s")),
+                     f"qarm@1t {fmt(enc['configs'].get('qarm@1t', {}).get('items_per_s'))}",
+                     f"{fmt(ratio_or_none(enc['configs'].get('qarm@2t', {}).get('items_per_s'), enc['configs'].get('qarm@1t', {}).get('items_per_s')))}x",
                      "–", "–"))  # fmt: skip
     fit = rq.get("fit")
     if fit:
         c = fit["contenders"]
         rows.append((f"Codebook fit, s (n={fit['n']:,}, L={fit['levels']}, K={fit['codes']}, "
-                     f"{fit['n_iter']} iter)", _f(c["qarm"]["seconds"]),
-                     f"faiss k-means loop {_f(c['faiss_kmeans_loop']['seconds'])}",
-                     f"{_f(c['faiss_kmeans_loop']['qarm_speedup'])}x", "–", "–"))  # fmt: skip
+                     f"{fit['n_iter']} iter)", fmt(c["qarm"]["seconds"]),
+                     f"faiss k-means loop {fmt(c['faiss_kmeans_loop']['seconds'])}",
+                     f"{fmt(c['faiss_kmeans_loop']['qarm_speedup'])}x", "–", "–"))  # fmt: skip
         if "semantic_id" in c:
-            rows.append(("Codebook fit vs semantic-id (sklearn, scaled to n)", _f(c["qarm"]["seconds"]),
-                         f"{_f(c['semantic_id']['seconds'])} s", f"{_f(c['semantic_id']['qarm_speedup'])}x",
+            rows.append(("Codebook fit vs semantic-id (sklearn, scaled to n)", fmt(c["qarm"]["seconds"]),
+                         f"{fmt(c['semantic_id']['seconds'])} s", f"{fmt(c['semantic_id']['qarm_speedup'])}x",
                          "–", "–"))  # fmt: skip
     batch = results.get("batch", {})
     runs = batch.get("runs") or {}
@@ -241,33 +232,33 @@ def closing_rows(results: dict) -> list[tuple]:
         rows.append((
             f"Batch transformation streamed from parquet, items/s (best run: n={best['n']:,}, "
             f"pool {batch['pool']:,} {best['vq_mode']}, chunk {best['chunk']:,}, "
-            f"{best['threads']} thr; VQ {_f(best['vq_s'] / best['total_s'] * 100, 0)}% of the time)",
-            _f(best["items_per_s"]), "–", "–", "–", "–",
+            f"{best['threads']} thr; VQ {fmt(best['vq_s'] / best['total_s'] * 100, 0)}% of the time)",
+            fmt(best["items_per_s"]), "–", "–", "–", "–",
         ))  # fmt: skip
         rows.append((
             f"Row-independence guards' cost: encode_items on one chunk of "
             f"{batch['stages']['rows']:,} rows, items/s, vs the same stages without guards "
             "(float32 aligner, numpy RQ, raw faiss search)",
-            _f(ratio_or_none(batch["stages"]["rows"], ours_chunk)),
-            f"naive stages {_f(ratio_or_none(batch['stages']['rows'], naive))}",
-            f"{_f(ratio_or_none(naive, ours_chunk))}x", "–", "–",
+            fmt(ratio_or_none(batch["stages"]["rows"], ours_chunk)),
+            f"naive stages {fmt(ratio_or_none(batch['stages']['rows'], naive))}",
+            f"{fmt(ratio_or_none(naive, ours_chunk))}x", "–", "–",
         ))  # fmt: skip
         rows.append(("Batch transformation, 1M items, s" + (" (quick: extrapolated, 20k exact "
-                     "pool, not the target setting)" if quick else ""), _f(n_1m, 0), "–", "–",
+                     "pool, not the target setting)" if quick else ""), fmt(n_1m, 0), "–", "–",
                      "< 60 s", "–" if quick else _met(n_1m < 60)))  # fmt: skip
         frame, head = runs["frame"], runs["head_1t"]
         rows.append(("Batch via encode_catalog (pandas, what materialize runs), items/s",
-                     _f(frame["items_per_s"]), f"arrays driver {_f(head['items_per_s'])}",
-                     f"{_f(ratio_or_none(frame['items_per_s'], head['items_per_s']))}x",
+                     fmt(frame["items_per_s"]), f"arrays driver {fmt(head['items_per_s'])}",
+                     f"{fmt(ratio_or_none(frame['items_per_s'], head['items_per_s']))}x",
                      "–", "–"))  # fmt: skip
         r_small, r_big = runs["chunk_small"], runs["n_big"]
         bounded = r_big["rss_over_floor_mib"] <= 1.15 * r_small["rss_over_floor_mib"] + 16
         rows.append((
             f"Peak RSS over floor, MiB: chunk {r_small['chunk']:,}, n={r_small['n']:,} -> "
-            f"n={r_big['n']:,} (chunk {head['chunk']:,}: {_f(head['rss_over_floor_mib'], 0)})",
-            f"{_f(r_small['rss_over_floor_mib'], 0)} -> {_f(r_big['rss_over_floor_mib'], 0)}",
-            f"floor {_f(batch['floor']['peak_rss_mib'], 0)} MiB",
-            f"{_f(ratio_or_none(r_big['rss_over_floor_mib'], r_small['rss_over_floor_mib']))}x",
+            f"n={r_big['n']:,} (chunk {head['chunk']:,}: {fmt(head['rss_over_floor_mib'], 0)})",
+            f"{fmt(r_small['rss_over_floor_mib'], 0)} -> {fmt(r_big['rss_over_floor_mib'], 0)}",
+            f"floor {fmt(batch['floor']['peak_rss_mib'], 0)} MiB",
+            f"{fmt(ratio_or_none(r_big['rss_over_floor_mib'], r_small['rss_over_floor_mib']))}x",
             "bounded by chunk, not n", _met(bounded),
         ))  # fmt: skip
     feast = results.get("feast", {})
@@ -276,26 +267,29 @@ def closing_rows(results: dict) -> list[tuple]:
         for n in (1, 32):
             q = online[f"qarm/{n}"]
             rows.append((f"Online read, all {feast['n_features']} qarm features, {n} item(s), p50 ms "
-                         f"(p99)", f"{_f(q['p50_ms'], 3)} ({_f(q['p99_ms'], 2)})",
-                         f"{feast['n_features']} Int64 {_f(online[f'plain/{n}']['p50_ms'], 3)}",
-                         f"{_f(q['p50_ratio_to_plain'])}x", "<= 1.1x",
+                         f"(p99)", f"{fmt(q['p50_ms'], 3)} ({fmt(q['p99_ms'], 2)})",
+                         f"{feast['n_features']} Int64 {fmt(online[f'plain/{n}']['p50_ms'], 3)}",
+                         f"{fmt(q['p50_ratio_to_plain'])}x", "<= 1.1x",
                          _met(q["p50_ratio_to_plain"] <= 1.1)))  # fmt: skip
         c1 = online["cold/1"]
         e1 = online["cold_encode_only/1"]
         labels = {"cold": "qarm_cold, raw_emb as a list", "cold_array": "qarm_cold, raw_emb "
                   "as a float32 array", "cold_b64": "qarm_cold_b64, base64 float32 bytes",
-                  "cold_text": "qarm_cold_text, the text (MiniLM at request time)"}
+                  "cold_text": "qarm_cold_text, the text (MiniLM at request time)",
+                  "cold_direct": "qarm_cold's UDF without Feast's typing (FastReader.cold_columns), "
+                  "float32 array"}
         for kind, label in labels.items():
             c = online.get(f"{kind}/1")
             if c is None:
                 continue
-            rows.append((f"Cold ODFV {label}, 1 item, p50 ms", _f(c["p50_ms"], 3),
-                         f"plain read {_f(online['plain/1']['p50_ms'], 3)}",
-                         f"+{_f(c['p50_delta_ms_vs_plain'], 2)} ms",
-                         "<= +0.3 ms" if kind == "cold_array" else "–",
-                         _met(c["p50_delta_ms_vs_plain"] <= 0.3) if kind == "cold_array" else "–"))  # fmt: skip
-        rows.append(("  of which our encode (encode_request, 1 row), p50 ms", _f(e1["p50_ms"], 3),
-                     "–", f"{_f(ratio_or_none(e1['p50_ms'], c1['p50_ms']) * 100 if c1['p50_ms'] else None, 0)}% of cold",
+            rows.append((f"Cold ODFV {label}, 1 item, p50 ms", fmt(c["p50_ms"], 3),
+                         f"plain read {fmt(online['plain/1']['p50_ms'], 3)}",
+                         f"+{fmt(c['p50_delta_ms_vs_plain'], 2)} ms",
+                         "<= +0.3 ms" if kind in ("cold_array", "cold_direct") else "–",
+                         _met(c["p50_delta_ms_vs_plain"] <= 0.3)
+                         if kind in ("cold_array", "cold_direct") else "–"))  # fmt: skip
+        rows.append(("  of which our encode (encode_request, 1 row), p50 ms", fmt(e1["p50_ms"], 3),
+                     "–", f"{fmt(ratio_or_none(e1['p50_ms'], c1['p50_ms']) * 100 if c1['p50_ms'] else None, 0)}% of cold",
                      "–", "–"))  # fmt: skip
     http = feast.get("http", {}).get("cases", {})
     if http:
@@ -318,20 +312,24 @@ def closing_rows(results: dict) -> list[tuple]:
                 target = ">= 0.7x warm, max req/s"
                 met = _met(ratio_or_none(h["max_rps"], warm["max_rps"]) >= 0.7)
             rows.append((f"HTTP feast serve, {label}, {n} item(s): max req/s (p99 ms at it); "
-                         f"req/s within p99 < 5 ms", f"{_f(lv['rps'])} ({_f(lv['p99_ms'], 1)}); "
-                         f"{_f(h['rps_at_p99_slo'])}",
-                         f"{'warm' if case == 'cold_b64/1' else 'plain'} {_f(base['max_rps'])}; "
-                         f"{_f(base['rps_at_p99_slo'])}",
-                         f"{_f(ratio_or_none(h['max_rps'], base['max_rps']))}x",
+                         f"req/s within p99 < 5 ms", f"{fmt(lv['rps'])} ({fmt(lv['p99_ms'], 1)}); "
+                         f"{fmt(h['rps_at_p99_slo'])}",
+                         f"{'warm' if case == 'cold_b64/1' else 'plain'} {fmt(base['max_rps'])}; "
+                         f"{fmt(base['rps_at_p99_slo'])}",
+                         f"{fmt(ratio_or_none(h['max_rps'], base['max_rps']))}x",
                          target, met))  # fmt: skip
+    if any(k.startswith("serve:") for k in http):
+        from benchmarks.bench_feast import serve_rows
+
+        rows += serve_rows(http, fmt, _met)
     omp1 = feast.get("http_omp1", {}).get("cases", {})
     if omp1.get("cold/1") and http.get("cold/1"):
         h = omp1["cold/1"]["levels"].get("1") or omp1["cold/1"]["levels"].get(1)
         ship = http["cold/1"]["levels"].get("1") or http["cold/1"]["levels"].get(1)
         rows.append(("HTTP cold (qarm_cold), 1 item, c=1, server started with OMP_NUM_THREADS=1: "
-                     "req/s (p99 ms)", f"{_f(h['rps'])} ({_f(h['p99_ms'], 1)})",
-                     f"as shipped {_f(ship['rps'])} ({_f(ship['p99_ms'], 1)})",
-                     f"{_f(ratio_or_none(h['rps'], ship['rps']))}x", "–", "–"))  # fmt: skip
+                     "req/s (p99 ms)", f"{fmt(h['rps'])} ({fmt(h['p99_ms'], 1)})",
+                     f"as shipped {fmt(ship['rps'])} ({fmt(ship['p99_ms'], 1)})",
+                     f"{fmt(ratio_or_none(h['rps'], ship['rps']))}x", "–", "–"))  # fmt: skip
     mat = feast.get("materialize", {})
     for backend in ("sqlite", "redis"):
         m = mat.get(backend)
@@ -342,10 +340,10 @@ def closing_rows(results: dict) -> list[tuple]:
             continue
         for view in ("qarm", "qarm_batch"):
             rows.append((f"Materialization into {backend}, `{view}`, rows/s (n={mat['rows']:,})",
-                         _f(m[view]["rows_per_s"]),
-                         f"plain Int64 {_f(m['item_plain_int']['rows_per_s'])}; same payload "
-                         f"{_f(m['item_plain_arrays']['rows_per_s'])}",
-                         f"{_f(m[view]['ratio_to_plain'])}x; {_f(m[view]['ratio_to_plain_arrays'])}x",
+                         fmt(m[view]["rows_per_s"]),
+                         f"plain Int64 {fmt(m['item_plain_int']['rows_per_s'])}; same payload "
+                         f"{fmt(m['item_plain_arrays']['rows_per_s'])}",
+                         f"{fmt(m[view]['ratio_to_plain'])}x; {fmt(m[view]['ratio_to_plain_arrays'])}x",
                          ">= 0.9x" if view == "qarm" else "–",
                          _met(m[view]["ratio_to_plain"] >= 0.9) if view == "qarm" else "–"))  # fmt: skip
     tr = results.get("training", {}).get("cases")
@@ -357,15 +355,15 @@ def closing_rows(results: dict) -> list[tuple]:
         base = "–"
         if nf and files[nf].get("timed_out_s"):
             base = (f"file store at n={nf:,}: no answer in {files[nf]['timed_out_s']} s "
-                    f"(< {_f(files[nf]['arrow_rows_per_s_below'])} rows/s)")
+                    f"(< {fmt(files[nf]['arrow_rows_per_s_below'])} rows/s)")
         elif nf:
-            base = (f"file store at n={nf:,}: {_f(files[nf]['arrow_rows_per_s'])} rows/s, "
+            base = (f"file store at n={nf:,}: {fmt(files[nf]['arrow_rows_per_s'])} rows/s, "
                     f"{files[nf]['rows_returned']:,} of {nf:,} rows")
         same = duck.get(nf) if nf and "arrow_rows_per_s" in files[nf] else None
         rows.append((f"Training rows, `get_historical_features(qarm_ranker)`, DuckDB, n={n:,}: "
                      "rows/s (rows returned / asked)",
-                     f"{_f(big['arrow_rows_per_s'])} ({big['rows_returned']:,} / {n:,})", base,
-                     f"{_f(ratio_or_none(same['arrow_rows_per_s'], files[nf]['arrow_rows_per_s']))}x "
+                     f"{fmt(big['arrow_rows_per_s'])} ({big['rows_returned']:,} / {n:,})", base,
+                     f"{fmt(ratio_or_none(same['arrow_rows_per_s'], files[nf]['arrow_rows_per_s']))}x "
                      f"at n={nf:,}" if same else "–",
                      ">= 50k rows/s at 1M, every row",
                      _met(results["training"].get("target_met"))))  # fmt: skip
@@ -373,9 +371,9 @@ def closing_rows(results: dict) -> list[tuple]:
     if al.get("contenders"):
         c = al["contenders"]
         rows.append((f"Aligner training, pairs/s ({al['n_pairs']:,} pairs, {al['epochs']} epoch(s), "
-                     f"batch {al['batch_size']})", _f(c["train_aligner"]["pairs_per_s"]),
-                     f"bare torch loop {_f(c['bare torch loop']['pairs_per_s'])}",
-                     f"{_f(c['train_aligner']['ratio_to_bare_loop'])}x", "–", "–"))  # fmt: skip
+                     f"batch {al['batch_size']})", fmt(c["train_aligner"]["pairs_per_s"]),
+                     f"bare torch loop {fmt(c['bare torch loop']['pairs_per_s'])}",
+                     f"{fmt(c['train_aligner']['ratio_to_bare_loop'])}x", "–", "–"))  # fmt: skip
     return rows
 
 
@@ -421,8 +419,8 @@ def summarize(results: dict, info: dict) -> str:
         lines.append("| config | items/s | GFLOP/s | codes equal to qarm@1t |")
         lines.append("|---|---|---|---|")
         for name, row in rq["configs"].items():
-            lines.append(f"| {name} | {_f(row.get('items_per_s'))} | {_f(row.get('gflops'), 1)} | "
-                         f"{_f(row.get('code_agreement'), 4) if 'code_agreement' in row else '–'} |")  # fmt: skip
+            lines.append(f"| {name} | {fmt(row.get('items_per_s'))} | {fmt(row.get('gflops'), 1)} | "
+                         f"{fmt(row.get('code_agreement'), 4) if 'code_agreement' in row else '–'} |")  # fmt: skip
         lines.append("")
     batch = results.get("batch", {})
     if batch.get("runs"):
@@ -435,10 +433,10 @@ def summarize(results: dict, info: dict) -> str:
             if r is None:
                 continue
             lines.append(
-                f"| {key} | {r['mode']} | {r['n']:,} | {r['chunk']:,} | {r['threads']} | {_f(r['items_per_s'])} | "
-                f"{_f(r['load_s'])} | {_f(r['read_s'])} | {_f(r['align_s'])} | {_f(r['rq_s'])} | "
-                f"{_f(r['vq_s'])} | {_f(r['write_s'])} | {_f(r['peak_rss_mib'], 0)} "
-                f"({_f(r['rss_over_floor_mib'], 0)}) |"
+                f"| {key} | {r['mode']} | {r['n']:,} | {r['chunk']:,} | {r['threads']} | {fmt(r['items_per_s'])} | "
+                f"{fmt(r['load_s'])} | {fmt(r['read_s'])} | {fmt(r['align_s'])} | {fmt(r['rq_s'])} | "
+                f"{fmt(r['vq_s'])} | {fmt(r['write_s'])} | {fmt(r['peak_rss_mib'], 0)} "
+                f"({fmt(r['rss_over_floor_mib'], 0)}) |"
             )
         lines.append("")
         st = batch.get("stages", {}).get("stages")
@@ -449,7 +447,7 @@ def summarize(results: dict, info: dict) -> str:
             lines.append("| stage | items/s |")
             lines.append("|---|---|")
             for name, row in st.items():
-                lines.append(f"| {name} | {_f(row['items_per_s'])} |")
+                lines.append(f"| {name} | {fmt(row['items_per_s'])} |")
             lines.append("")
         vq = batch.get("vq_index_options")
         if vq:
@@ -459,8 +457,8 @@ def summarize(results: dict, info: dict) -> str:
             lines.append("| index | queries/s | recall@k vs exact | build s |")
             lines.append("|---|---|---|---|")
             for name, row in vq["options"].items():
-                lines.append(f"| {name} | {_f(row['qps'])} | {_f(row['recall_at_k'], 4)} | "
-                             f"{_f(row['build_s'])} |")  # fmt: skip
+                lines.append(f"| {name} | {fmt(row['qps'])} | {fmt(row['recall_at_k'], 4)} | "
+                             f"{fmt(row['build_s'])} |")  # fmt: skip
             lines.append("")
     online = results.get("feast", {}).get("online", {}).get("cases")
     if online:
@@ -469,10 +467,11 @@ def summarize(results: dict, info: dict) -> str:
         lines.append("| case | p50 | p99 | p50 / plain Int64 | p50 / same-payload plain |")
         lines.append("|---|---|---|---|---|")
         for name, row in online.items():
-            lines.append(f"| {name} | {_f(row['p50_ms'], 3)} | {_f(row['p99_ms'], 3)} | "
-                         f"{_f(row['p50_ratio_to_plain'])} | {_f(row['p50_ratio_to_plain_arrays'])} |")  # fmt: skip
+            lines.append(f"| {name} | {fmt(row['p50_ms'], 3)} | {fmt(row['p99_ms'], 3)} | "
+                         f"{fmt(row['p50_ratio_to_plain'])} | {fmt(row['p50_ratio_to_plain_arrays'])} |")  # fmt: skip
         lines.append("")
-    for key, title in (("http", "HTTP `feast serve`, closed-loop load (req/s, p99 ms) per "
+    for key, title in (("http", "HTTP `feast serve` and `qarm serve` (`serve:*`, same run, interleaved), "
+                                 "closed-loop load (req/s, p99 ms) per "
                                  "concurrency c:"),
                        ("http_omp1", "HTTP, the same server started with OMP_NUM_THREADS=1:")):
         http = results.get("feast", {}).get(key, {}).get("cases")
@@ -487,7 +486,7 @@ def summarize(results: dict, info: dict) -> str:
             cells = []
             for c in concs:
                 lv = row["levels"].get(c) or row["levels"].get(str(c))
-                cells.append(f"{_f(lv['rps'])} ({_f(lv['p99_ms'], 1)})" if lv else "–")
+                cells.append(f"{fmt(lv['rps'])} ({fmt(lv['p99_ms'], 1)})" if lv else "–")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     from benchmarks import bench_scale, bench_training

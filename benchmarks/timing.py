@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import subprocess
@@ -169,6 +170,17 @@ def sgemm_case(m: int, n: int, k: int, seed: int = 0) -> tuple[Callable[[], obje
     b = rng.standard_normal((k, n), dtype=np.float32)
     out = np.empty((m, n), np.float32)
     return (lambda: np.matmul(a, b, out=out)), 2.0 * m * n * k
+
+
+def fmt(x, digits: int = 2) -> str:
+    """A figure for the summary tables: thousands separated, "n/a" for None/NaN/inf."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, int) or abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}f}"
 
 
 def merge_results(path, sections: dict) -> None:

@@ -45,9 +45,9 @@ SERVICE = "qarm_ranker"
 
 def load_data(cache_dir=None, cold_fraction=0.1, seed=0):
     from qarm_features.app.protocol import choose_cold_items, temporal_split
-    from qarm_features.build import encode_catalog_text
+    from qarm_features.build.bundles import encode_catalog_text
     from qarm_features.config import BuildConfig
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
+    from qarm_features.datasets.movielens import fetch_movielens_100k, load_movielens_100k
 
     ml = load_movielens_100k(fetch_movielens_100k(cache_dir))
     raw = encode_catalog_text(ml.items["text"].tolist(), BuildConfig(), cache_dir=cache_dir)
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from qarm_features.build import build_bundle
+    from qarm_features.build.bundles import build_bundle
     from qarm_features.metrics import auc
 
     ids, raw, train_df, test_df, cold = load_data(args.cache_dir)
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
                 raw_emb=raw[warm_rows],
                 interactions=train_df,
             ).path
-        from qarm_features.bundle import load_bundle
+        from qarm_features.bundle.artifact import load_bundle
 
         args.n_codes = load_bundle(bundle).n_codes
         repo = materialize_repo(Path(bundle), workdir, train_df)

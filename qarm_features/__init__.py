@@ -5,6 +5,7 @@ The public API at a glance (imported lazily: ``import qarm_features`` loads noth
     # a team's repo, from its qarm.yaml
     build_from_repo(repo)                          -> BuildResult (bundle under <bundles>/<version>/)
     load_project(repo)                             -> Project (the parsed qarm.yaml)
+    content_embeddings(repo, items_df)             -> (n, d_raw) raw_emb of cold items, for qarm_cold
     # the offline pipeline on arrays
     build_bundle(out, item_ids=, raw_emb=, interactions=, config=)   -> BuildResult
     fit_item_space(raw_emb, item_ids, interactions, config)          -> ItemSpace
@@ -27,29 +28,30 @@ import importlib
 from qarm_features._version import __version__
 
 _API = {
-    "build_from_repo": "qarm_features.build_repo",
+    "build_from_repo": "qarm_features.build.repo",
+    "content_embeddings": "qarm_features.build.repo",
     "load_project": "qarm_features.project",
-    "build_bundle": "qarm_features.build",
-    "BuildResult": "qarm_features.build",
-    "fit_item_space": "qarm_features.pipeline",
-    "ItemSpace": "qarm_features.pipeline",
+    "build_bundle": "qarm_features.build.bundles",
+    "BuildResult": "qarm_features.build.bundles",
+    "fit_item_space": "qarm_features.build.pipeline",
+    "ItemSpace": "qarm_features.build.pipeline",
     "BuildConfig": "qarm_features.config",
     "AlignerConfig": "qarm_features.config",
     "PairsConfig": "qarm_features.config",
     "RQConfig": "qarm_features.config",
     "VQConfig": "qarm_features.config",
     "EncoderConfig": "qarm_features.config",
-    "ItemAligner": "qarm_features.align",
-    "BPRMF": "qarm_features.retrieval",
-    "EncoderFineTuner": "qarm_features.finetune",
-    "ResidualQuantizer": "qarm_features.quantize",
-    "VQCoder": "qarm_features.vq",
-    "mine_pairs": "qarm_features.pairs",
-    "Bundle": "qarm_features.bundle",
-    "load_bundle": "qarm_features.bundle",
-    "get_bundle": "qarm_features.encode",
-    "encode_items": "qarm_features.encode",
-    "EncodedItems": "qarm_features.encode",
+    "ItemAligner": "qarm_features.align.aligner",
+    "BPRMF": "qarm_features.pairs.retrieval",
+    "EncoderFineTuner": "qarm_features.content.finetune",
+    "ResidualQuantizer": "qarm_features.codes.rq",
+    "VQCoder": "qarm_features.codes.vq",
+    "mine_pairs": "qarm_features.pairs.mining",
+    "Bundle": "qarm_features.bundle.artifact",
+    "load_bundle": "qarm_features.bundle.artifact",
+    "get_bundle": "qarm_features.bundle.encode",
+    "encode_items": "qarm_features.bundle.encode",
+    "EncodedItems": "qarm_features.bundle.encode",
     "CodeSchema": "qarm_features.schema",
     "QarmError": "qarm_features.errors",
     "InputError": "qarm_features.errors",

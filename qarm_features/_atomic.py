@@ -1,7 +1,9 @@
-"""Atomic directory writes: build in a temporary sibling, fsync, rename into place.
+"""Atomic writes: build in a temporary sibling, fsync, rename into place.
 
-A reader sees either the old directory or the complete new one, never a half-written one.
-Used by the bundle writer and by the fine-tuned encoder's save.
+A reader sees either the old file/directory or the complete new one, never a half-written
+one. :func:`atomic_dir` serves the bundle writer and the fine-tuned encoder's save;
+:func:`atomic_file` every single file the package writes in place (the repo's pointer,
+parquet sources, the embedding cache, ``LATEST``, reports).
 """
 
 from __future__ import annotations
@@ -81,3 +83,36 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit swap it into ``path``.
+
+    The caller writes the file at the yielded path (any writer: ``np.save``, parquet,
+    JSON); it is then fsynced, given the umask's modes and renamed over ``path``. On any
+    exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        honour_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file atomically (:func:`atomic_file`); returns ``path``."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return path
+

@@ -65,8 +65,10 @@ def check_ids(ids, *, name: str = "ids", n: int | None = None, unique: bool = Tr
     if arr.ndim != 1:
         raise InputError(f"{name}: expected a 1-d id vector, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(
-            arr == np.round(arr)
+        if (
+            np.issubdtype(arr.dtype, np.floating)
+            and np.all(np.isfinite(arr))
+            and np.all(arr == np.round(arr))
         ):
             arr = arr.astype(np.int64)
         else:
@@ -86,9 +88,7 @@ def check_columns(df, required: Iterable[str], *, name: str = "table") -> None:
     """Raise InputError naming every required column that ``df`` lacks."""
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise InputError(
-            f"{name}: missing column(s) {missing}; it has {list(df.columns)}"
-        )
+        raise InputError(f"{name}: missing column(s) {missing}; it has {list(df.columns)}")
 
 
 def lookup_rows(ids, known: np.ndarray, *, name: str = "ids") -> np.ndarray:
@@ -103,7 +103,6 @@ def lookup_rows(ids, known: np.ndarray, *, name: str = "ids") -> np.ndarray:
         unknown = np.unique(ids[~ok])[:5].tolist()
         raise InputError(f"{name}: unknown id(s) {unknown} (not in the catalog)")
     return order[pos]
-
 
 
 def check_hyper(name: str, value, minimum: int) -> int:
@@ -162,3 +161,19 @@ def check_interactions(interactions) -> pd.DataFrame:
             "timestamp": ts[order],
         }
     )
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by ``max(||row||, 1e-12)``, in ``x``'s dtype (float32 in, float32 out):
+    the one L2 normalisation of the package (an all-zero row stays zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def draw_items(candidates: np.ndarray, fraction: float, seed: int, *, at_least: int = 0):
+    """The one held-out draw: ``max(at_least, round(fraction * n))`` of the ``n`` unique
+    ``candidates`` (ids or rows), drawn without replacement with ``default_rng(seed)``,
+    sorted. The build's held-out items, the aligner's validation items and the
+    evaluation's all come from it, so a seed names the same items everywhere."""
+    pool = np.unique(np.asarray(candidates))
+    size = min(pool.size, max(int(at_least), round(fraction * pool.size)))
+    return np.sort(np.random.default_rng(seed).choice(pool, size=size, replace=False))

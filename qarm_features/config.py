@@ -60,7 +60,7 @@ class PairsConfig(_Config):
     seed: int = 0
     # Where mining runs. "local" (default): one process (pairs.mine_pairs), the whole log
     # in memory, no Ray needed. "ray": Ray Data jobs partitioned by user (U2I) and by
-    # trigger item (Swing) (qarm_features.ray_pairs.mine_pairs_by_config), the same pairs
+    # trigger item (Swing) (qarm_features.build.ray_pairs.mine_pairs_by_config), the same pairs
     # bit for bit; the BPR retrieval fit stays one process (one Ray task). docs/scale.md.
     engine: Literal["local", "ray"] = "local"
     # engine "ray": the cluster to join when the process has none initialised
@@ -118,7 +118,7 @@ class VQConfig(_Config):
     # use a faiss ANN index whose recall is measured at fit time.
     exact_max_pool: int = Field(50_000, ge=1)
     # faiss index_factory string for large pools. IVF lists are probed row-independently
-    # (qarm_features.vq); IVF1024,Flat at nprobe 16 kept recall@25 0.99998 at 3.5x HNSW32's
+    # (qarm_features.codes.vq); IVF1024,Flat at nprobe 16 kept recall@25 0.99998 at 3.5x HNSW32's
     # throughput on a 100k pool, and builds in seconds where HNSW (one thread) takes minutes.
     ann_index: str = "IVF1024,Flat"
     ann_ef_search: int = Field(128, ge=1)

@@ -39,3 +39,16 @@ class BundleVersionMismatch(BundleError):
 
 class DependencyError(QarmError, ImportError):
     """An optional heavy dependency is missing; the message names the pip extra to install."""
+
+
+class RepoLocked(QarmError):
+    """Another run holds a feature repo's lock (``qarm materialize``, ``status --repair``).
+
+    Attributes:
+        holder: what the holder wrote in the lock file (``pid``, ``host``, ``what``,
+            ``since``); empty when it could not be read.
+    """
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder or {}

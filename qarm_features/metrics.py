@@ -20,7 +20,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from qarm_features._validate import check_columns, check_embeddings, check_ids, lookup_rows
+from qarm_features._validate import (
+    check_columns,
+    check_embeddings,
+    check_ids,
+    l2_normalize,
+    lookup_rows,
+)
 from qarm_features.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -31,8 +37,7 @@ _MAX_BLOCK = 1 << 24
 
 # --------------------------------------------------------------------------- helpers
 def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return l2_normalize(x).astype(np.float32, copy=False)
 
 
 def _pair_rows(item_ids: np.ndarray, pairs) -> tuple[np.ndarray, np.ndarray]:

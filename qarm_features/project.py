@@ -3,7 +3,10 @@
 The file sits beside ``feature_store.yaml`` and says where the team's data is and how to
 read it; the CLI (``qarm build --repo R``, ``qarm materialize --repo R``, ``qarm push``)
 reads it, so no Python is written against the pipeline. Every key is typed, unknown keys
-are rejected, relative paths are taken from the repo directory::
+are rejected, relative paths are taken from the repo directory. Paths are not confined
+to the repo: any may point anywhere the process can read (a shared mount, another team's
+export); the file is trusted configuration, as ``feature_store.yaml`` is. Only ``LATEST``
+in the bundles directory is confined (:func:`qarm_features.build.bundles.latest_bundle`)::
 
     catalog:                        # the items to encode
       path: data/items.parquet      # parquet or CSV, a file or a glob
@@ -27,8 +30,10 @@ are rejected, relative paths are taken from the repo directory::
       join_key: item_id
     build: {...}                    # BuildConfig sections (encoder, pairs, aligner, rq, vq)
     bundles: artifacts/bundles      # where `qarm build` writes bundles
+    dataset: movielens-100k         # optional: a data set `qarm datasets fetch` knows;
+                                    # relative catalog/events paths are its tables'
 
-Reading the files and checking their rows is :mod:`qarm_features.tables`' job.
+Reading the files and checking their rows is :mod:`qarm_features.build.tables`' job.
 """
 
 from __future__ import annotations
@@ -141,9 +146,16 @@ class Project(_Spec):
     catalog: CatalogSpec
     events: EventsSpec
     pairs: PairsSpec = PairsSpec()
-    entity: EntitySpec = EntitySpec()
+    # The repo's item entity the QARM views key on. None (the default): the one the
+    # repo's declarations give `qarm_views(item=...)`; given, it must agree with them
+    # (checked before anything is written).
+    entity: EntitySpec | None = None
     build: BuildConfig = BuildConfig()
     bundles: str = "artifacts/bundles"  # built bundles, one directory per version
+    # A public data set (qarm_features.datasets.movielens.DATASETS): relative catalog and events paths
+    # are read from its tables folder in the cache (fetched on first use). The demo repo
+    # (feature_repo/qarm.yaml) is MovieLens-100k this way.
+    dataset: str | None = None
 
     def resolve(self, path: str) -> Path:
         """A path of the config, relative to the repo unless absolute."""

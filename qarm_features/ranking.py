@@ -14,7 +14,7 @@ features, code embedding dim 64):
 * :class:`TargetAttention` — DIN target attention: the target item's vector queries the
   user's recent items' vectors (user-side sequences of codes), padding masked.
 
-Code ids are produced by :mod:`qarm_features.quantize`; VQ codes are pool *item ids*, which
+Code ids are produced by :mod:`qarm_features.codes.rq`; VQ codes are pool *item ids*, which
 :class:`CodeVocab` maps to dense rows ``0..n-1`` (unknown ids to padding). torch is imported
 here only; nothing on the serving path imports this module. An example ranker built from
 these modules lives in :mod:`qarm_features.app.ranker`.
@@ -374,9 +374,13 @@ class QarmEmbedding(nn.Module):
         self.rq = self.vq = None
         if rq_levels > 0:
             self.rq = RQCodeEmbedding(
-                *(rq_levels, rq_codes, dim), mode=rq_mode, prefix_buckets=prefix_buckets,
-                init_std=init_std, codebooks=rq_codebooks, level_dropout=level_dropout,
-            )  # fmt: skip
+                *(rq_levels, rq_codes, dim),
+                mode=rq_mode,
+                prefix_buckets=prefix_buckets,
+                init_std=init_std,
+                codebooks=rq_codebooks,
+                level_dropout=level_dropout,
+            )
         if vq_vocab > 0:
             self.vq = VQCodeEmbedding(
                 vq_vocab, dim, k=vq_k, init_std=init_std, table=vq_table, pool_emb=vq_pool_emb

@@ -11,7 +11,7 @@ The on-demand (cold) path adds ``qarm_error`` (``""`` on a good row), and the us
 view holds the user's latest positive items with their codes (``hist_*``). Everything
 else derives from :class:`CodeSchema`: the Feast fields (:mod:`qarm_features.feast.views`),
 the pyarrow schemas of the offline sources (:mod:`qarm_features.feast.sources`), the
-batch encoder's frame (:func:`qarm_features.encode.encode_frame`) and the request path's
+batch encoder's frame (:func:`qarm_features.bundle.encode.encode_frame`) and the request path's
 output (:mod:`transformations.on_demand`). No other module spells a column name.
 
 Dtypes are named by the small vocabulary below (``FLOAT_LIST`` ...), which the Feast and

@@ -27,6 +27,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def random_bundle(tmp_path_factory):
     """A small valid bundle (200 items, raw 32-d, aligned 16-d, 3x16 RQ, VQ k=5)."""
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
 
     return make_random_bundle(tmp_path_factory.mktemp("bundles") / "b0")

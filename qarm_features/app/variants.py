@@ -127,8 +127,8 @@ def train_ranker(
     """
     import torch
 
-    from qarm_features.metrics import auc
     from qarm_features.app.ranker import DINRanker, RankerConfig
+    from qarm_features.metrics import auc
 
     torch.manual_seed(seed)
     rcfg = RankerConfig(

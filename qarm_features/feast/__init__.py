@@ -6,7 +6,8 @@
     job          ``qarm materialize``: sources -> apply -> materialize; push; SDK apply
     store        the repo's Feast objects: store, definitions, registry facts
     server       ``qarm serve``: Feast's app behind request checks, limits, health
-    serving      version checks, ``feast serve`` warm-up, a ranker-style sample read
+    serving      version checks, ``qarm status``, the checked in-process read, warm-up
+    rollout      one run at a time per repo: lock, journal, finish or roll back
     redis_store  Feast's Redis online store, unknown entities read as NOT_FOUND
     duckdb_store Feast's DuckDB offline store (the default): BatchFeatureView input,
                  repo-relative paths, atomic push appends
@@ -42,6 +43,7 @@ _API = {
     "push_items": "qarm_features.feast.job",
     "open_store": "qarm_features.feast.job",
     "check_versions": "qarm_features.feast.serving",
+    "get_online_features": "qarm_features.feast.serving",
     "sample_online": "qarm_features.feast.serving",
     "serving_setup": "qarm_features.feast.serving",
     "feast_fields": "qarm_features.feast.views",

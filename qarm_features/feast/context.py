@@ -31,15 +31,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qarm_features._atomic import honour_umask
+from qarm_features._atomic import write_text_atomic
+from qarm_features.bundle.manifest import read_manifest
 from qarm_features.config import RQConfig
 from qarm_features.errors import BundleError, BundleVersionMismatch, QarmError
-from qarm_features.manifest import read_manifest
 from qarm_features.schema import CodeSchema
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ class ServingContext:
             QarmError: no bundle configured; BundleError: the bundle is missing or
                 corrupt; BundleVersionMismatch: the directory now holds another version.
         """
-        from qarm_features.encode import get_bundle
+        from qarm_features.bundle.encode import get_bundle
 
         if not self.is_set:
             raise QarmError(
@@ -180,19 +179,7 @@ def write_pointer(
     it); default: the served one.
     """
     pointer = (into / POINTER.name) if into is not None else Path(repo_path) / POINTER
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".qarm_bundle.", suffix=".json", dir=pointer.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(context.to_json(), f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        honour_umask(tmp)
-        os.replace(tmp, pointer)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return pointer
+    return write_text_atomic(pointer, json.dumps(context.to_json(), indent=2, sort_keys=True))
 
 
 PREVIOUS = Path("data") / "current" / "qarm_prev.json"  # the version kept beside the new one
@@ -239,7 +226,7 @@ def pin_request_thread() -> None:
     if n is None:
         return
     if _threads["pinned"] != n:
-        from qarm_features.encode import pin_threads
+        from qarm_features.bundle.encode import pin_threads
 
         pin_threads(n)
         _threads["pinned"] = n

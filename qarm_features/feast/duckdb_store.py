@@ -38,6 +38,7 @@ result) is Feast's. Use it in ``feature_store.yaml``::
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -95,8 +96,15 @@ def _in_repo(source, repo_path: str | None):
     return resolved
 
 
+# ibis 12 reads a duckdb table's schema with ``fetch_arrow_table()``, which duckdb 2
+# deprecates: one DeprecationWarning per source read, nothing for a user to act on.
+_IBIS_ARROW_DEPRECATION = r"fetch_arrow_table\(\) is deprecated"
+
+
 def _read(source, repo_path: str):
-    return _feast_duckdb._read_data_source(_in_repo(source, repo_path), repo_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _IBIS_ARROW_DEPRECATION, DeprecationWarning)
+        return _feast_duckdb._read_data_source(_in_repo(source, repo_path), repo_path)
 
 
 def _write(table, source, repo_path: str, mode: str = "append", allow_overwrite: bool = False):
@@ -150,8 +158,9 @@ def _view_table(config, view, refs: list[str], full_feature_names: bool, i: int)
     return table, entity_keys, t_col, outs, view.ttl
 
 
-def _asof_historical(config, feature_views, feature_refs, entity_df, registry, project,
-                     full_feature_names):  # fmt: skip
+def _asof_historical(
+    config, feature_views, feature_refs, entity_df, registry, project, full_feature_names
+):
     """``get_historical_features_ibis`` with one ASOF LEFT JOIN per view."""
     from feast.infra.offline_stores import offline_utils
     from feast.infra.offline_stores.offline_store import RetrievalMetadata
@@ -165,8 +174,9 @@ def _asof_historical(config, feature_views, feature_refs, entity_df, registry, p
     entity_columns = list(acc.columns)
     added: list[str] = []
     for i, view in enumerate(feature_views):
-        table, keys, t_col, outs, ttl = _view_table(config, view, feature_refs,
-                                                    full_feature_names, i)  # fmt: skip
+        table, keys, t_col, outs, ttl = _view_table(
+            config, view, feature_refs, full_feature_names, i
+        )
         joined = acc.asof_join(
             table,
             on=acc[ts_col] >= table[t_col],
@@ -202,9 +212,16 @@ def _asof_historical(config, feature_views, feature_refs, entity_df, registry, p
 
 
 def _pull(
-    pull, config, data_source, join_key_columns, feature_name_columns, timestamp_field,
-    created_timestamp_column, start_date, end_date,
-):  # fmt: skip
+    pull,
+    config,
+    data_source,
+    join_key_columns,
+    feature_name_columns,
+    timestamp_field,
+    created_timestamp_column,
+    start_date,
+    end_date,
+):
     """Feast's ibis ``pull`` (latest or all) through this store's reader and writer; an
     empty feature list means every column of the source (a BatchFeatureView's input)."""
     if not feature_name_columns:
@@ -243,9 +260,16 @@ class QarmDuckDBOfflineStore(DuckDBOfflineStore):
         end_date,
     ):
         return _pull(
-            pull_latest_from_table_or_query_ibis, config, data_source, join_key_columns,
-            feature_name_columns, timestamp_field, created_timestamp_column, start_date, end_date,
-        )  # fmt: skip
+            pull_latest_from_table_or_query_ibis,
+            config,
+            data_source,
+            join_key_columns,
+            feature_name_columns,
+            timestamp_field,
+            created_timestamp_column,
+            start_date,
+            end_date,
+        )
 
     @staticmethod
     def pull_all_from_table_or_query(
@@ -259,9 +283,16 @@ class QarmDuckDBOfflineStore(DuckDBOfflineStore):
         end_date=None,
     ):
         return _pull(
-            pull_all_from_table_or_query_ibis, config, data_source, join_key_columns,
-            feature_name_columns, timestamp_field, created_timestamp_column, start_date, end_date,
-        )  # fmt: skip
+            pull_all_from_table_or_query_ibis,
+            config,
+            data_source,
+            join_key_columns,
+            feature_name_columns,
+            timestamp_field,
+            created_timestamp_column,
+            start_date,
+            end_date,
+        )
 
     @staticmethod
     def get_historical_features(
@@ -276,8 +307,15 @@ class QarmDuckDBOfflineStore(DuckDBOfflineStore):
     ):
         _feast_duckdb._validate_lance_feature_views(feature_views)
         if isinstance(entity_df, pd.DataFrame) and not filter_by_created_timestamp:
-            return _asof_historical(config, feature_views, feature_refs, entity_df, registry,
-                                    project, full_feature_names)  # fmt: skip
+            return _asof_historical(
+                config,
+                feature_views,
+                feature_refs,
+                entity_df,
+                registry,
+                project,
+                full_feature_names,
+            )
         return get_historical_features_ibis(
             config=config,
             feature_views=feature_views,

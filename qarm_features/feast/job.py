@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +33,20 @@ from qarm_features.feast.context import (
     read_pointer,
     write_pointer,
 )
+from qarm_features.feast.rollout import (
+    Journal,
+    describe,
+    locked,
+    read_journal,
+    repo_lock,
+    roll_out,
+)
 from qarm_features.feast.sources import (
     CODES_FILE,
     CONTENT_FILE,
     CURRENT,
     DATA,
     DEFAULT_HISTORY,
-    EPOCH,
     HISTORY_FILE,
     PUSHED_FILE,
     build_user_history,
@@ -51,8 +58,7 @@ from qarm_features.feast.sources import (
     switch_current,
     write_parquet,
 )
-from qarm_features.feast.online_write import source_rows, streamable, write_view
-from qarm_features.feast.store import clear_online, load_definitions, open_store, registered_version
+from qarm_features.feast.store import load_definitions, open_store, registered_version
 from qarm_features.feast.stream import (
     DEFAULT_CHUNK_ROWS,
     Chunk,
@@ -66,9 +72,6 @@ from qarm_features.progress import ProgressCallback, stage
 from qarm_features.schema import CREATED, EVENT_TIMESTAMP, ITEM_ID, RAW_EMB
 
 log = logging.getLogger(__name__)
-
-# Views whose rows carry codes of one bundle (cleared online on a version change).
-CODE_VIEWS = ("qarm", "qarm_batch", "user_history")
 
 
 def _id_dtype(bundle):
@@ -142,6 +145,7 @@ def _pushed_rows(bundle, repo: Path, join_key: str, pending: list):
     return extra
 
 
+@locked("qarm prepare_sources")
 def prepare_sources(
     bundle_path: str | os.PathLike,
     repo_path: str | os.PathLike,
@@ -155,6 +159,7 @@ def prepare_sources(
     keep_previous: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: ProgressCallback | None = None,
+    journal: Journal | None = None,
 ) -> dict:
     """Encode the catalog and write the repo's offline sources and bundle pointer.
 
@@ -184,6 +189,8 @@ def prepare_sources(
             this bundle is another version; the one already kept, when it is the same).
         chunk_rows: catalog rows per chunk (one parquet row group each).
         progress: ``progress(stage, total, advance)`` (:mod:`qarm_features.progress`).
+        journal: the run's journal (:mod:`qarm_features.feast.journal`; :func:`materialize`
+            passes its own): steps ``sources`` and ``switch`` are recorded in it.
 
     Returns:
         Stats: ``version``, ``n_items``, ``n_pushed_items_kept``, ``n_history_rows``,
@@ -192,8 +199,9 @@ def prepare_sources(
     Raises:
         BundleError: the bundle fails verification. InputError: a bad catalog row (named
             by file, column, row and value) or a duplicated item id; nothing is switched in.
+        RepoLocked: another run holds the repo's lock.
     """
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     t0 = time.perf_counter()
     stages: dict = {}
@@ -207,6 +215,8 @@ def prepare_sources(
     need, old_history = history_items(interactions_df, repo / HISTORY_FILE)
     # Everything is written beside the served set, then switched in at once (sources.py).
     out = new_version_dir(repo, f"{int(now.timestamp() * 1000)}-{bundle.version}")
+    if journal is not None:
+        journal.step("sources", sources=out.name)
     pending: list = []
     try:
         written = write_item_sources(
@@ -249,6 +259,8 @@ def prepare_sources(
         write_parquet(hist, out / HISTORY_FILE.name, history_schema)
     kept = keep_previous_rows(repo, out, bundle.version) if keep_previous else None
     write_pointer(repo, ServingContext.of_bundle(bundle.path), into=out)
+    if journal is not None:
+        journal.step("switch", sources=out.name)
     switch_current(repo, out)  # the one atomic step: sources and pointer together
     stats = {
         "version": bundle.version,
@@ -294,20 +306,22 @@ def apply(
 
     Raises:
         BundleVersionMismatch: the registry serves another version (nothing is written).
+        RepoLocked: a run (``qarm materialize``) holds the repo's lock.
     """
     repo = Path(repo_path).resolve()
     context = ServingContext.of_repo(repo, bundle_path)
     store = open_store(repo, fs_yaml_file)
     _refuse_other_version(store, repo, context.version, "applying would relabel its rows")
-    if bundle_path is not None and read_pointer(repo) != context:
-        if (repo / CURRENT).is_symlink():
-            write_pointer(repo, context)
-        else:  # nothing served yet: a sources set holding just the pointer
-            out = new_version_dir(repo, f"apply-{context.version}")
-            write_pointer(repo, context, into=out)
-            switch_current(repo, out)
-    objects = load_definitions(repo)
-    store.apply(objects)
+    with repo_lock(repo, "qarm apply"):
+        if bundle_path is not None and read_pointer(repo) != context:
+            if (repo / CURRENT).is_symlink():
+                write_pointer(repo, context)
+            else:  # nothing served yet: a sources set holding just the pointer
+                out = new_version_dir(repo, f"apply-{context.version}")
+                write_pointer(repo, context, into=out)
+                switch_current(repo, out)
+        objects = load_definitions(repo)
+        store.apply(objects)
     return [o.name for o in objects]
 
 
@@ -325,24 +339,35 @@ def materialize(
     keep_previous: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: ProgressCallback | None = None,
+    lock_timeout: float = 0.0,
 ) -> dict:
     """Encode the catalog with a bundle, write the offline sources, apply, materialize.
+
+    One run at a time per repo: the run holds the repo's lock and journals its steps
+    (``sources``, ``switch``, ``clear``, ``apply``, ``online write``;
+    :mod:`qarm_features.feast.journal`). A run killed at any step is named by ``qarm
+    status`` and rolled back (before the switch) or finished (after it) by ``qarm status
+    --repair`` (:func:`recover`); a new run after a killed one replaces it (it clears what
+    the killed run may have left online).
 
     Args:
         bundle_path: the bundle directory.
         repo_path: the feature repo (``feature_repo/`` or a copy).
         catalog_df, interactions_df, history, positive_threshold, join_key, chunk_rows,
             progress: see :func:`prepare_sources` (stages ``encode``, ``history``, then
-            ``apply`` and ``feast materialize``).
+            ``feast materialize``).
         promote: allow a bundle version other than the one the registry serves. The
-            online rows of ``qarm``, ``qarm_batch`` and ``user_history`` are cleared first,
-            so between the clear and the end of the run a read finds no row (NOT_FOUND,
-            the cold path) rather than a row of the other version.
+            online rows of ``qarm``, ``qarm_batch``, ``user_history`` and ``qarm_prev``
+            are cleared first (before the new definitions are applied), so between the
+            clear and the end of the run a read finds no row (NOT_FOUND, the cold path)
+            rather than a row of the other version.
         fs_yaml_file: another config of the repo (``feature_store.redis.yaml`` ...).
         keep_previous: with a switch of version, keep serving the previous version's rows
             in the ``qarm_prev`` view beside ``qarm`` (a ranker trained on the old codes
             reads them until its successor takes over); the next run without it drops
             ``qarm_prev``. No view ever mixes two versions.
+        lock_timeout: seconds to wait for another run holding the repo's lock (0: refuse
+            at once).
 
     Returns:
         Stats of :func:`prepare_sources` plus ``previous_version``, ``promoted``,
@@ -354,72 +379,41 @@ def materialize(
     Raises:
         BundleVersionMismatch: the registry serves another bundle version and
             ``promote`` is false (nothing is written).
+        RepoLocked: another run holds the repo's lock (named in the message).
     """
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     repo = Path(repo_path).resolve()
     bundle = get_bundle(bundle_path)
     store = open_store(repo, fs_yaml_file)
-    if promote:
+    what = "rolling it out replaces every code online and offline"
+    if not promote:  # refused before anything, the lock file included, is written
+        _refuse_other_version(store, repo, bundle.version, what)
+    with repo_lock(repo, f"qarm materialize {bundle.version}", timeout=lock_timeout):
+        # again under the lock: a run that held it may have changed the registry
         previous = registered_version(store)
-    else:
-        previous = _refuse_other_version(
-            store, repo, bundle.version, "rolling it out replaces every code online and offline"
+        if not promote:
+            _refuse_other_version(store, repo, bundle.version, what)
+        left = read_journal(repo)
+        if left is not None:
+            log.warning("%s; this run replaces it", describe(left))
+        # every version whose rows may be online: the registry's, and a killed run's two
+        maybe_online = {previous} | ({left["previous"], left["version"]} if left else set())
+        changed = any(v is not None and v != bundle.version for v in maybe_online)
+        journal = Journal.begin(repo, bundle, previous=(left or {"previous": previous})["previous"])
+        stats = prepare_sources(
+            bundle.path, repo, catalog_df, interactions_df, history=history,
+            positive_threshold=positive_threshold, join_key=join_key, keep_previous=keep_previous,
+            chunk_rows=chunk_rows, progress=progress, journal=journal,
+        )  # fmt: skip
+        stages = stats["stages"]
+        stats.update(
+            roll_out(store, repo, journal, changed=changed, progress=progress, stages=stages)
         )
-    changed = previous is not None and previous != bundle.version
-    stats = prepare_sources(
-        bundle.path,
-        repo,
-        catalog_df,
-        interactions_df,
-        history=history,
-        positive_threshold=positive_threshold,
-        join_key=join_key,
-        keep_previous=keep_previous,
-        chunk_rows=chunk_rows,
-        progress=progress,
-    )
-    stages = stats["stages"]
-    # The definitions now read the new pointer: the views' UDFs carry the new bundle.
-    t0 = time.perf_counter()
-    objects = load_definitions(repo)
-    store.apply(objects)
-    declared = {o.name for o in objects}
-    dropped = []
-    for name in ("qarm_prev",):  # a previous version no longer kept: stop serving it
-        if name not in declared and name in {v.name for v in store.list_feature_views()}:
-            clear_online(store, [name])
-            store.delete_feature_view(name)
-            dropped.append(name)
-    stats["apply_seconds"] = round(time.perf_counter() - t0, 3)
-    cleared = clear_online(store, (*CODE_VIEWS, "qarm_prev")) if changed else []
-    stats["dropped_views"] = dropped
-
-    t0 = time.perf_counter()
-    kinds = ("FeatureView", "BatchFeatureView")
-    views = [o.name for o in objects if type(o).__name__ in kinds]
-    end = datetime.now(timezone.utc) + timedelta(seconds=1)
-    last = pd.read_parquet(repo / HISTORY_FILE, columns=[EVENT_TIMESTAMP])[EVENT_TIMESTAMP].max()
-    if pd.notna(last):  # user histories carry real times, possibly in the future
-        end = max(end, last.to_pydatetime() + timedelta(seconds=1))
-    streamed = streamable(store, views)  # one row per item: written batch by batch
-    # an empty source has nothing to write (and fails Feast's Ray offline store)
-    empty = [v for v in views if source_rows(store, repo, v) == 0]
-    with stage("feast materialize", total=len(views), progress=progress, records=stages) as s:
-        for view in views:  # one view at a time: the bar counts them
-            if view in streamed:
-                write_view(store, repo, view, start=EPOCH, end=end)
-            elif view not in empty:
-                store.materialize(start_date=EPOCH, end_date=end, feature_views=[view])
-            s.advance(1)
+        journal.done()
     stats.update(
         previous_version=previous,
         promoted=changed,
-        cleared_views=cleared,
-        materialized_views=views,
-        streamed_views=streamed,
-        empty_views=empty,
-        materialize_seconds=round(time.perf_counter() - t0, 3),
         repo=str(repo),
         fs_yaml_file=None if fs_yaml_file is None else str(fs_yaml_file),
     )
@@ -461,7 +455,7 @@ def push_items(
     context = ServingContext.of_repo(repo, bundle_path)
     if not context.is_set:
         raise QarmError(f"no bundle for {repo}: run `qarm materialize` first or pass bundle_path")
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     bundle = get_bundle(context.bundle)
     store = open_store(repo, fs_yaml_file)

@@ -103,13 +103,33 @@ INTO_DEFINITIONS = """\
 # served comes from data/current/qarm_bundle.json (`qarm materialize --repo .`).
 from pathlib import Path
 
-from {module} import {variable}
 from qarm_features.feast.views import qarm_views
 
+# the repo's own item entity (the object `feast apply` loaded from the file declaring it)
+{import_line}
+
 # qarm (codes rankers read), item_content (frozen embedding), qarm_cold / qarm_cold_b64
-# (codes at request time for items with no row yet) and their sources.
+# (codes at request time for items with no row yet) and their sources. A text catalog may
+# add text_view=True: qarm_cold_text, codes from an item's text at request time (loads the
+# text encoder, torch, into the serving process).
 globals().update(qarm_views(item={variable}, repo=Path(__file__).resolve().parent))
 """
+
+
+_COMMENT_COLUMN = 34  # where qarm.yaml's end-of-line comments start
+
+
+def _qarm_yaml(*, entity: str, join_key: str) -> str:
+    """``QARM_YAML`` filled in, its end-of-line comments aligned again (the filled-in
+    values have other lengths than their placeholders)."""
+    lines = []
+    for line in QARM_YAML.format(entity=entity, join_key=join_key).splitlines():
+        code, sep, comment = line.partition(" # ")
+        if sep and code.strip() and not code.lstrip().startswith("#"):
+            code = code.rstrip()
+            line = f"{code.ljust(max(_COMMENT_COLUMN, len(code) + 2))}# {comment}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def offline_store_advice(repo_path: str | os.PathLike) -> str | None:
@@ -175,7 +195,7 @@ def init_repo(directory: str | os.PathLike, *, id_type: str = "int64") -> list[P
     project = re.sub(r"[^a-zA-Z0-9_]", "_", repo.name) or "qarm"
     files = {
         "feature_store.yaml": FEATURE_STORE_YAML.format(project=project),
-        "qarm.yaml": QARM_YAML.format(entity="item", join_key="item_id"),
+        "qarm.yaml": _qarm_yaml(entity="item", join_key="item_id"),
         DEFINITIONS_FILE: NEW_REPO_DEFINITIONS.format(
             value_type="INT64" if id_type == "int64" else "STRING"
         ),
@@ -213,11 +233,34 @@ def _find_entity(repo: Path, name: str) -> tuple[str, str, object]:
             if isinstance(kw.get("name"), ast.Constant) and kw["name"].value == name:
                 target = node.targets[0]
                 if isinstance(target, ast.Name):
-                    return path.stem, target.id, entity
+                    return _module_name(repo, path), target.id, entity
     raise ConfigError(
         f"{repo}: entity {name!r} is not assigned to a module-level variable "
         "(`item = Entity(name=...)`), so it cannot be imported; import it by hand in "
         f"{DEFINITIONS_FILE} (see qarm_features.feast.views.qarm_views)"
+    )
+
+
+def _module_name(repo: Path, path: Path) -> str:
+    """The module name ``feast apply`` imports a repo file under (the repo root on
+    sys.path, the file's path relative to it with dots): ``entities/product.py`` ->
+    ``entities.product``, as Feast's ``py_path_to_module`` names it."""
+    return ".".join(path.resolve().relative_to(repo).with_suffix("").parts)
+
+
+def import_line(module: str, variable: str) -> str:
+    """The line that imports ``variable`` from the repo module ``module`` in a definitions
+    file: ``from entities.product import product``; or, when a part of the module's name is
+    not a Python identifier (``my-defs.py``, which Feast imports by name all the same),
+    ``product = importlib.import_module("my-defs").product``. Either way the module is
+    the one ``feast apply`` imported, so the entity is the same object."""
+    import keyword
+
+    if all(part.isidentifier() and not keyword.iskeyword(part) for part in module.split(".")):
+        return f"from {module} import {variable}"
+    return (
+        f"import importlib  # {module!r} is not an identifier: imported by name, as Feast does\n"
+        f"{variable} = importlib.import_module({module!r}).{variable}"
     )
 
 
@@ -245,12 +288,12 @@ def init_into(repo_path: str | os.PathLike, *, item_entity: str) -> list[Path]:
     join_key = entity.join_key
     (repo / "data").mkdir(exist_ok=True)
     files = {
-        "qarm.yaml": QARM_YAML.format(entity=item_entity, join_key=join_key),
+        "qarm.yaml": _qarm_yaml(entity=item_entity, join_key=join_key),
         DEFINITIONS_FILE: INTO_DEFINITIONS.format(
             entity=item_entity,
             join_key=join_key,
             value_type=entity.value_type.name,
-            module=module,
+            import_line=import_line(module, variable),
             variable=variable,
         ),
     }

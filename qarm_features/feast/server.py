@@ -5,10 +5,19 @@ serves the *same app* (``feast.feature_server.get_app``: every endpoint, auth, t
 ``static_artifacts.py`` warm-up), wrapped in one ASGI middleware, :class:`ServingGuard`,
 that fixes what Feast gets wrong for clients on the wire (measured on Feast 0.67):
 
-- **request size**: a body over ``max_body_bytes`` is refused with 413 before it is read
-  (by ``Content-Length``, or as soon as a chunked body passes the limit); a
+- **read-only**: Feast's write endpoints (``/push``, ``/write-to-online-store``,
+  ``/materialize``, ``/materialize-incremental``) answer 403 unless the server was started
+  with ``allow_writes`` (``--allow-writes``): Feast's app takes writes with no credentials.
+- **request size**: a body over ``max_body_bytes`` is refused with 413 without being kept
+  (by ``Content-Length``, or as soon as a chunked body passes the limit); the refused body
+  is read and dropped (up to :data:`DRAIN_MAX_BYTES`) before the answer, so a client that
+  sends its whole body first (Python's ``http.client``) reads the 413, not a reset. A
   ``/get-online-features`` request over ``max_entity_rows`` rows gets 413. Feast reads any
   size (6.5M ids in 55 MB drove a worker to 8.7 GB).
+- **slow clients**: a connection must finish its request headers within
+  ``header_timeout_s`` of connecting (or of a request's first byte) and send each part of
+  its body within ``body_timeout_s`` (408 otherwise); idle keep-alive connections close
+  after ``keep_alive_timeout``. Uvicorn alone keeps a slowloris connection forever.
 - **entity ids**: checked against the join keys' registered types
   (:mod:`qarm_features.feast.request_check`): a float or boolean id is a 400 naming the key,
   row and value, not another item (Feast reads ``50.7`` as item 50, ``true`` as item 1).
@@ -22,15 +31,18 @@ that fixes what Feast gets wrong for clients on the wire (measured on Feast 0.67
   or the repo's cold path cannot load its bundle, 200 with the served version otherwise.
 - **workers**: thread pools pinned (``QARM_SERVING_THREADS``, default 1) and the bundle
   loaded before the first request; workers are never recycled (``max_requests=0``).
+- **reads**: a JSON ``/get-online-features`` body is answered by
+  :class:`~qarm_features.feast.read_path.FastReader` when it covers the request (cold rows
+  by the view's own UDF without Feast's on-demand typing, responses built without Feast's
+  per-value conversion; JSON-equal to Feast's answer); anything else goes to Feast's app.
 
-Run: ``python -m qarm_features.feast.server --repo feature_repo`` (``qarm serve``), or
-:func:`serve` / :func:`build_app` from Python. A warm read pays one JSON parse of the body
-more than through ``feast serve`` (docs/feast.md, "Serving").
+Run: ``qarm serve --repo feature_repo``, or
+:func:`serve` / :func:`build_app` from Python (docs/feast.md, "Production serving").
 """
 
 from __future__ import annotations
 
-import argparse
+import asyncio
 import json
 import logging
 import os
@@ -38,17 +50,38 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qarm_features.feast.asgi_io import (
+    Responder,
+    RowErrorWriter,
+    TooLarge,
+    TooSlow,
+    content_length,
+    read_body,
+    replay,
+    with_length,
+    worker_class,
+)
+from qarm_features.feast.read_path import FastReader, fast_reads_allowed
 from qarm_features.feast.request_check import (
     RequestRejected,
     check_online_request,
     field_kinds,
 )
-from qarm_features.schema import ERROR
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # ~2,000 cold rows of 384 JSON floats
+# 2,000 cold rows of 384 full-precision JSON floats: json.dumps writes a float32 value as
+# its shortest double repr, ~19-20 characters plus ", " (~21.5 bytes a value, ~8.3 kB a
+# row: 16.5 MB for 2,000 rows, tests/unit/test_serve_guard.py measures it); 24 MiB takes
+# them with ~50% room. As base64 (raw_emb_b64) a row is 2 kB: 12,000 rows.
+DEFAULT_MAX_BODY_BYTES = 24 * 1024 * 1024
 DEFAULT_MAX_ENTITY_ROWS = 10_000  # 10x a large ranking request's candidates
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # a request's headers arrive within this (slowloris)
+DEFAULT_BODY_TIMEOUT_S = 30.0  # the longest wait for the next part of a body
+DRAIN_MAX_BYTES = 64 * 1024 * 1024  # a refused body is read and dropped up to this size
+WRITE_PATHS = frozenset(
+    {"/push", "/write-to-online-store", "/materialize", "/materialize-incremental"}
+)
 KINDS_TTL_S = 5.0  # the registry's declared types are re-read this often (cached reads)
 ONLINE_PATH = "/get-online-features"
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -62,10 +95,15 @@ class ServeLimits:
         max_body_bytes: largest request body (any endpoint); 413 beyond.
         max_entity_rows: most entity rows in one ``/get-online-features`` request; 413
             beyond.
+        header_timeout_s: seconds a connection may take to send a request's headers
+            (then it is closed).
+        body_timeout_s: seconds to wait for each part of a body (then 408).
     """
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_entity_rows: int = DEFAULT_MAX_ENTITY_ROWS
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
     def __post_init__(self):
         from qarm_features.errors import ConfigError
@@ -74,39 +112,8 @@ class ServeLimits:
             raise ConfigError(
                 f"limits must be max_body_bytes >= 1024 and max_entity_rows >= 1; got {self}"
             )
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _json_reply(status: int, payload: dict) -> tuple[dict, dict]:
-    body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    start = {"type": "http.response.start", "status": status, "headers": headers}
-    return start, {"type": "http.response.body", "body": body}
-
-
-class _Responder:
-    """The ``send`` callable handed to the app: adds ``Connection: close`` to 4xx/5xx and
-    remembers whether a response has started."""
-
-    def __init__(self, send):
-        self._send = send
-        self.started = False
-
-    async def __call__(self, message: dict) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-            if message["status"] >= 400:
-                headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
-                message = {**message, "headers": headers + [(b"connection", b"close")]}
-        await self._send(message)
-
-    async def reply(self, status: int, payload: dict) -> None:
-        start, body = _json_reply(status, payload)
-        await self(start)
-        await self(body)
+        if not (self.header_timeout_s > 0 and self.body_timeout_s > 0):
+            raise ConfigError(f"timeouts must be > 0 seconds; got {self}")
 
 
 class ServingGuard:
@@ -114,16 +121,35 @@ class ServingGuard:
 
     Args:
         app: the ASGI app to guard (``feast.feature_server.get_app(store)``).
-        store: the app's ``FeatureStore`` (declared types, registry health).
+        store: the app's ``FeatureStore`` (declared types, registry health, fast reads).
         repo_path: the feature repo (its bundle pointer: the cold path's bundle).
         limits: request bounds.
+        allow_writes: pass Feast's write endpoints through (default: 403).
+        fast_reads: answer the reads :class:`FastReader` covers (default: when the store
+            allows it, :func:`fast_reads_allowed`); False: every read goes to Feast.
     """
 
-    def __init__(self, app, *, store, repo_path, limits: ServeLimits | None = None):
+    def __init__(
+        self,
+        app,
+        *,
+        store,
+        repo_path,
+        limits: ServeLimits | None = None,
+        allow_writes: bool = False,
+        fast_reads: bool | None = None,
+    ):
         self.app = app
         self.store = store
         self.repo = Path(repo_path).resolve()
         self.limits = limits or ServeLimits()
+        self.allow_writes = allow_writes
+        if fast_reads is None:
+            why = fast_reads_allowed(store)
+            if why is not None:
+                log.info("reads answered by Feast's app (%s)", why)
+            fast_reads = why is None
+        self.reader = FastReader(store) if fast_reads else None
         self._kinds: tuple[float, dict] = (float("-inf"), {})
 
     # ------------------------------------------------------------------ ASGI entry
@@ -132,11 +158,14 @@ class ServingGuard:
             return await self.app(scope, self._on_startup(receive), send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        base = _Responder(send)
+        base = Responder(send)
         try:
             if scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
                 report = await self._run(self.health)
                 return await base.reply(200 if report["status"] == "ok" else 503, report)
+            if scope["path"] in WRITE_PATHS and not self.allow_writes:
+                await self._drain(scope, receive)
+                return await base.reply(403, _read_only(scope))
             out = base
             if scope["method"] in _BODY_METHODS:
                 scope, receive, out = await self._guard_body(scope, receive, base)
@@ -152,38 +181,75 @@ class ServingGuard:
 
     # ------------------------------------------------------------------ request bodies
     async def _guard_body(self, scope, receive, out):
-        """Read the body within the limit; check ``/get-online-features`` bodies.
+        """Read the body within the limits; check and answer ``/get-online-features``.
 
         Returns ``(scope, receive, send)`` to call the app with, or ``(None, None, None)``
         when a response was already sent.
         """
         limit = self.limits.max_body_bytes
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > limit:
+            await self._drain(scope, receive)
             await out.reply(413, _too_large(declared, limit))
             return None, None, None
         try:
-            body = await _read_body(receive, limit)
-        except _TooLarge:
+            body = await read_body(receive, limit, self.limits.body_timeout_s)
+        except TooLarge:
+            await self._drain(scope, receive)
             await out.reply(413, _too_large(None, limit))
+            return None, None, None
+        except TooSlow:
+            await out.reply(408, _too_slow(self.limits.body_timeout_s))
             return None, None, None
         if scope["path"] == ONLINE_PATH:
             try:
-                body, row_errors = await self._check_online(body)
+                body, row_errors = await self._check_online(body, out, _is_json(scope))
             except RequestRejected as exc:
                 await out.reply(exc.status, exc.to_json())
                 return None, None, None
+            if body is None:  # answered here
+                return None, None, None
             if row_errors:
-                out = _RowErrorWriter(out, row_errors)
-        return _with_length(scope, len(body)), _replay(body, receive), out
+                out = RowErrorWriter(out, row_errors)
+        return with_length(scope, len(body)), replay(body, receive), out
 
-    async def _check_online(self, body: bytes) -> tuple[bytes, dict[int, str]]:
+    async def _drain(self, scope, receive) -> None:
+        """Read and drop what the client sends of a refused body (bounded), so that it
+        reads the answer instead of a connection reset."""
+        if scope["method"] not in _BODY_METHODS:
+            return
+        declared = content_length(scope)
+        if declared is not None and declared > DRAIN_MAX_BYTES:
+            return
+        size = 0
+        while size <= DRAIN_MAX_BYTES:
+            try:
+                message = await asyncio.wait_for(receive(), self.limits.body_timeout_s)
+            except TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
+
+    async def _check_online(
+        self, body: bytes, out, is_json: bool
+    ) -> tuple[bytes | None, dict[int, str]]:
+        """Check a read; answer it here when :class:`FastReader` covers it (then the
+        returned body is None), else return the body to hand to Feast. A body not sent as
+        JSON is Feast's to answer (422, as ``feast serve``)."""
         try:
             parsed = json.loads(body)
         except ValueError:
             return body, {}  # Feast answers 422 with the decoder's message
         kinds = await self._field_kinds()
         checked = check_online_request(parsed, kinds, max_rows=self.limits.max_entity_rows)
+        if self.reader is not None and is_json:
+            data = await self._run(self.reader.read, checked.body, kinds, checked.row_errors)
+            if data is not None:
+                await out.reply_bytes(200, data)
+                return None, {}
         if checked.changed:
             body = json.dumps(checked.body).encode()
         return body, checked.row_errors
@@ -238,58 +304,14 @@ class ServingGuard:
         return await run_in_threadpool(fn, *args)
 
 
-class _RowErrorWriter:
-    """``send`` that writes the guard's per-row reasons into a 200 response's ``qarm_error``
-    column (rows whose request value was replaced by ``null``)."""
-
-    def __init__(self, send: _Responder, row_errors: dict[int, str]):
-        self._send = send
-        self._errors = row_errors
-        self._start: dict | None = None
-        self._chunks: list[bytes] = []
-
-    async def __call__(self, message: dict) -> None:
-        if message["type"] == "http.response.start":
-            if message["status"] != 200:
-                self._errors = {}
-                return await self._send(message)
-            self._start = message
-            return None
-        if self._start is None or message["type"] != "http.response.body":
-            return await self._send(message)
-        self._chunks.append(message.get("body", b""))
-        if message.get("more_body"):
-            return None
-        body = _patch_errors(b"".join(self._chunks), self._errors)
-        headers = [h for h in self._start["headers"] if h[0].lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await self._send({**self._start, "headers": headers})
-        await self._send({"type": "http.response.body", "body": body})
-
-
-def _patch_errors(body: bytes, errors: dict[int, str]) -> bytes:
-    try:
-        resp = json.loads(body)
-        names = resp["metadata"]["feature_names"]
-    except (ValueError, KeyError, TypeError):
-        return body
-    for j, name in enumerate(names):
-        if name == ERROR or name.endswith(f"__{ERROR}"):
-            values = resp["results"][j]["values"]
-            for row, why in errors.items():
-                if row < len(values):
-                    values[row] = why
-    return json.dumps(resp).encode()
-
-
-def _content_length(scope) -> int | None:
+def _is_json(scope) -> bool:
+    """Whether the request says its body is JSON (FastAPI's test: ``application/json`` or
+    a ``+json`` media type); Feast's app answers 422 to any other body."""
     for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+        if name == b"content-type":
+            media = value.split(b";")[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return False
 
 
 def _too_large(declared: int | None, limit: int) -> dict:
@@ -301,40 +323,20 @@ def _too_large(declared: int | None, limit: int) -> dict:
     }
 
 
-async def _read_body(receive, limit: int) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
+def _too_slow(timeout: float) -> dict:
+    return {
+        "error": "RequestTimeout",
+        "message": f"the request body stalled for over {timeout:g} s; send it whole",
+    }
 
 
-def _replay(body: bytes, receive):
-    """``receive`` that gives the (checked) body once, then waits on the real connection
-    (a later call means "tell me when the client disconnects")."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-def _with_length(scope, n: int):
-    headers = [h for h in scope["headers"] if h[0] not in (b"content-length", b"transfer-encoding")]
-    return {**scope, "headers": headers + [(b"content-length", str(n).encode())]}
+def _read_only(scope) -> dict:
+    return {
+        "error": "WriteRefused",
+        "message": f"{scope['method']} {scope['path']}: this server is read-only; write "
+        "with `qarm push` / `qarm materialize`, or start it with --allow-writes (Feast's "
+        "write endpoints take no credentials: keep such a server behind your own auth)",
+    }
 
 
 # ---------------------------------------------------------------------- app and server
@@ -344,10 +346,13 @@ def build_app(
     fs_yaml_file: str | os.PathLike | None = None,
     registry_ttl_sec: int = 60,
     limits: ServeLimits | None = None,
+    allow_writes: bool = False,
+    fast_reads: bool | None = None,
 ):
     """Feast's feature server app for a repo, wrapped in :class:`ServingGuard`.
 
     Returns ``(asgi_app, store)``. Initialises Feast's auth managers as ``feast serve`` does.
+    ``allow_writes`` and ``fast_reads``: see :class:`ServingGuard`.
     """
     from feast import FeatureStore
     from feast.feature_server import get_app
@@ -367,7 +372,15 @@ def build_app(
         auth_type=auth_type, server_type=ServerType.REST, auth_config=store.config.auth_config
     )
     app = get_app(store, registry_ttl_sec)
-    return ServingGuard(app, store=store, repo_path=repo, limits=limits), store
+    guard = ServingGuard(
+        app,
+        store=store,
+        repo_path=repo,
+        limits=limits,
+        allow_writes=allow_writes,
+        fast_reads=fast_reads,
+    )
+    return guard, store
 
 
 def serve(
@@ -381,6 +394,7 @@ def serve(
     keep_alive_timeout: int = 30,
     registry_ttl_sec: int = 60,
     access_log: bool = False,
+    allow_writes: bool = False,
 ) -> None:
     """Serve a feature repo (blocks): gunicorn, uvicorn workers, workers never recycled.
 
@@ -390,21 +404,27 @@ def serve(
         workers: worker processes; each loads the bundle and answers requests on a thread
             pool (scale with workers).
         fs_yaml_file: another config of the repo (``feature_store.redis.yaml`` ...).
-        limits: request bounds (:class:`ServeLimits`).
+        limits: request bounds and timeouts (:class:`ServeLimits`).
         keep_alive_timeout: seconds an idle keep-alive connection stays open.
         registry_ttl_sec: how often a worker re-reads the registry (a rollout reaches the
             cold path at the next refresh).
         access_log: log every request (off: one line per request costs more than a read).
+        allow_writes: accept Feast's write endpoints (no credentials: behind your auth).
     """
     import gunicorn.app.base
 
+    limits = limits or ServeLimits()
     app, _ = build_app(
-        repo_path, fs_yaml_file=fs_yaml_file, registry_ttl_sec=registry_ttl_sec, limits=limits
+        repo_path,
+        fs_yaml_file=fs_yaml_file,
+        registry_ttl_sec=registry_ttl_sec,
+        limits=limits,
+        allow_writes=allow_writes,
     )
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "uvicorn_worker.UvicornWorker",
+        "worker_class": worker_class(limits.header_timeout_s),
         "max_requests": 0,  # never recycle: a new worker reloads the bundle, drops connections
         "keepalive": keep_alive_timeout,
         "accesslog": "-" if access_log else None,
@@ -419,39 +439,3 @@ def serve(
             return app
 
     _Application().run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m qarm_features.feast.server --repo R`` (the lead wires it to ``qarm serve``)."""
-    p = argparse.ArgumentParser(
-        prog="qarm serve", description="Serve a QARM feature repo (Feast's app, guarded)."
-    )
-    p.add_argument("--repo", default=".", help="feature repo directory (default: .)")
-    p.add_argument("-f", "--feature-store-yaml", default=None, help="another repo config")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("-p", "--port", type=int, default=6566)
-    p.add_argument("-w", "--workers", type=int, default=1)
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--max-entity-rows", type=int, default=DEFAULT_MAX_ENTITY_ROWS)
-    p.add_argument("--keep-alive-timeout", type=int, default=30)
-    p.add_argument("--registry-ttl-sec", type=int, default=60)
-    p.add_argument("--access-log", action="store_true")
-    a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    serve(
-        a.repo,
-        host=a.host,
-        port=a.port,
-        workers=a.workers,
-        fs_yaml_file=a.feature_store_yaml,
-        limits=ServeLimits(max_body_bytes=a.max_body_bytes, max_entity_rows=a.max_entity_rows),
-        keep_alive_timeout=a.keep_alive_timeout,
-        registry_ttl_sec=a.registry_ttl_sec,
-        access_log=a.access_log,
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qarm_features._atomic import honour_umask
+from qarm_features._atomic import atomic_file, honour_umask
 from qarm_features._validate import check_columns
 from qarm_features.errors import InputError
 from qarm_features.schema import (
@@ -73,7 +73,7 @@ def encode_catalog(bundle, catalog: pd.DataFrame) -> pd.DataFrame:
     """Encode catalog rows into ``qarm`` feature rows.
 
     Args:
-        bundle: a loaded :class:`~qarm_features.bundle.Bundle`.
+        bundle: a loaded :class:`~qarm_features.bundle.artifact.Bundle`.
         catalog: ``item_id``, ``raw_emb`` (d_raw floats per row); other columns
             (``event_timestamp``, ``created``) pass through.
 
@@ -84,7 +84,7 @@ def encode_catalog(bundle, catalog: pd.DataFrame) -> pd.DataFrame:
         InputError: a missing column, a duplicated item id or any bad row (the batch path
             is strict: repair the catalog rather than store partial rows).
     """
-    from qarm_features.encode import encode_frame
+    from qarm_features.bundle.encode import encode_frame
 
     check_columns(catalog, [ITEM_ID, RAW_EMB], name="catalog")
     ids = catalog[ITEM_ID]
@@ -181,15 +181,8 @@ def write_table(table, path: Path) -> None:
     (a reader sees the old file or the new one, never a torn one)."""
     import pyarrow.parquet as pq
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".parquet.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _positives(interactions: pd.DataFrame, positive_threshold: float | None) -> pd.DataFrame:

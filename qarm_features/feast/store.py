@@ -85,6 +85,24 @@ def load_definitions(repo_path: str | os.PathLike) -> list:
     return list(found.values())
 
 
+def declared_item_entity(repo_path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(entity name, join key)`` of the entity the repo's ``qarm`` view is declared on
+    (``qarm_views(item=...)``), from its definition files; None when no ``qarm`` view is
+    declared there yet."""
+    from feast import Entity
+    from feast.feature_view import FeatureView
+
+    objects = load_definitions(repo_path)
+    qarm = [o for o in objects if isinstance(o, FeatureView) and o.name == "qarm"]
+    if not qarm or not qarm[0].entities:
+        return None
+    name = qarm[0].entities[0]
+    entity = next((o for o in objects if isinstance(o, Entity) and o.name == name), None)
+    if entity is None:
+        return None
+    return entity.name, entity.join_key
+
+
 def registered_version(store) -> str | None:
     """The ``qarm_version`` tag of the registry's ``qarm`` view (None: not applied yet)."""
     from feast.errors import FeatureViewNotFoundException

@@ -8,7 +8,7 @@ runs over the whole catalog. Memory is bounded by the chunk, not the catalog:
   batches, or an in-memory frame sliced;
 - each chunk is checked row by row (a bad row raises :class:`~qarm_features.errors.InputError`
   naming the source, the column, the row and the value), encoded
-  (:func:`qarm_features.encode.encode_items`, whose rows do not depend on the batch) and
+  (:func:`qarm_features.bundle.encode.encode_items`, whose rows do not depend on the batch) and
   appended as one parquet row group to the codes and the content files, each a temp file
   renamed into place only when every chunk succeeded (all or nothing);
 - what outlives a chunk: the item ids (duplicates are checked over the whole catalog at
@@ -35,15 +35,12 @@ from qarm_features._validate import check_columns
 from qarm_features.errors import InputError
 from qarm_features.progress import ProgressCallback, stage
 from qarm_features.schema import (
-    ALIGNED_EMB,
     CREATED,
     EVENT_TIMESTAMP,
     HIST_ITEM_IDS,
     ITEM_ID,
     RAW_EMB,
     USER_ID,
-    VERSION,
-    VQ_CODES,
 )
 
 # Rows per chunk: ~100 MiB of 384-d float32 input, a few hundred MiB in flight while it is
@@ -323,12 +320,12 @@ def codes_table(bundle, chunk: Chunk, enc, schema, *, id_column: str, stamp, cre
         id_column: _id_array(chunk.keys, schema, id_column),
         EVENT_TIMESTAMP: _stamps(n, stamp, schema),
         CREATED: _stamps(n, created, schema),
-        ALIGNED_EMB: _lists(enc.aligned),
-        VQ_CODES: _lists(enc.vq_codes),
-        VERSION: pa.array(np.full(n, enc.version, dtype=object), type=pa.string()),
     }
-    for level, name in enumerate(bundle.schema.rq_columns):
-        cols[name] = pa.array(enc.rq_codes[:, level])
+    for name, value in enc.columns().items():
+        if isinstance(value, str):
+            cols[name] = pa.array(np.full(n, value, dtype=object), type=pa.string())
+        else:
+            cols[name] = _lists(value) if value.ndim == 2 else pa.array(value)
     return pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema)
 
 
@@ -398,7 +395,7 @@ def write_item_sources(
     Raises:
         InputError: a bad row or a duplicated id (nothing is renamed into place).
     """
-    from qarm_features.encode import encode_items
+    from qarm_features.bundle.encode import encode_items
 
     keyed = {"id_type": bundle.id_type, "id_column": id_column}
     codes_schema = bundle.schema.arrow("codes", **keyed)

@@ -38,7 +38,7 @@ FEATURE_REPO = ROOT / "feature_repo"
 @pytest.fixture(scope="session")
 def bundle_path(tmp_path_factory) -> Path:
     """A small random bundle: 200 items (ids 1..200), raw 32-d, aligned 16-d, 3x16 RQ, k=5."""
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
 
     return make_random_bundle(tmp_path_factory.mktemp("qarm-bundles") / "b0")
 
@@ -46,14 +46,14 @@ def bundle_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_bundle_path(tmp_path_factory) -> Path:
     """Another bundle version over the same catalog, with 4 RQ levels (a rollout)."""
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
 
     return make_random_bundle(tmp_path_factory.mktemp("qarm-bundles") / "b1", seed=7, n_levels=4)
 
 
 @pytest.fixture(scope="session")
 def interactions(bundle_path) -> pd.DataFrame:
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
 
     return make_interactions(load_bundle(bundle_path).item_ids)
 

@@ -38,7 +38,7 @@ def refs(view: str, names: list[str]) -> list[str]:
 
 def expected_rows(bundle_path, item_ids, raw_emb) -> dict[int, dict]:
     """What the batch path stores for these items: item_id -> {feature: value}."""
-    from qarm_features.encode import encode_frame, get_bundle
+    from qarm_features.bundle.encode import encode_frame, get_bundle
 
     bundle = get_bundle(bundle_path)
     df = pd.DataFrame({"item_id": np.asarray(item_ids, np.int64), "raw_emb": list(raw_emb)})
@@ -52,7 +52,7 @@ def expected_rows(bundle_path, item_ids, raw_emb) -> dict[int, dict]:
 
 
 def catalog_expectations(bundle_path) -> dict[int, dict]:
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     b = get_bundle(bundle_path)
     return expected_rows(bundle_path, b.item_ids, b.raw_emb)
@@ -256,7 +256,7 @@ def check_history_point_in_time(store, interactions, expected=None) -> None:
 
 def check_read_path(store, bundle_path, n_levels: int = 3) -> None:
     """Warm reads, unknown ids, the BatchFeatureView, cold items and the feature service."""
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
 
     names = qarm_names(n_levels)
     expected = catalog_expectations(bundle_path)
@@ -289,7 +289,7 @@ def check_read_path(store, bundle_path, n_levels: int = 3) -> None:
 
 def check_rollout(repo, fs_yaml_file, bundle_path, other_bundle_path, interactions) -> None:
     """Push, then promote another bundle (4 RQ levels): every online/offline row moves."""
-    from qarm_features.encode import get_bundle
+    from qarm_features.bundle.encode import get_bundle
     from qarm_features.errors import BundleVersionMismatch
     from qarm_features.feast.job import materialize, open_store, push_items
     from qarm_features.feast.serving import check_versions

@@ -67,7 +67,7 @@ def test_apply_registers_the_contract(store, bundle_path):
     from feast import BatchFeatureView
     from feast.types import Array, Float32, Int64, String
 
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
 
     version = load_bundle(bundle_path).version
     assert store.get_entity("item").join_key == "item_id"
@@ -145,7 +145,7 @@ def test_historical_codes_cover_old_logs_and_history_is_point_in_time(
 def test_cold_items_on_demand_equal_the_batch_path(
     store, cli_repo, bundle_path, monkeypatch, tmp_path
 ):
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
 
     # from another working directory, with no environment variable and no configure():
     # the view's UDF carries the repo's bundle (its serving context)
@@ -179,7 +179,7 @@ def test_cold_items_on_demand_equal_the_batch_path(
 
 
 def test_feast_serve_http(cli_repo, bundle_path):
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
 
     b = load_bundle(bundle_path)
     expected = catalog_expectations(bundle_path)
@@ -246,7 +246,7 @@ def test_push_gives_new_items_codes_online(store, cli_repo, bundle_path):
 
 
 def test_version_mismatch_is_detected(store, cli_repo, bundle_path, other_bundle_path):
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.errors import BundleVersionMismatch
     from qarm_features.feast.context import ServingContext
     from qarm_features.feast.job import apply, materialize, push_items

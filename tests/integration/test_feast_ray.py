@@ -136,7 +136,7 @@ def test_ray_offline_store_returns_every_entity_row(ray_store, bundle_path, inte
 
 
 def test_check_workers_turns_the_silent_drop_into_an_error(ray_store):
-    from qarm_features.distributed import check_workers
+    from qarm_features.build.distributed import check_workers
     from qarm_features.errors import DependencyError
 
     found = check_workers()

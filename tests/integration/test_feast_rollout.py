@@ -25,8 +25,8 @@ def sdk_repo(make_repo, bundle_path, interactions):
 
 
 def test_sdk_materialize_read_path(sdk_repo, bundle_path):
-    from qarm_features.feast.store import open_store
     from qarm_features.feast.serving import sample_online
+    from qarm_features.feast.store import open_store
 
     check_read_path(open_store(sdk_repo), bundle_path)
     sample = sample_online(sdk_repo, [1, 999_999], [0.1] * 32)  # one flat embedding
@@ -43,7 +43,7 @@ def test_cold_path_follows_the_registry(make_repo, bundle_path, other_bundle_pat
     """A rollout moves the cold path with the registry: a store opened from another working
     directory serves the old bundle's codes, then the promoted one's, with no restart,
     environment variable or configure() call; a base64 request equals the list request."""
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.feast.job import materialize, open_store
     from tests.integration.helpers import online, refs
     from transformations.on_demand import encode_b64
@@ -75,8 +75,8 @@ def test_promotion_does_not_resurrect_the_previous_catalog(make_repo, bundle_pat
     import numpy as np
     import pandas as pd
 
+    from qarm_features.bundle.testing import make_random_bundle
     from qarm_features.feast.job import materialize, open_store, push_items
-    from qarm_features.testing import make_random_bundle
     from tests.integration.helpers import online
 
     repo = make_repo("shrink", batch_view=False)
@@ -129,7 +129,7 @@ def test_a_view_left_materializing_is_served_and_repaired(make_repo, bundle_path
 def test_two_versions_served_during_a_switch(make_repo, bundle_path, other_bundle_path):
     """--keep-previous: after promoting B, one request reads B's codes from `qarm` and A's
     from `qarm_prev` for the same item; the next run without it drops `qarm_prev`."""
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.feast.job import materialize, open_store
     from tests.integration.helpers import catalog_expectations, online
 

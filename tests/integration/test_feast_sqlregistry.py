@@ -49,8 +49,8 @@ def test_registry_lives_in_postgres(sql_repo, postgres_server):
 
 
 def test_sqlregistry_read_path(sql_repo, bundle_path):
-    from qarm_features.feast.store import open_store
     from qarm_features.feast.serving import check_versions
+    from qarm_features.feast.store import open_store
 
     store = open_store(sql_repo, YAML)
     assert store.config.registry.registry_type == "sql"

@@ -23,7 +23,7 @@ def _read_all(store, item_ids, names):
 
 
 def test_streamed_rows_equal_feast_materialize(make_repo, bundle_path, interactions):
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.feast.job import materialize
     from qarm_features.feast.online_write import write_view
     from qarm_features.feast.sources import EPOCH
@@ -75,7 +75,7 @@ def test_a_view_with_several_rows_per_entity_is_refused(make_repo, bundle_path):
 def test_an_empty_source_is_skipped(make_repo, bundle_path):
     """No interactions: user_history's source has no row; nothing to materialize (Feast's
     Ray offline store fails on an empty source), the item views are still written."""
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
     from qarm_features.feast.job import materialize
     from qarm_features.feast.store import open_store
 

@@ -15,16 +15,16 @@ import pandas as pd
 import pytest
 import ray  # a test dependency (pyproject [test]): CI runs this test, never skips it
 
-from qarm_features.config import PairsConfig
-from qarm_features.errors import ConfigError, InputError
-from qarm_features.pairs import _positives, mine_pairs, mine_u2i_pairs
-from qarm_features.ray_pairs import (
+from qarm_features.build.ray_pairs import (
     mine_pairs_by_config,
     mine_pairs_ray,
     swing_top_k_ray,
     u2i_events,
 )
-from qarm_features.swing import swing_top_k
+from qarm_features.config import PairsConfig
+from qarm_features.errors import ConfigError, InputError
+from qarm_features.pairs.mining import _positives, mine_pairs, mine_u2i_pairs
+from qarm_features.pairs.swing import swing_top_k
 
 pytestmark = [pytest.mark.slow]
 
@@ -35,7 +35,7 @@ CAP = 12  # max_item_users: below the head items' user counts (asserted)
 
 @pytest.fixture(scope="module")
 def log() -> pd.DataFrame:
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     world = SyntheticWorld(250, 160, seed=3)
     df = world.interactions(n_per_user=30)
@@ -75,7 +75,7 @@ def _swing_args():
 
 
 def test_ray_u2i_events_equal_one_process(cluster, log):
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     world = SyntheticWorld(250, 160, seed=3)
     ids, emb = world.item_ids + 10**12, world.collab.astype(np.float32)

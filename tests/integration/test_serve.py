@@ -1,4 +1,4 @@
-"""`qarm serve` (`python -m qarm_features.feast.server`) against what real clients send.
+"""`qarm serve` against what real clients send.
 
 Each finding of issue 13 on Feast 0.67's `feast serve` is one test, run against our server
 (started by the test on a free loopback port, over a repo built by
@@ -6,8 +6,11 @@ Each finding of issue 13 on Feast 0.67's `feast serve` is one test, run against 
 against plain `feast serve` on the same repo, where each is expected to fail (strict
 xfail): the finding is still Feast's, and ours still fixes it.
 
-Our server runs with small limits here (64 KiB bodies, 500 entity rows) so the limit
-tests send small requests.
+Our server runs with small limits here (64 KiB bodies, 500 entity rows, 2 s to send a
+request's headers) so the limit tests send small requests and wait little.
+
+Issue 21: `qarm serve` answers reads itself (`qarm_features.feast.read_path`); its answers
+are compared, request by request, with Feast's own app on the same repo, in process.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ NAMES = qarm_names(3)
 COLD = refs("qarm_cold", NAMES + ["qarm_error"])
 MAX_BODY = 64 * 1024
 MAX_ROWS = 500
+HEADER_TIMEOUT_S = 2
 SERVERS = ["qarm"] + (["feast"] if os.environ.get("QARM_COMPARE_FEAST") else [])
 
 
@@ -65,7 +69,8 @@ def qarm_server(repo: Path, *, startup_s: float = 120, extra_args: tuple[str, ..
                                          env["PYTHONPATH"]])  # fmt: skip
     command = [str(Path(sys.executable).parent / "qarm"), "serve", "--repo", str(repo),
                "--port", str(port), "--max-body-bytes", str(MAX_BODY),
-               "--max-entity-rows", str(MAX_ROWS), *extra_args]  # fmt: skip
+               "--max-entity-rows", str(MAX_ROWS), "--header-timeout", str(HEADER_TIMEOUT_S),
+               *extra_args]  # fmt: skip
     # cwd is not the repo: the server must find everything from --repo
     with http_server(command, port=port, cwd=repo.parent, env=env, startup_s=startup_s,
                      log_path=repo.parent / f"qarm-serve-{port}.log", name="qarm serve") as url:  # fmt: skip
@@ -121,7 +126,7 @@ def columns(resp: dict) -> dict[str, list]:
 
 
 def raw_rows(bundle_path, n: int, seed: int) -> np.ndarray:
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
 
     d = load_bundle(bundle_path).raw_dim
     return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
@@ -385,3 +390,260 @@ def test_mixed_soak_on_keep_alive_connections(request, server, bundle_path):
         causes = collections.Counter(f.split(" {")[0].split("(")[0][:40] for f in failures)
         print("   ", dict(causes.most_common(8)))
     assert not failures, f"{len(failures)} of {n_requests} failed, e.g. {failures[:5]}"
+
+
+# --------------------------------------------------------------------------- issue 19
+
+
+WRITES = {
+    "/write-to-online-store": {"feature_view_name": "qarm",
+                               "df": {"item_id": [50], "qarm_version": ["qarm-evil"]}},
+    "/push": {"push_source_name": "qarm_push",
+              "df": {"item_id": [50], "qarm_version": ["qarm-evil"]}, "to": "online"},
+    "/materialize": {"start_ts": "1970-01-01T00:00:00", "end_ts": "2100-01-01T00:00:00"},
+    "/materialize-incremental": {"end_ts": "2100-01-01T00:00:00"},
+}
+
+
+@pytest.mark.parametrize("path", list(WRITES))
+def test_write_endpoints_are_refused(request, server, bundle_path, path):
+    """Feast's app takes writes from anyone who can connect; `qarm serve` is read-only
+    unless started with --allow-writes."""
+    feast_fails(request, server)
+    url = server[1]
+    before = post(url, {"features": ["qarm:qarm_version"], "entities": {"item_id": [50]}})
+    status, headers, body = post(url, WRITES[path], path=path)
+    assert status == 403 and headers["Connection"] == "close", (status, body)
+    assert "read-only" in body["message"] and "--allow-writes" in body["message"], body
+    after = post(url, {"features": ["qarm:qarm_version"], "entities": {"item_id": [50]}})
+    assert after[2] == before[2] and "qarm-evil" not in json.dumps(after[2])
+
+
+def test_http_client_reads_the_413_of_a_large_body(request, server):
+    """http.client sends a whole body before reading: 8 MB against a 64 KiB limit must
+    come back as a 413, not a broken pipe or a reset."""
+    feast_fails(request, server)
+    port = int(server[1].rsplit(":", 1)[1])
+    body = json.dumps({"features": ["qarm:rq_code_l1"], "entities": {"item_id": [1]},
+                       "pad": "x" * 8_000_000}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/get-online-features", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 413 and b"limit of 65536 bytes" in resp.read()
+    conn.close()
+
+
+def test_slow_clients_are_disconnected(request, server):
+    """Slowloris: connections that send half a request's headers, or nothing, are closed
+    after the header timeout; the server keeps answering."""
+    import socket
+
+    feast_fails(request, server)
+    port = int(server[1].rsplit(":", 1)[1])
+    socks = []
+    for i in range(60):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        if i % 2:
+            s.sendall(b"POST /get-online-features HTTP/1.1\r\nHost: x\r\nX-a: ")
+        socks.append(s)
+    deadline = time.monotonic() + HEADER_TIMEOUT_S + 20
+    open_ = list(socks)
+    while open_ and time.monotonic() < deadline:
+        for s in list(open_):
+            s.settimeout(0.05)
+            try:
+                if s.recv(1024) == b"":
+                    open_.remove(s)
+            except TimeoutError:
+                pass
+            except OSError:  # reset: closed too
+                open_.remove(s)
+    for s in socks:
+        s.close()
+    assert not open_, f"{len(open_)} of {len(socks)} slow connections still open"
+    assert post(server[1], {"features": ["qarm:rq_code_l1"], "entities": {"item_id": [1]}})[0] == 200
+
+
+def test_the_readme_curl_example_runs_as_written(server):
+    """The README's curl command, against a started server (Feast 0.67 answers 422 to a
+    body without `Content-Type: application/json`)."""
+    import re
+    import subprocess
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "curl" in b]
+    assert len(blocks) == 1, blocks
+    command = blocks[0].replace("localhost:6566", server[1].removeprefix("http://"))
+    out = subprocess.run(["bash", "-c", command.strip() + " -w '\\n%{http_code}'"],
+                         capture_output=True, text=True, timeout=60)
+    body, _, code = out.stdout.rpartition("\n")
+    assert code == "200", (out.stdout, out.stderr)
+    cols = columns(json.loads(body))
+    assert cols["rq_code_l1"] == [-1] and "raw_emb_b64" in cols["qarm_error"][0], cols
+
+
+# --------------------------------------------------------------------------- issue 21
+
+
+def asgi_post(app, payload, path: str = "/get-online-features",
+              content_type: bytes | None = b"application/json") -> tuple[int, bytes]:
+    """(status, body) of one POST through an ASGI app, in process."""
+    import asyncio
+
+    body = json.dumps(payload).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    if content_type is not None:
+        headers.append((b"content-type", content_type))
+    scope = {"type": "http", "path": path, "method": "POST", "query_string": b"",
+             "headers": headers,
+             "root_path": "", "http_version": "1.1", "scheme": "http",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1)}
+    parts, sent = [body], []
+
+    async def receive():
+        if parts:
+            return {"type": "http.request", "body": parts.pop(), "more_body": False}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    try:
+        asyncio.run(app(scope, receive, send))
+    except Exception:  # Starlette re-raises after its 500 (Feast's unguarded app)
+        if not sent:
+            raise
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+@pytest.fixture(scope="module")
+def three_apps(serve_repo):
+    """`qarm serve`'s app (fast reads), the same with every read left to Feast, and
+    Feast's own app unguarded: one repo, one store each."""
+    from feast.feature_server import get_app
+
+    from qarm_features.feast.server import build_app
+
+    fast, _ = build_app(serve_repo)
+    assert fast.reader is not None
+    answered = []
+    read = fast.reader.read
+
+    def counted(*args):
+        out = read(*args)
+        answered.append(out is not None)
+        return out
+
+    fast.reader.read = counted
+    guarded, store = build_app(serve_repo, fast_reads=False)
+    return fast, guarded, get_app(store), answered
+
+
+def test_fast_reads_equal_feasts_answers(three_apps, bundle_path):
+    """The same requests to `qarm serve` (its own reads), to `qarm serve` with Feast
+    answering, and to Feast's plain app: the same statuses and bodies, codes bit for bit;
+    warm, cold, both in one request, bad rows, string ids, full feature names, errors."""
+    from transformations.on_demand import encode_b64
+
+    fast, guarded, plain, answered = three_apps
+    raw = raw_rows(bundle_path, 3, seed=21)
+    good = [r.tolist() for r in raw]
+    warm = refs("qarm", NAMES)
+    b64 = [encode_b64(raw[0]), "x", ""]
+    cases = [  # (request, also valid for Feast's plain app)
+        ({"features": warm, "entities": {"item_id": [1, 7, 999]}}, True),
+        ({"features": warm, "entities": {"item_id": [1, "2"]}}, True),
+        ({"features": refs("item_content", ["raw_emb"]) + warm[1:3],
+          "entities": {"item_id": [3, 4]}}, True),
+        ({"features": COLD, "entities": {"raw_emb": good}}, True),
+        ({"features": COLD, "entities": {"raw_emb": [good[0], "abc", [0, 1] + good[1][2:],
+                                                     None, []]}}, False),
+        ({"features": ["qarm_cold:vq_codes", "qarm_cold:aligned_emb"],
+          "entities": {"item_id": [1, "2", 9999], "raw_emb": good}}, True),
+        ({"features": ["qarm_cold:qarm_error", "qarm:rq_code_l1", "qarm_cold:rq_code_l2",
+                       "qarm:vq_codes"], "entities": {"item_id": [1, 999, 3], "raw_emb": good}},
+         True),
+        ({"features": ["qarm_cold_b64:qarm_error", "qarm_cold:rq_code_l1",
+                       "qarm_cold_b64:vq_codes"],
+          "entities": {"raw_emb": good, "raw_emb_b64": b64}}, True),
+        ({"features": warm, "entities": {"item_id": [1]}, "full_feature_names": True}, True),
+        ({"features": ["qarm:no_such_feature"], "entities": {"item_id": [1]}}, True),
+        ({"features": ["qarm:rq_code_l1", "qarm_cold:rq_code_l1"],
+          "entities": {"item_id": [1], "raw_emb": good[:1]}}, True),
+        ({"features": ["qarm_cold:rq_code_l1"], "entities": {"item_id": [1]}}, True),
+        ({"feature_service": "qarm_ranker", "entities": {"item_id": [1]}}, False),
+    ]
+    for i, (payload, feast_too) in enumerate(cases):
+        got = asgi_post(fast, json.loads(json.dumps(payload)))
+        assert got == asgi_post(guarded, json.loads(json.dumps(payload))), (i, got)
+        if feast_too:
+            want = asgi_post(plain, json.loads(json.dumps(payload)))
+            assert got[0] == want[0] and json.loads(got[1]) == json.loads(want[1]), (i, got, want)
+    # answered by qarm serve itself: the reads it covers; errors and services went to Feast
+    assert answered == [True] * 9 + [False] * 4, answered
+    # a body not declared as JSON: Feast's 422, from both (as the README's curl must know)
+    for content_type in (None, b"text/plain", b"application/x-www-form-urlencoded"):
+        got = asgi_post(fast, cases[0][0], content_type=content_type)
+        want = asgi_post(plain, cases[0][0], content_type=content_type)
+        assert got[0] == want[0] == 422 and got[1] == want[1], (content_type, got)
+    assert asgi_post(fast, cases[0][0], content_type=b"application/json; charset=utf-8")[0] == 200
+    assert len(answered) == 14
+    # codes bit for bit with the batch path, the guard's row errors in place
+    cols = columns(json.loads(asgi_post(fast, cases[4][0])[1]))
+    want = expected_rows(bundle_path, [9001], raw[:1])[9001]
+    assert_row_equal({n: cols[n][0] for n in NAMES}, want, NAMES, "good row")
+    assert cols["qarm_error"][1:] == ["raw_emb must be a list of numbers, got a string", "",
+                                      "raw_emb is missing", "raw_emb is an empty list"]
+
+
+def test_full_feature_names_keep_cold_outputs(three_apps, bundle_path):
+    """Feast 0.67 drops python-mode on-demand outputs under full feature names; `qarm
+    serve` answers them under their full names, the rest of the answer as Feast's, and
+    the guard's per-row errors in `qarm_cold__qarm_error`."""
+    fast, _, plain, _ = three_apps
+    good = [r.tolist() for r in raw_rows(bundle_path, 2, seed=22)]
+    payload = {"features": ["qarm:rq_code_l1"] + COLD, "full_feature_names": True,
+               "entities": {"item_id": [1, 2, 3], "raw_emb": [good[0], "oops", good[1]]}}
+    status, body = asgi_post(fast, json.loads(json.dumps(payload)))
+    assert status == 200
+    got = json.loads(body)
+    names = got["metadata"]["feature_names"]
+    assert names == ["item_id", "qarm__rq_code_l1"] + [f"qarm_cold__{n}" for n in NAMES] + [
+        "qarm_cold__qarm_error"]
+    cols = columns(got)
+    assert cols["qarm_cold__qarm_error"] == ["", "raw_emb must be a list of numbers, got a string",
+                                             ""]
+    short = dict(payload, full_feature_names=False, features=COLD)
+    plain_cols = columns(json.loads(asgi_post(fast, json.loads(json.dumps(short)))[1]))
+    for n in NAMES:
+        assert cols[f"qarm_cold__{n}"] == plain_cols[n], n
+    payload["entities"]["raw_emb"][1] = good[0]  # Feast's plain app fails on the bad row
+    status, feast_body = asgi_post(plain, payload)
+    feast = json.loads(feast_body)
+    assert status == 200 and feast["metadata"]["feature_names"] == ["item_id", "qarm__rq_code_l1"]
+    got = json.loads(asgi_post(fast, payload)[1])
+    keep = [j for j, n in enumerate(got["metadata"]["feature_names"]) if "qarm_cold__" not in n]
+    assert [got["results"][j] for j in keep] == feast["results"]
+
+
+def test_cold_columns_in_process_equal_a_feast_read(serve_repo, bundle_path):
+    """The fast in-process call (the view's UDF without Feast's typing) answers what
+    `store.get_online_features` answers, item ids (VQ self-exclusion) included."""
+    from feast import FeatureStore
+
+    from qarm_features.bundle.artifact import load_bundle
+    from qarm_features.errors import ConfigError
+    from qarm_features.feast.read_path import FastReader
+
+    store = FeatureStore(repo_path=str(serve_repo))
+    bundle = load_bundle(bundle_path)
+    raw = np.concatenate([bundle.raw_emb[:2], raw_rows(bundle_path, 1, seed=23)])
+    ids = [int(bundle.item_ids[0]), int(bundle.item_ids[1]), 9999]  # own rows: self-excluded
+    rows = [{"item_id": i, "raw_emb": r} for i, r in zip(ids, raw)]
+    want = store.get_online_features(features=COLD, entity_rows=rows).to_dict()
+    got = FastReader(store).cold_columns("qarm_cold", {"item_id": ids, "raw_emb": list(raw)})
+    for name in NAMES + ["qarm_error"]:
+        assert got[name] == want[name], name
+    assert ids[0] not in got["vq_codes"][0]  # an item is not among its own VQ codes
+    with pytest.raises(ConfigError, match="not a cold view"):
+        FastReader(store).cold_columns("qarm", {"item_id": ids})

@@ -81,9 +81,9 @@ def _client(port, work, results, lock):
 
 
 def test_soak_during_two_promotions(make_repo, bundle_path, tmp_path):
-    from qarm_features.bundle import load_bundle
+    from qarm_features.bundle.artifact import load_bundle
+    from qarm_features.bundle.testing import make_random_bundle
     from qarm_features.feast.job import materialize
-    from qarm_features.testing import make_random_bundle
 
     other = make_random_bundle(tmp_path / "other", seed=11)  # same catalog, another version
     versions = {load_bundle(bundle_path).version, load_bundle(other).version}

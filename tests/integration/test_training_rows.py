@@ -169,9 +169,9 @@ def test_every_entity_row_comes_back_int_ids(int_repo, interactions, kind, tmp_p
 @pytest.fixture(scope="module")
 def string_repo(tmp_path_factory):
     """`qarm init --string-ids` (its feature_store.yaml as written), a string-id bundle."""
+    from qarm_features.bundle.testing import make_random_bundle
     from qarm_features.feast.job import apply, prepare_sources
     from qarm_features.feast.scaffold import init_repo
-    from qarm_features.testing import make_random_bundle
 
     root = tmp_path_factory.mktemp("string-rows")
     bundle = make_random_bundle(root / "bundle", n_items=60, string_ids=True)

@@ -74,7 +74,8 @@ build:
 """
 
 
-def qarm(*args: str, cwd: Path, home: Path) -> str:
+def qarm(*args: str, cwd: Path, home: Path, stderr: list | None = None) -> str:
+    """``qarm ARGS``'s stdout (its stderr appended to ``stderr`` when given)."""
     proc = subprocess.run(
         [str(QARM), *args], cwd=cwd, env=subprocess_env(home), capture_output=True, text=True,
         timeout=900,
@@ -83,6 +84,8 @@ def qarm(*args: str, cwd: Path, home: Path) -> str:
         raise AssertionError(
             f"qarm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
+    if stderr is not None:
+        stderr.append(proc.stderr)
     return proc.stdout
 
 
@@ -146,35 +149,57 @@ def shop(tmp_path_factory):
     commands, _ = _walkthrough()
     assert [c.split()[:2] for c in commands] == [
         ["qarm", "init"], ["$EDITOR", "shop/qarm.yaml"], ["qarm", "build"],
-        ["qarm", "materialize"],
+        ["qarm", "materialize"], ["qarm", "status"],
     ]  # fmt: skip
-    said = []
+    said, errs = [], []
     for command in commands:
         if command.startswith("$EDITOR"):
             assert "from shop_features import product" in (repo / "qarm_definitions.py").read_text()
             (repo / "qarm.yaml").write_text(QARM_YAML)  # the team fills in its config
             continue
-        said.append(qarm(*command.split()[1:], cwd=root, home=root))
+        said.append(qarm(*command.split()[1:], cwd=root, home=root, stderr=errs))
     (root / "walkthrough.out").write_text("\n".join(said))
+    (root / "walkthrough.err").write_text("\n".join(errs))
     end = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
     run_feast(["materialize", "1970-01-01T00:00:00", end], repo)  # the shop's own price view
     return repo
 
 
-def test_the_readme_python_snippet_runs_as_written(shop, monkeypatch):
-    from qarm_features.build import encode_catalog_text
-    from qarm_features.project import load_project
+def test_materialize_says_whose_views_it_wrote(shop):
+    """`qarm materialize --repo` also materializes the shop's own view: it says so, in a
+    short summary (not the statistics dict; that is --json)."""
+    said = (shop.parent / "walkthrough.out").read_text()
+    summary = said[said.index("materialized "):]
+    assert "QARM's views: qarm" in summary and "240 items" in summary, summary
+    assert "the team's views, materialized too" in summary and "product_price" in summary
+    assert len(summary.splitlines()) <= 6 and '"stages"' not in summary, summary
 
+
+def test_the_walkthrough_warns_nothing_the_user_cannot_act_on(shop):
+    """Feast's "experimental" on-demand-view warning, ibis' fetch_arrow_table deprecation,
+    transformers' "Loading weights" bars: none reaches the walkthrough's stderr."""
+    err = (shop.parent / "walkthrough.err").read_text()
+    for noise in ("experimental feature", "fetch_arrow_table", "Loading weights"):
+        assert noise not in err, err
+
+
+def test_the_readme_python_snippet_runs_as_written(shop, monkeypatch):
+    """As written, nothing given: it makes the cold product's embedding itself
+    (`content_embeddings`), and its codes are those the batch path gives that text."""
     _, snippet = _walkthrough()
     monkeypatch.chdir(shop.parent)
-    emb = encode_catalog_text(["green silk scarf"], load_project(shop).build)[0]
-    namespace = {"emb": emb}
+    namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)  # as written: no error
     store = namespace["store"]  # the store the snippet opened from the shop's parent
     warm = store.get_online_features(
         features=["product_price:price", "qarm:rq_code_l1"], entity_rows=[{"sku": "SKU-00003"}]
     ).to_dict()
     assert warm["price"][0] is not None and warm["rq_code_l1"][0] is not None
+    cold = namespace["cold"]
+    want = _expected(shop, ["SKU-NEW"], ["green silk scarf. a green silk scarf for every day"])
+    assert cold["qarm_error"] == [""], cold
+    assert cold["rq_code_l1"] == [int(want["rq_code_l1"][0])]
+    assert [int(c) for c in cold["vq_codes"][0]] == [int(c) for c in want["vq_codes"][0]]
 
 
 def test_training_rows_after_switching_the_offline_store_as_told(shop, tmp_path, monkeypatch):
@@ -213,8 +238,8 @@ def test_training_rows_after_switching_the_offline_store_as_told(shop, tmp_path,
 
 
 def _expected(repo: Path, skus: list[str], texts: list[str]) -> pd.DataFrame:
-    from qarm_features.build import encode_catalog_text, latest_bundle
-    from qarm_features.encode import encode_frame, get_bundle
+    from qarm_features.build.bundles import encode_catalog_text, latest_bundle
+    from qarm_features.bundle.encode import encode_frame, get_bundle
     from qarm_features.project import load_project
 
     project = load_project(repo)
@@ -251,10 +276,27 @@ def test_price_and_qarm_codes_in_one_call(shop, tmp_path, monkeypatch):
     assert statuses["qarm_version"][2] == "NOT_FOUND"
 
 
+def test_the_checked_read_on_string_ids(shop, tmp_path, monkeypatch):
+    """The checked in-process read on the shop's `sku` key: a number is refused naming the
+    row, as `qarm serve` refuses it (Feast alone would type the column from it)."""
+    from feast import FeatureStore
+
+    from qarm_features.errors import InputError
+    from qarm_features.feast.serving import get_online_features
+
+    monkeypatch.chdir(tmp_path)
+    store = FeatureStore(repo_path=str(shop))
+    refs = ["product_price:price", "qarm:rq_code_l1"]
+    got = get_online_features(store, refs, [{"sku": "SKU-00003"}]).to_dict()
+    assert got == store.get_online_features(refs, [{"sku": "SKU-00003"}]).to_dict()
+    with pytest.raises(InputError, match="sku row 1: 3 is a number; sku ids are strings"):
+        get_online_features(store, refs, [{"sku": "SKU-00003"}, {"sku": 3}])
+
+
 def test_cold_product_from_another_directory_equals_batch(shop, tmp_path, monkeypatch):
     from feast import FeatureStore
 
-    from qarm_features.build import encode_catalog_text
+    from qarm_features.build.bundles import encode_catalog_text
     from qarm_features.project import load_project
 
     monkeypatch.chdir(tmp_path)
@@ -275,10 +317,14 @@ def test_push_new_products_then_read_them(shop, tmp_path):
     new = pd.DataFrame({"sku": ["NEW-7"], "title": ["black wool coat"],
                         "description": ["a black wool coat for every day"]})  # fmt: skip
     new.to_parquet(tmp_path / "new.parquet")
-    out = qarm("push", "--repo", str(shop), str(tmp_path / "new.parquet"), cwd=tmp_path,
-               home=tmp_path)  # fmt: skip
+    out = qarm("push", "--repo", str(shop), str(tmp_path / "new.parquet"), "--json",
+               cwd=tmp_path, home=tmp_path)  # fmt: skip
     assert '"n_items": 1' in out
     stats = json.loads(out)
+    said = qarm("push", "--repo", str(shop), str(tmp_path / "new.parquet"), cwd=tmp_path,
+                home=tmp_path)  # fmt: skip (the same item again: a summary, not a dict)
+    assert "pushed 1 items' codes online and offline" in said and "NEW-7" in said
+    assert "no rebuild due" in said and len(said.splitlines()) <= 4, said
     # the daily route: one new product among 240 needs no rebuild yet
     assert stats["n_added_since_build"] == 1 and stats["rebuild_due"] is False
     values, statuses = online(
@@ -301,6 +347,35 @@ def test_inspect_the_repos_newest_build(shop, tmp_path):
     assert report["n_catalog"] == 240
     assert report["n_added"] == len({s for s in skus if not s.startswith("SKU-")})
     assert report["rebuild_due"] is (report["share_added"] > 0.1)
+
+
+def test_status_and_repair_on_the_shop_repo(shop, tmp_path):
+    """`qarm status` on a repo whose join key is `sku` (string ids), from another working
+    directory: one version everywhere; a view a killed run left MATERIALIZING is found and
+    `--repair` materializes it again (string ids through the repair path too)."""
+    from feast.feature_view import FeatureViewState
+
+    from qarm_features.feast.store import open_store
+
+    said = (shop.parent / "walkthrough.out").read_text()
+    report = json.loads(said[said.rindex('{\n  "ok"'):])  # the walkthrough's `qarm status`
+    version = report["version"]
+    assert report["ok"] and report["versions"]["offline"] == [version]
+    assert report["versions"]["online"] == [version]  # a sample of online rows, read by sku
+
+    repo = tmp_path / "shop"  # a copy: the other tests keep the shop as the team wrote it
+    shutil.copytree(shop, repo, symlinks=True)
+    store = open_store(repo)
+    fv = store.registry.get_feature_view("qarm", store.project)
+    fv.state = FeatureViewState.MATERIALIZING  # what a kill -9 mid-materialize leaves
+    store.registry.apply_feature_view(fv, store.project, commit=True)
+    proc = subprocess.run([str(QARM), "status", "--repo", str(repo)], cwd=tmp_path,
+                          env=subprocess_env(tmp_path), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1 and "view qarm is MATERIALIZING" in proc.stdout, proc.stdout
+    report = json.loads(qarm("status", "--repo", str(repo), "--repair", cwd=tmp_path,
+                             home=tmp_path))  # fmt: skip
+    assert report["ok"] and report["repaired"] and report["views"]["qarm"] == "AVAILABLE_ONLINE"
+    assert report["versions"]["online"] == [version]
 
 
 def test_the_shop_repo_survives_feast_apply_twice(shop):
@@ -329,7 +404,7 @@ def test_a_bad_catalog_is_refused_before_anything_is_written(shop, tmp_path):
 
 def _grouplens(dest: Path) -> Path:
     """MovieLens-100k written back in its GroupLens layout (u.item, u.data) from the cache."""
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
+    from qarm_features.datasets.movielens import fetch_movielens_100k, load_movielens_100k
 
     ml = load_movielens_100k(fetch_movielens_100k())
     dest.mkdir(parents=True)
@@ -373,3 +448,27 @@ def test_movielens_grouplens_layout_builds_from_a_qarm_yaml(tmp_path, monkeypatc
     )  # fmt: skip
     assert statuses["rq_code_l1"] == ["PRESENT", "NOT_FOUND"]
     assert len(values["vq_codes"][0]) == 25 and 50 not in values["vq_codes"][0]
+
+
+@pytest.mark.parametrize(
+    ("path", "imports"),
+    [
+        ("entities/product.py", "from entities.product import product"),  # a sub-package
+        ("my-defs.py", 'product = importlib.import_module("my-defs").product'),  # no identifier
+    ],
+)
+def test_init_into_imports_the_entity_where_feast_apply_finds_it(tmp_path, path, imports):
+    """The team's entity in a sub-package or a file whose name is not an identifier: the
+    definitions `qarm init --into` writes pass the team's real `feast apply`."""
+    repo = tmp_path / "shop"
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / "data").mkdir()
+    (repo / "feature_store.yaml").write_text(FEATURE_STORE)
+    (repo / path).write_text(SHOP_DEFINITIONS)
+    qarm("init", "--into", str(repo), "--item-entity", "product", cwd=tmp_path, home=tmp_path)
+    out = run_feast(["apply"], repo).stdout
+    assert "qarm" in out and "product_price" in out, out
+    listed = run_feast(["feature-views", "list"], repo).stdout
+    assert "qarm" in listed and "product_price" in listed, listed
+    written = (repo / "qarm_definitions.py").read_text()
+    assert imports.replace('"', "'") in written.replace('"', "'"), written

@@ -1,6 +1,6 @@
 """The pair miners as they were before issue 9 (main at 901e8f1), kept as slow references.
 
-:mod:`qarm_features.pairs` now mines with bounded memory and linear cost (vectorised U2I
+:mod:`qarm_features.pairs.mining` now mines with bounded memory and linear cost (vectorised U2I
 over users, Swing on co-occurrence triples with per-item user sampling); these copies are
 what its equality tests compare against on small inputs, where the caps do not bite.
 Verbatim except for the names.
@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from qarm_features._validate import check_embeddings, check_ids, lookup_rows
+from qarm_features._validate import check_embeddings, check_ids, l2_normalize, lookup_rows
 from qarm_features.errors import InputError
-from qarm_features.pairs import _normalize, _positives
+from qarm_features.pairs.mining import _positives
 
 _U2I_CHUNK = 1024
 
@@ -55,7 +55,7 @@ def reference_u2i_pairs(
     ids = check_ids(item_ids, name="item_ids", n=emb.shape[0])
     pos = _positives(interactions, positive_threshold)
     rows = lookup_rows(pos["item_id"].to_numpy(), ids, name="interactions.item_id")
-    e = _normalize(emb.astype(np.float64)).astype(np.float32)
+    e = l2_normalize(emb.astype(np.float64)).astype(np.float32)
     users = pos["user_id"].to_numpy()
     order = np.argsort(users, kind="stable")  # per user, in log order
     _, starts, counts = np.unique(users[order], return_index=True, return_counts=True)

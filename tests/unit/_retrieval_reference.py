@@ -1,7 +1,7 @@
 """The BPR-MF retrieval model as it was before issue 9 (main at 901e8f1): a slow reference.
 
 Dense torch Adam: every step updates the whole user and item tables, which is what made
-pair mining cost ~940 s at 200k items. :class:`qarm_features.retrieval.BPRMF` now trains
+pair mining cost ~940 s at 200k items. :class:`qarm_features.pairs.retrieval.BPRMF` now trains
 with sparse SGD updates (implicit); this copy is what its tests compare quality against.
 Verbatim except for the class name.
 """
@@ -66,7 +66,7 @@ class ReferenceBPRMF:
 
     @classmethod
     def from_config(cls, cfg: PairsConfig) -> "ReferenceBPRMF":
-        """The retrieval model :func:`~qarm_features.pairs.mine_pairs` fits for ``cfg``."""
+        """The retrieval model :func:`~qarm_features.pairs.mining.mine_pairs` fits for ``cfg``."""
         return cls(
             dim=cfg.mf_dim,
             epochs=cfg.mf_epochs,

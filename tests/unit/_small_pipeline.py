@@ -22,7 +22,7 @@ def small_world():
     """``(item_ids, content, interactions)``: 150 items, 200 users, 16-d content (seeded)."""
     import torch
 
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     torch.set_num_threads(1)
     w = SyntheticWorld(n_items=150, n_users=200, content_dim=16, nuisance=2.0, seed=0)

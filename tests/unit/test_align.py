@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from qarm_features._contrastive import masked_nce
-from qarm_features.align import Aligner, ItemAligner, weight_shapes
+from qarm_features.align.aligner import Aligner, ItemAligner, weight_shapes
+from qarm_features.align.contrastive import masked_nce
 from qarm_features.config import AlignerConfig
 from qarm_features.errors import ConfigError, InputError, NotFittedError
 from qarm_features.metrics import pair_auc, pair_recall_at_k
@@ -277,7 +277,7 @@ def test_batch_losses_match_the_dense_reference(n_items, batch):
     """symmetric_nce (sparse masks) and raw_consistency (Frobenius identity) equal the dense
     formulation, value and gradient, on random batches; few items = many duplicates
     (the same trigger or target in several pairs, a trigger that is another pair's target)."""
-    from qarm_features._contrastive import raw_consistency, symmetric_nce
+    from qarm_features.align.contrastive import raw_consistency, symmetric_nce
 
     gen = torch.Generator().manual_seed(n_items * 1000 + batch)
     a = torch.randint(0, n_items, (batch,), generator=gen)
@@ -309,7 +309,7 @@ def test_batch_losses_match_the_dense_reference(n_items, batch):
 def test_fit_history_matches_the_dense_reference_loss(world):
     """One epoch of ItemAligner.fit reports the losses the dense formulation gives on the
     same batches (same seed: same init, batch order and steps)."""
-    import qarm_features.align as align_mod
+    import qarm_features.align.aligner as align_mod
 
     ids, content, pairs = world
     cfg = CFG.model_copy(update={"max_epochs": 2, "hidden": 0, "raw_consistency": 0.3})

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from qarm_features import align as align_mod
-from qarm_features.align import ItemAligner
+from qarm_features.align import aligner as align_mod
+from qarm_features.align.aligner import ItemAligner
 from qarm_features.config import AlignerConfig
 from qarm_features.metrics import pair_auc, pair_recall_at_k
 

@@ -26,7 +26,7 @@ def tiny_x():
 
 @pytest.fixture(scope="module")
 def tiny_codebooks(tiny_x):
-    from qarm_features.quantize import ResidualQuantizer
+    from qarm_features.codes.rq import ResidualQuantizer
 
     return ResidualQuantizer(n_levels=2, n_codes=16, n_iter=3, seed=0).fit(tiny_x).codebooks_
 

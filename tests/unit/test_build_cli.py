@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qarm_features.build import build_bundle
-from qarm_features.bundle import load_bundle
-from qarm_features.app.cli import app, load_build_config
+from qarm_features.app.cli import app
+from qarm_features.build.bundles import build_bundle
+from qarm_features.bundle.artifact import load_bundle
 from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig, VQConfig
-from qarm_features.synthetic import SyntheticWorld
-from qarm_features.errors import ConfigError, InputError
+from qarm_features.datasets.synthetic import SyntheticWorld
+from qarm_features.errors import InputError
 
 runner = CliRunner()
 
@@ -94,17 +94,13 @@ def test_inspect_ok_and_bad_bundle_exit_codes(built, tmp_path):
     assert res.exit_code == 1
 
 
-def test_config_file_and_overrides(tmp_path):
-    cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text('{"rq": {"n_levels": 4}}')
-    cfg = load_build_config(cfg_file, ["vq.k=10", "aligner.temperature=0.1"])
-    assert cfg.rq.n_levels == 4 and cfg.vq.k == 10 and cfg.aligner.temperature == 0.1
-    with pytest.raises(ConfigError, match="levels"):
-        load_build_config(None, ["rq.levels=4"])  # unknown key is an error, not ignored
-    with pytest.raises(ConfigError):
-        load_build_config(None, ["rq.n_levels=0"])
-    res = runner.invoke(app, ["build", "--set", "rq.nlevels=3", "--out", str(tmp_path / "x")])
-    assert res.exit_code == 1 and "nlevels" in res.output
+def test_build_reads_the_repos_qarm_yaml_only(tmp_path):
+    """One route: `qarm build` builds a repo's qarm.yaml (the demo repo by default); there
+    is no JSON config or --set route beside it."""
+    res = runner.invoke(app, ["build", "--repo", str(tmp_path)])
+    assert res.exit_code == 1 and "qarm.yaml does not exist" in " ".join(res.output.split())
+    res = runner.invoke(app, ["build", "--repo", str(tmp_path), "--config", "c.json"])
+    assert res.exit_code == 2 and "--config" in res.output
 
 
 @pytest.mark.parametrize(
@@ -121,14 +117,6 @@ def test_catalog_size_and_ids_are_checked_before_training(world, tmp_path, ids, 
     with pytest.raises(InputError, match=match):
         build_bundle(tmp_path / "b", item_ids=ids, raw_emb=raw, interactions=events, config=cfg)
     assert not (tmp_path / "b").exists()
-
-
-def test_a_config_file_that_is_not_an_object_is_refused(tmp_path):
-    (tmp_path / "c.json").write_text("[]")
-    with pytest.raises(ConfigError, match="expected a JSON object"):
-        load_build_config(tmp_path / "c.json", [])
-    result = runner.invoke(app, ["build", "--set", "dataset=anything"])
-    assert result.exit_code == 1 and "movielens-100k demo" in result.output
 
 
 def test_environment_faults_end_in_one_line(tmp_path):
@@ -149,7 +137,155 @@ def test_environment_faults_end_in_one_line(tmp_path):
         (["status", "--repo", str(tmp_path / "missing")], "is not a directory"),
         (["status", "--repo", str(repo)], "registry file is corrupt"),
     ]:
-        proc = subprocess.run([qarm, *args], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([qarm, *args], capture_output=True, text=True, timeout=120,
+                              env=_this_checkout())  # fmt: skip
         out = proc.stdout + proc.stderr
         assert proc.returncode in (1, 2) and match in " ".join(out.split()), out
         assert "Traceback" not in out
+
+
+def test_build_bundle_refuses_an_existing_directory_unless_told(world, tmp_path):
+    """The Python API's default keeps what ``out`` holds (refused before any training);
+    ``overwrite=True`` replaces it."""
+    from qarm_features.errors import BundleError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    kw = dict(item_ids=world.item_ids, raw_emb=world.content,
+              interactions=world.interactions(n_per_user=5))  # fmt: skip
+    with pytest.raises(BundleError, match=r"mine already exists; .* unless overwrite=True"):
+        build_bundle(out, config=BuildConfig(pairs=PairsConfig(mf_epochs=1)), **kw)
+    assert (out / "notes.txt").read_text() == "keep me"
+    cfg = BuildConfig(pairs=PairsConfig(mf_epochs=1, mf_dim=8),
+                      aligner=AlignerConfig(out_dim=8, max_epochs=1, batch_size=64),
+                      rq=RQConfig(n_levels=1, n_codes=4), vq=VQConfig(k=3))  # fmt: skip
+    res = build_bundle(out, config=cfg, overwrite=True, **kw)
+    assert not (out / "notes.txt").exists() and load_bundle(res.path).version == res.version
+
+
+def _this_checkout() -> dict:
+    """The environment of a subprocess that imports this checkout's package (not the one
+    the virtualenv's editable install points at)."""
+    import os
+    from pathlib import Path
+
+    import qarm_features
+
+    root = str(Path(qarm_features.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+# Every command's help, in a fresh process from another directory: Feast's import costs
+# ~9 s and pulls torch; a command that needs no store or model must import neither.
+_PROBE = """
+import sys
+sys.argv = ["qarm", *sys.argv[1:]]
+from qarm_features.app.cli import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+heavy = sorted(m for m in ("feast", "torch", "transformers") if m in sys.modules)
+print("EXIT", code, "HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["build", "--help"], ["materialize", "--help"], ["status", "--help"],
+     ["push", "--help"], ["init", "--help"], ["inspect", "--help"], ["datasets", "fetch", "--help"],
+     ["evaluate", "--help"], ["run", "--help"], ["serve", "--help"]],
+)  # fmt: skip
+def test_help_imports_neither_feast_nor_torch(args, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=_this_checkout())  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert "usage" in out.lower() and "EXIT 0 HEAVY []" in out, out
+
+
+def test_a_build_without_a_terminal_writes_progress_lines_as_it_goes(world, tmp_path):
+    """``qarm build --repo R > log`` (stdout a file, no TTY): a line per stage step with
+    count, rate and ETA; "mining pairs" once; the mining's time is in pairs_s."""
+    import re
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    pd.DataFrame({"item_id": world.item_ids, "emb": list(world.content)}).to_parquet(
+        repo / "data" / "items.parquet"
+    )
+    world.interactions(n_per_user=20).to_parquet(repo / "data" / "events.parquet")
+    (repo / "qarm.yaml").write_text(
+        "catalog: {path: data/items.parquet, id: item_id, embedding: emb}\n"
+        "events: {path: data/events.parquet, user: user_id, item: item_id, timestamp: timestamp,"
+        " rating: {column: rating, threshold: 4}}\n"
+        "build:\n  pairs: {mf_epochs: 3, mf_dim: 8}\n"
+        "  aligner: {out_dim: 8, max_epochs: 3, batch_size: 64}\n"
+        "  rq: {n_levels: 2, n_codes: 8}\n  vq: {k: 5}\n"
+    )
+    log = tmp_path / "build.log"
+    with log.open("w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-c", "from qarm_features.app.cli import main; main()", "build",
+             "--repo", str(repo)],
+            stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=tmp_path, env=_this_checkout(),
+        )  # fmt: skip
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert text.count("mining pairs") == 1, text
+    step = re.compile(r"^aligner: 1/3 \(33%\)  [\d,.]+/s  elapsed \d+:\d\d  ETA \d+:\d\d$", re.M)
+    first = step.search(text)
+    assert first and first.start() < text.index("writing bundle"), text  # as it went
+    pairs_s = float(re.search(r"pairs_s=([\d.]+)", text).group(1))
+    assert pairs_s > 0.0, text
+
+
+def test_inspect_states_the_vq_vocabulary(tmp_path):
+    import json
+
+    from qarm_features.bundle.testing import make_random_bundle
+
+    path = make_random_bundle(tmp_path / "s", string_ids=True)
+    res = runner.invoke(app, ["inspect", str(path)])
+    assert res.exit_code == 0 and "VQ codes: catalog row indices" in res.output, res.output
+    assert "vq_vocab_size=200" in res.output
+    res = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert json.loads(res.output)["vq_codes"] == {"space": "catalog_row", "vocab_size": 200}
+
+
+def test_content_embeddings_of_cold_items_are_the_builds(tmp_path, monkeypatch):
+    """A text catalog: the items' columns rendered with qarm.yaml's template and encoded
+    with its encoder, as the build encodes the catalog; from another directory."""
+    import pandas as pd
+
+    from qarm_features import content_embeddings
+    from qarm_features.content.encoders import TextEncoder
+
+    repo = tmp_path / "shop"
+    repo.mkdir()
+    (repo / "qarm.yaml").write_text(
+        "catalog: {path: items.parquet, id: sku, text: '{title}. {description}'}\n"
+        "events: {path: clicks.parquet, user: u, item: sku, timestamp: ts}\n"
+        "entity: {name: product, join_key: sku}\n"
+    )
+    items = pd.DataFrame({"sku": ["A", "B"], "title": ["green scarf", "red boot"],
+                          "description": ["silk", "leather"]})  # fmt: skip
+    items.to_parquet(tmp_path / "new.parquet")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QARM_CACHE", str(tmp_path / "cache"))
+    got = content_embeddings("shop", items)
+    want = TextEncoder().encode(["green scarf. silk", "red boot. leather"])
+    assert got.dtype == np.float32 and got.shape == (2, 384)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(content_embeddings(repo, tmp_path / "new.parquet"), got)
+    with pytest.raises(InputError, match=r"names column\(s\) \['description'\]"):
+        content_embeddings(repo, items.drop(columns=["description"]))

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from qarm_features.bundle import load_bundle, write_bundle
+from qarm_features.bundle.artifact import load_bundle, write_bundle
+from qarm_features.bundle.testing import make_random_bundle
 from qarm_features.errors import BundleError
-from qarm_features.testing import make_random_bundle
 
 
 @pytest.fixture
@@ -153,3 +153,28 @@ def test_write_refuses_inconsistent_arrays_and_leaves_nothing(random_bundle, tmp
     write_bundle(tmp_path / "good", **kw, overwrite=True)
     assert load_bundle(tmp_path / "good").version == b.version
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "space", "vocab"),
+    [
+        ({"first_item_id": 1}, "item_id", 201),  # ids 1..200: table rows 0..200
+        ({"first_item_id": 1000}, "item_id", 1200),  # the id space, gaps included
+        ({"first_item_id": 1000, "string_ids": True}, "catalog_row", 200),  # SKU-1000..1199
+    ],
+)
+def test_vq_codes_live_in_the_vocabulary_the_bundle_states(tmp_path, kw, space, vocab):
+    """A ranker sizes its VQ embedding table from the bundle: every code is in
+    0 .. vq_vocab_size - 1, item ids for int catalogs, catalog rows for string ones."""
+    from qarm_features.bundle.encode import encode_items
+    from qarm_features.bundle.testing import make_random_bundle
+
+    b = load_bundle(make_random_bundle(tmp_path / "b", **kw))
+    assert b.vq_code_space == space and b.vq_vocab_size == vocab
+    codes = encode_items(b, b.raw_emb, b.item_ids).vq_codes
+    assert codes.min() >= 0 and codes.max() < vocab and codes.max() >= vocab - 10
+    assert set(np.unique(codes)) <= set(b.vq_pool_ids.tolist())
+    if space == "catalog_row":
+        assert str(b.keys_of(codes[:1, :1])[0, 0]).startswith("SKU-1")
+    else:
+        assert set(np.unique(codes)) <= set(range(kw["first_item_id"], vocab))

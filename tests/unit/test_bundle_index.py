@@ -11,12 +11,12 @@ import shutil
 import numpy as np
 import pytest
 
-from qarm_features.bundle import INDEX_FILE, load_bundle, write_bundle
+from qarm_features.bundle.artifact import INDEX_FILE, load_bundle, write_bundle
+from qarm_features.bundle.encode import align_with_weights, encode_items, encode_rows
+from qarm_features.codes.rq import ResidualQuantizer
+from qarm_features.codes.vq import VQCoder
 from qarm_features.config import BuildConfig, VQConfig
-from qarm_features.encode import align_with_weights, encode_items, encode_rows
 from qarm_features.errors import BundleError
-from qarm_features.quantize import ResidualQuantizer
-from qarm_features.vq import VQCoder
 
 N, RAW, OUT, K = 3000, 24, 16, 5
 VQ = VQConfig(k=K, exact_max_pool=500, ann_index="IVF32,Flat", seed=0)
@@ -97,7 +97,7 @@ def test_tampered_index_is_refused(bundles, tmp_path):
     with pytest.raises(BundleError, match=f"{INDEX_FILE} fails its sha256"):
         load_bundle(dst)
     # re-hashing the file in the manifest does not help: the version id covers it
-    from qarm_features.manifest import sha256_file
+    from qarm_features.bundle.manifest import sha256_file
 
     m = json.loads((dst / "manifest.json").read_text())
     m["files"][INDEX_FILE]["sha256"] = sha256_file(dst / INDEX_FILE)
@@ -131,9 +131,9 @@ def test_an_index_of_another_pool_is_refused(parts, tmp_path):
 
 def test_build_stores_the_index_of_its_ann_pool(tmp_path):
     """`build_bundle` writes the index its pipeline trained; the loaded bundle searches it."""
-    from qarm_features.build import build_bundle
+    from qarm_features.build.bundles import build_bundle
     from qarm_features.config import AlignerConfig, PairsConfig, RQConfig
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     world = SyntheticWorld(n_items=300, n_users=300, content_dim=16, seed=0)
     cfg = BuildConfig(
@@ -159,7 +159,7 @@ def test_build_stores_the_index_of_its_ann_pool(tmp_path):
 
 def test_a_stored_index_of_another_pool_is_refused_at_load(parts, bundles, tmp_path):
     """verify=False skips hashes, not the check that the stored index is this pool's."""
-    from qarm_features.manifest import sha256_file
+    from qarm_features.bundle.manifest import sha256_file
 
     _, ids, aligned, _, _ = parts
     other = VQCoder(k=K, exact_max_pool=100, ann_index=VQ.ann_index).fit(aligned[:2000], ids[:2000])
@@ -176,7 +176,7 @@ def test_a_stored_index_of_another_pool_is_refused_at_load(parts, bundles, tmp_p
     with pytest.raises(BundleError, match="manifest was edited"):
         load_bundle(dst)
     # a version id forged to match is still not this pool's index
-    from qarm_features.manifest import version_id
+    from qarm_features.bundle.manifest import version_id
 
     m["version"] = version_id(m["files"], m["config"], m["dims"])
     (dst / "manifest.json").write_text(json.dumps(m))

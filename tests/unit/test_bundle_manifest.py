@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from qarm_features.bundle import load_bundle
-from qarm_features.manifest import read_manifest
-from qarm_features.encode import encode_items
+from qarm_features.bundle.artifact import load_bundle
+from qarm_features.bundle.encode import encode_items
+from qarm_features.bundle.manifest import read_manifest
 from qarm_features.errors import BundleError
 
 

@@ -23,8 +23,8 @@ def ray_cluster():
 
 
 def test_ray_map_batches_codes_equal_the_single_process_path(ray_cluster, random_bundle, tmp_path):
-    from qarm_features.distributed import encode_parquet
-    from qarm_features.encode import encode_frame, get_bundle
+    from qarm_features.build.distributed import encode_parquet
+    from qarm_features.bundle.encode import encode_frame, get_bundle
 
     bundle = get_bundle(random_bundle)
     rng = np.random.default_rng(0)
@@ -62,8 +62,8 @@ def _catalog_texts(n: int) -> list[str]:
 
 
 def test_ray_catalog_encoding_equals_the_text_encoder(ray_cluster, tmp_path):
-    from qarm_features.distributed import TEXT_ATOL, encode_text_parquet
-    from qarm_features.encoders import TextEncoder
+    from qarm_features.build.distributed import TEXT_ATOL, encode_text_parquet
+    from qarm_features.content.encoders import TextEncoder
 
     n = 300
     texts = _catalog_texts(n)
@@ -89,7 +89,7 @@ def test_ray_catalog_encoding_equals_the_text_encoder(ray_cluster, tmp_path):
 
 
 def test_ray_catalog_encoding_names_the_bad_row(ray_cluster, tmp_path):
-    from qarm_features.distributed import encode_text_parquet
+    from qarm_features.build.distributed import encode_text_parquet
 
     pd.DataFrame({"item_id": [7, 8, 9], "text": ["a film", None, "another"]}).to_parquet(
         tmp_path / "catalog.parquet"

@@ -47,6 +47,7 @@ def _config(repo):
     )
 
 
+@pytest.mark.filterwarnings("error::DeprecationWarning")  # ibis' fetch_arrow_table: silenced
 def test_relative_paths_are_read_from_the_repo(repo):
     table = duckdb_store._read(_source(), str(repo)).to_pyarrow()
     assert table.column("item_id").to_pylist() == [1, 2]
@@ -119,7 +120,7 @@ def test_the_asof_join_equals_feasts_point_in_time_join(tmp_path, monkeypatch):
     )
     day = pd.Timestamp("2024-01-01", tz="UTC")
     n = 400
-    pd.DataFrame(
+    rows = pd.DataFrame(
         {
             "item_id": rng.integers(0, 40, n),
             "event_timestamp": day + pd.to_timedelta(rng.integers(0, 20, n), unit="D"),
@@ -127,7 +128,12 @@ def test_the_asof_join_equals_feasts_point_in_time_join(tmp_path, monkeypatch):
             "score": rng.standard_normal(n).astype(np.float32),
             "ids": [rng.integers(0, 9, rng.integers(0, 4)) for _ in range(n)],
         }
-    ).to_parquet(repo / "data" / "f.parquet")
+    )
+    # item 50: one row, read exactly ttl (3 days) after it and one second later: Feast's
+    # bound is inclusive (the first finds the row, the second nothing)
+    only = {"item_id": [50], "event_timestamp": [day + pd.Timedelta(days=5)],
+            "created": [day], "score": [np.float32(0.5)], "ids": [np.array([1, 2])]}  # fmt: skip
+    pd.concat([rows, pd.DataFrame(only)], ignore_index=True).to_parquet(repo / "data" / "f.parquet")
     monkeypatch.chdir(tmp_path)
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
     src = FileSource(name="f", path="data/f.parquet", timestamp_field="event_timestamp",
@@ -147,7 +153,11 @@ def test_the_asof_join_equals_feasts_point_in_time_join(tmp_path, monkeypatch):
             "event_timestamp": day + pd.to_timedelta(rng.integers(-2 * 24, 24 * 24, m), unit="h"),
         }
     )
-    entity_df = pd.concat([entity_df, entity_df.iloc[:20]], ignore_index=True)
+    at_ttl = day + pd.Timedelta(days=8)
+    edge = pd.DataFrame(
+        {"item_id": [50, 50], "event_timestamp": [at_ttl, at_ttl + pd.Timedelta(seconds=1)]}
+    )
+    entity_df = pd.concat([entity_df, entity_df.iloc[:20], edge], ignore_index=True)
     entity_df["row"] = np.arange(len(entity_df))
     refs = ["plain:score", "plain:ids", "fresh:score", "fresh:ids"]
     fast = store.get_historical_features(
@@ -168,6 +178,8 @@ def test_the_asof_join_equals_feasts_point_in_time_join(tmp_path, monkeypatch):
     fast, slow = (f.set_index("row").sort_index() for f in (fast, slow))
     cols = ["plain__score", "plain__ids", "fresh__score", "fresh__ids"]
     assert fast["plain__score"].notna().sum() > fast["fresh__score"].notna().sum() > 0
+    at, after = fast.loc[[len(fast) - 2, len(fast) - 1], "fresh__score"].tolist()
+    assert at == 0.5 and pd.isna(after)
     for c in cols:
         for i, (a, b) in enumerate(zip(fast[c], slow[c])):
             if isinstance(b, float) and np.isnan(b) or b is None:

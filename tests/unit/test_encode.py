@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qarm_features.bundle import load_bundle
-from qarm_features.encode import encode_frame, encode_items, encode_rows, get_bundle
+from qarm_features.bundle.artifact import load_bundle
+from qarm_features.bundle.encode import encode_frame, encode_items, encode_rows, get_bundle
 from qarm_features.errors import InputError
 
 

@@ -1,4 +1,4 @@
-"""Tests for qarm_features.encoders: MiniLM text, tiny CLIP, precomputed, the factory."""
+"""Tests for qarm_features.content.encoders: MiniLM text, tiny CLIP, precomputed, the factory."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from qarm_features import encoders
 from qarm_features.config import EncoderConfig
-from qarm_features.encoders import (
+from qarm_features.content import encoders as encoders
+from qarm_features.content.encoders import (
     ClipEncoder,
     ContentEncoder,
     PrecomputedEncoder,
@@ -28,7 +28,7 @@ def _cos(a, b):
 
 def test_module_import_does_not_pull_torch():
     code = (
-        "import sys, qarm_features.encoders, qarm_features.data, qarm_features.synthetic\n"
+        "import sys, qarm_features.content.encoders, qarm_features.datasets.movielens, qarm_features.datasets.synthetic\n"
         "heavy = {'torch', 'transformers', 'sentence_transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy"
     )
@@ -61,6 +61,19 @@ def test_minilm_text_encoder(minilm):
     assert TextEncoder(batch_size=2).model is minilm.model
     # batch composition does not change a row beyond float noise
     np.testing.assert_allclose(TextEncoder(batch_size=1).encode(texts), emb, atol=1e-5)
+
+
+def test_loading_the_text_model_draws_no_progress_bar(minilm, monkeypatch, capfd):
+    """The cold-text view loads the model in each serving process: no "Loading weights"
+    bar on stderr each time; transformers' bars are as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(encoders, "_MODELS", {})  # a fresh process's cache
+    capfd.readouterr()
+    TextEncoder().encode(["a cat"])
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    assert hf_logging.is_progress_bar_enabled()
 
 
 def test_text_encoder_edge_cases(minilm):

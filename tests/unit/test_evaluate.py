@@ -282,9 +282,9 @@ def test_write_report_files_and_json_layout(tmp_path):
 
 def test_run_protocol_end_to_end_tiny(tmp_path):
     """The whole protocol (pairs, aligner, codes, rankers, ablation, report) on tiny data."""
-    from qarm_features.config import AlignerConfig, PairsConfig, RQConfig, VQConfig
     from qarm_features.app.evaluate import CONTRASTS, run_protocol
     from qarm_features.app.protocol import Ablation
+    from qarm_features.config import AlignerConfig, PairsConfig, RQConfig, VQConfig
 
     item_ids, raw, df = _world(n_items=80, n_users=60, n_rows=3000, seed=2)
     cfg = EvalConfig(

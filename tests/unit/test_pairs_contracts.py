@@ -15,7 +15,7 @@ import pytest
 from _logs import log_frame as _log  # noqa: E402  (tests/unit on sys.path)
 
 from qarm_features.config import PairsConfig
-from qarm_features.pairs import mine_pairs, mine_swing_pairs, mine_u2i_pairs
+from qarm_features.pairs.mining import mine_pairs, mine_swing_pairs, mine_u2i_pairs
 
 
 def _rows(pairs: pd.DataFrame) -> list[tuple]:
@@ -141,3 +141,20 @@ def test_u2i_only_stats_count_events_before_min_pair_count():
     assert stats["target_pop_share_mean"] == pytest.approx((5 + 2) / 19 / 2)  # D, A
     assert stats["top_target_pair_share"] == pytest.approx(1 / 2)
     assert stats["top10pct_items_pair_share"] == pytest.approx(1 / 2)  # D is, A is not
+
+
+def test_u2i_wins_every_exact_rank_tie_in_long_lists():
+    """Two lists of 600 pairs, the same unordered pairs at the same ranks (Swing in the other
+    orientation): every pair is kept once, from U2I, in rank order. (A sort that is not
+    stable keeps some from Swing: 3-row lists cannot show it.)"""
+    from qarm_features.pairs.mining import _union
+
+    n = 600
+    a = np.arange(n, dtype=np.int64)
+    b = a + 10_000
+    u2i = (a, b, np.linspace(1, 0, n), 0)
+    swing = (b, a, np.linspace(2, 1, n), 1)
+    pairs = _union([u2i, swing])
+    assert len(pairs) == n and (pairs["source"] == "u2i").all()
+    assert pairs["trigger_id"].tolist() == a.tolist() and pairs["target_id"].tolist() == b.tolist()
+    np.testing.assert_allclose(pairs["score"], np.linspace(1, 0, n))

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from _pairs_reference import reference_swing_pairs, reference_u2i_pairs
 
-from qarm_features import pairs as pairs_mod
-from qarm_features import swing as swing_mod
 from qarm_features.errors import InputError
-from qarm_features.pairs import mine_swing_pairs, mine_u2i_pairs
+from qarm_features.pairs import mining as pairs_mod
+from qarm_features.pairs import swing as swing_mod
+from qarm_features.pairs.mining import mine_swing_pairs, mine_u2i_pairs
 
 
 def _random_log(seed, n=600, n_users=30, n_items=50, n_ts=200):
@@ -140,7 +140,7 @@ def test_mine_pairs_union_equals_the_pandas_reference(seed, min_count):
     from _pairs_reference import reference_union
 
     from qarm_features.config import PairsConfig
-    from qarm_features.pairs import mine_pairs
+    from qarm_features.pairs.mining import mine_pairs
 
     log = _random_log(seed, n=900, n_users=25, n_items=30)  # dense: many ties and repeats
     ids = np.unique(log["item_id"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qarm_features.encode import align_with_weights
+from qarm_features.build.pipeline import choose_val_items, fit_item_space, split_test_items
+from qarm_features.bundle.encode import align_with_weights
 from qarm_features.errors import InputError
-from qarm_features.pipeline import choose_val_items, fit_item_space, split_test_items
 from tests.unit._small_pipeline import small_config, small_world
 
 CFG = small_config(max_epochs=4)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qarm_features.encode import align_with_weights
-from qarm_features.pipeline import align_catalog, fit_item_space, sample_pairs, space_metrics
+from qarm_features.build.pipeline import align_catalog, fit_item_space, sample_pairs, space_metrics
+from qarm_features.bundle.encode import align_with_weights
 from tests.unit._small_pipeline import small_config, small_world
 
 CFG = small_config(max_epochs=3)
@@ -71,12 +71,12 @@ def test_large_pair_sets_are_sampled_with_a_seed(world):
 def test_build_stages_are_logged_and_reported(world, caplog):
     ids, content, inter = world
     seen: list[tuple] = []
-    with caplog.at_level(logging.INFO, logger="qarm_features.pipeline"):
+    with caplog.at_level(logging.INFO, logger="qarm_features.build.pipeline"):
         space = fit_item_space(content, ids, inter, CFG, on_progress=lambda *e: seen.append(e))
     names = ["pairs", "aligner", "forward", "codes", "evaluate"]
     assert list(space.stages) == names
     assert all(space.stages[n]["peak_rss_mib"] > 0 for n in names)
-    logged = [r.getMessage() for r in caplog.records if r.name == "qarm_features.pipeline"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "qarm_features.build.pipeline"]
     for n in names:
         assert any(m.startswith(f"stage {n}: ") and "peak RSS" in m for m in logged), n
     epochs = [adv for name, total, adv in seen if name == "aligner"]

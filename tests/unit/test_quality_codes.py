@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qarm_features.build.pipeline import fit_item_space
 from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig
-from qarm_features.pipeline import fit_item_space
-from qarm_features.synthetic import SyntheticWorld
+from qarm_features.datasets.synthetic import SyntheticWorld
 
 torch = pytest.importorskip("torch")
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qarm_features import quantize
-from qarm_features import vq as vq_module
+from qarm_features.codes import rq as quantize
+from qarm_features.codes import vq as vq_module
+from qarm_features.codes.rq import ResidualQuantizer
+from qarm_features.codes.vq import VQCoder
 from qarm_features.errors import ConfigError, InputError, NotFittedError
-from qarm_features.quantize import ResidualQuantizer
-from qarm_features.vq import VQCoder
 
 
 def clustered(n: int, d: int = 16, n_clusters: int = 24, seed: int = 0, spread: float = 0.3):
@@ -384,7 +384,7 @@ def test_vq_errors(vq_pool):
 def test_row_block_workers_give_the_same_codes_and_restore_threads(monkeypatch):
     from threadpoolctl import threadpool_info
 
-    from qarm_features import _rescore
+    from qarm_features.codes import rescore as _rescore
 
     monkeypatch.setattr(_rescore, "PARALLEL_MIN_ROWS", 100)  # 1000 rows: 10 blocks
     x = unit(clustered(1000, d=16, n_clusters=20, seed=5, spread=0.3))
@@ -404,7 +404,7 @@ def test_row_block_workers_give_the_same_codes_and_restore_threads(monkeypatch):
 def test_default_workers_spend_the_blas_thread_budget():
     from threadpoolctl import threadpool_limits
 
-    from qarm_features._rescore import default_workers
+    from qarm_features.codes.rescore import default_workers
 
     with threadpool_limits(1):  # a server's pin_threads(1): no workers
         assert default_workers() == 1

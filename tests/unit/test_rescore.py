@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qarm_features import _rescore
+from qarm_features.codes import rescore as _rescore
 
 
 @pytest.mark.parametrize("d, n, c", [(64, 1, 42), (64, 7, 42), (384, 3, 17), (16, 1, 1)])

@@ -12,7 +12,7 @@ from _retrieval_reference import ReferenceBPRMF  # noqa: E402  (tests/unit on sy
 
 from qarm_features.config import PairsConfig
 from qarm_features.errors import InputError, NotFittedError
-from qarm_features.retrieval import BPRMF
+from qarm_features.pairs.retrieval import BPRMF
 
 torch.set_num_threads(1)
 

@@ -43,3 +43,31 @@ def test_an_unreadable_config_names_the_file(tmp_path):
     (tmp_path / "feature_store.yaml").write_text("project: [unclosed\n")
     with pytest.raises(ConfigError, match="feature_store.yaml: cannot read it"):
         offline_store_advice(tmp_path)
+
+
+@pytest.mark.parametrize("join_key", ["item_id", "sku", "a_much_longer_join_key_name"])
+def test_qarm_yaml_comments_stay_aligned_whatever_the_join_key(join_key):
+    from qarm_features.feast.scaffold import _qarm_yaml
+
+    text = _qarm_yaml(entity="product", join_key=join_key)
+    assert yaml.safe_load(text)["catalog"]["id"] == join_key
+    columns = {
+        line.index(" # ") + 1
+        for line in text.splitlines()
+        if " # " in line and not line.lstrip().startswith("#")
+        and len(line.split(" # ")[0].rstrip()) < 32
+    }
+    assert columns == {34}, text
+
+
+def test_the_entity_import_line_for_any_file_feast_loads():
+    from qarm_features.feast.scaffold import import_line
+
+    assert import_line("shop_features", "product") == "from shop_features import product"
+    assert import_line("entities.product", "p") == "from entities.product import p"
+    for module in ("my-defs", "teams.my-defs", "class"):
+        line = import_line(module, "product")
+        assert f"product = importlib.import_module({module!r}).product" in line
+        namespace: dict = {}
+        compile(line, "<qarm_definitions>", "exec")  # valid Python
+        assert "import importlib" in line and namespace == {}

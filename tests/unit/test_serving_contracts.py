@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qarm_features.encode import encode_frame, encode_items, get_bundle
+from qarm_features.bundle.encode import encode_frame, encode_items, get_bundle
 from qarm_features.errors import BundleVersionMismatch
-from qarm_features.feast.context import ServingContext, read_pointer, write_pointer
+from qarm_features.feast.context import DEFAULT_LEVELS, ServingContext, read_pointer, write_pointer
 from qarm_features.feast.sources import encode_catalog
 from qarm_features.schema import CodeSchema
 from transformations import on_demand
@@ -100,11 +100,11 @@ def test_bad_base64_rows_get_their_own_error(bundle, context):
 def test_unset_context_answers_every_row_with_an_error():
     out = on_demand.encode_request(ServingContext.unset(), [[1.0], None])
     assert [e.startswith("QarmError: no QARM bundle") for e in out["qarm_error"]] == [True] * 2
-    assert set(out) == {c.name for c in CodeSchema(3).cold_features}
+    assert set(out) == {c.name for c in CodeSchema(DEFAULT_LEVELS).cold_features}
 
 
 def test_mismatched_bundle_directory_is_refused_per_row(random_bundle, tmp_path, context):
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
 
     other = make_random_bundle(tmp_path / "other", seed=3)
     swapped = ServingContext(**{**context.to_json(), "bundle": str(other)})
@@ -152,6 +152,20 @@ def test_pointer_round_trip(random_bundle, tmp_path):
     write_pointer(tmp_path, ctx)
     assert read_pointer(tmp_path) == ctx == ServingContext.of_repo(tmp_path)
     assert ServingContext.of_repo(tmp_path / "elsewhere").version == "unset"
+
+
+def test_an_explicit_bundle_wins_over_the_repo_pointer(random_bundle, tmp_path):
+    """Resolution order: an explicit bundle (a CLI option, an SDK argument) before the
+    repo's pointer, which names another version here."""
+    from qarm_features.bundle.testing import make_random_bundle
+
+    other = make_random_bundle(tmp_path / "other", seed=11)
+    repo = tmp_path / "repo"
+    write_pointer(repo, ServingContext.of_bundle(random_bundle))
+    got = ServingContext.of_repo(repo, other)
+    assert got == ServingContext.of_bundle(other) != read_pointer(repo)
+    assert got.version == get_bundle(other).version
+    assert ServingContext.of_repo(repo) == read_pointer(repo)  # no argument: the pointer
 
 
 # ------------------------------------------------------------------ version refusals
@@ -207,8 +221,8 @@ def test_materialize_push_and_apply_refuse_another_version(serving_other_version
 
 def test_text_view_encodes_the_text_with_the_bundles_encoder(tmp_path):
     """Content in: the frozen text encoder runs at request time, then the usual encode."""
-    from qarm_features.encoders import TextEncoder
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
+    from qarm_features.content.encoders import TextEncoder
 
     path = make_random_bundle(tmp_path / "b384", n_items=64, raw_dim=384, out_dim=16, n_codes=8)
     ctx = ServingContext.of_bundle(path)

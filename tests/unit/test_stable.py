@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from qarm_features.bundle import load_bundle
-from qarm_features.encode import align
-from qarm_features.stable import churn, match_codebooks
+from qarm_features.build.stable import churn, churn_codes, match_codebooks
+from qarm_features.bundle.artifact import load_bundle
+from qarm_features.bundle.encode import align
 
 
 def test_matching_recovers_a_known_permutation(random_bundle):
@@ -34,13 +34,13 @@ def test_a_bundle_has_no_churn_against_itself(random_bundle):
 
 @pytest.fixture(scope="module")
 def world():
-    from qarm_features.synthetic import SyntheticWorld
+    from qarm_features.datasets.synthetic import SyntheticWorld
 
     return SyntheticWorld(n_items=300, n_users=400, content_dim=32, nuisance=3.0, seed=0)
 
 
 def test_warm_start_keeps_code_ids_across_a_reseeded_rebuild(world, tmp_path):
-    from qarm_features.build import build_bundle
+    from qarm_features.build.bundles import build_bundle
     from qarm_features.config import AlignerConfig, BuildConfig, PairsConfig, RQConfig, VQConfig
 
     torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def _near(b, n, seed=1):
 
 
 def test_no_item_added_means_no_rebuild(random_bundle):
-    from qarm_features.stable import append_report
+    from qarm_features.build.stable import append_report
 
     report = append_report(load_bundle(random_bundle), np.empty((0, 32), np.float32))
     assert report["n_added"] == 0 and report["share_added"] == 0.0
@@ -84,7 +84,7 @@ def test_no_item_added_means_no_rebuild(random_bundle):
 
 
 def test_a_few_familiar_items_need_no_rebuild(random_bundle):
-    from qarm_features.stable import append_report
+    from qarm_features.build.stable import append_report
 
     report = append_report(load_bundle(random_bundle), _near(load_bundle(random_bundle), 10))
     assert report["n_added"] == 10 and report["share_added"] == pytest.approx(0.05)
@@ -93,7 +93,7 @@ def test_a_few_familiar_items_need_no_rebuild(random_bundle):
 
 
 def test_many_added_items_make_a_rebuild_due(random_bundle):
-    from qarm_features.stable import append_report
+    from qarm_features.build.stable import append_report
 
     b = load_bundle(random_bundle)
     report = append_report(b, _near(b, 30))  # 15% of 200 > 10%
@@ -104,8 +104,8 @@ def test_many_added_items_make_a_rebuild_due(random_bundle):
 def test_unfamiliar_content_makes_a_rebuild_due(tmp_path):
     """Items far from everything the codebooks were fitted on: the residual error grows;
     judged once enough of them were added (one item's error is noise)."""
-    from qarm_features.stable import DRIFT_MIN_ITEMS, append_report
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.build.stable import DRIFT_MIN_ITEMS, append_report
+    from qarm_features.bundle.testing import make_random_bundle
 
     b = load_bundle(make_random_bundle(tmp_path / "b", n_items=1000))
     rng = np.random.default_rng(2)
@@ -120,8 +120,77 @@ def test_unfamiliar_content_makes_a_rebuild_due(tmp_path):
 
 
 def test_added_items_of_another_width_are_refused(random_bundle):
+    from qarm_features.build.stable import append_report
     from qarm_features.errors import InputError
-    from qarm_features.stable import append_report
 
     with pytest.raises(InputError, match="added items' raw_emb: expected width 32"):
         append_report(load_bundle(random_bundle), np.zeros((3, 16), np.float32))
+
+
+# --------------------------------------------------------------------------- churn, two bundles
+def _rewrite(b, path, *, order=None, codebooks=None):
+    """``b`` written again, its catalog rows in ``order`` and/or other RQ codebooks."""
+    from qarm_features.bundle.artifact import write_bundle
+
+    order = np.arange(len(b.item_ids)) if order is None else order
+    string = b.item_keys is not None
+    ids = np.arange(len(order), dtype=np.int64) if string else b.item_ids[order]
+    pool = align(b, b.raw_emb[order])
+    return load_bundle(write_bundle(
+        path, config=b.config, aligner_weights=b.aligner_weights,
+        rq_codebooks=b.rq_codebooks if codebooks is None else codebooks,
+        vq_pool_emb=pool, vq_pool_ids=ids, item_ids=ids, raw_emb=b.raw_emb[order],
+        vq_k=b.vq_k, item_keys=b.item_keys[order] if string else None,
+    ))  # fmt: skip
+
+
+def test_churn_codes_counts_an_item_whose_any_level_moved():
+    new = np.array([[1, 2], [1, 2], [3, 4], [5, 6]])
+    old = np.array([[1, 2], [1, 9], [7, 4], [5, 6]])
+    vq = [["a", "b"]] * 4
+    report = churn_codes(new, vq, old, vq)
+    assert report["level_1"] == 0.25 and report["level_2"] == 0.25
+    assert report["tuple"] == 0.5 and report["vq_overlap"] == 1.0
+
+
+def test_churn_against_a_relabelled_bundle_counts_the_moved_ids(random_bundle, tmp_path):
+    """Another bundle, the same space, level 1's ids permuted: level 1 churns by exactly
+    the items whose id the permutation moved, level 2 and the VQ lists not at all."""
+    from qarm_features.bundle.encode import encode_items
+
+    b = load_bundle(random_bundle)
+    perm = np.random.default_rng(3).permutation(b.n_codes)
+    books = b.rq_codebooks.copy()
+    books[0] = books[0][perm]  # new row i holds old centroid perm[i]
+    old = _rewrite(b, tmp_path / "relabelled", codebooks=books)
+    codes = encode_items(b, b.raw_emb, b.item_ids).rq_codes[:, 0]
+    moved = float((np.argsort(perm)[codes] != codes).mean())
+    assert moved > 0.5
+    report = churn(b, old)
+    assert report["n_items"] == 200 and report["level_1"] == pytest.approx(moved)
+    assert report["level_2"] == report["level_3"] == 0.0 and report["tuple"] == report["level_1"]
+    assert report["vq_overlap"] == 1.0
+
+
+def test_two_string_catalogs_are_matched_by_key_not_by_row(tmp_path):
+    """The same SKUs in another row order (a re-exported catalog): matched by key, nothing
+    churns; matched by row, every code would."""
+    from qarm_features.build.stable import common_rows
+    from qarm_features.bundle.testing import make_random_bundle
+
+    b = load_bundle(make_random_bundle(tmp_path / "s", string_ids=True))
+    order = np.random.default_rng(4).permutation(len(b.item_ids))
+    shuffled = _rewrite(b, tmp_path / "shuffled", order=order)
+    a, rows = common_rows(shuffled.item_keys, b)
+    assert a.tolist() == list(range(200)) and rows.tolist() == order.tolist()
+    report = churn(shuffled, b)
+    assert report["n_items"] == 200 and report["tuple"] == 0.0 and report["vq_overlap"] == 1.0
+
+
+def test_a_share_of_exactly_the_threshold_is_not_yet_due(random_bundle):
+    from qarm_features.build.stable import REBUILD_SHARE, append_report
+
+    b = load_bundle(random_bundle)
+    at = append_report(b, _near(b, int(REBUILD_SHARE * 200)))  # 20 of 200: exactly 10%
+    assert at["share_added"] == pytest.approx(REBUILD_SHARE) and not at["rebuild_due"]
+    assert append_report(b, _near(b, 21))["rebuild_due"]

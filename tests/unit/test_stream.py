@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qarm_features.encode import get_bundle
+from qarm_features.bundle.encode import get_bundle
 from qarm_features.errors import InputError
 from qarm_features.feast import job, sources
 from qarm_features.feast.stream import iter_catalog
@@ -191,7 +191,7 @@ def test_stages_log_time_and_memory_and_report_progress(random_bundle, tmp_path,
 def test_reading_a_parquet_catalog_holds_one_chunk(tmp_path):
     """pyarrow's default pre-buffering keeps every row group read so far (of ~10 MiB and
     more) until the iteration ends, memory growing with the catalog; the reader must not."""
-    from qarm_features.testing import make_random_bundle
+    from qarm_features.bundle.testing import make_random_bundle
 
     bundle = get_bundle(make_random_bundle(tmp_path / "b", n_items=64, raw_dim=384, vq_k=3))
     rng = np.random.default_rng(0)

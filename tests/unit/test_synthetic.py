@@ -1,4 +1,4 @@
-"""Tests for qarm_features.synthetic: the seeded synthetic world and its ground truth."""
+"""Tests for qarm_features.datasets.synthetic: the seeded synthetic world and its ground truth."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from qarm_features.datasets.synthetic import SyntheticWorld
 from qarm_features.errors import InputError
-from qarm_features.synthetic import SyntheticWorld
+
 
 def test_synthetic_world_is_deterministic_and_streams_identically():
     a, b = SyntheticWorld(3000, 50, seed=7), SyntheticWorld(3000, 50, seed=7)

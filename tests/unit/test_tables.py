@@ -7,9 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qarm_features.errors import ConfigError, InputError
-from qarm_features.project import load_project, parse_project
-from qarm_features.tables import (
+from qarm_features.build.tables import (
     Table,
     catalog_keys,
     check_images,
@@ -18,6 +16,8 @@ from qarm_features.tables import (
     read_table,
     render_texts,
 )
+from qarm_features.errors import ConfigError, InputError
+from qarm_features.project import load_project, parse_project
 
 
 def _project(tmp_path, **events):
@@ -64,7 +64,7 @@ def test_bad_catalog_ids(frame, match):
 
 def test_missing_column_names_the_file_and_what_it_has(tmp_path):
     _catalog().to_parquet(tmp_path / "items.parquet")
-    from qarm_features.tables import require_columns
+    from qarm_features.build.tables import require_columns
 
     table = read_table(tmp_path / "items.parquet", what="catalog")
     with pytest.raises(
@@ -120,8 +120,9 @@ def test_events_implicit_label_and_rating(tmp_path):
     with pytest.raises(InputError, match=r"column 'clicked' row 1: 2 is not a 0/1 label"):
         events_frame(_events(clicked=[1, 2, 1]), spec, keys)
     spec = _project(tmp_path, rating={"column": "r", "threshold": 4}).events
-    out, threshold, _ = events_frame(_events(r=[5, 3, 4]), spec, keys)
-    assert threshold == 4.0
+    out, threshold, stats = events_frame(_events(r=[5, 3, 4]), spec, keys)
+    assert threshold == 4.0 and stats["n_positive_events"] == 2
+    assert out["rating"].tolist() == [3.0, 4.0, 5.0] and out["item_id"].tolist() == [1, 2, 0]
     with pytest.raises(InputError, match=r"column 'r' row 2: 'five' is not a number"):
         events_frame(_events(r=[5, 3, "five"]), spec, keys)
 
@@ -177,3 +178,77 @@ def test_entity_type_must_match_the_bundle(tmp_path, random_bundle):
         qarm_views(item=product, repo=tmp_path)
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
     assert {"qarm", "qarm_cold", "qarm_cold_b64"} <= set(qarm_views(item=item, repo=tmp_path))
+
+
+def test_one_bad_time_in_a_csv_names_its_row_not_a_good_one(tmp_path):
+    """A URL in the middle of a unix-seconds CSV column turns the column to text: the error
+    names the file, the column, that row and its value (not row 0), and pandas warns nothing."""
+    import warnings
+
+    rows = [f"{u},{'ABC'[u % 3]},{964982703 + u}" for u in range(40)]
+    rows[23] = "23,C,https://example.com/oops"
+    (tmp_path / "events.csv").write_text("u,sku,ts\n" + "\n".join(rows) + "\n")
+    table = read_table(tmp_path / "events.csv", what="events")
+    keys = catalog_keys(_catalog(), "sku", name="items")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError) as err:
+            events_frame(table, _project(tmp_path).events, keys)
+    msg = str(err.value)
+    assert "events.csv" in msg and "column 'ts' row 23: 'https://example.com/oops' is not a time" in msg
+    rows[23] = "23,C,964982726"
+    (tmp_path / "events.csv").write_text("u,sku,ts\n" + "\n".join(rows) + "\n")
+    out, _, _ = events_frame(read_table(tmp_path / "events.csv", what="events"),
+                             _project(tmp_path).events, keys)  # fmt: skip
+    assert out["timestamp"].tolist() == [964982703 + u for u in range(40)]
+
+
+def test_times_as_text_in_several_formats_and_datetimes():
+    from qarm_features.build.tables import unix_seconds
+
+    text = pd.Series(["2024-01-01T00:00:00Z", "2024-01-01 00:00:10", "Jan 1 2024 00:00:20"])
+    assert unix_seconds(text, what="e", column="ts").tolist() == [1704067200, 1704067210, 1704067220]
+    dt = pd.Series(pd.to_datetime(["2024-01-01", "2024-01-02"]))
+    assert unix_seconds(dt, what="e", column="ts").tolist() == [1704067200, 1704153600]
+
+
+def test_an_int_catalog_event_id_with_a_fraction_is_refused_not_truncated():
+    keys = catalog_keys(pd.DataFrame({"id": [1, 2, 3]}), "id", name="items")
+    with pytest.raises(InputError, match=r"events: column 'item' row 1: 2.5 is not an integer id"):
+        keys.lookup([1.0, 2.5, 3.0], what="events", column="item")
+    ids, known = keys.lookup(["1", "3"], what="events", column="item")
+    assert ids.tolist() == [1, 3] and known.all()
+
+
+def test_id_zero_is_a_valid_int_id():
+    keys = catalog_keys(pd.DataFrame({"id": [0, 1, 2]}), "id", name="items")
+    assert keys.kind == "int64" and keys.ids.tolist() == [0, 1, 2]
+    with pytest.raises(InputError, match=r"row 1: id -1 is negative"):
+        catalog_keys(pd.DataFrame({"id": [0, -1]}), "id", name="items")
+
+
+def test_string_catalog_events_with_numeric_looking_ids_match_as_strings(tmp_path):
+    """A string catalog whose keys look like numbers ('101'), an event log that stores them
+    as ints (a CSV does): the events are cast to str and match."""
+    keys = catalog_keys(pd.DataFrame({"sku": ["101", "102", "007"]}), "sku", name="items")
+    ids, known = keys.lookup(pd.Series([102, 101]), what="events", column="sku")
+    assert ids.tolist() == [1, 0] and known.all()
+    table = Table(pd.DataFrame({"u": [1, 2], "sku": [102, 101], "ts": [1, 2]}), "events.csv")
+    out, _, stats = events_frame(table, _project(tmp_path).events, keys)
+    assert out["item_id"].tolist() == [1, 0] and stats["n_unknown_item_events"] == 0
+
+
+@pytest.mark.parametrize(
+    "catalog, match",
+    [
+        ({"path": "items.parquet", "source": "items_src", "text": "{t}"},
+         "exactly one of 'path' or 'source'"),
+        ({"text": "{t}"}, "exactly one of 'path' or 'source'"),
+        ({"path": "items.parquet"}, "at least one of 'text', 'image' or 'embedding'"),
+        ({"path": "items.parquet", "embedding": "e", "image": "img"}, "'embedding' .* alone"),
+        ({"path": "items.parquet", "embedding": "e", "text": "{t}"}, "'embedding' .* alone"),
+    ],
+)  # fmt: skip
+def test_catalog_inputs_that_contradict_each_other(tmp_path, catalog, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_project({"catalog": catalog, "events": {"path": "e.parquet"}}, tmp_path)

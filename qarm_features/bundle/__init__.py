@@ -1,0 +1,1 @@
+"""bundle: see docs/architecture.md."""

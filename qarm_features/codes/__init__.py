@@ -1,0 +1,1 @@
+"""codes: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""content: see docs/architecture.md."""

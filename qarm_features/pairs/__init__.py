@@ -1,0 +1,1 @@
+"""pairs: see docs/architecture.md."""
