@@ -91,8 +91,14 @@ def test_ray_u2i_events_equal_one_process(cluster, log):
 def test_ray_mine_pairs_equals_one_process_from_parquet_by_config(cluster, log, tmp_path):
     """The whole miner (U2I with BPR fitted in one Ray task, Swing capped, union, stats),
     reading parquet files on the workers, chosen by PairsConfig.engine."""
-    cfg = PairsConfig(history=6, mf_epochs=3, swing_top_k=8, swing_max_user_items=25,
-                      swing_max_item_users=CAP, seed=5)  # fmt: skip
+    cfg = PairsConfig(
+        history=6,
+        mf_epochs=3,
+        swing_top_k=8,
+        swing_max_user_items=25,
+        swing_max_item_users=CAP,
+        seed=5,
+    )
     want, want_stats = mine_pairs(log, cfg)
     src = tmp_path / "log"
     src.mkdir()
