@@ -18,6 +18,14 @@ The outputs are compared column by column (bit for bit) after every Ray run. Not
 suite (a Ray cluster start alone is ~5 s, and a meaningful catalog takes minutes):
 
     python -m benchmarks.bench_ray [--n 120000] [--out benchmarks/results/ray.json]
+
+``--mining-events N`` adds (``--mining-only``: only) pair mining, one process vs Ray on the
+same cores: the bench_scale world of N events over N / 20 items, written as parquet files;
+``single`` reads them and runs :func:`~qarm_features.pairs.mining.mine_pairs`, ``ray`` runs
+:func:`~qarm_features.build.ray_pairs.mine_pairs_ray` on them (the workers read them) on a local
+cluster of 2 CPUs. Both get the same BPR retrieval embeddings (fitted once beforehand: the
+fit is single process in both routes) and the default PairsConfig; their pairs and stats
+must be equal. Section ``mining`` of the results.
 """
 
 from __future__ import annotations
@@ -185,6 +193,125 @@ def compare_feast(work: Path, bundle: str, rounds: int, num_cpus: int, niceness)
     }  # fmt: skip
 
 
+def mine_single(src: str, emb: str, dst: str) -> dict:
+    """One process: read the parquet log, mine_pairs with the given retrieval embeddings."""
+    import pandas as pd
+
+    from benchmarks.timing import threads
+    from qarm_features.pairs.mining import mine_pairs
+
+    t0 = time.perf_counter()
+    with threads(2):
+        log = pd.read_parquet(src)
+        z = np.load(emb)
+        pairs, stats = mine_pairs(log, item_ids=z["ids"], item_emb=z["emb"])
+    seconds = time.perf_counter() - t0
+    pairs.to_parquet(dst)
+    return {"job_s": seconds, "n_events": len(log), "stats": stats}
+
+
+def mine_on_ray(src: str, emb: str, dst: str, num_cpus: int = 2, niceness: int | None = 0) -> dict:
+    """A local Ray cluster of ``num_cpus`` CPUs, then mine_pairs_ray on the parquet log."""
+    if niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(int(niceness))
+    import ray
+
+    from qarm_features.build.ray_pairs import mine_pairs_ray
+    from qarm_features.config import PairsConfig
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    t1 = time.perf_counter()
+    try:
+        z = np.load(emb)
+        pairs, stats = mine_pairs_ray(
+            src, PairsConfig(engine="ray"), item_ids=z["ids"], item_emb=z["emb"]
+        )
+    finally:
+        t2 = time.perf_counter()
+        ray.shutdown()
+    pairs.to_parquet(dst)
+    return {"init_s": t1 - t0, "job_s": t2 - t1, "stats": stats, "num_cpus": num_cpus}
+
+
+def fit_retrieval(src: str, emb: str) -> dict:
+    import pandas as pd
+
+    from qarm_features.config import PairsConfig
+    from qarm_features.pairs.retrieval import BPRMF
+
+    t0 = time.perf_counter()
+    ids, vecs = BPRMF.from_config(PairsConfig()).fit(pd.read_parquet(src)).item_embeddings()
+    np.savez(emb, ids=ids, emb=vecs)
+    return {"fit_s": time.perf_counter() - t0}
+
+
+def compare_mining(work: Path, n_events: int, rounds: int, num_cpus: int, niceness) -> dict:
+    """Pair mining, one process vs Ray, on the same parquet log and retrieval embeddings."""
+    import pandas as pd
+
+    from benchmarks.bench_scale import scale_world
+    from benchmarks.timing import ratio, run_child
+
+    _, _, log = scale_world(max(n_events // 20, 100), n_events, content_dim=8)
+    src = work / "log"
+    src.mkdir()
+    for k, rows in enumerate(np.array_split(np.arange(len(log)), FILES)):
+        log.iloc[rows].to_parquet(src / f"part-{k:03d}.parquet", row_group_size=BATCH_ROWS * 4)
+    n_pos = int((log["rating"] >= 4.0).sum())
+    del log
+    emb = str(work / "retrieval.npz")
+    fit = run_child("benchmarks.bench_ray:fit_retrieval", {"src": str(src), "emb": emb})
+    order = (["single", "ray", "ray", "single"] * rounds)[: 2 * rounds]
+    runs: dict[str, list[dict]] = {"single": [], "ray": []}
+    outs: dict[str, list[Path]] = {"single": [], "ray": []}
+    for i, who in enumerate(order):
+        dst = work / f"pairs-{i}-{who}.parquet"
+        args = {"src": str(src), "emb": emb, "dst": str(dst)}
+        if who == "ray":
+            args.update(num_cpus=num_cpus, niceness=niceness)
+        runs[who].append(
+            run_child(f"benchmarks.bench_ray:mine_{'on_ray' if who == 'ray' else who}", args)
+        )
+        outs[who].append(dst)
+    ref = pd.read_parquet(outs["single"][0])
+    equal = all(pd.read_parquet(p).equals(ref) for p in outs["ray"] + outs["single"][1:])
+    stats_equal = all(r["stats"] == runs["single"][0]["stats"] for r in runs["ray"])
+    med = {w: statistics.median(r["job_s"] for r in runs[w]) for w in runs}
+    init_s = statistics.median(r["init_s"] for r in runs["ray"])
+    return {
+        "what": "mine_pairs (U2I + Swing + union + stats) from parquet, given BPR embeddings",
+        "n_events": n_events, "n_positives": n_pos, "n_pairs": len(ref), "files": FILES,
+        "retrieval_fit_s": fit["fit_s"], "order": order, "seconds": med,
+        "events_per_s": {w: n_events / med[w] for w in med},
+        "ray_over_single": ratio(med["single"], med["ray"]),
+        "ray_over_single_incl_cluster_start": ratio(med["single"], med["ray"] + init_s),
+        "pairs_equal": bool(equal), "stats_equal": bool(stats_equal),
+        "ray_num_cpus": num_cpus, "ray_worker_niceness": niceness, "runs": runs,
+    }  # fmt: skip
+
+
+def run_mining(out: Path, n_events: int, rounds: int, num_cpus: int, niceness) -> dict:
+    """The mining section alone, merged into ``out`` (the other sections kept)."""
+    from benchmarks.timing import machine
+
+    host = machine()
+    work = Path(tempfile.mkdtemp(prefix="qarm-bench-ray-mining-"))
+    try:
+        res = compare_mining(work, n_events, rounds, num_cpus, niceness)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["machine"] = host
+    res["command"] = (f"python -m benchmarks.bench_ray --mining-only --mining-events {n_events}"
+                      f" --rounds {rounds}")  # fmt: skip
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data["mining"] = res  # the other sections kept
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, out)
+    return res
+
+
 def pq_rows(path) -> int:
     import pyarrow.parquet as pq
 
@@ -235,6 +362,7 @@ def run(
     num_cpus: int = 2,
     niceness: int | None = 0,
     feast_items: int = 0,
+    mining_events: int = 0,
 ) -> dict:
     from benchmarks.bench_batch import make_world_bundle
     from benchmarks.timing import machine, ratio, run_child
@@ -290,6 +418,9 @@ def run(
         if feast_items:
             small = str(make_world_bundle(work / "bundle-feast", pool=feast_items))
             result["feast"] = compare_feast(work, small, rounds, num_cpus, niceness)
+        if mining_events:
+            result["command"] += f" --mining-events {mining_events}"
+            result["mining"] = compare_mining(work, mining_events, rounds, num_cpus, niceness)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -316,10 +447,22 @@ if __name__ == "__main__":
         default=0,
         help="also time qarm materialize, local vs Ray engine, on this many items",
     )
+    p.add_argument(
+        "--mining-events",
+        type=int,
+        default=0,
+        help="also time pair mining, one process vs Ray, on a log of this many events",
+    )
+    p.add_argument(
+        "--mining-only", action="store_true", help="only the mining section (merged into --out)"
+    )
     p.add_argument("--out", default="benchmarks/results/ray.json")
     args = p.parse_args()
     nice = None if args.niceness < 0 else args.niceness
-    res = run(
-        Path(args.out), n=args.n, rounds=args.rounds, niceness=nice, feast_items=args.feast_items
-    )
+    if args.mining_only:
+        res = run_mining(Path(args.out), args.mining_events or 1_000_000, args.rounds, 2, nice)
+        print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
+        raise SystemExit(0 if res["pairs_equal"] and res["stats_equal"] else 1)
+    res = run(Path(args.out), n=args.n, rounds=args.rounds, niceness=nice,
+              feast_items=args.feast_items, mining_events=args.mining_events)  # fmt: skip
     print(json.dumps({k: v for k, v in res.items() if k not in ("runs", "machine")}, indent=2))

@@ -58,6 +58,17 @@ class PairsConfig(_Config):
     swing_max_item_users: int | None = Field(1000, ge=2)
     min_pair_count: int = Field(1, ge=1)  # drop U2I pairs seen fewer times
     seed: int = 0
+    # Where mining runs. "local" (default): one process (pairs.mine_pairs), the whole log
+    # in memory, no Ray needed. "ray": Ray Data jobs partitioned by user (U2I) and by
+    # trigger item (Swing) (qarm_features.build.ray_pairs.mine_pairs_by_config), the same pairs
+    # bit for bit; the BPR retrieval fit stays one process (one Ray task). docs/scale.md.
+    engine: Literal["local", "ray"] = "local"
+    # engine "ray": the cluster to join when the process has none initialised
+    # (ray.init(address=...), e.g. "ray://head:10001" or "auto"); None: a local one.
+    ray_address: str | None = None
+    # engine "ray": partitions of each shuffle; None: the cluster's CPUs, or more so that a
+    # partition holds about 1M positive events (ray_pairs.PARTITION_EVENTS).
+    ray_partitions: int | None = Field(None, ge=1)
 
 
 class AlignerConfig(_Config):

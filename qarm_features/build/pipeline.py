@@ -332,7 +332,7 @@ def fit_item_space(
             not in the catalog, or no pair mined.
     """
     from qarm_features.align.aligner import ItemAligner
-    from qarm_features.pairs.mining import mine_pairs
+    from qarm_features.build.ray_pairs import mine_pairs_by_config
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)
@@ -346,7 +346,7 @@ def fit_item_space(
     else:
         step("mining pairs")
         with stage("pairs", **run):
-            pairs, pair_stats = mine_pairs(interactions, cfg.pairs)
+            pairs, pair_stats = mine_pairs_by_config(interactions, cfg.pairs)  # engine: config
         timings["pairs_s"] = stages["pairs"]["seconds"]
     if len(pairs) == 0:
         raise InputError("pair mining found no pairs; are there positives (rating >= threshold)?")

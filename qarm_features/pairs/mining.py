@@ -112,6 +112,12 @@ def _empty_pairs() -> pd.DataFrame:
 
 def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> pd.DataFrame:
     """:func:`mine_u2i_pairs` on validated positives (log order)."""
+    return _u2i_rows(pos, ids, emb, history)[0]
+
+
+def _u2i_rows(pos, ids, emb, history) -> tuple[pd.DataFrame, np.ndarray]:
+    """:func:`_u2i`, and the row of ``pos`` each event targets (a partition kernel of
+    :mod:`qarm_features.build.ray_pairs`: a user's events depend on that user's rows only)."""
     rows = lookup_rows(pos["item_id"].to_numpy(), ids, name="interactions.item_id")
     e = l2_normalize(emb.astype(np.float64)).astype(np.float32)
     users = pos["user_id"].to_numpy()
@@ -152,12 +158,12 @@ def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> p
         out_trig.append(r[a + found - best[found] - 1])
         out_score.append(best_s[found])
     if not out_event:
-        return _empty_pairs()
+        return _empty_pairs(), np.empty(0, np.int64)
     event = np.concatenate(out_event)
     trig = np.concatenate(out_trig)
     score = np.concatenate(out_score).astype(np.float64)
     o = np.argsort(event, kind="stable")
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "trigger_id": ids[trig[o]],
             "target_id": pos["item_id"].to_numpy()[event[o]],
@@ -165,6 +171,7 @@ def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> p
             "source": "u2i",
         }
     )
+    return frame, event[o]
 
 
 # --------------------------------------------------------------------------- Swing
@@ -280,10 +287,12 @@ def mine_pairs(
         (those items' share of positives: the baseline a popularity-neutral miner would hit).
     """
     cfg = cfg if cfg is not None else PairsConfig()
-    if not isinstance(cfg, PairsConfig):
-        raise ConfigError(f"cfg: expected a PairsConfig, got {type(cfg).__name__}")
-    if not (cfg.use_u2i or cfg.use_swing):
-        raise ConfigError("PairsConfig: use_u2i and use_swing are both False; enable one")
+    _check_cfg(cfg)
+    if cfg.engine != "local":
+        raise ConfigError(
+            f"PairsConfig.engine={cfg.engine!r}: pairs.mine_pairs is the single-process miner; "
+            "mine with qarm_features.build.ray_pairs.mine_pairs_by_config (or mine_pairs_ray)"
+        )
     if (item_emb is None) != (item_ids is None):
         raise InputError("mine_pairs: pass item_ids and item_emb together (or neither)")
     pos = _positives(interactions, cfg.positive_threshold)
@@ -295,20 +304,15 @@ def mine_pairs(
         emb = check_embeddings(item_emb, name="item_emb")
         ev = _u2i(pos, check_ids(item_ids, name="item_ids", n=emb.shape[0]), emb, cfg.history)
         stats["n_u2i_events"] = len(ev)
-        t, g, score, count = _aggregate_events(ev)
-        keep = count >= cfg.min_pair_count
-        t, g, score, count = t[keep], g[keep], score[keep], count[keep]
-        stats["n_u2i_pairs"] = int(t.size)
-        order = np.lexsort((g, t, -score, -count))  # count, cosine desc; ids asc
-        parts.append((t[order], g[order], score[order], 0))
+        parts.append(_u2i_ranked(*_aggregate_events(ev), cfg.min_pair_count))
+        stats["n_u2i_pairs"] = int(parts[-1][0].size)
     if cfg.use_swing:
         t, g, score = swing_top_k(
             pos, cfg.swing_alpha, cfg.swing_top_k, cfg.swing_max_user_items,
             cfg.swing_max_item_users, True, cfg.seed,
         )  # fmt: skip
         stats["n_swing_pairs"] = int(t.size)
-        order = np.lexsort((g, t, -score))  # score desc; ids asc
-        parts.append((t[order], g[order], score[order], 1))
+        parts.append(_swing_ranked(t, g, score))
     pairs = _union(parts)
     stats.update(_pair_stats(pairs, pos))
     logger.info(
@@ -335,6 +339,27 @@ def _aggregate_events(ev: pd.DataFrame):
     best = np.maximum.reduceat(score[order], starts)
     first = order[starts]
     return t[first], g[first], best, count
+
+
+def _check_cfg(cfg: PairsConfig) -> None:
+    if not isinstance(cfg, PairsConfig):
+        raise ConfigError(f"cfg: expected a PairsConfig, got {type(cfg).__name__}")
+    if not (cfg.use_u2i or cfg.use_swing):
+        raise ConfigError("PairsConfig: use_u2i and use_swing are both False; enable one")
+
+
+def _u2i_ranked(t, g, score, count, min_pair_count: int):
+    """U2I pairs seen at least ``min_pair_count`` times, ranked (count, cosine desc; ids asc)."""
+    keep = count >= min_pair_count
+    t, g, score, count = t[keep], g[keep], score[keep], count[keep]
+    order = np.lexsort((g, t, -score, -count))
+    return t[order], g[order], score[order], 0
+
+
+def _swing_ranked(t, g, score):
+    """Swing pairs ranked (score desc; ids asc)."""
+    order = np.lexsort((g, t, -score))
+    return t[order], g[order], score[order], 1
 
 
 def _union(parts) -> pd.DataFrame:
@@ -368,7 +393,11 @@ def _union(parts) -> pd.DataFrame:
 
 def _pair_stats(pairs: pd.DataFrame, pos: pd.DataFrame) -> dict:
     """Coverage and popularity skew of ``pairs`` relative to the positives."""
-    item_pos = pos["item_id"].value_counts()
+    return _pair_stats_from_counts(pairs, pos["item_id"].value_counts())
+
+
+def _pair_stats_from_counts(pairs: pd.DataFrame, item_pos: pd.Series) -> dict:
+    """:func:`_pair_stats` from the positives per item (``value_counts``: descending)."""
     share = item_pos / item_pos.sum()
     n_pairs = len(pairs)
     covered = np.union1d(pairs["trigger_id"].to_numpy(), pairs["target_id"].to_numpy())

@@ -86,6 +86,33 @@ def _clean_qarm_env(monkeypatch):
     yield
 
 
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="package")
+def ray_cluster():
+    """A local Ray cluster of two nodes (1 CPU each, ``ray.cluster_utils.Cluster``), started
+    once for this package: Feast's Ray engine (test_feast_ray.py) and the Ray pair miners
+    (test_ray_pairs.py) join it. Its workers import this checkout, as a real cluster's image
+    or runtime_env must provide (docs/scale.md)."""
+    import ray  # a test dependency (pyproject [test]): CI runs these tests, never skips them
+    from feast.infra.ray_initializer import shutdown_ray
+    from ray.cluster_utils import Cluster
+
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env_vars = {"PYTHONPATH": os.pathsep.join(paths), "QARM_BUNDLE": "/nonexistent/qarm-bundle"}
+    node = {"num_cpus": 1, "object_store_memory": 256 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env_vars})
+    try:
+        yield cluster
+    finally:
+        shutdown_ray()  # also resets Feast's "already initialised" flag
+        cluster.shutdown()
+
+
 # --------------------------------------------------------------------------- servers
 
 

@@ -1,6 +1,7 @@
 """The feature repo on Feast's Ray offline store and Ray compute engine (feature_store.ray.yaml).
 
-A local Ray cluster of 2 CPUs, started here, runs ``materialize`` of every view, the
+A local Ray cluster of two nodes (``ray_cluster``, tests/integration/conftest.py: the one
+the Ray pair miners' test joins in the same run) runs ``materialize`` of every view, the
 ``qarm_batch`` UDF included, and ``get_historical_features``. The online rows must be bit
 for bit those of the same bundle materialized by the default local engine, every row
 present: Feast 0.67's Ray engine swallows a worker's errors (a worker that cannot import
@@ -10,12 +11,9 @@ here, never a skip.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
 import pytest
-import ray  # a test dependency (pyproject [test]): CI runs this test, never skips it
 
 from tests.integration.helpers import (
     NOT_FOUND,
@@ -39,26 +37,6 @@ pytestmark = [
 NAMES = qarm_names(3)
 RAY_YAML = "feature_store.ray.yaml"
 UNKNOWN = 123_456
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster of 2 CPUs whose workers import this checkout (as a real cluster's
-    image or runtime_env must provide: docs/scale.md); Feast's engine joins it."""
-    from feast.infra.ray_initializer import shutdown_ray
-
-    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    env_vars = {"PYTHONPATH": os.pathsep.join(paths), "QARM_BUNDLE": "/nonexistent/qarm-bundle"}
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": env_vars},
-    )
-    try:
-        yield
-    finally:
-        shutdown_ray()  # also resets Feast's "already initialised" flag
 
 
 @pytest.fixture(scope="module")
