@@ -250,8 +250,16 @@ def _retrieval(ray, interactions, cfg: PairsConfig, item_ids, item_emb):
 
 
 def _u2i_dataset(pos, n_parts, refs, history, aggregate):
-    return _by_part(pos, n_parts, _u2i_partition, "user_id", ids_ref=refs[0], emb_ref=refs[1],
-                    history=int(history), aggregate=aggregate)  # fmt: skip
+    return _by_part(
+        pos,
+        n_parts,
+        _u2i_partition,
+        "user_id",
+        ids_ref=refs[0],
+        emb_ref=refs[1],
+        history=int(history),
+        aggregate=aggregate,
+    )
 
 
 @_sort_shuffle()
@@ -347,8 +355,14 @@ def _swing_ray(pos, n_parts, alpha, top_k, max_user_items, max_item_users, user_
     """The Swing top-k of a positives dataset, partitioned by user then by trigger."""
     import ray
 
-    sent = _by_part(pos, n_parts, _swing_users, "user_id", max_user_items=int(max_user_items),
-                    trigger_parts=n_parts).materialize()  # fmt: skip
+    sent = _by_part(
+        pos,
+        n_parts,
+        _swing_users,
+        "user_id",
+        max_user_items=int(max_user_items),
+        trigger_parts=n_parts,
+    ).materialize()
     capped = (np.empty(0, np.int64), np.empty(0, np.int64))
     if max_item_users is not None:
         # one process draws one stream over every (item, user) entry in item order: a
@@ -358,10 +372,17 @@ def _swing_ray(pos, n_parts, alpha, top_k, max_user_items, max_item_users, user_
         c = counts["n"].to_numpy(np.int64)
         big = c > max_item_users
         capped = (counts["item_id"].to_numpy(np.int64)[big], (np.cumsum(c) - c)[big])
-    part = _by_part(sent, n_parts, _swing_partition, alpha=float(alpha), top_k=int(top_k),
-                    user_weight=bool(user_weight), seed=int(seed), capped_ref=ray.put(capped),
-                    max_item_users=None if max_item_users is None else int(max_item_users),
-                    ).to_pandas()  # the mined pairs: at most top_k per trigger  # fmt: skip
+    part = _by_part(
+        sent,
+        n_parts,
+        _swing_partition,
+        alpha=float(alpha),
+        top_k=int(top_k),
+        user_weight=bool(user_weight),
+        seed=int(seed),
+        capped_ref=ray.put(capped),
+        max_item_users=None if max_item_users is None else int(max_item_users),
+    ).to_pandas()  # the mined pairs: at most top_k per trigger
     cols = zip(("trigger_id", "target_id", "score"), (np.int64, np.int64, np.float64))
     t, g, s = (part[c].to_numpy(dt) for c, dt in cols)
     order = np.lexsort((g, -s, t))  # swing_top_k's order: trigger, score desc, target
@@ -406,8 +427,16 @@ def swing_top_k_ray(
             f"got {alpha}, {top_k}, {max_user_items}, {max_item_users}"
         )
     pos, n_pos = _materialized_positives(interactions, positive_threshold)
-    return _swing_ray(pos, _n_parts(num_partitions, n_pos), alpha, top_k, max_user_items,
-                      max_item_users, user_weight, seed)  # fmt: skip
+    return _swing_ray(
+        pos,
+        _n_parts(num_partitions, n_pos),
+        alpha,
+        top_k,
+        max_user_items,
+        max_item_users,
+        user_weight,
+        seed,
+    )
 
 
 # --------------------------------------------------------------------------- both
@@ -456,12 +485,27 @@ def mine_pairs_ray(
             per_pair[c].to_numpy() for c in ("trigger_id", "target_id", "score", "count")
         )
         stats["n_u2i_events"] = int(count.sum())
-        parts.append(_u2i_ranked(t.astype(np.int64), g.astype(np.int64), s.astype(np.float64),
-                                 count.astype(np.int64), cfg.min_pair_count))  # fmt: skip
+        parts.append(
+            _u2i_ranked(
+                t.astype(np.int64),
+                g.astype(np.int64),
+                s.astype(np.float64),
+                count.astype(np.int64),
+                cfg.min_pair_count,
+            )
+        )
         stats["n_u2i_pairs"] = int(parts[-1][0].size)
     if cfg.use_swing:
-        t, g, s = _swing_ray(pos, n_parts, cfg.swing_alpha, cfg.swing_top_k,
-                             cfg.swing_max_user_items, cfg.swing_max_item_users, True, cfg.seed)  # fmt: skip
+        t, g, s = _swing_ray(
+            pos,
+            n_parts,
+            cfg.swing_alpha,
+            cfg.swing_top_k,
+            cfg.swing_max_user_items,
+            cfg.swing_max_item_users,
+            True,
+            cfg.seed,
+        )
         stats["n_swing_pairs"] = int(t.size)
         parts.append(_swing_ranked(t, g, s))
     pairs = _union(parts)

@@ -164,7 +164,8 @@ def _i2i_pairs(project: Project, keys: Keys) -> pd.DataFrame | None:
 def mine(project: Project, interactions: pd.DataFrame, keys: Keys, cfg):
     """``(pairs, stats)``: mined from the events, with the team's I2I pairs and retrieval
     embeddings where ``qarm.yaml`` gives them (the team's I2I replaces Swing)."""
-    from qarm_features.pairs.mining import PAIR_COLUMNS, mine_pairs
+    from qarm_features.build.ray_pairs import mine_pairs_by_config
+    from qarm_features.pairs.mining import PAIR_COLUMNS
 
     i2i = _i2i_pairs(project, keys)
     emb = _item_embeddings(project, keys)
@@ -173,7 +174,7 @@ def mine(project: Project, interactions: pd.DataFrame, keys: Keys, cfg):
         pairs, stats = pd.DataFrame(columns=PAIR_COLUMNS), {}
     else:
         kw = {} if emb is None else {"item_ids": emb[0], "item_emb": emb[1]}
-        pairs, stats = mine_pairs(interactions, pcfg, **kw)
+        pairs, stats = mine_pairs_by_config(interactions, pcfg, **kw)  # local or Ray
     if i2i is not None:
         lo = np.minimum(i2i["trigger_id"], i2i["target_id"])
         hi = np.maximum(i2i["trigger_id"], i2i["target_id"])
