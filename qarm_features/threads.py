@@ -94,12 +94,14 @@ def _current() -> tuple[int | None, int | None]:
 
 
 def _set(torch_n: int | None, faiss_n: int | None) -> None:
+    """faiss first, torch last: when torch was imported first, its libgomp is global and
+    faiss's ``omp_set_num_threads`` binds to it (one OpenMP pool), so the last call wins."""
     torch = sys.modules.get("torch")
     faiss = sys.modules.get("faiss")
-    if torch is not None and torch_n is not None and torch.get_num_threads() != torch_n:
-        torch.set_num_threads(torch_n)
     if faiss is not None and faiss_n is not None:
         faiss.omp_set_num_threads(faiss_n)
+    if torch is not None and torch_n is not None:
+        torch.set_num_threads(torch_n)
 
 
 def _resolve(n: int | None) -> int:
