@@ -243,7 +243,9 @@ def vq_index_options(bundle: str, *, queries: int, n_threads: int = 1) -> dict:
             f"{vq_cfg.get('ann_index', 'HNSW32')} efSearch={vq_cfg.get('ann_ef_search', 128)} (shipped)":
                 (vq_cfg.get("ann_index", "HNSW32"), "efSearch", vq_cfg.get("ann_ef_search", 128)),
             "HNSW32 efSearch=64": ("HNSW32", "efSearch", 64),
+            "IVF1024,Flat nprobe=4": ("IVF1024,Flat", "nprobe", 4),
             "IVF1024,Flat nprobe=8": ("IVF1024,Flat", "nprobe", 8),
+            "IVF1024,Flat nprobe=12": ("IVF1024,Flat", "nprobe", 12),
             "IVF1024,Flat nprobe=16": ("IVF1024,Flat", "nprobe", 16),
         }  # fmt: skip
         built, build_s = {}, {}

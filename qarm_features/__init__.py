@@ -26,6 +26,9 @@ from __future__ import annotations
 import importlib
 
 from qarm_features._version import __version__
+from qarm_features.threads import passive_wait_default
+
+passive_wait_default()  # before torch / faiss load libgomp (qarm_features.threads)
 
 _API = {
     "build_from_repo": "qarm_features.build.repo",

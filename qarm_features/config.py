@@ -92,6 +92,16 @@ class AlignerConfig(_Config):
     raw_consistency: float = Field(0.1, ge=0)
     max_epochs: int = Field(40, ge=1)
     patience: int = Field(5, ge=1)  # early stopping on held-out pair-AUC of unseen items
+    # Wall-clock budget of the epoch loop (None: none). Training stops at the first step
+    # past it, scores that partial epoch and keeps the best-validated weights (history_
+    # "stopped_by": "max_seconds"). A ceiling, not a target: the 10k-item build's aligner
+    # early-stops in ~20 s; 1800 s only stops a run a loaded machine has slowed 90-fold.
+    max_seconds: float | None = Field(1800.0, gt=0)
+    # torch intra-op threads of the training loop; 0 = the CPUs this process may use
+    # (qarm_features.threads.usable_cpus). 1: a step's GEMMs (2B x in_dim x out_dim) are
+    # too small to split, and beside two busy processes on 2 cores the loop at 2 threads
+    # took 20x its 1-thread time (issue 20). Bulk numpy work (PCA, validation) uses all.
+    threads: int = Field(1, ge=0)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 0
     device: str = "cpu"
@@ -122,6 +132,9 @@ class VQConfig(_Config):
     # throughput on a 100k pool, and builds in seconds where HNSW (one thread) takes minutes.
     ann_index: str = "IVF1024,Flat"
     ann_ef_search: int = Field(128, ge=1)
+    # Inverted lists an IVF index probes per row (its canonical lists, qarm_features.codes.vq).
+    # Part of a bundle's codes: a bundle keeps the value it was built with.
+    ann_nprobe: int = Field(16, ge=1)
     seed: int = 0
 
 

@@ -196,9 +196,11 @@ def _text_encoder(bundle):
 
         n = serving_threads()
         if n is not None:  # a server: torch's intra-op pool too
-            import torch
+            import torch  # noqa: F401 - loaded first, so pin_threads reaches its pool
 
-            torch.set_num_threads(n)
+            from qarm_features.threads import pin_threads
+
+            pin_threads(n)
         encoder = _encoders[key] = bundle.content_encoder()
     return encoder
 

@@ -24,15 +24,16 @@ import pandas as pd
 
 from qarm_features._validate import check_embeddings, check_ids, draw_items, lookup_rows
 from qarm_features.align.contrastive import (
-    centred_reference,
     normalized_moments,
     pair_rows,
     raw_consistency,
+    raw_geometry,
     symmetric_nce,
 )
 from qarm_features.config import AlignerConfig
 from qarm_features.errors import ConfigError, DependencyError, InputError, NotFittedError
 from qarm_features.metrics import pair_auc, pair_recall_at_k
+from qarm_features.threads import limited, usable_cpus
 
 try:
     import torch
@@ -251,13 +252,21 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
 
 
 def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig):
-    """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``)."""
-    za, zb = model(x_all[a]), model(x_all[b])
+    """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``).
+
+    Triggers and targets go through the model in one forward of ``2B`` rows (one gather,
+    one GEMM per layer); ``za``, ``zb`` are views of it, and the raw-consistency term reads
+    the ``2B`` rows as they are (no concatenated copy).
+    """
+    m = a.numel()
+    rows = torch.cat([a, b])
+    z = model(x_all[rows])
+    za, zb = z[:m], z[m:]
     nce = symmetric_nce(za, zb, a, b, cfg.temperature)
     loss = nce
     raw_term = torch.zeros((), device=nce.device)
     if cfg.raw_consistency > 0:
-        raw_term = raw_consistency(torch.cat([za, zb]), ref_all[torch.cat([a, b])])
+        raw_term = raw_consistency(z, ref_all[rows])
         loss = loss + cfg.raw_consistency * raw_term
     return loss, nce, raw_term
 
@@ -282,6 +291,10 @@ class ItemAligner:
     (recall@10 on 1k); training stops after ``config.patience`` epochs without
     improvement and the best weights (epoch 0 = the PCA init included) are restored. ``val_items=[]`` disables validation: all pairs train for
     ``config.max_epochs`` epochs (use it to refit on everything once the epoch count is known).
+    Either way the loop stops at the first step past ``config.max_seconds`` (the partial
+    epoch is scored like a full one). The loop runs ``config.threads`` torch threads (1 by
+    default), the bulk numpy work every CPU this process may use
+    (:func:`qarm_features.threads.usable_cpus`); both are restored afterwards.
 
     Args:
         config: aligner settings (defaults when ``None``); ``config.seed`` seeds the
@@ -296,7 +309,8 @@ class ItemAligner:
             ``best_epoch``, ``best_val_pair_auc``, ``raw_val_pair_auc`` and
             ``raw_val_recall_at_10`` (the raw space on the same validation pairs and
             negatives), ``n_train_pairs``, ``n_val_pairs``, ``n_val_pairs_scored``,
-            ``n_val_items``, ``epochs_run``.
+            ``n_val_items``, ``epochs_run``, ``stopped_by`` (``"patience"``,
+            ``"max_epochs"`` or ``"max_seconds"``).
     """
 
     def __init__(self, config: AlignerConfig | None = None) -> None:
@@ -370,7 +384,11 @@ class ItemAligner:
         if device.type == "cuda":
             index = device.index
             fork_devices = [index if index is not None else torch.cuda.current_device()]
-        with torch.random.fork_rng(devices=fork_devices):
+        cpus = usable_cpus()
+        with (
+            torch.random.fork_rng(devices=fork_devices),
+            limited(cpus, torch_threads=cfg.threads or cpus),
+        ):
             torch.manual_seed(cfg.seed)
             scorer = score if validate else None
             model = self._train(raw, hold, cfg, device, history, scorer, progress, init_weights)
@@ -383,14 +401,15 @@ class ItemAligner:
 
     def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress, init=None):
         """Epoch loop with early stopping on ``score`` (None: no validation)."""
-        need = init is None or cfg.raw_consistency > 0  # one float64 pass serves both uses
-        moments = normalized_moments(raw) if need else None
+        need = init is None or cfg.raw_consistency > 0  # one pass serves both uses
+        mean = cov = ref = None
+        if need:
+            mean, cov, ref = raw_geometry(raw, reference=cfg.raw_consistency > 0)
         if init is not None:
             model = Aligner.from_weights(init, raw.shape[1], cfg).train().to(device)
         else:
-            model = Aligner(raw.shape[1], cfg).init_from_raw(raw, moments).to(device)
+            model = Aligner(raw.shape[1], cfg).init_from_raw(raw, (mean, cov)).to(device)
         x_all = torch.from_numpy(raw).to(device)
-        ref = centred_reference(raw, moments[0]) if cfg.raw_consistency > 0 else None
         ref_all = None if ref is None else torch.from_numpy(ref).to(device)
         a_all = torch.from_numpy(hold.train_a).to(device)
         b_all = torch.from_numpy(hold.train_b).to(device)
@@ -407,14 +426,29 @@ class ItemAligner:
             best_auc = auc0 if np.isfinite(auc0) else -np.inf  # NaN: any real AUC beats it
             best_state = copy.deepcopy(model.state_dict())
         log = logger.info if progress else logger.debug
-        epoch = 0
+        epoch, stopped_by = 0, "max_epochs"
+        deadline = None if cfg.max_seconds is None else time.perf_counter() + cfg.max_seconds
         for epoch in range(1, cfg.max_epochs + 1):
+            if deadline is not None and time.perf_counter() > deadline:  # spent in validation
+                epoch, stopped_by = epoch - 1, "max_seconds"
+                break
             perm = torch.randperm(n_train, generator=gen).to(device)
-            stats = _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg)
+            *stats, out_of_time = _train_epoch(
+                model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, deadline
+            )
             for key, value in zip(_EPOCH_KEYS, stats):
                 history[key].append(value)
+            if out_of_time:
+                stopped_by = "max_seconds"
+                logger.warning(
+                    "aligner: stopped in epoch %d at the %.0f s budget "
+                    "(AlignerConfig.max_seconds); keeping the best-validated weights",
+                    epoch, cfg.max_seconds,
+                )  # fmt: skip
             if score is None:
                 log("aligner epoch %d loss %.4f", epoch, history["loss"][-1])
+                if out_of_time:
+                    break
                 continue
             auc_e, rec_e = score(model.transform(raw))
             history["val_pair_auc"].append(auc_e)
@@ -426,9 +460,13 @@ class ItemAligner:
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 since += 1
-                if since >= cfg.patience:
+                if since >= cfg.patience and not out_of_time:
+                    stopped_by = "patience"
                     break
+            if out_of_time:
+                break
         history["epochs_run"] = epoch
+        history["stopped_by"] = stopped_by
         if score is not None:
             model.load_state_dict(best_state)
             history["best_epoch"] = best_epoch
@@ -455,14 +493,18 @@ class ItemAligner:
         return self.module_.transform(raw_emb)
 
 
-def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg):
+def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, deadline=None):
     """One pass over the train pairs in ``perm`` order; mean losses (summed on the device,
-    read once: no host sync per step) and pairs/s."""
+    read once: no host sync per step), pairs/s, and whether it stopped early because
+    ``time.perf_counter()`` passed ``deadline`` (checked after each step)."""
     model.train()
     t0 = time.perf_counter()
     sums = torch.zeros(3, dtype=torch.float64, device=x_all.device)
-    seen = 0
+    seen, out_of_time = 0, False
     for s in range(0, perm.numel(), bs):
+        if deadline is not None and seen and time.perf_counter() > deadline:
+            out_of_time = True
+            break
         idx = perm[s : s + bs]
         if idx.numel() < 2:  # a lone pair has no in-batch negative
             continue
@@ -475,4 +517,4 @@ def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg):
         sums += torch.stack([loss.detach(), nce.detach(), raw_term.detach()]).double() * m
         seen += m
     elapsed, n = max(time.perf_counter() - t0, 1e-9), max(seen, 1)
-    return (*(v / n for v in sums.tolist()), seen / elapsed)
+    return (*(v / n for v in sums.tolist()), seen / elapsed, out_of_time)

@@ -123,13 +123,27 @@ def raw_consistency(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     ``||Z^T Z||^2 - 2 ||Z^T R||^2 + ||R^T R||^2`` (Frobenius): three ``d x d``, ``d x D``,
     ``D x D`` products instead of two ``n x n`` Gram matrices. The diagonal terms are
     ``(1 - 1)^2 = 0`` for unit rows, so the full sum is the off-diagonal sum, divided by
-    ``n (n - 1)``.
+    ``n (n - 1)``. The last term is a constant of the batch (:func:`gram_energy`): it takes
+    no part in the gradient.
     """
     n = z.shape[0]
     zz, zr = z.T @ z, z.T @ r
-    with torch.no_grad():
-        const = (r.T @ r).square().sum()
-    return (zz.square().sum() - 2.0 * zr.square().sum() + const) / (n * (n - 1))
+    return (zz.square().sum() - 2.0 * zr.square().sum() + gram_energy(r)) / (n * (n - 1))
+
+
+@torch.no_grad()
+def gram_energy(r: torch.Tensor) -> torch.Tensor:
+    """``||R^T R||^2`` (Frobenius), a constant: no gradient.
+
+    On CPU it is numpy's ``r.T @ r``, which BLAS computes as a symmetric rank-k update
+    (half a GEMM's work: the largest product of a raw-consistency step, ``D x D`` from
+    ``n`` rows, at ~0.4x torch's GEMM time measured on 1024 x 384 batches).
+    """
+    if r.device.type != "cpu":
+        return (r.T @ r).square().sum()
+    rn = r.detach().numpy()
+    gram = rn.T @ rn  # numpy recognises A.T @ A: one syrk call
+    return torch.as_tensor(np.einsum("ij,ij->", gram, gram), dtype=r.dtype)
 
 
 # --------------------------------------------------------------------------- raw geometry
@@ -145,15 +159,46 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 def normalized_moments(x: np.ndarray, chunk: int = _MOMENT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the L2-normalised rows of ``x``, in float64, chunk by chunk."""
-    d = x.shape[1]
+    mean, cov, _ = raw_geometry(x, reference=False, chunk=chunk)
+    return mean, cov
+
+
+def raw_geometry(x: np.ndarray, *, reference: bool = True, chunk: int = _MOMENT_CHUNK):
+    """``(mean, cov, ref)`` of the L2-normalised rows of ``x`` in two chunked passes.
+
+    ``mean``, ``cov``: float64 moments (:func:`normalized_moments`); ``ref``: float32 unit
+    rows of ``normalise(x) - mean`` (:func:`centred_reference`), or ``None`` when
+    ``reference`` is false. The first pass keeps the float32 unit rows in ``ref``'s buffer,
+    so the second only centres them (one normalisation of ``x`` instead of two). Each
+    chunk's outer product is a float32 symmetric rank-k update of rows shifted by the
+    first chunk's mean (no cancellation against the large common direction: every entry
+    within ~1e-6 of float64), summed in float64.
+    """
+    n, d = x.shape
+    store = np.empty(x.shape, dtype=np.float32) if reference else None
     total, outer = np.zeros(d), np.zeros((d, d))
-    for a in range(0, x.shape[0], chunk):
+    shift = None
+    for a in range(0, n, chunk):
         u = _unit_rows(x[a : a + chunk])
         total += u.sum(axis=0)
-        outer += u.T @ u
-    n = max(x.shape[0], 1)
+        if shift is None:
+            shift = u.mean(axis=0)
+        v = (u - shift).astype(np.float32)
+        outer += v.T @ v  # numpy computes A.T @ A as one syrk call
+        if store is not None:
+            store[a : a + chunk] = u
+    n = max(n, 1)
     mean = total / n
-    return mean, outer / n - np.outer(mean, mean)
+    delta = mean - (shift if shift is not None else 0.0)
+    cov = outer / n - np.outer(delta, delta)  # E[(u - s)(u - s)^T] - (m - s)(m - s)^T
+    if store is None:
+        return mean, cov, None
+    for a in range(0, x.shape[0], chunk):
+        u = store[a : a + chunk].astype(np.float64)
+        u -= mean
+        u /= np.maximum(np.sqrt(np.einsum("ij,ij->i", u, u)), 1e-12)[:, None]
+        store[a : a + chunk] = u
+    return mean, cov, store
 
 
 def centred_reference(x: np.ndarray, mean: np.ndarray, chunk: int = _MOMENT_CHUNK) -> np.ndarray:

@@ -104,11 +104,12 @@ def encode_parquet(
 
 def _embed_batch(batch, text_column: str, id_column: str, model_path, encoder_batch_size: int):
     """The ``map_batches`` task of the catalog encoding: texts -> ``raw_emb`` (float32 lists)."""
-    import torch
+    import torch  # noqa: F401 - loaded first, so pin_threads reaches its pool
 
     from qarm_features.content.encoders import TextEncoder
+    from qarm_features.threads import pin_threads
 
-    torch.set_num_threads(1)  # one Ray task per CPU
+    pin_threads(1)  # one Ray task per CPU (torch, BLAS and faiss)
     if text_column not in batch.columns:
         raise InputError(
             f"column {text_column!r} not in the catalog (columns: {list(batch.columns)}); "

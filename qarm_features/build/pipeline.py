@@ -219,6 +219,7 @@ def make_vq(cfg: VQConfig):
         exact_max_pool=cfg.exact_max_pool,
         ann_index=cfg.ann_index,
         ann_ef_search=cfg.ann_ef_search,
+        ann_nprobe=cfg.ann_nprobe,
         seed=cfg.seed,
     )
 

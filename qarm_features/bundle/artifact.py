@@ -224,6 +224,7 @@ class Bundle:
                 exact_max_pool=cfg.exact_max_pool,
                 ann_index=cfg.ann_index,
                 ann_ef_search=cfg.ann_ef_search,
+                ann_nprobe=cfg.ann_nprobe,
                 seed=cfg.seed,
             )
         except InputError as exc:  # a stored index that is not this pool's

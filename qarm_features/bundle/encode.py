@@ -267,14 +267,9 @@ def pin_threads(n: int = 1) -> None:
     A server that runs many small requests loses ~1000x to thread contention with the
     default thread pools (DESIGN.md); one thread per worker is the right default. BLAS
     limits are process-wide, but faiss's OpenMP setting holds for the calling thread only:
-    call this again on each thread that encodes (transformations.on_demand does).
+    call this again on each thread that encodes (transformations.on_demand does). The
+    pinning itself is :func:`qarm_features.threads.pin_threads` (the one place).
     """
-    try:
-        from threadpoolctl import threadpool_limits
+    from qarm_features.threads import pin_threads as pin
 
-        threadpool_limits(n)
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        log.debug("threadpoolctl missing; BLAS threads not pinned")
-    import faiss
-
-    faiss.omp_set_num_threads(n)
+    pin(n)

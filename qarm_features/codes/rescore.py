@@ -16,7 +16,6 @@ Serving-path module: imports numpy only (threadpoolctl when a batch call starts 
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
@@ -66,17 +65,16 @@ _IN_WORKER = threading.local()
 
 
 def default_workers() -> int:
-    """The batch path's worker count: the BLAS thread budget, at most the usable cores.
+    """The batch path's worker count: the BLAS thread budget, at most the usable CPUs.
 
     The process's BLAS thread setting is the budget the caller granted (``pin_threads(1)``
     on a server: 1, so no workers); row-block workers spend it better than BLAS does.
     """
     from threadpoolctl import threadpool_info
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
+    from qarm_features.threads import usable_cpus
+
+    cores = usable_cpus()  # affinity and cgroup quota, not the host's cores
     blas = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
     return max(1, min(cores, max(blas, default=cores)))
 

@@ -142,6 +142,8 @@ class VQCoder:
             self._ivf = ivf
             self._coarse = np.ascontiguousarray(coarse, dtype=np.float32)  # (nlist, d)
             self._coarse_t = np.ascontiguousarray(self._coarse.T)
+            self._coarse_index = faiss.IndexFlatIP(d)  # the float32 proposal of _probe
+            self._coarse_index.add(self._coarse)
             c64 = self._coarse.astype(np.float64)
             self._coarse_norm_max = float(np.sqrt(np.einsum("ij,ij->i", c64, c64).max()))
         self.mode_, self.index_, self.ann_recall_ = "ann", ann, None
@@ -290,13 +292,14 @@ class VQCoder:
         nlist, nprobe = self._coarse.shape[0], int(self._ivf.nprobe)
         if nprobe >= nlist:
             return np.broadcast_to(np.arange(nlist, dtype=np.int64), (x.shape[0], nlist)).copy()
-        s = x @ self._coarse_t  # float32 proposal, (n, nlist)
-        part = np.argpartition(-s, nprobe, axis=1)
-        top = part[:, :nprobe]
-        inside = np.take_along_axis(s, top, axis=1).min(axis=1).astype(np.float64)
-        outside = np.take_along_axis(s, part[:, nprobe : nprobe + 1], axis=1)[:, 0]
-        # Every list outside scores <= outside (the partition's pivot); a gap beyond twice
-        # the float32 error bound means the float64 top set is the float32 one.
+        # float32 proposal: faiss's exact top nprobe + 1 of the float32 scores (one GEMM per
+        # chunk and a heap; ~2.4x numpy's GEMM + argpartition over nlist columns).
+        s, top = self._coarse_index.search(x, nprobe + 1)
+        inside = s[:, nprobe - 1].astype(np.float64)  # the set's lowest score
+        outside = s[:, nprobe]  # every list outside scores <= this one
+        top = top[:, :nprobe]
+        # A gap beyond twice the float32 error bound means the float64 top set is the
+        # float32 one (whatever order faiss summed in).
         d = self.dim_
         tol = GUARD * (d + 2) * U * np.sqrt(np.einsum("ij,ij->i", x64, x64)) * (
             self._coarse_norm_max

@@ -27,6 +27,7 @@ FLOORS: list[set[str]] = [
         "qarm_features.metrics",
         "qarm_features.project",
         "qarm_features.progress",
+        "qarm_features.threads",
     },
     # 1: the stages' estimators: data sets, content encoders, pair miners, the aligner, coders
     {
