@@ -22,7 +22,7 @@ suite (a Ray cluster start alone is ~5 s, and a meaningful catalog takes minutes
 ``--mining-events N`` adds (``--mining-only``: only) pair mining, one process vs Ray on the
 same cores: the bench_scale world of N events over N / 20 items, written as parquet files;
 ``single`` reads them and runs :func:`~qarm_features.pairs.mining.mine_pairs`, ``ray`` runs
-:func:`~qarm_features.build.bundles.ray_pairs.mine_pairs_ray` on them (the workers read them) on a local
+:func:`~qarm_features.build.ray_pairs.mine_pairs_ray` on them (the workers read them) on a local
 cluster of 2 CPUs. Both get the same BPR retrieval embeddings (fitted once beforehand: the
 fit is single process in both routes) and the default PairsConfig; their pairs and stats
 must be equal. Section ``mining`` of the results.
@@ -215,8 +215,8 @@ def mine_on_ray(src: str, emb: str, dst: str, num_cpus: int = 2, niceness: int |
     if niceness is not None:
         os.environ["RAY_worker_niceness"] = str(int(niceness))
     import ray
-    from qarm_features.build.bundles.ray_pairs import mine_pairs_ray
 
+    from qarm_features.build.ray_pairs import mine_pairs_ray
     from qarm_features.config import PairsConfig
 
     t0 = time.perf_counter()

@@ -60,7 +60,7 @@ class PairsConfig(_Config):
     seed: int = 0
     # Where mining runs. "local" (default): one process (pairs.mine_pairs), the whole log
     # in memory, no Ray needed. "ray": Ray Data jobs partitioned by user (U2I) and by
-    # trigger item (Swing) (qarm_features.build.bundles.ray_pairs.mine_pairs_by_config), the same pairs
+    # trigger item (Swing) (qarm_features.build.ray_pairs.mine_pairs_by_config), the same pairs
     # bit for bit; the BPR retrieval fit stays one process (one Ray task). docs/scale.md.
     engine: Literal["local", "ray"] = "local"
     # engine "ray": the cluster to join when the process has none initialised

@@ -443,8 +443,9 @@ class ItemAligner:
                 logger.warning(
                     "aligner: stopped in epoch %d at the %.0f s budget "
                     "(AlignerConfig.max_seconds); keeping the best-validated weights",
-                    epoch, cfg.max_seconds,
-                )  # fmt: skip
+                    epoch,
+                    cfg.max_seconds,
+                )
             if score is None:
                 log("aligner epoch %d loss %.4f", epoch, history["loss"][-1])
                 if out_of_time:

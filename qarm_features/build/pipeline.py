@@ -333,7 +333,7 @@ def fit_item_space(
             not in the catalog, or no pair mined.
     """
     from qarm_features.align.aligner import ItemAligner
-    from qarm_features.build.bundles.ray_pairs import mine_pairs_by_config
+    from qarm_features.build.ray_pairs import mine_pairs_by_config
 
     cfg = config or BuildConfig()
     step = on_step or (lambda _label: None)

@@ -197,8 +197,9 @@ class VQCoder:
         want = self._encode_block(pool[sample], ids[sample], flat, guarded=True)
         hits = [np.intersect1d(g[g >= 0], w).size for g, w in zip(got, want)]
         recall = float(np.mean(hits) / k)
-        logger.info("VQ ANN %s: recall@%d = %.4f on %d pool items", self.ann_index, k,
-                    recall, sample.size)  # fmt: skip
+        logger.info(
+            "VQ ANN %s: recall@%d = %.4f on %d pool items", self.ann_index, k, recall, sample.size
+        )
         return recall
 
     def export_index(self) -> np.ndarray | None:
@@ -301,8 +302,8 @@ class VQCoder:
         # A gap beyond twice the float32 error bound means the float64 top set is the
         # float32 one (whatever order faiss summed in).
         d = self.dim_
-        tol = GUARD * (d + 2) * U * np.sqrt(np.einsum("ij,ij->i", x64, x64)) * (
-            self._coarse_norm_max
+        tol = (
+            GUARD * (d + 2) * U * np.sqrt(np.einsum("ij,ij->i", x64, x64)) * (self._coarse_norm_max)
         )
         lists = np.sort(top, axis=1).astype(np.int64)
         for i in np.flatnonzero(~(inside - outside > tol)):
@@ -313,8 +314,8 @@ class VQCoder:
 
     def _tol(self, x64: np.ndarray) -> np.ndarray:
         d = self.dim_
-        return GUARD * (d + 2) * U * np.sqrt(np.einsum("ij,ij->i", x64, x64)) * (
-            self._pool_norm_max
+        return (
+            GUARD * (d + 2) * U * np.sqrt(np.einsum("ij,ij->i", x64, x64)) * (self._pool_norm_max)
         )
 
     def _top_k(self, s64: np.ndarray, rows: np.ndarray, valid: np.ndarray) -> np.ndarray:

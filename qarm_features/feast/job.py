@@ -404,10 +404,18 @@ def materialize(
         changed = any(v is not None and v != bundle.version for v in maybe_online)
         journal = Journal.begin(repo, bundle, previous=(left or {"previous": previous})["previous"])
         stats = prepare_sources(
-            bundle.path, repo, catalog_df, interactions_df, history=history,
-            positive_threshold=positive_threshold, join_key=join_key, keep_previous=keep_previous,
-            chunk_rows=chunk_rows, progress=progress, journal=journal,
-        )  # fmt: skip
+            bundle.path,
+            repo,
+            catalog_df,
+            interactions_df,
+            history=history,
+            positive_threshold=positive_threshold,
+            join_key=join_key,
+            keep_previous=keep_previous,
+            chunk_rows=chunk_rows,
+            progress=progress,
+            journal=journal,
+        )
         stages = stats["stages"]
         stats.update(
             roll_out(store, repo, journal, changed=changed, progress=progress, stages=stages)

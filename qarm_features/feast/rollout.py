@@ -242,8 +242,9 @@ def describe(record: dict) -> str:
     )
 
 
-def roll_out(store, repo: Path, journal: Journal, *, changed: bool, progress=None,
-              stages=None) -> dict:  # fmt: skip
+def roll_out(
+    store, repo: Path, journal: Journal, *, changed: bool, progress=None, stages=None
+) -> dict:
     """The steps after the switch: clear (a version change), apply, write the online rows.
 
     The definitions read the repo's pointer, so the views' UDFs carry the served bundle.

@@ -394,8 +394,11 @@ def status(
             if run["running"]
             else describe(run) + "; `qarm status --repair` finishes or rolls it back"
         )
-    problems += [f"view {n} is {views[n]} (reads refused unless serve_features_while_"
-                 "materializing; a killed materialize leaves it so)" for n in stuck]  # fmt: skip
+    problems += [
+        f"view {n} is {views[n]} (reads refused unless serve_features_while_"
+        "materializing; a killed materialize leaves it so)"
+        for n in stuck
+    ]
     problems += versions["problems"] + [f"leftover {p}" for p in leftovers]
     repaired = []
     if repair and problems:

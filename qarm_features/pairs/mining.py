@@ -117,7 +117,7 @@ def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> p
 
 def _u2i_rows(pos, ids, emb, history) -> tuple[pd.DataFrame, np.ndarray]:
     """:func:`_u2i`, and the row of ``pos`` each event targets (a partition kernel of
-    :mod:`qarm_features.build.bundles.ray_pairs`: a user's events depend on that user's rows only)."""
+    :mod:`qarm_features.build.ray_pairs`: a user's events depend on that user's rows only)."""
     rows = lookup_rows(pos["item_id"].to_numpy(), ids, name="interactions.item_id")
     e = l2_normalize(emb.astype(np.float64)).astype(np.float32)
     users = pos["user_id"].to_numpy()
@@ -291,7 +291,7 @@ def mine_pairs(
     if cfg.engine != "local":
         raise ConfigError(
             f"PairsConfig.engine={cfg.engine!r}: pairs.mine_pairs is the single-process miner; "
-            "mine with qarm_features.build.bundles.ray_pairs.mine_pairs_by_config (or mine_pairs_ray)"
+            "mine with qarm_features.build.ray_pairs.mine_pairs_by_config (or mine_pairs_ray)"
         )
     if (item_emb is None) != (item_ids is None):
         raise InputError("mine_pairs: pass item_ids and item_emb together (or neither)")
@@ -308,9 +308,14 @@ def mine_pairs(
         stats["n_u2i_pairs"] = int(parts[-1][0].size)
     if cfg.use_swing:
         t, g, score = swing_top_k(
-            pos, cfg.swing_alpha, cfg.swing_top_k, cfg.swing_max_user_items,
-            cfg.swing_max_item_users, True, cfg.seed,
-        )  # fmt: skip
+            pos,
+            cfg.swing_alpha,
+            cfg.swing_top_k,
+            cfg.swing_max_user_items,
+            cfg.swing_max_item_users,
+            True,
+            cfg.seed,
+        )
         stats["n_swing_pairs"] = int(t.size)
         parts.append(_swing_ranked(t, g, score))
     pairs = _union(parts)

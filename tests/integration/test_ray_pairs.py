@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray  # a test dependency (pyproject [test]): CI runs this test, never skips it
-from qarm_features.build.bundles.ray_pairs import (
+
+from qarm_features.build.ray_pairs import (
     mine_pairs_by_config,
     mine_pairs_ray,
     swing_top_k_ray,
     u2i_events,
 )
-
 from qarm_features.config import PairsConfig
 from qarm_features.errors import ConfigError, InputError
 from qarm_features.pairs.mining import _positives, mine_pairs, mine_u2i_pairs
