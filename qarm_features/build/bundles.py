@@ -91,8 +91,9 @@ def build_bundle(
         BundleError: ``out`` exists and ``overwrite`` is false.
     """
     from qarm_features._validate import l2_normalize
-    from qarm_features.build.pipeline import code_report, fit_item_space, make_rq
+    from qarm_features.build.pipeline import code_report, fit_item_space
     from qarm_features.bundle.artifact import write_bundle
+    from qarm_features.codes.rq import ResidualQuantizer
     from qarm_features.errors import BundleError
 
     if Path(out).exists() and not overwrite:  # refuse before the training, not after
@@ -125,7 +126,9 @@ def build_bundle(
         rq, metrics["churn"] = _match_previous(warm_start, space, item_keys)
     try:  # raw-space codes at the same L x K, the "cascading" baseline for code quality
         raw_norm = l2_normalize(raw)
-        metrics["codes"]["raw"] = code_report(make_rq(cfg.rq).fit(raw_norm), raw_norm)
+        metrics["codes"]["raw"] = code_report(
+            ResidualQuantizer.from_config(cfg.rq).fit(raw_norm), raw_norm
+        )
     except InputError as exc:  # too few items for K codes
         log.warning("skipping raw-space code report: %s", exc)
 

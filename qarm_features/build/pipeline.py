@@ -34,6 +34,8 @@ from qarm_features._validate import (
     l2_normalize,
     lookup_rows,
 )
+from qarm_features.codes.rq import ResidualQuantizer
+from qarm_features.codes.vq import VQCoder
 from qarm_features.config import BuildConfig, RQConfig, VQConfig
 from qarm_features.errors import InputError
 from qarm_features.progress import ProgressCallback, count_records, stage
@@ -201,29 +203,6 @@ def align_catalog(weights: dict, raw: np.ndarray, *, chunk: int = FORWARD_CHUNK,
     return out if out is not None else align_with_weights(weights, raw)
 
 
-def make_rq(cfg: RQConfig):
-    """An unfitted :class:`~qarm_features.codes.rq.ResidualQuantizer` for ``cfg``."""
-    from qarm_features.codes.rq import ResidualQuantizer
-
-    return ResidualQuantizer(
-        n_levels=cfg.n_levels, n_codes=cfg.n_codes, n_iter=cfg.n_iter, seed=cfg.seed
-    )
-
-
-def make_vq(cfg: VQConfig):
-    """An unfitted :class:`~qarm_features.codes.rq.VQCoder` for ``cfg``."""
-    from qarm_features.codes.vq import VQCoder
-
-    return VQCoder(
-        k=cfg.k,
-        exact_max_pool=cfg.exact_max_pool,
-        ann_index=cfg.ann_index,
-        ann_ef_search=cfg.ann_ef_search,
-        ann_nprobe=cfg.ann_nprobe,
-        seed=cfg.seed,
-    )
-
-
 def fit_quantizers(
     x: np.ndarray,
     item_ids: np.ndarray,
@@ -241,9 +220,9 @@ def fit_quantizers(
         :class:`~qarm_features.codes.rq.VQCoder`.
     """
     rows = slice(None) if pool_rows is None else pool_rows
-    rq = make_rq(rq_cfg).fit(x[rows], init_codebooks=init_codebooks)
+    rq = ResidualQuantizer.from_config(rq_cfg).fit(x[rows], init_codebooks=init_codebooks)
     vx = x if vq_x is None else vq_x
-    vq = make_vq(vq_cfg).fit(vx[rows], item_ids[rows])
+    vq = VQCoder.from_config(vq_cfg).fit(vx[rows], item_ids[rows])
     return rq, vq
 
 

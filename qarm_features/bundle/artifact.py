@@ -216,17 +216,8 @@ class Bundle:
 
         cfg = self.config.vq
         try:
-            return VQCoder.from_pool(
-                self.vq_pool_emb,
-                self.vq_pool_ids,
-                index=self.vq_index,
-                k=self.vq_k,
-                exact_max_pool=cfg.exact_max_pool,
-                ann_index=cfg.ann_index,
-                ann_ef_search=cfg.ann_ef_search,
-                ann_nprobe=cfg.ann_nprobe,
-                seed=cfg.seed,
-            )
+            coder = VQCoder.from_config(cfg, k=self.vq_k)
+            return coder.fit(self.vq_pool_emb, self.vq_pool_ids, index=self.vq_index)
         except InputError as exc:  # a stored index that is not this pool's
             if self.vq_index is None or not str(exc).startswith("index:"):
                 raise
@@ -393,9 +384,7 @@ def _checked_index(vq_index, config: BuildConfig, arrays: dict, vq_k: int) -> np
             f"exactly (<= config.vq.exact_max_pool={cfg.exact_max_pool})"
         )
     try:
-        VQCoder(k=vq_k, exact_max_pool=cfg.exact_max_pool, ann_index=cfg.ann_index).fit(
-            pool, arrays["vq_pool_ids"], index=index
-        )
+        VQCoder.from_config(cfg, k=vq_k).fit(pool, arrays["vq_pool_ids"], index=index)
     except InputError as exc:
         raise BundleError(f"vq_index rejected ({exc})") from None
     return index

@@ -28,6 +28,7 @@ import numpy as np
 
 from qarm_features._validate import check_embeddings, check_hyper
 from qarm_features.codes.rescore import GUARD, U, dot64, map_row_blocks
+from qarm_features.config import RQConfig
 from qarm_features.errors import InputError, NotFittedError
 
 __all__ = ["ResidualQuantizer"]
@@ -132,7 +133,12 @@ class ResidualQuantizer:
         codebooks = np.empty((n_levels, k, d), np.float32)
         for level in range(n_levels):
             km = faiss.Kmeans(
-                d, k, niter=n_iter, seed=seed + level, verbose=False, spherical=False,
+                d,
+                k,
+                niter=n_iter,
+                seed=seed + level,
+                verbose=False,
+                spherical=False,
                 min_points_per_centroid=1,  # we log the few-points case ourselves
                 max_points_per_centroid=_MAX_POINTS_PER_CENTROID,
             )
@@ -140,7 +146,9 @@ class ResidualQuantizer:
             if init_codebooks is not None and level < len(init_codebooks):
                 init = np.ascontiguousarray(init_codebooks[level], dtype=np.float32)
                 if init.shape != (k, d):
-                    raise InputError(f"init_codebooks[{level}]: expected ({k}, {d}), got {init.shape}")
+                    raise InputError(
+                        f"init_codebooks[{level}]: expected ({k}, {d}), got {init.shape}"
+                    )
             km.train(residual, init_centroids=init)
             codebooks[level] = km.centroids
             if level + 1 < n_levels:
@@ -149,6 +157,11 @@ class ResidualQuantizer:
                 residual -= codebooks[level][codes[:, 0]]
         self._set_codebooks(codebooks)
         return self
+
+    @classmethod
+    def from_config(cls, cfg: RQConfig) -> ResidualQuantizer:
+        """An unfitted quantizer with ``cfg``'s settings."""
+        return cls(n_levels=cfg.n_levels, n_codes=cfg.n_codes, n_iter=cfg.n_iter, seed=cfg.seed)
 
     @classmethod
     def from_codebooks(cls, codebooks) -> ResidualQuantizer:

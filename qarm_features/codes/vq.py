@@ -28,6 +28,7 @@ import numpy as np
 
 from qarm_features._validate import check_embeddings, check_hyper, check_ids
 from qarm_features.codes.rescore import GUARD, U, dot64, in_worker, map_row_blocks
+from qarm_features.config import VQConfig
 from qarm_features.errors import ConfigError, InputError, NotFittedError
 
 __all__ = ["VQCoder"]
@@ -210,6 +211,19 @@ class VQCoder:
         if self.mode_ != "ann":
             return None
         return np.ascontiguousarray(faiss.serialize_index(self.index_), dtype=np.uint8)
+
+    @classmethod
+    def from_config(cls, cfg: VQConfig, *, k: int | None = None) -> VQCoder:
+        """An unfitted coder with ``cfg``'s settings (``k``: another top-K, e.g. a
+        bundle's own ``vq_k``)."""
+        return cls(
+            k=cfg.k if k is None else k,
+            exact_max_pool=cfg.exact_max_pool,
+            ann_index=cfg.ann_index,
+            ann_ef_search=cfg.ann_ef_search,
+            ann_nprobe=cfg.ann_nprobe,
+            seed=cfg.seed,
+        )
 
     @classmethod
     def from_pool(cls, pool_emb, pool_ids, *, index=None, **kw) -> VQCoder:
