@@ -1,28 +1,38 @@
-"""``qarm evaluate``: the MovieLens-100k evaluation, from data to report.
+"""``qarm evaluate --repo R``: does QARM lift a ranker on this repo's own data?
 
-:func:`run_evaluation` regenerates ``reports/movielens-100k.{md,json,png}``;
-:func:`run_protocol` runs the protocol on any catalog and interactions (no I/O). Per seed:
+:func:`evaluate_repo` runs the offline A/B on the catalog and events a repo's ``qarm.yaml``
+names, through the build route (:func:`qarm_features.build_repo.read_repo`, ``mine``,
+``repo_content``) and writes ``reports/<name>.{md,json,png}`` (the demo repo
+``feature_repo`` gives ``reports/movielens-100k.*``). :func:`run_protocol` is its core
+(arrays or a :class:`~qarm_features.app.item_spaces.Route` in, no I/O). Per seed:
 
-1. the protocol's splits and point-in-time histories (:mod:`qarm_features.app.protocol`);
+1. the protocol's splits and point-in-time histories (:mod:`qarm_features.app.protocol`):
+   temporal split, cold items (train rows removed) and new items (first seen in the test
+   period), sampled negatives for implicit logs;
 2. item spaces fitted on train rows by the offline pipeline ``qarm build`` runs
-   (:mod:`qarm_features.app.item_spaces` over :func:`qarm_features.pipeline.fit_item_space`);
+   (:mod:`qarm_features.app.item_spaces` over :func:`qarm_features.pipeline.fit_item_space`),
+   pairs and content from the repo's route, mined on train rows only;
 3. one ranker per variant, same architecture and budget (:mod:`qarm_features.app.variants`);
-4. AUC / UAUC / GAUC on all, warm-item and cold-item test rows, then mean ± std over
-   seeds, paired deltas against variant A, the ablations and the issue's aims
-   (:func:`check_aims`); the report is rendered by :mod:`qarm_features.app.report`.
+4. AUC / UAUC / GAUC on all, warm, cold and new-item test rows, then mean ± std over seeds,
+   paired differences with 95% intervals (:func:`paired_bootstrap`, t over seeds), the
+   candidates on the validation split and the aims (:func:`check_aims`); the report is
+   rendered by :mod:`qarm_features.app.report`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from qarm_features._validate import check_embeddings, check_ids
-from qarm_features.app.item_spaces import ItemSpaces, build_item_spaces
+from qarm_features.app.item_spaces import ItemSpaces, Route, build_item_spaces
 from qarm_features.app.protocol import (
+    IMPLICIT_NEGATIVES,
     QUICK,
     VARIANTS,
     EvalConfig,
@@ -33,13 +43,13 @@ from qarm_features.app.protocol import (
 from qarm_features.app.report import (
     METRICS,
     SUBSETS,
-    development_notes,
     render_markdown,
     write_report,
 )
 from qarm_features.app.variants import (
     ranker_options,
     score_subsets,
+    subset_masks,
     train_ranker,
     variant_items,
 )
@@ -59,6 +69,17 @@ def _mean_std(values) -> dict:
     }
 
 
+def t_interval(values, level: float = 0.95) -> list[float] | None:
+    """The ``level`` t-interval of the mean of ``values`` (finite ones); None below 2."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size < 2:
+        return None
+    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return [float(v.mean() - half), float(v.mean() + half)]
+
+
 def _aggregate(tree_list: list):
     """Mean ± std, leaf by leaf, of equally shaped nested dicts/lists of numbers."""
     first = tree_list[0]
@@ -72,7 +93,7 @@ def _aggregate(tree_list: list):
 
 
 def _run_variant(v: str, spaces: ItemSpaces, split: Split, cfg: EvalConfig, seed: int):
-    """Train and score one variant; returns (per-subset metrics, training info)."""
+    """Train and score one variant; returns (per-subset metrics, training info, scores)."""
     t0 = time.perf_counter()
     kw, items, content = variant_items(
         v, spaces, split, vq_tied=cfg.vq_tied, content_codes=cfg.content_codes
@@ -80,7 +101,114 @@ def _run_variant(v: str, spaces: ItemSpaces, split: Split, cfg: EvalConfig, seed
     kw.update(ranker_options(cfg))
     scores, info = train_ranker(kw, items, split, cfg, seed, content)
     info["seconds"] = time.perf_counter() - t0
-    return score_subsets(split, scores, split.item_ids), info
+    return score_subsets(split, scores, split.item_ids), info, scores
+
+
+# The paired differences the report gives with intervals, on every subset: (variant,
+# reference); those whose variants did not run are skipped.
+PAIRED = (
+    ("B", "A"),
+    ("C", "A"),
+    ("D", "A"),
+    ("E", "A"),
+    ("B+D", "A"),
+    ("D", "B"),
+    ("B+D", "B"),
+    ("D", "C"),
+)
+# Bootstrap replicates per seed (Poisson weights per test user): 200 puts the 2.5% / 97.5%
+# percentiles within ~0.1 standard error of where 10,000 would, at ~1 s per seed.
+BOOTSTRAP_REPS = 200
+# Replicates weighted at once (bounds the (reps, rows) weight matrix's memory).
+_BOOT_CHUNK = 25
+
+
+def _weighted_auc(y: np.ndarray, s: np.ndarray, user_w: np.ndarray, inv: np.ndarray):
+    """AUC of ``s`` for labels ``y`` under row weights ``user_w[:, inv]``, one per replicate
+    (rows ``(reps, n_users)``); ties count one half. One sort, O(rows) per replicate."""
+    order = np.argsort(s, kind="stable")
+    s_o, y_o, inv_o = s[order], y[order].astype(np.float64), inv[order]
+    starts = np.flatnonzero(np.r_[True, s_o[1:] != s_o[:-1]])  # tie groups
+    out = np.empty(user_w.shape[0])
+    for a in range(0, user_w.shape[0], _BOOT_CHUNK):
+        w = user_w[a : a + _BOOT_CHUNK][:, inv_o].astype(np.float64)
+        gp = np.add.reduceat(w * y_o, starts, axis=1)
+        gn = np.add.reduceat(w * (1.0 - y_o), starts, axis=1)
+        below = np.cumsum(gn, axis=1) - gn
+        num = (gp * (below + 0.5 * gn)).sum(axis=1)
+        den = gp.sum(axis=1) * gn.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[a : a + _BOOT_CHUNK] = num / den
+    return out
+
+
+def paired_bootstrap(
+    split: Split, scores: dict[str, np.ndarray], seed: int, reps: int = BOOTSTRAP_REPS
+) -> dict:
+    """Replicates of every :data:`PAIRED` difference, per subset, AUC and GAUC.
+
+    Test users are resampled (Poisson(1) weights per user, seeded), the same weights for
+    both variants of a pair: the interval reflects which users happened to be in the test
+    period, given this seed's models.
+
+    Returns:
+        ``{"V - W": {subset: {"auc": (reps,), "gauc": (reps,)}}}``; subsets with one label
+        class only are left out.
+    """
+    from qarm_features.metrics import per_user_auc
+
+    rows = split.test_rows
+    rng = np.random.default_rng([int(seed), 11])
+    pairs = [(v, w) for v, w in PAIRED if v in scores and w in scores]
+    out: dict = {f"{v} - {w}": {} for v, w in pairs}
+    for subset, m in subset_masks(split, split.item_ids).items():
+        y = rows.y[m].astype(np.int8)
+        if y.size == 0 or y.min() == y.max():
+            continue
+        users, inv = np.unique(rows.user_id[m], return_inverse=True)
+        user_w = rng.poisson(1.0, size=(reps, users.size)).astype(np.float32)
+        auc, gauc = {}, {}
+        for v in {x for p in pairs for x in p}:
+            s = scores[v][m].astype(np.float64)
+            auc[v] = _weighted_auc(y, s, user_w, inv)
+            ids, a_u, c_u = per_user_auc(rows.user_id[m], y, s)
+            wu = user_w[:, np.searchsorted(users, ids)] * c_u
+            with np.errstate(invalid="ignore", divide="ignore"):
+                gauc[v] = (wu * a_u).sum(axis=1) / wu.sum(axis=1)
+        for v, w in pairs:
+            out[f"{v} - {w}"][subset] = {"auc": auc[v] - auc[w], "gauc": gauc[v] - gauc[w]}
+    return out
+
+
+def _paired_summary(per_seed: list[dict], boots: list[dict]) -> dict:
+    """Per :data:`PAIRED` difference, subset and metric: mean ± std over seeds of the
+    per-seed differences, the bootstrap interval of their mean (replicates averaged over
+    seeds) and ``ci``: the t-interval over seeds with 2+ seeds, else the bootstrap one."""
+    out: dict = {}
+    for name in boots[0]:
+        v, w = name.split(" - ")
+        out[name] = {}
+        for subset in SUBSETS:
+            out[name][subset] = {}
+            for metric in ("auc", "gauc"):
+                diffs = [r[v][subset][metric] - r[w][subset][metric] for r in per_seed]
+                cell = _mean_std(diffs)
+                reps = [b[name][subset][metric] for b in boots if subset in b[name]]
+                boot = None
+                if reps:
+                    mean_reps = np.nanmean(np.vstack(reps), axis=0)
+                    mean_reps = mean_reps[np.isfinite(mean_reps)]
+                    if mean_reps.size:
+                        boot = [float(x) for x in np.percentile(mean_reps, [2.5, 97.5])]
+                t = t_interval(diffs)
+                cell.update(
+                    boot_ci=boot,
+                    t_ci=t,
+                    ci=t if t is not None else boot,
+                    ci_method="t over seeds" if t is not None else "bootstrap over users",
+                )
+                out[name][subset][metric] = cell
+    return out
 
 
 def _summary(per_seed_results: list[dict]) -> dict:
@@ -126,7 +254,9 @@ def adopt(candidate: dict) -> bool:
     return bool(cold > 0 and warm >= -0.002)
 
 
-def run_selection(item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None) -> dict:
+def run_selection(
+    item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None, route: Route | None = None
+) -> dict:
     """The main configuration and every candidate on the *validation* split.
 
     Per seed of ``cfg.selection_seeds``: :func:`make_validation_split` (inside the test
@@ -139,7 +269,10 @@ def run_selection(item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None)
         contrasts against the main A/B, ``delta_vs_main`` paired, alignment, ``adopt``),
         ``seeds``.
     """
-    bar = bar or _NoBar()
+    bar = bar or NoBar()
+    n_steps = len(cfg.selection_variants) + 1
+    n_steps += sum(len(c.variants) + c.refits_space for c in cfg.candidates.values())
+    bar.start(len(cfg.selection_seeds) * n_steps, "validation split")
     main_res, main_con, main_align = [], [], []
     cand_res: dict = {n: [] for n in cfg.candidates}
     cand_align: dict = {n: [] for n in cfg.candidates}
@@ -147,12 +280,14 @@ def run_selection(item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None)
         bar.set_description(f"validation seed {seed}: split + item spaces")
         split = make_split(item_ids, interactions, cfg, seed)
         vsplit = make_validation_split(item_ids, split, cfg, seed)
-        spaces = build_item_spaces(item_ids, raw_emb, vsplit, cfg, seed)
+        spaces = build_item_spaces(item_ids, raw_emb, vsplit, cfg, seed, route)
         main_align.append(spaces.report["alignment"])
+        bar.update(1)
         res = {}
         for v in cfg.selection_variants:
             bar.set_description(f"validation seed {seed}: ranker {v}")
-            res[v], _ = _run_variant(v, spaces, vsplit, cfg, seed)
+            res[v], _, _ = _run_variant(v, spaces, vsplit, cfg, seed)
+            bar.update(1)
         main_res.append(res)
         main_con.append(_contrasts(res))
         for name, cand in cfg.candidates.items():
@@ -160,14 +295,15 @@ def run_selection(item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None)
             cspaces = spaces
             if cand.refits_space:
                 bar.set_description(f"validation seed {seed}: candidate {name}: item spaces")
-                cspaces = build_item_spaces(item_ids, raw_emb, vsplit, ccfg, seed)
+                cspaces = build_item_spaces(item_ids, raw_emb, vsplit, ccfg, seed, route)
                 cand_align[name].append(cspaces.report["alignment"])
+                bar.update(1)
             cres = {}
             for v in cand.variants:
                 bar.set_description(f"validation seed {seed}: candidate {name}: ranker {v}")
-                cres[v], _ = _run_variant(v, cspaces, vsplit, ccfg, seed)
+                cres[v], _, _ = _run_variant(v, cspaces, vsplit, ccfg, seed)
+                bar.update(1)
             cand_res[name].append(cres)
-        bar.update(1)
     candidates = {}
     for name, cand in cfg.candidates.items():
         rs = cand_res[name]
@@ -207,13 +343,23 @@ def run_protocol(
     cfg: EvalConfig | None = None,
     *,
     seeds=(0, 1, 2),
-    progress: bool = False,
+    bar=None,
+    route: Route | None = None,
 ) -> dict:
     """Run the protocol on any catalog + interactions; return the results tree (no I/O).
 
+    Args:
+        raw_emb: ``(n, d)`` frozen content embeddings; None when ``route.content`` makes
+            them from each split's train pairs.
+        bar: progress (:class:`NoBar`'s methods: ``start``, ``set_description``,
+            ``update``); steps are one seed's item spaces or one ranker.
+        route: the repo's pair miner and content (:class:`Route`; default: the
+            pipeline's miner over ``raw_emb``).
+
     Returns:
         dict with ``results[variant][subset][metric] = {"mean", "std", "n"}``,
-        ``deltas_vs_A`` (paired per-seed differences), ``per_seed``, ``alignment``,
+        ``deltas_vs_A`` (paired per-seed differences), ``paired`` (the :data:`PAIRED`
+        differences with 95% intervals, :func:`_paired_summary`), ``per_seed``, ``alignment``,
         ``codes``, ``rankers`` (best epochs, params), ``ablations``, ``counts``, ``aims``,
         ``seconds``.
     """
@@ -230,16 +376,20 @@ def run_protocol(
     if not seeds:
         raise InputError("seeds: pass at least one seed")
     item_ids = check_ids(item_ids, name="item_ids")
-    raw_emb = check_embeddings(raw_emb, name="raw_emb")
+    route = route or Route()
+    if raw_emb is not None:
+        raw_emb = check_embeddings(raw_emb, name="raw_emb")
+    elif route.content is None:
+        raise InputError("raw_emb: give the content embeddings, or a route that makes them")
+    bar = bar or NoBar()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     selection = None
     if cfg.selection_seeds:
-        selection = run_selection(
-            item_ids, raw_emb, interactions, cfg, bar=_progress(len(cfg.selection_seeds), progress)
-        )
+        selection = run_selection(item_ids, raw_emb, interactions, cfg, bar=bar, route=route)
     per_seed, deltas, align, codes, rankers, counts, spaces_s = [], [], [], [], {}, [], []
+    boots = []
     ab_res: dict = {name: [] for name in cfg.ablations}
     ab_align: dict = {name: [] for name in cfg.ablations}
     n_steps = (
@@ -247,23 +397,24 @@ def run_protocol(
         + 1
         + sum(len(a.variants) + bool(a.aligner) for a in cfg.ablations.values())
     )
-    bar = _progress(len(seeds) * n_steps, progress)
+    bar.start(len(seeds) * n_steps, "test split")
     try:
         for seed in seeds:
             bar.set_description(f"seed {seed}: split + item spaces")
             split = make_split(item_ids, interactions, cfg, seed)
             t0 = time.perf_counter()
-            spaces = build_item_spaces(item_ids, raw_emb, split, cfg, seed)
+            spaces = build_item_spaces(item_ids, raw_emb, split, cfg, seed, route)
             spaces_s.append(time.perf_counter() - t0)
             align.append(spaces.report["alignment"])
             codes.append(spaces.report["codes"])
             bar.update(1)
-            res = {}
+            res, scores = {}, {}
             for v in cfg.variants:
                 bar.set_description(f"seed {seed}: ranker {v}")
-                res[v], info = _run_variant(v, spaces, split, cfg, seed)
+                res[v], info, scores[v] = _run_variant(v, spaces, split, cfg, seed)
                 rankers.setdefault(v, []).append(info)
                 bar.update(1)
+            boots.append(paired_bootstrap(split, scores, seed))
             for name, ab in cfg.ablations.items():
                 acfg = cfg.model_copy(
                     update={**ab.ranker, "aligner": cfg.aligner.model_copy(update=ab.aligner)}
@@ -271,13 +422,13 @@ def run_protocol(
                 ab_spaces = spaces
                 if ab.aligner:
                     bar.set_description(f"seed {seed}: ablation {name}: aligner")
-                    ab_spaces = build_item_spaces(item_ids, raw_emb, split, acfg, seed)
+                    ab_spaces = build_item_spaces(item_ids, raw_emb, split, acfg, seed, route)
                     ab_align[name].append(ab_spaces.report["alignment"])
                     bar.update(1)
                 ab_res[name].append({})
                 for v in ab.variants:
                     bar.set_description(f"seed {seed}: ablation {name}: ranker {v}")
-                    ab_res[name][-1][v], _ = _run_variant(v, ab_spaces, split, acfg, seed)
+                    ab_res[name][-1][v], _, _ = _run_variant(v, ab_spaces, split, acfg, seed)
                     bar.update(1)
             per_seed.append(
                 {
@@ -298,11 +449,14 @@ def run_protocol(
                 {
                     **{s: res["A"][s]["n_rows"] for s in SUBSETS},
                     "new_user_rows": int((split.test_rows.user == 0).sum()),
+                    "cold_items": int(split.cold_items.size),
+                    "new_items": int(split.new_items.size),
+                    "warm_items": int(split.warm_items.size),
+                    "positive_rate": float(split.test_rows.y.mean()),
                 }
             )
             logger.info("seed %d done: %s", seed, {v: round(res[v]["all"]["auc"], 4) for v in res})
     finally:
-        bar.close()
         torch.set_num_threads(prev_threads)
     ablations = {}
     for name, ab in cfg.ablations.items():
@@ -327,6 +481,7 @@ def run_protocol(
         "contrasts": _aggregate([p["contrasts"] for p in per_seed]),
         "results": _summary([p["results"] for p in per_seed]),
         "deltas_vs_A": _aggregate(deltas),
+        "paired": _paired_summary([p["results"] for p in per_seed], boots),
         "per_seed": per_seed,
         "alignment": _aggregate(align),
         "codes": _aggregate(codes),
@@ -342,7 +497,6 @@ def run_protocol(
         "counts": _aggregate(counts),
         "seeds": list(seeds),
         "variants": {v: VARIANTS[v][1] for v in cfg.variants},
-        "notes": development_notes(),
         "config": cfg.model_dump(mode="json"),
         "seconds": {
             "total": time.perf_counter() - t_start,
@@ -364,10 +518,11 @@ AIMS = {
 AIM_UNSEEN_PAIR_AUC = 0.70
 
 
-def _aim(m: dict, target: float) -> dict:
+def _aim(m: dict, target: float, ci=None) -> dict:
     return {
         "mean": m["mean"],
         "std": m["std"],
+        "ci": ci,
         "target": target,
         "met": bool(m["mean"] >= target),
         "gap": float(min(m["mean"] - target, 0.0)),
@@ -378,75 +533,160 @@ def check_aims(out: dict) -> dict:
     """The issue's aims on the test split: paired per-seed contrasts (mean ± std), each
     with its target, whether it is met and by how much it is missed (``gap`` <= 0)."""
     con = out.get("contrasts") or {}
-    aims = {name: _aim(con[name], t) for name, t in AIMS.items() if name in con}
+    paired = out.get("paired") or {}
+
+    def ci(name):
+        subset, v, w = CONTRASTS[name]
+        return paired.get(f"{v} - {w}", {}).get(subset, {}).get("auc", {}).get("ci")
+
+    aims = {name: _aim(con[name], t, ci(name)) for name, t in AIMS.items() if name in con}
     unseen = (out.get("alignment") or {}).get("unseen", {}).get("aligned", {}).get("pair_auc")
     if unseen is not None:
         aims["unseen_pair_auc"] = _aim(unseen, AIM_UNSEEN_PAIR_AUC)
     return aims
 
 
-class _NoBar:
-    def update(self, n=1):
+class NoBar:
+    """Progress that logs each step at INFO level (the library's default)."""
+
+    def start(self, total: int, phase: str) -> None:
+        logger.info("%s: %d steps", phase, total)
+
+    def update(self, n: int = 1) -> None:
         pass
 
-    def set_description(self, s):
+    def set_description(self, s: str) -> None:
         logger.info(s)
 
-    def close(self):
-        pass
+
+def report_name(project) -> str:
+    """The report's file stem: ``qarm.yaml``'s ``dataset`` when set, else the repo folder."""
+    return project.dataset or Path(project.repo).name
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
+def repo_config(data, config: EvalConfig | None = None, *, quick: bool = False) -> EvalConfig:
+    """The protocol for a repo: its ``qarm.yaml`` item-space sections (pairs, aligner, RQ,
+    VQ) and label; sampled negatives when its events are implicit; ``config``'s ranker
+    budget and candidates (default :class:`EvalConfig`), cut to :data:`QUICK`."""
+    cfg = config or EvalConfig()
+    build = data.config
+    events = data.project.events
+    implicit = events.label is None and events.rating is None
+    cfg = cfg.model_copy(
+        update={
+            "pairs": build.pairs,
+            "aligner": build.aligner,
+            "rq": build.rq,
+            "vq": build.vq,
+            "positive_threshold": data.threshold,
+            "negatives_per_positive": IMPLICIT_NEGATIVES if implicit else 0,
+        }
+    )
+    return cfg.model_copy(update=QUICK) if quick else cfg
 
-    return tqdm(total=total, unit="step")
+
+def repo_route(data, *, cache_dir=None) -> Route:
+    """The build route's pair miner and content for ``data`` (:func:`read_repo`'s):
+    ``mine`` with the team's I2I table and retrieval embeddings, ``repo_content`` on the
+    train pairs (the frozen encoder's embeddings are computed once and reused)."""
+    import shutil
+    import tempfile
+
+    from qarm_features.build_repo import mine, repo_content
+
+    frozen: dict = {}
+
+    def content(pairs):
+        if data.config.encoder.finetune_layers == 0:
+            if "raw" not in frozen:
+                frozen["raw"] = repo_content(data, cache_dir=cache_dir)[0]
+            return frozen["raw"]
+        tmp = Path(tempfile.mkdtemp(prefix="qarm-eval-encoder-"))
+        try:  # a fine-tuned encoder per split: its train pairs only
+            return repo_content(data, pairs=pairs, encoder_dir=tmp / "encoder", cache_dir=cache_dir)[0]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return Route(
+        mine=lambda interactions, cfg: mine(data.project, interactions, data.keys, cfg),
+        content=content,
+    )
 
 
-def _catalog_embeddings(texts: list[str], cache_dir) -> np.ndarray:
-    """Frozen MiniLM embeddings of the catalog texts, cached by a hash of the texts."""
-    from qarm_features.build import encode_catalog_text
-    from qarm_features.config import BuildConfig
-
-    return encode_catalog_text(texts, BuildConfig(), cache_dir=cache_dir)
-
-
-def run_evaluation(
+def evaluate_repo(
+    repo: str | os.PathLike = "feature_repo",
+    *,
     out_dir="reports",
-    seeds=(0, 1, 2),
+    seeds=(0, 1, 2, 3, 4),
     quick: bool = False,
     cache_dir=None,
-    progress: bool = True,
+    bar=None,
     config: EvalConfig | None = None,
 ) -> dict:
-    """The ``qarm evaluate`` command: the protocol on MovieLens-100k, report on disk.
+    """The ``qarm evaluate --repo R`` command: the protocol on a repo's data, report on disk.
 
     Args:
-        out_dir: report directory.
-        seeds: one ranker/aligner/cold-split seed each (>= 3 for the report).
-        quick: tiny budget (one seed, one epoch) for smoke tests.
+        repo: a feature repo with a ``qarm.yaml`` (default: the demo repo, MovieLens-100k).
+        out_dir: report directory; the report is ``<name>.{md,json,png}``
+            (:func:`report_name`).
+        seeds: one aligner/ranker/cold-item seed each (>= 3 for intervals over seeds).
+        quick: a small budget (:data:`QUICK`: one seed, one epoch, variants A, B, D,
+            B+D, no candidates) for smoke tests.
         cache_dir: data and embedding cache (default ``$QARM_CACHE`` or ``~/.cache/qarm``).
-        progress: show a progress bar.
-        config: override the protocol/budget (:class:`EvalConfig`).
+        bar: progress (see :func:`run_protocol`).
+        config: the protocol's ranker budget and candidates (:class:`EvalConfig`); the
+            item-space sections and the label always come from ``qarm.yaml``.
 
     Returns:
         The results tree (see :func:`run_protocol`) plus ``paths`` and ``markdown``.
+
+    Raises:
+        ConfigError: a bad ``qarm.yaml``. InputError: a bad table, or data too small to
+            split (named).
     """
-    from qarm_features.data import fetch_movielens_100k, load_movielens_100k
+    from qarm_features.build_repo import read_repo
+    from qarm_features.tables import render_texts
 
     t0 = time.perf_counter()
-    cfg = config or EvalConfig()
-    if quick:
-        cfg = cfg.model_copy(update=QUICK)
-        seeds = tuple(seeds)[:1]
-    ml = load_movielens_100k(fetch_movielens_100k(cache_dir))
-    texts = ml.items["text"].tolist()
-    raw = _catalog_embeddings(texts, cache_dir)
+    data = read_repo(repo)
+    cfg = repo_config(data, config, quick=quick)
+    seeds = tuple(seeds)[:1] if quick else tuple(seeds)
     out = run_protocol(
-        ml.items["item_id"].to_numpy(), raw, ml.interactions, cfg, seeds=seeds, progress=progress
+        data.keys.ids,
+        None,
+        data.interactions,
+        cfg,
+        seeds=seeds,
+        bar=bar,
+        route=repo_route(data, cache_dir=cache_dir),
     )
     out["seconds"]["total"] = time.perf_counter() - t0
-    out["catalog_sha256"] = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
-    paths = write_report(out, out_dir)
+    project = data.project
+    name = report_name(project)
+    spec = project.events
+    if spec.rating is not None:
+        label = f"{spec.rating.column} ≥ {spec.rating.threshold:g}"
+    elif spec.label is not None:
+        label = f"{spec.label} = 1"
+    else:
+        label = "every logged event is a positive (implicit)"
+    content = project.catalog.embedding or project.catalog.image or project.catalog.text
+    out["data"] = {
+        "name": name,
+        "repo": str(project.repo),
+        "n_items": int(data.keys.ids.size),
+        "id_kind": data.keys.kind,
+        "n_events": int(len(data.interactions)),
+        "n_users": int(data.interactions["user_id"].nunique()),
+        "label": label,
+        "negatives_per_positive": cfg.negatives_per_positive,
+        "content": str(content),
+        "finetune_layers": data.config.encoder.finetune_layers,
+        "own_pairs": {"i2i": project.pairs.i2i, "item_embeddings": project.pairs.item_embeddings},
+    }
+    if project.catalog.text:
+        texts = render_texts(data.catalog.frame, project.catalog.text, name=data.catalog.name)
+        out["catalog_sha256"] = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
+    out["command"] = f"qarm evaluate --repo {Path(repo).name}" + (" --quick" if quick else "")
+    paths = write_report(out, out_dir, name=name)
     return {**out, "paths": {k: str(v) for k, v in paths.items()}, "markdown": render_markdown(out)}

@@ -1,7 +1,10 @@
 """The protocol's item spaces: the QARM pipeline on one seed's train rows, plus raw codes.
 
-Per seed, on train-visible rows only: :func:`qarm_features.pipeline.fit_item_space` (the
-pipeline ``qarm build`` runs) mines pairs, trains the aligner (early stopping on the pairs
+Per seed, on train-visible rows only: the pairs (a repo's miner, :class:`Route`: the team's
+I2I table and retrieval embeddings as ``qarm build --repo`` uses them), the content
+(frozen, or the text encoder fine-tuned on those train pairs), then
+:func:`qarm_features.pipeline.fit_item_space` (the pipeline ``qarm build`` runs) trains the
+aligner (early stopping on the pairs
 of ``aligner.val_fraction`` of the paired items, drawn with seed ``seed + 1000``) and fits
 RQ codebooks and the VQ pool on *warm* items (items with a train row). The raw baseline
 (variant C) gets codes at the same L x K: RQ on a PCA of the L2-normalised raw space to
@@ -12,6 +15,7 @@ Alignment quality is measured on pairs mined from the *test* period
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +34,21 @@ from qarm_features.pipeline import (
 # Offset of the aligner's validation-item draw from the run's seed, so that it is
 # independent of the cold-item draw, which uses the seed itself.
 VAL_SEED_OFFSET = 1000
+
+
+@dataclass
+class Route:
+    """How a catalog's item spaces are made from a split's train rows (the build route).
+
+    Attributes:
+        mine: ``mine(train_interactions, build_config) -> (pairs, stats)``; None: the
+            pipeline's own miner (:func:`qarm_features.pairs.mine_pairs`).
+        content: ``content(train_pairs) -> (n, d) raw embeddings``; None: the ``raw_emb``
+            given to :func:`build_item_spaces` (a frozen space, the same every seed).
+    """
+
+    mine: Callable | None = None
+    content: Callable | None = None
 
 
 @dataclass
@@ -53,13 +72,28 @@ class ItemSpaces:
     aligned_pool_emb: np.ndarray | None = None
 
 
-def build_item_spaces(item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: int) -> ItemSpaces:
-    """Mine pairs on train, train the aligner, fit codes (warm items only), measure them."""
+def build_item_spaces(
+    item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: int, route: Route | None = None
+) -> ItemSpaces:
+    """Mine pairs on train, train the aligner, fit codes (warm items only), measure them.
+
+    ``route``: the repo's miner and content (:class:`Route`); ``raw_emb`` may then be None
+    when ``route.content`` makes it from the train pairs.
+    """
     from sklearn.decomposition import PCA
 
+    from qarm_features.pairs import mine_pairs
+
+    route = route or Route()
     item_ids = check_ids(item_ids, name="item_ids")
-    raw = l2_normalize(check_embeddings(raw_emb, name="raw_emb", dim=None))
     bcfg = cfg.build_config(seed)
+    mined = None
+    if route.mine is not None or route.content is not None:
+        mine = route.mine or (lambda df, c: mine_pairs(df, c.pairs))
+        mined = mine(split.train, bcfg)
+    if route.content is not None:
+        raw_emb = route.content(mined[0])
+    raw = l2_normalize(check_embeddings(raw_emb, name="raw_emb", dim=None))
     space = fit_item_space(
         raw,
         item_ids,
@@ -68,6 +102,7 @@ def build_item_spaces(item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: in
         heldout_fraction=0.0,  # held-out pairs come from the test period instead
         val_seed=seed + VAL_SEED_OFFSET,
         pool_items=split.warm_items,
+        mined=mined,
     )
     aligned = space.aligned
     warm_rows = lookup_rows(split.warm_items, item_ids, name="warm items")

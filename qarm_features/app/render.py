@@ -129,6 +129,57 @@ def stage_progress(out: Console | None = None):
             finish(task)
 
 
+class EvalProgress:
+    """``qarm evaluate``'s progress, per seed and variant: a rich bar on a terminal, one
+    plain line per step otherwise (logs, CI). The methods of
+    :class:`qarm_features.app.evaluate.NoBar`."""
+
+    def __init__(self, out: Console | None = None):
+        self.console = out or console
+        self.live = self.console.is_terminal
+        self.bar = None
+        self.task = None
+        self.total = self.done = 0
+        self.phase = ""
+
+    def start(self, total: int, phase: str) -> None:
+        self.total, self.done, self.phase = int(total), 0, phase
+        if not self.live:
+            self.console.print(f"{phase}: {total} steps", markup=False, highlight=False)
+            return
+        if self.bar is None:
+            self.bar = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.bar.start()
+        self.task = self.bar.add_task(phase, total=total)
+
+    def set_description(self, label: str) -> None:
+        if self.live and self.task is not None:
+            self.bar.update(self.task, description=f"{self.phase}: {label}")
+        else:
+            self.console.print(
+                f"[{self.done + 1}/{self.total}] {label}", markup=False, highlight=False
+            )
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.live and self.task is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
 def print_inspect(path, bundle, *, churn: dict | None = None, appended: dict | None = None):
     """``qarm inspect``'s text: the verified bundle, its metrics, churn and added items."""
     console.print(f"[green]ok[/] {path}: version [bold]{bundle.version}[/], files verified")
