@@ -105,6 +105,7 @@ def build_bundle(
         on_progress=on_progress,
     )
     ids, raw, aligned, metrics = space.item_ids, space.raw, space.aligned, space.metrics
+    check_alignment(metrics, len(ids), cfg)
     rq = space.rq
     if warm_start is not None:
         step("matching code ids to the previous bundle")
@@ -140,6 +141,27 @@ def build_bundle(
 
 
 LATEST = "LATEST"  # names the newest bundle of a bundles directory
+
+
+def check_alignment(metrics: dict, n_items: int, cfg: BuildConfig) -> None:
+    """Say so when the aligned space is not better than the raw one (``alignment_check``):
+    a WARNING with the likely cause and what to do; with
+    ``build.on_alignment_failure: error`` a ``not_better`` verdict stops the build before
+    anything is written.
+
+    Raises:
+        AlignmentFailed: ``not_better`` under ``on_alignment_failure: error``.
+    """
+    from qarm_features.errors import AlignmentFailed
+    from qarm_features.pipeline import alignment_warning
+
+    message = alignment_warning(metrics, n_items)
+    if message is None:
+        return
+    verdict = metrics["alignment_check"]["verdict"]
+    if verdict == "not_better" and cfg.on_alignment_failure == "error":
+        raise AlignmentFailed(f"build refused (build.on_alignment_failure: error): {message}")
+    log.warning("%s", message)
 
 
 def check_catalog_size(item_ids, cfg: BuildConfig) -> None:

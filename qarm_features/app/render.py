@@ -57,6 +57,34 @@ def print_metrics(metrics: dict, *, timings: dict | None = None) -> None:
         console.print("aligner: " + ", ".join(f"{k}={fmt(v)}" for k, v in aligner.items()))
     if timings:
         console.print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    check = metrics.get("alignment_check")
+    if check:  # last: the verdict a team reads first
+        print_alignment_check(check)
+
+
+VERDICT_STYLE = {
+    "better": "green",
+    "inconclusive": "yellow",
+    "not_better": "bold red",
+    "unmeasured": "dim",
+}
+
+
+def print_alignment_check(check: dict) -> None:
+    """One line: did alignment make the space better on held-out pairs (the manifest's
+    ``alignment_check``)?"""
+    verdict = check.get("verdict", "unmeasured")
+    style = VERDICT_STYLE.get(verdict, "")
+    if check.get("delta") is None:
+        console.print(f"alignment check: [{style}]{verdict}[/] (no held-out pair)")
+        return
+    lo, hi = check["ci"]
+    console.print(
+        f"alignment check: [{style}]{verdict.replace('_', ' ')}[/]: held-out pair-AUC raw "
+        f"{check['raw']:.4f} -> aligned {check['aligned']:.4f}, delta {check['delta']:+.4f} "
+        f"(95% interval [{lo:+.4f}, {hi:+.4f}], {check['n_pairs']:,} pairs, "
+        f"{check['n_items']:,} held-out items)"
+    )
 
 
 def fmt(v) -> str:
