@@ -146,7 +146,7 @@ def shop(tmp_path_factory):
     commands, _ = _walkthrough()
     assert [c.split()[:2] for c in commands] == [
         ["qarm", "init"], ["$EDITOR", "shop/qarm.yaml"], ["qarm", "build"],
-        ["qarm", "materialize"],
+        ["qarm", "materialize"], ["qarm", "evaluate"],
     ]  # fmt: skip
     said = []
     for command in commands:
