@@ -240,7 +240,7 @@ def alignment_check(
         w = rng.poisson(1.0, size=(min(_CHECK_CHUNK, reps - a), k)).astype(np.float64)
         den = w @ nv
         ok = den > 0
-        deltas.append(((w @ wa - w @ wr)[ok] / den[ok]))
+        deltas.append((w @ wa - w @ wr)[ok] / den[ok])
     d = np.concatenate(deltas)
     ci = [float(x) for x in np.percentile(d, [2.5, 97.5])]
     delta = al - raw
@@ -250,7 +250,7 @@ def alignment_check(
         "aligned": al,
         "delta": float(delta),
         "ci": ci,
-        "n_pairs": int(len(pairs)),
+        "n_pairs": len(pairs),
         "n_items": k,
         "verdict": verdict,
     }
@@ -274,9 +274,12 @@ def alignment_warning(metrics: dict, n_items: int) -> str | None:
         else "alignment could not be shown to make the space better"
     )
     lines = [
-        f"{head}: held-out pair-AUC raw {check['raw']:.3f} -> aligned {check['aligned']:.3f} "
-        f"(delta {check['delta']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}], "
-        f"{check['n_pairs']:,} pairs of {check['n_items']:,} items the aligner never saw)."
+        (
+            f"{head}: held-out pair-AUC raw {check['raw']:.3f} -> aligned "
+            f"{check['aligned']:.3f} (delta {check['delta']:+.4f}, 95% interval "
+            f"[{lo:+.4f}, {hi:+.4f}], {check['n_pairs']:,} pairs of {check['n_items']:,} "
+            "items the aligner never saw)."
+        )
     ]
     causes = []
     n_pairs = int((metrics.get("pairs") or {}).get("n_pairs", 0) or 0)
@@ -289,9 +292,7 @@ def alignment_warning(metrics: dict, n_items: int) -> str | None:
             "what carries to unseen items)"
         )
     if check["n_pairs"] < FEW_HELDOUT_PAIRS:
-        causes.append(
-            f"only {check['n_pairs']} held-out pairs: the check itself is noisy"
-        )
+        causes.append(f"only {check['n_pairs']} held-out pairs: the check itself is noisy")
     if check["raw"] is not None and check["raw"] >= 0.8:
         causes.append("the frozen embedding already matches the pairs (raw pair-AUC >= 0.8)")
     if not causes:

@@ -603,7 +603,9 @@ def repo_route(data, *, cache_dir=None) -> Route:
             return frozen["raw"]
         tmp = Path(tempfile.mkdtemp(prefix="qarm-eval-encoder-"))
         try:  # a fine-tuned encoder per split: its train pairs only
-            return repo_content(data, pairs=pairs, encoder_dir=tmp / "encoder", cache_dir=cache_dir)[0]
+            return repo_content(
+                data, pairs=pairs, encoder_dir=tmp / "encoder", cache_dir=cache_dir
+            )[0]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -676,7 +678,7 @@ def evaluate_repo(
         "repo": str(project.repo),
         "n_items": int(data.keys.ids.size),
         "id_kind": data.keys.kind,
-        "n_events": int(len(data.interactions)),
+        "n_events": len(data.interactions),
         "n_users": int(data.interactions["user_id"].nunique()),
         "label": label,
         "negatives_per_positive": cfg.negatives_per_positive,
