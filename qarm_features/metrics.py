@@ -230,6 +230,57 @@ def pair_auc_outcomes(
     return won, valid.sum(axis=1).astype(np.float64)
 
 
+# Bootstrap replicates of pair_auc_difference (Poisson weights per cluster): 1,000 puts
+# the 2.5% / 97.5% percentiles within ~0.05 standard error of their limit; a replicate is
+# three weighted sums over the clusters, seconds even at 100k clusters.
+PAIR_AUC_DIFF_REPS = 1000
+_DIFF_CHUNK = 50  # replicates at once: bounds the (reps, clusters) weight matrix
+
+
+def pair_auc_difference(
+    emb_a,
+    emb_b,
+    item_ids,
+    pairs,
+    popularity,
+    *,
+    clusters=None,
+    seed: int = 0,
+    reps: int = PAIR_AUC_DIFF_REPS,
+) -> dict:
+    """Pair-AUC of two spaces on the same pairs and negatives, and a 95% bootstrap interval
+    of their difference (``b - a``).
+
+    Args:
+        clusters: one label per pair (e.g. the held-out item it touches): pairs of a
+            cluster are resampled together (Poisson(1) weights per cluster, seeded), as
+            they are not independent. None: every pair is its own cluster.
+
+    Returns:
+        ``a``, ``b`` (pair-AUCs), ``delta``, ``ci`` ([low, high]), ``n_pairs``,
+        ``n_items`` (clusters); ``delta`` and ``ci`` None when no pair has a negative.
+    """
+    won_a, valid = pair_auc_outcomes(emb_a, item_ids, pairs, popularity, seed=seed)
+    won_b, _ = pair_auc_outcomes(emb_b, item_ids, pairs, popularity, seed=seed)
+    out = {"a": None, "b": None, "delta": None, "ci": None, "n_pairs": int(won_a.size)}
+    if valid.sum() == 0:
+        return {**out, "n_items": 0}
+    labels = np.arange(won_a.size) if clusters is None else np.asarray(clusters)
+    _, cluster = np.unique(labels, return_inverse=True)
+    k = int(cluster.max()) + 1
+    wa, wb, nv = (np.bincount(cluster, weights=x, minlength=k) for x in (won_a, won_b, valid))
+    a, b = float(wa.sum() / nv.sum()), float(wb.sum() / nv.sum())
+    rng = np.random.default_rng([int(seed), 17])
+    deltas = []
+    for lo in range(0, reps, _DIFF_CHUNK):
+        w = rng.poisson(1.0, size=(min(_DIFF_CHUNK, reps - lo), k)).astype(np.float64)
+        den = w @ nv
+        ok = den > 0
+        deltas.append((w @ wb - w @ wa)[ok] / den[ok])
+    ci = [float(x) for x in np.percentile(np.concatenate(deltas), [2.5, 97.5])]
+    return {**out, "a": a, "b": b, "delta": b - a, "ci": ci, "n_items": k}
+
+
 # --------------------------------------------------------------------------- codes
 def code_quality(codes, n_codes: int) -> dict:
     """Usage and distinctiveness of quantised ids.

@@ -10,8 +10,8 @@
     aligned (pool items) -> RQ codebooks + VQ pool                    quantize
     -> metrics: pair stats, held-out pair recall@10 / pair-AUC (raw vs aligned), aligner
        history, code quality, and the alignment check: aligned vs raw held-out pair-AUC,
-       paired, with a bootstrap interval over held-out items (alignment_check); a build
-       whose aligned space is not better says so (alignment_warning)
+       paired, with a bootstrap interval over held-out items (alignment_check; what a
+       build then says or refuses: build.check_alignment)
 
 The aligned embeddings come from :func:`qarm_features.encode.align_with_weights`, the
 forward the serving path runs, so codes computed here are bit-identical with served ones.
@@ -177,19 +177,6 @@ def space_metrics(
     return out
 
 
-# Bootstrap replicates of the alignment check (Poisson weights per held-out item): 1,000
-# puts the 2.5% / 97.5% percentiles within ~0.05 standard error of their limit; each
-# replicate is three weighted sums over the held-out items, so even a 100k-item hold-out
-# costs a few seconds at most.
-ALIGNMENT_CHECK_REPS = 1000
-_CHECK_CHUNK = 50  # replicates at once: bounds the (reps, items) weight matrix
-# Below this many training pairs per catalog item the aligner rarely learns what carries
-# to unseen items (the likely cause the warning names first).
-FEW_PAIRS_PER_ITEM = 5.0
-# Below this many held-out pairs the check itself is noisy (said in the warning).
-FEW_HELDOUT_PAIRS = 500
-
-
 def alignment_check(
     raw_norm: np.ndarray,
     aligned: np.ndarray,
@@ -200,14 +187,12 @@ def alignment_check(
     *,
     seed: int = 0,
     max_pairs: int | None = None,
-    reps: int = ALIGNMENT_CHECK_REPS,
 ) -> dict:
     """Is the aligned space better than the raw one on pairs of items the aligner never saw?
 
-    Both spaces face the same held-out pairs and the same popularity-matched negatives
-    (:func:`qarm_features.metrics.pair_auc_outcomes`); the difference of their pair-AUCs
-    gets a 95% interval from a bootstrap over held-out items (Poisson(1) weights, seeded):
-    pairs of one item move together, as they are not independent.
+    Both spaces face the same held-out pairs (the seeded ``max_pairs`` sample the held-out
+    metrics use) and negatives; the difference of their pair-AUCs gets a 95% interval from
+    a bootstrap over held-out items (:func:`qarm_features.metrics.pair_auc_difference`).
 
     Returns:
         ``raw``, ``aligned`` (pair-AUC), ``delta`` (aligned - raw), ``ci`` ([low, high]),
@@ -215,100 +200,21 @@ def alignment_check(
         ``better`` (the interval is above 0), ``inconclusive`` (delta > 0, the interval
         reaches 0), ``not_better`` (delta <= 0) or ``unmeasured`` (no held-out pair).
     """
-    from qarm_features.metrics import pair_auc_outcomes
+    from qarm_features.metrics import pair_auc_difference
 
     pairs = sample_pairs(heldout_pairs, max_pairs, seed)
     pairs = pairs[pairs["trigger_id"].to_numpy() != pairs["target_id"].to_numpy()]
-    empty = {"raw": None, "aligned": None, "delta": None, "ci": None, "n_pairs": 0}
-    if len(pairs) == 0:
-        return {**empty, "n_items": 0, "verdict": "unmeasured"}
-    won_r, valid = pair_auc_outcomes(raw_norm, item_ids, pairs, popularity, seed=seed)
-    won_a, _ = pair_auc_outcomes(aligned, item_ids, pairs, popularity, seed=seed)
-    if valid.sum() == 0:
-        return {**empty, "n_items": 0, "verdict": "unmeasured"}
     trig = pairs["trigger_id"].to_numpy(np.int64)
     owner = np.where(np.isin(trig, heldout_items), trig, pairs["target_id"].to_numpy(np.int64))
-    _, cluster = np.unique(owner, return_inverse=True)
-    k = int(cluster.max()) + 1
-    wr = np.bincount(cluster, weights=won_r, minlength=k)
-    wa = np.bincount(cluster, weights=won_a, minlength=k)
-    nv = np.bincount(cluster, weights=valid, minlength=k)
-    raw, al = float(wr.sum() / nv.sum()), float(wa.sum() / nv.sum())
-    rng = np.random.default_rng([int(seed), 17])
-    deltas = []
-    for a in range(0, reps, _CHECK_CHUNK):
-        w = rng.poisson(1.0, size=(min(_CHECK_CHUNK, reps - a), k)).astype(np.float64)
-        den = w @ nv
-        ok = den > 0
-        deltas.append((w @ wa - w @ wr)[ok] / den[ok])
-    d = np.concatenate(deltas)
-    ci = [float(x) for x in np.percentile(d, [2.5, 97.5])]
-    delta = al - raw
-    verdict = "better" if ci[0] > 0 else ("inconclusive" if delta > 0 else "not_better")
-    return {
-        "raw": raw,
-        "aligned": al,
-        "delta": float(delta),
-        "ci": ci,
-        "n_pairs": len(pairs),
-        "n_items": k,
-        "verdict": verdict,
-    }
-
-
-def alignment_warning(metrics: dict, n_items: int) -> str | None:
-    """What a build whose aligned space is not better than the raw one should say: the
-    comparison, its likely causes and what to do; None when the check says ``better``
-    (or could not measure).
-
-    ``metrics``: :attr:`ItemSpace.metrics` (``alignment_check``, ``pairs``, ``aligner``).
-    """
-    check = metrics.get("alignment_check") or {}
-    verdict = check.get("verdict")
-    if verdict not in ("not_better", "inconclusive"):
-        return None
-    lo, hi = check["ci"]
-    head = (
-        "alignment did not make the space better"
-        if verdict == "not_better"
-        else "alignment could not be shown to make the space better"
+    out = pair_auc_difference(
+        raw_norm, aligned, item_ids, pairs, popularity, clusters=owner, seed=seed
     )
-    lines = [
-        (
-            f"{head}: held-out pair-AUC raw {check['raw']:.3f} -> aligned "
-            f"{check['aligned']:.3f} (delta {check['delta']:+.4f}, 95% interval "
-            f"[{lo:+.4f}, {hi:+.4f}], {check['n_pairs']:,} pairs of {check['n_items']:,} "
-            "items the aligner never saw)."
-        )
-    ]
-    causes = []
-    n_pairs = int((metrics.get("pairs") or {}).get("n_pairs", 0) or 0)
-    n_train = int((metrics.get("aligner") or {}).get("n_train_pairs", 0) or 0) or n_pairs
-    per_item = n_train / max(n_items, 1)
-    if per_item < FEW_PAIRS_PER_ITEM:
-        causes.append(
-            f"too few pairs for the catalog: {n_train:,} training pairs for {n_items:,} items "
-            f"({per_item:.1f} per item; below {FEW_PAIRS_PER_ITEM:g} the aligner rarely learns "
-            "what carries to unseen items)"
-        )
-    if check["n_pairs"] < FEW_HELDOUT_PAIRS:
-        causes.append(f"only {check['n_pairs']} held-out pairs: the check itself is noisy")
-    if check["raw"] is not None and check["raw"] >= 0.8:
-        causes.append("the frozen embedding already matches the pairs (raw pair-AUC >= 0.8)")
-    if not causes:
-        causes.append(
-            "the content (catalog.text / embedding) may not carry what the pairs say users "
-            "choose together"
-        )
-    lines.append("Likely cause: " + "; ".join(causes) + ".")
-    lines.append(
-        "What to do: more events (a longer log window) or the retrieval stack's own pairs "
-        "(qarm.yaml pairs.i2i, pairs.item_embeddings); richer content (catalog.text); a "
-        "larger build.aligner.raw_consistency keeps the aligned space closer to the frozen "
-        "one; `qarm evaluate --repo R` says whether the codes still lift your ranker. "
-        "build.on_alignment_failure: error refuses such a build."
-    )
-    return " ".join(lines)
+    out = {"raw": out.pop("a"), "aligned": out.pop("b"), **out}
+    if out["delta"] is None:
+        return {**out, "verdict": "unmeasured"}
+    better = out["ci"][0] > 0
+    out["verdict"] = "better" if better else ("inconclusive" if out["delta"] > 0 else "not_better")
+    return out
 
 
 # Rows per block of the catalog-wide aligner forward: the float64 temporaries of a block

@@ -14,7 +14,7 @@ names, through the build route (:func:`qarm_features.build_repo.read_repo`, ``mi
    pairs and content from the repo's route, mined on train rows only;
 3. one ranker per variant, same architecture and budget (:mod:`qarm_features.app.variants`);
 4. AUC / UAUC / GAUC on all, warm, cold and new-item test rows, then mean ± std over seeds,
-   paired differences with 95% intervals (:func:`paired_bootstrap`, t over seeds), the
+   paired differences with 95% intervals (:mod:`qarm_features.app.paired`), the
    candidates on the validation split and the aims (:func:`check_aims`); the report is
    rendered by :mod:`qarm_features.app.report`.
 """
@@ -30,15 +30,22 @@ from pathlib import Path
 import numpy as np
 
 from qarm_features._validate import check_embeddings, check_ids
-from qarm_features.app.item_spaces import ItemSpaces, Route, build_item_spaces
+from qarm_features.app.item_spaces import ItemSpaces, Route, build_item_spaces, repo_route
+from qarm_features.app.paired import (
+    CONTRASTS,
+    _mean_std,
+    check_aims,
+    paired_bootstrap,
+    paired_summary,
+)
 from qarm_features.app.protocol import (
-    IMPLICIT_NEGATIVES,
     QUICK,
     VARIANTS,
     EvalConfig,
     Split,
     make_split,
     make_validation_split,
+    repo_config,
 )
 from qarm_features.app.report import (
     METRICS,
@@ -49,35 +56,12 @@ from qarm_features.app.report import (
 from qarm_features.app.variants import (
     ranker_options,
     score_subsets,
-    subset_masks,
     train_ranker,
     variant_items,
 )
 from qarm_features.errors import InputError
 
 logger = logging.getLogger(__name__)
-
-
-def _mean_std(values) -> dict:
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {
-        "mean": float(v.mean()),
-        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-        "n": int(v.size),
-    }
-
-
-def t_interval(values, level: float = 0.95) -> list[float] | None:
-    """The ``level`` t-interval of the mean of ``values`` (finite ones); None below 2."""
-    from scipy import stats
-
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    if v.size < 2:
-        return None
-    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    return [float(v.mean() - half), float(v.mean() + half)]
 
 
 def _aggregate(tree_list: list):
@@ -104,113 +88,6 @@ def _run_variant(v: str, spaces: ItemSpaces, split: Split, cfg: EvalConfig, seed
     return score_subsets(split, scores, split.item_ids), info, scores
 
 
-# The paired differences the report gives with intervals, on every subset: (variant,
-# reference); those whose variants did not run are skipped.
-PAIRED = (
-    ("B", "A"),
-    ("C", "A"),
-    ("D", "A"),
-    ("E", "A"),
-    ("B+D", "A"),
-    ("D", "B"),
-    ("B+D", "B"),
-    ("D", "C"),
-)
-# Bootstrap replicates per seed (Poisson weights per test user): 200 puts the 2.5% / 97.5%
-# percentiles within ~0.1 standard error of where 10,000 would, at ~1 s per seed.
-BOOTSTRAP_REPS = 200
-# Replicates weighted at once (bounds the (reps, rows) weight matrix's memory).
-_BOOT_CHUNK = 25
-
-
-def _weighted_auc(y: np.ndarray, s: np.ndarray, user_w: np.ndarray, inv: np.ndarray):
-    """AUC of ``s`` for labels ``y`` under row weights ``user_w[:, inv]``, one per replicate
-    (rows ``(reps, n_users)``); ties count one half. One sort, O(rows) per replicate."""
-    order = np.argsort(s, kind="stable")
-    s_o, y_o, inv_o = s[order], y[order].astype(np.float64), inv[order]
-    starts = np.flatnonzero(np.r_[True, s_o[1:] != s_o[:-1]])  # tie groups
-    out = np.empty(user_w.shape[0])
-    for a in range(0, user_w.shape[0], _BOOT_CHUNK):
-        w = user_w[a : a + _BOOT_CHUNK][:, inv_o].astype(np.float64)
-        gp = np.add.reduceat(w * y_o, starts, axis=1)
-        gn = np.add.reduceat(w * (1.0 - y_o), starts, axis=1)
-        below = np.cumsum(gn, axis=1) - gn
-        num = (gp * (below + 0.5 * gn)).sum(axis=1)
-        den = gp.sum(axis=1) * gn.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[a : a + _BOOT_CHUNK] = num / den
-    return out
-
-
-def paired_bootstrap(
-    split: Split, scores: dict[str, np.ndarray], seed: int, reps: int = BOOTSTRAP_REPS
-) -> dict:
-    """Replicates of every :data:`PAIRED` difference, per subset, AUC and GAUC.
-
-    Test users are resampled (Poisson(1) weights per user, seeded), the same weights for
-    both variants of a pair: the interval reflects which users happened to be in the test
-    period, given this seed's models.
-
-    Returns:
-        ``{"V - W": {subset: {"auc": (reps,), "gauc": (reps,)}}}``; subsets with one label
-        class only are left out.
-    """
-    from qarm_features.metrics import per_user_auc
-
-    rows = split.test_rows
-    rng = np.random.default_rng([int(seed), 11])
-    pairs = [(v, w) for v, w in PAIRED if v in scores and w in scores]
-    out: dict = {f"{v} - {w}": {} for v, w in pairs}
-    for subset, m in subset_masks(split, split.item_ids).items():
-        y = rows.y[m].astype(np.int8)
-        if y.size == 0 or y.min() == y.max():
-            continue
-        users, inv = np.unique(rows.user_id[m], return_inverse=True)
-        user_w = rng.poisson(1.0, size=(reps, users.size)).astype(np.float32)
-        auc, gauc = {}, {}
-        for v in {x for p in pairs for x in p}:
-            s = scores[v][m].astype(np.float64)
-            auc[v] = _weighted_auc(y, s, user_w, inv)
-            ids, a_u, c_u = per_user_auc(rows.user_id[m], y, s)
-            wu = user_w[:, np.searchsorted(users, ids)] * c_u
-            with np.errstate(invalid="ignore", divide="ignore"):
-                gauc[v] = (wu * a_u).sum(axis=1) / wu.sum(axis=1)
-        for v, w in pairs:
-            out[f"{v} - {w}"][subset] = {"auc": auc[v] - auc[w], "gauc": gauc[v] - gauc[w]}
-    return out
-
-
-def _paired_summary(per_seed: list[dict], boots: list[dict]) -> dict:
-    """Per :data:`PAIRED` difference, subset and metric: mean ± std over seeds of the
-    per-seed differences, the bootstrap interval of their mean (replicates averaged over
-    seeds) and ``ci``: the t-interval over seeds with 2+ seeds, else the bootstrap one."""
-    out: dict = {}
-    for name in boots[0]:
-        v, w = name.split(" - ")
-        out[name] = {}
-        for subset in SUBSETS:
-            out[name][subset] = {}
-            for metric in ("auc", "gauc"):
-                diffs = [r[v][subset][metric] - r[w][subset][metric] for r in per_seed]
-                cell = _mean_std(diffs)
-                reps = [b[name][subset][metric] for b in boots if subset in b[name]]
-                boot = None
-                if reps:
-                    mean_reps = np.nanmean(np.vstack(reps), axis=0)
-                    mean_reps = mean_reps[np.isfinite(mean_reps)]
-                    if mean_reps.size:
-                        boot = [float(x) for x in np.percentile(mean_reps, [2.5, 97.5])]
-                t = t_interval(diffs)
-                cell.update(
-                    boot_ci=boot,
-                    t_ci=t,
-                    ci=t if t is not None else boot,
-                    ci_method="t over seeds" if t is not None else "bootstrap over users",
-                )
-                out[name][subset][metric] = cell
-    return out
-
-
 def _summary(per_seed_results: list[dict]) -> dict:
     """results[variant][subset][metric] = mean ± std over seeds."""
     first = per_seed_results[0]
@@ -221,16 +98,6 @@ def _summary(per_seed_results: list[dict]) -> dict:
         }
         for v in first
     }
-
-
-# The paired contrasts every choice is judged on (and the issue's aims): name ->
-# (subset, variant, reference variant).
-CONTRASTS = {
-    "cold_D_minus_B": ("cold", "D", "B"),
-    "cold_BD_minus_B": ("cold", "B+D", "B"),
-    "warm_D_minus_A": ("warm", "D", "A"),
-    "warm_BD_minus_B": ("warm", "B+D", "B"),
-}
 
 
 def _contrasts(res: dict, ref: dict | None = None) -> dict:
@@ -359,7 +226,7 @@ def run_protocol(
     Returns:
         dict with ``results[variant][subset][metric] = {"mean", "std", "n"}``,
         ``deltas_vs_A`` (paired per-seed differences), ``paired`` (the :data:`PAIRED`
-        differences with 95% intervals, :func:`_paired_summary`), ``per_seed``, ``alignment``,
+        differences with 95% intervals, :func:`~qarm_features.app.paired.paired_summary`), ``per_seed``, ``alignment``,
         ``codes``, ``rankers`` (best epochs, params), ``ablations``, ``counts``, ``aims``,
         ``seconds``.
     """
@@ -481,7 +348,7 @@ def run_protocol(
         "contrasts": _aggregate([p["contrasts"] for p in per_seed]),
         "results": _summary([p["results"] for p in per_seed]),
         "deltas_vs_A": _aggregate(deltas),
-        "paired": _paired_summary([p["results"] for p in per_seed], boots),
+        "paired": paired_summary([p["results"] for p in per_seed], boots),
         "per_seed": per_seed,
         "alignment": _aggregate(align),
         "codes": _aggregate(codes),
@@ -507,45 +374,6 @@ def run_protocol(
     return out
 
 
-# Issue 11's targets: paired mean AUC contrast (CONTRASTS) -> threshold; and the
-# unseen-item pair-AUC of the aligned space.
-AIMS = {
-    "cold_D_minus_B": 0.0,
-    "cold_BD_minus_B": 0.005,
-    "warm_D_minus_A": 0.015,
-    "warm_BD_minus_B": 0.010,
-}
-AIM_UNSEEN_PAIR_AUC = 0.70
-
-
-def _aim(m: dict, target: float, ci=None) -> dict:
-    return {
-        "mean": m["mean"],
-        "std": m["std"],
-        "ci": ci,
-        "target": target,
-        "met": bool(m["mean"] >= target),
-        "gap": float(min(m["mean"] - target, 0.0)),
-    }
-
-
-def check_aims(out: dict) -> dict:
-    """The issue's aims on the test split: paired per-seed contrasts (mean ± std), each
-    with its target, whether it is met and by how much it is missed (``gap`` <= 0)."""
-    con = out.get("contrasts") or {}
-    paired = out.get("paired") or {}
-
-    def ci(name):
-        subset, v, w = CONTRASTS[name]
-        return paired.get(f"{v} - {w}", {}).get(subset, {}).get("auc", {}).get("ci")
-
-    aims = {name: _aim(con[name], t, ci(name)) for name, t in AIMS.items() if name in con}
-    unseen = (out.get("alignment") or {}).get("unseen", {}).get("aligned", {}).get("pair_auc")
-    if unseen is not None:
-        aims["unseen_pair_auc"] = _aim(unseen, AIM_UNSEEN_PAIR_AUC)
-    return aims
-
-
 class NoBar:
     """Progress that logs each step at INFO level (the library's default)."""
 
@@ -562,57 +390,6 @@ class NoBar:
 def report_name(project) -> str:
     """The report's file stem: ``qarm.yaml``'s ``dataset`` when set, else the repo folder."""
     return project.dataset or Path(project.repo).name
-
-
-def repo_config(data, config: EvalConfig | None = None, *, quick: bool = False) -> EvalConfig:
-    """The protocol for a repo: its ``qarm.yaml`` item-space sections (pairs, aligner, RQ,
-    VQ) and label; sampled negatives when its events are implicit; ``config``'s ranker
-    budget and candidates (default :class:`EvalConfig`), cut to :data:`QUICK`."""
-    cfg = config or EvalConfig()
-    build = data.config
-    events = data.project.events
-    implicit = events.label is None and events.rating is None
-    cfg = cfg.model_copy(
-        update={
-            "pairs": build.pairs,
-            "aligner": build.aligner,
-            "rq": build.rq,
-            "vq": build.vq,
-            "positive_threshold": data.threshold,
-            "negatives_per_positive": IMPLICIT_NEGATIVES if implicit else 0,
-        }
-    )
-    return cfg.model_copy(update=QUICK) if quick else cfg
-
-
-def repo_route(data, *, cache_dir=None) -> Route:
-    """The build route's pair miner and content for ``data`` (:func:`read_repo`'s):
-    ``mine`` with the team's I2I table and retrieval embeddings, ``repo_content`` on the
-    train pairs (the frozen encoder's embeddings are computed once and reused)."""
-    import shutil
-    import tempfile
-
-    from qarm_features.build_repo import mine, repo_content
-
-    frozen: dict = {}
-
-    def content(pairs):
-        if data.config.encoder.finetune_layers == 0:
-            if "raw" not in frozen:
-                frozen["raw"] = repo_content(data, cache_dir=cache_dir)[0]
-            return frozen["raw"]
-        tmp = Path(tempfile.mkdtemp(prefix="qarm-eval-encoder-"))
-        try:  # a fine-tuned encoder per split: its train pairs only
-            return repo_content(
-                data, pairs=pairs, encoder_dir=tmp / "encoder", cache_dir=cache_dir
-            )[0]
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    return Route(
-        mine=lambda interactions, cfg: mine(data.project, interactions, data.keys, cfg),
-        content=content,
-    )
 
 
 def evaluate_repo(
@@ -672,6 +449,14 @@ def evaluate_repo(
         label = f"{spec.label} = 1"
     else:
         label = "every logged event is a positive (implicit)"
+    if cfg.negatives_per_positive:
+        label += (
+            f"; every positive ranker row gets {cfg.negatives_per_positive} sampled "
+            "negatives (label 0): items drawn from the same period's rows (fit, validation "
+            "or test) in proportion to their rows there, never the row's own item, seeded "
+            "(popularity-matched: popularity alone scores AUC 0.5). Histories hold logged "
+            "events only."
+        )
     content = project.catalog.embedding or project.catalog.image or project.catalog.text
     out["data"] = {
         "name": name,

@@ -108,9 +108,7 @@ def build_item_spaces(
     warm_rows = lookup_rows(split.warm_items, item_ids, name="warm items")
     pca = PCA(n_components=aligned.shape[1], random_state=seed).fit(raw[warm_rows])
     raw_low = l2_normalize(pca.transform(raw).astype(np.float32))
-    rq_r, vq_r = fit_quantizers(
-        raw_low, item_ids, bcfg.rq, bcfg.vq, pool_rows=warm_rows, vq_x=raw
-    )
+    rq_r, vq_r = fit_quantizers(raw_low, item_ids, bcfg.rq, bcfg.vq, pool_rows=warm_rows, vq_x=raw)
     raw_rq = rq_r.encode(raw_low)
     raw_vq = vq_r.encode(raw, exclude_ids=item_ids)
     history = space.aligner.history_
@@ -167,3 +165,33 @@ def alignment_metrics(item_ids, raw, aligned, train_pairs, split: Split, pcfg, s
             m = space_metrics(emb, item_ids, pairs, pop, seed=seed)
             out[name][space] = {"recall@10": m["recall@10"], "pair_auc": m["pair_auc"]}
     return out
+
+
+def repo_route(data, *, cache_dir=None) -> Route:
+    """The build route's pair miner and content for ``data`` (:func:`read_repo`'s):
+    ``mine`` with the team's I2I table and retrieval embeddings, ``repo_content`` on the
+    train pairs (the frozen encoder's embeddings are computed once and reused)."""
+    import shutil
+    import tempfile
+
+    from qarm_features.build_repo import mine, repo_content
+
+    frozen: dict = {}
+
+    def content(pairs):
+        if data.config.encoder.finetune_layers == 0:
+            if "raw" not in frozen:
+                frozen["raw"] = repo_content(data, cache_dir=cache_dir)[0]
+            return frozen["raw"]
+        tmp = Path(tempfile.mkdtemp(prefix="qarm-eval-encoder-"))
+        try:  # a fine-tuned encoder per split: its train pairs only
+            return repo_content(
+                data, pairs=pairs, encoder_dir=tmp / "encoder", cache_dir=cache_dir
+            )[0]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return Route(
+        mine=lambda interactions, cfg: mine(data.project, interactions, data.keys, cfg),
+        content=content,
+    )

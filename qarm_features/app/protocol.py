@@ -201,6 +201,27 @@ QUICK = {
 IMPLICIT_NEGATIVES = 4
 
 
+def repo_config(data, config: EvalConfig | None = None, *, quick: bool = False) -> EvalConfig:
+    """The protocol for a repo: its ``qarm.yaml`` item-space sections (pairs, aligner, RQ,
+    VQ) and label; sampled negatives when its events are implicit; ``config``'s ranker
+    budget and candidates (default :class:`EvalConfig`), cut to :data:`QUICK`."""
+    cfg = config or EvalConfig()
+    build = data.config
+    events = data.project.events
+    implicit = events.label is None and events.rating is None
+    cfg = cfg.model_copy(
+        update={
+            "pairs": build.pairs,
+            "aligner": build.aligner,
+            "rq": build.rq,
+            "vq": build.vq,
+            "positive_threshold": data.threshold,
+            "negatives_per_positive": IMPLICIT_NEGATIVES if implicit else 0,
+        }
+    )
+    return cfg.model_copy(update=QUICK) if quick else cfg
+
+
 # --------------------------------------------------------------------------- split
 def label_of(interactions: pd.DataFrame, threshold: float) -> np.ndarray:
     return (interactions["rating"].to_numpy() >= threshold).astype(np.int8)

@@ -21,12 +21,8 @@ COMMAND = "qarm evaluate"
 SUBSETS = ("all", "warm", "cold", "new")
 METRICS = ("auc", "uauc", "gauc")
 HISTORY = "docs/evaluation-history.md"  # the MovieLens protocol's history (source checkout)
-SUBSET_TEXT = {
-    "all": "every test row",
-    "warm": "items with train rows",
-    "cold": "items whose train rows were removed (per seed)",
-    "new": "items first seen in the test period",
-}
+SUBSET_TEXT = {"all": "every test row", "warm": "items with train rows", "cold": "items whose "
+               "train rows were removed (per seed)", "new": "items first seen in the test period"}  # fmt: skip
 
 
 def _jsonable(obj):
@@ -251,15 +247,7 @@ def _data_lines(out: dict) -> list[str]:
     d = out.get("data")
     if not d:
         return []
-    neg = d.get("negatives_per_positive", 0)
     label = d["label"]
-    if neg:
-        label += (
-            f"; every positive ranker row gets {neg} sampled negatives (label 0): items drawn "
-            "from the same period's rows (fit, validation or test) in proportion to their "
-            "rows there, never the row's own item, seeded (popularity-matched: popularity "
-            "alone scores AUC 0.5). Histories hold logged events only."
-        )
     own = [k for k, v in (d.get("own_pairs") or {}).items() if v]
     return [
         "## Data",

@@ -291,7 +291,8 @@ def test_weighted_auc_and_paired_bootstrap():
     replicates of a variant against itself are 0, and a better variant's interval is > 0."""
     from types import SimpleNamespace
 
-    from qarm_features.app.evaluate import _weighted_auc, paired_bootstrap
+    from qarm_features.app.paired import paired_bootstrap
+    from qarm_features.app.paired import weighted_auc as _weighted_auc
     from qarm_features.app.protocol import Rows
     from qarm_features.metrics import auc
 
@@ -386,9 +387,9 @@ def test_write_report_files_and_json_layout(tmp_path):
 
 def test_run_protocol_end_to_end_tiny(tmp_path):
     """The whole protocol (pairs, aligner, codes, rankers, ablation, report) on tiny data."""
-    from qarm_features.config import AlignerConfig, PairsConfig, RQConfig, VQConfig
     from qarm_features.app.evaluate import CONTRASTS, run_protocol
     from qarm_features.app.protocol import Ablation
+    from qarm_features.config import AlignerConfig, PairsConfig, RQConfig, VQConfig
 
     item_ids, raw, df = _world(n_items=80, n_users=60, n_rows=3000, seed=2)
     cfg = EvalConfig(
@@ -471,8 +472,8 @@ def test_repo_config_takes_the_label_and_sections_from_qarm_yaml(tmp_path):
     negatives only for an implicit log; the report named after `dataset` or the folder."""
     from types import SimpleNamespace
 
-    from qarm_features.app.evaluate import repo_config, report_name
-    from qarm_features.app.protocol import IMPLICIT_NEGATIVES, QUICK
+    from qarm_features.app.evaluate import report_name
+    from qarm_features.app.protocol import IMPLICIT_NEGATIVES, QUICK, repo_config
     from qarm_features.project import parse_project
 
     base = {"catalog": {"path": "items.parquet", "text": "{title}"}}
