@@ -59,7 +59,8 @@ class ItemSpace:
         pair_stats: :func:`~qarm_features.pairs.mine_pairs` stats.
         metrics: ``pairs``, ``heldout_items``, ``heldout`` (``raw``/``aligned``:
             ``recall@10``, ``pair_auc``, ``n_pairs``), ``aligner`` (scalar history),
-            ``codes`` (``aligned``: :func:`code_report`), ``vq_ann_recall``.
+            ``codes`` (``aligned``: :func:`code_report`), ``vq_ann_recall``,
+            ``alignment_check`` (:func:`alignment_check`; only with held-out pairs).
         timings: seconds per stage (``pairs_s``, ``aligner_s``, ``codes_s``).
         stages: per stage (``pairs``, ``aligner``, ``forward``, ``codes``, ``evaluate``)
             ``seconds`` and ``peak_rss_mib`` (:func:`qarm_features.progress.stage`).
