@@ -39,7 +39,6 @@ from qarm_features.app.paired import (
     paired_summary,
 )
 from qarm_features.app.protocol import (
-    QUICK,
     VARIANTS,
     EvalConfig,
     Split,
@@ -409,7 +408,7 @@ def evaluate_repo(
         out_dir: report directory; the report is ``<name>.{md,json,png}``
             (:func:`report_name`).
         seeds: one aligner/ranker/cold-item seed each (>= 3 for intervals over seeds).
-        quick: a small budget (:data:`QUICK`: one seed, one epoch, variants A, B, D,
+        quick: a small budget (:data:`~qarm_features.app.protocol.QUICK`: one seed, one epoch, variants A, B, D,
             B+D, no candidates) for smoke tests.
         cache_dir: data and embedding cache (default ``$QARM_CACHE`` or ``~/.cache/qarm``).
         bar: progress (see :func:`run_protocol`).
@@ -457,7 +456,20 @@ def evaluate_repo(
             "(popularity-matched: popularity alone scores AUC 0.5). Histories hold logged "
             "events only."
         )
-    content = project.catalog.embedding or project.catalog.image or project.catalog.text
+    content = f"`{project.catalog.embedding or project.catalog.image or project.catalog.text}`"
+    layers = data.config.encoder.finetune_layers
+    content += (
+        f", text encoder fine-tuned (top {layers} layers) on each split's train pairs"
+        if layers
+        else " (frozen encoder)"
+    )
+    own = [k for k in ("i2i", "item_embeddings") if getattr(project.pairs, k)]
+    content += (
+        f"; the team's own {', '.join(own)} join the mined pairs (read whole, not split in "
+        "time: tables computed on events after the split flatter D)."
+        if own
+        else "."
+    )
     out["data"] = {
         "name": name,
         "repo": str(project.repo),
@@ -467,8 +479,8 @@ def evaluate_repo(
         "n_users": int(data.interactions["user_id"].nunique()),
         "label": label,
         "negatives_per_positive": cfg.negatives_per_positive,
-        "content": str(content),
-        "finetune_layers": data.config.encoder.finetune_layers,
+        "content": content,
+        "finetune_layers": layers,
         "own_pairs": {"i2i": project.pairs.i2i, "item_embeddings": project.pairs.item_embeddings},
     }
     if project.catalog.text:

@@ -248,7 +248,6 @@ def _data_lines(out: dict) -> list[str]:
     if not d:
         return []
     label = d["label"]
-    own = [k for k, v in (d.get("own_pairs") or {}).items() if v]
     return [
         "## Data",
         "",
@@ -257,14 +256,7 @@ def _data_lines(out: dict) -> list[str]:
             f"{d['n_events']:,} events of {d['n_users']:,} users."
         ),
         f"- Label: {label}",
-        f"- Content: `{d['content']}`"
-        + (
-            f", text encoder fine-tuned (top {d['finetune_layers']} layers) on each split's "
-            "train pairs"
-            if d.get("finetune_layers")
-            else " (frozen encoder)"
-        )
-        + (f"; the team's own {', '.join(own)} join the mined pairs." if own else "."),
+        f"- Content: {d['content']}",
         "",
     ]
 
