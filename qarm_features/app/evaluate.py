@@ -408,8 +408,8 @@ def evaluate_repo(
         out_dir: report directory; the report is ``<name>.{md,json,png}``
             (:func:`report_name`).
         seeds: one aligner/ranker/cold-item seed each (>= 3 for intervals over seeds).
-        quick: a small budget (:data:`~qarm_features.app.protocol.QUICK`: one seed, one epoch, variants A, B, D,
-            B+D, no candidates) for smoke tests.
+        quick: a small budget (:data:`~qarm_features.app.protocol.QUICK`: one seed, one
+            epoch, variants A, B, D, B+D, no candidates) for smoke tests.
         cache_dir: data and embedding cache (default ``$QARM_CACHE`` or ``~/.cache/qarm``).
         bar: progress (see :func:`run_protocol`).
         config: the protocol's ranker budget and candidates (:class:`EvalConfig`); the
