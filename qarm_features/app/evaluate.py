@@ -225,7 +225,8 @@ def run_protocol(
     Returns:
         dict with ``results[variant][subset][metric] = {"mean", "std", "n"}``,
         ``deltas_vs_A`` (paired per-seed differences), ``paired`` (the :data:`PAIRED`
-        differences with 95% intervals, :func:`~qarm_features.app.paired.paired_summary`), ``per_seed``, ``alignment``,
+        differences with 95% intervals, :func:`~qarm_features.app.paired.paired_summary`),
+        ``per_seed``, ``alignment``,
         ``codes``, ``rankers`` (best epochs, params), ``ablations``, ``counts``, ``aims``,
         ``seconds``.
     """

@@ -21,8 +21,12 @@ COMMAND = "qarm evaluate"
 SUBSETS = ("all", "warm", "cold", "new")
 METRICS = ("auc", "uauc", "gauc")
 HISTORY = "docs/evaluation-history.md"  # the MovieLens protocol's history (source checkout)
-SUBSET_TEXT = {"all": "every test row", "warm": "items with train rows", "cold": "items whose "
-               "train rows were removed (per seed)", "new": "items first seen in the test period"}  # fmt: skip
+SUBSET_TEXT = {
+    "all": "every test row",
+    "warm": "items with train rows",
+    "cold": "items whose train rows were removed (per seed)",
+    "new": "items first seen in the test period",
+}
 
 
 def _jsonable(obj):

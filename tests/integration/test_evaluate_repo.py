@@ -21,8 +21,11 @@ from tests.integration.helpers import subprocess_env
 pytestmark = [pytest.mark.slow]
 
 QARM = Path(sys.executable).parent / "qarm"
-WORDS = [("red wool scarf coat hat", "blue denim jeans jacket"), ("green silk dress skirt",
-         "black leather boot belt bag"), ("white cotton shirt sock", "linen canvas sneaker")]  # fmt: skip
+WORDS = [  # the title words of 6 taste groups, two per pair
+    ("red wool scarf coat hat", "blue denim jeans jacket"),
+    ("green silk dress skirt", "black leather boot belt bag"),
+    ("white cotton shirt sock", "linen canvas sneaker"),
+]
 SMALL_BUILD = """\
 build:
   pairs: {mf_epochs: 3, mf_dim: 8, swing_top_k: 10}
