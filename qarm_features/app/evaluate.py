@@ -473,7 +473,7 @@ def evaluate_repo(
     )
     out["data"] = {
         "name": name,
-        "repo": str(project.repo),
+        "repo": project.repo.name,
         "n_items": int(data.keys.ids.size),
         "id_kind": data.keys.kind,
         "n_events": len(data.interactions),
