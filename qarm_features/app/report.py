@@ -190,10 +190,10 @@ def render_markdown(out: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     al = out["alignment"]
-    for name in ("heldout", "unseen"):
-        x = al[name]
+    for pairs in ("heldout", "unseen"):
+        x = al[pairs]
         lines.append(
-            f"| {name} | {x['n_pairs']['mean']:.0f} | {_fmt(x['raw']['recall@10'])} | "
+            f"| {pairs} | {x['n_pairs']['mean']:.0f} | {_fmt(x['raw']['recall@10'])} | "
             f"{_fmt(x['aligned']['recall@10'])} | {_fmt(x['raw']['pair_auc'])} | "
             f"{_fmt(x['aligned']['pair_auc'])} |"
         )

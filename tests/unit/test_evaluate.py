@@ -369,6 +369,11 @@ def _fake_out(variants=("A", "B", "C", "D", "E", "D_vq", "D_rq", "B+D")):
     }
 
 
+def _fake_data():
+    return {"name": "shop", "repo": "shop", "n_items": 10, "id_kind": "string", "n_events": 90,
+            "n_users": 5, "label": "every logged event is a positive", "content": "`{title}`"}  # fmt: skip
+
+
 def test_write_report_files_and_json_layout(tmp_path):
     paths = write_report(_fake_out(), tmp_path)
     data = json.loads(paths["json"].read_text())
@@ -381,6 +386,10 @@ def test_write_report_files_and_json_layout(tmp_path):
     md = paths["md"].read_text()
     assert "`qarm evaluate`" in md and "| D |" in md and "**met**" in md
     assert "**not met** (short by 0.0020)" in md
+    assert "## History" in md and "docs/evaluation-history.md" in md  # the demo's report only
+    other = write_report({**_fake_out(), "data": _fake_data()}, tmp_path, name="shop")
+    md = other["md"].read_text()
+    assert "# QARM on shop" in md and "## History" not in md and "| warm | cold | new |" not in md
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp file
 
