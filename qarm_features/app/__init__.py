@@ -6,6 +6,7 @@
   :func:`qarm_features.pipeline.fit_item_space`.
 - :mod:`~qarm_features.app.variants`: one ranker per variant, trained and scored.
 - :mod:`~qarm_features.app.evaluate`: ``qarm evaluate --repo R`` (:func:`evaluate_repo`).
+- :mod:`~qarm_features.app.paired`: paired differences, their 95% intervals, the aims.
 - :mod:`~qarm_features.app.report`: the report files.
 - :mod:`~qarm_features.app.ranker`: the example DIN ranker over QARM features.
 
