@@ -21,9 +21,9 @@ test:
 test-unit: setup
 	$(VENV)/python -m pytest -q tests/unit
 
-## The MovieLens-100k ranking evaluation (reports/movielens-100k.{md,json,png})
+## The ranking evaluation of the demo repo, MovieLens-100k (reports/movielens-100k.{md,json,png})
 evaluate: setup
-	$(VENV)/qarm evaluate
+	$(VENV)/qarm evaluate --repo feature_repo
 
 bench: setup
 	$(VENV)/python -m benchmarks --quick

@@ -155,6 +155,12 @@ class BuildConfig(_Config):
     # similarities); it samples at most heldout_recall_budget / n_items of the pairs
     # above: every one at MovieLens size, 2,000 at 1M items (None: no cap).
     heldout_recall_budget: int | None = Field(2_000_000_000, ge=1)
+    # When the aligned space is not better than the frozen one on held-out pairs (the
+    # manifest's metrics.alignment_check, verdict not_better): `warn` builds the bundle and
+    # logs a warning with the likely cause and what to do (the default: the codes may still
+    # lift a ranker, which `qarm evaluate --repo R` measures, and a team on a schedule
+    # should not lose its daily build to a noisy check); `error` refuses the build.
+    on_alignment_failure: Literal["warn", "error"] = "warn"
 
     def with_seed(self, seed: int) -> BuildConfig:
         """A copy whose every seed (the build's, pairs, aligner, RQ, VQ) is ``seed``."""

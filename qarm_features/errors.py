@@ -25,6 +25,11 @@ class NotFittedError(QarmError, RuntimeError):
     """An estimator was used before ``fit`` was called."""
 
 
+class AlignmentFailed(QarmError):
+    """The aligned space is not better than the frozen one and the build was told to refuse
+    (``build.on_alignment_failure: error``)."""
+
+
 class DatasetError(QarmError):
     """A data set could not be found, fetched or parsed."""
 

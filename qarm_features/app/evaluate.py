@@ -1,39 +1,54 @@
-"""``qarm evaluate``: the MovieLens-100k evaluation, from data to report.
+"""``qarm evaluate --repo R``: does QARM lift a ranker on this repo's own data?
 
-:func:`run_evaluation` regenerates ``reports/movielens-100k.{md,json,png}``;
-:func:`run_protocol` runs the protocol on any catalog and interactions (no I/O). Per seed:
+:func:`evaluate_repo` runs the offline A/B on the catalog and events a repo's ``qarm.yaml``
+names, through the build route (:func:`qarm_features.build.repo.read_repo`, ``mine``,
+``repo_content``) and writes ``reports/<name>.{md,json,png}`` (the demo repo
+``feature_repo`` gives ``reports/movielens-100k.*``). :func:`run_protocol` is its core
+(arrays or a :class:`~qarm_features.app.item_spaces.Route` in, no I/O). Per seed:
 
-1. the protocol's splits and point-in-time histories (:mod:`qarm_features.app.protocol`);
+1. the protocol's splits and point-in-time histories (:mod:`qarm_features.app.protocol`):
+   temporal split, cold items (train rows removed) and new items (first seen in the test
+   period), sampled negatives for implicit logs;
 2. item spaces fitted on train rows by the offline pipeline ``qarm build`` runs
-   (:mod:`qarm_features.app.item_spaces` over :func:`qarm_features.build.pipeline.fit_item_space`);
+   (:mod:`qarm_features.app.item_spaces` over :func:`qarm_features.build.pipeline.fit_item_space`),
+   pairs and content from the repo's route, mined on train rows only;
 3. one ranker per variant, same architecture and budget (:mod:`qarm_features.app.variants`);
-4. AUC / UAUC / GAUC on all, warm-item and cold-item test rows, then mean ± std over
-   seeds, paired deltas against variant A, the ablations and the issue's aims
-   (:func:`check_aims`); the report is rendered by :mod:`qarm_features.app.report`.
+4. AUC / UAUC / GAUC on all, warm, cold and new-item test rows, then mean ± std over seeds,
+   paired differences with 95% intervals (:mod:`qarm_features.app.paired`), the
+   candidates on the validation split and the aims (:func:`check_aims`); the report is
+   rendered by :mod:`qarm_features.app.report`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from qarm_features._validate import check_embeddings, check_ids
-from qarm_features.app.item_spaces import ItemSpaces, build_item_spaces
+from qarm_features.app.item_spaces import ItemSpaces, Route, build_item_spaces, repo_route
+from qarm_features.app.paired import (
+    CONTRASTS,
+    _mean_std,
+    check_aims,
+    paired_bootstrap,
+    paired_summary,
+)
 from qarm_features.app.protocol import (
-    QUICK,
     VARIANTS,
     EvalConfig,
     Split,
     make_split,
     make_validation_split,
+    repo_config,
 )
 from qarm_features.app.report import (
     METRICS,
     SUBSETS,
-    development_notes,
     render_markdown,
     write_report,
 )
@@ -46,17 +61,6 @@ from qarm_features.app.variants import (
 from qarm_features.errors import InputError
 
 logger = logging.getLogger(__name__)
-
-
-def _mean_std(values) -> dict:
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {
-        "mean": float(v.mean()),
-        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-        "n": int(v.size),
-    }
 
 
 def _aggregate(tree_list: list):
@@ -72,7 +76,7 @@ def _aggregate(tree_list: list):
 
 
 def _run_variant(v: str, spaces: ItemSpaces, split: Split, cfg: EvalConfig, seed: int):
-    """Train and score one variant; returns (per-subset metrics, training info)."""
+    """Train and score one variant; returns (per-subset metrics, training info, scores)."""
     t0 = time.perf_counter()
     kw, items, content = variant_items(
         v, spaces, split, vq_tied=cfg.vq_tied, content_codes=cfg.content_codes
@@ -80,7 +84,7 @@ def _run_variant(v: str, spaces: ItemSpaces, split: Split, cfg: EvalConfig, seed
     kw.update(ranker_options(cfg))
     scores, info = train_ranker(kw, items, split, cfg, seed, content)
     info["seconds"] = time.perf_counter() - t0
-    return score_subsets(split, scores, split.item_ids), info
+    return score_subsets(split, scores, split.item_ids), info, scores
 
 
 def _summary(per_seed_results: list[dict]) -> dict:
@@ -93,16 +97,6 @@ def _summary(per_seed_results: list[dict]) -> dict:
         }
         for v in first
     }
-
-
-# The paired contrasts every choice is judged on (and the issue's aims): name ->
-# (subset, variant, reference variant).
-CONTRASTS = {
-    "cold_D_minus_B": ("cold", "D", "B"),
-    "cold_BD_minus_B": ("cold", "B+D", "B"),
-    "warm_D_minus_A": ("warm", "D", "A"),
-    "warm_BD_minus_B": ("warm", "B+D", "B"),
-}
 
 
 def _contrasts(res: dict, ref: dict | None = None) -> dict:
@@ -126,7 +120,9 @@ def adopt(candidate: dict) -> bool:
     return bool(cold > 0 and warm >= -0.002)
 
 
-def run_selection(item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None) -> dict:
+def run_selection(
+    item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None, route: Route | None = None
+) -> dict:
     """The main configuration and every candidate on the *validation* split.
 
     Per seed of ``cfg.selection_seeds``: :func:`make_validation_split` (inside the test
@@ -139,7 +135,10 @@ def run_selection(item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None)
         contrasts against the main A/B, ``delta_vs_main`` paired, alignment, ``adopt``),
         ``seeds``.
     """
-    bar = bar or _NoBar()
+    bar = bar or NoBar()
+    n_steps = len(cfg.selection_variants) + 1
+    n_steps += sum(len(c.variants) + c.refits_space for c in cfg.candidates.values())
+    bar.start(len(cfg.selection_seeds) * n_steps, "validation split")
     main_res, main_con, main_align = [], [], []
     cand_res: dict = {n: [] for n in cfg.candidates}
     cand_align: dict = {n: [] for n in cfg.candidates}
@@ -147,12 +146,14 @@ def run_selection(item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None)
         bar.set_description(f"validation seed {seed}: split + item spaces")
         split = make_split(item_ids, interactions, cfg, seed)
         vsplit = make_validation_split(item_ids, split, cfg, seed)
-        spaces = build_item_spaces(item_ids, raw_emb, vsplit, cfg, seed)
+        spaces = build_item_spaces(item_ids, raw_emb, vsplit, cfg, seed, route)
         main_align.append(spaces.report["alignment"])
+        bar.update(1)
         res = {}
         for v in cfg.selection_variants:
             bar.set_description(f"validation seed {seed}: ranker {v}")
-            res[v], _ = _run_variant(v, spaces, vsplit, cfg, seed)
+            res[v], _, _ = _run_variant(v, spaces, vsplit, cfg, seed)
+            bar.update(1)
         main_res.append(res)
         main_con.append(_contrasts(res))
         for name, cand in cfg.candidates.items():
@@ -160,14 +161,15 @@ def run_selection(item_ids, raw_emb, interactions, cfg: EvalConfig, *, bar=None)
             cspaces = spaces
             if cand.refits_space:
                 bar.set_description(f"validation seed {seed}: candidate {name}: item spaces")
-                cspaces = build_item_spaces(item_ids, raw_emb, vsplit, ccfg, seed)
+                cspaces = build_item_spaces(item_ids, raw_emb, vsplit, ccfg, seed, route)
                 cand_align[name].append(cspaces.report["alignment"])
+                bar.update(1)
             cres = {}
             for v in cand.variants:
                 bar.set_description(f"validation seed {seed}: candidate {name}: ranker {v}")
-                cres[v], _ = _run_variant(v, cspaces, vsplit, ccfg, seed)
+                cres[v], _, _ = _run_variant(v, cspaces, vsplit, ccfg, seed)
+                bar.update(1)
             cand_res[name].append(cres)
-        bar.update(1)
     candidates = {}
     for name, cand in cfg.candidates.items():
         rs = cand_res[name]
@@ -207,13 +209,24 @@ def run_protocol(
     cfg: EvalConfig | None = None,
     *,
     seeds=(0, 1, 2),
-    progress: bool = False,
+    bar=None,
+    route: Route | None = None,
 ) -> dict:
     """Run the protocol on any catalog + interactions; return the results tree (no I/O).
 
+    Args:
+        raw_emb: ``(n, d)`` frozen content embeddings; None when ``route.content`` makes
+            them from each split's train pairs.
+        bar: progress (:class:`NoBar`'s methods: ``start``, ``set_description``,
+            ``update``); steps are one seed's item spaces or one ranker.
+        route: the repo's pair miner and content (:class:`Route`; default: the
+            pipeline's miner over ``raw_emb``).
+
     Returns:
         dict with ``results[variant][subset][metric] = {"mean", "std", "n"}``,
-        ``deltas_vs_A`` (paired per-seed differences), ``per_seed``, ``alignment``,
+        ``deltas_vs_A`` (paired per-seed differences), ``paired`` (the :data:`PAIRED`
+        differences with 95% intervals, :func:`~qarm_features.app.paired.paired_summary`),
+        ``per_seed``, ``alignment``,
         ``codes``, ``rankers`` (best epochs, params), ``ablations``, ``counts``, ``aims``,
         ``seconds``.
     """
@@ -230,16 +243,20 @@ def run_protocol(
     if not seeds:
         raise InputError("seeds: pass at least one seed")
     item_ids = check_ids(item_ids, name="item_ids")
-    raw_emb = check_embeddings(raw_emb, name="raw_emb")
+    route = route or Route()
+    if raw_emb is not None:
+        raw_emb = check_embeddings(raw_emb, name="raw_emb")
+    elif route.content is None:
+        raise InputError("raw_emb: give the content embeddings, or a route that makes them")
+    bar = bar or NoBar()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     selection = None
     if cfg.selection_seeds:
-        selection = run_selection(
-            item_ids, raw_emb, interactions, cfg, bar=_progress(len(cfg.selection_seeds), progress)
-        )
+        selection = run_selection(item_ids, raw_emb, interactions, cfg, bar=bar, route=route)
     per_seed, deltas, align, codes, rankers, counts, spaces_s = [], [], [], [], {}, [], []
+    boots = []
     ab_res: dict = {name: [] for name in cfg.ablations}
     ab_align: dict = {name: [] for name in cfg.ablations}
     n_steps = (
@@ -247,23 +264,24 @@ def run_protocol(
         + 1
         + sum(len(a.variants) + bool(a.aligner) for a in cfg.ablations.values())
     )
-    bar = _progress(len(seeds) * n_steps, progress)
+    bar.start(len(seeds) * n_steps, "test split")
     try:
         for seed in seeds:
             bar.set_description(f"seed {seed}: split + item spaces")
             split = make_split(item_ids, interactions, cfg, seed)
             t0 = time.perf_counter()
-            spaces = build_item_spaces(item_ids, raw_emb, split, cfg, seed)
+            spaces = build_item_spaces(item_ids, raw_emb, split, cfg, seed, route)
             spaces_s.append(time.perf_counter() - t0)
             align.append(spaces.report["alignment"])
             codes.append(spaces.report["codes"])
             bar.update(1)
-            res = {}
+            res, scores = {}, {}
             for v in cfg.variants:
                 bar.set_description(f"seed {seed}: ranker {v}")
-                res[v], info = _run_variant(v, spaces, split, cfg, seed)
+                res[v], info, scores[v] = _run_variant(v, spaces, split, cfg, seed)
                 rankers.setdefault(v, []).append(info)
                 bar.update(1)
+            boots.append(paired_bootstrap(split, scores, seed))
             for name, ab in cfg.ablations.items():
                 acfg = cfg.model_copy(
                     update={**ab.ranker, "aligner": cfg.aligner.model_copy(update=ab.aligner)}
@@ -271,13 +289,13 @@ def run_protocol(
                 ab_spaces = spaces
                 if ab.aligner:
                     bar.set_description(f"seed {seed}: ablation {name}: aligner")
-                    ab_spaces = build_item_spaces(item_ids, raw_emb, split, acfg, seed)
+                    ab_spaces = build_item_spaces(item_ids, raw_emb, split, acfg, seed, route)
                     ab_align[name].append(ab_spaces.report["alignment"])
                     bar.update(1)
                 ab_res[name].append({})
                 for v in ab.variants:
                     bar.set_description(f"seed {seed}: ablation {name}: ranker {v}")
-                    ab_res[name][-1][v], _ = _run_variant(v, ab_spaces, split, acfg, seed)
+                    ab_res[name][-1][v], _, _ = _run_variant(v, ab_spaces, split, acfg, seed)
                     bar.update(1)
             per_seed.append(
                 {
@@ -298,11 +316,14 @@ def run_protocol(
                 {
                     **{s: res["A"][s]["n_rows"] for s in SUBSETS},
                     "new_user_rows": int((split.test_rows.user == 0).sum()),
+                    "cold_items": int(split.cold_items.size),
+                    "new_items": int(split.new_items.size),
+                    "warm_items": int(split.warm_items.size),
+                    "positive_rate": float(split.test_rows.y.mean()),
                 }
             )
             logger.info("seed %d done: %s", seed, {v: round(res[v]["all"]["auc"], 4) for v in res})
     finally:
-        bar.close()
         torch.set_num_threads(prev_threads)
     ablations = {}
     for name, ab in cfg.ablations.items():
@@ -327,6 +348,7 @@ def run_protocol(
         "contrasts": _aggregate([p["contrasts"] for p in per_seed]),
         "results": _summary([p["results"] for p in per_seed]),
         "deltas_vs_A": _aggregate(deltas),
+        "paired": paired_summary([p["results"] for p in per_seed], boots),
         "per_seed": per_seed,
         "alignment": _aggregate(align),
         "codes": _aggregate(codes),
@@ -342,7 +364,6 @@ def run_protocol(
         "counts": _aggregate(counts),
         "seeds": list(seeds),
         "variants": {v: VARIANTS[v][1] for v in cfg.variants},
-        "notes": development_notes(),
         "config": cfg.model_dump(mode="json"),
         "seconds": {
             "total": time.perf_counter() - t_start,
@@ -353,100 +374,119 @@ def run_protocol(
     return out
 
 
-# Issue 11's targets: paired mean AUC contrast (CONTRASTS) -> threshold; and the
-# unseen-item pair-AUC of the aligned space.
-AIMS = {
-    "cold_D_minus_B": 0.0,
-    "cold_BD_minus_B": 0.005,
-    "warm_D_minus_A": 0.015,
-    "warm_BD_minus_B": 0.010,
-}
-AIM_UNSEEN_PAIR_AUC = 0.70
+class NoBar:
+    """Progress that logs each step at INFO level (the library's default)."""
 
+    def start(self, total: int, phase: str) -> None:
+        logger.info("%s: %d steps", phase, total)
 
-def _aim(m: dict, target: float) -> dict:
-    return {
-        "mean": m["mean"],
-        "std": m["std"],
-        "target": target,
-        "met": bool(m["mean"] >= target),
-        "gap": float(min(m["mean"] - target, 0.0)),
-    }
-
-
-def check_aims(out: dict) -> dict:
-    """The issue's aims on the test split: paired per-seed contrasts (mean ± std), each
-    with its target, whether it is met and by how much it is missed (``gap`` <= 0)."""
-    con = out.get("contrasts") or {}
-    aims = {name: _aim(con[name], t) for name, t in AIMS.items() if name in con}
-    unseen = (out.get("alignment") or {}).get("unseen", {}).get("aligned", {}).get("pair_auc")
-    if unseen is not None:
-        aims["unseen_pair_auc"] = _aim(unseen, AIM_UNSEEN_PAIR_AUC)
-    return aims
-
-
-class _NoBar:
-    def update(self, n=1):
+    def update(self, n: int = 1) -> None:
         pass
 
-    def set_description(self, s):
+    def set_description(self, s: str) -> None:
         logger.info(s)
 
-    def close(self):
-        pass
+
+def report_name(project) -> str:
+    """The report's file stem: ``qarm.yaml``'s ``dataset`` when set, else the repo folder."""
+    return project.dataset or Path(project.repo).name
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="step")
-
-
-def _catalog_embeddings(texts: list[str], cache_dir) -> np.ndarray:
-    """Frozen MiniLM embeddings of the catalog texts, cached by a hash of the texts."""
-    from qarm_features.build.bundles import encode_catalog_text
-    from qarm_features.config import BuildConfig
-
-    return encode_catalog_text(texts, BuildConfig(), cache_dir=cache_dir)
-
-
-def run_evaluation(
+def evaluate_repo(
+    repo: str | os.PathLike = "feature_repo",
+    *,
     out_dir="reports",
-    seeds=(0, 1, 2),
+    seeds=(0, 1, 2, 3, 4),
     quick: bool = False,
     cache_dir=None,
-    progress: bool = True,
+    bar=None,
     config: EvalConfig | None = None,
 ) -> dict:
-    """The ``qarm evaluate`` command: the protocol on MovieLens-100k, report on disk.
+    """The ``qarm evaluate --repo R`` command: the protocol on a repo's data, report on disk.
 
     Args:
-        out_dir: report directory.
-        seeds: one ranker/aligner/cold-split seed each (>= 3 for the report).
-        quick: tiny budget (one seed, one epoch) for smoke tests.
+        repo: a feature repo with a ``qarm.yaml`` (default: the demo repo, MovieLens-100k).
+        out_dir: report directory; the report is ``<name>.{md,json,png}``
+            (:func:`report_name`).
+        seeds: one aligner/ranker/cold-item seed each (>= 3 for intervals over seeds).
+        quick: a small budget (:data:`~qarm_features.app.protocol.QUICK`: one seed, one
+            epoch, variants A, B, D, B+D, no candidates) for smoke tests.
         cache_dir: data and embedding cache (default ``$QARM_CACHE`` or ``~/.cache/qarm``).
-        progress: show a progress bar.
-        config: override the protocol/budget (:class:`EvalConfig`).
+        bar: progress (see :func:`run_protocol`).
+        config: the protocol's ranker budget and candidates (:class:`EvalConfig`); the
+            item-space sections and the label always come from ``qarm.yaml``.
 
     Returns:
         The results tree (see :func:`run_protocol`) plus ``paths`` and ``markdown``.
+
+    Raises:
+        ConfigError: a bad ``qarm.yaml``. InputError: a bad table, or data too small to
+            split (named).
     """
-    from qarm_features.datasets.movielens import fetch_movielens_100k, load_movielens_100k
+    from qarm_features.build.repo import read_repo
+    from qarm_features.build.tables import render_texts
 
     t0 = time.perf_counter()
-    cfg = config or EvalConfig()
-    if quick:
-        cfg = cfg.model_copy(update=QUICK)
-        seeds = tuple(seeds)[:1]
-    ml = load_movielens_100k(fetch_movielens_100k(cache_dir))
-    texts = ml.items["text"].tolist()
-    raw = _catalog_embeddings(texts, cache_dir)
+    data = read_repo(repo)
+    cfg = repo_config(data, config, quick=quick)
+    seeds = tuple(seeds)[:1] if quick else tuple(seeds)
     out = run_protocol(
-        ml.items["item_id"].to_numpy(), raw, ml.interactions, cfg, seeds=seeds, progress=progress
+        data.keys.ids,
+        None,
+        data.interactions,
+        cfg,
+        seeds=seeds,
+        bar=bar,
+        route=repo_route(data, cache_dir=cache_dir),
     )
     out["seconds"]["total"] = time.perf_counter() - t0
-    out["catalog_sha256"] = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
-    paths = write_report(out, out_dir)
+    project = data.project
+    name = report_name(project)
+    spec = project.events
+    if spec.rating is not None:
+        label = f"{spec.rating.column} ≥ {spec.rating.threshold:g}"
+    elif spec.label is not None:
+        label = f"{spec.label} = 1"
+    else:
+        label = "every logged event is a positive (implicit)"
+    if cfg.negatives_per_positive:
+        label += (
+            f"; every positive ranker row gets {cfg.negatives_per_positive} sampled "
+            "negatives (label 0): items drawn from the same period's rows (fit, validation "
+            "or test) in proportion to their rows there, never the row's own item, seeded "
+            "(popularity-matched: popularity alone scores AUC 0.5). Histories hold logged "
+            "events only."
+        )
+    content = f"`{project.catalog.embedding or project.catalog.image or project.catalog.text}`"
+    layers = data.config.encoder.finetune_layers
+    content += (
+        f", text encoder fine-tuned (top {layers} layers) on each split's train pairs"
+        if layers
+        else " (frozen encoder)"
+    )
+    own = [k for k in ("i2i", "item_embeddings") if getattr(project.pairs, k)]
+    content += (
+        f"; the team's own {', '.join(own)} join the mined pairs (read whole, not split in "
+        "time: tables computed on events after the split flatter D)."
+        if own
+        else "."
+    )
+    out["data"] = {
+        "name": name,
+        "repo": project.repo.name,
+        "n_items": int(data.keys.ids.size),
+        "id_kind": data.keys.kind,
+        "n_events": len(data.interactions),
+        "n_users": int(data.interactions["user_id"].nunique()),
+        "label": label,
+        "negatives_per_positive": cfg.negatives_per_positive,
+        "content": content,
+        "finetune_layers": layers,
+        "own_pairs": {"i2i": project.pairs.i2i, "item_embeddings": project.pairs.item_embeddings},
+    }
+    if project.catalog.text:
+        texts = render_texts(data.catalog.frame, project.catalog.text, name=data.catalog.name)
+        out["catalog_sha256"] = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:16]
+    out["command"] = f"qarm evaluate --repo {Path(repo).name}" + (" --quick" if quick else "")
+    paths = write_report(out, out_dir, name=name)
     return {**out, "paths": {k: str(v) for k, v in paths.items()}, "markdown": render_markdown(out)}

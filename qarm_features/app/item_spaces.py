@@ -1,7 +1,10 @@
 """The protocol's item spaces: the QARM pipeline on one seed's train rows, plus raw codes.
 
-Per seed, on train-visible rows only: :func:`qarm_features.build.pipeline.fit_item_space` (the
-pipeline ``qarm build`` runs) mines pairs, trains the aligner (early stopping on the pairs
+Per seed, on train-visible rows only: the pairs (a repo's miner, :class:`Route`: the team's
+I2I table and retrieval embeddings as ``qarm build --repo`` uses them), the content
+(frozen, or the text encoder fine-tuned on those train pairs), then
+:func:`qarm_features.build.pipeline.fit_item_space` (the pipeline ``qarm build`` runs) trains the
+aligner (early stopping on the pairs
 of ``aligner.val_fraction`` of the paired items, drawn with seed ``seed + 1000``) and fits
 RQ codebooks and the VQ pool on *warm* items (items with a train row). The raw baseline
 (variant C) gets codes at the same L x K: RQ on a PCA of the L2-normalised raw space to
@@ -12,7 +15,9 @@ Alignment quality is measured on pairs mined from the *test* period
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,6 +34,21 @@ from qarm_features.build.pipeline import (
 # Offset of the aligner's validation-item draw from the run's seed, so that it is
 # independent of the cold-item draw, which uses the seed itself.
 VAL_SEED_OFFSET = 1000
+
+
+@dataclass
+class Route:
+    """How a catalog's item spaces are made from a split's train rows (the build route).
+
+    Attributes:
+        mine: ``mine(train_interactions, build_config) -> (pairs, stats)``; None: the
+            pipeline's own miner (:func:`qarm_features.build.ray_pairs.mine_pairs_by_config`).
+        content: ``content(train_pairs) -> (n, d) raw embeddings``; None: the ``raw_emb``
+            given to :func:`build_item_spaces` (a frozen space, the same every seed).
+    """
+
+    mine: Callable | None = None
+    content: Callable | None = None
 
 
 @dataclass
@@ -52,13 +72,28 @@ class ItemSpaces:
     aligned_pool_emb: np.ndarray | None = None
 
 
-def build_item_spaces(item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: int) -> ItemSpaces:
-    """Mine pairs on train, train the aligner, fit codes (warm items only), measure them."""
+def build_item_spaces(
+    item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: int, route: Route | None = None
+) -> ItemSpaces:
+    """Mine pairs on train, train the aligner, fit codes (warm items only), measure them.
+
+    ``route``: the repo's miner and content (:class:`Route`); ``raw_emb`` may then be None
+    when ``route.content`` makes it from the train pairs.
+    """
     from sklearn.decomposition import PCA
 
+    from qarm_features.build.ray_pairs import mine_pairs_by_config
+
+    route = route or Route()
     item_ids = check_ids(item_ids, name="item_ids")
-    raw = l2_normalize(check_embeddings(raw_emb, name="raw_emb", dim=None))
     bcfg = cfg.build_config(seed)
+    mined = None
+    if route.mine is not None or route.content is not None:
+        mine = route.mine or (lambda df, c: mine_pairs_by_config(df, c.pairs))
+        mined = mine(split.train, bcfg)
+    if route.content is not None:
+        raw_emb = route.content(mined[0])
+    raw = l2_normalize(check_embeddings(raw_emb, name="raw_emb", dim=None))
     space = fit_item_space(
         raw,
         item_ids,
@@ -67,14 +102,13 @@ def build_item_spaces(item_ids, raw_emb, split: Split, cfg: EvalConfig, seed: in
         heldout_fraction=0.0,  # held-out pairs come from the test period instead
         val_seed=seed + VAL_SEED_OFFSET,
         pool_items=split.warm_items,
+        mined=mined,
     )
     aligned = space.aligned
     warm_rows = lookup_rows(split.warm_items, item_ids, name="warm items")
     pca = PCA(n_components=aligned.shape[1], random_state=seed).fit(raw[warm_rows])
     raw_low = l2_normalize(pca.transform(raw).astype(np.float32))
-    rq_r, vq_r = fit_quantizers(
-        raw_low, item_ids, bcfg.rq, bcfg.vq, pool_rows=warm_rows, vq_x=raw
-    )
+    rq_r, vq_r = fit_quantizers(raw_low, item_ids, bcfg.rq, bcfg.vq, pool_rows=warm_rows, vq_x=raw)
     raw_rq = rq_r.encode(raw_low)
     raw_vq = vq_r.encode(raw, exclude_ids=item_ids)
     history = space.aligner.history_
@@ -114,9 +148,9 @@ def alignment_metrics(item_ids, raw, aligned, train_pairs, split: Split, pcfg, s
     unordered pair also mined from train. ``unseen`` keeps the pairs touching an item that
     appears in no train pair (cold items mostly): the aligner never saw it.
     """
-    from qarm_features.pairs.mining import mine_pairs
+    from qarm_features.build.ray_pairs import mine_pairs_by_config
 
-    test_pairs, _ = mine_pairs(split.test, pcfg)
+    test_pairs, _ = mine_pairs_by_config(split.test, pcfg)
     key = lambda a, b: np.minimum(a, b) * (1 << 32) + np.maximum(a, b)
     tr_key = key(train_pairs["trigger_id"].to_numpy(), train_pairs["target_id"].to_numpy())
     te_key = key(test_pairs["trigger_id"].to_numpy(), test_pairs["target_id"].to_numpy())
@@ -131,3 +165,33 @@ def alignment_metrics(item_ids, raw, aligned, train_pairs, split: Split, pcfg, s
             m = space_metrics(emb, item_ids, pairs, pop, seed=seed)
             out[name][space] = {"recall@10": m["recall@10"], "pair_auc": m["pair_auc"]}
     return out
+
+
+def repo_route(data, *, cache_dir=None) -> Route:
+    """The build route's pair miner and content for ``data`` (:func:`read_repo`'s):
+    ``mine`` with the team's I2I table and retrieval embeddings, ``repo_content`` on the
+    train pairs (the frozen encoder's embeddings are computed once and reused)."""
+    import shutil
+    import tempfile
+
+    from qarm_features.build.repo import mine, repo_content
+
+    frozen: dict = {}
+
+    def content(pairs):
+        if data.config.encoder.finetune_layers == 0:
+            if "raw" not in frozen:
+                frozen["raw"] = repo_content(data, cache_dir=cache_dir)[0]
+            return frozen["raw"]
+        tmp = Path(tempfile.mkdtemp(prefix="qarm-eval-encoder-"))
+        try:  # a fine-tuned encoder per split: its train pairs only
+            return repo_content(
+                data, pairs=pairs, encoder_dir=tmp / "encoder", cache_dir=cache_dir
+            )[0]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return Route(
+        mine=lambda interactions, cfg: mine(data.project, interactions, data.keys, cfg),
+        content=content,
+    )

@@ -1,10 +1,13 @@
-"""The MovieLens-100k evaluation protocol (DESIGN.md): configuration, variants, splits.
+"""The evaluation protocol (DESIGN.md): configuration, variants, splits.
 
-1. **Split.** Label ``rating >= 4``. Global temporal split: events before the timestamp at
-   the 80% quantile are train, the rest test. Item-cold split: 20% of the catalog (random,
-   per seed) loses every train interaction. Pairs, aligner, codebooks and rankers see the
-   remaining train rows only; the last 10% of them (by time) are the rankers' validation
-   rows (early stopping).
+1. **Split.** Label as the repo's ``qarm.yaml`` defines it (``rating >= threshold``; a 0/1
+   label column; implicit logs: every row positive, plus ``negatives_per_positive``
+   sampled negatives per ranker row, :func:`sample_negatives`). Global temporal split:
+   events before the timestamp at the 80% quantile are train, the rest test. Two kinds of
+   cold items on the test side, reported apart: *cold* items, 20% of the items with train
+   rows (random, per seed), lose every train row; *new* items first appear in the test
+   period. Pairs, aligner, codebooks and rankers see the remaining train rows only; the
+   last 10% of them (by time) are the rankers' validation rows (early stopping).
 2. **History.** Every row carries the user's latest ``history_len`` events strictly before
    it and their past labels — Feast's point-in-time join with a strict inequality, so an
    event never sees itself. Train rows see train-visible events only (no cold item), test
@@ -27,7 +30,7 @@ preset for ``qarm build`` and ``qarm evaluate``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -82,7 +85,13 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    positive_threshold: float = 4.0  # label = rating >= 4
+    positive_threshold: float = 4.0  # label = rating >= 4 (the repo route: qarm.yaml's)
+    # Implicit logs (every row a positive): sampled negatives per positive ranker row,
+    # drawn from the items of the row's own period (fit, validation or test rows) in
+    # proportion to their rows there (popularity-matched: an item's share of negatives
+    # equals its share of positives, so popularity alone scores AUC 0.5), seeded. 0: the
+    # log has its own negatives (ratings or a 0/1 label).
+    negatives_per_positive: int = Field(0, ge=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # global temporal split
     cold_item_fraction: float = Field(0.2, ge=0, lt=1)  # items removed from train
     val_fraction: float = Field(0.1, gt=0, lt=1)  # last train rows: ranker early stopping
@@ -185,6 +194,32 @@ QUICK = {
     "selection_seeds": (),
 }
 
+# Sampled negatives per positive for implicit logs (the repo route sets it when qarm.yaml's
+# events have neither label nor rating): 4 keeps ranker rows 5x the log, the usual 1:4 of
+# CTR training sets.
+IMPLICIT_NEGATIVES = 4
+
+
+def repo_config(data, config: EvalConfig | None = None, *, quick: bool = False) -> EvalConfig:
+    """The protocol for a repo: its ``qarm.yaml`` item-space sections (pairs, aligner, RQ,
+    VQ) and label; sampled negatives when its events are implicit; ``config``'s ranker
+    budget and candidates (default :class:`EvalConfig`), cut to :data:`QUICK`."""
+    cfg = config or EvalConfig()
+    build = data.config
+    events = data.project.events
+    implicit = events.label is None and events.rating is None
+    cfg = cfg.model_copy(
+        update={
+            "pairs": build.pairs,
+            "aligner": build.aligner,
+            "rq": build.rq,
+            "vq": build.vq,
+            "positive_threshold": data.threshold,
+            "negatives_per_positive": IMPLICIT_NEGATIVES if implicit else 0,
+        }
+    )
+    return cfg.model_copy(update=QUICK) if quick else cfg
+
 
 # --------------------------------------------------------------------------- split
 def label_of(interactions: pd.DataFrame, threshold: float) -> np.ndarray:
@@ -281,7 +316,7 @@ class Split:
 
     train: pd.DataFrame  # train-visible interactions (cold items removed): all fitting sees
     test: pd.DataFrame
-    cold_items: np.ndarray
+    cold_items: np.ndarray  # items with train rows, removed (the per-seed draw)
     warm_items: np.ndarray  # items with >= 1 train-visible interaction
     fit: Rows
     val: Rows
@@ -289,14 +324,17 @@ class Split:
     n_users: int
     item_ids: np.ndarray  # (n_catalog,) the catalog; rows index it
     item_id_index: np.ndarray  # (n_catalog,) row in the item-id table, 0 = OOV
+    # items of the test period with no row before it (first appear after the split)
+    new_items: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 def make_split(item_ids, interactions, cfg: EvalConfig, seed: int) -> Split:
     """Apply the protocol's splits and attach point-in-time histories to every row."""
     item_ids = check_ids(item_ids, name="item_ids")
     train, test, _ = temporal_split(interactions, cfg.test_fraction)
-    cold = choose_cold_items(item_ids, cfg.cold_item_fraction, seed)
-    return _split_rows(item_ids, train, test, cold, cfg)
+    seen = np.unique(train["item_id"].to_numpy(np.int64))  # cold items are drawn among them
+    cold = choose_cold_items(seen, cfg.cold_item_fraction, seed)
+    return _split_rows(item_ids, train, test, cold, cfg, seed)
 
 
 def make_validation_split(item_ids, split: Split, cfg: EvalConfig, seed: int) -> Split:
@@ -310,11 +348,48 @@ def make_validation_split(item_ids, split: Split, cfg: EvalConfig, seed: int) ->
     item_ids = check_ids(item_ids, name="item_ids")
     cols = ["user_id", "item_id", "rating", "timestamp"]
     inner, val, _ = temporal_split(split.train[cols], cfg.test_fraction)
-    cold = choose_cold_items(split.warm_items, cfg.cold_item_fraction, seed + VAL_COLD_SEED_OFFSET)
-    return _split_rows(item_ids, inner, val, cold, cfg)
+    cold = choose_cold_items(
+        np.unique(inner["item_id"].to_numpy(np.int64)),
+        cfg.cold_item_fraction,
+        seed + VAL_COLD_SEED_OFFSET,
+    )
+    return _split_rows(item_ids, inner, val, cold, cfg, seed + VAL_COLD_SEED_OFFSET)
 
 
-def _split_rows(item_ids, train, test, cold, cfg: EvalConfig) -> Split:
+def sample_negatives(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """``df`` plus ``n`` sampled negatives (``label`` 0) per row, sorted by time.
+
+    A negative copies its row's user and timestamp; its item is drawn from ``df``'s items
+    in proportion to their rows in ``df`` (popularity-matched within the period), never
+    the row's own item. Seeded; a row's negatives follow it at the same timestamp.
+    """
+    if n == 0 or df.empty:
+        return df
+    items, counts = np.unique(df["item_id"].to_numpy(np.int64), return_counts=True)
+    if items.size < 2:
+        return df
+    rng = np.random.default_rng(seed)
+    p = counts / counts.sum()
+    own = df["item_id"].to_numpy(np.int64)[:, None]
+    neg = rng.choice(items, size=(len(df), n), p=p)
+    for _ in range(20):  # redraw a row's own item (a head item may take a few rounds)
+        same = neg == own
+        if not same.any():
+            break
+        neg[same] = rng.choice(items, size=int(same.sum()), p=p)
+    keep = (neg != own).ravel()
+    rows = np.repeat(np.arange(len(df)), n)[keep]
+    negs = df.iloc[rows].assign(item_id=neg.ravel()[keep], label=np.int8(0))
+    if "rating" in negs:
+        negs = negs.assign(rating=0.0)
+    out = pd.concat([df, negs], ignore_index=True)
+    return out.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+def _split_rows(item_ids, train, test, cold, cfg: EvalConfig, seed: int = 0) -> Split:
+    new = np.setdiff1d(
+        np.unique(test["item_id"].to_numpy(np.int64)), train["item_id"].to_numpy(np.int64)
+    )
     train = train[~train["item_id"].isin(cold)].reset_index(drop=True)
     warm = np.unique(train["item_id"].to_numpy(np.int64))
     thr = cfg.positive_threshold
@@ -346,14 +421,17 @@ def _split_rows(item_ids, train, test, cold, cfg: EvalConfig) -> Split:
             y=df["label"].to_numpy(np.float32),
         )
 
+    neg = cfg.negatives_per_positive
+    rng = np.random.SeedSequence([seed, 7]).generate_state(3)  # fit, validation, test draws
     return Split(
         train=train,
         test=test,
         cold_items=cold,
         warm_items=warm,
-        fit=rows(fit_df, train),
-        val=rows(val_df, train),
-        test_rows=rows(test, all_events),
+        new_items=new,
+        fit=rows(sample_negatives(fit_df, neg, int(rng[0])), train),
+        val=rows(sample_negatives(val_df, neg, int(rng[1])), train),
+        test_rows=rows(sample_negatives(test, neg, int(rng[2])), all_events),
         n_users=users.size + 1,
         item_ids=item_ids,
         item_id_index=id_index,

@@ -57,6 +57,34 @@ def print_metrics(metrics: dict, *, timings: dict | None = None) -> None:
         console.print("aligner: " + ", ".join(f"{k}={fmt(v)}" for k, v in aligner.items()))
     if timings:
         console.print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    check = metrics.get("alignment_check")
+    if check:  # last: the verdict a team reads first
+        print_alignment_check(check)
+
+
+VERDICT_STYLE = {
+    "better": "green",
+    "inconclusive": "yellow",
+    "not_better": "bold red",
+    "unmeasured": "dim",
+}
+
+
+def print_alignment_check(check: dict) -> None:
+    """One line: did alignment make the space better on held-out pairs (the manifest's
+    ``alignment_check``)?"""
+    verdict = check.get("verdict", "unmeasured")
+    style = VERDICT_STYLE.get(verdict, "")
+    if check.get("delta") is None:
+        console.print(f"alignment check: [{style}]{verdict}[/] (no held-out pair)")
+        return
+    lo, hi = check["ci"]
+    console.print(
+        f"alignment check: [{style}]{verdict.replace('_', ' ')}[/]: held-out pair-AUC raw "
+        f"{check['raw']:.4f} -> aligned {check['aligned']:.4f}, delta {check['delta']:+.4f} "
+        f"(95% interval [{lo:+.4f}, {hi:+.4f}], {check['n_pairs']:,} pairs, "
+        f"{check['n_items']:,} held-out items)"
+    )
 
 
 def fmt(v) -> str:
@@ -206,6 +234,57 @@ class PlainProgress:
 
     def close(self) -> None:
         self._close_stage()
+
+
+class EvalProgress:
+    """``qarm evaluate``'s progress, per seed and variant: a rich bar on a terminal, one
+    plain line per step otherwise (logs, CI). The methods of
+    :class:`qarm_features.app.evaluate.NoBar`."""
+
+    def __init__(self, out: Console | None = None):
+        self.console = out or console
+        self.live = self.console.is_terminal
+        self.bar = None
+        self.task = None
+        self.total = self.done = 0
+        self.phase = ""
+
+    def start(self, total: int, phase: str) -> None:
+        self.total, self.done, self.phase = int(total), 0, phase
+        if not self.live:
+            self.console.print(f"{phase}: {total} steps", markup=False, highlight=False)
+            return
+        if self.bar is None:
+            self.bar = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.bar.start()
+        self.task = self.bar.add_task(phase, total=total)
+
+    def set_description(self, label: str) -> None:
+        if self.live and self.task is not None:
+            self.bar.update(self.task, description=f"{self.phase}: {label}")
+        else:
+            self.console.print(
+                f"[{self.done + 1}/{self.total}] {label}", markup=False, highlight=False
+            )
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.live and self.task is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 def print_inspect(path, bundle, *, churn: dict | None = None, appended: dict | None = None):

@@ -1,10 +1,10 @@
-"""The evaluation report: ``movielens-100k.{json,md,png}``, written atomically.
+"""The evaluation report: ``<name>.{json,md,png}``, written atomically.
 
 Renders the results tree of :func:`qarm_features.app.evaluate.run_protocol` (plain dicts
-of ``{"mean", "std", "n"}`` leaves) as JSON, a markdown report and a bar plot (AUC by
-variant, warm vs cold items), plus the development notes kept in
-``development_notes.md`` next to this module (:func:`development_notes`). numpy and
-matplotlib only; nothing here trains or reads data.
+of ``{"mean", "std", "n"}`` leaves; paired differences with ``ci``) as JSON, a markdown
+report and a bar plot (AUC by variant, warm / cold / new items). numpy and matplotlib
+only; nothing here trains or reads data. The history of the MovieLens-100k protocol (the
+sweeps behind the defaults) is ``docs/evaluation-history.md`` in the source repository.
 """
 
 from __future__ import annotations
@@ -16,32 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-REPORT_NAME = "movielens-100k"
+REPORT_NAME = "movielens-100k"  # the demo repo's report (feature_repo/qarm.yaml's dataset)
 COMMAND = "qarm evaluate"
-SUBSETS = ("all", "warm", "cold")
+SUBSETS = ("all", "warm", "cold", "new")
 METRICS = ("auc", "uauc", "gauc")
-NOTES_FILE = Path(__file__).with_name("development_notes.md")
-
-
-def development_notes(path: Path = NOTES_FILE) -> list[str]:
-    """The notes of ``development_notes.md``: one string per ``- `` paragraph (its indented
-    continuation lines joined with single spaces); the file's preamble is skipped."""
-    notes: list[str] = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.startswith("- "):
-            notes.append(line[2:].strip())
-        elif notes and line.startswith("  ") and line.strip():
-            notes[-1] += " " + line.strip()
-    return notes
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+HISTORY = "docs/evaluation-history.md"  # the MovieLens protocol's history (source checkout)
+SUBSET_TEXT = {
+    "all": "every test row",
+    "warm": "items with train rows",
+    "cold": "items whose train rows were removed (per seed)",
+    "new": "items first seen in the test period",
+}
 
 
 def _jsonable(obj):
@@ -58,10 +43,28 @@ def _jsonable(obj):
     return obj
 
 
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def _fmt(ms: dict, digits: int = 4) -> str:
     if ms is None or ms.get("mean") is None or not np.isfinite(ms["mean"]):
         return "n/a"
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+
+
+def _fmt_ci(ms: dict | None, digits: int = 4) -> str:
+    """A paired difference: ``+0.0123 [+0.0040, +0.0206]`` (its 95% interval)."""
+    if ms is None or ms.get("mean") is None or not np.isfinite(ms["mean"]):
+        return "n/a"
+    ci = ms.get("ci")
+    tail = f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else ""
+    return f"{ms['mean']:+.{digits}f}{tail}"
 
 
 def _plot(out: dict, path: Path) -> None:
@@ -73,25 +76,32 @@ def _plot(out: dict, path: Path) -> None:
     r = out["results"]
     variants = list(r)
     x = np.arange(len(variants))
+    colors = {"warm": "#4C72B0", "cold": "#DD8452", "new": "#55A868"}
+    shown = [
+        s for s in colors if all(np.isfinite(r[v][s]["auc"]["mean"] or np.nan) for v in variants)
+    ]
     fig, ax = plt.subplots(figsize=(9, 4))
-    for j, (subset, color) in enumerate((("warm", "#4C72B0"), ("cold", "#DD8452"))):
+    width = 0.8 / max(len(shown), 1)
+    for j, subset in enumerate(shown):
         means = [r[v][subset]["auc"]["mean"] for v in variants]
         stds = [r[v][subset]["auc"]["std"] for v in variants]
         ax.bar(
-            x + (j - 0.5) * 0.38,
+            x + (j - (len(shown) - 1) / 2) * width,
             means,
-            0.38,
+            width,
             yerr=stds,
             capsize=3,
-            color=color,
+            color=colors[subset],
             label=f"{subset} items",
         )
-    lo = min(min(r[v][s]["auc"]["mean"] for v in variants) for s in ("warm", "cold"))
-    hi = max(max(r[v][s]["auc"]["mean"] for v in variants) for s in ("warm", "cold"))
-    ax.set_ylim(max(0.0, lo - 0.03), min(1.0, hi + 0.02))
+    if shown:
+        lo = min(min(r[v][s]["auc"]["mean"] for v in variants) for s in shown)
+        hi = max(max(r[v][s]["auc"]["mean"] for v in variants) for s in shown)
+        ax.set_ylim(max(0.0, lo - 0.03), min(1.0, hi + 0.02))
     ax.set_xticks(x, variants)
     ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.set_title(f"MovieLens-100k: AUC by variant, warm vs cold items ({len(out['seeds'])} seeds)")
+    name = (out.get("data") or {}).get("name", REPORT_NAME)
+    ax.set_title(f"{name}: AUC by variant and item kind ({len(out['seeds'])} seeds)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -105,24 +115,35 @@ def render_markdown(out: dict) -> str:
     """The human report: headline table, deltas, aims, alignment, code quality, setup."""
     r, cfg = out["results"], out["config"]
     seeds = out["seeds"]
+    name = (out.get("data") or {}).get("name", REPORT_NAME)
+    command = out.get("command", COMMAND)
     lines = [
-        "# QARM on MovieLens-100k: ranking evaluation",
+        f"# QARM on {name}: does it lift the ranker?",
         "",
         (
-            f"Regenerate with `{COMMAND}` (writes `{REPORT_NAME}.md`, `{REPORT_NAME}.json`, "
-            f"`{REPORT_NAME}.png`). Seeds {seeds}; total runtime "
+            f"Regenerate with `{command}` (writes `{name}.md`, `{name}.json`, "
+            f"`{name}.png`). Seeds {seeds}; total runtime "
             f"{out['seconds']['total'] / 60:.1f} min on this machine "
             f"({cfg['threads']} torch thread(s))."
         ),
         "",
+    ]
+    lines += _data_lines(out)
+    lines += [
         "## Headline: AUC / UAUC / GAUC, mean ± std over seeds",
+        "",
+        (
+            "Δ vs A: paired differences (same seed, same test rows) with their 95% interval "
+            "in brackets: the t-interval over seeds, or with one seed a bootstrap over test "
+            "users (`ci_method` in the JSON)."
+        ),
         "",
     ]
     c = out["counts"]
     lines.append(
         f"Test rows: all {c['all']['mean']:.0f}, warm items {c['warm']['mean']:.0f}, cold items "
-        f"{c['cold']['mean']:.0f} (mean over seeds; the remaining rows are items that first "
-        "appear after the split, in *all* only)."
+        f"{c['cold']['mean']:.0f}, new items {c.get('new', {}).get('mean', 0):.0f} (mean over "
+        "seeds)."
         + (
             f" {c['new_user_rows']['mean'] / c['all']['mean']:.0%} of test rows come from users "
             "with no ranker-training row: for them the user id is untrained and the history "
@@ -132,22 +153,25 @@ def render_markdown(out: dict) -> str:
         )
     )
     lines.append("")
+    paired = out.get("paired") or {}
     for subset in SUBSETS:
         lines += [
-            f"**{subset} rows**",
+            f"**{subset} rows** ({SUBSET_TEXT[subset]})",
             "",
-            "| variant | inputs | AUC | UAUC | GAUC | ΔAUC vs A (paired) |",
-            "|---|---|---|---|---|---|",
+            "| variant | inputs | AUC | UAUC | GAUC | ΔAUC vs A [95% CI] | ΔGAUC vs A [95% CI] |",
+            "|---|---|---|---|---|---|---|",
         ]
         for v in r:
-            d = out["deltas_vs_A"][v][subset]["auc"]
+            d = paired.get(f"{v} - A", {}).get(subset, {})
             lines.append(
                 f"| {v} | {out.get('variants', {}).get(v, '')} | {_fmt(r[v][subset]['auc'])} | "
                 f"{_fmt(r[v][subset]['uauc'])} | {_fmt(r[v][subset]['gauc'])} | "
-                f"{_fmt(d) if v != 'A' else '—'} |"
+                f"{_fmt_ci(d.get('auc')) if v != 'A' else '—'} | "
+                f"{_fmt_ci(d.get('gauc')) if v != 'A' else '—'} |"
             )
         lines.append("")
-    lines += [f"![AUC by variant, warm vs cold]({REPORT_NAME}.png)", ""]
+    lines += [f"![AUC by variant, warm / cold / new items]({name}.png)", ""]
+    lines += _paired_lines(out)
     lines += _protocol_lines(out)
     lines += _aims_lines(out)
     lines += _selection_lines(out)
@@ -166,10 +190,10 @@ def render_markdown(out: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     al = out["alignment"]
-    for name in ("heldout", "unseen"):
-        x = al[name]
+    for pairs in ("heldout", "unseen"):
+        x = al[pairs]
         lines.append(
-            f"| {name} | {x['n_pairs']['mean']:.0f} | {_fmt(x['raw']['recall@10'])} | "
+            f"| {pairs} | {x['n_pairs']['mean']:.0f} | {_fmt(x['raw']['recall@10'])} | "
             f"{_fmt(x['aligned']['recall@10'])} | {_fmt(x['raw']['pair_auc'])} | "
             f"{_fmt(x['aligned']['pair_auc'])} |"
         )
@@ -199,13 +223,16 @@ def render_markdown(out: dict) -> str:
             f"| {space} | {util} | {ent} | {_fmt(q['collision_rate'], 3)} | "
             f"{_fmt(q['reconstruction_error'], 3)} |"
         )
-    if out.get("notes"):
+    if name == REPORT_NAME:
         lines += [
             "",
-            "## Notes from development (same protocol; not regenerated by this command)",
+            "## History",
             "",
+            (
+                f"How the defaults were chosen on this data set, sweep by sweep: `{HISTORY}` "
+                "in the source repository (not regenerated by this command)."
+            ),
         ]
-        lines += [f"- {n}" for n in out["notes"]]
     lines += ["", "## Setup", ""] + _setup_lines(out)
     return "\n".join(lines) + "\n"
 
@@ -218,6 +245,52 @@ CONTRAST_NAMES = {
     "warm_BD_minus_B": "warm: B+D − B",
     "unseen_pair_auc": "alignment: unseen-item pair-AUC",
 }
+
+
+def _data_lines(out: dict) -> list[str]:
+    d = out.get("data")
+    if not d:
+        return []
+    label = d["label"]
+    return [
+        "## Data",
+        "",
+        (
+            f"- Repo `{d['repo']}`: {d['n_items']:,} catalog items ({d['id_kind']} ids), "
+            f"{d['n_events']:,} events of {d['n_users']:,} users."
+        ),
+        f"- Label: {label}",
+        f"- Content: {d['content']}",
+        "",
+    ]
+
+
+def _paired_lines(out: dict) -> list[str]:
+    paired = out.get("paired") or {}
+    if not paired:
+        return []
+    lines = [
+        "## Paired differences, warm / cold / new items (95% intervals)",
+        "",
+        (
+            "Each cell: mean of the per-seed differences [95% interval]. An interval that "
+            "excludes 0 is a lift (or a loss) these seeds and test users resolve."
+        ),
+        "",
+    ]
+    for metric in ("auc", "gauc"):
+        lines += [
+            f"| {metric.upper()} difference | warm | cold | new | all |",
+            "|---|---|---|---|---|",
+        ]
+        for name, cells in paired.items():
+            lines.append(
+                f"| {name.replace(' - ', ' − ')} | "
+                + " | ".join(_fmt_ci(cells[s].get(metric)) for s in ("warm", "cold", "new", "all"))
+                + " |"
+            )
+        lines.append("")
+    return lines
 
 
 def _protocol_lines(out: dict) -> list[str]:
@@ -248,13 +321,20 @@ def _aims_lines(out: dict) -> list[str]:
     lines = [
         "## Aims (test split, paired over seeds: mean ± std of per-seed differences)",
         "",
+        (
+            "The project's aims for QARM (set on MovieLens-100k; the same bars on any "
+            "catalog), with the 95% interval of each difference."
+        ),
+        "",
         "| aim | measured | target | status |",
         "|---|---|---|---|",
     ]
     for name, x in a.items():
         status = "**met**" if x["met"] else f"**not met** (short by {-x['gap']:.4f})"
+        ci = x.get("ci")
+        interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
         lines.append(
-            f"| {CONTRAST_NAMES.get(name, name)} | {x['mean']:+.4f} ± {x['std']:.4f} | "
+            f"| {CONTRAST_NAMES.get(name, name)} | {x['mean']:+.4f} ± {x['std']:.4f}{interval} | "
             f"≥ {x['target']:+.3f} | {status} |"
         )
     return lines + [""]
@@ -352,10 +432,11 @@ def _setup_lines(out: dict) -> list[str]:
     rk = out["rankers"]
     return [
         (
-            f"- Label rating ≥ {cfg['positive_threshold']}; global temporal split at the "
-            f"{1 - cfg['test_fraction']:.0%} timestamp quantile; {cfg['cold_item_fraction']:.0%} "
-            "of catalog items (random per seed) lose all train rows. Pairs, aligner, codebooks, "
-            "VQ pool and rankers see train rows only."
+            f"- Label rating ≥ {cfg['positive_threshold']:g} (the events' label, see Data); "
+            f"global temporal split at the {1 - cfg['test_fraction']:.0%} timestamp quantile; "
+            f"{cfg['cold_item_fraction']:.0%} of the items with train rows (random per seed) "
+            "lose all of them (cold); items first seen after the split are new. Pairs, "
+            "aligner, codebooks, VQ pool and rankers see train rows only."
         ),
         (
             f"- History: the user's latest {cfg['history_len']} events strictly before each row, "
@@ -382,7 +463,7 @@ def _setup_lines(out: dict) -> list[str]:
             "Items without train rows use the zero out-of-vocabulary id embedding."
         ),
         (
-            "- Raw codes (C): RQ on a PCA of the L2-normalised MiniLM space to the aligned width "
+            "- Raw codes (C): RQ on a PCA of the L2-normalised raw space to the aligned width "
             f"({cfg['aligner']['out_dim']}), re-normalised; VQ on the full raw space. Same L × K "
             f"({cfg['rq']['n_levels']} × {cfg['rq']['n_codes']}) and top-{cfg['vq']['k']} as QARM."
         ),
@@ -400,12 +481,14 @@ def _setup_lines(out: dict) -> list[str]:
     ]
 
 
-def write_report(out: dict, out_dir: str | Path = "reports") -> dict[str, Path]:
-    """Write ``movielens-100k.{json,md,png}`` atomically into ``out_dir``."""
+def write_report(
+    out: dict, out_dir: str | Path = "reports", *, name: str = REPORT_NAME
+) -> dict[str, Path]:
+    """Write ``<name>.{json,md,png}`` atomically into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{REPORT_NAME}.{ext}" for ext in ("json", "md", "png")}
-    payload = {"dataset": "movielens-100k", "command": COMMAND, **out}
+    paths = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
+    payload = {"dataset": name, "command": COMMAND, **out}
     _atomic_write(paths["json"], (json.dumps(_jsonable(payload), indent=1) + "\n").encode())
     _plot(out, paths["png"])
     _atomic_write(paths["md"], render_markdown(out).encode())

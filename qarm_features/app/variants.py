@@ -3,7 +3,8 @@
 Every variant trains the same :class:`~qarm_features.app.ranker.DINRanker` with the same
 budget (:class:`~qarm_features.app.protocol.EvalConfig`); only the item tower's inputs
 change (:data:`~qarm_features.app.protocol.VARIANTS`). The best validation epoch is kept,
-and test rows are scored with AUC / UAUC / GAUC on all, warm-item and cold-item rows.
+and test rows are scored with AUC / UAUC / GAUC on all, warm-item, cold-item and new-item
+rows.
 """
 
 from __future__ import annotations
@@ -176,19 +177,27 @@ def train_ranker(
     return _predict(model, items, split.test_rows), info
 
 
-def score_subsets(split: Split, scores: np.ndarray, item_ids) -> dict:
-    """AUC / UAUC / GAUC on all, warm-item and cold-item test rows."""
-    from qarm_features.metrics import auc, gauc, uauc
-
+def subset_masks(split: Split, item_ids) -> dict[str, np.ndarray]:
+    """Boolean masks of the test rows: ``all``; ``warm`` (items with train rows),
+    ``cold`` (items whose train rows were removed), ``new`` (items first seen in the test
+    period)."""
     rows = split.test_rows
     tid = np.asarray(item_ids)[rows.item]
-    masks = {
+    return {
         "all": np.ones(len(rows), bool),
         "warm": np.isin(tid, split.warm_items),
         "cold": np.isin(tid, split.cold_items),
+        "new": np.isin(tid, split.new_items),
     }
+
+
+def score_subsets(split: Split, scores: np.ndarray, item_ids) -> dict:
+    """AUC / UAUC / GAUC on all, warm-item, cold-item and new-item test rows."""
+    from qarm_features.metrics import auc, gauc, uauc
+
+    rows = split.test_rows
     out = {}
-    for name, m in masks.items():
+    for name, m in subset_masks(split, item_ids).items():
         y, s, u = rows.y[m].astype(np.int8), scores[m], rows.user_id[m]
         out[name] = {
             "auc": auc(y, s),

@@ -120,6 +120,7 @@ def build_bundle(
         on_progress=on_progress,
     )
     ids, raw, aligned, metrics = space.item_ids, space.raw, space.aligned, space.metrics
+    check_alignment(metrics, len(ids), cfg)
     rq = space.rq
     if warm_start is not None:
         step("matching code ids to the previous bundle")
@@ -157,6 +158,89 @@ def build_bundle(
 
 
 LATEST = "LATEST"  # names the newest bundle of a bundles directory
+
+
+# Below this many training pairs per catalog item the aligner rarely learns what carries
+# to unseen items (the likely cause the warning names first).
+FEW_PAIRS_PER_ITEM = 5.0
+# Below this many held-out pairs the check itself is noisy (said in the warning).
+FEW_HELDOUT_PAIRS = 500
+
+
+def alignment_warning(metrics: dict, n_items: int) -> str | None:
+    """What a build whose aligned space is not better than the raw one should say: the
+    comparison, its likely causes and what to do; None when the check says ``better``
+    (or could not measure).
+
+    ``metrics``: :attr:`~qarm_features.build.pipeline.ItemSpace.metrics` (``alignment_check``,
+    ``pairs``, ``aligner``).
+    """
+    check = metrics.get("alignment_check") or {}
+    verdict = check.get("verdict")
+    if verdict not in ("not_better", "inconclusive"):
+        return None
+    lo, hi = check["ci"]
+    head = (
+        "alignment did not make the space better"
+        if verdict == "not_better"
+        else "alignment could not be shown to make the space better"
+    )
+    lines = [
+        (
+            f"{head}: held-out pair-AUC raw {check['raw']:.3f} -> aligned "
+            f"{check['aligned']:.3f} (delta {check['delta']:+.4f}, 95% interval "
+            f"[{lo:+.4f}, {hi:+.4f}], {check['n_pairs']:,} pairs of {check['n_items']:,} "
+            "items the aligner never saw)."
+        )
+    ]
+    causes = []
+    n_pairs = int((metrics.get("pairs") or {}).get("n_pairs", 0) or 0)
+    n_train = int((metrics.get("aligner") or {}).get("n_train_pairs", 0) or 0) or n_pairs
+    per_item = n_train / max(n_items, 1)
+    if per_item < FEW_PAIRS_PER_ITEM:
+        causes.append(
+            f"too few pairs for the catalog: {n_train:,} training pairs for {n_items:,} items "
+            f"({per_item:.1f} per item; below {FEW_PAIRS_PER_ITEM:g} the aligner rarely learns "
+            "what carries to unseen items)"
+        )
+    if check["n_pairs"] < FEW_HELDOUT_PAIRS:
+        causes.append(f"only {check['n_pairs']} held-out pairs: the check itself is noisy")
+    if check["raw"] is not None and check["raw"] >= 0.8:
+        causes.append("the frozen embedding already matches the pairs (raw pair-AUC >= 0.8)")
+    if not causes:
+        causes.append(
+            "the content (catalog.text / embedding) may not carry what the pairs say users "
+            "choose together"
+        )
+    lines.append("Likely cause: " + "; ".join(causes) + ".")
+    lines.append(
+        "What to do: more events (a longer log window) or the retrieval stack's own pairs "
+        "(qarm.yaml pairs.i2i, pairs.item_embeddings); richer content (catalog.text); a "
+        "larger build.aligner.raw_consistency keeps the aligned space closer to the frozen "
+        "one; `qarm evaluate --repo R` says whether the codes still lift your ranker. "
+        "build.on_alignment_failure: error refuses such a build."
+    )
+    return " ".join(lines)
+
+
+def check_alignment(metrics: dict, n_items: int, cfg: BuildConfig) -> None:
+    """Say so when the aligned space is not better than the raw one (``alignment_check``):
+    a WARNING with the likely cause and what to do; with
+    ``build.on_alignment_failure: error`` a ``not_better`` verdict stops the build before
+    anything is written.
+
+    Raises:
+        AlignmentFailed: ``not_better`` under ``on_alignment_failure: error``.
+    """
+    from qarm_features.errors import AlignmentFailed
+
+    message = alignment_warning(metrics, n_items)
+    if message is None:
+        return
+    verdict = metrics["alignment_check"]["verdict"]
+    if verdict == "not_better" and cfg.on_alignment_failure == "error":
+        raise AlignmentFailed(f"build refused (build.on_alignment_failure: error): {message}")
+    log.warning("%s", message)
 
 
 def check_catalog_size(item_ids, cfg: BuildConfig) -> None:

@@ -9,7 +9,9 @@
     weights -> aligned embeddings, numpy float64 forward               encode.align_with_weights
     aligned (pool items) -> RQ codebooks + VQ pool                    quantize
     -> metrics: pair stats, held-out pair recall@10 / pair-AUC (raw vs aligned), aligner
-       history, code quality
+       history, code quality, and the alignment check: aligned vs raw held-out pair-AUC,
+       paired, with a bootstrap interval over held-out items (alignment_check; what a
+       build then says or refuses: build.check_alignment)
 
 The aligned embeddings come from :func:`qarm_features.bundle.encode.align_with_weights`, the
 forward the serving path runs, so codes computed here are bit-identical with served ones.
@@ -66,7 +68,8 @@ class ItemSpace:
         pair_stats: :func:`~qarm_features.pairs.mining.mine_pairs` stats.
         metrics: ``pairs``, ``heldout_items``, ``heldout`` (``raw``/``aligned``:
             ``recall@10``, ``pair_auc``, ``n_pairs``), ``aligner`` (scalar history),
-            ``codes`` (``aligned``: :func:`code_report`), ``vq_ann_recall``.
+            ``codes`` (``aligned``: :func:`code_report`), ``vq_ann_recall``,
+            ``alignment_check`` (:func:`alignment_check`; only with held-out pairs).
         timings: seconds per stage (``pairs_s``, ``aligner_s``, ``codes_s``).
         stages: per stage (``pairs``, ``aligner``, ``forward``, ``codes``, ``evaluate``)
             ``seconds`` and ``peak_rss_mib`` (:func:`qarm_features.progress.stage`).
@@ -172,6 +175,46 @@ def space_metrics(
     }
     if len(auc_pairs) < len(pairs) or len(recall_pairs) < len(pairs):
         out.update(n_pairs_auc=len(auc_pairs), n_pairs_recall=len(recall_pairs))
+    return out
+
+
+def alignment_check(
+    raw_norm: np.ndarray,
+    aligned: np.ndarray,
+    item_ids: np.ndarray,
+    heldout_pairs: pd.DataFrame,
+    heldout_items: np.ndarray,
+    popularity,
+    *,
+    seed: int = 0,
+    max_pairs: int | None = None,
+) -> dict:
+    """Is the aligned space better than the raw one on pairs of items the aligner never saw?
+
+    Both spaces face the same held-out pairs (the seeded ``max_pairs`` sample the held-out
+    metrics use) and negatives; the difference of their pair-AUCs gets a 95% interval from
+    a bootstrap over held-out items (:func:`qarm_features.metrics.pair_auc_difference`).
+
+    Returns:
+        ``raw``, ``aligned`` (pair-AUC), ``delta`` (aligned - raw), ``ci`` ([low, high]),
+        ``n_pairs``, ``n_items`` (held-out items the pairs touch), ``verdict``:
+        ``better`` (the interval is above 0), ``inconclusive`` (delta > 0, the interval
+        reaches 0), ``not_better`` (delta <= 0) or ``unmeasured`` (no held-out pair).
+    """
+    from qarm_features.metrics import pair_auc_difference
+
+    pairs = sample_pairs(heldout_pairs, max_pairs, seed)
+    pairs = pairs[pairs["trigger_id"].to_numpy() != pairs["target_id"].to_numpy()]
+    trig = pairs["trigger_id"].to_numpy(np.int64)
+    owner = np.where(np.isin(trig, heldout_items), trig, pairs["target_id"].to_numpy(np.int64))
+    out = pair_auc_difference(
+        raw_norm, aligned, item_ids, pairs, popularity, clusters=owner, seed=seed
+    )
+    out = {"raw": out.pop("a"), "aligned": out.pop("b"), **out}
+    if out["delta"] is None:
+        return {**out, "verdict": "unmeasured"}
+    better = out["ci"][0] > 0
+    out["verdict"] = "better" if better else ("inconclusive" if out["delta"] > 0 else "not_better")
     return out
 
 
@@ -388,6 +431,17 @@ def fit_item_space(
             "codes": {"aligned": code_report(rq, aligned, codes=rq_codes, pool_rows=pool_rows)},
             "vq_ann_recall": getattr(vq, "ann_recall_", None),
         }
+        if len(test_pairs):  # the evaluation holds nothing out: it measures on test periods
+            metrics["alignment_check"] = alignment_check(
+                raw_norm,
+                aligned,
+                ids,
+                test_pairs,
+                test_items,
+                pop,
+                seed=cfg.seed,
+                max_pairs=cfg.heldout_max_pairs,
+            )
     return ItemSpace(
         item_ids=ids,
         raw=raw,

@@ -149,7 +149,7 @@ def shop(tmp_path_factory):
     commands, _ = _walkthrough()
     assert [c.split()[:2] for c in commands] == [
         ["qarm", "init"], ["$EDITOR", "shop/qarm.yaml"], ["qarm", "build"],
-        ["qarm", "materialize"], ["qarm", "status"],
+        ["qarm", "materialize"], ["qarm", "status"], ["qarm", "evaluate"],
     ]  # fmt: skip
     said, errs = [], []
     for command in commands:

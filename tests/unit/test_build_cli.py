@@ -55,6 +55,12 @@ def test_build_writes_a_verified_bundle_and_alignment_helps(built):
     assert held["aligned"]["pair_auc"] > held["raw"]["pair_auc"]
     assert set(built.metrics["codes"]) == {"aligned", "raw"}
     assert b.metrics["heldout"]["aligned"]["pair_auc"] == pytest.approx(held["aligned"]["pair_auc"])
+    # the alignment check compares the same two numbers, with an interval, and says better
+    check = b.metrics["alignment_check"]
+    assert check["raw"] == pytest.approx(held["raw"]["pair_auc"])
+    assert check["aligned"] == pytest.approx(held["aligned"]["pair_auc"])
+    assert check["ci"][0] > 0 and check["verdict"] == "better"
+    assert check["ci"][0] <= check["delta"] <= check["ci"][1]
 
 
 def test_build_refuses_bad_input(world, tmp_path):
@@ -80,6 +86,7 @@ def test_inspect_ok_and_bad_bundle_exit_codes(built, tmp_path):
     res = runner.invoke(app, ["inspect", str(built.path)])
     assert res.exit_code == 0, res.output
     assert built.version in res.output and "held-out pairs" in res.output
+    assert "alignment check: better" in " ".join(res.output.split())
     res = runner.invoke(app, ["inspect", str(built.path), "--json"])
     assert res.exit_code == 0 and '"format": "qarm-bundle"' in res.output
     bad = tmp_path / "bad"
@@ -290,3 +297,100 @@ def test_content_embeddings_of_cold_items_are_the_builds(tmp_path, monkeypatch):
     np.testing.assert_array_equal(content_embeddings(repo, tmp_path / "new.parquet"), got)
     with pytest.raises(InputError, match=r"names column\(s\) \['description'\]"):
         content_embeddings(repo, items.drop(columns=["description"]))
+
+
+UNALIGNABLE_YAML = """\
+catalog: {path: items.parquet, id: sku, embedding: emb}
+events: {path: clicks.parquet, user: visitor, item: sku, timestamp: ts}
+build:
+  pairs: {mf_epochs: 5, mf_dim: 8}
+  aligner: {out_dim: 8, hidden: 256, dropout: 0.0, lr: 0.01, max_epochs: 30, patience: 30,
+            raw_consistency: 0.0, batch_size: 64}
+  rq: {n_levels: 2, n_codes: 8, n_iter: 5}
+  vq: {k: 4}
+"""
+
+
+def _unalignable_repo(root, policy: str | None = None):
+    """A catalog alignment cannot help: every visitor clicks one product and then a random
+    other one (pairs unrelated to the content), half a pair per product."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    repo = root / "shop"
+    repo.mkdir()
+    n = 400
+    skus = [f"SKU-{i:04d}" for i in range(n)]
+    emb = rng.normal(size=(n, 32)).astype(np.float32)
+    pd.DataFrame({"sku": skus, "emb": list(emb)}).to_parquet(repo / "items.parquet")
+    rows = []
+    for v in range(n):
+        rows += [(f"v{v}", skus[v], 2 * v), (f"v{v}", skus[rng.integers(0, n)], 2 * v + 1)]
+    pd.DataFrame(rows, columns=["visitor", "sku", "ts"]).to_parquet(repo / "clicks.parquet")
+    yaml = UNALIGNABLE_YAML
+    if policy:
+        yaml += f"  on_alignment_failure: {policy}\n"
+    (repo / "qarm.yaml").write_text(yaml)
+    return repo
+
+
+def test_a_build_whose_alignment_failed_says_so_and_records_it(tmp_path, caplog, monkeypatch):
+    """Alignment that does not beat the frozen space: the build warns (cause, what to do),
+    the manifest records the comparison, `qarm build` and `qarm inspect` end with it."""
+    import json
+    import logging
+
+    torch.set_num_threads(1)
+    repo = _unalignable_repo(tmp_path)
+    monkeypatch.chdir(tmp_path / "shop")  # the CLI from inside the repo, --repo relative
+    with caplog.at_level(logging.WARNING, logger="qarm_features"):
+        res = runner.invoke(app, ["build", "--repo", "."])
+    assert res.exit_code == 0, res.output
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    said = [m for m in warned if "alignment" in m]
+    assert len(said) == 1, warned
+    assert "Likely cause: too few pairs for the catalog" in said[0]
+    assert "What to do:" in said[0] and "on_alignment_failure: error" in said[0]
+    out = " ".join(res.output.split())
+    assert "alignment check: not better" in out or "alignment check: inconclusive" in out
+    from qarm_features.build.bundles import latest_bundle
+
+    manifest = json.loads((latest_bundle(repo / "artifacts/bundles") / "manifest.json").read_text())
+    check = manifest["metrics"]["alignment_check"]
+    assert check["verdict"] in ("not_better", "inconclusive")
+    assert check["ci"][0] <= 0 and check["n_pairs"] > 0
+    assert check["delta"] == pytest.approx(check["aligned"] - check["raw"])
+    res = runner.invoke(app, ["inspect", "--repo", "."])
+    assert res.exit_code == 0 and f"alignment check: {check['verdict'].replace('_', ' ')}" in (
+        " ".join(res.output.split())
+    )
+
+
+def test_on_alignment_failure_error_refuses_only_a_failed_alignment(tmp_path):
+    """The policy switch: `error` refuses a not-better verdict before anything is written;
+    an inconclusive one (aligned ahead, interval reaching 0) is built with the warning."""
+    from qarm_features.build.bundles import check_alignment
+    from qarm_features.errors import AlignmentFailed
+
+    metrics = {
+        "alignment_check": {"raw": 0.554, "aligned": 0.545, "delta": -0.009,
+                            "ci": [-0.02, 0.003], "n_pairs": 900, "n_items": 200,
+                            "verdict": "not_better"},
+        "pairs": {"n_pairs": 2460},
+        "aligner": {"n_train_pairs": 2200},
+    }  # fmt: skip
+    strict = BuildConfig(on_alignment_failure="error")
+    with pytest.raises(AlignmentFailed, match="2,200 training pairs for 2,000 items"):
+        check_alignment(metrics, 2000, strict)
+    check_alignment(metrics, 2000, BuildConfig())  # warn: no error
+    soft = {**metrics, "alignment_check": {**metrics["alignment_check"], "delta": 0.001,
+                                           "verdict": "inconclusive"}}  # fmt: skip
+    check_alignment(soft, 2000, strict)
+    good = {**metrics, "alignment_check": {**metrics["alignment_check"], "verdict": "better"}}
+    check_alignment(good, 2000, strict)
+    repo = _unalignable_repo(tmp_path, policy="error")
+    torch.set_num_threads(1)
+    res = runner.invoke(app, ["build", "--repo", str(repo)])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 1 and "build refused (build.on_alignment_failure: error)" in out
+    assert not (repo / "artifacts/bundles/LATEST").exists()

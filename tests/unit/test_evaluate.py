@@ -16,10 +16,11 @@ from qarm_features.app.protocol import (
     choose_cold_items,
     make_split,
     point_in_time_history,
+    sample_negatives,
     temporal_split,
 )
 from qarm_features.app.report import METRICS, SUBSETS, write_report
-from qarm_features.app.variants import score_subsets, train_ranker, variant_items
+from qarm_features.app.variants import score_subsets, subset_masks, train_ranker, variant_items
 from qarm_features.errors import InputError
 
 
@@ -99,14 +100,18 @@ def _world(n_items=60, n_users=40, n_rows=1500, seed=0):
     item_ids = np.arange(1, n_items + 1, dtype=np.int64)
     quality = rng.normal(size=n_items)
     users = rng.integers(1, n_users + 1, n_rows)
+    ts = np.sort(rng.integers(0, 10_000, n_rows))
     items = rng.integers(0, n_items, n_rows)
+    late = n_items - max(2, n_items // 10)  # the last 10% of items first appear late
+    early = (items >= late) & (ts < 8_500)
+    items[early] = rng.integers(0, late, int(early.sum()))
     rating = np.where(quality[items] + 0.5 * rng.normal(size=n_rows) > 0, 5.0, 2.0)
     df = pd.DataFrame(
         {
             "user_id": users,
             "item_id": item_ids[items],
             "rating": rating,
-            "timestamp": np.sort(rng.integers(0, 10_000, n_rows)),
+            "timestamp": ts,
         }
     )
     # content that knows item quality: the frozen embedding carries the label signal
@@ -121,7 +126,16 @@ def test_make_split_protocol_invariants():
     # cold items have no train row; train and test are disjoint in time
     assert not sp.train["item_id"].isin(sp.cold_items).any()
     assert sp.train["timestamp"].max() < sp.test["timestamp"].min()
-    assert sp.cold_items.size == 12
+    # cold items are drawn among the items with train rows (their rows are removed); new
+    # items are those of the test period with no earlier row: the two kinds never mix
+    train_all, test_all, _ = temporal_split(df, cfg.test_fraction)
+    seen = np.unique(train_all["item_id"])
+    assert np.isin(sp.cold_items, seen).all() and sp.cold_items.size == round(0.2 * seen.size)
+    assert sp.new_items.size > 0 and not np.isin(sp.new_items, seen).any()
+    assert np.isin(sp.new_items, test_all["item_id"]).all()
+    assert np.array_equal(np.setdiff1d(np.unique(test_all["item_id"]), seen), sp.new_items)
+    new_rows = np.flatnonzero(np.isin(item_ids, sp.new_items))
+    assert (sp.item_id_index[new_rows] == 0).all()
     # cold items never appear in train-row histories, but may in test-row histories
     cold_rows = np.flatnonzero(np.isin(item_ids, sp.cold_items))
     for rows in (sp.fit, sp.val):
@@ -215,7 +229,98 @@ def test_score_subsets_masks():
         assert out[s]["auc"] == pytest.approx(1.0)
     tid = item_ids[sp.test_rows.item]
     assert out["cold"]["n_rows"] == int(np.isin(tid, sp.cold_items).sum())
-    assert out["warm"]["n_rows"] + out["cold"]["n_rows"] <= out["all"]["n_rows"]
+    assert out["new"]["n_rows"] == int(np.isin(tid, sp.new_items).sum()) > 0
+    # every test row is warm, cold or new, and only one of them
+    parts = ("warm", "cold", "new")
+    assert sum(out[p]["n_rows"] for p in parts) == out["all"]["n_rows"]
+    masks = subset_masks(sp, item_ids)
+    assert (sum(masks[p].astype(int) for p in parts) == 1).all()
+
+
+def test_sample_negatives_popularity_matched_and_seeded():
+    rng = np.random.default_rng(0)
+    pop = np.repeat(np.arange(10), np.arange(1, 11) * 20)  # item i has 20 (i + 1) rows
+    df = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 30, pop.size),
+            "item_id": rng.permutation(pop),
+            "label": np.int8(1),
+            "timestamp": np.arange(pop.size),
+        }
+    )
+    out = sample_negatives(df, 4, seed=3)
+    neg = out[out["label"] == 0]
+    pos = out[out["label"] == 1]
+    assert len(pos) == len(df) and len(neg) == 4 * len(df)  # no row's own item is drawn
+    assert out["timestamp"].is_monotonic_increasing
+    # a negative copies its row's user and time, never its item
+    key = df.set_index("timestamp")
+    assert (neg["user_id"].to_numpy() == key.loc[neg["timestamp"], "user_id"].to_numpy()).all()
+    assert (neg["item_id"].to_numpy() != key.loc[neg["timestamp"], "item_id"].to_numpy()).all()
+    # popularity-matched: an item's share of negatives follows its share of positives
+    share_pos = pos["item_id"].value_counts(normalize=True).sort_index()
+    share_neg = neg["item_id"].value_counts(normalize=True).sort_index()
+    assert np.corrcoef(share_pos, share_neg)[0, 1] > 0.95
+    assert share_neg.iloc[-1] > 3 * share_neg.iloc[0]
+    pd.testing.assert_frame_equal(out, sample_negatives(df, 4, seed=3))
+    assert not out.equals(sample_negatives(df, 4, seed=4))
+    assert sample_negatives(df, 0, seed=3) is df
+
+
+def test_implicit_split_rows_get_sampled_negatives_and_clean_histories():
+    item_ids, _raw, df = _world()
+    implicit = df.assign(rating=1.0)
+    cfg = EvalConfig(history_len=4, positive_threshold=1.0, negatives_per_positive=3)
+    sp = make_split(item_ids, implicit, cfg, seed=0)
+    for rows in (sp.fit, sp.val, sp.test_rows):
+        assert rows.y.sum() > 0
+        assert (rows.y == 0).sum() == pytest.approx(3 * rows.y.sum(), rel=0.02)
+        # histories hold logged events only: every past label of an implicit log is 1
+        assert (rows.hist_label[rows.hist >= 0] == 1).all()
+    # cold and new items get negatives too, so their AUC is defined
+    out = score_subsets(sp, sp.test_rows.y.astype(np.float64), item_ids)
+    for s in SUBSETS:
+        assert out[s]["auc"] == pytest.approx(1.0)
+    # fit-row negatives never name a cold or new item
+    fid = item_ids[sp.fit.item]
+    assert not np.isin(fid, np.r_[sp.cold_items, sp.new_items]).any()
+
+
+def test_weighted_auc_and_paired_bootstrap():
+    """The bootstrap's weighted AUC equals scikit-learn's on repeated rows; the paired
+    replicates of a variant against itself are 0, and a better variant's interval is > 0."""
+    from types import SimpleNamespace
+
+    from qarm_features.app.paired import paired_bootstrap
+    from qarm_features.app.paired import weighted_auc as _weighted_auc
+    from qarm_features.app.protocol import Rows
+    from qarm_features.metrics import auc
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    y = rng.integers(0, 2, n).astype(np.int8)
+    users = rng.integers(0, 200, n)
+    s = np.round(rng.normal(size=n) + 0.5 * y, 1)  # ties
+    uniq, inv = np.unique(users, return_inverse=True)
+    w = rng.poisson(1.0, size=(3, uniq.size)).astype(np.float32)
+    got = _weighted_auc(y, s, w, inv)
+    for r in range(3):
+        rep = np.repeat(np.arange(n), w[r, inv].astype(int))
+        assert got[r] == pytest.approx(auc(y[rep], s[rep]), abs=1e-12)
+    rows = Rows(user=np.zeros(n, np.int64), user_id=users, item=rng.integers(0, 30, n),
+                hist=None, hist_label=None, y=y.astype(np.float32))  # fmt: skip
+    split = SimpleNamespace(
+        test_rows=rows, item_ids=np.arange(30), warm_items=np.arange(20),
+        cold_items=np.arange(20, 25), new_items=np.arange(25, 30),
+    )  # fmt: skip
+    scores = {"A": s, "B": s.copy(), "D": s + 1.5 * y * rng.random(n)}
+    b = paired_bootstrap(split, scores, seed=0, reps=100)
+    assert set(b) == {"B - A", "D - A", "D - B"}
+    assert set(b["D - A"]) == set(SUBSETS)
+    assert (b["B - A"]["all"]["auc"] == 0).all() and (b["B - A"]["warm"]["gauc"] == 0).all()
+    assert np.percentile(b["D - A"]["all"]["auc"], 2.5) > 0
+    again = paired_bootstrap(split, scores, seed=0, reps=100)
+    np.testing.assert_array_equal(again["D - A"]["cold"]["auc"], b["D - A"]["cold"]["auc"])
 
 
 # --------------------------------------------------------------------------- report
@@ -264,6 +369,11 @@ def _fake_out(variants=("A", "B", "C", "D", "E", "D_vq", "D_rq", "B+D")):
     }
 
 
+def _fake_data():
+    return {"name": "shop", "repo": "shop", "n_items": 10, "id_kind": "string", "n_events": 90,
+            "n_users": 5, "label": "every logged event is a positive", "content": "`{title}`"}  # fmt: skip
+
+
 def test_write_report_files_and_json_layout(tmp_path):
     paths = write_report(_fake_out(), tmp_path)
     data = json.loads(paths["json"].read_text())
@@ -276,6 +386,10 @@ def test_write_report_files_and_json_layout(tmp_path):
     md = paths["md"].read_text()
     assert "`qarm evaluate`" in md and "| D |" in md and "**met**" in md
     assert "**not met** (short by 0.0020)" in md
+    assert "## History" in md and "docs/evaluation-history.md" in md  # the demo's report only
+    other = write_report({**_fake_out(), "data": _fake_data()}, tmp_path, name="shop")
+    md = other["md"].read_text()
+    assert "# QARM on shop" in md and "## History" not in md and "| warm | cold | new |" not in md
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp file
 
@@ -308,6 +422,17 @@ def test_run_protocol_end_to_end_tiny(tmp_path):
         },
     )
     out = run_protocol(item_ids, raw, df, cfg, seeds=(0, 1))
+    # paired differences with 95% intervals, on every subset, AUC and GAUC
+    per = [p["results"] for p in out["per_seed"]]
+    cell = out["paired"]["D - A"]["cold"]["auc"]
+    diffs = [r["D"]["cold"]["auc"] - r["A"]["cold"]["auc"] for r in per]
+    assert cell["mean"] == pytest.approx(np.mean(diffs))
+    assert cell["ci_method"] == "t over seeds" and cell["ci"] == cell["t_ci"]
+    assert cell["ci"][0] <= cell["mean"] <= cell["ci"][1] and cell["boot_ci"] is not None
+    assert set(out["paired"]) == {"B - A", "D - A", "B+D - A", "D - B", "B+D - B"}
+    for name in out["paired"]:
+        assert set(out["paired"][name]) == set(SUBSETS)
+    assert out["aims"]["cold_D_minus_B"]["ci"] == out["paired"]["D - B"]["cold"]["auc"]["ci"]
     # candidates are measured on the validation split only, paired with the main run there
     sel = out["selection"]
     assert sel["seeds"] == [0] and set(sel["candidates"]) == {"content", "mlp"}
@@ -346,5 +471,33 @@ def test_run_protocol_end_to_end_tiny(tmp_path):
     md = paths["md"].read_text()
     assert "## Test-split ablations" in md and "## Candidates (validation split" in md
     assert "Seeds that chose nothing at all (neither split): [1]" in md
+    assert "## Paired differences" in md and "**new rows**" in md and "| D − B |" in md
     with pytest.raises(InputError, match="baseline"):
         run_protocol(item_ids, raw, df, cfg.model_copy(update={"variants": ("D",)}), seeds=(0,))
+
+
+def test_repo_config_takes_the_label_and_sections_from_qarm_yaml(tmp_path):
+    """The protocol of a repo: qarm.yaml's item-space sections and label; sampled
+    negatives only for an implicit log; the report named after `dataset` or the folder."""
+    from types import SimpleNamespace
+
+    from qarm_features.app.evaluate import report_name
+    from qarm_features.app.protocol import IMPLICIT_NEGATIVES, QUICK, repo_config
+    from qarm_features.project import parse_project
+
+    base = {"catalog": {"path": "items.parquet", "text": "{title}"}}
+    events = {"path": "clicks.parquet", "rating": {"column": "stars", "threshold": 3}}
+    build = {"aligner": {"out_dim": 16}, "rq": {"n_levels": 2, "n_codes": 8}}
+    explicit = parse_project({**base, "events": events, "build": build}, tmp_path / "shop")
+    data = SimpleNamespace(project=explicit, config=explicit.build, threshold=3.0)
+    cfg = repo_config(data)
+    assert cfg.positive_threshold == 3.0 and cfg.negatives_per_positive == 0
+    assert cfg.aligner.out_dim == 16 and cfg.rq.n_levels == 2
+    assert report_name(explicit) == "shop"
+    implicit = parse_project({**base, "events": {"path": "c.parquet"}}, tmp_path / "x")
+    data = SimpleNamespace(project=implicit, config=implicit.build, threshold=1.0)
+    quick = repo_config(data, quick=True)
+    assert quick.negatives_per_positive == IMPLICIT_NEGATIVES
+    assert quick.variants == QUICK["variants"] and quick.selection_seeds == ()
+    named = parse_project({**base, "events": events, "dataset": "movielens-100k"}, tmp_path)
+    assert report_name(named) == "movielens-100k"

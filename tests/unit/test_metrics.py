@@ -14,7 +14,9 @@ from qarm_features.metrics import (
     code_quality,
     gauc,
     pair_auc,
+    pair_auc_outcomes,
     pair_recall_at_k,
+    per_user_auc,
     popularity_buckets,
     uauc,
 )
@@ -43,6 +45,35 @@ def test_uauc_gauc_hand_computed():
     users, y, s = (np.array(c) for c in zip(*rows))
     assert uauc(users, y, s) == pytest.approx(0.75)
     assert gauc(users, y, s) == pytest.approx((0.5 * 3 + 1.0 * 4) / 7)
+
+
+def test_per_user_auc_matches_sklearn_per_user_with_ties():
+    """The vectorised per-user AUC against scikit-learn user by user (ties half)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, 60, 2000)
+    y = rng.integers(0, 2, 2000)
+    s = rng.integers(0, 5, 2000).astype(float)  # many ties within a user
+    ids, aucs, counts = per_user_auc(users, y, s)
+    want = [
+        (u, roc_auc_score(y[users == u], s[users == u]), (users == u).sum())
+        for u in np.unique(users)
+        if 0 < y[users == u].sum() < (users == u).sum()
+    ]
+    assert ids.tolist() == [w[0] for w in want]
+    np.testing.assert_allclose(aucs, [w[1] for w in want], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(counts, [w[2] for w in want])
+
+
+def test_pair_auc_outcomes_sum_to_pair_auc():
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((40, 4)).astype(np.float32)
+    ids = np.arange(40)
+    pairs = pd.DataFrame({"trigger_id": ids[:20], "target_id": ids[20:]})
+    won, valid = pair_auc_outcomes(emb, ids, pairs, np.ones(40), seed=4)
+    assert won.shape == valid.shape == (20,) and (won <= valid).all()
+    assert won.sum() / valid.sum() == pytest.approx(pair_auc(emb, ids, pairs, np.ones(40), seed=4))
 
 
 def test_uauc_gauc_nan_when_no_user_has_both_labels():
