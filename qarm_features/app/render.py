@@ -219,8 +219,14 @@ class PlainProgress:
         if advance == 0 or st is None or st["name"] != name:
             self._close_stage()
             now = self.clock()
-            st = self._stage = {"name": name, "total": total, "done": 0, "t0": now,
-                                "last": now - self.every, "shown": 0}  # fmt: skip
+            st = self._stage = {
+                "name": name,
+                "total": total,
+                "done": 0,
+                "t0": now,
+                "last": now - self.every,
+                "shown": 0,
+            }
             self._line(f"{name}: started" + (f", {total:,} to do" if total else ""))
         if advance:
             st["done"] += int(advance)
@@ -298,9 +304,10 @@ def print_inspect(path, bundle, *, churn: dict | None = None, appended: dict | N
     )
     print_metrics(bundle.metrics)
     if churn is not None:
-        console.print(f"churn from {churn['against']}: " + ", ".join(
-            f"{k}={fmt(v)}" for k, v in churn.items() if k != "against"
-        ))  # fmt: skip
+        console.print(
+            f"churn from {churn['against']}: "
+            + ", ".join(f"{k}={fmt(v)}" for k, v in churn.items() if k != "against")
+        )
     if appended is not None:
         drift = "-" if appended["drift"] is None else f"{appended['drift']:.2f}x"
         console.print(
@@ -348,14 +355,20 @@ def print_materialize(stats: dict) -> None:
             f"  the team's views, materialized too (from their own sources, up to now): "
             f"{_names(theirs)}"
         )
-    for key, what in (("kept_previous", "previous version still served as qarm_prev"),
-                      ("dropped_views", "dropped"), ("cleared_views", "cleared first"),
-                      ("empty_views", "empty sources, skipped")):  # fmt: skip
+    for key, what in (
+        ("kept_previous", "previous version still served as qarm_prev"),
+        ("dropped_views", "dropped"),
+        ("cleared_views", "cleared first"),
+        ("empty_views", "empty sources, skipped"),
+    ):
         value = stats.get(key)
         if value:
             console.print(f"  {what}: {value if isinstance(value, str) else _names(value)}")
-    parts = (("encode", "encode_seconds"), ("apply", "apply_seconds"),
-             ("materialize", "materialize_seconds"))  # fmt: skip
+    parts = (
+        ("encode", "encode_seconds"),
+        ("apply", "apply_seconds"),
+        ("materialize", "materialize_seconds"),
+    )
     timing = ", ".join(
         f"{name} {stats[key]:.1f} s"
         for name, key in parts
@@ -378,7 +391,9 @@ def print_push(stats: dict) -> None:
     if "n_added_since_build" in stats:
         console.print(f"  added since the build: {stats['n_added_since_build']:,} items")
         if stats.get("rebuild_due"):
-            console.print("  [yellow]rebuild due[/]: " + "; ".join(stats.get("rebuild_reasons", [])))
+            console.print(
+                "  [yellow]rebuild due[/]: " + "; ".join(stats.get("rebuild_reasons", []))
+            )
         else:
             console.print("  no rebuild due")
     console.print("  every id: --json")
