@@ -1,1 +1,3 @@
-"""content: see docs/architecture.md."""
+"""Content encoders: the frozen text, CLIP and precomputed encoders (encoders.py) and the
+fine-tuner that trains a text encoder's top layers on recommendation pairs (finetune.py).
+"""
