@@ -42,8 +42,15 @@ def make_pairs(n_items: int, raw_dim: int = 384, seed: int = 0):
     return raw, ids, pairs[pairs.trigger_id != pairs.target_id].reset_index(drop=True)
 
 
-def bare_loop(raw: np.ndarray, ids: np.ndarray, pairs, cfg, epochs: int) -> None:
-    """The floor: the same module and optimiser, plain symmetric InfoNCE, nothing else."""
+def bare_loop(
+    raw: np.ndarray, ids: np.ndarray, pairs, cfg, epochs: int, *, same_loss: bool = False
+) -> None:
+    """The floor: the same module and optimiser, plain symmetric InfoNCE, nothing else.
+
+    ``same_loss``: plus the raw-consistency term as a torch user writes it (the centred
+    reference in numpy, then two dense ``(2B, 2B)`` Gram matrices per step). No PCA init,
+    no in-batch masking: the aligner's loss without its set-up and safeguards.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -53,6 +60,12 @@ def bare_loop(raw: np.ndarray, ids: np.ndarray, pairs, cfg, epochs: int) -> None
     pos = {int(v): i for i, v in enumerate(ids)}
     a_all = torch.as_tensor([pos[int(v)] for v in pairs["trigger_id"]])
     b_all = torch.as_tensor([pos[int(v)] for v in pairs["target_id"]])
+    ref_all = None
+    if same_loss:
+        x = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+        x = x - x.mean(axis=0)
+        ref = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        ref_all = torch.from_numpy(ref)
     x_all = torch.from_numpy(raw)
     model = Aligner(raw.shape[1], cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -68,45 +81,11 @@ def bare_loop(raw: np.ndarray, ids: np.ndarray, pairs, cfg, epochs: int) -> None
             logits = za @ zb.T / cfg.temperature
             labels = torch.arange(idx.numel())
             loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-
-def bare_loop_same_loss(raw: np.ndarray, ids: np.ndarray, pairs, cfg, epochs: int) -> None:
-    """The bare loop plus the raw-consistency term as a torch user writes it: the centred
-    reference in numpy, then two dense ``(2B, 2B)`` Gram matrices per step. No PCA init,
-    no in-batch masking: the aligner's loss without its set-up and safeguards."""
-    import torch
-    import torch.nn.functional as F
-
-    from qarm_features.align.aligner import Aligner
-
-    torch.manual_seed(cfg.seed)
-    pos = {int(v): i for i, v in enumerate(ids)}
-    a_all = torch.as_tensor([pos[int(v)] for v in pairs["trigger_id"]])
-    b_all = torch.as_tensor([pos[int(v)] for v in pairs["target_id"]])
-    x = raw / np.linalg.norm(raw, axis=1, keepdims=True)
-    x = x - x.mean(axis=0)
-    ref_all = torch.from_numpy((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
-    x_all = torch.from_numpy(raw)
-    model = Aligner(raw.shape[1], cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = a_all.numel()
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n)
-        for s in range(0, n, cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size]
-            if idx.numel() < 2:
-                continue
-            za, zb = model(x_all[a_all[idx]]), model(x_all[b_all[idx]])
-            logits = za @ zb.T / cfg.temperature
-            labels = torch.arange(idx.numel())
-            loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-            z, r = torch.cat([za, zb]), ref_all[torch.cat([a_all[idx], b_all[idx]])]
-            m = z.shape[0]
-            loss = loss + cfg.raw_consistency * ((z @ z.T - r @ r.T) ** 2).sum() / (m * (m - 1))
+            if ref_all is not None:
+                z, r = torch.cat([za, zb]), ref_all[torch.cat([a_all[idx], b_all[idx]])]
+                m = z.shape[0]
+                gram = ((z @ z.T - r @ r.T) ** 2).sum() / (m * (m - 1))
+                loss = loss + cfg.raw_consistency * gram
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -134,7 +113,9 @@ def run(quick: bool, n_threads: int = 2, repeats: int = 2) -> dict:
         "train_aligner": ours(cfg, "full"),
         "train_aligner (raw_consistency=0)": ours(cfg0, "no_raw"),
         "bare torch loop": lambda: bare_loop(raw, ids, pairs, cfg, epochs),
-        "bare torch loop, same loss": lambda: bare_loop_same_loss(raw, ids, pairs, cfg, epochs),
+        "bare torch loop, same loss": lambda: bare_loop(
+            raw, ids, pairs, cfg, epochs, same_loss=True
+        ),
     }
     # Constructing the first torch optimizer imports torch._dynamo (~3 s, once per process):
     # pay it here, or it lands in whichever contender runs first.
@@ -145,6 +126,7 @@ def run(quick: bool, n_threads: int = 2, repeats: int = 2) -> dict:
     cases = {}
     for name, fn in fns.items():
         for t in thread_counts:
+
             def run_t(fn=fn, t=t):
                 with threads(t), env_vars(QARM_THREADS=str(t)):  # the aligner's own pinning
                     fn()
