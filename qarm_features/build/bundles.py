@@ -450,8 +450,8 @@ def encode_catalog_text(
     import os
 
     root = Path(cache_dir or os.environ.get("QARM_CACHE", Path.home() / ".cache" / "qarm"))
-    # the key covers what decides the vectors: not the fine-tuning settings (the frozen
-    # pass of a fine-tuning build reuses the frozen cache), but a fine-tuned encoder's weights
+    # the key covers what decides the vectors: the frozen encoder's settings, or a
+    # fine-tuned encoder's weights; never the fine-tuning settings themselves
     head = cfg.encoder.model_dump_json(exclude=_FINETUNE_KEYS) + "\x00"
     if encoder_path is not None:  # the weights decide the vectors, not the folder's name
         from qarm_features.bundle.manifest import sha256_file

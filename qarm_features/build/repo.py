@@ -275,25 +275,25 @@ def repo_content(
     """
     step = on_step or (lambda _label: None)
     project, cfg = data.project, data.config
-    step("encoding item content")
     kw = {"cache_dir": cache_dir, "progress": progress, "on_progress": on_progress}
-    raw = catalog_content(project, data.catalog, data.keys, **kw)
     if cfg.encoder.finetune_layers == 0:
-        return raw, None, None
+        step("encoding item content")
+        return catalog_content(project, data.catalog, data.keys, **kw), None, None
     if not project.catalog.text or project.catalog.image or cfg.encoder.kind != "text":
         raise ConfigError(
             "build.encoder.finetune_layers fine-tunes the text encoder: it needs "
             "catalog.text and build.encoder.kind: text (images and your own embeddings "
             "cannot be fine-tuned here)"
         )
+    if pairs is None:
+        raise InputError("repo_content: fine-tuning needs the mined pairs (pairs=...)")
     from qarm_features.build.bundles import finetune_encoder
 
     step(f"fine-tuning the top {cfg.encoder.finetune_layers} encoder layers")
     out = Path(encoder_dir) if encoder_dir is not None else _encoder_dir(project)
     texts = render_texts(data.catalog.frame, project.catalog.text, name=data.catalog.name)
-    if pairs is None:
-        raise InputError("repo_content: fine-tuning needs the mined pairs (pairs=...)")
     path, info = finetune_encoder(texts, data.keys.ids, pairs, cfg, out, progress=progress)
+    step("encoding item content")  # with the fine-tuned encoder: the frozen pass is not needed
     raw = catalog_content(project, data.catalog, data.keys, encoder_path=path, **kw)
     return raw, str(path), info
 
