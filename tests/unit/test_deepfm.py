@@ -37,7 +37,11 @@ def test_each_variant_feeds_deepfm_its_item_inputs():
     assert names["C"] == names["D"] == base | codes and names["B+D"] == base | codes | {"dense"}
 
     kw, items, _ = variant_items("B+D", spaces, sp)
-    x = DeepFMInputs(kw, items, sp, cfg).rows(sp.test_rows)
+    inputs = DeepFMInputs(kw, items, sp, cfg)
+    x = inputs.rows(sp.test_rows)
+    # the history pools rows of the target's item-id table (one shared embedding)
+    col = {c.name: c for c in inputs.columns}
+    assert col["hist_item"].embedding_name == col["item"].embedding_name == "item"
     rows = sp.test_rows.item
     # the variant's own codes and embedding, cold items included (content, not training)
     np.testing.assert_array_equal(x["rq_level1"], spaces.aligned_rq[rows, 0])
@@ -68,7 +72,6 @@ def test_deepfm_trains_seeded_and_keeps_the_best_epoch():
         assert info["best_epoch"] == int(np.argmax(info["val_auc"])) + 1
         assert 1 <= len(info["val_auc"]) <= cfg.epochs
         out[v] = (kw, items, scores, info)
-    # one item-id table, read by the target and the history (shared embedding)
     assert out["B+D"][3]["n_params"] > out["A"][3]["n_params"]
     again, _ = train_deepfm(*out["A"][:2], sp, cfg, seed=0)
     np.testing.assert_allclose(again, out["A"][2], rtol=1e-5)
@@ -87,6 +90,7 @@ def test_deepfm_uses_content_on_cold_items():
     # codes that carry quality: level 1 = the quality octile (raw column 0)
     q = np.digitize(raw[:, 0], np.quantile(raw[:, 0], np.linspace(0, 1, 9)[1:-1]))
     spaces.raw_rq[:, 0] = q
+    spaces.raw_vq[:] = spaces.raw_vq[0]  # one VQ code list for all: C's signal is its RQ
     cold = {}
     for v in ("A", "B", "C"):
         kw, items, _ = variant_items(v, spaces, sp)
