@@ -58,14 +58,14 @@ def _deepctr():
     newer release and prints to stdout when it cannot reach it (offline machines)."""
     import sys
 
-    from qarm_features.errors import QarmError
+    from qarm_features.errors import DependencyError
 
     if "deepctr_torch" not in sys.modules:
         try:
             with mock.patch.object(threading, "Thread", _NoVersionCheck):
-                import deepctr_torch  # noqa: F401
+                import deepctr_torch
         except ImportError as exc:
-            raise QarmError(
+            raise DependencyError(
                 f"the DeepFM ranker needs {LIBRARY} ({exc}); `pip install {LIBRARY}`, or "
                 "leave 'deepfm' out of EvalConfig.rankers"
             ) from exc
