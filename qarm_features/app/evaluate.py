@@ -258,6 +258,10 @@ def run_protocol(
             "and the headline run on it); add it"
         )
     others = [r for r in dict.fromkeys(cfg.rankers) if r != "din"]
+    if "deepfm" in others:  # a missing library fails here, not after a seed of training
+        from qarm_features.app.deepfm import library_title
+
+        library_title()
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise InputError("seeds: pass at least one seed")
