@@ -358,6 +358,10 @@ def push(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print every statistic and every id (JSON).")
     ] = False,
+    wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for a promotion holding the repo's lock (0: refuse)."),
+    ] = 0.0,
     verbose: bool = False,
 ) -> None:
     """Give new items their codes online now, with the served bundle (no batch rerun)."""
@@ -366,7 +370,7 @@ def push(
 
     try:
         with console.status("encoding and pushing"):
-            stats = push_from_file(repo, items)
+            stats = push_from_file(repo, items, lock_timeout=wait)
     except QarmError as exc:
         _fail(exc)
     if as_json:
