@@ -238,8 +238,6 @@ def prepare_sources(
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    for forget in pending:
-        forget()
     t_encode = time.perf_counter() - t0
     codes = written.kept_codes
 
@@ -264,6 +262,11 @@ def prepare_sources(
     if journal is not None:
         journal.step("switch", sources=out.name)
     switch_current(repo, out)  # the one atomic step: sources and pointer together
+    # Only now may pushed items the new catalog holds be forgotten: a run killed before the
+    # switch leaves the previous set served, and it still needs them (after the switch,
+    # a kill here leaves them listed: the next run forgets them).
+    for forget in pending:
+        forget()
     stats = {
         "version": bundle.version,
         "bundle": str(bundle.path),

@@ -91,6 +91,36 @@ def test_promotion_does_not_resurrect_the_previous_catalog(make_repo, bundle_pat
     assert statuses["rq_code_l1"] == ["PRESENT", "NOT_FOUND", "PRESENT"]
 
 
+def test_a_promotion_killed_before_its_switch_forgets_no_pushed_item(make_repo, bundle_path,
+                                                                     tmp_path, monkeypatch):
+    """An item pushed (edited) and held by the new bundle's catalog is forgotten from the
+    pushed-items file only once the new sources are switched in: a run that dies before
+    the switch leaves the old set served, with the push still listed."""
+    import numpy as np
+    import pandas as pd
+
+    from qarm_features.bundle.testing import make_random_bundle
+    from qarm_features.feast import job
+    from qarm_features.feast.job import materialize, push_items
+
+    repo = make_repo("forget", batch_view=False)
+    materialize(bundle_path, repo)
+    edited = np.random.default_rng(2).standard_normal((1, 32)).astype(np.float32)
+    push_items(repo, pd.DataFrame({"item_id": [10], "raw_emb": list(edited)}))
+    small = make_random_bundle(tmp_path / "small", n_items=50, seed=3)  # holds item 10
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the switch")
+
+    monkeypatch.setattr(job, "switch_current", killed)
+    with pytest.raises(KeyboardInterrupt):
+        materialize(small, repo, promote=True)
+    assert job._pushed(repo, "item_id")["item_id"].tolist() == [10]
+    monkeypatch.undo()
+    materialize(small, repo, promote=True)
+    assert job._pushed(repo, "item_id").empty  # the built catalog holds it now
+
+
 def test_a_push_waits_for_the_repo_lock(make_repo, bundle_path):
     """`qarm push` beside a promotion: refused at once naming the holder (nothing pushed,
     online or in the pushed-items file), or pushed once the holder is gone."""
