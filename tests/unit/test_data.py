@@ -346,20 +346,28 @@ def test_ml1m_fetch_from_a_local_zip_through_the_cli(tmp_path):
     ("files", "message"),
     [
         ({"ratings": ["1::1193::5::978300760", "1::661::3::978302109", "2::3114::four::9"]},
-         r"ratings\.dat: row 4, column 'Rating': value 'four' is not a whole number"),
+         r"ratings\.dat: row 4, column 'Rating': value 'four' is not an integer"),
         ({"ratings": ["1::1193::5::978300760", "1::661::3"]},
          (r"ratings\.dat: row 2: 3 fields where 4 are expected "
           r"\(UserID::MovieID::Rating::Timestamp\): '1::661::3'")),
         ({"ratings": ["1::1193::5::978300760", "x1::661::3::978302109"]},
-         r"ratings\.dat: row 2, column 'UserID': value 'x1' is not a whole number"),
+         r"ratings\.dat: row 2, column 'UserID': value 'x1' is not an integer"),
         ({"movies": [*_ML1M_MOVIES[:2], "3.5::Heat (1995)::Action"]},
-         r"movies\.dat: row 3, column 'MovieID': value '3\.5' is not a whole number"),
+         r"movies\.dat: row 3, column 'MovieID': value '3\.5' is not an integer"),
         ({"movies": [*_ML1M_MOVIES[:2], "7:: ::Drama"]},
          r"movies\.dat: row 3, column 'Title': value '' is empty"),
+        ({"movies": [*_ML1M_MOVIES[:2], "7::Heat (1995)"]},
+         r"movies\.dat: row 3: 2 fields where 3 are expected \(MovieID::Title::Genres\)"),
+        ({"movies": ["7::Heat::(1995)::Action", *_ML1M_MOVIES[:2]]},
+         r"movies\.dat: row 1: 4 fields where 3 are expected"),
         ({"movies": [*_ML1M_MOVIES, "661::Heat (1995)::Action"]},
          r"movies\.dat: item file: duplicate item ids \[661\]"),
+        ({"ratings": ["1::1193::5::978300760", "1::661::3::99999999999999999999"]},
+         r"ratings\.dat: row 2, column 'Timestamp': value '9{20}' does not fit in int64"),
+        ({"ratings": ["1::1193::5::978300760", "1::661::4.0::978302109"]},
+         r"ratings\.dat: row 2, column 'Rating': value '4\.0' is not an integer"),
         ({"users": ["1::F::1::10::48067", "2::M::fifty::16::70072"]},
-         r"users\.dat: row 2, column 'Age': value 'fifty' is not a whole number"),
+         r"users\.dat: row 2, column 'Age': value 'fifty' is not an integer"),
     ],
 )  # fmt: skip
 def test_ml1m_bad_row_names_file_column_row_value_and_never_reaches_the_cache(
@@ -379,6 +387,23 @@ def test_ml1m_bad_row_names_file_column_row_value_and_never_reaches_the_cache(
     folder = _write_ml1m(tmp_path / "bad-folder", "folder", **files)
     with pytest.raises(DatasetError, match=rf"^{re.escape(str(folder))}/{message}"):
         data.load_movielens_1m(folder)
+
+
+@pytest.mark.parametrize("name", ["ratings.dat", "movies.dat", "users.dat"])
+def test_ml1m_fast_reader_matches_the_exact_one(name):
+    """The C-parser path gives what the line-by-line reference gives, on a clean file; a
+    blank line sends the file to the reference, whose row numbers skip it."""
+    text = _ml1m_files()[f"ml-1m/{name}"].decode("latin-1").replace("\n\n", "\n")
+    columns = list(data._ML1M_COLUMNS[name])
+    fast = data._read_dat_fast(text, text.splitlines(), columns)
+    exact, numbers = data._read_dat_exact(text.splitlines(), columns, name)
+    assert fast is not None
+    pd.testing.assert_frame_equal(fast, exact)
+    assert numbers.tolist() == list(range(1, len(exact) + 1))
+    lines = text.splitlines()
+    lines.insert(1, "")
+    assert data._read_dat_fast("\n".join(lines), lines, columns) is None
+    assert data._read_dat_exact(lines, columns, name)[1].tolist()[:2] == [1, 3]
 
 
 def test_ml1m_missing_file_and_missing_source(tmp_path):
