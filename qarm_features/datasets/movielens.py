@@ -158,7 +158,7 @@ def fetch_movielens_100k(
         :func:`load_movielens_100k`.
 
     Raises:
-        DatasetError: both sources failed.
+        DatasetError: both sources failed, or ``source`` is missing or cannot be read.
     """
     root = _cache_root(cache_dir)
     if source is not None:
