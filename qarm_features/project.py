@@ -30,8 +30,9 @@ in the bundles directory is confined (:func:`qarm_features.build.bundles.latest_
       join_key: item_id
     build: {...}                    # BuildConfig sections (encoder, pairs, aligner, rq, vq)
     bundles: artifacts/bundles      # where `qarm build` writes bundles
-    dataset: movielens-100k         # optional: a data set `qarm datasets fetch` knows;
-                                    # relative catalog/events paths are its tables'
+    dataset: movielens-100k         # optional: a data set `qarm datasets fetch` knows
+                                    # (movielens-100k, movielens-1m); relative
+                                    # catalog/events paths are its tables'
 
 Reading the files and checking their rows is :mod:`qarm_features.build.tables`' job.
 """

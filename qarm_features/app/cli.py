@@ -8,7 +8,8 @@
     qarm status [--repo R] [--repair]      what a repo serves; repair what a crash left
     qarm serve --repo R [-p PORT]          HTTP serving: checked, bounded, read-only by default
     qarm inspect BUNDLE                    verify a bundle, print its metrics (exit 1 if bad)
-    qarm datasets fetch movielens-100k     put the data set (and its tables) in the cache
+    qarm datasets fetch NAME [--from ZIP]  put a data set (movielens-100k, movielens-1m) and
+                                           its tables in the cache (--from: a local copy)
     qarm run                               the MovieLens demo end to end (build + serve + sample)
     qarm evaluate [--repo R]               does QARM lift a ranker on R's data? (A/B report)
 
@@ -68,15 +69,29 @@ def _setup_logging(verbose: bool) -> None:
 
 @datasets_app.command("fetch")
 def datasets_fetch(
-    name: Annotated[str, typer.Argument(help="Data set name: movielens-100k.")] = "movielens-100k",
+    name: Annotated[
+        str, typer.Argument(help="Data set name: movielens-100k or movielens-1m.")
+    ] = "movielens-100k",
+    from_: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--from",
+            help="A local copy to take instead of downloading: the GroupLens zip "
+            "(ml-1m.zip, ml-100k.zip) or its unpacked folder. Checked, then copied into the "
+            "cache (replacing an earlier copy).",
+        ),
+    ] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache directory.")] = None,
 ) -> None:
-    """Put a data set and its tidy tables in the cache (a qarm.yaml names it: `dataset:`)."""
+    """Put a data set and its tidy tables in the cache (a qarm.yaml names it: `dataset:`).
+
+    Downloads from GroupLens where the network allows; `--from` takes a local copy.
+    """
     from qarm_features.datasets.movielens import dataset_tables
 
     try:
         with console.status(f"fetching {name}"):
-            path = dataset_tables(name, cache_dir)
+            path = dataset_tables(name, cache_dir, source=from_)
     except QarmError as exc:
         _fail(exc)
     console.print(f"{name} is at [bold]{path}[/]")
@@ -358,6 +373,10 @@ def push(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print every statistic and every id (JSON).")
     ] = False,
+    wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for a promotion holding the repo's lock (0: refuse)."),
+    ] = 0.0,
     verbose: bool = False,
 ) -> None:
     """Give new items their codes online now, with the served bundle (no batch rerun)."""
@@ -366,7 +385,7 @@ def push(
 
     try:
         with console.status("encoding and pushing"):
-            stats = push_from_file(repo, items)
+            stats = push_from_file(repo, items, lock_timeout=wait)
     except QarmError as exc:
         _fail(exc)
     if as_json:

@@ -40,6 +40,7 @@ from qarm_features.app.paired import (
     check_aims,
     paired_bootstrap,
     paired_summary,
+    t_interval,
 )
 from qarm_features.app.protocol import (
     VARIANTS,
@@ -123,13 +124,27 @@ def _contrasts(res: dict, ref: dict | None = None) -> dict:
 
 
 def adopt(candidate: dict) -> bool:
-    """The selection rule, on validation paired means: a candidate beats the main
-    configuration when its summed cold deltas (D and B+D) are positive and its summed warm
-    deltas are not below -0.002."""
-    d = candidate["delta_vs_main"]
-    cold = sum(d[v]["cold"]["auc"]["mean"] for v in ("D", "B+D") if v in d)
-    warm = sum(d[v]["warm"]["auc"]["mean"] for v in ("D", "B+D") if v in d)
-    return bool(cold > 0 and warm >= -0.002)
+    """The selection rule, on validation paired deltas: a candidate beats the main
+    configuration when the 95% t-interval of its per-seed summed cold deltas (D and B+D)
+    lies above 0 and its mean summed warm delta is not below -0.002.
+
+    A mean alone adopted candidates inside their noise (``mlp_aligner``: cold +0.0003 ±
+    0.0035 over 3 seeds); with fewer than two seeds there is no interval and nothing is
+    adopted.
+    """
+    cold_ci = candidate["summed_delta"]["cold"]["ci"]
+    warm = candidate["summed_delta"]["warm"]["mean"]
+    return bool(cold_ci is not None and cold_ci[0] > 0 and warm >= -0.002)
+
+
+def _summed_delta(diffs: list[dict]) -> dict:
+    """Per subset (warm, cold): mean ± std and t-interval over seeds of the summed AUC
+    deltas of D and B+D (the variants :func:`adopt` reads)."""
+    out = {}
+    for s in ("warm", "cold"):
+        per_seed = [sum(d[v][s]["auc"] for v in ("D", "B+D") if v in d) for d in diffs]
+        out[s] = {**_mean_std(per_seed), "ci": t_interval(per_seed)}
+    return out
 
 
 def run_selection(
@@ -201,6 +216,7 @@ def run_selection(
             "delta_vs_main": _aggregate(diffs) if diffs else {},
             "alignment": _aggregate(cand_align[name]) if cand_align[name] else None,
         }
+        entry["summed_delta"] = _summed_delta(diffs) if diffs else None
         entry["adopt"] = adopt(entry) if diffs else False
         candidates[name] = entry
     return {

@@ -384,22 +384,23 @@ def _selection_lines(out: dict) -> list[str]:
             "Each row changes the shipped configuration as described and retrains what "
             "changes (item spaces when the aligner or RQ settings change; rankers D and B+D). "
             "Δ vs shipped: paired per-seed differences of validation AUC. The contrasts "
-            "columns use the shipped run's A and B. `adopt`: the selection rule (summed cold "
-            "Δ of D and B+D > 0, summed warm Δ ≥ −0.002) says the candidate beats the shipped "
-            "configuration — none should, if the shipped default is the validation winner."
+            "columns use the shipped run's A and B. Σ cold Δ: the per-seed sum of D's and B+D's "
+            "cold Δ, mean [95% t-interval]. `adopt`: the selection rule (that interval above "
+            "0, summed warm Δ ≥ −0.002) says the candidate beats the shipped configuration — "
+            "none should, if the shipped default is the validation winner."
         ),
         "",
         (
             "| candidate | what changes | Δ D warm | Δ D cold | Δ B+D warm | Δ B+D cold | "
-            "cold D − B | cold B+D − B | unseen pair-AUC | adopt |"
+            "Σ cold Δ | cold D − B | cold B+D − B | unseen pair-AUC | adopt |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mc = main.get("contrasts") or {}
     mal = main.get("alignment")
     main_pa = _fmt(mal["unseen"]["aligned"]["pair_auc"]) if mal else "n/a"
     lines.append(
-        f"| **shipped** | the defaults of this report | — | — | — | — | "
+        f"| **shipped** | the defaults of this report | — | — | — | — | — | "
         f"{_fmt(mc.get('cold_D_minus_B'))} | {_fmt(mc.get('cold_BD_minus_B'))} | {main_pa} | — |"
     )
     for name, c in sel["candidates"].items():
@@ -408,9 +409,12 @@ def _selection_lines(out: dict) -> list[str]:
         cc = c.get("contrasts") or {}
         al = c.get("alignment")
         pa = _fmt(al["unseen"]["aligned"]["pair_auc"]) if al else "same"
+        sd = (c.get("summed_delta") or {}).get("cold")
+        summed = _fmt_ci(sd) if sd else "n/a"
         lines.append(
             f"| {name} | {c['description']} | {cell('D', 'warm')} | {cell('D', 'cold')} | "
-            f"{cell('B+D', 'warm')} | {cell('B+D', 'cold')} | {_fmt(cc.get('cold_D_minus_B'))} | "
+            f"{cell('B+D', 'warm')} | {cell('B+D', 'cold')} | {summed} | "
+            f"{_fmt(cc.get('cold_D_minus_B'))} | "
             f"{_fmt(cc.get('cold_BD_minus_B'))} | {pa} | {'yes' if c['adopt'] else 'no'} |"
         )
     lines += [

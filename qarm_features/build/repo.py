@@ -446,7 +446,9 @@ def content_embeddings(repo_path: str | os.PathLike, items) -> np.ndarray:
     return _items_content(load_project(repo_path), items)[1]
 
 
-def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) -> dict:
+def push_from_file(
+    repo_path: str | os.PathLike, items_path: str | os.PathLike, *, lock_timeout: float = 0.0
+) -> dict:
     """``qarm push``: new items, in the catalog's format, encoded and pushed online.
 
     The stats say how many items the served bundle's catalog lacks now and whether a
@@ -458,7 +460,8 @@ def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) 
 
     Raises:
         InputError: a bad table (file, column, row named). BundleVersionMismatch: the repo
-            serves no bundle, or another version than its pointer.
+            serves no bundle, or another version than its pointer. RepoLocked: a
+            promotion holds the repo's lock past ``lock_timeout`` seconds.
     """
     from qarm_features.feast.job import push_items
 
@@ -466,7 +469,7 @@ def push_from_file(repo_path: str | os.PathLike, items_path: str | os.PathLike) 
     keys, raw = _items_content(project, items_path)
     join_key = item_entity(project).join_key
     items = pd.DataFrame({join_key: keys.keys, "raw_emb": list(raw)})
-    stats = push_items(project.repo, items, join_key=join_key)
+    stats = push_items(project.repo, items, join_key=join_key, lock_timeout=lock_timeout)
     from qarm_features.feast.serving import appended
 
     added = appended(project.repo)  # the daily route's check: is a rebuild due?

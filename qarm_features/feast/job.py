@@ -238,8 +238,6 @@ def prepare_sources(
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    for forget in pending:
-        forget()
     t_encode = time.perf_counter() - t0
     codes = written.kept_codes
 
@@ -264,6 +262,11 @@ def prepare_sources(
     if journal is not None:
         journal.step("switch", sources=out.name)
     switch_current(repo, out)  # the one atomic step: sources and pointer together
+    # Only now may pushed items the new catalog holds be forgotten: a run killed before the
+    # switch leaves the previous set served, and it still needs them (after the switch,
+    # a kill here leaves them listed: the next run forgets them).
+    for forget in pending:
+        forget()
     stats = {
         "version": bundle.version,
         "bundle": str(bundle.path),
@@ -439,6 +442,7 @@ def push_items(
     fs_yaml_file: str | os.PathLike | None = None,
     offline: bool = True,
     join_key: str = ITEM_ID,
+    lock_timeout: float = 0.0,
 ) -> dict:
     """Give new (or edited) items their codes online now, without a batch rerun.
 
@@ -453,44 +457,54 @@ def push_items(
         fs_yaml_file: another config of the repo.
         offline: also append the rows to the offline parquet sources.
         join_key: the repo's item join key.
+        lock_timeout: seconds to wait for a run holding the repo's lock (0: refuse at once).
+
+    The push holds the repo's lock (:func:`~qarm_features.feast.rollout.repo_lock`): a
+    promotion rewrites the offline sources and the pushed-items file and switches the
+    served bundle, so a push beside it could be lost or carry the old version's codes. A
+    push that waited reads the served bundle after the promotion, and encodes with it.
 
     Raises:
         BundleVersionMismatch: the bundle is not the version the registry serves.
         InputError: a bad row (the push is all or nothing).
+        RepoLocked: a run (``qarm materialize``) holds the repo's lock.
     """
     from feast.data_source import PushMode
 
     t0 = time.perf_counter()
     repo = Path(repo_path).resolve()
-    context = ServingContext.of_repo(repo, bundle_path)
-    if not context.is_set:
-        raise QarmError(f"no bundle for {repo}: run `qarm materialize` first or pass bundle_path")
-    from qarm_features.bundle.encode import get_bundle
+    items = _items(items_df, join_key, name="items_df")  # bad rows refused before the lock
+    with repo_lock(repo, "qarm push", timeout=lock_timeout):
+        context = ServingContext.of_repo(repo, bundle_path)
+        if not context.is_set:
+            raise QarmError(
+                f"no bundle for {repo}: run `qarm materialize` first or pass bundle_path"
+            )
+        from qarm_features.bundle.encode import get_bundle
 
-    bundle = get_bundle(context.bundle)
-    store = open_store(repo, fs_yaml_file)
-    registered = registered_version(store)
-    if registered != bundle.version:
-        raise BundleVersionMismatch(
-            f"cannot push codes of {bundle.version}: the registry of {repo} serves "
-            f"{registered}; push with the registered bundle (or materialize --promote first)"
-        )
-    now = datetime.now(timezone.utc)
-    items = _items(items_df, join_key, name="items_df")
-    items[ITEM_ID] = items[ITEM_ID].astype(_id_dtype(bundle))
-    items[RAW_EMB] = [np.asarray(v, np.float32) for v in items[RAW_EMB]]
-    items[EVENT_TIMESTAMP] = row_stamp(now)
-    items[CREATED] = pd.Timestamp(now)
-    codes = encode_catalog(bundle, items)
-    keyed = {"id_type": bundle.id_type, "id_column": join_key}
-    codes_schema = bundle.schema.arrow("codes", **keyed)
-    content_schema = bundle.schema.arrow("content", **keyed)
-    rename = {ITEM_ID: join_key}
-    to = PushMode.ONLINE_AND_OFFLINE if offline else PushMode.ONLINE
-    store.push("item_content_push", items.rename(columns=rename)[content_schema.names], to=to)
-    store.push("qarm_push", codes.rename(columns=rename)[codes_schema.names], to=to)
-    if offline:  # the next materialize keeps them until a built catalog holds them
-        _record_pushed(repo, items.assign(pushed_at=pd.Timestamp(now)), join_key)
+        bundle = get_bundle(context.bundle)
+        store = open_store(repo, fs_yaml_file)
+        registered = registered_version(store)
+        if registered != bundle.version:
+            raise BundleVersionMismatch(
+                f"cannot push codes of {bundle.version}: the registry of {repo} serves "
+                f"{registered}; push with the registered bundle (or materialize --promote first)"
+            )
+        now = datetime.now(timezone.utc)
+        items[ITEM_ID] = items[ITEM_ID].astype(_id_dtype(bundle))
+        items[RAW_EMB] = [np.asarray(v, np.float32) for v in items[RAW_EMB]]
+        items[EVENT_TIMESTAMP] = row_stamp(now)
+        items[CREATED] = pd.Timestamp(now)
+        codes = encode_catalog(bundle, items)
+        keyed = {"id_type": bundle.id_type, "id_column": join_key}
+        codes_schema = bundle.schema.arrow("codes", **keyed)
+        content_schema = bundle.schema.arrow("content", **keyed)
+        rename = {ITEM_ID: join_key}
+        to = PushMode.ONLINE_AND_OFFLINE if offline else PushMode.ONLINE
+        store.push("item_content_push", items.rename(columns=rename)[content_schema.names], to=to)
+        store.push("qarm_push", codes.rename(columns=rename)[codes_schema.names], to=to)
+        if offline:  # the next materialize keeps them until a built catalog holds them
+            _record_pushed(repo, items.assign(pushed_at=pd.Timestamp(now)), join_key)
     return {
         "version": bundle.version,
         "n_items": int(len(codes)),

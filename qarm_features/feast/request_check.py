@@ -11,6 +11,9 @@ decides, from the types the registry declares, what a request means:
   decimal digits (JavaScript sends 64-bit ids as strings), in range; a float (``50.7`` and
   ``50.0`` alike), a boolean, ``null`` or any other string is a :class:`RequestRejected`
   (HTTP 400) naming the key, the row and the value. A ``STRING`` key takes strings only.
+- a request field declared ``String`` (``raw_emb_b64``) takes a string or ``null`` per row;
+  any other value is replaced by ``null`` and that row alone is answered with the reason
+  (as a bad ``raw_emb`` row is), instead of failing the request as a bad key would.
 - a request field declared ``Array(Float32)``/``Array(Float64)`` (``raw_emb``) takes any
   mix of JSON integers and floats: integers become floats, so Feast's first-row inference
   sees floats. A row that is not a non-empty list of numbers is replaced by ``null`` (the
@@ -32,6 +35,7 @@ from qarm_features.errors import QarmError
 
 INT = "int"  # a scalar integer key (INT64 or INT32)
 STRING = "string"  # a scalar string key
+STRING_FIELD = "string_field"  # a string request field (not a key): bad rows fail alone
 FLOAT_LIST = "float_list"  # a list of floats (a raw embedding)
 
 _RANGES = {"INT64": (-(2**63), 2**63 - 1), "INT32": (-(2**31), 2**31 - 1)}
@@ -91,8 +95,9 @@ def field_kinds(store) -> dict[str, tuple[str, str]]:
         for source in odfv.source_request_sources.values():
             for f in source.schema:
                 vt = f.dtype.to_value_type().name
-                if kind_of(vt) is not None:
-                    kinds.setdefault(f.name, (kind_of(vt), vt))
+                kind = kind_of(vt)
+                if kind is not None:
+                    kinds.setdefault(f.name, (STRING_FIELD if kind == STRING else kind, vt))
     for entity in store.list_entities(allow_cache=True):  # join keys win over request fields
         vt = entity.value_type.name
         if kind_of(vt) is not None:
@@ -168,6 +173,11 @@ def float_row(value: Any, name: str) -> tuple[Any, str | None]:
     return None, f"{name} is not a list of numbers"  # pragma: no cover - int/float subclasses
 
 
+def _add_row_error(out: CheckedRequest, row: int, why: str) -> None:
+    prior = out.row_errors.get(row)
+    out.row_errors[row] = why if prior is None else f"{prior}; {why}"
+
+
 def check_online_request(
     body: Any, kinds: Mapping[str, tuple[str, str]], *, max_rows: int
 ) -> CheckedRequest:
@@ -214,6 +224,12 @@ def check_online_request(
                     if len(problems) < MAX_REPORTED:
                         why = f"is {_a(v)}; {name} ids are strings"
                         problems.append({"key": name, "row": row, "value": v, "error": why})
+        elif kind == STRING_FIELD:
+            for row, v in enumerate(values):
+                if v is not None and not isinstance(v, str):
+                    values[row] = None
+                    out.changed = True
+                    _add_row_error(out, row, f"{name} is {_a(v)}, not a string")
         elif kind == FLOAT_LIST:
             for row, v in enumerate(values):
                 new, why = float_row(v, name)
@@ -221,8 +237,7 @@ def check_online_request(
                     values[row] = new
                     out.changed = True
                 if why is not None:
-                    prior = out.row_errors.get(row)
-                    out.row_errors[row] = why if prior is None else f"{prior}; {why}"
+                    _add_row_error(out, row, why)
     if problems:
         listed = "; ".join(
             f"{p['key']} row {p['row']}: {_short(p['value'])} {p['error']}" for p in problems

@@ -135,7 +135,8 @@ def repo_lock(repo: str | os.PathLike, what: str, *, timeout: float = 0.0) -> It
                     waited = f" after waiting {timeout:g} s" if timeout else ""
                     raise RepoLocked(
                         f"feature repo {Path(repo).resolve()} is locked by {_holder_text(holder)}"
-                        f"{waited}: one `qarm materialize` (or `status --repair`) at a time. "
+                        f"{waited}: one run that writes the repo (`qarm materialize`, `qarm push`, "
+                        "`status --repair`) at a time. "
                         f"Wait for it to end and run again; the lock ({path}) is released "
                         "when that process exits, however it ends",
                         holder,

@@ -91,6 +91,78 @@ def test_promotion_does_not_resurrect_the_previous_catalog(make_repo, bundle_pat
     assert statuses["rq_code_l1"] == ["PRESENT", "NOT_FOUND", "PRESENT"]
 
 
+def test_a_promotion_killed_before_its_switch_forgets_no_pushed_item(make_repo, bundle_path,
+                                                                     tmp_path, monkeypatch):
+    """An item pushed (edited) and held by the new bundle's catalog is forgotten from the
+    pushed-items file only once the new sources are switched in: a run that dies before
+    the switch leaves the old set served, with the push still listed."""
+    import numpy as np
+    import pandas as pd
+
+    from qarm_features.bundle.testing import make_random_bundle
+    from qarm_features.feast import job
+    from qarm_features.feast.job import materialize, push_items
+
+    repo = make_repo("forget", batch_view=False)
+    materialize(bundle_path, repo)
+    edited = np.random.default_rng(2).standard_normal((1, 32)).astype(np.float32)
+    push_items(repo, pd.DataFrame({"item_id": [10], "raw_emb": list(edited)}))
+    small = make_random_bundle(tmp_path / "small", n_items=50, seed=3)  # holds item 10
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the switch")
+
+    monkeypatch.setattr(job, "switch_current", killed)
+    with pytest.raises(KeyboardInterrupt):
+        materialize(small, repo, promote=True)
+    assert job._pushed(repo, "item_id")["item_id"].tolist() == [10]
+    monkeypatch.undo()
+    materialize(small, repo, promote=True)
+    assert job._pushed(repo, "item_id").empty  # the built catalog holds it now
+
+
+def test_a_push_waits_for_the_repo_lock(make_repo, bundle_path):
+    """`qarm push` beside a promotion: refused at once naming the holder (nothing pushed,
+    online or in the pushed-items file), or pushed once the holder is gone."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pandas as pd
+
+    from qarm_features.errors import RepoLocked
+    from qarm_features.feast.job import materialize, open_store, push_items
+    from qarm_features.feast.layout import PUSHED_FILE
+    from tests.integration.helpers import ROOT, online
+
+    repo = make_repo("pushlock", batch_view=False)
+    materialize(bundle_path, repo)
+    items = pd.DataFrame({"item_id": [9_998],
+                          "raw_emb": list(np.ones((1, 32), np.float32))})  # fmt: skip
+    script = (
+        "import sys, time\nfrom qarm_features.feast.rollout import repo_lock\n"
+        "with repo_lock(sys.argv[1], 'qarm materialize (test)'):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(repo)], text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RepoLocked, match=f"pid {holder.pid} .*qarm push"):
+            push_items(repo, items)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (repo / PUSHED_FILE).exists()
+    _, statuses = online(open_store(repo), ["qarm:rq_code_l1"], [{"item_id": 9_998}])
+    assert statuses["rq_code_l1"] == ["NOT_FOUND"]
+    assert push_items(repo, items, lock_timeout=5)["n_items"] == 1
+    _, statuses = online(open_store(repo), ["qarm:rq_code_l1"], [{"item_id": 9_998}])
+    assert statuses["rq_code_l1"] == ["PRESENT"] and (repo / PUSHED_FILE).exists()
+
+
 def test_a_view_left_materializing_is_served_and_repaired(make_repo, bundle_path, tmp_path):
     """A killed `qarm materialize` leaves views MATERIALIZING (fault injected here): reads
     go on serving the last rows, `qarm status` says so, `qarm status --repair` fixes it."""

@@ -566,6 +566,8 @@ def test_fast_reads_equal_feasts_answers(three_apps, bundle_path):
         ({"features": ["qarm_cold_b64:qarm_error", "qarm_cold:rq_code_l1",
                        "qarm_cold_b64:vq_codes"],
           "entities": {"raw_emb": good, "raw_emb_b64": b64}}, True),
+        ({"features": ["qarm_cold_b64:qarm_error", "qarm_cold_b64:rq_code_l1"],
+          "entities": {"raw_emb_b64": [b64[0], 7]}}, False),  # a number: that row's error
         ({"features": warm, "entities": {"item_id": [1]}, "full_feature_names": True}, True),
         ({"features": ["qarm:no_such_feature"], "entities": {"item_id": [1]}}, True),
         ({"features": ["qarm:rq_code_l1", "qarm_cold:rq_code_l1"],
@@ -580,20 +582,22 @@ def test_fast_reads_equal_feasts_answers(three_apps, bundle_path):
             want = asgi_post(plain, json.loads(json.dumps(payload)))
             assert got[0] == want[0] and json.loads(got[1]) == json.loads(want[1]), (i, got, want)
     # answered by qarm serve itself: the reads it covers; errors and services went to Feast
-    assert answered == [True] * 9 + [False] * 4, answered
+    assert answered == [True] * 10 + [False] * 4, answered
     # a body not declared as JSON: Feast's 422, from both (as the README's curl must know)
     for content_type in (None, b"text/plain", b"application/x-www-form-urlencoded"):
         got = asgi_post(fast, cases[0][0], content_type=content_type)
         want = asgi_post(plain, cases[0][0], content_type=content_type)
         assert got[0] == want[0] == 422 and got[1] == want[1], (content_type, got)
     assert asgi_post(fast, cases[0][0], content_type=b"application/json; charset=utf-8")[0] == 200
-    assert len(answered) == 14
+    assert len(answered) == 15
     # codes bit for bit with the batch path, the guard's row errors in place
     cols = columns(json.loads(asgi_post(fast, cases[4][0])[1]))
     want = expected_rows(bundle_path, [9001], raw[:1])[9001]
     assert_row_equal({n: cols[n][0] for n in NAMES}, want, NAMES, "good row")
     assert cols["qarm_error"][1:] == ["raw_emb must be a list of numbers, got a string", "",
                                       "raw_emb is missing", "raw_emb is an empty list"]
+    cols = columns(json.loads(asgi_post(fast, cases[8][0])[1]))
+    assert cols["qarm_error"] == ["", "raw_emb_b64 is a number, not a string"], cols
 
 
 def test_full_feature_names_keep_cold_outputs(three_apps, bundle_path):

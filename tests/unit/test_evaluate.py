@@ -394,6 +394,27 @@ def test_write_report_files_and_json_layout(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp file
 
 
+def test_selection_adopts_only_when_the_summed_cold_interval_excludes_zero():
+    """The rule reads the per-seed sums of D's and B+D's cold deltas: a positive mean inside
+    its noise (the 3-seed ``mlp_aligner`` case) is not adopted; a clear gain is; a warm
+    loss or a single seed (no interval) vetoes."""
+    from qarm_features.app.evaluate import _summed_delta, adopt
+
+    def seeds(cold_d, cold_bd, warm=0.0):
+        return [
+            {v: {"cold": {"auc": c}, "warm": {"auc": warm}} for v, c in (("D", d), ("B+D", b))}
+            for d, b in zip(cold_d, cold_bd)
+        ]
+
+    noisy = {"summed_delta": _summed_delta(seeds([0.004, -0.003, 0.001], [0.002, -0.004, 0.001]))}
+    assert noisy["summed_delta"]["cold"]["mean"] > 0 and not adopt(noisy)
+    clear = {"summed_delta": _summed_delta(seeds([0.010, 0.012, 0.011], [0.008, 0.009, 0.010]))}
+    assert clear["summed_delta"]["cold"]["ci"][0] > 0 and adopt(clear)
+    warm_loss = _summed_delta(seeds([0.010, 0.012, 0.011], [0.008, 0.009, 0.010], warm=-0.002))
+    assert not adopt({"summed_delta": warm_loss})
+    assert not adopt({"summed_delta": _summed_delta(seeds([0.01], [0.01]))})
+
+
 def test_run_protocol_end_to_end_tiny(tmp_path):
     """The whole protocol (pairs, aligner, codes, rankers, ablation, report) on tiny data."""
     from qarm_features.app.evaluate import CONTRASTS, run_protocol
@@ -440,6 +461,7 @@ def test_run_protocol_end_to_end_tiny(tmp_path):
     assert sel["candidates"]["mlp"]["alignment"] is not None  # refits the aligner
     for c in sel["candidates"].values():
         assert set(c["delta_vs_main"]) == {"D", "B+D"}
+        assert c["summed_delta"]["cold"]["ci"] is None and c["adopt"] is False  # one seed
         assert set(c["contrasts"]) == set(CONTRASTS)
     assert set(sel["main"]["results"]) == {"A", "B", "D", "B+D"}
     for v in ("A", "D"):

@@ -12,6 +12,7 @@ from qarm_features.feast.request_check import (
     FLOAT_LIST,
     INT,
     STRING,
+    STRING_FIELD,
     RequestRejected,
     check_online_request,
     float_row,
@@ -23,6 +24,7 @@ KINDS = {
     "item_id": (INT, "INT64"),
     "sku": (STRING, "STRING"),
     "raw_emb": (FLOAT_LIST, "FLOAT_LIST"),
+    "raw_emb_b64": (STRING_FIELD, "STRING"),
 }
 
 
@@ -103,6 +105,18 @@ def test_check_normalises_float_lists_and_collects_row_errors():
     assert out.row_errors == {2: "raw_emb must be a list of numbers, got a string"}
     unchanged = check_online_request({"entities": {"raw_emb": [good]}}, KINDS, max_rows=10)
     assert not unchanged.changed and not unchanged.row_errors
+
+
+def test_a_string_request_field_fails_bad_rows_alone():
+    """A non-string ``raw_emb_b64`` row is that row's error, not a 400 calling it an id."""
+    good = "AACAPw=="
+    body = {"entities": {"raw_emb_b64": [good, 7, None, ["x"]]}}
+    out = check_online_request(body, KINDS, max_rows=10)
+    assert out.changed and body["entities"]["raw_emb_b64"] == [good, None, None, None]
+    assert out.row_errors == {
+        1: "raw_emb_b64 is a number, not a string",
+        3: "raw_emb_b64 is an array, not a string",
+    }
 
 
 def test_check_leaves_unknown_shapes_to_feast():
@@ -374,7 +388,8 @@ def test_a_join_key_wins_over_a_request_field_of_the_same_name():
 
     kinds = field_kinds(Store())
     assert kinds["item_id"] == (INT, "INT64") and kinds["sku"] == (STRING, "STRING")
-    assert kinds["raw_emb"] == (FLOAT_LIST, "FLOAT_LIST") and kinds["note"] == (STRING, "STRING")
+    assert kinds["raw_emb"] == (FLOAT_LIST, "FLOAT_LIST")
+    assert kinds["note"] == (STRING_FIELD, "STRING")  # a request field: bad rows fail alone
     with pytest.raises(RequestRejected, match="item_id row 0"):
         check_online_request({"entities": {"item_id": [50.7]}}, kinds, max_rows=5)
 
