@@ -481,7 +481,8 @@ def evaluate(
 
     The repo's catalog and events through the build route (qarm.yaml's pairs, content and
     build sections): a temporal split, warm / cold / new items, the same ranker with ids
-    only (A), + the frozen embedding (B), + QARM codes (D), both (B+D), paired intervals.
+    only (A), + the frozen embedding (B), + QARM codes (D), both (B+D), paired intervals;
+    every variant again with deepctr-torch's DeepFM, a ranker the project did not write.
     """
     _setup_logging(verbose)
     from qarm_features.app.evaluate import evaluate_repo

@@ -12,7 +12,10 @@ names, through the build route (:func:`qarm_features.build.repo.read_repo`, ``mi
 2. item spaces fitted on train rows by the offline pipeline ``qarm build`` runs
    (:mod:`qarm_features.app.item_spaces` over :func:`qarm_features.build.pipeline.fit_item_space`),
    pairs and content from the repo's route, mined on train rows only;
-3. one ranker per variant, same architecture and budget (:mod:`qarm_features.app.variants`);
+3. one ranker per variant, same architecture and budget (:mod:`qarm_features.app.variants`),
+   then the same variants again with each other ranker of ``cfg.rankers``
+   (:mod:`qarm_features.app.deepfm`: deepctr-torch's DeepFM, a ranker the project did not
+   write), on the same rows and seed;
 4. AUC / UAUC / GAUC on all, warm, cold and new-item test rows, then mean ± std over seeds,
    paired differences with 95% intervals (:mod:`qarm_features.app.paired`), the
    candidates on the validation split and the aims (:func:`check_aims`); the report is
@@ -76,14 +79,23 @@ def _aggregate(tree_list: list):
     return first
 
 
-def _run_variant(v: str, spaces: ItemSpaces, split: Split, cfg: EvalConfig, seed: int):
-    """Train and score one variant; returns (per-subset metrics, training info, scores)."""
+def _run_variant(
+    v: str, spaces: ItemSpaces, split: Split, cfg: EvalConfig, seed: int, ranker: str = "din"
+):
+    """Train and score one variant with one ranker (``"din"``: ours; ``"deepfm"``:
+    :func:`~qarm_features.app.deepfm.train_deepfm`); returns (per-subset metrics, training
+    info, scores)."""
     t0 = time.perf_counter()
     kw, items, content = variant_items(
         v, spaces, split, vq_tied=cfg.vq_tied, content_codes=cfg.content_codes
     )
-    kw.update(ranker_options(cfg))
-    scores, info = train_ranker(kw, items, split, cfg, seed, content)
+    if ranker == "deepfm":
+        from qarm_features.app.deepfm import train_deepfm
+
+        scores, info = train_deepfm(kw, items, split, cfg, seed)
+    else:
+        kw.update(ranker_options(cfg))
+        scores, info = train_ranker(kw, items, split, cfg, seed, content)
     info["seconds"] = time.perf_counter() - t0
     return score_subsets(split, scores, split.item_ids), info, scores
 
@@ -244,7 +256,8 @@ def run_protocol(
         differences with 95% intervals, :func:`~qarm_features.app.paired.paired_summary`),
         ``per_seed``, ``alignment``,
         ``codes``, ``rankers`` (best epochs, params), ``ablations``, ``counts``, ``aims``,
-        ``seconds``.
+        ``seconds``; ``other_rankers[name]`` (each ranker of ``cfg.rankers`` but ``din``):
+        ``title``, ``results``, ``paired``, ``contrasts``, ``aims``, ``training``.
     """
     import torch
 
@@ -255,6 +268,16 @@ def run_protocol(
             raise InputError(f"variants: unknown {v!r}; choose from {list(VARIANTS)}")
     if "A" not in cfg.variants:
         raise InputError("variants: the baseline 'A' is required (deltas are taken against it)")
+    if "din" not in cfg.rankers:
+        raise InputError(
+            f"rankers: {list(cfg.rankers)} lacks 'din', the report's main ranker (selection "
+            "and the headline run on it); add it"
+        )
+    others = [r for r in dict.fromkeys(cfg.rankers) if r != "din"]
+    if "deepfm" in others:  # a missing library fails here, not after a seed of training
+        from qarm_features.app.deepfm import library_title
+
+        library_title()
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise InputError("seeds: pass at least one seed")
@@ -273,10 +296,13 @@ def run_protocol(
         selection = run_selection(item_ids, raw_emb, interactions, cfg, bar=bar, route=route)
     per_seed, deltas, align, codes, rankers, counts, spaces_s = [], [], [], [], {}, [], []
     boots = []
+    other_res: dict = {r: [] for r in others}  # per seed: variant -> subset metrics
+    other_boots: dict = {r: [] for r in others}
+    other_info: dict = {r: {} for r in others}
     ab_res: dict = {name: [] for name in cfg.ablations}
     ab_align: dict = {name: [] for name in cfg.ablations}
     n_steps = (
-        len(cfg.variants)
+        len(cfg.variants) * (1 + len(others))
         + 1
         + sum(len(a.variants) + bool(a.aligner) for a in cfg.ablations.values())
     )
@@ -298,6 +324,15 @@ def run_protocol(
                 rankers.setdefault(v, []).append(info)
                 bar.update(1)
             boots.append(paired_bootstrap(split, scores, seed))
+            for r in others:
+                ores, oscores = {}, {}
+                for v in cfg.variants:
+                    bar.set_description(f"seed {seed}: {r} {v}")
+                    ores[v], info, oscores[v] = _run_variant(v, spaces, split, cfg, seed, r)
+                    other_info[r].setdefault(v, []).append(info)
+                    bar.update(1)
+                other_res[r].append(ores)
+                other_boots[r].append(paired_bootstrap(split, oscores, seed))
             for name, ab in cfg.ablations.items():
                 acfg = cfg.model_copy(
                     update={**ab.ranker, "aligner": cfg.aligner.model_copy(update=ab.aligner)}
@@ -361,6 +396,9 @@ def run_protocol(
         }
     out = {
         "selection": selection,
+        "other_rankers": {
+            r: _other_ranker(r, other_res[r], other_boots[r], other_info[r]) for r in others
+        },
         "contrasts": _aggregate([p["contrasts"] for p in per_seed]),
         "results": _summary([p["results"] for p in per_seed]),
         "deltas_vs_A": _aggregate(deltas),
@@ -384,6 +422,30 @@ def run_protocol(
         "seconds": {
             "total": time.perf_counter() - t_start,
             "item_spaces_per_seed": _mean_std(spaces_s),
+        },
+    }
+    out["aims"] = check_aims(out)
+    return out
+
+
+def _other_ranker(name: str, per_seed: list[dict], boots: list[dict], infos: dict) -> dict:
+    """One more ranker's section of the results tree: its results, paired differences,
+    contrasts and aims, as the main ranker's (same keys)."""
+    from qarm_features.app.deepfm import library_title
+
+    out = {
+        "title": library_title() if name == "deepfm" else name,
+        "results": _summary(per_seed),
+        "paired": paired_summary(per_seed, boots),
+        "contrasts": _aggregate([_contrasts(r) for r in per_seed]),
+        "training": {
+            v: {
+                "best_epoch": [i["best_epoch"] for i in vi],
+                "n_params": vi[0]["n_params"],
+                "inputs": vi[0]["inputs"],
+                "seconds": _mean_std([i["seconds"] for i in vi]),
+            }
+            for v, vi in infos.items()
         },
     }
     out["aims"] = check_aims(out)

@@ -167,6 +167,10 @@ class EvalConfig(BaseModel):
     # on the validation split.
     ablations: dict[str, Ablation] = {}
     threads: int = Field(1, ge=1)  # torch threads (the budget assumes a shared 2-core box)
+    # Rankers trained on every test-split variant, paired per ranker: "din" (ours,
+    # app.ranker; the only one the validation selection runs, and required) and "deepfm"
+    # (deepctr-torch's DeepFM, app.deepfm: a ranker the project did not write, issue 17).
+    rankers: tuple[Literal["din", "deepfm"], ...] = ("din", "deepfm")
 
     def with_candidate(self, cand: Ablation) -> EvalConfig:
         """This configuration with a candidate's overrides applied."""

@@ -153,27 +153,12 @@ def render_markdown(out: dict) -> str:
         )
     )
     lines.append("")
-    paired = out.get("paired") or {}
-    for subset in SUBSETS:
-        lines += [
-            f"**{subset} rows** ({SUBSET_TEXT[subset]})",
-            "",
-            "| variant | inputs | AUC | UAUC | GAUC | ΔAUC vs A [95% CI] | ΔGAUC vs A [95% CI] |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for v in r:
-            d = paired.get(f"{v} - A", {}).get(subset, {})
-            lines.append(
-                f"| {v} | {out.get('variants', {}).get(v, '')} | {_fmt(r[v][subset]['auc'])} | "
-                f"{_fmt(r[v][subset]['uauc'])} | {_fmt(r[v][subset]['gauc'])} | "
-                f"{_fmt_ci(d.get('auc')) if v != 'A' else '—'} | "
-                f"{_fmt_ci(d.get('gauc')) if v != 'A' else '—'} |"
-            )
-        lines.append("")
+    lines += _results_lines(r, out.get("paired") or {}, out.get("variants", {}))
     lines += [f"![AUC by variant, warm / cold / new items]({name}.png)", ""]
-    lines += _paired_lines(out)
+    lines += _paired_lines(out.get("paired") or {})
     lines += _protocol_lines(out)
-    lines += _aims_lines(out)
+    lines += _aims_lines(out.get("aims") or {})
+    lines += _other_ranker_lines(out)
     lines += _selection_lines(out)
     lines += _ablation_lines(out)
     lines += [
@@ -265,12 +250,60 @@ def _data_lines(out: dict) -> list[str]:
     ]
 
 
-def _paired_lines(out: dict) -> list[str]:
-    paired = out.get("paired") or {}
+def _results_lines(r: dict, paired: dict, variants: dict) -> list[str]:
+    """One table per subset: AUC / UAUC / GAUC per variant and its paired Δ vs A."""
+    lines = []
+    for subset in SUBSETS:
+        lines += [
+            f"**{subset} rows** ({SUBSET_TEXT[subset]})",
+            "",
+            "| variant | inputs | AUC | UAUC | GAUC | ΔAUC vs A [95% CI] | ΔGAUC vs A [95% CI] |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for v in r:
+            d = paired.get(f"{v} - A", {}).get(subset, {})
+            lines.append(
+                f"| {v} | {variants.get(v, '')} | {_fmt(r[v][subset]['auc'])} | "
+                f"{_fmt(r[v][subset]['uauc'])} | {_fmt(r[v][subset]['gauc'])} | "
+                f"{_fmt_ci(d.get('auc')) if v != 'A' else '—'} | "
+                f"{_fmt_ci(d.get('gauc')) if v != 'A' else '—'} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _other_ranker_lines(out: dict) -> list[str]:
+    """A section per ranker the project did not write (``other_rankers``; absent from
+    reports written before issue 17): the headline tables, paired differences and aims."""
+    lines = []
+    for x in (out.get("other_rankers") or {}).values():
+        t = x["training"]
+        epochs = ", ".join(f"{v} {t[v]['best_epoch']}" for v in t)
+        lines += [
+            f"## {x['title']}",
+            "",
+            (
+                "A CTR model from a maintained public library, trained per variant on the "
+                "same rows, labels, splits and seeds as our ranker, with the same budget and "
+                "early stopping, fed the same features (user id, item id with the same OOV "
+                "id for cold and new items, the point-in-time history's item ids, mean "
+                "pooled; the variant's dense embedding and RQ / VQ codes). If the lift is "
+                "not an artefact of our ranker, it shows here too. Candidates were not "
+                f"selected on it. Best epochs per seed: {epochs}."
+            ),
+            "",
+        ]
+        lines += _results_lines(x["results"], x.get("paired") or {}, out.get("variants", {}))
+        lines += _paired_lines(x.get("paired") or {}, level="###")
+        lines += _aims_lines(x.get("aims") or {}, level="###")
+    return lines
+
+
+def _paired_lines(paired: dict, level: str = "##") -> list[str]:
     if not paired:
         return []
     lines = [
-        "## Paired differences, warm / cold / new items (95% intervals)",
+        f"{level} Paired differences, warm / cold / new items (95% intervals)",
         "",
         (
             "Each cell: mean of the per-seed differences [95% interval]. An interval that "
@@ -314,12 +347,11 @@ def _protocol_lines(out: dict) -> list[str]:
     ]
 
 
-def _aims_lines(out: dict) -> list[str]:
-    a = out.get("aims") or {}
+def _aims_lines(a: dict, level: str = "##") -> list[str]:
     if not a:
         return []
     lines = [
-        "## Aims (test split, paired over seeds: mean ± std of per-seed differences)",
+        f"{level} Aims (test split, paired over seeds: mean ± std of per-seed differences)",
         "",
         (
             "The project's aims for QARM (set on MovieLens-100k; the same bars on any "

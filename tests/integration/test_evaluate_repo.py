@@ -2,7 +2,8 @@
 
 Two tiny shops (generated data, well under a minute each): int item ids with a 0/1 label
 column, and string item ids with implicit clicks (sampled negatives). The report must
-have every variant, warm / cold / new items, and paired differences with intervals.
+have every variant, warm / cold / new items, and paired differences with intervals, for
+our ranker and for deepctr-torch's DeepFM.
 """
 
 from __future__ import annotations
@@ -104,6 +105,18 @@ def _check_report(out: Path, name: str) -> dict:
                 assert lo <= cell["mean"] <= hi and lo < hi, (pair, subset, metric, cell)
                 assert cell["ci_method"] == "bootstrap over users"  # one --quick seed
     assert "## Paired differences" in md and "**new rows**" in md and "**cold rows**" in md
+    # the second ranker, one the project did not write (issue 17): every variant, warm and
+    # cold, paired with intervals, its own section in the report
+    fm = report["other_rankers"]["deepfm"]
+    assert set(fm["results"]) == {"A", "B", "D", "B+D"}
+    for subset in ("warm", "cold"):
+        for v in ("A", "B", "D", "B+D"):
+            assert 0.0 <= fm["results"][v][subset]["auc"]["mean"] <= 1.0
+        for pair in ("D - A", "B+D - B"):
+            lo, hi = fm["paired"][pair][subset]["auc"]["ci"]
+            assert lo <= fm["paired"][pair][subset]["auc"]["mean"] <= hi
+    assert f"## {fm['title']}" in md and fm["title"].startswith("DeepFM (deepctr-torch ")
+    assert md.count("**cold rows**") == 2 and md.count("### Aims") == 1
     assert f"`qarm evaluate --repo {name} --quick`" in md
     return report
 
@@ -120,7 +133,8 @@ def test_evaluate_an_int_id_repo_with_labels(tmp_path):
     assert report["data"]["id_kind"] == "int64" and report["data"]["negatives_per_positive"] == 0
     assert report["data"]["label"] == "clicked = 1"
     # progress per seed and variant, plain lines without a terminal
-    for step in ("seed 0: split + item spaces", "seed 0: ranker A", "seed 0: ranker B+D"):
+    for step in ("seed 0: split + item spaces", "seed 0: ranker A", "seed 0: ranker B+D",
+                 "seed 0: deepfm A", "seed 0: deepfm B+D"):  # fmt: skip
         assert step in proc.stdout
 
 

@@ -493,6 +493,18 @@ def test_run_protocol_end_to_end_tiny(tmp_path):
     md = paths["md"].read_text()
     assert "## Test-split ablations" in md and "## Candidates (validation split" in md
     assert "Seeds that chose nothing at all (neither split): [1]" in md
+    # the second ranker (deepctr-torch's DeepFM): every variant, paired, aims, its section;
+    # selection ran on our ranker only
+    fm = out["other_rankers"]["deepfm"]
+    assert set(fm["results"]) == {"A", "B", "D", "B+D"} and set(fm["paired"]) == set(out["paired"])
+    assert fm["results"]["D"]["cold"]["auc"]["n"] == 2 and fm["results"] != out["results"]
+    assert fm["paired"]["D - B"]["cold"]["auc"]["ci"] == fm["aims"]["cold_D_minus_B"]["ci"]
+    assert "unseen_pair_auc" not in fm["aims"]  # the alignment's aim is the main section's
+    assert "rq_prefix1" in fm["training"]["D"]["inputs"] and "vq" in fm["training"]["D"]["inputs"]
+    assert "dense" in fm["training"]["B+D"]["inputs"]
+    assert md.count("## DeepFM (deepctr-torch ") == 1 and md.count("**cold rows**") == 2
+    assert md.count("### Paired differences") == 1 and md.count("### Aims") == 1
+    assert set(sel["main"]["results"]) == {"A", "B", "D", "B+D"} and "other_rankers" not in sel
     assert "## Paired differences" in md and "**new rows**" in md and "| D − B |" in md
     with pytest.raises(InputError, match="baseline"):
         run_protocol(item_ids, raw, df, cfg.model_copy(update={"variants": ("D",)}), seeds=(0,))
