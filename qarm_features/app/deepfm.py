@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import io
 import threading
-from unittest import mock
 
 import numpy as np
 
@@ -62,8 +61,11 @@ def _deepctr():
 
     if "deepctr_torch" not in sys.modules:
         try:
-            with mock.patch.object(threading, "Thread", _NoVersionCheck):
+            threading.Thread = _NoVersionCheck  # seen by its `from threading import Thread`
+            try:
                 import deepctr_torch
+            finally:
+                threading.Thread = _NoVersionCheck.__mro__[1]
         except ImportError as exc:
             raise DependencyError(
                 f"the DeepFM ranker needs {LIBRARY} ({exc}); `pip install {LIBRARY}`, or "
