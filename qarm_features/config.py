@@ -90,6 +90,10 @@ class AlignerConfig(_Config):
     # Weight of the term that keeps aligned similarities close to raw-space similarities,
     # so the aligner does not discard what the content encoder knows (cold items).
     raw_consistency: float = Field(0.1, ge=0)
+    # Rows of each step's 2B batch rows the raw-consistency term is computed on: a seeded
+    # uniform sample without replacement, an unbiased estimate of the whole batch's term
+    # (qarm_features.align.contrastive.raw_sample); None = every row (the exact term). FIGURE
+    raw_consistency_rows: int | None = Field(256, ge=2)
     max_epochs: int = Field(40, ge=1)
     patience: int = Field(5, ge=1)  # early stopping on held-out pair-AUC of unseen items
     # Wall-clock budget of the epoch loop (None: none). Training stops at the first step

@@ -28,6 +28,7 @@ from qarm_features.align.contrastive import (
     pair_rows,
     raw_consistency,
     raw_geometry,
+    raw_sample,
     symmetric_nce,
 )
 from qarm_features.config import AlignerConfig
@@ -251,12 +252,13 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
     )
 
 
-def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig):
+def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig, raw_rows=None):
     """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``).
 
     Triggers and targets go through the model in one forward of ``2B`` rows (one gather,
-    one GEMM per layer); ``za``, ``zb`` are views of it, and the raw-consistency term reads
-    the ``2B`` rows as they are (no concatenated copy).
+    one GEMM per layer); ``za``, ``zb`` are views of it. The raw-consistency term reads
+    the positions ``raw_rows`` of those ``2B`` rows (:func:`raw_sample`; ``None``: all of
+    them, as they are, no concatenated copy).
     """
     m = a.numel()
     rows = torch.cat([a, b])
@@ -266,6 +268,8 @@ def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig):
     loss = nce
     raw_term = torch.zeros((), device=nce.device)
     if cfg.raw_consistency > 0:
+        if raw_rows is not None:
+            z, rows = z[raw_rows], rows[raw_rows]
         raw_term = raw_consistency(z, ref_all[rows])
         loss = loss + cfg.raw_consistency * raw_term
     return loss, nce, raw_term
@@ -281,7 +285,9 @@ class ItemAligner:
         loss = nce + config.raw_consistency * raw
 
     ``S_raw``: cosines of the *centred* normalised raw embeddings (the aligner's start,
-    :meth:`Aligner.init_from_raw`). In-batch false negatives are masked.
+    :meth:`Aligner.init_from_raw`). In-batch false negatives are masked. ``raw`` is
+    estimated on ``config.raw_consistency_rows`` of the 2B items drawn afresh each step
+    (uniform, seeded; an unbiased estimate, :func:`~qarm_features.align.contrastive.raw_sample`).
 
     Validation: the items ``val_items`` (default: a random ``config.val_fraction`` of the
     items in ``pairs``) are held out; every pair touching one of them leaves training and
@@ -414,6 +420,9 @@ class ItemAligner:
         a_all = torch.from_numpy(hold.train_a).to(device)
         b_all = torch.from_numpy(hold.train_b).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device
+        # The raw term's row samples draw from a stream of their own: the batch order does
+        # not depend on raw_consistency_rows.
+        raw_gen = torch.Generator().manual_seed(cfg.seed + 1)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_train = hold.train_a.size
         bs = min(cfg.batch_size, n_train)
@@ -434,7 +443,7 @@ class ItemAligner:
                 break
             perm = torch.randperm(n_train, generator=gen).to(device)
             *stats, out_of_time = _train_epoch(
-                model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, deadline
+                model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, raw_gen, deadline
             )
             for key, value in zip(_EPOCH_KEYS, stats):
                 history[key].append(value)
@@ -494,10 +503,13 @@ class ItemAligner:
         return self.module_.transform(raw_emb)
 
 
-def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, deadline=None):
+def _train_epoch(
+    model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, raw_gen, deadline=None
+):
     """One pass over the train pairs in ``perm`` order; mean losses (summed on the device,
     read once: no host sync per step), pairs/s, and whether it stopped early because
-    ``time.perf_counter()`` passed ``deadline`` (checked after each step)."""
+    ``time.perf_counter()`` passed ``deadline`` (checked after each step). ``raw_gen``
+    draws each step's raw-consistency rows (:func:`raw_sample`)."""
     model.train()
     t0 = time.perf_counter()
     sums = torch.zeros(3, dtype=torch.float64, device=x_all.device)
@@ -510,7 +522,11 @@ def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, deadli
         if idx.numel() < 2:  # a lone pair has no in-batch negative
             continue
         a, b = a_all[idx], b_all[idx]
-        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a, b, cfg)
+        raw_rows = None
+        if cfg.raw_consistency > 0:
+            raw_rows = raw_sample(2 * idx.numel(), cfg.raw_consistency_rows, raw_gen)
+            raw_rows = None if raw_rows is None else raw_rows.to(x_all.device)
+        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a, b, cfg, raw_rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

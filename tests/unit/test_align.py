@@ -306,18 +306,32 @@ def test_batch_losses_match_the_dense_reference(n_items, batch):
     torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
 
 
-def test_fit_history_matches_the_dense_reference_loss(world):
+@pytest.mark.parametrize("raw_rows", [None, 48])
+def test_fit_history_matches_the_dense_reference_loss(world, raw_rows):
     """One epoch of ItemAligner.fit reports the losses the dense formulation gives on the
-    same batches (same seed: same init, batch order and steps)."""
+    same batches (same seed: same init, batch order and steps); with raw_consistency_rows
+    48 of the 128 batch rows, the dense raw term reads the same sampled rows."""
     import qarm_features.align.aligner as align_mod
 
     ids, content, pairs = world
-    cfg = CFG.model_copy(update={"max_epochs": 2, "hidden": 0, "raw_consistency": 0.3})
+    cfg = CFG.model_copy(
+        update={
+            "max_epochs": 2,
+            "hidden": 0,
+            "raw_consistency": 0.3,
+            "raw_consistency_rows": raw_rows,
+        }
+    )
     fast = ItemAligner(cfg).fit(content, ids, pairs, val_items=[]).history_
+    sampled = []
 
-    def dense_batch_loss(model, x_all, ref_all, a, b, cfg, heads=None):
+    def dense_batch_loss(model, x_all, ref_all, a, b, cfg, raw_rows=None):
         za, zb = model(x_all[a]), model(x_all[b])
         nce, raw_term = _reference_losses(za, zb, ref_all[a], ref_all[b], a, b, cfg.temperature)
+        if raw_rows is not None:
+            sampled.append(raw_rows.numel())
+            z, r = torch.cat([za, zb])[raw_rows], ref_all[torch.cat([a, b])[raw_rows]]
+            raw_term = ((z @ z.T - r @ r.T) ** 2).sum() / (z.shape[0] * (z.shape[0] - 1))
         return nce + cfg.raw_consistency * raw_term, nce, raw_term
 
     original = align_mod._batch_loss
@@ -326,5 +340,36 @@ def test_fit_history_matches_the_dense_reference_loss(world):
         dense = ItemAligner(cfg).fit(content, ids, pairs, val_items=[]).history_
     finally:
         align_mod._batch_loss = original
+    assert set(sampled) == (set() if raw_rows is None else {raw_rows})
     for key in ("loss", "loss_nce", "loss_raw"):
         np.testing.assert_allclose(fast[key], dense[key], rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [2, 40, 129])
+def test_sampled_raw_term_is_an_unbiased_estimate_of_the_batch_term(size):
+    """raw_consistency on raw_sample's rows averages, over draws, to its value on the whole
+    batch: every ordered pair of distinct rows is equally likely to be sampled. The batch
+    makes a biased sampler show: each trigger's aligned row is its target's (the pairs
+    the InfoNCE pulls together), the reference rows are unrelated, so over- or
+    under-weighing a trigger against its own target moves the mean."""
+    from qarm_features.align.contrastive import raw_consistency, raw_sample
+
+    gen = torch.Generator().manual_seed(size)
+    m = 64
+    za = torch.nn.functional.normalize(torch.randn(m, 8, generator=gen), dim=1)
+    z = torch.cat([za, za])  # rows i and m + i: one pair, identical aligned rows
+    r = torch.nn.functional.normalize(torch.randn(2 * m, 24, generator=gen), dim=1)
+    full = float(raw_consistency(z, r))
+    assert raw_sample(2 * m, None, gen) is None and raw_sample(2 * m, 2 * m, gen) is None
+    draws = 4000 if size < 2 * m else 1
+    values = []
+    for _ in range(draws):
+        rows = raw_sample(2 * m, size, gen)
+        if rows is None:  # a sample at least the batch: every row, the exact term
+            values.append(full)
+            continue
+        assert rows.numel() == size and rows.unique().numel() == size  # no repeats
+        values.append(float(raw_consistency(z[rows], r[rows])))
+    values = np.asarray(values)
+    stderr = values.std() / np.sqrt(draws)
+    assert abs(values.mean() - full) < 4 * stderr + 1e-6 * full
