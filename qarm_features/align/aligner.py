@@ -24,10 +24,10 @@ import pandas as pd
 
 from qarm_features._validate import check_embeddings, check_ids, draw_items, lookup_rows
 from qarm_features.align.contrastive import (
+    centred_rows,
     normalized_moments,
     pair_rows,
     raw_consistency,
-    raw_geometry,
     raw_sample,
     symmetric_nce,
 )
@@ -252,25 +252,26 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
     )
 
 
-def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig, raw_rows=None):
+def _batch_loss(model: Aligner, x_all, mean, a, b, cfg: AlignerConfig, raw_rows=None):
     """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``).
 
     Triggers and targets go through the model in one forward of ``2B`` rows (one gather,
     one GEMM per layer); ``za``, ``zb`` are views of it. The raw-consistency term reads
     the positions ``raw_rows`` of those ``2B`` rows (:func:`raw_sample`; ``None``: all of
-    them, as they are, no concatenated copy).
+    them, as they are) against their centred reference rows (:func:`centred_rows` of the
+    gathered raw rows and the catalog's normalised ``mean``).
     """
     m = a.numel()
-    rows = torch.cat([a, b])
-    z = model(x_all[rows])
+    x = x_all[torch.cat([a, b])]
+    z = model(x)
     za, zb = z[:m], z[m:]
     nce = symmetric_nce(za, zb, a, b, cfg.temperature)
     loss = nce
     raw_term = torch.zeros((), device=nce.device)
     if cfg.raw_consistency > 0:
         if raw_rows is not None:
-            z, rows = z[raw_rows], rows[raw_rows]
-        raw_term = raw_consistency(z, ref_all[rows])
+            z, x = z[raw_rows], x[raw_rows]
+        raw_term = raw_consistency(z, centred_rows(x, mean))
         loss = loss + cfg.raw_consistency * raw_term
     return loss, nce, raw_term
 
@@ -408,15 +409,15 @@ class ItemAligner:
     def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress, init=None):
         """Epoch loop with early stopping on ``score`` (None: no validation)."""
         need = init is None or cfg.raw_consistency > 0  # one pass serves both uses
-        mean = cov = ref = None
+        mean = cov = None
         if need:
-            mean, cov, ref = raw_geometry(raw, reference=cfg.raw_consistency > 0)
+            mean, cov = normalized_moments(raw)
         if init is not None:
             model = Aligner.from_weights(init, raw.shape[1], cfg).train().to(device)
         else:
             model = Aligner(raw.shape[1], cfg).init_from_raw(raw, (mean, cov)).to(device)
         x_all = torch.from_numpy(raw).to(device)
-        ref_all = None if ref is None else torch.from_numpy(ref).to(device)
+        mean_t = None if mean is None else torch.as_tensor(mean, dtype=x_all.dtype, device=device)
         a_all = torch.from_numpy(hold.train_a).to(device)
         b_all = torch.from_numpy(hold.train_b).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device
@@ -443,7 +444,7 @@ class ItemAligner:
                 break
             perm = torch.randperm(n_train, generator=gen).to(device)
             *stats, out_of_time = _train_epoch(
-                model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, raw_gen, deadline
+                model, opt, x_all, mean_t, a_all, b_all, perm, bs, cfg, raw_gen, deadline
             )
             for key, value in zip(_EPOCH_KEYS, stats):
                 history[key].append(value)
@@ -504,7 +505,7 @@ class ItemAligner:
 
 
 def _train_epoch(
-    model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, raw_gen, deadline=None
+    model, opt, x_all, mean, a_all, b_all, perm, bs, cfg, raw_gen, deadline=None
 ):
     """One pass over the train pairs in ``perm`` order; mean losses (summed on the device,
     read once: no host sync per step), pairs/s, and whether it stopped early because
@@ -526,7 +527,7 @@ def _train_epoch(
         if cfg.raw_consistency > 0:
             raw_rows = raw_sample(2 * idx.numel(), cfg.raw_consistency_rows, raw_gen)
             raw_rows = None if raw_rows is None else raw_rows.to(x_all.device)
-        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a, b, cfg, raw_rows)
+        loss, nce, raw_term = _batch_loss(model, x_all, mean, a, b, cfg, raw_rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -167,20 +167,7 @@ def gram_energy(r: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- raw geometry
-_MOMENT_CHUNK = 8_192  # rows per float64 chunk: bounded, reused temporaries on any catalog
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """float64 copy of ``x`` with unit rows (norms floored at 1e-12), normalised in place."""
-    u = x.astype(np.float64)
-    u /= np.maximum(np.sqrt(np.einsum("ij,ij->i", u, u)), 1e-12)[:, None]
-    return u
-
-
-def normalized_moments(x: np.ndarray, chunk: int = _MOMENT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the L2-normalised rows of ``x``, in float64, chunk by chunk."""
-    mean, cov, _ = raw_geometry(x, reference=False, chunk=chunk)
-    return mean, cov
+_MOMENT_CHUNK = 8_192  # rows per chunk: bounded, reused temporaries on any catalog
 
 
 def _normalise_rows_(u: np.ndarray) -> np.ndarray:
@@ -189,21 +176,16 @@ def _normalise_rows_(u: np.ndarray) -> np.ndarray:
     return u
 
 
-def raw_geometry(x: np.ndarray, *, reference: bool = True, chunk: int = _MOMENT_CHUNK):
-    """``(mean, cov, ref)`` of the L2-normalised rows of ``x`` in two chunked passes.
+def normalized_moments(x: np.ndarray, chunk: int = _MOMENT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """float64 mean and covariance of the L2-normalised rows of ``x``, in one chunked pass.
 
-    ``mean``, ``cov``: float64 moments (:func:`normalized_moments`); ``ref``: float32 unit
-    rows of ``normalise(x) - mean`` (:func:`centred_reference`), or ``None`` when
-    ``reference`` is false. The first pass keeps the float32 unit rows in ``ref``'s buffer,
-    so the second only centres them in place (one normalisation of ``x`` instead of two).
-    Rows are normalised and centred in float32 (``ref`` is float32 anyway: within 5e-8 of
-    the float64 rows on the bench's 10k x 384 catalog, at ~0.65x the float64 passes' time);
-    the mean sums them in float64. Each chunk's outer product is a float32 symmetric
-    rank-k update of rows shifted by the first chunk's mean (no cancellation against the
-    large common direction: every entry within ~1e-6 of float64), summed in float64.
+    Rows are normalised in float32 (within ~5e-8 of float64 rows on the bench's 10k x 384
+    catalog, at ~0.65x the float64 pass's time) and summed in float64. Each chunk's outer
+    product is a float32 symmetric rank-k update of rows shifted by the first chunk's mean
+    (no cancellation against the large common direction: every entry within ~1e-6 of
+    float64), summed in float64.
     """
     n, d = x.shape
-    store = np.empty(x.shape, dtype=np.float32) if reference else None
     total, outer = np.zeros(d), np.zeros((d, d))
     shift = None
     for a in range(0, n, chunk):
@@ -211,30 +193,20 @@ def raw_geometry(x: np.ndarray, *, reference: bool = True, chunk: int = _MOMENT_
         total += u.sum(axis=0, dtype=np.float64)
         if shift is None:
             shift = u.mean(axis=0, dtype=np.float64).astype(np.float32)
-        v = u - shift
-        outer += v.T @ v  # numpy computes A.T @ A as one syrk call
-        if store is not None:
-            store[a : a + chunk] = u
+        u -= shift
+        outer += u.T @ u  # numpy computes A.T @ A as one syrk call
     n = max(n, 1)
     mean = total / n
     delta = mean - (shift if shift is not None else 0.0)
     cov = outer / n - np.outer(delta, delta)  # E[(u - s)(u - s)^T] - (m - s)(m - s)^T
-    if store is None:
-        return mean, cov, None
-    mean32 = mean.astype(np.float32)
-    for a in range(0, x.shape[0], chunk):
-        u = store[a : a + chunk]  # a view: centred and normalised in place
-        u -= mean32
-        _normalise_rows_(u)
-    return mean, cov, store
+    return mean, cov
 
 
-def centred_reference(x: np.ndarray, mean: np.ndarray, chunk: int = _MOMENT_CHUNK) -> np.ndarray:
-    """float32 unit rows of ``normalise(x) - mean``: the raw geometry the aligner keeps close to."""
-    out = np.empty(x.shape, dtype=np.float32)
-    for a in range(0, x.shape[0], chunk):
-        u = _unit_rows(x[a : a + chunk])
-        u -= mean
-        u /= np.maximum(np.sqrt(np.einsum("ij,ij->i", u, u)), 1e-12)[:, None]
-        out[a : a + chunk] = u
-    return out
+def centred_rows(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Unit rows of ``normalise(x) - mean``: the raw geometry the aligner keeps close to.
+
+    ``x``: ``(n, D)`` raw rows; ``mean``: ``(D,)`` mean of the catalog's normalised rows
+    (:func:`normalized_moments`). Computed for a step's sampled rows only (no ``(N, D)``
+    centred copy of the catalog is kept).
+    """
+    return F.normalize(F.normalize(x, dim=-1, eps=1e-12) - mean, dim=-1, eps=1e-12)

@@ -324,13 +324,16 @@ def test_fit_history_matches_the_dense_reference_loss(world, raw_rows):
     )
     fast = ItemAligner(cfg).fit(content, ids, pairs, val_items=[]).history_
     sampled = []
+    x = content / np.linalg.norm(content, axis=1, keepdims=True)
+    xc = x - x.mean(axis=0)  # the centred raw space, written plainly (float64)
+    ref = torch.from_numpy((xc / np.linalg.norm(xc, axis=1, keepdims=True)).astype(np.float32))
 
-    def dense_batch_loss(model, x_all, ref_all, a, b, cfg, raw_rows=None):
+    def dense_batch_loss(model, x_all, mean, a, b, cfg, raw_rows=None):
         za, zb = model(x_all[a]), model(x_all[b])
-        nce, raw_term = _reference_losses(za, zb, ref_all[a], ref_all[b], a, b, cfg.temperature)
+        nce, raw_term = _reference_losses(za, zb, ref[a], ref[b], a, b, cfg.temperature)
         if raw_rows is not None:
             sampled.append(raw_rows.numel())
-            z, r = torch.cat([za, zb])[raw_rows], ref_all[torch.cat([a, b])[raw_rows]]
+            z, r = torch.cat([za, zb])[raw_rows], ref[torch.cat([a, b])[raw_rows]]
             raw_term = ((z @ z.T - r @ r.T) ** 2).sum() / (z.shape[0] * (z.shape[0] - 1))
         return nce + cfg.raw_consistency * raw_term, nce, raw_term
 
