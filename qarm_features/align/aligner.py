@@ -252,14 +252,18 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
     )
 
 
-def _batch_loss(model: Aligner, x_all, mean, a, b, cfg: AlignerConfig, raw_rows=None):
+def _batch_loss(
+    model: Aligner, x_all, mean, a, b, cfg: AlignerConfig, raw_rows=None, raw_weight=1
+):
     """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``).
 
     Triggers and targets go through the model in one forward of ``2B`` rows (one gather,
     one GEMM per layer); ``za``, ``zb`` are views of it. The raw-consistency term reads
     the positions ``raw_rows`` of those ``2B`` rows (:func:`raw_sample`; ``None``: all of
     them, as they are) against their centred reference rows (:func:`centred_rows` of the
-    gathered raw rows and the catalog's normalised ``mean``).
+    gathered raw rows and the catalog's normalised ``mean``); ``loss`` counts it
+    ``raw_weight`` times (the steps it stands for, ``AlignerConfig.raw_consistency_every``;
+    0: not computed this step, ``raw_term`` is 0).
     """
     m = a.numel()
     x = x_all[torch.cat([a, b])]
@@ -268,11 +272,11 @@ def _batch_loss(model: Aligner, x_all, mean, a, b, cfg: AlignerConfig, raw_rows=
     nce = symmetric_nce(za, zb, a, b, cfg.temperature)
     loss = nce
     raw_term = torch.zeros((), device=nce.device)
-    if cfg.raw_consistency > 0:
+    if cfg.raw_consistency > 0 and raw_weight > 0:
         if raw_rows is not None:
             z, x = z[raw_rows], x[raw_rows]
         raw_term = raw_consistency(z, centred_rows(x, mean))
-        loss = loss + cfg.raw_consistency * raw_term
+        loss = loss + (cfg.raw_consistency * raw_weight) * raw_term
     return loss, nce, raw_term
 
 
@@ -509,30 +513,41 @@ def _train_epoch(
 ):
     """One pass over the train pairs in ``perm`` order; mean losses (summed on the device,
     read once: no host sync per step), pairs/s, and whether it stopped early because
-    ``time.perf_counter()`` passed ``deadline`` (checked after each step). ``raw_gen``
-    draws each step's raw-consistency rows (:func:`raw_sample`)."""
+    ``time.perf_counter()`` passed ``deadline`` (checked after each step).
+
+    The raw-consistency term is computed on the first step of each block of
+    ``cfg.raw_consistency_every`` steps, weighted by the block's length (the last block
+    may be shorter), on rows ``raw_gen`` draws (:func:`raw_sample`). Reported: ``loss_raw``
+    is its pair-weighted mean over the steps that computed it, ``loss`` is
+    ``loss_nce + cfg.raw_consistency * loss_raw``.
+    """
     model.train()
     t0 = time.perf_counter()
-    sums = torch.zeros(3, dtype=torch.float64, device=x_all.device)
-    seen, out_of_time = 0, False
-    for s in range(0, perm.numel(), bs):
+    sums = torch.zeros(2, dtype=torch.float64, device=x_all.device)  # nce, raw (pair sums)
+    starts = [s for s in range(0, perm.numel(), bs) if min(bs, perm.numel() - s) >= 2]
+    every = cfg.raw_consistency_every if cfg.raw_consistency > 0 else 0
+    seen, seen_raw, out_of_time = 0, 0, False
+    for step, s in enumerate(starts):
         if deadline is not None and seen and time.perf_counter() > deadline:
             out_of_time = True
             break
-        idx = perm[s : s + bs]
-        if idx.numel() < 2:  # a lone pair has no in-batch negative
-            continue
+        idx = perm[s : s + bs]  # >= 2 pairs: a lone pair has no in-batch negative
         a, b = a_all[idx], b_all[idx]
-        raw_rows = None
-        if cfg.raw_consistency > 0:
-            raw_rows = raw_sample(2 * idx.numel(), cfg.raw_consistency_rows, raw_gen)
+        m = idx.numel()
+        raw_rows, raw_weight = None, 0
+        if every and step % every == 0:
+            raw_weight = min(every, len(starts) - step)
+            raw_rows = raw_sample(2 * m, cfg.raw_consistency_rows, raw_gen)
             raw_rows = None if raw_rows is None else raw_rows.to(x_all.device)
-        loss, nce, raw_term = _batch_loss(model, x_all, mean, a, b, cfg, raw_rows)
+            seen_raw += m
+        loss, nce, raw_term = _batch_loss(model, x_all, mean, a, b, cfg, raw_rows, raw_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        m = idx.numel()
-        sums += torch.stack([loss.detach(), nce.detach(), raw_term.detach()]).double() * m
+        sums += torch.stack([nce.detach(), raw_term.detach()]).double() * m
         seen += m
-    elapsed, n = max(time.perf_counter() - t0, 1e-9), max(seen, 1)
-    return (*(v / n for v in sums.tolist()), seen / elapsed, out_of_time)
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    nce_sum, raw_sum = sums.tolist()
+    loss_nce, loss_raw = nce_sum / max(seen, 1), raw_sum / max(seen_raw, 1)
+    loss = loss_nce + cfg.raw_consistency * loss_raw
+    return loss, loss_nce, loss_raw, seen / elapsed, out_of_time

@@ -306,11 +306,13 @@ def test_batch_losses_match_the_dense_reference(n_items, batch):
     torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("raw_rows", [None, 48])
-def test_fit_history_matches_the_dense_reference_loss(world, raw_rows):
+@pytest.mark.parametrize(("raw_rows", "every"), [(None, 1), (48, 1), (48, 3)])
+def test_fit_history_matches_the_dense_reference_loss(world, raw_rows, every):
     """One epoch of ItemAligner.fit reports the losses the dense formulation gives on the
     same batches (same seed: same init, batch order and steps); with raw_consistency_rows
-    48 of the 128 batch rows, the dense raw term reads the same sampled rows."""
+    48 of the 128 batch rows, the dense raw term reads the same sampled rows; with
+    raw_consistency_every 3, it is computed on steps 0, 3, 6 ... of each epoch, each
+    weighted by the steps its block holds (32 steps: ten blocks of 3, one of 2)."""
     import qarm_features.align.aligner as align_mod
 
     ids, content, pairs = world
@@ -320,6 +322,7 @@ def test_fit_history_matches_the_dense_reference_loss(world, raw_rows):
             "hidden": 0,
             "raw_consistency": 0.3,
             "raw_consistency_rows": raw_rows,
+            "raw_consistency_every": every,
         }
     )
     fast = ItemAligner(cfg).fit(content, ids, pairs, val_items=[]).history_
@@ -328,14 +331,19 @@ def test_fit_history_matches_the_dense_reference_loss(world, raw_rows):
     xc = x - x.mean(axis=0)  # the centred raw space, written plainly (float64)
     ref = torch.from_numpy((xc / np.linalg.norm(xc, axis=1, keepdims=True)).astype(np.float32))
 
-    def dense_batch_loss(model, x_all, mean, a, b, cfg, raw_rows=None):
+    weights = []
+
+    def dense_batch_loss(model, x_all, mean, a, b, cfg, raw_rows=None, raw_weight=1):
+        weights.append(raw_weight)
         za, zb = model(x_all[a]), model(x_all[b])
         nce, raw_term = _reference_losses(za, zb, ref[a], ref[b], a, b, cfg.temperature)
+        if raw_weight == 0:
+            return nce, nce, torch.zeros(())
         if raw_rows is not None:
             sampled.append(raw_rows.numel())
             z, r = torch.cat([za, zb])[raw_rows], ref[torch.cat([a, b])[raw_rows]]
             raw_term = ((z @ z.T - r @ r.T) ** 2).sum() / (z.shape[0] * (z.shape[0] - 1))
-        return nce + cfg.raw_consistency * raw_term, nce, raw_term
+        return nce + cfg.raw_consistency * raw_weight * raw_term, nce, raw_term
 
     original = align_mod._batch_loss
     align_mod._batch_loss = dense_batch_loss
@@ -344,6 +352,11 @@ def test_fit_history_matches_the_dense_reference_loss(world, raw_rows):
     finally:
         align_mod._batch_loss = original
     assert set(sampled) == (set() if raw_rows is None else {raw_rows})
+    n_steps = -(-len(pairs) // cfg.batch_size)
+    assert len(weights) == 2 * n_steps == 64  # two epochs of 32 steps
+    for epoch in (weights[:n_steps], weights[n_steps:]):
+        assert sum(epoch) == n_steps  # every step stood for once
+        assert [w > 0 for w in epoch] == [i % every == 0 for i in range(n_steps)]
     for key in ("loss", "loss_nce", "loss_raw"):
         np.testing.assert_allclose(fast[key], dense[key], rtol=1e-4)
 
