@@ -94,9 +94,10 @@ class AlignerConfig(_Config):
     # `raw_consistency_rows` of a step's 2B batch rows (a seeded uniform sample without
     # replacement: unbiased for the batch's term, qarm_features.align.contrastive.raw_sample;
     # None = every row), on one step in every `raw_consistency_every`, weighted by the steps
-    # it stands for (unbiased over the epoch). Exact, it cost the aligner 2.4x a bare
-    # InfoNCE loop's step (issue 20: 0.40x that loop); 256 rows every 8th step leaves the
-    # quick bench's loop within ~1% of raw_consistency=0. Quality held: MovieLens-100k
+    # it stands for (unbiased over the epoch). Exact, a step took ~2x a bare InfoNCE step's
+    # CPU time (15 vs 7.8 ms, batch 512, 384-d; issue 20: the aligner at 0.40x that loop);
+    # 256 rows (each estimate within 6.8% relative sd of the batch's term) every 8th step
+    # cost ~1% over raw_consistency=0 in the quick bench. Quality held: MovieLens-100k
     # alignment check, aligned held-out pair-AUC (raw 0.658), seeds 0 / 1: exact 0.7109 /
     # 0.7115; 256 rows every step 0.7108 / 0.7115; every 4th 0.7106 / 0.7114; every 8th
     # 0.7123 / 0.7117 (95% intervals +-0.02); bench world (10k items) 0.999 either way.

@@ -252,9 +252,7 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
     )
 
 
-def _batch_loss(
-    model: Aligner, x_all, mean, a, b, cfg: AlignerConfig, raw_rows=None, raw_weight=1
-):
+def _batch_loss(model: Aligner, x_all, mean, a, b, cfg: AlignerConfig, raw_rows=None, raw_weight=1):
     """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``).
 
     Triggers and targets go through the model in one forward of ``2B`` rows (one gather,
@@ -508,9 +506,7 @@ class ItemAligner:
         return self.module_.transform(raw_emb)
 
 
-def _train_epoch(
-    model, opt, x_all, mean, a_all, b_all, perm, bs, cfg, raw_gen, deadline=None
-):
+def _train_epoch(model, opt, x_all, mean, a_all, b_all, perm, bs, cfg, raw_gen, deadline=None):
     """One pass over the train pairs in ``perm`` order; mean losses (summed on the device,
     read once: no host sync per step), pairs/s, and whether it stopped early because
     ``time.perf_counter()`` passed ``deadline`` (checked after each step).

@@ -141,7 +141,9 @@ def raw_sample(n: int, size: int | None, generator: torch.Generator) -> torch.Te
     the whole batch (tested); its cost falls with the sample (``s d D`` instead of
     ``n d D``). Rows are drawn one by one from the ``2B`` rows, not as whole pairs: a
     sample of pairs would weigh each trigger against its own target ``(2B - 1) / (s - 1)``
-    times too much.
+    times too much. Its spread: 256 of 1,024 rows (the defaults) put a step's estimate
+    within a relative standard deviation of 6.8% of the batch's term (128 rows: 10.7%,
+    512: 3.9%; bench world, 500 draws).
     """
     if size is None or size >= n:
         return None
