@@ -6,7 +6,8 @@ approximates). Contenders, same epochs, batch size, model and threads, interleav
 
 - ``train_aligner``: :class:`qarm_features.align.aligner.ItemAligner` fitted without validation
   (``val_items=[]``), i.e. the training loop with its masked InfoNCE and the
-  raw-consistency term, plus its set-up (PCA init, index building);
+  raw-consistency term (estimated as the defaults say: ``AlignerConfig.raw_consistency_rows``
+  rows, one step in ``raw_consistency_every``), plus its set-up (PCA init, index building);
 - ``train_aligner (raw_consistency=0)``: the same without the raw-consistency term;
 - ``bare torch loop``: :class:`~qarm_features.align.aligner.Aligner` trained with AdamW on plain
   symmetric in-batch InfoNCE (no masking, no extra term, no set-up): the floor;

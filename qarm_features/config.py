@@ -90,6 +90,19 @@ class AlignerConfig(_Config):
     # Weight of the term that keeps aligned similarities close to raw-space similarities,
     # so the aligner does not discard what the content encoder knows (cold items).
     raw_consistency: float = Field(0.1, ge=0)
+    # The raw-consistency term is estimated, not computed on every row of every step: on
+    # `raw_consistency_rows` of a step's 2B batch rows (a seeded uniform sample without
+    # replacement: unbiased for the batch's term, qarm_features.align.contrastive.raw_sample;
+    # None = every row), on one step in every `raw_consistency_every`, weighted by the steps
+    # it stands for (unbiased over the epoch). Exact, a step took ~2x a bare InfoNCE step's
+    # CPU time (15 vs 7.8 ms, batch 512, 384-d; issue 20: the aligner at 0.40x that loop);
+    # 256 rows (each estimate within 6.8% relative sd of the batch's term) every 8th step
+    # cost ~1% over raw_consistency=0 in the quick bench. Quality held: MovieLens-100k
+    # alignment check, aligned held-out pair-AUC (raw 0.658), seeds 0 / 1: exact 0.7109 /
+    # 0.7115; 256 rows every step 0.7108 / 0.7115; every 4th 0.7106 / 0.7114; every 8th
+    # 0.7123 / 0.7117 (95% intervals +-0.02); bench world (10k items) 0.999 either way.
+    raw_consistency_rows: int | None = Field(256, ge=2)
+    raw_consistency_every: int = Field(8, ge=1)
     max_epochs: int = Field(40, ge=1)
     patience: int = Field(5, ge=1)  # early stopping on held-out pair-AUC of unseen items
     # Wall-clock budget of the epoch loop (None: none). Training stops at the first step

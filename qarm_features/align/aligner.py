@@ -24,10 +24,11 @@ import pandas as pd
 
 from qarm_features._validate import check_embeddings, check_ids, draw_items, lookup_rows
 from qarm_features.align.contrastive import (
+    centred_rows,
     normalized_moments,
     pair_rows,
     raw_consistency,
-    raw_geometry,
+    raw_sample,
     symmetric_nce,
 )
 from qarm_features.config import AlignerConfig
@@ -251,23 +252,29 @@ def _hold_out_items(ids, ti, gi, val_items, cfg: AlignerConfig) -> _Holdout:
     )
 
 
-def _batch_loss(model: Aligner, x_all, ref_all, a, b, cfg: AlignerConfig):
+def _batch_loss(model: Aligner, x_all, mean, a, b, cfg: AlignerConfig, raw_rows=None, raw_weight=1):
     """``(loss, nce, raw_term)`` of one batch of pairs (catalog rows ``a``, ``b``).
 
     Triggers and targets go through the model in one forward of ``2B`` rows (one gather,
-    one GEMM per layer); ``za``, ``zb`` are views of it, and the raw-consistency term reads
-    the ``2B`` rows as they are (no concatenated copy).
+    one GEMM per layer); ``za``, ``zb`` are views of it. The raw-consistency term reads
+    the positions ``raw_rows`` of those ``2B`` rows (:func:`raw_sample`; ``None``: all of
+    them, as they are) against their centred reference rows (:func:`centred_rows` of the
+    gathered raw rows and the catalog's normalised ``mean``); ``loss`` counts it
+    ``raw_weight`` times (the steps it stands for, ``AlignerConfig.raw_consistency_every``;
+    0: not computed this step, ``raw_term`` is 0).
     """
     m = a.numel()
-    rows = torch.cat([a, b])
-    z = model(x_all[rows])
+    x = x_all[torch.cat([a, b])]
+    z = model(x)
     za, zb = z[:m], z[m:]
     nce = symmetric_nce(za, zb, a, b, cfg.temperature)
     loss = nce
     raw_term = torch.zeros((), device=nce.device)
-    if cfg.raw_consistency > 0:
-        raw_term = raw_consistency(z, ref_all[rows])
-        loss = loss + cfg.raw_consistency * raw_term
+    if cfg.raw_consistency > 0 and raw_weight > 0:
+        if raw_rows is not None:
+            z, x = z[raw_rows], x[raw_rows]
+        raw_term = raw_consistency(z, centred_rows(x, mean))
+        loss = loss + (cfg.raw_consistency * raw_weight) * raw_term
     return loss, nce, raw_term
 
 
@@ -281,7 +288,9 @@ class ItemAligner:
         loss = nce + config.raw_consistency * raw
 
     ``S_raw``: cosines of the *centred* normalised raw embeddings (the aligner's start,
-    :meth:`Aligner.init_from_raw`). In-batch false negatives are masked.
+    :meth:`Aligner.init_from_raw`). In-batch false negatives are masked. ``raw`` is
+    estimated on ``config.raw_consistency_rows`` of the 2B items drawn afresh each step
+    (uniform, seeded; an unbiased estimate, :func:`~qarm_features.align.contrastive.raw_sample`).
 
     Validation: the items ``val_items`` (default: a random ``config.val_fraction`` of the
     items in ``pairs``) are held out; every pair touching one of them leaves training and
@@ -402,18 +411,21 @@ class ItemAligner:
     def _train(self, raw, hold: _Holdout, cfg, device, history, score, progress, init=None):
         """Epoch loop with early stopping on ``score`` (None: no validation)."""
         need = init is None or cfg.raw_consistency > 0  # one pass serves both uses
-        mean = cov = ref = None
+        mean = cov = None
         if need:
-            mean, cov, ref = raw_geometry(raw, reference=cfg.raw_consistency > 0)
+            mean, cov = normalized_moments(raw)
         if init is not None:
             model = Aligner.from_weights(init, raw.shape[1], cfg).train().to(device)
         else:
             model = Aligner(raw.shape[1], cfg).init_from_raw(raw, (mean, cov)).to(device)
         x_all = torch.from_numpy(raw).to(device)
-        ref_all = None if ref is None else torch.from_numpy(ref).to(device)
+        mean_t = None if mean is None else torch.as_tensor(mean, dtype=x_all.dtype, device=device)
         a_all = torch.from_numpy(hold.train_a).to(device)
         b_all = torch.from_numpy(hold.train_b).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same order on any device
+        # The raw term's row samples draw from a stream of their own: the batch order does
+        # not depend on raw_consistency_rows.
+        raw_gen = torch.Generator().manual_seed(cfg.seed + 1)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_train = hold.train_a.size
         bs = min(cfg.batch_size, n_train)
@@ -434,7 +446,7 @@ class ItemAligner:
                 break
             perm = torch.randperm(n_train, generator=gen).to(device)
             *stats, out_of_time = _train_epoch(
-                model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, deadline
+                model, opt, x_all, mean_t, a_all, b_all, perm, bs, cfg, raw_gen, deadline
             )
             for key, value in zip(_EPOCH_KEYS, stats):
                 history[key].append(value)
@@ -494,28 +506,44 @@ class ItemAligner:
         return self.module_.transform(raw_emb)
 
 
-def _train_epoch(model, opt, x_all, ref_all, a_all, b_all, perm, bs, cfg, deadline=None):
+def _train_epoch(model, opt, x_all, mean, a_all, b_all, perm, bs, cfg, raw_gen, deadline=None):
     """One pass over the train pairs in ``perm`` order; mean losses (summed on the device,
     read once: no host sync per step), pairs/s, and whether it stopped early because
-    ``time.perf_counter()`` passed ``deadline`` (checked after each step)."""
+    ``time.perf_counter()`` passed ``deadline`` (checked after each step).
+
+    The raw-consistency term is computed on the first step of each block of
+    ``cfg.raw_consistency_every`` steps, weighted by the block's length (the last block
+    may be shorter), on rows ``raw_gen`` draws (:func:`raw_sample`). Reported: ``loss_raw``
+    is its pair-weighted mean over the steps that computed it, ``loss`` is
+    ``loss_nce + cfg.raw_consistency * loss_raw``.
+    """
     model.train()
     t0 = time.perf_counter()
-    sums = torch.zeros(3, dtype=torch.float64, device=x_all.device)
-    seen, out_of_time = 0, False
-    for s in range(0, perm.numel(), bs):
+    sums = torch.zeros(2, dtype=torch.float64, device=x_all.device)  # nce, raw (pair sums)
+    starts = [s for s in range(0, perm.numel(), bs) if min(bs, perm.numel() - s) >= 2]
+    every = cfg.raw_consistency_every if cfg.raw_consistency > 0 else 0
+    seen, seen_raw, out_of_time = 0, 0, False
+    for step, s in enumerate(starts):
         if deadline is not None and seen and time.perf_counter() > deadline:
             out_of_time = True
             break
-        idx = perm[s : s + bs]
-        if idx.numel() < 2:  # a lone pair has no in-batch negative
-            continue
+        idx = perm[s : s + bs]  # >= 2 pairs: a lone pair has no in-batch negative
         a, b = a_all[idx], b_all[idx]
-        loss, nce, raw_term = _batch_loss(model, x_all, ref_all, a, b, cfg)
+        m = idx.numel()
+        raw_rows, raw_weight = None, 0
+        if every and step % every == 0:
+            raw_weight = min(every, len(starts) - step)
+            raw_rows = raw_sample(2 * m, cfg.raw_consistency_rows, raw_gen)
+            raw_rows = None if raw_rows is None else raw_rows.to(x_all.device)
+            seen_raw += m
+        loss, nce, raw_term = _batch_loss(model, x_all, mean, a, b, cfg, raw_rows, raw_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        m = idx.numel()
-        sums += torch.stack([loss.detach(), nce.detach(), raw_term.detach()]).double() * m
+        sums += torch.stack([nce.detach(), raw_term.detach()]).double() * m
         seen += m
-    elapsed, n = max(time.perf_counter() - t0, 1e-9), max(seen, 1)
-    return (*(v / n for v in sums.tolist()), seen / elapsed, out_of_time)
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    nce_sum, raw_sum = sums.tolist()
+    loss_nce, loss_raw = nce_sum / max(seen, 1), raw_sum / max(seen_raw, 1)
+    loss = loss_nce + cfg.raw_consistency * loss_raw
+    return loss, loss_nce, loss_raw, seen / elapsed, out_of_time

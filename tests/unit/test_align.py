@@ -306,19 +306,44 @@ def test_batch_losses_match_the_dense_reference(n_items, batch):
     torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
 
 
-def test_fit_history_matches_the_dense_reference_loss(world):
+@pytest.mark.parametrize(("raw_rows", "every"), [(None, 1), (48, 1), (48, 3)])
+def test_fit_history_matches_the_dense_reference_loss(world, raw_rows, every):
     """One epoch of ItemAligner.fit reports the losses the dense formulation gives on the
-    same batches (same seed: same init, batch order and steps)."""
+    same batches (same seed: same init, batch order and steps); with raw_consistency_rows
+    48 of the 128 batch rows, the dense raw term reads the same sampled rows; with
+    raw_consistency_every 3, it is computed on steps 0, 3, 6 ... of each epoch, each
+    weighted by the steps its block holds (32 steps: ten blocks of 3, one of 2)."""
     import qarm_features.align.aligner as align_mod
 
     ids, content, pairs = world
-    cfg = CFG.model_copy(update={"max_epochs": 2, "hidden": 0, "raw_consistency": 0.3})
+    cfg = CFG.model_copy(
+        update={
+            "max_epochs": 2,
+            "hidden": 0,
+            "raw_consistency": 0.3,
+            "raw_consistency_rows": raw_rows,
+            "raw_consistency_every": every,
+        }
+    )
     fast = ItemAligner(cfg).fit(content, ids, pairs, val_items=[]).history_
+    sampled = []
+    x = content / np.linalg.norm(content, axis=1, keepdims=True)
+    xc = x - x.mean(axis=0)  # the centred raw space, written plainly (float64)
+    ref = torch.from_numpy((xc / np.linalg.norm(xc, axis=1, keepdims=True)).astype(np.float32))
 
-    def dense_batch_loss(model, x_all, ref_all, a, b, cfg, heads=None):
+    weights = []
+
+    def dense_batch_loss(model, x_all, mean, a, b, cfg, raw_rows=None, raw_weight=1):
+        weights.append(raw_weight)
         za, zb = model(x_all[a]), model(x_all[b])
-        nce, raw_term = _reference_losses(za, zb, ref_all[a], ref_all[b], a, b, cfg.temperature)
-        return nce + cfg.raw_consistency * raw_term, nce, raw_term
+        nce, raw_term = _reference_losses(za, zb, ref[a], ref[b], a, b, cfg.temperature)
+        if raw_weight == 0:
+            return nce, nce, torch.zeros(())
+        if raw_rows is not None:
+            sampled.append(raw_rows.numel())
+            z, r = torch.cat([za, zb])[raw_rows], ref[torch.cat([a, b])[raw_rows]]
+            raw_term = ((z @ z.T - r @ r.T) ** 2).sum() / (z.shape[0] * (z.shape[0] - 1))
+        return nce + cfg.raw_consistency * raw_weight * raw_term, nce, raw_term
 
     original = align_mod._batch_loss
     align_mod._batch_loss = dense_batch_loss
@@ -326,5 +351,41 @@ def test_fit_history_matches_the_dense_reference_loss(world):
         dense = ItemAligner(cfg).fit(content, ids, pairs, val_items=[]).history_
     finally:
         align_mod._batch_loss = original
+    assert set(sampled) == (set() if raw_rows is None else {raw_rows})
+    n_steps = -(-len(pairs) // cfg.batch_size)
+    assert len(weights) == 2 * n_steps == 64  # two epochs of 32 steps
+    for epoch in (weights[:n_steps], weights[n_steps:]):
+        assert sum(epoch) == n_steps  # every step stood for once
+        assert [w > 0 for w in epoch] == [i % every == 0 for i in range(n_steps)]
     for key in ("loss", "loss_nce", "loss_raw"):
         np.testing.assert_allclose(fast[key], dense[key], rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [2, 40, 129])
+def test_sampled_raw_term_is_an_unbiased_estimate_of_the_batch_term(size):
+    """raw_consistency on raw_sample's rows averages, over draws, to its value on the whole
+    batch: every ordered pair of distinct rows is equally likely to be sampled. The batch
+    makes a biased sampler show: each trigger's aligned row is its target's (the pairs
+    the InfoNCE pulls together), the reference rows are unrelated, so over- or
+    under-weighing a trigger against its own target moves the mean."""
+    from qarm_features.align.contrastive import raw_consistency, raw_sample
+
+    gen = torch.Generator().manual_seed(size)
+    m = 64
+    za = torch.nn.functional.normalize(torch.randn(m, 8, generator=gen), dim=1)
+    z = torch.cat([za, za])  # rows i and m + i: one pair, identical aligned rows
+    r = torch.nn.functional.normalize(torch.randn(2 * m, 24, generator=gen), dim=1)
+    full = float(raw_consistency(z, r))
+    assert raw_sample(2 * m, None, gen) is None and raw_sample(2 * m, 2 * m, gen) is None
+    draws = 4000 if size < 2 * m else 1
+    values = []
+    for _ in range(draws):
+        rows = raw_sample(2 * m, size, gen)
+        if rows is None:  # a sample at least the batch: every row, the exact term
+            values.append(full)
+            continue
+        assert rows.numel() == size and rows.unique().numel() == size  # no repeats
+        values.append(float(raw_consistency(z[rows], r[rows])))
+    values = np.asarray(values)
+    stderr = values.std() / np.sqrt(draws)
+    assert abs(values.mean() - full) < 4 * stderr + 1e-6 * full
