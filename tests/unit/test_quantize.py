@@ -339,6 +339,18 @@ def test_vq_ivf_mode_is_row_independent_and_measures_recall():
     np.testing.assert_array_equal(full.encode(x, exclude_ids=ex), exact.encode(x, exclude_ids=ex))
 
 
+def test_vq_ivf_rows_searched_in_list_order_land_on_their_rows(monkeypatch):
+    # IVF rows are searched window by window in the order of their probed lists (cache
+    # reuse), chunk by chunk: each row's codes must come back to that row.
+    pool, ids = _ivf_fixture()
+    vq = VQCoder(k=10, exact_max_pool=1000, ann_index="IVF32,Flat", ann_nprobe=4).fit(pool, ids)
+    x, ex = pool[:700], ids[:700]
+    want = rowwise(vq.encode, x, ex)
+    monkeypatch.setattr(vq_module, "_VQ_SORT_WINDOW", 256)  # windows of 256, 256, 188 rows
+    monkeypatch.setattr(vq_module, "_VQ_CHUNK", 100)  # ragged searches inside each
+    np.testing.assert_array_equal(vq.encode(x, exclude_ids=ex), want)
+
+
 def test_vq_ivf_probe_guard_takes_the_float64_lists(monkeypatch):
     # With the guard forced (every row doubtful), the float64 list choice gives the same
     # codes: the float32 proposal only ever keeps what float64 would choose.
