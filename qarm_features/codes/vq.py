@@ -319,9 +319,20 @@ class VQCoder:
             tol = self._tol(x64)
             doubtful = np.flatnonzero(~(dist[:, -1] < t - tol))
         valid = (cand >= 0) & (cand != ex[:, None])
-        safe = np.where(cand >= 0, cand, 0)
-        s64 = dot64(x64, np.take(self._pool_t, safe, axis=1))
-        out = self._top_k(s64, safe, valid)
+        # Rows whose first k + 1 float32 candidates are all valid and each apart from the
+        # next by more than the tolerance: the float64 re-scoring would keep exactly that
+        # order (no ties), and every later candidate scores below the (k+1)-th. Their
+        # codes are the float32 order; the others are re-scored (same codes either way).
+        head = dist[:, : k + 1].astype(np.float64)
+        sure = valid[:, : k + 1].all(axis=1)
+        sure &= (head[:, :-1] - head[:, 1:] > self._tol(x64)[:, None]).all(axis=1)
+        out = np.empty((x.shape[0], k), np.int64)
+        out[sure] = self.pool_ids_[cand[sure, :k]]
+        rest = np.flatnonzero(~sure)
+        if rest.size:
+            safe = np.where(cand[rest] >= 0, cand[rest], 0)
+            s64 = dot64(x64[rest], np.take(self._pool_t, safe, axis=1))
+            out[rest] = self._top_k(s64, safe, valid[rest])
         for i in doubtful:
             out[i] = self._top_k_full(x[i], x64[i], ex[i])
         return out
