@@ -43,9 +43,9 @@ _VQ_CHUNK = 4096
 # IVF mode: rows are probed this many at a time and searched in the order of their
 # lists, so rows that scan the same inverted lists run one after the other while those
 # lists are still in cache. The scan is memory-bound (a 100k x 64 pool is 25 MiB; one
-# row's 16 lists ~400 KiB): in list order it ran ~1.5-1.8x faster than in catalog order
-# at 4096-16384 rows (bench notes in benchmarks/bench_stream.py). Codes do not change:
-# each row is searched on its own, whatever its neighbours.
+# row's 16 lists ~400 KiB): in list order faiss's scan ran ~1.5-1.8x faster than in
+# catalog order at 4096-16384 rows. Codes do not change: each row is searched on its own,
+# whatever its neighbours.
 _VQ_SORT_WINDOW = 16_384
 # ANN recall is measured on this many pool items (at most) at fit time.
 _RECALL_SAMPLE = 1000
@@ -70,7 +70,8 @@ class VQCoder:
         ann_index: faiss ``index_factory`` string for large pools (inner-product metric).
             ``"IVF<nlist>,Flat"`` is searched row-independently (see the module docstring);
             IVF1024,Flat at nprobe 16 measured recall@25 0.99998 at 3.5x HNSW32's
-            throughput on a 100k pool (benchmarks/bench_batch.py).
+            throughput on a 100k pool (benchmarks/bench_batch.py); at nprobe 8, 0.9997
+            (``VQConfig.ann_nprobe``).
         ann_ef_search: HNSW ``efSearch`` (ignored by index types without it).
         ann_nprobe: inverted lists searched per row by IVF indexes.
         seed: seed of the recall-measurement sample.
@@ -90,7 +91,7 @@ class VQCoder:
         ann_index: str = "IVF1024,Flat",
         ann_ef_search: int = 128,
         seed: int = 0,
-        ann_nprobe: int = 16,
+        ann_nprobe: int = 8,
     ):
         self.k = k
         self.exact_max_pool = exact_max_pool
