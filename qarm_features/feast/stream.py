@@ -10,7 +10,9 @@ runs over the whole catalog. Memory is bounded by the chunk, not the catalog:
   naming the source, the column, the row and the value), encoded
   (:func:`qarm_features.bundle.encode.encode_items`, whose rows do not depend on the batch) and
   appended as one parquet row group to the codes and the content files, each a temp file
-  renamed into place only when every chunk succeeded (all or nothing);
+  renamed into place only when every chunk succeeded (all or nothing); one I/O thread
+  reads the next chunk and writes the last one while a chunk encodes (one of each in
+  flight: a few chunks in memory, whatever the catalog);
 - what outlives a chunk: the item ids (duplicates are checked over the whole catalog at
   the end) and the RQ codes of the items a user history names (``keep_ids``).
 
