@@ -14,7 +14,9 @@ The bundle is :func:`qarm_features.bundle.testing.make_random_bundle` over the f
 content (random linear aligner 384 -> 64: the forward costs what a trained one costs).
 Records go to the ``stream`` key of ``benchmarks/results/scale.json``. Every large file
 lives in a temporary directory removed after the run. Sizes: ``python -m
-benchmarks.bench_stream 1000000 4000000`` (or ``QARM_STREAM_RUNS``).
+benchmarks.bench_stream 1000000 4000000`` (or ``QARM_STREAM_RUNS``). ``python -m
+benchmarks.bench_stream --vq``: :func:`vq_sweep`, recall@25 and items/s of the VQ search per
+IVF list count and probes (the ``vq_sweep`` key).
 """
 
 from __future__ import annotations
@@ -170,9 +172,72 @@ def markdown(result: dict) -> list[str]:
     return lines + [""]
 
 
+# ---------------------------------------------------------------- VQ search settings
+VQ_GRID = ((256, (2, 4)), (512, (4, 8)), (1024, (4, 8, 12, 16)), (2048, (8, 16, 24)))
+
+
+def vq_sweep(queries: int = 32_768, recall_rows: int = 2_000, grid=VQ_GRID, repeats: int = 3,
+             seed: int = 0) -> dict:  # fmt: skip
+    """VQ top-25 on :data:`POOL` aligned items, per IVF list count and probes: recall@25
+    against the exact top-25 and items/s of ``VQCoder.encode`` (the default row-block
+    workers, as the batch transformation runs it), settings interleaved.
+
+    Pool and queries as :func:`make_bundle` and :func:`prepare` see them: the first
+    :data:`POOL` items of the synthetic catalog are the pool, the next ``queries`` items
+    (not in the pool, like 90% of a 1M catalog) the queries; the bundle's random linear
+    aligner 384 -> 64 maps both. In-process.
+    """
+    import numpy as np
+
+    from benchmarks.timing import interleave
+    from qarm_features.bundle.artifact import load_bundle
+    from qarm_features.bundle.encode import align
+    from qarm_features.bundle.testing import make_random_bundle
+    from qarm_features.codes.vq import VQCoder
+    from qarm_features.datasets.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(POOL + queries, 1, content_dim=384, seed=seed)
+    raw = np.concatenate([x for _, x in world.iter_content(CHUNK)])
+    with tempfile.TemporaryDirectory(dir=os.environ.get("QARM_BENCH_TMP")) as tmp:
+        path = make_random_bundle(Path(tmp) / "b", raw_emb=raw[:POOL], out_dim=64, hidden=0,
+                                  n_levels=3, n_codes=64, vq_k=25, seed=seed)  # fmt: skip
+        b = load_bundle(path)
+        pool, ids, k = b.vq_pool_emb, b.vq_pool_ids, b.vq_k
+        q = align(b, raw[POOL:])
+    truth = VQCoder(k=k, exact_max_pool=POOL).fit(pool, ids).encode(q[:recall_rows])
+    coders, rows = {}, {}
+    for nlist, probes in grid:
+        t0 = time.perf_counter()
+        spec = f"IVF{nlist},Flat"
+        blob = VQCoder(k=k, exact_max_pool=1, ann_index=spec).fit(pool, ids).export_index()
+        build = time.perf_counter() - t0
+        for nprobe in probes:
+            vq = VQCoder(k=k, exact_max_pool=1, ann_index=spec, ann_nprobe=nprobe)
+            vq.fit(pool, ids, index=blob)
+            got = vq.encode(q[:recall_rows])
+            hits = [np.intersect1d(g, w).size for g, w in zip(got, truth)]
+            name = f"nlist {nlist} nprobe {nprobe}"
+            coders[name] = vq
+            rows[name] = {"nlist": nlist, "nprobe": nprobe, "recall_at_25": float(np.mean(hits)) / k,
+                          "build_s": build}  # fmt: skip
+    cases = {name: (lambda vq=vq: vq.encode(q)) for name, vq in coders.items()}
+    stats = interleave(cases, repeats=repeats, warmup=0)
+    for name, st in stats.items():
+        rows[name]["items_per_s"] = queries / st.median
+    return {"pool": POOL, "queries": queries, "recall_rows": recall_rows, "k": k,
+            "settings": list(rows.values())}  # fmt: skip
+
+
 if __name__ == "__main__":  # python -m benchmarks.bench_stream [n_items ...]
     import sys
 
+    if sys.argv[1:2] == ["--vq"]:  # python -m benchmarks.bench_stream --vq: the VQ settings
+        from benchmarks.timing import merge_results
+
+        result = vq_sweep()
+        merge_results("benchmarks/results/scale.json", {"vq_sweep": result})
+        print(json.dumps(result, indent=1, default=float))
+        sys.exit(0)
     sizes = [int(a) for a in sys.argv[1:]] or None
     print(json.dumps(run(False, runs=sizes), indent=1, default=float))
 

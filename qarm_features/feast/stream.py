@@ -10,7 +10,9 @@ runs over the whole catalog. Memory is bounded by the chunk, not the catalog:
   naming the source, the column, the row and the value), encoded
   (:func:`qarm_features.bundle.encode.encode_items`, whose rows do not depend on the batch) and
   appended as one parquet row group to the codes and the content files, each a temp file
-  renamed into place only when every chunk succeeded (all or nothing);
+  renamed into place only when every chunk succeeded (all or nothing); one I/O thread
+  reads the next chunk and writes the last one while a chunk encodes (one of each in
+  flight: a few chunks in memory, whatever the catalog);
 - what outlives a chunk: the item ids (duplicates are checked over the whole catalog at
   the end) and the RQ codes of the items a user history names (``keep_ids``).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -407,12 +410,28 @@ def write_item_sources(
     seen: list[np.ndarray] = []
     kept: list[pd.DataFrame] = []
     n_catalog = 0
+    # One I/O thread reads the next chunk and writes the last one's row groups while this
+    # thread's row-block workers encode: parquet decode and encode run at once instead of
+    # in turn (they took ~40 us of the ~150 us of CPU an item cost at 1M items, serial).
+    # At most one read ahead and one write in flight: memory stays a few chunks.
+    io = ThreadPoolExecutor(1, thread_name_prefix="qarm-io")
+    writing = None
+
+    def write(codes, content) -> None:
+        codes_out.write(codes)
+        content_out.write(content)
 
     def put(chunk: Chunk) -> None:
+        nonlocal writing
         enc = encode_items(bundle, chunk.raw, bundle.ids_of(chunk.keys))
         stamps = {"id_column": id_column, "stamp": stamp, "created": created}
-        codes_out.write(codes_table(bundle, chunk, enc, codes_schema, **stamps))
-        content_out.write(content_table(chunk, content_schema, **stamps))
+        tables = (
+            codes_table(bundle, chunk, enc, codes_schema, **stamps),
+            content_table(chunk, content_schema, **stamps),
+        )
+        if writing is not None:
+            writing.result()  # row groups in catalog order; re-raises a failed write
+        writing = io.submit(write, *tables)
         seen.append(chunk.keys)
         if keep is not None and keep.size:
             mask = np.isin(chunk.keys, keep)
@@ -423,7 +442,10 @@ def write_item_sources(
 
     try:
         with stage("encode", total=total, progress=progress, records=records) as s:
-            for chunk in chunks:
+            it = iter(chunks)
+            reading = io.submit(next, it, None)
+            while (chunk := reading.result()) is not None:
+                reading = io.submit(next, it, None)  # read ahead while this one encodes
                 put(chunk)
                 s.advance(len(chunk))
             n_catalog = sum(len(k) for k in seen)
@@ -432,11 +454,15 @@ def write_item_sources(
             if more is not None and len(more):
                 put(more)
                 s.advance(len(more))
+            if writing is not None:
+                writing.result()
         keys = np.concatenate(seen) if seen else np.empty(0, np.int64)
         _check_unique(keys)
+        io.shutdown()
         codes_out.commit()
         content_out.commit()
     except BaseException:
+        io.shutdown(cancel_futures=True)  # waits for a read or write in flight
         codes_out.abort()
         content_out.abort()
         raise

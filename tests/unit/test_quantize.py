@@ -339,6 +339,35 @@ def test_vq_ivf_mode_is_row_independent_and_measures_recall():
     np.testing.assert_array_equal(full.encode(x, exclude_ids=ex), exact.encode(x, exclude_ids=ex))
 
 
+def test_vq_ivf_rows_searched_in_list_order_land_on_their_rows(monkeypatch):
+    # IVF rows are searched window by window in the order of their probed lists (cache
+    # reuse), chunk by chunk: each row's codes must come back to that row.
+    pool, ids = _ivf_fixture()
+    vq = VQCoder(k=10, exact_max_pool=1000, ann_index="IVF32,Flat", ann_nprobe=4).fit(pool, ids)
+    x, ex = pool[:700], ids[:700]
+    want = rowwise(vq.encode, x, ex)
+    monkeypatch.setattr(vq_module, "_VQ_SORT_WINDOW", 256)  # windows of 256, 256, 188 rows
+    monkeypatch.setattr(vq_module, "_VQ_CHUNK", 100)  # ragged searches inside each
+    np.testing.assert_array_equal(vq.encode(x, exclude_ids=ex), want)
+
+
+def test_vq_ivf_near_ties_are_resolved_in_float64():
+    # Rows whose float32 top k+1 are clearly apart keep the float32 order without float64
+    # re-scoring; 20 items nearly equidistant to the query must not: float64 decides.
+    # (20: all within the k + 1 + 16 float32 candidates; IVF mode has no guard for more
+    # near-ties than candidates.)
+    rng = np.random.default_rng(3)
+    q = unit(rng.standard_normal((1, 32)))[0]
+    pool = unit(rng.standard_normal((1000, 32)))
+    pool[:20] = unit(q + 1e-7 * rng.standard_normal((20, 32)))
+    ids = np.arange(1000, 2000, dtype=np.int64)
+    vq = VQCoder(k=10, exact_max_pool=100, ann_index="IVF8,Flat", ann_nprobe=2).fit(pool, ids)
+    x = np.concatenate([q[None], pool[:20], unit(rng.standard_normal((500, 32)))])
+    batch = vq.encode(x)
+    np.testing.assert_array_equal(batch[:21], vq_reference(x[:21], pool, ids, 10))
+    np.testing.assert_array_equal(rowwise(vq.encode, x), batch)
+
+
 def test_vq_ivf_probe_guard_takes_the_float64_lists(monkeypatch):
     # With the guard forced (every row doubtful), the float64 list choice gives the same
     # codes: the float32 proposal only ever keeps what float64 would choose.

@@ -208,3 +208,48 @@ def test_reading_a_parquet_catalog_holds_one_chunk(tmp_path):
         del chunk
     one_group = group * d * 4
     assert max(held) - held[0] < one_group, [h - held[0] for h in held]
+
+
+
+def _held_while_streaming(bundle, tmp_path, n: int, group: int, d: int = 384) -> int:
+    """Peak bytes (numpy, traced, plus arrow) prepare_sources held over what it held as its
+    encode stage started, on a parquet catalog of ``n`` rows in chunks of ``group``."""
+    import tracemalloc
+
+    raw = np.random.default_rng(n).standard_normal((n, d)).astype(np.float32)
+    emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32)),
+                                   pa.array(raw.ravel()))  # fmt: skip
+    path = tmp_path / f"catalog-{n}.parquet"
+    pq.write_table(pa.table({"item_id": np.arange(n), "raw_emb": emb}), path, row_group_size=group)
+    del raw, emb
+    held: list[int] = []
+
+    def progress(name, total, advance):  # once as the stage starts, then after each chunk
+        if name == "encode":
+            held.append(tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes())
+
+    repo = tmp_path / f"repo-{n}"
+    repo.mkdir()
+    tracemalloc.start()
+    try:
+        job.prepare_sources(bundle, repo, path, chunk_rows=group, now=NOW, progress=progress)
+    finally:
+        tracemalloc.stop()
+    assert len(held) == -(-n // group) + 1
+    return max(held) - held[0]
+
+
+def test_prepare_sources_memory_is_bounded_by_the_chunk_not_the_catalog(tmp_path):
+    """The whole streamed stage (read, encode, write the codes and content row groups):
+    twice the catalog, same chunk, same peak. A reader of the whole file
+    (``pq.read_table``), a pre-buffered one, or a writer that keeps its tables would hold
+    the extra catalog rows (4 chunks, 37 MB)."""
+    from qarm_features.bundle.testing import make_random_bundle
+
+    bundle = make_random_bundle(tmp_path / "b", n_items=64, raw_dim=384, vq_k=3)
+    get_bundle(bundle)  # loaded (and cached) before the stage
+    group = 6_000
+    small = _held_while_streaming(bundle, tmp_path, 4 * group, group)
+    large = _held_while_streaming(bundle, tmp_path, 8 * group, group)
+    one_chunk = group * 384 * 4
+    assert large - small < one_chunk / 2, (small / one_chunk, large / one_chunk)
