@@ -598,7 +598,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     res = sample_vs_full(args.n_items, n_threads=args.threads)
-    merge_results(args.out, {"sample_vs_full": res})
+    merge_results(args.out, {"sample_vs_full": res}, indent=2)  # as the suite writes rq.json
     print(json.dumps(res, indent=1, default=float))
 
 
