@@ -21,6 +21,7 @@ worker threads) and a GEMM with exactly the RQ distance shape
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -432,3 +433,174 @@ def run(quick: bool, n_threads: int = 2) -> dict:
         semid_rows=20_000 if quick else 100_000,
     )  # fmt: skip
     return {"data_generation_s": gen_s, "encode": encode, "fit": fit}
+
+
+# ----------------------------------------------------------------------------- sample vs full
+def aligned_stand_in(
+    n_items: int,
+    *,
+    content_dim: int = 384,
+    out_dim: int = 64,
+    seed: int = 0,
+    pca_rows: int = 100_000,
+) -> np.ndarray:
+    """The aligned space of :func:`benchmarks.bench_scale.scale_world`'s catalog, stand-in.
+
+    The world's ``content_dim``-d content (as ``scale_world``) through the pipeline's own
+    forward (``build.pipeline.align_catalog``: L2 norm, linear map, L2 norm) with the map a
+    PCA instead of a trained aligner: the top ``out_dim`` principal directions (uncentred
+    second moment) of ``pca_rows`` seeded L2-normalised rows. Training an aligner on the
+    1M world's pairs costs minutes to hours; the codebook question needs only the geometry.
+    """
+    from qarm_features.build.pipeline import align_catalog
+    from qarm_features.datasets.synthetic import SyntheticWorld
+
+    content = SyntheticWorld(n_items, 1, content_dim=content_dim, seed=seed).content
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n_items, size=min(n_items, pca_rows), replace=False))
+    s = content[rows].astype(np.float64)
+    s /= np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12)
+    _, vecs = np.linalg.eigh(s.T @ s)  # ascending eigenvalues
+    proj = vecs[:, ::-1][:, :out_dim].T  # (out_dim, content_dim)
+    return align_catalog({"proj.weight": proj.astype(np.float32)}, content)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")  # pragma: no cover
+
+
+def sample_vs_full(
+    n_items: int = 1_000_000,
+    *,
+    n_threads: int = 1,
+    seed: int = 0,
+    rq_cfg=None,
+    x: np.ndarray | None = None,
+) -> dict:
+    """RQ codebooks fitted on the shipped sample vs on every item, both encoding every item.
+
+    Both fits use ``rq_cfg`` (default: the shipped :class:`~qarm_features.config.RQConfig`:
+    its levels, codes, k-means iterations and seeds); they differ only in the rows k-means
+    sees: ``sample`` is the shipped rule (at most 256 rows per centroid, a seeded sample),
+    ``full`` is every item (``max_points_per_centroid=None``). Each then encodes all
+    ``n_items``; per fit: relative reconstruction error (and after each level), per-level
+    utilization and entropy, collision rate (:func:`qarm_features.metrics.code_quality`),
+    wall and CPU seconds of the fit, and its peak RSS (``VmHWM`` reset before the fit; the
+    data itself is resident, so ``fit_extra_mib`` = peak minus RSS before). Agreement of the
+    two fits' level-1 cells over all items: adjusted mutual information and adjusted Rand
+    index (the pair-counting one: share of item pairs placed alike, chance-corrected),
+    beside the same between two sample fits one seed apart (``sample_next_seed``: another
+    sample and another k-means start), the agreement any refit has anyway.
+
+    ``x``: the vectors to use instead of :func:`aligned_stand_in` (the unit test's tiny run).
+    """
+    from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
+
+    from benchmarks.bench_scale import _peak_mib, _reset_peak
+    from qarm_features.codes.rq import ResidualQuantizer
+    from qarm_features.config import RQConfig
+    from qarm_features.metrics import code_quality
+
+    cfg = rq_cfg or RQConfig()
+    t0 = time.perf_counter()
+    if x is None:
+        x = aligned_stand_in(n_items, seed=seed)
+    gen_s = time.perf_counter() - t0
+    n = len(x)
+    fits: dict = {}
+    level1 = {}
+    runs = (("sample", "shipped", cfg.seed), ("full", None, cfg.seed),
+            ("sample_next_seed", "shipped", cfg.seed + 1))  # fmt: skip
+    for name, per_centroid, fit_seed in runs:
+        kw = {} if per_centroid == "shipped" else {"max_points_per_centroid": per_centroid}
+        rq = ResidualQuantizer(n_levels=cfg.n_levels, n_codes=cfg.n_codes, n_iter=cfg.n_iter,
+                               seed=fit_seed, **kw)  # fmt: skip
+        rss0 = _rss_mib()
+        _reset_peak()
+        w0, c0 = time.perf_counter(), time.process_time()
+        with threads(n_threads):
+            rq.fit(x)
+        fit_s, fit_cpu = time.perf_counter() - w0, time.process_time() - c0
+        peak = _peak_mib()
+        with threads(n_threads):
+            codes = rq.encode(x)
+            per_level = rq.residual_energy_per_level(x)
+        q = code_quality(codes, cfg.n_codes)
+        fits[name] = {
+            "seed": fit_seed,
+            "fit_rows": int(rq.n_fit_rows_),
+            "fit_seconds": fit_s,
+            "fit_cpu_seconds": fit_cpu,
+            "peak_rss_mib": peak,
+            "rss_before_fit_mib": rss0,
+            "fit_extra_mib": peak - rss0,
+            "reconstruction_error": float(rq.reconstruction_error(x)),
+            "residual_energy_per_level": per_level,
+            "utilization": q["utilization"],
+            "entropy": q["entropy"],
+            "collision_rate": q["collision_rate"],
+            "n_unique_tuples": q["n_unique_tuples"],
+        }
+        level1[name] = codes[:, 0]
+        log.info("sample_vs_full %s: %s", name, fits[name])
+    s, f = fits["sample"], fits["full"]
+    return {
+        "n_items": n,
+        "dim": int(x.shape[1]),
+        "rq": cfg.model_dump(),
+        "threads": n_threads,
+        "data_generation_s": gen_s,
+        "aligned_space": "scale_world content (384-d) -> pipeline.align_catalog with a PCA "
+        "projection to 64-d (top principal directions of 100k L2-normalised rows), unit norm",
+        "fits": fits,
+        "level1_ami": float(adjusted_mutual_info_score(level1["full"], level1["sample"])),
+        "level1_ari": float(adjusted_rand_score(level1["full"], level1["sample"])),
+        # The noise floor: two shipped sample fits one seed apart (other sample, other init).
+        "level1_ami_sample_vs_next_seed": float(
+            adjusted_mutual_info_score(level1["sample"], level1["sample_next_seed"])
+        ),
+        "level1_ari_sample_vs_next_seed": float(
+            adjusted_rand_score(level1["sample"], level1["sample_next_seed"])
+        ),
+        "reconstruction_error_ratio_sample_over_full": ratio(
+            s["reconstruction_error"], f["reconstruction_error"]
+        ),
+        "fit_seconds_ratio_full_over_sample": ratio(f["fit_seconds"], s["fit_seconds"]),
+        "fit_cpu_ratio_full_over_sample": ratio(f["fit_cpu_seconds"], s["fit_cpu_seconds"]),
+        "load_avg": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def main(argv=None) -> None:
+    """``python -m benchmarks.bench_rq --sample-vs-full [--n-items N] [--out PATH]``."""
+    import argparse
+
+    from benchmarks.timing import merge_results
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_rq")
+    parser.add_argument(
+        "--sample-vs-full",
+        action="store_true",
+        required=True,
+        help="RQ codebooks on the shipped sample vs every item (1M by default)",
+    )
+    parser.add_argument("--n-items", type=int, default=1_000_000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results/rq.json",
+        help="results file; the figures go under its 'sample_vs_full' key",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    res = sample_vs_full(args.n_items, n_threads=args.threads)
+    merge_results(args.out, {"sample_vs_full": res}, indent=2)  # as the suite writes rq.json
+    print(json.dumps(res, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

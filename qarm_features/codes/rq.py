@@ -86,17 +86,30 @@ class ResidualQuantizer:
         n_codes: ``K``, centroids per level.
         n_iter: faiss k-means iterations per level.
         seed: k-means seed (level ``l`` uses ``seed + l``) and fitting-subsample seed.
+        max_points_per_centroid: k-means fits on a seeded sample of at most this many rows
+            per centroid (faiss' default, 256: 16,384 rows at ``K = 64``); ``None`` fits on
+            every row (what ``benchmarks.bench_rq --sample-vs-full`` compares against).
 
     Fitted attributes:
         codebooks_: ``(L, K, d)`` float32.
         dim_: ``d``.
+        n_fit_rows_: rows k-means saw (``fit`` only; the subsample's size when capped).
     """
 
-    def __init__(self, n_levels: int = 3, n_codes: int = 64, n_iter: int = 25, seed: int = 0):
+    def __init__(
+        self,
+        n_levels: int = 3,
+        n_codes: int = 64,
+        n_iter: int = 25,
+        seed: int = 0,
+        *,
+        max_points_per_centroid: int | None = _MAX_POINTS_PER_CENTROID,
+    ):
         self.n_levels = n_levels
         self.n_codes = n_codes
         self.n_iter = n_iter
         self.seed = seed
+        self.max_points_per_centroid = max_points_per_centroid
 
     # ---- fitting ---------------------------------------------------------------------
 
@@ -109,8 +122,8 @@ class ResidualQuantizer:
 
         Needs ``n >= n_codes`` rows (k-means cannot place more centroids than points):
         fewer raise :class:`InputError`. Fewer than 39 rows per centroid is allowed but
-        logged, as centroids then get noisy. Inputs larger than 256 rows per centroid are
-        subsampled (seeded) for fitting, once, for all levels.
+        logged, as centroids then get noisy. Inputs larger than ``max_points_per_centroid``
+        (256) rows per centroid are subsampled (seeded) for fitting, once, for all levels.
         """
         n_levels = check_hyper("n_levels", self.n_levels, 1)
         k = check_hyper("n_codes", self.n_codes, 2)
@@ -125,11 +138,16 @@ class ResidualQuantizer:
             )
         if n < 39 * k:
             logger.info("RQ fit: %d rows for %d centroids (< 39 per centroid)", n, k)
-        cap = _MAX_POINTS_PER_CENTROID * k
+        per_centroid = self.max_points_per_centroid
+        if per_centroid is None:
+            per_centroid = -(-n // k)  # every row
+        per_centroid = check_hyper("max_points_per_centroid", per_centroid, 1)
+        cap = per_centroid * k
         if n > cap:
             rows = np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
             x = x[rows]
         residual = x.copy()
+        n_fit_rows = residual.shape[0]
         codebooks = np.empty((n_levels, k, d), np.float32)
         for level in range(n_levels):
             km = faiss.Kmeans(
@@ -140,7 +158,7 @@ class ResidualQuantizer:
                 verbose=False,
                 spherical=False,
                 min_points_per_centroid=1,  # we log the few-points case ourselves
-                max_points_per_centroid=_MAX_POINTS_PER_CENTROID,
+                max_points_per_centroid=per_centroid,  # faiss must not subsample again
             )
             init = None
             if init_codebooks is not None and level < len(init_codebooks):
@@ -156,6 +174,7 @@ class ResidualQuantizer:
                 codes = _encode_levels(residual, [lv])
                 residual -= codebooks[level][codes[:, 0]]
         self._set_codebooks(codebooks)
+        self.n_fit_rows_ = n_fit_rows
         return self
 
     @classmethod

@@ -31,6 +31,51 @@ def tiny_codebooks(tiny_x):
     return ResidualQuantizer(n_levels=2, n_codes=16, n_iter=3, seed=0).fit(tiny_x).codebooks_
 
 
+def test_rq_sample_vs_full_fits_every_row_once_and_reports_both():
+    from benchmarks import bench_rq
+    from qarm_features.config import RQConfig
+
+    x = bench_rq.world_vectors(3_000, dim=16)  # > 256 rows per centroid at K = 8: sampled
+    cfg = RQConfig(n_levels=2, n_codes=8, n_iter=3)
+    res = bench_rq.sample_vs_full(x=x, rq_cfg=cfg)
+    fits = res["fits"]
+    assert fits["sample"]["fit_rows"] == fits["sample_next_seed"]["fit_rows"] == 256 * 8
+    assert fits["full"]["fit_rows"] == len(x) == res["n_items"]
+    seeds = [fits[name]["seed"] for name in ("sample", "full", "sample_next_seed")]
+    assert seeds == [0, 0, 1]
+    for row in fits.values():
+        assert len(row["utilization"]) == len(row["entropy"]) == 2
+        assert len(row["residual_energy_per_level"]) == 2
+        assert 0 < row["reconstruction_error"] < 1 and 0 <= row["collision_rate"] <= 1
+        assert row["fit_seconds"] > 0 and row["peak_rss_mib"] > 0
+    for key in ("level1_ami", "level1_ari", "level1_ami_sample_vs_next_seed"):
+        assert -1 <= res[key] <= 1, key
+    assert res["level1_ami"] < 1  # different rows, different cells somewhere
+
+
+def test_rq_sample_vs_full_command_merges_into_the_results_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "rq.json"
+    out.write_text(json.dumps({"fit": {"kept": True}}))
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_rq", "--sample-vs-full", "--n-items", "2000",
+         "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["fit"] == {"kept": True}
+    res = data["sample_vs_full"]
+    assert res["n_items"] == 2000 and res["dim"] == 64
+    assert res["fits"]["full"]["fit_rows"] == 2000
+
+
 def test_timing_helpers():
     from benchmarks.timing import interleave, latencies, machine, ratio, sgemm_case
 

@@ -128,6 +128,25 @@ def test_rq_subsamples_large_inputs_for_fitting():
     rq = ResidualQuantizer(n_levels=2, n_codes=2, n_iter=5, seed=0).fit(x)  # cap 512 rows
     assert rq.codebooks_.shape == (2, 2, 8)
     assert rq.reconstruction_error(x) < 1.0
+    assert rq.n_fit_rows_ == 512
+
+
+def test_rq_max_points_per_centroid_sets_the_rows_kmeans_sees():
+    x = clustered(1200, d=8, seed=3)
+    common = {"n_levels": 2, "n_codes": 2, "n_iter": 5, "seed": 0}
+    capped = ResidualQuantizer(**common, max_points_per_centroid=100).fit(x)
+    full = ResidualQuantizer(**common, max_points_per_centroid=None).fit(x)
+    assert (capped.n_fit_rows_, full.n_fit_rows_) == (200, 1200)
+    # Level 1 of the full fit is faiss k-means over every row (faiss must not subsample).
+    import faiss
+
+    km = faiss.Kmeans(8, 2, niter=5, seed=0, spherical=False, min_points_per_centroid=1,
+                      max_points_per_centroid=10**6)  # fmt: skip
+    km.train(x)
+    np.testing.assert_array_equal(full.codebooks_[0], km.centroids)
+    assert not np.array_equal(full.codebooks_, capped.codebooks_)
+    with pytest.raises(ConfigError, match="max_points_per_centroid"):
+        ResidualQuantizer(**common, max_points_per_centroid=0).fit(x)
 
 
 def near_tie_rows(codebook: np.ndarray, rng, n: int, scale: float) -> np.ndarray:
