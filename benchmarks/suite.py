@@ -39,7 +39,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from benchmarks.timing import fmt, machine
+from benchmarks.timing import fmt, machine, merge_results
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ def run_suite(out_dir: str | os.PathLike = "benchmarks/results", quick: bool = F
                 results[name] = {"error": errors[name], "traceback": traceback.format_exc()}
             results[name]["section_seconds"] = time.perf_counter() - t0
             results[name]["mode"] = info["mode"]
-            (out / f"{name}{suffix}.json").write_text(json.dumps(results[name], indent=2, default=_json))
+            # merged: keys a section's own command wrote there (rq.json's sample_vs_full,
+            # scale.json's stream) survive a suite run
+            merge_results(out / f"{name}{suffix}.json", results[name], indent=2, default=_json)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

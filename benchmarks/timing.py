@@ -183,17 +183,18 @@ def fmt(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
-def merge_results(path, sections: dict, *, indent: int = 1) -> None:
+def merge_results(path, sections: dict, *, indent: int = 1, default=float) -> None:
     """Write ``sections`` (top-level keys) into the JSON results file at ``path``, keeping
-    its other keys (``scale.json`` holds the sweep, the streamed runs and the online write).
-    ``indent``: the file's own (the suite writes its section files with 2)."""
+    its other keys (``scale.json`` holds the sweep, the streamed runs and the online write;
+    ``rq.json`` the suite's section and ``--sample-vs-full``). ``indent``: the file's own
+    (the suite writes its section files with 2); ``default``: ``json.dumps``'s."""
     from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(sections)
-    path.write_text(json.dumps(data, indent=indent, default=float))
+    path.write_text(json.dumps(data, indent=indent, default=default))
 
 
 def machine() -> dict:

@@ -227,3 +227,18 @@ def test_training_section_renders_a_timed_out_file_store():
                                           arrow_rows_per_s=100.0)  # fmt: skip
     (row,) = [r for r in closing_rows({"training": training}) if r[0].startswith("Training")]
     assert "880 of 1,000 rows" in row[2] and row[3].startswith("100")
+
+
+def test_a_suite_run_keeps_what_a_sections_own_command_wrote(tmp_path, monkeypatch):
+    """`python -m benchmarks` merges each section into its file: `--sample-vs-full`'s key in
+    rq.json survives it (a whole-file write dropped it)."""
+    import json
+
+    from benchmarks import suite
+
+    (tmp_path / "rq.json").write_text(json.dumps({"sample_vs_full": {"ratio": 1.016}}))
+    monkeypatch.setenv("QARM_BENCH_SECTIONS", "rq")
+    monkeypatch.setattr(suite, "_run_section", lambda *a, **k: {"rows": [1]})
+    suite.run_suite(tmp_path)
+    data = json.loads((tmp_path / "rq.json").read_text())
+    assert data["sample_vs_full"] == {"ratio": 1.016} and data["rows"] == [1]
