@@ -50,14 +50,13 @@ _U2I_BLOCK_FLOATS = 1 << 24
 # --------------------------------------------------------------------------- input
 def _positives(interactions, positive_threshold: float) -> pd.DataFrame:
     """Positive rows of the sorted log, ``[user_id, item_id, timestamp]`` in log order."""
-    log = check_interactions(interactions)
-    pos = log.loc[log["rating"] >= positive_threshold, ["user_id", "item_id", "timestamp"]]
+    pos = check_interactions(interactions, min_rating=positive_threshold)
     if pos.empty:
         raise InputError(
             f"interactions: no positive rows (rating >= {positive_threshold}) among "
-            f"{len(log)} rows; lower positive_threshold or check the rating column"
+            f"{len(interactions)} rows; lower positive_threshold or check the rating column"
         )
-    return pos.reset_index(drop=True)
+    return pos
 
 
 # --------------------------------------------------------------------------- U2I
