@@ -303,7 +303,7 @@ def _count(n: int) -> str:
 
 
 def _secs(s: float) -> str:
-    return f"{s:.1f}" if s < 10 else f"{s:.0f}"
+    return f"{s:.1f}" if s < 10 else f"{s:,.0f}"
 
 
 def readme_table(summary: dict) -> list[str]:
