@@ -288,12 +288,73 @@ def markdown(summary: dict) -> list[str]:
     return lines
 
 
+README_STAGES = (("retrieval", "retrieval (BPR)"), ("mining", "mining (U2I + Swing)"),
+                 ("aligner", "aligner"), ("codes", "codes"), ("total", "total"))
+README_FITS = (("retrieval", "event", "the retrieval model"), ("mining", "event", "mining"),
+               ("aligner", "item", "the aligner"), ("codes", "item", "codes"))
+
+
+def _count(n: int) -> str:
+    """10000 -> ``10k``, 1000000 -> ``1M``, 2500000 -> ``2.5M``."""
+    for div, unit in ((1_000_000, "M"), (1_000, "k")):
+        if n >= div:
+            return f"{n / div:g}{unit}"
+    return str(n)
+
+
+def _secs(s: float) -> str:
+    return f"{s:.1f}" if s < 10 else f"{s:,.0f}"
+
+
+def readme_table(summary: dict) -> list[str]:
+    """The README's scaling table and its fitted-line sentence, rendered from
+    ``scale.json`` (``summary``: its ``records`` and ``fits``): wall s / peak RSS MiB per
+    stage, pair events/s (retrieval + mining). ``tests/unit/test_scale_table.py`` checks
+    that the README holds exactly these lines."""
+    lines = ["| items | events | " + " | ".join(t for _, t in README_STAGES) + " | pair events/s |",
+             "|---|---|" + "---|" * (len(README_STAGES) + 1)]
+    for r in sorted(summary["records"], key=lambda r: (r["n_events"], r["n_items"])):
+        head = f"| {_count(r['n_items'])} | {_count(r['n_events'])} |"
+        if "error" in r:
+            lines.append(head + " failed |" + " |" * len(README_STAGES))
+            continue
+        cells = [f"{_secs(r[s]['seconds'])} / {r[s]['peak_rss_mib']:,.0f}" for s, _ in README_STAGES]
+        rate = r["n_events"] / r["pairs"]["seconds"]
+        lines.append(head + " " + " | ".join(cells) + f" | {rate / 1000:.0f}k |")
+    fits = summary.get("fits", {})
+    if all(fits.get(s) for s, _, _ in README_FITS):
+        r2 = np.floor(min(fits[s]["r2"] for s, _, _ in README_FITS) * 100) / 100
+        parts = [f"{fits[s]['us_per_unit']:.3g} us per {unit} for {what}"
+                 for s, unit, what in README_FITS]
+        lines += ["", f"Fitted (least squares, R^2 >= {r2:.2f}): " + ", ".join(parts[:-1])
+                  + f", {parts[-1]}."]
+    return lines
+
+
+def write_readme_table(readme="README.md", results="benchmarks/results/scale.json") -> None:
+    """Regenerate the README's scaling table and fitted line from ``results`` in place
+    (``python -c "from benchmarks.bench_scale import write_readme_table as w; w()"``)."""
+    rendered = readme_table(json.loads(Path(results).read_text()))
+    lines = Path(readme).read_text().splitlines(keepends=False)
+    i = lines.index(rendered[0])
+    j = next(k for k in range(i, len(lines)) if lines[k].startswith("Fitted (least squares"))
+    lines[i : j + 1] = rendered
+    Path(readme).write_text("\n".join(lines) + "\n")
+
+
 def _write(path, records) -> None:
-    """Replace the sweep's ``records``/``fits``; other sections of the file (bench_stream's
+    """Merge the sweep's ``records`` into the file's: a run replaces the record of its
+    ``(n_items, n_events)``, other sizes are kept (a 1M-only run leaves the smaller points);
+    ``fits`` are refitted over all of them. Other sections of the file (bench_stream's
     ``stream``, ``feast_materialize``) are kept."""
     from benchmarks.timing import merge_results
 
-    merge_results(path, _summary(records))
+    path = Path(path)
+    old = json.loads(path.read_text()).get("records", []) if path.exists() else []
+    new = {(r["n_items"], r["n_events"]) for r in records}
+    merged = [r for r in old if (r["n_items"], r["n_events"]) not in new] + list(records)
+    merged.sort(key=lambda r: (r["n_events"], r["n_items"]))
+    merge_results(path, _summary(merged))
 
 
 if __name__ == "__main__":  # python -m benchmarks.bench_scale [items:events ...]

@@ -116,12 +116,14 @@ def check_hyper(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def check_interactions(interactions) -> pd.DataFrame:
+def check_interactions(interactions, *, min_rating: float | None = None) -> pd.DataFrame:
     """Validate an interaction log; return a copy stably sorted by timestamp.
 
     The copy holds ``user_id`` / ``item_id`` int64, ``rating`` float64 and ``timestamp``
     as given (numeric or datetime; sorted on the original values, so int64 ns stay exact).
-    Rows with equal timestamps keep their order.
+    Rows with equal timestamps keep their order. With ``min_rating``, every row is still
+    validated but the copy holds only the rows with ``rating >= min_rating`` (and no
+    ``rating`` column): the positives, without a copy of the whole log.
 
     Raises:
         InputError: not a DataFrame, a missing column, non-integer ids, a non-numeric
@@ -153,6 +155,11 @@ def check_interactions(interactions) -> pd.DataFrame:
             )
     ts = ts_col.to_numpy()
     order = np.argsort(ts, kind="stable")  # on the original values: int64 ns stay exact
+    if min_rating is not None:
+        order = order[rating[order] >= min_rating]  # a subsequence: still stably sorted
+        return pd.DataFrame(
+            {"user_id": users[order], "item_id": items[order], "timestamp": ts[order]}
+        )
     return pd.DataFrame(
         {
             "user_id": users[order],

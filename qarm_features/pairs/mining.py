@@ -50,14 +50,13 @@ _U2I_BLOCK_FLOATS = 1 << 24
 # --------------------------------------------------------------------------- input
 def _positives(interactions, positive_threshold: float) -> pd.DataFrame:
     """Positive rows of the sorted log, ``[user_id, item_id, timestamp]`` in log order."""
-    log = check_interactions(interactions)
-    pos = log.loc[log["rating"] >= positive_threshold, ["user_id", "item_id", "timestamp"]]
+    pos = check_interactions(interactions, min_rating=positive_threshold)
     if pos.empty:
         raise InputError(
             f"interactions: no positive rows (rating >= {positive_threshold}) among "
-            f"{len(log)} rows; lower positive_threshold or check the rating column"
+            f"{len(interactions)} rows; lower positive_threshold or check the rating column"
         )
-    return pos.reset_index(drop=True)
+    return pos
 
 
 # --------------------------------------------------------------------------- U2I
@@ -118,19 +117,40 @@ def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> p
 def _u2i_rows(pos, ids, emb, history) -> tuple[pd.DataFrame, np.ndarray]:
     """:func:`_u2i`, and the row of ``pos`` each event targets (a partition kernel of
     :mod:`qarm_features.build.ray_pairs`: a user's events depend on that user's rows only)."""
+    event, trig, targ, score = _u2i_events(pos, ids, emb, history)
+    if event.size == 0:
+        return _empty_pairs(), np.empty(0, np.int64)
+    o = np.argsort(event, kind="stable")
+    frame = pd.DataFrame(
+        {
+            "trigger_id": ids[trig[o]],
+            "target_id": ids[targ[o]],
+            "score": score[o].astype(np.float64),
+            "source": "u2i",
+        }
+    )
+    return frame, event[o]
+
+
+def _u2i_events(pos, ids, emb, history):
+    """U2I events of validated positives, in no particular order: ``(event, trigger row,
+    target row, cosine)`` (the row of ``pos`` each event targets; item rows of ``ids``;
+    float32 cosines). :func:`_u2i_rows` puts them in log order; :func:`mine_pairs`
+    aggregates them as they are (no frame, no sort)."""
     rows = lookup_rows(pos["item_id"].to_numpy(), ids, name="interactions.item_id")
     e = l2_normalize(emb.astype(np.float64)).astype(np.float32)
     users = pos["user_id"].to_numpy()
     order = np.argsort(users, kind="stable")  # user-major, log order within a user
     users = users[order]
     r = rows[order]  # item row of each event, user-major
+    del rows
     n = r.size
     first = np.r_[True, users[1:] != users[:-1]]
     t = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0))  # in-user position
     del users, first
     # Events per block: the (events, history) scores and one (events, d) shifted copy.
     chunk = max(256, _U2I_BLOCK_FLOATS // (history + e.shape[1]))
-    out_event, out_trig, out_score = [], [], []
+    out_event, out_trig, out_targ, out_score = [], [], [], []
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         tb = t[a:b]
@@ -156,22 +176,13 @@ def _u2i_rows(pos, ids, emb, history) -> tuple[pd.DataFrame, np.ndarray]:
         found = np.flatnonzero(np.isfinite(best_s))
         out_event.append(order[a + found])
         out_trig.append(r[a + found - best[found] - 1])
+        out_targ.append(r[a + found])
         out_score.append(best_s[found])
     if not out_event:
-        return _empty_pairs(), np.empty(0, np.int64)
-    event = np.concatenate(out_event)
-    trig = np.concatenate(out_trig)
-    score = np.concatenate(out_score).astype(np.float64)
-    o = np.argsort(event, kind="stable")
-    frame = pd.DataFrame(
-        {
-            "trigger_id": ids[trig[o]],
-            "target_id": pos["item_id"].to_numpy()[event[o]],
-            "score": score[o],
-            "source": "u2i",
-        }
-    )
-    return frame, event[o]
+        empty = np.empty(0, np.int64)
+        return empty, empty, empty, np.empty(0, np.float32)
+    del order, r, t
+    return tuple(np.concatenate(c) for c in (out_event, out_trig, out_targ, out_score))
 
 
 # --------------------------------------------------------------------------- Swing
@@ -302,9 +313,13 @@ def mine_pairs(
         if item_emb is None:
             item_ids, item_emb = BPRMF.from_config(cfg).fit(interactions).item_embeddings()
         emb = check_embeddings(item_emb, name="item_emb")
-        ev = _u2i(pos, check_ids(item_ids, name="item_ids", n=emb.shape[0]), emb, cfg.history)
-        stats["n_u2i_events"] = len(ev)
-        parts.append(_u2i_ranked(*_aggregate_events(ev), cfg.min_pair_count))
+        ids = check_ids(item_ids, name="item_ids", n=emb.shape[0])
+        _, trig, targ, score = _u2i_events(pos, ids, emb, cfg.history)
+        stats["n_u2i_events"] = int(trig.size)
+        agg = _aggregate_rows(trig, targ, score, ids)
+        del trig, targ, score
+        parts.append(_u2i_ranked(*agg, cfg.min_pair_count))
+        del agg
         stats["n_u2i_pairs"] = int(parts[-1][0].size)
     if cfg.use_swing:
         t, g, score = swing_top_k(
@@ -346,6 +361,25 @@ def _aggregate_events(ev: pd.DataFrame):
     return t[first], g[first], best, count
 
 
+def _aggregate_rows(trig, targ, score, ids):
+    """:func:`_aggregate_events` of events given as item rows of ``ids`` (any order):
+    ``(trigger ids, target ids, max cosine as float64, events)``, one per directed pair,
+    ordered by (trigger row, target row). Packs each pair into one int64 key, no hashing."""
+    if trig.size == 0:
+        empty = np.empty(0, np.int64)
+        return empty, empty, np.empty(0, np.float64), empty
+    key = trig.astype(np.int64) * ids.size + targ
+    order = np.argsort(key)
+    key = key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    count = np.diff(np.r_[starts, key.size])
+    best = np.maximum.reduceat(score[order], starts).astype(np.float64)
+    del order
+    pair = key[starts]
+    del key
+    return ids[pair // ids.size], ids[pair % ids.size], best, count
+
+
 def _check_cfg(cfg: PairsConfig) -> None:
     if not isinstance(cfg, PairsConfig):
         raise ConfigError(f"cfg: expected a PairsConfig, got {type(cfg).__name__}")
@@ -374,26 +408,39 @@ def _union(parts) -> pd.DataFrame:
     fairly); ties go to U2I (source code 0), then to smaller trigger and target ids. The
     kept pairs come out in that order. Self-pairs are dropped.
     """
-    cols = [np.concatenate(c) for c in zip(*[(t, g, s) for t, g, s, _ in parts])]
-    t, g, score = cols
+    t = np.concatenate([p[0] for p in parts])
+    g = np.concatenate([p[1] for p in parts])
     rank = np.concatenate([np.arange(p[0].size) / max(p[0].size, 1) for p in parts])
-    src = np.concatenate([np.full(p[0].size, p[3], np.int8) for p in parts])
-    ok = t != g
-    t, g, score, rank, src = t[ok], g[ok], score[ok], rank[ok], src[ok]
+    ok = np.flatnonzero(t != g)
     # (rank, source) is unique: each list is in rank order, so this merges two sorted runs
-    order = np.argsort(rank, kind="stable")  # equal ranks: U2I (first in the concat) wins
-    lo, hi = np.minimum(t, g)[order], np.maximum(t, g)[order]
-    dup = pd.DataFrame({"lo": lo, "hi": hi}).duplicated(keep="first").to_numpy()
-    keep = order[~dup]
+    order = ok[np.argsort(rank[ok], kind="stable")]  # equal ranks: U2I (first) wins
+    del rank, ok
+    keep = order[~_duplicated_pairs(t[order], g[order])]
+    del order
+    t, g = t[keep], g[keep]
+    score = np.concatenate([p[2] for p in parts])[keep]
+    src = np.concatenate([np.full(p[0].size, p[3], np.int8) for p in parts])[keep]
     names = np.array(["u2i", "swing"], dtype=object)
     return pd.DataFrame(
         {
-            "trigger_id": t[keep].astype(np.int64),
-            "target_id": g[keep].astype(np.int64),
-            "score": score[keep].astype(np.float64),
-            "source": names[src[keep]],
+            "trigger_id": t.astype(np.int64, copy=False),
+            "target_id": g.astype(np.int64, copy=False),
+            "score": score.astype(np.float64, copy=False),
+            "source": names[src],
         }
     )
+
+
+def _duplicated_pairs(t: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``True`` where the unordered pair ``{t, g}`` occurred earlier (first kept). Ids in
+    ``[0, 2^31)`` pack into one int64 key (one hash table: ~0.4x the memory of hashing
+    two columns); others hash the two columns."""
+    lo, hi = np.minimum(t, g), np.maximum(t, g)
+    if lo.size and lo.min() >= 0 and hi.max() < 1 << 31:
+        key = (lo.astype(np.int64) << 31) | hi
+        del lo, hi
+        return pd.Series(key, copy=False).duplicated(keep="first").to_numpy()
+    return pd.DataFrame({"lo": lo, "hi": hi}).duplicated(keep="first").to_numpy()
 
 
 def _pair_stats(pairs: pd.DataFrame, pos: pd.DataFrame) -> dict:

@@ -153,3 +153,24 @@ def test_mine_pairs_union_equals_the_pandas_reference(seed, min_count):
     want = reference_union(ev, sw, min_count)
     assert len(got) > 20 and set(got["source"]) == {"u2i", "swing"}
     pd.testing.assert_frame_equal(got, want)
+
+
+@pytest.mark.parametrize("offset", [2**40, -(2**40)])
+def test_mine_pairs_union_equals_the_reference_for_ids_outside_int31(offset):
+    """Item ids the union cannot pack into one int64 key (>= 2^31, negative) take the
+    two-column dedup and give the pandas reference's pairs too."""
+    from _pairs_reference import reference_union
+
+    from qarm_features.config import PairsConfig
+    from qarm_features.pairs.mining import mine_pairs
+
+    log = _random_log(5, n=900, n_users=25, n_items=30)
+    log["item_id"] = log["item_id"] + offset
+    ids = np.unique(log["item_id"])
+    emb = np.round(np.random.default_rng(5).standard_normal((ids.size, 4)), 1).astype(np.float32)
+    cfg = PairsConfig(swing_max_item_users=None)
+    got, _ = mine_pairs(log, cfg, item_ids=ids, item_emb=emb)
+    ev = mine_u2i_pairs(log, ids, emb, history=cfg.history)
+    sw = mine_swing_pairs(log, top_k=cfg.swing_top_k, max_item_users=None)
+    assert len(got) > 20 and got["trigger_id"].abs().min() >= 2**39
+    pd.testing.assert_frame_equal(got, reference_union(ev, sw, 1))
