@@ -44,17 +44,17 @@ from qarm_features.build.distributed import _ray
 from qarm_features.config import PairsConfig
 from qarm_features.errors import InputError
 from qarm_features.pairs.mining import (
-    _aggregate_events,
-    _check_cfg,
-    _pair_stats_from_counts,
-    _swing_ranked,
-    _u2i_ranked,
-    _u2i_rows,
-    _union,
+    aggregate_events,
+    check_pairs_config,
     mine_pairs,
+    pair_stats_from_counts,
+    swing_ranked,
+    u2i_ranked,
+    u2i_rows,
+    union_pairs,
 )
 from qarm_features.pairs.retrieval import BPRMF
-from qarm_features.pairs.swing import _swing_block, _swing_blocks
+from qarm_features.pairs.swing import swing_block, swing_blocks
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +225,9 @@ def _u2i_partition(df, ids_ref, emb_ref, history: int, aggregate: bool) -> pd.Da
 
     ids, emb = ray.get(ids_ref), ray.get(emb_ref)  # the broadcast embeddings (zero-copy)
     pos = _log_order(df)
-    ev, rows = _u2i_rows(pos[["user_id", "item_id", "timestamp"]], ids, emb, history)
+    ev, rows = u2i_rows(pos[["user_id", "item_id", "timestamp"]], ids, emb, history)
     if aggregate:
-        t, g, score, count = _aggregate_events(ev)
+        t, g, score, count = aggregate_events(ev)
         return pd.DataFrame({"trigger_id": t, "target_id": g, "score": score, "count": count})
     return ev.assign(timestamp=pos["timestamp"].to_numpy()[rows], _seq=pos["_seq"].to_numpy()[rows])
 
@@ -338,8 +338,8 @@ def _swing_partition(df, alpha, top_k, max_item_users, user_weight, seed, capped
     keep &= counts[e_item] >= 2  # a trigger needs a user pair
     e_item, e_user = e_item[keep], e_user[keep]
     out_t, out_g, out_s = [], [], []
-    for ea, eb in _swing_blocks(e_item, deg[e_user]):
-        for t, g, s in _swing_block(e_item[ea:eb], e_user[ea:eb], R, w, alpha, top_k, n_i):
+    for ea, eb in swing_blocks(e_item, deg[e_user]):
+        for t, g, s in swing_block(e_item[ea:eb], e_user[ea:eb], R, w, alpha, top_k, n_i):
             out_t.append(item_ids[t])
             out_g.append(item_ids[g])
             out_s.append(s)
@@ -469,7 +469,7 @@ def mine_pairs_ray(
     ``mine_pairs``) and its embeddings go to the U2I workers through the object store.
     """
     cfg = cfg if cfg is not None else PairsConfig()
-    _check_cfg(cfg)
+    check_pairs_config(cfg)
     if (item_emb is None) != (item_ids is None):
         raise InputError("mine_pairs_ray: pass item_ids and item_emb together (or neither)")
     ray = _cluster(cfg.ray_address)
@@ -486,7 +486,7 @@ def mine_pairs_ray(
         )
         stats["n_u2i_events"] = int(count.sum())
         parts.append(
-            _u2i_ranked(
+            u2i_ranked(
                 t.astype(np.int64),
                 g.astype(np.int64),
                 s.astype(np.float64),
@@ -507,9 +507,9 @@ def mine_pairs_ray(
             cfg.seed,
         )
         stats["n_swing_pairs"] = int(t.size)
-        parts.append(_swing_ranked(t, g, s))
-    pairs = _union(parts)
-    stats.update(_pair_stats_from_counts(pairs, _item_positives(pos, n_parts)))
+        parts.append(swing_ranked(t, g, s))
+    pairs = union_pairs(parts)
+    stats.update(pair_stats_from_counts(pairs, _item_positives(pos, n_parts)))
     log.info("mined %d pairs on Ray (%d partitions)", stats["n_pairs"], n_parts)
     return pairs, stats
 
@@ -526,7 +526,7 @@ def mine_pairs_by_config(
     """Mine with the engine ``cfg.engine`` names: ``"local"`` (one process:
     :func:`~qarm_features.pairs.mining.mine_pairs`) or ``"ray"`` (:func:`mine_pairs_ray`)."""
     cfg = cfg if cfg is not None else PairsConfig()
-    _check_cfg(cfg)
+    check_pairs_config(cfg)
     if cfg.engine == "ray":
         return mine_pairs_ray(interactions, cfg, item_ids=item_ids, item_emb=item_emb)
     return mine_pairs(interactions, cfg, item_ids=item_ids, item_emb=item_emb)

@@ -19,6 +19,14 @@ deduplicates them and reports how popularity-skewed the result is. Interactions 
 DataFrame ``[user_id, item_id, rating, timestamp]``; a positive is ``rating >= threshold``.
 The log order is the stable sort by timestamp (rows with equal timestamps keep their order).
 numpy/pandas/scipy only (the default retrieval model imports implicit when it is fitted).
+
+The Ray miner (:mod:`qarm_features.build.ray_pairs`) runs the same kernels on partitions,
+so it produces the same pairs: :func:`u2i_rows`, :func:`aggregate_events`,
+:func:`u2i_ranked`, :func:`swing_ranked`, :func:`union_pairs`,
+:func:`pair_stats_from_counts`, :func:`check_pairs_config` (and
+:func:`~qarm_features.pairs.swing.swing_block` / ``swing_blocks``). They are this
+module's interface to it: change one and ``tests/integration/test_ray_pairs.py`` says
+whether the two miners still agree.
 """
 
 from __future__ import annotations
@@ -111,10 +119,10 @@ def _empty_pairs() -> pd.DataFrame:
 
 def _u2i(pos: pd.DataFrame, ids: np.ndarray, emb: np.ndarray, history: int) -> pd.DataFrame:
     """:func:`mine_u2i_pairs` on validated positives (log order)."""
-    return _u2i_rows(pos, ids, emb, history)[0]
+    return u2i_rows(pos, ids, emb, history)[0]
 
 
-def _u2i_rows(pos, ids, emb, history) -> tuple[pd.DataFrame, np.ndarray]:
+def u2i_rows(pos, ids, emb, history) -> tuple[pd.DataFrame, np.ndarray]:
     """:func:`_u2i`, and the row of ``pos`` each event targets (a partition kernel of
     :mod:`qarm_features.build.ray_pairs`: a user's events depend on that user's rows only)."""
     event, trig, targ, score = _u2i_events(pos, ids, emb, history)
@@ -135,7 +143,7 @@ def _u2i_rows(pos, ids, emb, history) -> tuple[pd.DataFrame, np.ndarray]:
 def _u2i_events(pos, ids, emb, history):
     """U2I events of validated positives, in no particular order: ``(event, trigger row,
     target row, cosine)`` (the row of ``pos`` each event targets; item rows of ``ids``;
-    float32 cosines). :func:`_u2i_rows` puts them in log order; :func:`mine_pairs`
+    float32 cosines). :func:`u2i_rows` puts them in log order; :func:`mine_pairs`
     aggregates them as they are (no frame, no sort)."""
     rows = lookup_rows(pos["item_id"].to_numpy(), ids, name="interactions.item_id")
     e = l2_normalize(emb.astype(np.float64)).astype(np.float32)
@@ -298,7 +306,7 @@ def mine_pairs(
         (those items' share of positives: the baseline a popularity-neutral miner would hit).
     """
     cfg = cfg if cfg is not None else PairsConfig()
-    _check_cfg(cfg)
+    check_pairs_config(cfg)
     if cfg.engine != "local":
         raise ConfigError(
             f"PairsConfig.engine={cfg.engine!r}: pairs.mine_pairs is the single-process miner; "
@@ -318,7 +326,7 @@ def mine_pairs(
         stats["n_u2i_events"] = int(trig.size)
         agg = _aggregate_rows(trig, targ, score, ids)
         del trig, targ, score
-        parts.append(_u2i_ranked(*agg, cfg.min_pair_count))
+        parts.append(u2i_ranked(*agg, cfg.min_pair_count))
         del agg
         stats["n_u2i_pairs"] = int(parts[-1][0].size)
     if cfg.use_swing:
@@ -332,8 +340,8 @@ def mine_pairs(
             cfg.seed,
         )
         stats["n_swing_pairs"] = int(t.size)
-        parts.append(_swing_ranked(t, g, score))
-    pairs = _union(parts)
+        parts.append(swing_ranked(t, g, score))
+    pairs = union_pairs(parts)
     stats.update(_pair_stats(pairs, pos))
     logger.info(
         "mined %d pairs (%s) covering %d items",
@@ -344,7 +352,7 @@ def mine_pairs(
     return pairs, stats
 
 
-def _aggregate_events(ev: pd.DataFrame):
+def aggregate_events(ev: pd.DataFrame):
     """U2I events per directed pair: ``(trigger ids, target ids, max cosine, events)``."""
     t, g = ev["trigger_id"].to_numpy(), ev["target_id"].to_numpy()
     score = ev["score"].to_numpy(np.float64)
@@ -362,7 +370,7 @@ def _aggregate_events(ev: pd.DataFrame):
 
 
 def _aggregate_rows(trig, targ, score, ids):
-    """:func:`_aggregate_events` of events given as item rows of ``ids`` (any order):
+    """:func:`aggregate_events` of events given as item rows of ``ids`` (any order):
     ``(trigger ids, target ids, max cosine as float64, events)``, one per directed pair,
     ordered by (trigger row, target row). Packs each pair into one int64 key, no hashing."""
     if trig.size == 0:
@@ -380,14 +388,14 @@ def _aggregate_rows(trig, targ, score, ids):
     return ids[pair // ids.size], ids[pair % ids.size], best, count
 
 
-def _check_cfg(cfg: PairsConfig) -> None:
+def check_pairs_config(cfg: PairsConfig) -> None:
     if not isinstance(cfg, PairsConfig):
         raise ConfigError(f"cfg: expected a PairsConfig, got {type(cfg).__name__}")
     if not (cfg.use_u2i or cfg.use_swing):
         raise ConfigError("PairsConfig: use_u2i and use_swing are both False; enable one")
 
 
-def _u2i_ranked(t, g, score, count, min_pair_count: int):
+def u2i_ranked(t, g, score, count, min_pair_count: int):
     """U2I pairs seen at least ``min_pair_count`` times, ranked (count, cosine desc; ids asc)."""
     keep = count >= min_pair_count
     t, g, score, count = t[keep], g[keep], score[keep], count[keep]
@@ -395,13 +403,13 @@ def _u2i_ranked(t, g, score, count, min_pair_count: int):
     return t[order], g[order], score[order], 0
 
 
-def _swing_ranked(t, g, score):
+def swing_ranked(t, g, score):
     """Swing pairs ranked (score desc; ids asc)."""
     order = np.lexsort((g, t, -score))
     return t[order], g[order], score[order], 1
 
 
-def _union(parts) -> pd.DataFrame:
+def union_pairs(parts) -> pd.DataFrame:
     """Each unordered pair once, from its best-ranked occurrence.
 
     A pair's rank is its position over its source's list length (so the sources compete
@@ -445,10 +453,10 @@ def _duplicated_pairs(t: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 def _pair_stats(pairs: pd.DataFrame, pos: pd.DataFrame) -> dict:
     """Coverage and popularity skew of ``pairs`` relative to the positives."""
-    return _pair_stats_from_counts(pairs, pos["item_id"].value_counts())
+    return pair_stats_from_counts(pairs, pos["item_id"].value_counts())
 
 
-def _pair_stats_from_counts(pairs: pd.DataFrame, item_pos: pd.Series) -> dict:
+def pair_stats_from_counts(pairs: pd.DataFrame, item_pos: pd.Series) -> dict:
     """:func:`_pair_stats` from the positives per item (``value_counts``: descending)."""
     share = item_pos / item_pos.sum()
     n_pairs = len(pairs)

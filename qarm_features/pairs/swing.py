@@ -68,8 +68,8 @@ def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, 
     keep = counts[e_item] >= 2  # a trigger needs a user pair
     e_item, e_user = e_item[keep], e_user[keep]
     trig_out, targ_out, score_out = [], [], []
-    for ea, eb in _swing_blocks(e_item, deg[e_user]):
-        for res in _swing_block(e_item[ea:eb], e_user[ea:eb], R, w, alpha, top_k, n_i):
+    for ea, eb in swing_blocks(e_item, deg[e_user]):
+        for res in swing_block(e_item[ea:eb], e_user[ea:eb], R, w, alpha, top_k, n_i):
             trig_out.append(res[0])
             targ_out.append(res[1])
             score_out.append(res[2])
@@ -82,7 +82,7 @@ def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, 
     )
 
 
-def _swing_blocks(e_item: np.ndarray, e_len: np.ndarray):
+def swing_blocks(e_item: np.ndarray, e_len: np.ndarray):
     """``(start, stop)`` row ranges of whole triggers, each expanding to at most
     ``_SWING_BLOCK_ROWS`` (trigger, user, item) rows (a single trigger may exceed it)."""
     bounds = np.r_[np.flatnonzero(np.r_[True, e_item[1:] != e_item[:-1]]), e_item.size]
@@ -97,7 +97,7 @@ def _swing_blocks(e_item: np.ndarray, e_len: np.ndarray):
         k = k2
 
 
-def _swing_block(trig, users, R, w, alpha, top_k, n_i):
+def swing_block(trig, users, R, w, alpha, top_k, n_i):
     """Yield Swing top-k of the triggers in a block of (trigger, user) rows (sorted by
     trigger), halving the block while its triples exceed ``_SWING_MAX_TRIPLES``.
 
@@ -138,8 +138,8 @@ def _swing_block(trig, users, R, w, alpha, top_k, n_i):
     if (n_triples > _SWING_MAX_TRIPLES or too_wide) and cut.size:
         del row, item, t, starts, size, multi
         mid = int(cut[cut.size // 2]) + 1  # halve the block at a trigger boundary
-        yield from _swing_block(trig[:mid], users[:mid], R, w, alpha, top_k, n_i)
-        yield from _swing_block(trig[mid:], users[mid:], R, w, alpha, top_k, n_i)
+        yield from swing_block(trig[:mid], users[:mid], R, w, alpha, top_k, n_i)
+        yield from swing_block(trig[mid:], users[mid:], R, w, alpha, top_k, n_i)
         return
     g_trig, g_targ = t[starts], item[starts]
     del t, item

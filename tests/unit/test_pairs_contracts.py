@@ -147,14 +147,14 @@ def test_u2i_wins_every_exact_rank_tie_in_long_lists():
     """Two lists of 600 pairs, the same unordered pairs at the same ranks (Swing in the other
     orientation): every pair is kept once, from U2I, in rank order. (A sort that is not
     stable keeps some from Swing: 3-row lists cannot show it.)"""
-    from qarm_features.pairs.mining import _union
+    from qarm_features.pairs.mining import union_pairs
 
     n = 600
     a = np.arange(n, dtype=np.int64)
     b = a + 10_000
     u2i = (a, b, np.linspace(1, 0, n), 0)
     swing = (b, a, np.linspace(2, 1, n), 1)
-    pairs = _union([u2i, swing])
+    pairs = union_pairs([u2i, swing])
     assert len(pairs) == n and (pairs["source"] == "u2i").all()
     assert pairs["trigger_id"].tolist() == a.tolist() and pairs["target_id"].tolist() == b.tolist()
     np.testing.assert_allclose(pairs["score"], np.linspace(1, 0, n))
