@@ -153,6 +153,11 @@ class EvalConfig(BaseModel):
             ranker={"level_dropout": 0.0},
             variants=("D",),
         ),
+        "exact_raw_term": Ablation(
+            description="the aligner's raw-consistency term on every batch row at every step "
+            "(the previous default; the shipped term: 256 sampled rows on every 8th step)",
+            aligner={"raw_consistency_rows": None, "raw_consistency_every": 1},
+        ),
         "mlp_aligner": Ablation(
             description="aligner with a 256-unit MLP next to the linear skip",
             aligner={"hidden": 256},
