@@ -35,6 +35,7 @@ import threading
 import numpy as np
 
 from qarm_features.app.protocol import EvalConfig, Rows, Split
+from qarm_features.app.variants import fit_best_epoch
 
 LIBRARY = "deepctr-torch"
 # Test / validation rows scored at once (the library's default of 256 costs ~10x).
@@ -171,8 +172,6 @@ def train_deepfm(ranker_kw: dict, items, split: Split, cfg: EvalConfig, seed: in
     """
     import torch
 
-    from qarm_features.metrics import auc
-
     DeepFM = _deepctr()[0]
     inputs = DeepFMInputs(ranker_kw, items, split, cfg)
     torch.manual_seed(seed)  # the library seeds its init; the batch order draws from torch
@@ -186,24 +185,13 @@ def train_deepfm(ranker_kw: dict, items, split: Split, cfg: EvalConfig, seed: in
     )
     model.compile(torch.optim.Adam(model.parameters(), lr=cfg.lr), "binary_crossentropy")
     x_fit, x_val = inputs.rows(split.fit), inputs.rows(split.val)
-    best, best_state, val_aucs, bad = -np.inf, None, [], 0
-    for _epoch in range(cfg.epochs):
+
+    def train_epoch() -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # fit prints its device and sizes
             model.fit(x_fit, split.fit.y, batch_size=cfg.batch_size, epochs=1, verbose=0)
-        v = auc(split.val.y, model.predict(x_val, PREDICT_BATCH).ravel())
-        val_aucs.append(float(v))
-        if v > best:
-            best, bad = v, 0
-            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    info = {
-        "best_epoch": int(np.argmax(val_aucs)) + 1,
-        "val_auc": val_aucs,
-        "n_params": int(sum(p.numel() for p in model.parameters())),
-        "inputs": inputs.names,
-    }
+
+    info = fit_best_epoch(
+        model, train_epoch, lambda: model.predict(x_val, PREDICT_BATCH).ravel(), split, cfg
+    )
+    info["inputs"] = inputs.names
     return model.predict(inputs.rows(split.test_rows), PREDICT_BATCH).ravel(), info

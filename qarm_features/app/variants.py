@@ -106,6 +106,33 @@ def _predict(model, items, rows: Rows, batch_size: int = 8192) -> np.ndarray:
     return np.concatenate(out) if out else np.empty(0, np.float32)
 
 
+def fit_best_epoch(model, train_epoch, val_scores, split: Split, cfg: EvalConfig) -> dict:
+    """The early stopping every ranker of the evaluation shares: up to ``cfg.epochs`` calls
+    of ``train_epoch()``, each followed by the validation rows' AUC of ``val_scores()``;
+    stops after ``cfg.patience`` epochs without a better one and restores the best epoch's
+    weights. Returns ``best_epoch`` (from 1), ``val_auc`` per epoch and ``n_params``."""
+    from qarm_features.metrics import auc
+
+    best, best_state, val_aucs, bad = -np.inf, None, [], 0
+    for _epoch in range(cfg.epochs):
+        train_epoch()
+        v = auc(split.val.y, val_scores())
+        val_aucs.append(float(v))
+        if v > best:
+            best, bad = v, 0
+            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    return {
+        "best_epoch": int(np.argmax(val_aucs)) + 1,
+        "val_auc": val_aucs,
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+    }
+
+
 def train_ranker(
     ranker_kw: dict,
     items,
@@ -129,7 +156,6 @@ def train_ranker(
     import torch
 
     from qarm_features.app.ranker import DINRanker, RankerConfig
-    from qarm_features.metrics import auc
 
     torch.manual_seed(seed)
     rcfg = RankerConfig(
@@ -144,8 +170,8 @@ def train_ranker(
     rng = np.random.default_rng(seed)
     fit = split.fit
     y_fit = torch.from_numpy(fit.y)
-    best, best_state, val_aucs, bad = -np.inf, None, [], 0
-    for _epoch in range(cfg.epochs):
+
+    def train_epoch() -> None:
         model.train()
         perm = rng.permutation(len(fit))
         for a in range(0, len(fit), cfg.batch_size):
@@ -155,21 +181,8 @@ def train_ranker(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        v = auc(split.val.y, _predict(model, items, split.val))
-        val_aucs.append(float(v))
-        if v > best:
-            best, bad = v, 0
-            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    info = {
-        "best_epoch": int(np.argmax(val_aucs)) + 1,
-        "val_auc": val_aucs,
-        "n_params": int(sum(p.numel() for p in model.parameters())),
-    }
+
+    info = fit_best_epoch(model, train_epoch, lambda: _predict(model, items, split.val), split, cfg)
     if score_with:
         info["scores_with"] = {
             name: _predict(model, other, split.test_rows) for name, other in score_with.items()
