@@ -434,6 +434,25 @@ def materialize(
     return stats
 
 
+def _served_bundle(repo: Path, bundle_path, fs_yaml_file):
+    """``(bundle, store)``: the bundle a push encodes with, which must be the version the
+    repo's registry serves."""
+    from qarm_features.bundle.encode import get_bundle
+
+    context = ServingContext.of_repo(repo, bundle_path)
+    if not context.is_set:
+        raise QarmError(f"no bundle for {repo}: run `qarm materialize` first or pass bundle_path")
+    bundle = get_bundle(context.bundle)
+    store = open_store(repo, fs_yaml_file)
+    registered = registered_version(store)
+    if registered != bundle.version:
+        raise BundleVersionMismatch(
+            f"cannot push codes of {bundle.version}: the registry of {repo} serves "
+            f"{registered}; push with the registered bundle (or materialize --promote first)"
+        )
+    return bundle, store
+
+
 def push_items(
     repo_path: str | os.PathLike,
     items_df: pd.DataFrame,
@@ -474,22 +493,10 @@ def push_items(
     t0 = time.perf_counter()
     repo = Path(repo_path).resolve()
     items = _items(items_df, join_key, name="items_df")  # bad rows refused before the lock
+    _served_bundle(repo, bundle_path, fs_yaml_file)  # a refused push writes nothing, no lock
     with repo_lock(repo, "qarm push", timeout=lock_timeout):
-        context = ServingContext.of_repo(repo, bundle_path)
-        if not context.is_set:
-            raise QarmError(
-                f"no bundle for {repo}: run `qarm materialize` first or pass bundle_path"
-            )
-        from qarm_features.bundle.encode import get_bundle
-
-        bundle = get_bundle(context.bundle)
-        store = open_store(repo, fs_yaml_file)
-        registered = registered_version(store)
-        if registered != bundle.version:
-            raise BundleVersionMismatch(
-                f"cannot push codes of {bundle.version}: the registry of {repo} serves "
-                f"{registered}; push with the registered bundle (or materialize --promote first)"
-            )
+        # again under the lock: a promotion that held it may have switched the bundle
+        bundle, store = _served_bundle(repo, bundle_path, fs_yaml_file)
         now = datetime.now(timezone.utc)
         items[ITEM_ID] = items[ITEM_ID].astype(_id_dtype(bundle))
         items[RAW_EMB] = [np.asarray(v, np.float32) for v in items[RAW_EMB]]
