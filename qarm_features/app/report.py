@@ -517,6 +517,50 @@ def _setup_lines(out: dict) -> list[str]:
     ]
 
 
+README_BEGIN = "<!-- qarm evaluate summary: reports/{name}.json -->"
+README_END = "<!-- end of the qarm evaluate summary -->"
+
+
+def readme_summary(out: dict) -> str:
+    """The README's evaluation summary, rendered from a report's JSON (a test checks the
+    README's copy): test AUC per variant on warm / cold / new items for the main ranker,
+    then every ranker's aims, paired over seeds, mean [95% interval]."""
+    seeds = out["seeds"]
+    minutes = out["seconds"]["total"] / 60
+    lines = [
+        f"Test AUC of our ranker, mean ± std over seeds {seeds[0]}-{seeds[-1]} "
+        f"({len(seeds)} seeds, {minutes:.0f} min on 2 shared cores):",
+        "",
+        "| variant | inputs | warm items | cold items | new items |",
+        "|---|---|---|---|---|",
+    ]
+    for v, inputs in out["variants"].items():
+        cells = " | ".join(_fmt(out["results"][v][s]["auc"]) for s in ("warm", "cold", "new"))
+        lines.append(f"| {v} | {inputs} | {cells} |")
+    rankers = {"ours (DIN)": out["aims"]}
+    for other in (out.get("other_rankers") or {}).values():
+        rankers[other["title"]] = other["aims"]
+    lines += [
+        "",
+        "Aims, paired over seeds, mean [95% t-interval]:",
+        "",
+        "| aim | target | " + " | ".join(rankers) + " |",
+        "|---|---|" + "---|" * len(rankers),
+    ]
+    for name, label in CONTRAST_NAMES.items():
+        target = next((a[name]["target"] for a in rankers.values() if name in a), None)
+        if target is None:
+            continue
+        cells = []
+        for aims in rankers.values():
+            a = aims.get(name)
+            cells.append(
+                "—" if a is None else f"{_fmt_ci(a)} ({'met' if a['met'] else 'not met'})"
+            )
+        lines.append(f"| {label} | ≥ {target:+.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
     out: dict, out_dir: str | Path = "reports", *, name: str = REPORT_NAME
 ) -> dict[str, Path]:
