@@ -12,9 +12,11 @@ pool. Canonical choice, for reference implementations:
   product (summed in ``t`` order), ties to the lowest pool id.
 * VQ (IVF mode, large pools): the same choice among the items of the ``nprobe`` inverted
   lists whose centroids have the largest float64 inner product with the row (ties to the
-  lowest list id; the float32 pass proposes, a guard vouches, doubtful rows are re-scored
-  in float64), so IVF codes are row-independent too. They may miss true neighbours
-  outside those lists: ``ann_recall_`` measures how often.
+  lowest list id; the float32 pass proposes ``k + 1 + 16`` candidates from those lists
+  and they are re-scored in float64), so IVF codes are row-independent too. Two limits:
+  they may miss true neighbours outside those lists (``ann_recall_`` measures how often),
+  and where more list items than the candidates tie within float32 rounding of the k-th,
+  the float32 proposal decides among them (no whole-list float64 guard, unlike exact mode).
 
 Serving-path module: imports numpy and faiss only, never torch.
 """
