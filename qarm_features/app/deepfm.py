@@ -62,11 +62,12 @@ def _deepctr():
 
     if "deepctr_torch" not in sys.modules:
         try:
+            original = threading.Thread
             threading.Thread = _NoVersionCheck  # seen by its `from threading import Thread`
             try:
                 import deepctr_torch
             finally:
-                threading.Thread = _NoVersionCheck.__mro__[1]
+                threading.Thread = original
         except ImportError as exc:
             raise DependencyError(
                 f"the DeepFM ranker needs {LIBRARY} ({exc}); `pip install {LIBRARY}`, or "
