@@ -19,6 +19,19 @@ from qarm_features.errors import ConfigError, InputError
 INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 
 
+# Rows per block of the finiteness check: its boolean temporary is one block, not the
+# catalog (a 10M x 384 matrix would need a 3.8 GB mask).
+_FINITE_BLOCK_ROWS = 65_536
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """``np.isfinite(arr).all()`` block by block of rows (bounded memory)."""
+    return all(
+        np.isfinite(arr[i : i + _FINITE_BLOCK_ROWS]).all()
+        for i in range(0, arr.shape[0], _FINITE_BLOCK_ROWS)
+    )
+
+
 def check_embeddings(
     x, *, name: str = "embeddings", dim: int | None = None, allow_empty: bool = False
 ) -> np.ndarray:
@@ -46,7 +59,7 @@ def check_embeddings(
             f"{name}: expected width {dim}, got {arr.shape[1]}; was it produced by "
             "another encoder or bundle?"
         )
-    if arr.size and not np.isfinite(arr).all():
+    if arr.size and not _all_finite(arr):
         bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
         raise InputError(
             f"{name}: {bad.size} row(s) hold NaN or inf (first at row {int(bad[0])}); "

@@ -25,7 +25,7 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 
-from qarm_features._validate import check_interactions
+from qarm_features._validate import check_ids, check_interactions
 from qarm_features.config import PairsConfig
 from qarm_features.errors import DependencyError, InputError, NotFittedError
 
@@ -106,11 +106,13 @@ class BPRMF:
                 f"BPRMF: dim, epochs and n_threads must be >= 1, got {self.dim}, "
                 f"{self.epochs}, {self.n_threads}"
             )
-        log = check_interactions(interactions)
-        item_ids = np.unique(log["item_id"].to_numpy())
-        pos = log["rating"].to_numpy() >= self.positive_threshold
-        users = log["user_id"].to_numpy()[pos]
-        items = log["item_id"].to_numpy()[pos]
+        # Validates every row, copies only the positives (not the whole log).
+        log = check_interactions(interactions, min_rating=self.positive_threshold)
+        item_ids = np.unique(
+            check_ids(interactions["item_id"].to_numpy(), name="interactions.item_id", unique=False)
+        )
+        users = log["user_id"].to_numpy()
+        items = log["item_id"].to_numpy()
         del log
         if users.size == 0:
             raise InputError(

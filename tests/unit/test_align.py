@@ -211,6 +211,20 @@ def test_cuda_training_matches_cpu_quality(world):
 
 
 # --------------------------------------------------------------------------- validation
+def test_nan_in_a_late_block_of_the_blocked_finiteness_check_is_named(world, monkeypatch):
+    """The finiteness check runs block by block (bounded memory): a NaN in the last, short
+    block is found, and its row named."""
+    import qarm_features._validate as validate
+
+    ids, content, pairs = world
+    monkeypatch.setattr(validate, "_FINITE_BLOCK_ROWS", 7)
+    bad = content.copy()
+    bad[-1, 0] = np.inf
+    with pytest.raises(InputError, match=f"first at row {len(bad) - 1}"):
+        ItemAligner(CFG).fit(bad, ids, pairs)
+    assert validate.check_embeddings(content).shape == content.shape
+
+
 def test_bad_input_raises_input_error(world):
     ids, content, pairs = world
     with pytest.raises(InputError, match="2-d"):
