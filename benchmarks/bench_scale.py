@@ -176,14 +176,15 @@ def _peak_mib() -> float:
 
 def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | None = None,
            seed: int = 0, n_threads: int = 2, aligner_max_pairs: int | None = ALIGNER_MAX_PAIRS,
-           torch_threads: int = 1) -> dict:
+           torch_threads: int = 1, sample_check_pairs: int | None = None) -> dict:
     """Child: generate the world, run every stage; ``{stage: {seconds, peak_rss_mib}}``.
 
     BLAS runs at ``n_threads`` (the coders pin their own workers to one BLAS thread);
     torch at ``torch_threads`` (1: the aligner's best setting here, bench_align measured 2
     threads at 0.17x of 1 on this shared machine). The aligner trains on at most
     ``aligner_max_pairs`` pairs (a seeded sample; ``None``: all): its cost is linear in
-    pairs and the fit below gives it per pair.
+    pairs and the fit below gives it per pair. ``sample_check_pairs``: after the stages,
+    :func:`aligner_sample_check` on this many pairs (``out["aligner_sample_check"]``).
     """
     import torch
     from threadpoolctl import threadpool_limits
@@ -220,6 +221,10 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
     )
     out["n_pairs"] = int(len(pairs))
     out["pairs"] = _combine(out, ("retrieval", "mining"))
+    if sample_check_pairs:
+        from qarm_features.build.pipeline import item_popularity
+
+        popularity, all_pairs = item_popularity(log, ids), pairs
     del log
     acfg = AlignerConfig(max_epochs=max_epochs)
     if aligner_max_pairs is not None and len(pairs) > aligner_max_pairs:
@@ -240,8 +245,54 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
     out["vq_mode"] = vq.mode_
     out["vq_ann_recall"] = vq.ann_recall_
     out["total"] = _combine(out, ("pairs", "aligner", "codes"))
+    if sample_check_pairs:
+        del vq
+        out["aligner_sample_check"] = aligner_sample_check(
+            content, ids, all_pairs, popularity, (aligner_max_pairs, sample_check_pairs),
+            max_epochs=max_epochs, seed=seed)
     del content
     tmp.cleanup()
+    return out
+
+
+def aligner_sample_check(content, ids, pairs, popularity, sizes, *, max_epochs: int = 3,
+                         seed: int = 0, test_pairs: int = 50_000) -> dict:
+    """Does the aligner's pair sample cost quality? One seeded permutation of the mined
+    pairs: the first ``test_pairs`` are held out, then nested training samples of each of
+    ``sizes`` (the smaller a prefix of the larger). Per size: held-out pair-AUC and
+    recall@10 in the aligned space (``pipeline.space_metrics``, 20k AUC pairs, a 2e9
+    recall budget), the RQ codes' quality (``pipeline.code_report``: utilisation, entropy,
+    collisions, reconstruction error), epochs run and seconds. The raw content space's
+    held-out metrics are the floor."""
+    from qarm_features.align.aligner import ItemAligner
+    from qarm_features.build.pipeline import align_catalog, code_report, space_metrics
+    from qarm_features.codes.rq import ResidualQuantizer
+    from qarm_features.config import AlignerConfig, BuildConfig
+
+    perm = np.random.default_rng(seed + 1).permutation(len(pairs))
+    test = pairs.iloc[np.sort(perm[:test_pairs])]
+    rest = perm[test_pairs:]
+    metric = {"seed": seed, "max_pairs": 20_000, "recall_budget": 2_000_000_000}
+    from qarm_features._validate import l2_normalize
+
+    raw = np.concatenate([l2_normalize(np.asarray(content[i : i + 65_536], np.float32))
+                          for i in range(0, len(ids), 65_536)])
+    out = {"n_test_pairs": len(test), "raw": space_metrics(raw, ids, test, popularity, **metric)}
+    del raw
+    for n in sizes:
+        train = pairs.iloc[np.sort(rest[: int(n)])]
+        t0, c0 = time.perf_counter(), time.process_time()
+        aligner = ItemAligner(AlignerConfig(max_epochs=max_epochs)).fit(content, ids, train)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        aligned = align_catalog(aligner.weights_, content)
+        rq = ResidualQuantizer.from_config(BuildConfig().rq).fit(aligned)
+        out[str(len(train))] = {
+            "train_pairs": len(train), "seconds": seconds, "cpu_seconds": cpu,
+            "epochs_run": int(aligner.history_["epochs_run"]),
+            "heldout": space_metrics(aligned, ids, test, popularity, **metric),
+            "codes": code_report(rq, aligned),
+        }
+        del aligned, aligner
     return out
 
 
@@ -368,10 +419,17 @@ def _secs(s: float) -> str:
     return f"{s:.1f}" if s < 10 else f"{s:,.0f}"
 
 
+def _cell(st: dict) -> str:
+    """``wall s / peak RSS MiB``, then ``(peak anonymous MiB)`` where the run measured it."""
+    out = f"{_secs(st['seconds'])} / {st['peak_rss_mib']:,.0f}"
+    anon = st.get("peak_anon_mib")
+    return out if anon is None or anon != anon else out + f" ({anon:,.0f})"
+
+
 def readme_table(summary: dict) -> list[str]:
     """The README's scaling table and its fitted-line sentence, rendered from
-    ``scale.json`` (``summary``: its ``records`` and ``fits``): wall s / peak RSS MiB per
-    stage, pair events/s (retrieval + mining). ``tests/unit/test_scale_table.py`` checks
+    ``scale.json`` (``summary``: its ``records`` and ``fits``): wall s / peak RSS MiB
+    (peak anonymous MiB) per stage, pair events/s (retrieval + mining). ``tests/unit/test_scale_table.py`` checks
     that the README holds exactly these lines."""
     lines = ["| items | events | " + " | ".join(t for _, t in README_STAGES) + " | pair events/s |",
              "|---|---|" + "---|" * (len(README_STAGES) + 1)]
@@ -380,7 +438,7 @@ def readme_table(summary: dict) -> list[str]:
         if "error" in r:
             lines.append(head + " failed |" + " |" * len(README_STAGES))
             continue
-        cells = [f"{_secs(r[s]['seconds'])} / {r[s]['peak_rss_mib']:,.0f}" for s, _ in README_STAGES]
+        cells = [_cell(r[s]) for s, _ in README_STAGES]
         rate = r["n_events"] / r["pairs"]["seconds"]
         lines.append(head + " " + " | ".join(cells) + f" | {rate / 1000:.0f}k |")
     fits = summary.get("fits", {})

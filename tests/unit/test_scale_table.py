@@ -37,3 +37,6 @@ def test_a_run_replaces_its_size_and_keeps_the_others(tmp_path):
     assert [(r["n_events"], r["pairs"]["seconds"]) for r in data["records"]] == [(100, 1.0), (400, 3.0)]
     table = readme_table(data)
     assert table[2].startswith("| 10 | 100 | 1.0 / 100 |") and "3.0 / 100" in table[3]
+    _write(path, [{**rec(20, 400, 3.0), "mining": {"seconds": 3.0, "cpu_seconds": 3.0,
+                                                  "peak_rss_mib": 900.0, "peak_anon_mib": 700.0}}])
+    assert "| 3.0 / 900 (700) |" in readme_table(json.loads(path.read_text()))[3]
