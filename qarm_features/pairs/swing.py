@@ -24,6 +24,9 @@ _SWING_BLOCK_ROWS = 1 << 21
 # A block whose co-occurrence triples exceed this is split in two (by triggers), so memory
 # stays bounded on dense logs (a single trigger holds at most cap^2 x max_user_items).
 _SWING_MAX_TRIPLES = 1 << 22
+# A block's user pairs are counted in dense bins (one per ordered pair of rows of a
+# trigger) when they number at most this (64 MiB of counts), else by sorting packed keys.
+_SWING_MAX_PAIR_BINS = 1 << 23
 
 
 def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, seed):
@@ -150,17 +153,73 @@ def swing_block(trig, users, R, w, alpha, top_k, n_i):
     offset = np.arange(member.size) - np.repeat(np.cumsum(size) - size, size)
     rows_g = row[np.repeat(starts, size) + offset]
     n_after = size[member] - 1 - offset
-    del row, offset
+    del row, offset, size, starts
     # Triples: entry p pairs with entries p + 1 .. p + n_after[p] of its group.
     first_of = np.cumsum(n_after) - n_after  # where entry p's triples start
     second = np.arange(n_triples) + np.repeat(np.arange(member.size) + 1 - first_of, n_after)
-    # (r1, r2, group) packed in one int64 (fits: the split rule above), sorted: runs of
-    # one user pair give its overlap; each triple keeps its group. r1 and the group are
-    # the entry's own, so they are packed per entry and repeated once.
+    del first_of
+    r2 = rows_g[second]
+    del second
+    wu = w[users]
+    bins = _pair_bins(trig, n_triples)
+    if bins is not None:
+        pw, member = _pair_weights_binned(bins, rows_g, r2, member, n_after, wu, alpha)
+    else:
+        pw, member = _pair_weights_sorted(rows_g, r2, member, n_after, wu, alpha, m, n_g)
+    # Each group's sum runs over its pairs in (r1, r2) order either way (bincount adds in
+    # array order), so the two ways give the same floats.
+    score = np.bincount(member, weights=pw, minlength=n_g)
+    del pw, member
+    order = np.lexsort((g_targ, -score, g_trig))
+    g_trig, g_targ, score = g_trig[order], g_targ[order], score[order]
+    tstart = np.flatnonzero(np.r_[True, g_trig[1:] != g_trig[:-1]])
+    rank = np.arange(g_trig.size) - np.repeat(tstart, np.diff(np.r_[tstart, g_trig.size]))
+    top = rank < top_k
+    yield g_trig[top], g_targ[top], score[top]
+
+
+def _pair_bins(trig, n_triples):
+    """``(first row, rows)`` of each trigger of a block when its user pairs fit in dense
+    bins (one per ordered row pair of a trigger: ``sum rows^2`` at most
+    ``_SWING_MAX_PAIR_BINS`` and not much more than the triples); ``None``: count by sorting."""
+    tb = np.r_[0, np.flatnonzero(trig[1:] != trig[:-1]) + 1]
+    mt = np.diff(np.r_[tb, trig.size])
+    n_bins = int((mt * mt).sum())
+    if n_bins > _SWING_MAX_PAIR_BINS or n_bins > 64 * n_triples + (1 << 16):
+        return None
+    return tb, mt
+
+
+def _pair_weights_binned(bins, r1, r2, member, n_after, wu, alpha):
+    """Per triple (entry ``p``'s ``n_after[p]`` partners ``r2``, in generation order: group,
+    then r1, then r2), the user pair's weight ``wu[r1] wu[r2] / (alpha + 1 + overlap)``
+    and its group. The overlap beyond the trigger is the pair's number of triples, counted
+    by ``np.bincount`` over a square of bins per trigger (linear: no sort)."""
+    tb, mt = bins
+    tix = np.repeat(np.arange(tb.size), mt)  # each row's trigger (rows sorted by trigger)
+    local = np.arange(tix.size) - tb[tix]  # the row's position among its trigger's rows
+    sq = mt * mt
+    pbase = (np.cumsum(sq) - sq)[tix] + local * mt[tix]  # row r1's bins: pbase[r1] + local[r2]
+    del tix
+    idx = np.repeat(pbase[r1], n_after)
+    idx += local[r2]
+    del pbase, local
+    shared = np.bincount(idx)[idx]
+    del idx
+    pw = np.repeat(wu[r1], n_after) * wu[r2] / (alpha + 1.0 + shared)  # + 1: the trigger
+    return pw, np.repeat(member, n_after)
+
+
+def _pair_weights_sorted(r1, r2, member, n_after, wu, alpha, m, n_g):
+    """:func:`_pair_weights_binned` by one ``np.sort`` of packed ``(r1, r2, group)`` keys
+    (for triggers too large for dense bins), the triples then in (r1, r2, group) order."""
+    # (r1, r2, group) packed in one int64 (fits: swing_block's split rule), sorted: runs
+    # of one user pair give its overlap; each triple keeps its group. r1 and the group
+    # are the entry's own, so they are packed per entry and repeated once.
     rb, gb = max(int(m - 1).bit_length(), 1), max(int(n_g - 1).bit_length(), 1)
-    key = np.repeat((rows_g << (rb + gb)) | member, n_after)
-    key |= rows_g[second] << gb
-    del second, member, n_after, first_of
+    key = np.repeat((r1 << (rb + gb)) | member, n_after)
+    key |= r2 << gb
+    del r2
     key.sort()
     group = key & ((1 << gb) - 1)
     key >>= gb
@@ -168,14 +227,7 @@ def swing_block(trig, users, R, w, alpha, top_k, n_i):
     shared = np.diff(bounds)  # triples of each user pair: its overlap beyond the trigger
     pair = key[bounds[:-1]]
     del key
-    r1, r2 = pair >> rb, pair & ((1 << rb) - 1)
+    p1, p2 = pair >> rb, pair & ((1 << rb) - 1)
     del pair
-    wu = w[users]
-    pw = wu[r1] * wu[r2] / (alpha + 1.0 + shared)  # + 1: the trigger
-    score = np.bincount(group, weights=np.repeat(pw, shared), minlength=n_g)
-    order = np.lexsort((g_targ, -score, g_trig))
-    g_trig, g_targ, score = g_trig[order], g_targ[order], score[order]
-    tstart = np.flatnonzero(np.r_[True, g_trig[1:] != g_trig[:-1]])
-    rank = np.arange(g_trig.size) - np.repeat(tstart, np.diff(np.r_[tstart, g_trig.size]))
-    top = rank < top_k
-    yield g_trig[top], g_targ[top], score[top]
+    pw = wu[p1] * wu[p2] / (alpha + 1.0 + shared)  # + 1: the trigger
+    return np.repeat(pw, shared), group
