@@ -24,9 +24,10 @@ _SWING_BLOCK_ROWS = 1 << 21
 # A block whose co-occurrence triples exceed this is split in two (by triggers), so memory
 # stays bounded on dense logs (a single trigger holds at most cap^2 x max_user_items).
 _SWING_MAX_TRIPLES = 1 << 22
-# A block's user pairs are counted in dense bins (one per ordered pair of rows of a
-# trigger) when they number at most this (64 MiB of counts), else by sorting packed keys.
-_SWING_MAX_PAIR_BINS = 1 << 23
+# A block's user pairs are counted in dense bins (one per pair of rows of a trigger)
+# when they number at most this (8 MiB of counts: cache-sized), else by sorting packed keys; larger
+# blocks are first cut into runs of triggers of at most this many bins.
+_SWING_MAX_PAIR_BINS = 1 << 20
 
 
 def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, seed):
@@ -85,16 +86,18 @@ def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, 
     )
 
 
-def swing_blocks(e_item: np.ndarray, e_len: np.ndarray):
-    """``(start, stop)`` row ranges of whole triggers, each expanding to at most
-    ``_SWING_BLOCK_ROWS`` (trigger, user, item) rows (a single trigger may exceed it)."""
+def swing_blocks(e_item: np.ndarray, e_len: np.ndarray, limit: int | None = None):
+    """``(start, stop)`` row ranges of whole triggers, each expanding to at most ``limit``
+    (default ``_SWING_BLOCK_ROWS``) (trigger, user, item) rows, row ``k`` to ``e_len[k]``
+    (a single trigger may exceed it)."""
+    limit = _SWING_BLOCK_ROWS if limit is None else limit
     bounds = np.r_[np.flatnonzero(np.r_[True, e_item[1:] != e_item[:-1]]), e_item.size]
     if e_item.size == 0:
         return
     cb = np.r_[0, np.cumsum(e_len)][bounds]  # expanded rows before each trigger
     k = 0
     while k < bounds.size - 1:
-        k2 = int(np.searchsorted(cb, cb[k] + _SWING_BLOCK_ROWS, side="right")) - 1
+        k2 = int(np.searchsorted(cb, cb[k] + limit, side="right")) - 1
         k2 = min(max(k2, k + 1), bounds.size - 1)
         yield int(bounds[k]), int(bounds[k2])
         k = k2
@@ -107,10 +110,20 @@ def swing_block(trig, users, R, w, alpha, top_k, n_i):
     Every row expands to its user's items ``j != trigger``; rows of one trigger that share
     an item form co-occurrence triples ``(row, row', j)``. A user pair's overlap is 1 (the
     trigger) plus its number of triples, so pairs sharing only the trigger cost nothing.
-    Grouping is a compiled CSR -> CSC transpose; counting sorts one packed int64 key per
-    triple (``np.sort``, no argsort), so the block costs a few linear passes and one sort.
+    Grouping is a compiled CSR -> CSC transpose; overlaps are counted with ``np.bincount``
+    in dense bins, one per pair of a trigger's rows (the block is first cut into
+    runs of triggers of at most ``_SWING_MAX_PAIR_BINS`` bins), or, for a trigger with
+    more, by sorting one packed int64 key per triple (``np.sort``, no argsort): a block
+    costs a few linear passes (and that sort).
     """
     m = trig.size
+    mt = _trigger_rows(trig)[1]
+    if mt.size > 1 and int((mt * (mt - 1) // 2).sum()) > _SWING_MAX_PAIR_BINS:
+        # a trigger's m (m - 1) / 2 bins as m rows of (m - 1) / 2 (doubled: integers)
+        for a, b in swing_blocks(trig, np.repeat(mt - 1, mt), 2 * _SWING_MAX_PAIR_BINS):
+            yield from swing_block(trig[a:b], users[a:b], R, w, alpha, top_k, n_i)
+        return
+    del mt
     # The block's rows of R, transposed (scipy's compiled CSR -> CSC, a counting sort):
     # per item, its rows ascending, so each (trigger, item) group is a run (rows are
     # sorted by trigger). The trigger's own column is dropped.
@@ -178,32 +191,39 @@ def swing_block(trig, users, R, w, alpha, top_k, n_i):
     yield g_trig[top], g_targ[top], score[top]
 
 
+def _trigger_rows(trig):
+    """First row and number of rows of each trigger of a block (rows sorted by trigger)."""
+    tb = np.r_[0, np.flatnonzero(trig[1:] != trig[:-1]) + 1]
+    return tb, np.diff(np.r_[tb, trig.size])
+
+
 def _pair_bins(trig, n_triples):
     """``(first row, rows)`` of each trigger of a block when its user pairs fit in dense
-    bins (one per ordered row pair of a trigger: ``sum rows^2`` at most
+    bins (one per pair of rows of a trigger: ``sum rows (rows - 1) / 2`` at most
     ``_SWING_MAX_PAIR_BINS`` and not much more than the triples); ``None``: count by sorting."""
-    tb = np.r_[0, np.flatnonzero(trig[1:] != trig[:-1]) + 1]
-    mt = np.diff(np.r_[tb, trig.size])
-    n_bins = int((mt * mt).sum())
+    tb, mt = _trigger_rows(trig)
+    n_bins = int((mt * (mt - 1) // 2).sum())
     if n_bins > _SWING_MAX_PAIR_BINS or n_bins > 64 * n_triples + (1 << 16):
         return None
     return tb, mt
 
 
 def _pair_weights_binned(bins, r1, r2, member, n_after, wu, alpha):
-    """Per triple (entry ``p``'s ``n_after[p]`` partners ``r2``, in generation order: group,
-    then r1, then r2), the user pair's weight ``wu[r1] wu[r2] / (alpha + 1 + overlap)``
-    and its group. The overlap beyond the trigger is the pair's number of triples, counted
-    by ``np.bincount`` over a square of bins per trigger (linear: no sort)."""
+    """Per triple (entry ``p``'s ``n_after[p]`` partners ``r2 > r1``, in generation order:
+    group, then r1, then r2), the user pair's weight ``wu[r1] wu[r2] / (alpha + 1 +
+    overlap)`` and its group. The overlap beyond the trigger is the pair's number of
+    triples, counted by ``np.bincount`` over a triangle of bins per trigger (linear: no sort)."""
     tb, mt = bins
     tix = np.repeat(np.arange(tb.size), mt)  # each row's trigger (rows sorted by trigger)
-    local = np.arange(tix.size) - tb[tix]  # the row's position among its trigger's rows
-    sq = mt * mt
-    pbase = (np.cumsum(sq) - sq)[tix] + local * mt[tix]  # row r1's bins: pbase[r1] + local[r2]
-    del tix
+    i = np.arange(tix.size) - tb[tix]  # the row's position among its trigger's rows
+    tri = mt * (mt - 1) // 2
+    # pair (i, j), i < j, of a trigger with m rows: bin i m - i (i + 1) / 2 + j - i - 1 of
+    # its triangle, i.e. pbase[r1] + i[r2]
+    pbase = (np.cumsum(tri) - tri)[tix] + i * mt[tix] - i * (i + 1) // 2 - i - 1
+    del tix, tri
     idx = np.repeat(pbase[r1], n_after)
-    idx += local[r2]
-    del pbase, local
+    idx += i[r2]
+    del pbase, i
     shared = np.bincount(idx)[idx]
     del idx
     pw = np.repeat(wu[r1], n_after) * wu[r2] / (alpha + 1.0 + shared)  # + 1: the trigger

@@ -188,25 +188,31 @@ def _count_calls(monkeypatch, name):
 
 
 @pytest.mark.parametrize(
-    "seed, kw, block_rows",
+    "seed, kw, block_rows, max_bins",
     [
-        (0, dict(top_k=20), None),
-        (1, dict(top_k=3, max_user_items=6, alpha=0.5), None),
-        (2, dict(top_k=1000, user_weight=False), 5),  # about one trigger per block
-        (3, dict(top_k=50, max_item_users=4, seed=2), None),  # the item cap bites
+        (0, dict(top_k=20), None, None),
+        (1, dict(top_k=3, max_user_items=6, alpha=0.5), None, None),
+        (2, dict(top_k=1000, user_weight=False), 5, None),  # about one trigger per block
+        (3, dict(top_k=50, max_item_users=4, seed=2), None, None),  # the item cap bites
+        # blocks cut into runs of triggers by bins; triggers over 40 bins are sorted
+        (4, dict(top_k=1000), None, 40),
     ],
 )
-def test_swing_dense_bins_give_the_sorted_counts_floats_bit_for_bit(monkeypatch, seed, kw, block_rows):
+def test_swing_dense_bins_give_the_sorted_counts_floats_bit_for_bit(
+    monkeypatch, seed, kw, block_rows, max_bins
+):
     """User-pair overlaps counted in dense per-trigger bins (the default) and by sorting
     packed keys (triggers too large for bins) sum each group's pairs in the same order:
     the same scores to the last bit, not just within a tolerance."""
     if block_rows is not None:
         monkeypatch.setattr(swing_mod, "_SWING_BLOCK_ROWS", block_rows)
+    if max_bins is not None:
+        monkeypatch.setattr(swing_mod, "_SWING_MAX_PAIR_BINS", max_bins)
     log = _random_log(seed, n=1500, n_users=40, n_items=40)
     binned = _count_calls(monkeypatch, "_pair_weights_binned")
     by_sort = _count_calls(monkeypatch, "_pair_weights_sorted")
     got = mine_swing_pairs(log, **kw)
-    assert binned and not by_sort  # the default took the dense bins
+    assert binned and bool(by_sort) == (max_bins is not None)  # the dense bins (and sorts)
     _force_sorted_overlaps(monkeypatch)
     n_binned = len(binned)
     want = mine_swing_pairs(log, **kw)
