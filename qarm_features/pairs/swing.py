@@ -14,6 +14,7 @@ pandas and scipy.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from qarm_features.errors import InputError
@@ -41,8 +42,9 @@ def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, 
     pos = pos[["user_id", "item_id"]].drop_duplicates(keep="last")
     rank_from_end = pos.groupby("user_id", sort=False).cumcount(ascending=False)
     pos = pos[rank_from_end.to_numpy() < max_user_items]
-    user_ids, u = np.unique(pos["user_id"].to_numpy(), return_inverse=True)
-    item_ids, i = np.unique(pos["item_id"].to_numpy(), return_inverse=True)
+    # sorted ids and each row's index into them (np.unique's, by hashing: no argsort)
+    u, user_ids = pd.factorize(pos["user_id"].to_numpy(), sort=True)
+    i, item_ids = pd.factorize(pos["item_id"].to_numpy(), sort=True)
     del pos, rank_from_end
     n_u, n_i = user_ids.size, item_ids.size
     # Each user's items, sorted (CSR by user).

@@ -61,7 +61,12 @@ def test_u2i_equals_reference_across_blocks(monkeypatch):
 
 @pytest.mark.parametrize(
     "seed, alpha, top_k, max_user_items, user_weight",
-    [(0, 1.0, 20, 500, True), (1, 0.5, 3, 6, True), (2, 2.0, 1000, 10, False), (3, 1.0, 1, 4, True)],
+    [
+        (0, 1.0, 20, 500, True),
+        (1, 0.5, 3, 6, True),
+        (2, 2.0, 1000, 10, False),
+        (3, 1.0, 1, 4, True),
+    ],
 )
 def test_swing_equals_reference_when_no_cap_bites(seed, alpha, top_k, max_user_items, user_weight):
     log = _random_log(seed)
@@ -119,7 +124,9 @@ def test_swing_item_cap_is_the_formula_over_the_documented_sample():
     assert all(s <= ref[k] * (1 + 1e-12) for k, s in table.items())
     other = mine_swing_pairs(log, top_k=1000, max_item_users=cap, seed=4)
     assert not other.equals(got)
-    pd.testing.assert_frame_equal(got, mine_swing_pairs(log, top_k=1000, max_item_users=cap, seed=3))
+    pd.testing.assert_frame_equal(
+        got, mine_swing_pairs(log, top_k=1000, max_item_users=cap, seed=3)
+    )
 
 
 def test_swing_item_cap_validation():
@@ -190,12 +197,12 @@ def _count_calls(monkeypatch, name):
 @pytest.mark.parametrize(
     "seed, kw, block_rows, max_bins",
     [
-        (0, dict(top_k=20), None, None),
-        (1, dict(top_k=3, max_user_items=6, alpha=0.5), None, None),
-        (2, dict(top_k=1000, user_weight=False), 5, None),  # about one trigger per block
-        (3, dict(top_k=50, max_item_users=4, seed=2), None, None),  # the item cap bites
+        (0, {"top_k": 20}, None, None),
+        (1, {"top_k": 3, "max_user_items": 6, "alpha": 0.5}, None, None),
+        (2, {"top_k": 1000, "user_weight": False}, 5, None),  # about one trigger per block
+        (3, {"top_k": 50, "max_item_users": 4, "seed": 2}, None, None),  # the item cap bites
         # blocks cut into runs of triggers by bins; triggers over 40 bins are sorted
-        (4, dict(top_k=1000), None, 40),
+        (4, {"top_k": 1000}, None, 40),
     ],
 )
 def test_swing_dense_bins_give_the_sorted_counts_floats_bit_for_bit(
