@@ -477,9 +477,109 @@ def _write(path, records) -> None:
     merge_results(path, _summary(merged))
 
 
-if __name__ == "__main__":  # python -m benchmarks.bench_scale [items:events ...]
+# ``python -c`` child of :func:`mining_vs`: argv ``mode root world [n_items n_events]``.
+# It imports qarm_features from ``root`` (a checkout) and runs from a scratch directory.
+_MINING_CHILD = r"""
+import hashlib, json, os, sys, time
+mode, root, world = sys.argv[1:4]
+sys.path.insert(0, root)
+import numpy as np, pandas as pd
+from threadpoolctl import threadpool_limits
+threadpool_limits(1)
+import qarm_features
+assert qarm_features.__file__.startswith(root), qarm_features.__file__
+from qarm_features.config import PairsConfig
+if mode == "prep":
+    sys.path.insert(0, sys.argv[6])
+    from benchmarks.bench_scale import scale_world
+    from qarm_features.pairs.retrieval import BPRMF
+    _, _, log = scale_world(int(sys.argv[4]), int(sys.argv[5]), content_dim=8)
+    log.to_parquet(os.path.join(world, "log.parquet"))
+    ids, emb = BPRMF.from_config(PairsConfig()).fit(log).item_embeddings()
+    np.save(os.path.join(world, "ids.npy"), ids)
+    np.save(os.path.join(world, "emb.npy"), emb)
+    print(json.dumps({}))
+else:
+    from qarm_features.pairs.mining import mine_pairs
+    log = pd.read_parquet(os.path.join(world, "log.parquet"))
+    ids, emb = np.load(os.path.join(world, "ids.npy")), np.load(os.path.join(world, "emb.npy"))
+    c0 = time.process_time()
+    pairs, stats = mine_pairs(log, PairsConfig(), item_ids=ids, item_emb=emb)
+    cpu = time.process_time() - c0
+    h = hashlib.sha256(str(pairs.dtypes.tolist()).encode())
+    for c in ("trigger_id", "target_id", "score"):
+        h.update(np.ascontiguousarray(pairs[c].to_numpy()).tobytes())
+    h.update("\n".join(pairs["source"]).encode())
+    print(json.dumps({"cpu_s": cpu, "n_pairs": len(pairs), "pairs_sha256": h.hexdigest(),
+                      "stats": json.dumps(stats, sort_keys=True, default=float)}))
+"""
+
+
+def mining_vs(ref: str = "main", runs=((50_000, 1_000_000), (200_000, 4_000_000)),
+              rounds: int = 3) -> dict:
+    """``mine_pairs`` CPU seconds of this checkout against git ``ref``'s, interleaved.
+
+    Per size: one log (:func:`scale_world`; mining reads no content, so 8-d) and one BPR
+    fit of this checkout (the embeddings both miners are given), then ``rounds`` rounds
+    of one child per side, alternating which goes first; each child pins BLAS/OpenMP to
+    one thread and reports ``time.process_time()`` of ``mine_pairs`` alone, the SHA-256
+    of the pairs frame and the stats. Returns per size the medians, ``ratio`` (ref's CPU
+    seconds over ours) and whether the pairs and stats were equal in every round.
+    """
+    import subprocess
     import sys
 
-    sizes = [tuple(int(v) for v in a.split(":")) for a in sys.argv[1:]] or None
-    res = run(False, runs=sizes, out_path="benchmarks/results/scale.json")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", PYTHONPATH="")
+    with tempfile.TemporaryDirectory(prefix="qarm-mining-vs-") as tmp:
+        base = os.path.join(tmp, "ref")
+        os.makedirs(base)
+        tar = subprocess.run(["git", "-C", str(repo), "archive", ref, "qarm_features"],
+                             check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", base], input=tar, check=True)
+
+        def child(*args) -> dict:
+            res = subprocess.run([sys.executable, "-c", _MINING_CHILD, *map(str, args)],
+                                 cwd=tmp, env=env, check=True, capture_output=True, text=True)
+            return json.loads(res.stdout.strip().splitlines()[-1])
+
+        sides = {ref: base, "ours": str(repo)}
+        out = {"ref": ref, "rounds": rounds, "runs": []}
+        for n_items, n_events in runs:
+            world = os.path.join(tmp, f"{n_items}_{n_events}")
+            os.makedirs(world)
+            child("prep", repo, world, n_items, n_events, repo)
+            got: dict = {name: [] for name in sides}
+            for r in range(rounds):
+                for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                    got[name].append(child("mine", sides[name], world))
+            rec = {"n_items": n_items, "n_events": n_events}
+            for name, rs in got.items():
+                rec[f"{name}_cpu_s"] = [round(x["cpu_s"], 3) for x in rs]
+            med = {name: float(np.median([x["cpu_s"] for x in rs])) for name, rs in got.items()}
+            rec["ratio"] = med[ref] / med["ours"]
+            every = [x for rs in got.values() for x in rs]
+            rec["pairs_equal"] = len({x["pairs_sha256"] for x in every}) == 1
+            rec["stats_equal"] = len({x["stats"] for x in every}) == 1
+            rec["n_pairs"] = every[0]["n_pairs"]
+            rec["pairs_sha256"] = sorted({x["pairs_sha256"] for x in every})
+            out["runs"].append(rec)
+            print(json.dumps(rec), flush=True)
+    return out
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench_scale [--mining-vs REF] [items:events ...]
+    import sys
+
+    args = sys.argv[1:]
+    ref = None
+    if args[:1] == ["--mining-vs"]:  # mine_pairs CPU seconds, this checkout vs git REF
+        ref, args = args[1], args[2:]
+    sizes = [tuple(int(v) for v in a.split(":")) for a in args] or None
+    if ref is not None:
+        res = mining_vs(ref, runs=sizes or ((50_000, 1_000_000), (200_000, 4_000_000)))
+        Path("benchmarks/results/mining_vs.json").write_text(json.dumps(res, indent=1) + "\n")
+    else:
+        res = run(False, runs=sizes, out_path="benchmarks/results/scale.json")
     print(json.dumps(res, indent=1, default=float))

@@ -460,7 +460,10 @@ def pair_stats_from_counts(pairs: pd.DataFrame, item_pos: pd.Series) -> dict:
     """:func:`_pair_stats` from the positives per item (``value_counts``: descending)."""
     share = item_pos / item_pos.sum()
     n_pairs = len(pairs)
-    covered = np.union1d(pairs["trigger_id"].to_numpy(), pairs["target_id"].to_numpy())
+    # items in a pair (hashing: no sort)
+    covered = pd.unique(
+        np.concatenate([pairs["trigger_id"].to_numpy(), pairs["target_id"].to_numpy()])
+    )
     n_top = max(1, int(np.ceil(0.1 * share.size)))
     top_items = share.index.to_numpy()[:n_top]  # value_counts is sorted descending
     out = {

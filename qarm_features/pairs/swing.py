@@ -14,6 +14,7 @@ pandas and scipy.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from qarm_features.errors import InputError
@@ -24,6 +25,10 @@ _SWING_BLOCK_ROWS = 1 << 21
 # A block whose co-occurrence triples exceed this is split in two (by triggers), so memory
 # stays bounded on dense logs (a single trigger holds at most cap^2 x max_user_items).
 _SWING_MAX_TRIPLES = 1 << 22
+# A block's user pairs are counted in dense bins (one per pair of rows of a trigger)
+# when they number at most this (8 MiB of counts: cache-sized), else by sorting packed keys; larger
+# blocks are first cut into runs of triggers of at most this many bins.
+_SWING_MAX_PAIR_BINS = 1 << 20
 
 
 def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, seed):
@@ -37,8 +42,9 @@ def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, 
     pos = pos[["user_id", "item_id"]].drop_duplicates(keep="last")
     rank_from_end = pos.groupby("user_id", sort=False).cumcount(ascending=False)
     pos = pos[rank_from_end.to_numpy() < max_user_items]
-    user_ids, u = np.unique(pos["user_id"].to_numpy(), return_inverse=True)
-    item_ids, i = np.unique(pos["item_id"].to_numpy(), return_inverse=True)
+    # sorted ids and each row's index into them (np.unique's, by hashing: no argsort)
+    u, user_ids = pd.factorize(pos["user_id"].to_numpy(), sort=True)
+    i, item_ids = pd.factorize(pos["item_id"].to_numpy(), sort=True)
     del pos, rank_from_end
     n_u, n_i = user_ids.size, item_ids.size
     # Each user's items, sorted (CSR by user).
@@ -82,16 +88,18 @@ def swing_top_k(pos, alpha, top_k, max_user_items, max_item_users, user_weight, 
     )
 
 
-def swing_blocks(e_item: np.ndarray, e_len: np.ndarray):
-    """``(start, stop)`` row ranges of whole triggers, each expanding to at most
-    ``_SWING_BLOCK_ROWS`` (trigger, user, item) rows (a single trigger may exceed it)."""
+def swing_blocks(e_item: np.ndarray, e_len: np.ndarray, limit: int | None = None):
+    """``(start, stop)`` row ranges of whole triggers, each expanding to at most ``limit``
+    (default ``_SWING_BLOCK_ROWS``) (trigger, user, item) rows, row ``k`` to ``e_len[k]``
+    (a single trigger may exceed it)."""
+    limit = _SWING_BLOCK_ROWS if limit is None else limit
     bounds = np.r_[np.flatnonzero(np.r_[True, e_item[1:] != e_item[:-1]]), e_item.size]
     if e_item.size == 0:
         return
     cb = np.r_[0, np.cumsum(e_len)][bounds]  # expanded rows before each trigger
     k = 0
     while k < bounds.size - 1:
-        k2 = int(np.searchsorted(cb, cb[k] + _SWING_BLOCK_ROWS, side="right")) - 1
+        k2 = int(np.searchsorted(cb, cb[k] + limit, side="right")) - 1
         k2 = min(max(k2, k + 1), bounds.size - 1)
         yield int(bounds[k]), int(bounds[k2])
         k = k2
@@ -104,10 +112,20 @@ def swing_block(trig, users, R, w, alpha, top_k, n_i):
     Every row expands to its user's items ``j != trigger``; rows of one trigger that share
     an item form co-occurrence triples ``(row, row', j)``. A user pair's overlap is 1 (the
     trigger) plus its number of triples, so pairs sharing only the trigger cost nothing.
-    Grouping is a compiled CSR -> CSC transpose; counting sorts one packed int64 key per
-    triple (``np.sort``, no argsort), so the block costs a few linear passes and one sort.
+    Grouping is a compiled CSR -> CSC transpose; overlaps are counted with ``np.bincount``
+    in dense bins, one per pair of a trigger's rows (the block is first cut into
+    runs of triggers of at most ``_SWING_MAX_PAIR_BINS`` bins), or, for a trigger with
+    more, by sorting one packed int64 key per triple (``np.sort``, no argsort): a block
+    costs a few linear passes (and that sort).
     """
     m = trig.size
+    mt = _trigger_rows(trig)[1]
+    if mt.size > 1 and int((mt * (mt - 1) // 2).sum()) > _SWING_MAX_PAIR_BINS:
+        # a trigger's m (m - 1) / 2 bins as m rows of (m - 1) / 2 (doubled: integers)
+        for a, b in swing_blocks(trig, np.repeat(mt - 1, mt), 2 * _SWING_MAX_PAIR_BINS):
+            yield from swing_block(trig[a:b], users[a:b], R, w, alpha, top_k, n_i)
+        return
+    del mt
     # The block's rows of R, transposed (scipy's compiled CSR -> CSC, a counting sort):
     # per item, its rows ascending, so each (trigger, item) group is a run (rows are
     # sorted by trigger). The trigger's own column is dropped.
@@ -150,17 +168,80 @@ def swing_block(trig, users, R, w, alpha, top_k, n_i):
     offset = np.arange(member.size) - np.repeat(np.cumsum(size) - size, size)
     rows_g = row[np.repeat(starts, size) + offset]
     n_after = size[member] - 1 - offset
-    del row, offset
+    del row, offset, size, starts
     # Triples: entry p pairs with entries p + 1 .. p + n_after[p] of its group.
     first_of = np.cumsum(n_after) - n_after  # where entry p's triples start
     second = np.arange(n_triples) + np.repeat(np.arange(member.size) + 1 - first_of, n_after)
-    # (r1, r2, group) packed in one int64 (fits: the split rule above), sorted: runs of
-    # one user pair give its overlap; each triple keeps its group. r1 and the group are
-    # the entry's own, so they are packed per entry and repeated once.
+    del first_of
+    r2 = rows_g[second]
+    del second
+    wu = w[users]
+    bins = _pair_bins(trig, n_triples)
+    if bins is not None:
+        pw, member = _pair_weights_binned(bins, rows_g, r2, member, n_after, wu, alpha)
+    else:
+        pw, member = _pair_weights_sorted(rows_g, r2, member, n_after, wu, alpha, m, n_g)
+    # Each group's sum runs over its pairs in (r1, r2) order either way (bincount adds in
+    # array order), so the two ways give the same floats.
+    score = np.bincount(member, weights=pw, minlength=n_g)
+    del pw, member
+    order = np.lexsort((g_targ, -score, g_trig))
+    g_trig, g_targ, score = g_trig[order], g_targ[order], score[order]
+    tstart = np.flatnonzero(np.r_[True, g_trig[1:] != g_trig[:-1]])
+    rank = np.arange(g_trig.size) - np.repeat(tstart, np.diff(np.r_[tstart, g_trig.size]))
+    top = rank < top_k
+    yield g_trig[top], g_targ[top], score[top]
+
+
+def _trigger_rows(trig):
+    """First row and number of rows of each trigger of a block (rows sorted by trigger)."""
+    tb = np.r_[0, np.flatnonzero(trig[1:] != trig[:-1]) + 1]
+    return tb, np.diff(np.r_[tb, trig.size])
+
+
+def _pair_bins(trig, n_triples):
+    """``(first row, rows)`` of each trigger of a block when its user pairs fit in dense
+    bins (one per pair of rows of a trigger: ``sum rows (rows - 1) / 2`` at most
+    ``_SWING_MAX_PAIR_BINS`` and not much more than the triples); ``None``: count by sorting."""
+    tb, mt = _trigger_rows(trig)
+    n_bins = int((mt * (mt - 1) // 2).sum())
+    if n_bins > _SWING_MAX_PAIR_BINS or n_bins > 64 * n_triples + (1 << 16):
+        return None
+    return tb, mt
+
+
+def _pair_weights_binned(bins, r1, r2, member, n_after, wu, alpha):
+    """Per triple (entry ``p``'s ``n_after[p]`` partners ``r2 > r1``, in generation order:
+    group, then r1, then r2), the user pair's weight ``wu[r1] wu[r2] / (alpha + 1 +
+    overlap)`` and its group. The overlap beyond the trigger is the pair's number of
+    triples, counted by ``np.bincount`` over a triangle of bins per trigger (linear: no sort)."""
+    tb, mt = bins
+    tix = np.repeat(np.arange(tb.size), mt)  # each row's trigger (rows sorted by trigger)
+    i = np.arange(tix.size) - tb[tix]  # the row's position among its trigger's rows
+    tri = mt * (mt - 1) // 2
+    # pair (i, j), i < j, of a trigger with m rows: bin i m - i (i + 1) / 2 + j - i - 1 of
+    # its triangle, i.e. pbase[r1] + i[r2]
+    pbase = (np.cumsum(tri) - tri)[tix] + i * mt[tix] - i * (i + 1) // 2 - i - 1
+    del tix, tri
+    idx = np.repeat(pbase[r1], n_after)
+    idx += i[r2]
+    del pbase, i
+    shared = np.bincount(idx)[idx]
+    del idx
+    pw = np.repeat(wu[r1], n_after) * wu[r2] / (alpha + 1.0 + shared)  # + 1: the trigger
+    return pw, np.repeat(member, n_after)
+
+
+def _pair_weights_sorted(r1, r2, member, n_after, wu, alpha, m, n_g):
+    """:func:`_pair_weights_binned` by one ``np.sort`` of packed ``(r1, r2, group)`` keys
+    (for triggers too large for dense bins), the triples then in (r1, r2, group) order."""
+    # (r1, r2, group) packed in one int64 (fits: swing_block's split rule), sorted: runs
+    # of one user pair give its overlap; each triple keeps its group. r1 and the group
+    # are the entry's own, so they are packed per entry and repeated once.
     rb, gb = max(int(m - 1).bit_length(), 1), max(int(n_g - 1).bit_length(), 1)
-    key = np.repeat((rows_g << (rb + gb)) | member, n_after)
-    key |= rows_g[second] << gb
-    del second, member, n_after, first_of
+    key = np.repeat((r1 << (rb + gb)) | member, n_after)
+    key |= r2 << gb
+    del r2
     key.sort()
     group = key & ((1 << gb) - 1)
     key >>= gb
@@ -168,14 +249,7 @@ def swing_block(trig, users, R, w, alpha, top_k, n_i):
     shared = np.diff(bounds)  # triples of each user pair: its overlap beyond the trigger
     pair = key[bounds[:-1]]
     del key
-    r1, r2 = pair >> rb, pair & ((1 << rb) - 1)
+    p1, p2 = pair >> rb, pair & ((1 << rb) - 1)
     del pair
-    wu = w[users]
-    pw = wu[r1] * wu[r2] / (alpha + 1.0 + shared)  # + 1: the trigger
-    score = np.bincount(group, weights=np.repeat(pw, shared), minlength=n_g)
-    order = np.lexsort((g_targ, -score, g_trig))
-    g_trig, g_targ, score = g_trig[order], g_targ[order], score[order]
-    tstart = np.flatnonzero(np.r_[True, g_trig[1:] != g_trig[:-1]])
-    rank = np.arange(g_trig.size) - np.repeat(tstart, np.diff(np.r_[tstart, g_trig.size]))
-    top = rank < top_k
-    yield g_trig[top], g_targ[top], score[top]
+    pw = wu[p1] * wu[p2] / (alpha + 1.0 + shared)  # + 1: the trigger
+    return np.repeat(pw, shared), group

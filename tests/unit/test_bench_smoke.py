@@ -198,6 +198,17 @@ def test_scale_section_at_a_tiny_size():
     assert any("2,000" in line for line in markdown(summary))
 
 
+def test_mining_vs_a_git_ref_at_a_tiny_size():
+    """bench_scale --mining-vs: each side's children import their own checkout (the child
+    asserts it), and HEAD's miner gives this checkout's pairs and stats."""
+    from benchmarks.bench_scale import mining_vs
+
+    res = mining_vs("HEAD", runs=((2000, 20_000),), rounds=2)
+    (rec,) = res["runs"]
+    assert len(rec["HEAD_cpu_s"]) == len(rec["ours_cpu_s"]) == 2 and rec["ratio"] > 0
+    assert rec["pairs_equal"] and rec["stats_equal"] and rec["n_pairs"] > 1000
+
+
 def test_training_section_renders_a_timed_out_file_store():
     from benchmarks.suite import closing_rows, summarize
 

@@ -61,7 +61,12 @@ def test_u2i_equals_reference_across_blocks(monkeypatch):
 
 @pytest.mark.parametrize(
     "seed, alpha, top_k, max_user_items, user_weight",
-    [(0, 1.0, 20, 500, True), (1, 0.5, 3, 6, True), (2, 2.0, 1000, 10, False), (3, 1.0, 1, 4, True)],
+    [
+        (0, 1.0, 20, 500, True),
+        (1, 0.5, 3, 6, True),
+        (2, 2.0, 1000, 10, False),
+        (3, 1.0, 1, 4, True),
+    ],
 )
 def test_swing_equals_reference_when_no_cap_bites(seed, alpha, top_k, max_user_items, user_weight):
     log = _random_log(seed)
@@ -119,7 +124,9 @@ def test_swing_item_cap_is_the_formula_over_the_documented_sample():
     assert all(s <= ref[k] * (1 + 1e-12) for k, s in table.items())
     other = mine_swing_pairs(log, top_k=1000, max_item_users=cap, seed=4)
     assert not other.equals(got)
-    pd.testing.assert_frame_equal(got, mine_swing_pairs(log, top_k=1000, max_item_users=cap, seed=3))
+    pd.testing.assert_frame_equal(
+        got, mine_swing_pairs(log, top_k=1000, max_item_users=cap, seed=3)
+    )
 
 
 def test_swing_item_cap_validation():
@@ -174,3 +181,56 @@ def test_mine_pairs_union_equals_the_reference_for_ids_outside_int31(offset):
     sw = mine_swing_pairs(log, top_k=cfg.swing_top_k, max_item_users=None)
     assert len(got) > 20 and got["trigger_id"].abs().min() >= 2**39
     pd.testing.assert_frame_equal(got, reference_union(ev, sw, 1))
+
+
+def _force_sorted_overlaps(monkeypatch):
+    monkeypatch.setattr(swing_mod, "_SWING_MAX_PAIR_BINS", -1)  # no block fits dense bins
+
+
+def _count_calls(monkeypatch, name):
+    calls = []
+    real = getattr(swing_mod, name)
+    monkeypatch.setattr(swing_mod, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "seed, kw, block_rows, max_bins",
+    [
+        (0, {"top_k": 20}, None, None),
+        (1, {"top_k": 3, "max_user_items": 6, "alpha": 0.5}, None, None),
+        (2, {"top_k": 1000, "user_weight": False}, 5, None),  # about one trigger per block
+        (3, {"top_k": 50, "max_item_users": 4, "seed": 2}, None, None),  # the item cap bites
+        # blocks cut into runs of triggers by bins; triggers over 40 bins are sorted
+        (4, {"top_k": 1000}, None, 40),
+    ],
+)
+def test_swing_dense_bins_give_the_sorted_counts_floats_bit_for_bit(
+    monkeypatch, seed, kw, block_rows, max_bins
+):
+    """User-pair overlaps counted in dense per-trigger bins (the default) and by sorting
+    packed keys (triggers too large for bins) sum each group's pairs in the same order:
+    the same scores to the last bit, not just within a tolerance."""
+    if block_rows is not None:
+        monkeypatch.setattr(swing_mod, "_SWING_BLOCK_ROWS", block_rows)
+    if max_bins is not None:
+        monkeypatch.setattr(swing_mod, "_SWING_MAX_PAIR_BINS", max_bins)
+    log = _random_log(seed, n=1500, n_users=40, n_items=40)
+    binned = _count_calls(monkeypatch, "_pair_weights_binned")
+    by_sort = _count_calls(monkeypatch, "_pair_weights_sorted")
+    got = mine_swing_pairs(log, **kw)
+    assert binned and bool(by_sort) == (max_bins is not None)  # the dense bins (and sorts)
+    _force_sorted_overlaps(monkeypatch)
+    n_binned = len(binned)
+    want = mine_swing_pairs(log, **kw)
+    assert by_sort and len(binned) == n_binned
+    assert len(got) > 20
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+def test_swing_sorted_overlaps_equal_the_reference(monkeypatch):
+    _force_sorted_overlaps(monkeypatch)
+    sorted_calls = _count_calls(monkeypatch, "_pair_weights_sorted")
+    log = _random_log(8)
+    _same_pairs(mine_swing_pairs(log, top_k=9), reference_swing_pairs(log, top_k=9))
+    assert sorted_calls
