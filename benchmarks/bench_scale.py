@@ -340,8 +340,21 @@ def _fit(records: list[dict], stage: str, key: str) -> dict:
     return {"per": key, "us_per_unit": b * 1e6, "intercept_s": a, "r2": r2}
 
 
-def run(quick: bool, *, runs=None, out_path: str | os.PathLike | None = None) -> dict:
-    """Run the sweep (each size in its own child); returns and writes the records."""
+def _commit() -> str | None:
+    """The checkout's commit (each record says which code it measured), or None."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run(quick: bool, *, runs=None, out_path: str | os.PathLike | None = None,
+        sample_check_pairs: int | None = None) -> dict:
+    """Run the sweep (each size in its own child); returns and writes the records.
+    ``sample_check_pairs``: each child also runs :func:`aligner_sample_check`."""
     from benchmarks.timing import run_child
 
     env = os.environ.get("QARM_SCALE_RUNS")
@@ -354,11 +367,14 @@ def run(quick: bool, *, runs=None, out_path: str | os.PathLike | None = None) ->
         try:
             # an hour per 20M events (the 1M / 20M point takes ~15-25 min here)
             limit = max(3600, 3600 * n_events / 20_000_000)
-            rec = run_child("benchmarks.bench_scale:stages",
-                            {"n_items": int(n_items), "n_events": int(n_events)}, timeout=limit)
+            kw = {"n_items": int(n_items), "n_events": int(n_events)}
+            if sample_check_pairs:
+                kw["sample_check_pairs"] = int(sample_check_pairs)
+            rec = run_child("benchmarks.bench_scale:stages", kw, timeout=limit)
         except Exception as exc:  # noqa: BLE001 - record and go on with the next size
             rec = {"n_items": n_items, "n_events": n_events, "error": str(exc)[-500:]}
         rec["wall_s"] = time.perf_counter() - t0
+        rec["commit"] = _commit()
         records.append(rec)
         if out_path:
             _write(out_path, records)
@@ -569,17 +585,21 @@ def mining_vs(ref: str = "main", runs=((50_000, 1_000_000), (200_000, 4_000_000)
     return out
 
 
-if __name__ == "__main__":  # python -m benchmarks.bench_scale [--mining-vs REF] [items:events ...]
+if __name__ == "__main__":
+    # python -m benchmarks.bench_scale [--mining-vs REF | --sample-check N] [items:events ...]
     import sys
 
     args = sys.argv[1:]
-    ref = None
+    ref = check = None
     if args[:1] == ["--mining-vs"]:  # mine_pairs CPU seconds, this checkout vs git REF
         ref, args = args[1], args[2:]
+    elif args[:1] == ["--sample-check"]:  # + the aligner on N pairs vs ALIGNER_MAX_PAIRS
+        check, args = int(args[1]), args[2:]
     sizes = [tuple(int(v) for v in a.split(":")) for a in args] or None
     if ref is not None:
         res = mining_vs(ref, runs=sizes or ((50_000, 1_000_000), (200_000, 4_000_000)))
         Path("benchmarks/results/mining_vs.json").write_text(json.dumps(res, indent=1) + "\n")
     else:
-        res = run(False, runs=sizes, out_path="benchmarks/results/scale.json")
+        res = run(False, runs=sizes, out_path="benchmarks/results/scale.json",
+                  sample_check_pairs=check)
     print(json.dumps(res, indent=1, default=float))
