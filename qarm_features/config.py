@@ -151,6 +151,12 @@ class VQConfig(_Config):
     # the VQ items/s, the cheapest setting >= 0.999 (512 lists at 4 probes: 0.994; 256 at
     # 4: 0.9999 but slower; python -m benchmarks.bench_stream --vq, scale.json `vq_sweep`).
     ann_nprobe: int = Field(8, ge=1)
+    # A freshly built IVF index doubles nprobe until the recall@k it measures at fit (1000
+    # pool items against exact search) reaches this floor; the bundle's stored index keeps
+    # the nprobe chosen. The probes a pool needs grow with it: IVF1024 at 8 probes gave
+    # 0.9997 on a 100k pool but 0.959 on the 1M-item scale world (16: 0.990). 0.98: the
+    # 100k pool keeps 8, the 1M one gets 16. None: ann_nprobe whatever the recall.
+    ann_min_recall: float | None = Field(0.98, gt=0, le=1)
     seed: int = 0
 
 

@@ -217,6 +217,11 @@ class Bundle:
         cfg = self.config.vq
         try:
             coder = VQCoder.from_config(cfg, k=self.vq_k)
+            if self.vq_index is None:
+                # An ANN pool without a stored index is a bundle from before indexes were
+                # stored (every build since stores one), hence before the recall floor:
+                # its codes were made at ``ann_nprobe`` exactly.
+                coder.ann_min_recall = None
             return coder.fit(self.vq_pool_emb, self.vq_pool_ids, index=self.vq_index)
         except InputError as exc:  # a stored index that is not this pool's
             if self.vq_index is None or not str(exc).startswith("index:"):

@@ -358,6 +358,28 @@ def test_vq_ivf_mode_is_row_independent_and_measures_recall():
     np.testing.assert_array_equal(full.encode(x, exclude_ids=ex), exact.encode(x, exclude_ids=ex))
 
 
+def test_vq_ivf_recall_floor_doubles_nprobe_and_a_loaded_index_keeps_it():
+    """Below ``ann_min_recall`` a fresh IVF index doubles nprobe until the floor holds; the
+    exported index carries that nprobe, so a coder loading it (whatever its own
+    ``ann_nprobe``) makes the same codes."""
+    pool, ids = _ivf_fixture()
+    kw = dict(k=10, exact_max_pool=1000, ann_index="IVF32,Flat")
+    low = VQCoder(**kw, ann_nprobe=1).fit(pool, ids)
+    assert low.nprobe_ == 1 and low.ann_recall_ < 0.99  # the floor has work to do
+    vq = VQCoder(**kw, ann_nprobe=1, ann_min_recall=0.99).fit(pool, ids)
+    assert vq.nprobe_ in (2, 4, 8, 16, 32) and vq.ann_recall_ >= 0.99
+    half = VQCoder(**kw, ann_nprobe=vq.nprobe_ // 2).fit(pool, ids)
+    assert half.ann_recall_ < 0.99  # the first power of two that reaches the floor
+    same = VQCoder(**kw, ann_nprobe=vq.nprobe_).fit(pool, ids)
+    assert same.ann_recall_ == vq.ann_recall_
+    x, ex = pool[:300], ids[:300]
+    loaded = VQCoder(**kw, ann_nprobe=1).fit(pool, ids, index=vq.export_index())
+    assert loaded.nprobe_ == vq.nprobe_ and loaded.ann_recall_ is None
+    np.testing.assert_array_equal(loaded.encode(x, exclude_ids=ex), vq.encode(x, exclude_ids=ex))
+    with pytest.raises(ConfigError, match="ann_min_recall"):
+        VQCoder(**kw, ann_min_recall=1.5).fit(pool, ids)
+
+
 def test_vq_ivf_rows_searched_in_list_order_land_on_their_rows(monkeypatch):
     # IVF rows are searched window by window in the order of their probed lists (cache
     # reuse), chunk by chunk: each row's codes must come back to that row.
