@@ -40,3 +40,19 @@ def test_a_run_replaces_its_size_and_keeps_the_others(tmp_path):
     _write(path, [{**rec(20, 400, 3.0), "mining": {"seconds": 3.0, "cpu_seconds": 3.0,
                                                   "peak_rss_mib": 900.0, "peak_anon_mib": 700.0}}])
     assert "| 3.0 / 900 (700) |" in readme_table(json.loads(path.read_text()))[3]
+
+
+def test_a_record_marked_not_in_fit_is_shown_with_its_reason_and_left_out_of_the_fits():
+    def rec(n_items, n_events, s, **kw):
+        st = {"seconds": s, "cpu_seconds": s, "peak_rss_mib": 100.0}
+        return {"n_items": n_items, "n_events": n_events, "pairs": st, **kw,
+                **{k: st for k in ("retrieval", "mining", "aligner", "codes", "total")}}
+
+    from benchmarks.bench_scale import _summary
+
+    same = [rec(10, 100, 1.0), rec(20, 200, 2.0), rec(40, 400, 4.0)]
+    odd = rec(80, 800, 100.0, not_in_fit="older kernel")
+    summary = _summary(same + [odd])
+    assert abs(summary["fits"]["mining"]["us_per_unit"] - 1e4) < 1e-6  # 1 s per 100 events
+    table = readme_table(summary)
+    assert table[5].startswith("| 80* | 800 |") and "\\* 80 / 800: older kernel" in table
