@@ -450,7 +450,7 @@ def _cell(st: dict) -> str:
     """``wall s / peak RSS MiB``, then ``(peak anonymous MiB)`` where the run measured it."""
     out = f"{_secs(st['seconds'])} / {st['peak_rss_mib']:,.0f}"
     anon = st.get("peak_anon_mib")
-    return out if anon is None or anon != anon else out + f" ({anon:,.0f})"
+    return out if anon is None or np.isnan(anon) else out + f" ({anon:,.0f})"
 
 
 def readme_table(summary: dict) -> list[str]:

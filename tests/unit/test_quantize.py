@@ -363,7 +363,7 @@ def test_vq_ivf_recall_floor_doubles_nprobe_and_a_loaded_index_keeps_it():
     exported index carries that nprobe, so a coder loading it (whatever its own
     ``ann_nprobe``) makes the same codes."""
     pool, ids = _ivf_fixture()
-    kw = dict(k=10, exact_max_pool=1000, ann_index="IVF32,Flat")
+    kw = {"k": 10, "exact_max_pool": 1000, "ann_index": "IVF32,Flat"}
     low = VQCoder(**kw, ann_nprobe=1).fit(pool, ids)
     assert low.nprobe_ == 1 and low.ann_recall_ < 0.99  # the floor has work to do
     vq = VQCoder(**kw, ann_nprobe=1, ann_min_recall=0.99).fit(pool, ids)
