@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import resource
 import sys
 
@@ -19,16 +20,28 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def status_mib(key: str) -> float:
+    """One memory line of ``/proc/self/status`` (``VmHWM``, ``VmRSS``, ``RssAnon``, ...) in
+    MiB; NaN where the file or the line is missing (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return float("nan")  # pragma: no cover
+
+
 def _peak_rss_mib() -> float:
     """``VmHWM``: the high-water RSS of this process image.
 
     Not ``ru_maxrss``: Linux carries that across fork+exec, so a child would report its
     parent's peak whenever the parent is larger.
     """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
+    peak = status_mib("VmHWM")
+    if not math.isnan(peak):
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover
 
 

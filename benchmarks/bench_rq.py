@@ -466,11 +466,9 @@ def aligned_stand_in(
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")  # pragma: no cover
+    from benchmarks._child import status_mib
+
+    return status_mib("VmRSS")
 
 
 def sample_vs_full(

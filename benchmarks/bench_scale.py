@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._child import status_mib
+
 # (n_items, n_events) of the default sweep: events grow 20x per item, as in the issue.
 DEFAULT_RUNS = ((10_000, 100_000), (50_000, 1_000_000), (200_000, 4_000_000),
                 (1_000_000, 20_000_000))
@@ -145,11 +147,7 @@ class _AnonPeak:
 
     @staticmethod
     def now_mib() -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")  # pragma: no cover
+        return status_mib("RssAnon")
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
@@ -167,11 +165,7 @@ class _AnonPeak:
 
 
 def _peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")  # pragma: no cover
+    return status_mib("VmHWM")
 
 
 def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | None = None,
