@@ -238,7 +238,7 @@ def stages(n_items: int, n_events: int, max_epochs: int = 3, mf_epochs: int | No
     vq, _, _ = stage("codes", codes)
     out["vq_mode"] = vq.mode_
     out["vq_ann_recall"] = vq.ann_recall_
-    out["vq_nprobe"] = getattr(vq, "nprobe_", None)  # after VQConfig.ann_min_recall
+    out["vq_nprobe"] = vq.nprobe_  # after VQConfig.ann_min_recall
     out["total"] = _combine(out, ("pairs", "aligner", "codes"))
     if sample_check_pairs:
         del vq

@@ -141,6 +141,7 @@ class VQCoder:
             )
         self.pool_emb_, self.pool_ids_, self.dim_ = pool, ids, d
         self._ivf = None  # the IVF index searched by canonical lists (IVF mode only)
+        self.nprobe_ = None
         self._pool_t = np.ascontiguousarray(pool.T)  # (d, N): coordinate-first gathers
         self._order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._order]
@@ -158,7 +159,6 @@ class VQCoder:
         ann = self._load_index(index, empty, n) if loaded else self._build_index(empty, pool)
         if "HNSW" in self.ann_index.upper():
             faiss.ParameterSpace().set_index_parameter(ann, "efSearch", ef)
-        self.nprobe_ = None
         if isinstance(faiss.downcast_index(ann), faiss.IndexIVF):
             ivf = faiss.downcast_index(ann)
             if not loaded:  # a stored index keeps the nprobe its codes were made with

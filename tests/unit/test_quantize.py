@@ -378,6 +378,7 @@ def test_vq_ivf_recall_floor_doubles_nprobe_and_a_loaded_index_keeps_it():
     np.testing.assert_array_equal(loaded.encode(x, exclude_ids=ex), vq.encode(x, exclude_ids=ex))
     with pytest.raises(ConfigError, match="ann_min_recall"):
         VQCoder(**kw, ann_min_recall=1.5).fit(pool, ids)
+    assert VQCoder(k=10, ann_min_recall=0.99).fit(pool, ids).nprobe_ is None  # exact mode
 
 
 def test_vq_ivf_rows_searched_in_list_order_land_on_their_rows(monkeypatch):
