@@ -252,4 +252,7 @@ def test_prepare_sources_memory_is_bounded_by_the_chunk_not_the_catalog(tmp_path
     small = _held_while_streaming(bundle, tmp_path, 4 * group, group)
     large = _held_while_streaming(bundle, tmp_path, 8 * group, group)
     one_chunk = group * 384 * 4
-    assert large - small < one_chunk / 2, (small / one_chunk, large / one_chunk)
+    # Each sample (at a chunk's progress call) may or may not catch the I/O thread with
+    # the next chunk in flight: the difference jitters by one chunk either way (-0.96 to
+    # +1.19 chunks over 12 runs), against the 4 extra chunks of an unbounded stage.
+    assert large - small < 2 * one_chunk, (small / one_chunk, large / one_chunk)
