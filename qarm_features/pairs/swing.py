@@ -119,13 +119,13 @@ def swing_block(trig, users, R, w, alpha, top_k, n_i):
     costs a few linear passes (and that sort).
     """
     m = trig.size
-    mt = _trigger_rows(trig)[1]
-    if mt.size > 1 and int((mt * (mt - 1) // 2).sum()) > _SWING_MAX_PAIR_BINS:
+    tb, mt = _trigger_rows(trig)
+    n_bins = int((mt * (mt - 1) // 2).sum())  # one per pair of a trigger's rows
+    if mt.size > 1 and n_bins > _SWING_MAX_PAIR_BINS:
         # a trigger's m (m - 1) / 2 bins as m rows of (m - 1) / 2 (doubled: integers)
         for a, b in swing_blocks(trig, np.repeat(mt - 1, mt), 2 * _SWING_MAX_PAIR_BINS):
             yield from swing_block(trig[a:b], users[a:b], R, w, alpha, top_k, n_i)
         return
-    del mt
     # The block's rows of R, transposed (scipy's compiled CSR -> CSC, a counting sort):
     # per item, its rows ascending, so each (trigger, item) group is a run (rows are
     # sorted by trigger). The trigger's own column is dropped.
@@ -176,7 +176,8 @@ def swing_block(trig, users, R, w, alpha, top_k, n_i):
     r2 = rows_g[second]
     del second
     wu = w[users]
-    bins = _pair_bins(trig, n_triples)
+    bins = (tb, mt) if _bins_pay(n_bins, n_triples) else None
+    del tb, mt
     if bins is not None:
         pw, member = _pair_weights_binned(bins, rows_g, r2, member, n_after, wu, alpha)
     else:
@@ -199,15 +200,11 @@ def _trigger_rows(trig):
     return tb, np.diff(np.r_[tb, trig.size])
 
 
-def _pair_bins(trig, n_triples):
-    """``(first row, rows)`` of each trigger of a block when its user pairs fit in dense
-    bins (one per pair of rows of a trigger: ``sum rows (rows - 1) / 2`` at most
-    ``_SWING_MAX_PAIR_BINS`` and not much more than the triples); ``None``: count by sorting."""
-    tb, mt = _trigger_rows(trig)
-    n_bins = int((mt * (mt - 1) // 2).sum())
-    if n_bins > _SWING_MAX_PAIR_BINS or n_bins > 64 * n_triples + (1 << 16):
-        return None
-    return tb, mt
+def _bins_pay(n_bins, n_triples) -> bool:
+    """Count a block's user pairs in dense bins (``n_bins``: one per pair of rows of a
+    trigger) when they are at most ``_SWING_MAX_PAIR_BINS`` and not much more than the
+    triples; else by sorting."""
+    return n_bins <= _SWING_MAX_PAIR_BINS and n_bins <= 64 * n_triples + (1 << 16)
 
 
 def _pair_weights_binned(bins, r1, r2, member, n_after, wu, alpha):
